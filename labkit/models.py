@@ -120,10 +120,10 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset("tiny", "llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=704, vocab_size=512, max_position_embeddings=2048,
-               note="~3.4M parameters; CI and quick checks"),
+               note="~3.2M parameters; CI and quick checks"),
         Preset("small", "llama", hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
                intermediate_size=2816, vocab_size=8192, max_position_embeddings=4096,
-               note="~106M parameters, 425 MB fp32: larger than any CPU cache, so decode is memory-bound"),
+               note="~107M parameters, 428 MB fp32: larger than any CPU cache, so decode is memory-bound"),
         Preset("tiny-qwen2", "qwen2", hidden_size=256, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
                intermediate_size=512, vocab_size=512, max_position_embeddings=2048, tie_word_embeddings=True,
                rope_theta=1_000_000.0, rms_norm_eps=1e-6, note="Qwen2-style: qkv bias, tied embeddings (tests)"),
