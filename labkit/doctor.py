@@ -125,7 +125,8 @@ def run_checks() -> list[Finding]:
                            "every lesson runs on the CPU; on an NVIDIA machine use environment.yml for CUDA torch"))
     nvml_ok, nvml_err = _imports("pynvml")
     out.append(Finding("nvml", nvml_ok and bool(gpus), "pynvml importable" if nvml_ok else nvml_err,
-                       "" if nvml_ok else "GPU telemetry needs `pip install nvidia-ml-py` (the `gpu` extra)"))
+                       ("NVML answers only where an NVIDIA GPU and driver are present; CPU telemetry uses psutil"
+                        if nvml_ok else "GPU telemetry needs `pip install nvidia-ml-py`")))
     for mod, dist, why, how, req in [
         ("transformers", "transformers", "reference model and tokenizer loading", "make install", True),
         ("safetensors", "safetensors", "the embedded models' weights", "make install", True),
