@@ -1,0 +1,345 @@
+"""The machine's roofs: peak FLOP/s per dtype and memory bandwidth, measured and from datasheets.
+
+A roofline needs two numbers per device: how fast it multiplies (FLOP/s) and how fast it
+reads memory (bytes/s). Datasheets give the vendor's peaks (`data/datasheets.json`); the
+lab also measures them here, on this device, because MFU and MBU are only honest against
+what the hardware can really do:
+
+- matmul FLOP/s: a square matmul large enough to fill every core (2·n³ FLOPs);
+- read bandwidth: a sum over a buffer many times larger than the last-level cache, so every
+  byte really comes from DRAM (bytes counted = buffer size);
+- copy bandwidth: `dst.copy_(src)`, counting read + write bytes (2 × buffer size).
+
+Measured peaks are cached in LABKIT_HOME, keyed by machine, so notebooks do not remeasure:
+
+    >>> p = peaks()                      # measures once, then reads the cache
+    >>> p.ridge_flop_per_byte("float32")  # FLOP per byte where compute and memory roofs meet
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from labkit.config import data_dir, labkit_home
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Peaks are remeasured when the measuring code changes what it counts.
+PEAKS_VERSION = 1
+
+
+# --- the device --------------------------------------------------------------------------
+
+def default_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: str | None = None) -> str:
+    """A human name for the device: the GPU's product name or the CPU model."""
+    import torch
+
+    device = device or default_device()
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return model
+
+
+def sync(device: str) -> None:
+    """Waits for queued device work (GPU kernels run asynchronously); no-op on CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(torch.device(device))
+
+
+def time_fn(fn: Callable[[], Any], device: str, *, warmup: int = 1, repeats: int = 5) -> list[float]:
+    """Runs `fn` warmup + repeats times; returns the seconds of each timed run (synchronized)."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got warmup={warmup} repeats={repeats}")
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def machine_key(device: str) -> str:
+    """A cache key that changes when the hardware, the thread count or torch changes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    raw = f"{platform.node()}|{device_name(device)}|{device}|{threads}|{os.cpu_count()}|{torch.__version__}"
+    short = device_name(device).replace(" ", "_").replace("/", "_")[:40]
+    return f"{short}-{threads}t-{hashlib.sha1(raw.encode()).hexdigest()[:10]}"
+
+
+# --- datasheets --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Datasheet:
+    """A vendor's peaks for one part. flops: dtype -> dense FLOP/s; bandwidth in bytes/s."""
+
+    name: str
+    memory_bytes: float
+    bandwidth_bytes_per_s: float
+    flops: dict[str, float]
+    source: str
+    memory_type: str = ""
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_bytes_per_s <= 0 or self.memory_bytes <= 0:
+            raise ValueError(f"{self.name}: bandwidth and memory must be positive")
+        if not self.flops or any(v <= 0 for v in self.flops.values()):
+            raise ValueError(f"{self.name}: flops must be a non-empty dict of positive FLOP/s")
+        if not self.source:
+            raise ValueError(f"{self.name}: a datasheet needs a source")
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak FLOP/s for `dtype`; KeyError naming the dtypes known for this part."""
+        try:
+            return self.flops[dtype]
+        except KeyError:
+            raise KeyError(f"{self.name} has no {dtype!r} peak; known: {sorted(self.flops)}") from None
+
+    def ridge_flop_per_byte(self, dtype: str = "bfloat16") -> float:
+        """Arithmetic intensity (FLOP/byte) where the compute roof meets the bandwidth roof."""
+        return self.peak_flops(dtype) / self.bandwidth_bytes_per_s
+
+
+def datasheets(path: str | Path | None = None) -> dict[str, Datasheet]:
+    """Every part in `data/datasheets.json`, by name."""
+    raw = json.loads(Path(path or data_dir() / "datasheets.json").read_text())
+    out: dict[str, Datasheet] = {}
+    for name, d in raw["devices"].items():
+        out[name] = Datasheet(name=name, memory_bytes=float(d["memory_bytes"]),
+                              bandwidth_bytes_per_s=float(d["bandwidth_bytes_per_s"]),
+                              flops={k: float(v) for k, v in d["flops"].items()}, source=d["source"],
+                              memory_type=d.get("memory_type", ""), aliases=tuple(d.get("aliases", ())))
+    return out
+
+
+def lookup_datasheet(name: str) -> Datasheet | None:
+    """The datasheet whose name or alias matches a device name (as torch or NVML report it), or None."""
+    norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())  # noqa: E731
+    target = norm(name)
+    sheets = datasheets()
+    for sheet in sheets.values():  # exact first, so "H100 PCIe" never matches "H100 SXM"
+        if target in {norm(sheet.name), *map(norm, sheet.aliases)}:
+            return sheet
+    for sheet in sheets.values():
+        for cand in (sheet.name, *sheet.aliases):
+            c = norm(cand)
+            if c and (c in target or target in c) and len(c) >= 3:
+                return sheet
+    if "h100" in target:  # an unlisted H100 name: PCIe parts say so, the rest are SXM
+        return sheets["H100 PCIe" if "pcie" in target else "H100 SXM"]
+    return None
+
+
+# --- measured peaks ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Peaks:
+    """Measured roofs of one device. matmul_flops: dtype -> FLOP/s; bandwidths in bytes/s."""
+
+    device: str
+    device_name: str
+    threads: int
+    matmul_flops: dict[str, float]
+    read_bytes_per_s: float
+    copy_bytes_per_s: float
+    matmul_size: int
+    buffer_bytes: int
+    measured_at: str = ""
+    machine_key: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.read_bytes_per_s <= 0 or self.copy_bytes_per_s <= 0:
+            raise ValueError("bandwidths must be positive")
+        if any(v <= 0 for v in self.matmul_flops.values()):
+            raise ValueError(f"matmul FLOP/s must be positive: {self.matmul_flops}")
+
+    def peak_flops(self, dtype: str) -> float:
+        """Measured matmul FLOP/s for `dtype`; KeyError naming the measured dtypes."""
+        try:
+            return self.matmul_flops[dtype]
+        except KeyError:
+            raise KeyError(f"no measured {dtype!r} matmul peak; measured: {sorted(self.matmul_flops)}") from None
+
+    def ridge_flop_per_byte(self, dtype: str = "float32") -> float:
+        """Measured ridge point: matmul FLOP/s over read bandwidth, in FLOP/byte."""
+        return self.peak_flops(dtype) / self.read_bytes_per_s
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["notes"] = list(self.notes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Peaks:
+        d = dict(d)
+        d.pop("version", None)
+        d["notes"] = tuple(d.get("notes", ()))
+        return cls(**d)
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One row per roof, for tables: what, value, unit."""
+        rows = [{"what": f"matmul {dt}", "value": v / 1e9, "unit": "GFLOP/s"} for dt, v in self.matmul_flops.items()]
+        rows += [{"what": "read bandwidth", "value": self.read_bytes_per_s / 1e9, "unit": "GB/s"},
+                 {"what": "copy bandwidth (read+write)", "value": self.copy_bytes_per_s / 1e9, "unit": "GB/s"}]
+        rows += [{"what": f"ridge {dt}", "value": self.ridge_flop_per_byte(dt), "unit": "FLOP/byte"}
+                 for dt in self.matmul_flops]
+        return rows
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    try:
+        return getattr(torch, dtype)
+    except AttributeError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPES}") from None
+
+
+def measure_matmul_flops(dtype: str = "float32", device: str | None = None, n: int | None = None,
+                         repeats: int = 5) -> float:
+    """Median FLOP/s of an n×n @ n×n matmul (2·n³ FLOPs each). n defaults to fill the device."""
+    import torch
+
+    device = device or default_device()
+    n = n or (8192 if device.startswith("cuda") else 2048)
+    if n < 16:
+        raise ValueError(f"matmul size n={n} too small to measure a peak")
+    td = _torch_dtype(dtype)
+    a = torch.randn(n, n, device=device).to(td)
+    b = torch.randn(n, n, device=device).to(td)
+    out = torch.empty(n, n, device=device, dtype=td)
+    # GPU matmuls take ~1 ms: time several per sample so launch overhead does not count.
+    inner = 10 if device.startswith("cuda") else 1
+    def run() -> None:
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+    times = time_fn(run, device, warmup=2, repeats=repeats)
+    return 2.0 * n ** 3 * inner / statistics.median(times)
+
+
+def _buffer(nbytes: int, device: str):
+    import torch
+
+    if nbytes < 1 << 20:
+        raise ValueError(f"buffer of {nbytes} bytes too small to measure DRAM bandwidth (caches would serve it)")
+    return torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+
+
+def default_buffer_bytes(device: str) -> int:
+    """Buffer size for bandwidth: 8x a 32 MB CPU last-level cache, or 2 GiB on a GPU (L2 is 50 MB)."""
+    return (2 << 30) if device.startswith("cuda") else (256 << 20)
+
+
+def measure_read_bandwidth(device: str | None = None, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Median bytes/s of summing a buffer larger than the caches (bytes counted = buffer size)."""
+    import torch
+
+    device = device or default_device()
+    x = _buffer(nbytes or default_buffer_bytes(device), device)
+    times = time_fn(lambda: torch.sum(x), device, warmup=2, repeats=repeats)
+    return x.numel() * x.element_size() / statistics.median(times)
+
+
+def measure_copy_bandwidth(device: str | None = None, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Median bytes/s of copying a buffer: read + write bytes (2 × buffer size) counted."""
+    device = device or default_device()
+    src = _buffer(nbytes or default_buffer_bytes(device), device)
+    dst = src.clone()
+    times = time_fn(lambda: dst.copy_(src), device, warmup=2, repeats=repeats)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def measure_peaks(device: str | None = None, dtypes: tuple[str, ...] | None = None, *, quick: bool = False,
+                  matmul_size: int | None = None, buffer_bytes: int | None = None, repeats: int = 5) -> Peaks:
+    """Measures matmul FLOP/s per dtype and read/copy bandwidth on `device`; returns Peaks.
+
+    quick: smaller sizes and fewer repeats (seconds on a CPU; less accurate, for CI).
+    """
+    import torch
+
+    device = device or default_device()
+    is_gpu = device.startswith("cuda")
+    dtypes = dtypes or (("bfloat16", "float16", "float32") if is_gpu else ("float32", "bfloat16"))
+    if quick:
+        matmul_size = matmul_size or (4096 if is_gpu else 768)
+        buffer_bytes = buffer_bytes or ((512 << 20) if is_gpu else (128 << 20))
+        repeats = min(repeats, 3)
+    n = matmul_size or (8192 if is_gpu else 2048)
+    nbytes = buffer_bytes or default_buffer_bytes(device)
+    notes: list[str] = []
+    flops: dict[str, float] = {}
+    for dt in dtypes:
+        try:
+            flops[dt] = measure_matmul_flops(dt, device, n, repeats)
+        except RuntimeError as e:  # e.g. a dtype this CPU's BLAS does not support
+            notes.append(f"{dt} matmul not measured: {e.__class__.__name__}: {str(e)[:120]}")
+    if not flops:
+        raise RuntimeError(f"no matmul dtype could be measured on {device}: {notes}")
+    if is_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 stays fp32 for the lesson
+    read = measure_read_bandwidth(device, nbytes, repeats)
+    copy = measure_copy_bandwidth(device, nbytes, repeats)
+    return Peaks(device=device, device_name=device_name(device), threads=torch.get_num_threads(),
+                 matmul_flops=flops, read_bytes_per_s=read, copy_bytes_per_s=copy, matmul_size=n,
+                 buffer_bytes=nbytes, measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 machine_key=machine_key(device), notes=tuple(notes))
+
+
+def peaks_cache_path(device: str | None = None, quick: bool = False) -> Path:
+    device = device or default_device()
+    return labkit_home() / "hardware" / f"peaks-{machine_key(device)}{'-quick' if quick else ''}.json"
+
+
+def peaks(device: str | None = None, *, refresh: bool = False, quick: bool = False, verbose: bool = True) -> Peaks:
+    """This device's measured Peaks, from the cache in LABKIT_HOME or measured now (refresh=True remeasures).
+
+    Other work on the machine lowers what is measured; remeasure (refresh=True) on a quiet machine.
+    """
+    device = device or default_device()
+    path = peaks_cache_path(device, quick)
+    if not refresh and path.is_file():
+        try:
+            d = json.loads(path.read_text())
+            if d.get("version") == PEAKS_VERSION:
+                return Peaks.from_dict(d)
+        except (ValueError, TypeError, KeyError):
+            pass  # a broken cache is remeasured below
+    if verbose:
+        print(f"labkit: measuring peak FLOP/s and bandwidth on {device_name(device)} ({device}); cached in {path}")
+    p = measure_peaks(device, quick=quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"version": PEAKS_VERSION, **p.as_dict()}, indent=1))
+    os.replace(tmp, path)
+    return p
