@@ -1,0 +1,241 @@
+"""Start a serving topology from one call, and stop it by PID.
+
+    with launch("disagg", model="tiny", prefill=1, decode=1, prefill_cpus=[0], decode_cpus=[1]) as srv:
+        httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 8})
+
+Every piece is a real process (labkit.proc): workers first (each waits for its /health), then
+the router in front of them. `stop()` stops the router, then the workers (SIGTERM to each
+process group, SIGKILL after a timeout) and checks that no PID is left. The pieces can be
+started one by one too (`start_worker`, `start_router`), as notebook 04 does.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from labkit.config import labkit_home
+from labkit.proc import LOOPBACK, Child, StartupError, free_port, pid_alive, python_module_argv, start_process, wait_http_ok
+
+MODES = ("mono", "disagg")
+
+
+@dataclass
+class ServerProcess:
+    """A started worker or router: its process, role, URL and name."""
+
+    role: str             # "mono" | "prefill" | "decode" | "router"
+    name: str
+    url: str
+    child: Child
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def alive(self) -> bool:
+        return self.child.alive()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.child.stop(timeout_s=timeout_s)
+
+
+def _log_dir() -> Path:
+    d = labkit_home() / "logs" / "serve"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def new_kv_token() -> str:
+    """A per-deployment secret the transport checks (prefill and decode workers share it)."""
+    try:
+        from labkit.transfer import new_token
+
+        return str(new_token())
+    except ImportError:
+        import secrets
+
+        return secrets.token_hex(16)
+
+
+def _cpu_env(cpus: Sequence[int] | None, gpu: int | None) -> dict[str, str]:
+    env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    if cpus is not None:
+        n = str(max(1, len(cpus)))
+        env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    return env
+
+
+def start_worker(role: str, *, model: str = "tiny", port: int | None = None, name: str = "",
+                 cpus: Sequence[int] | None = None, gpu: int | None = None, chunked_prefill: bool = False,
+                 max_num_batched_tokens: int = 2048, kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 64,
+                 transfer: str = "shm", kv_token: str | None = None, dtype: str = "float32",
+                 device: str | None = None, max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 extra_args: Sequence[str] = (), startup_timeout_s: float = 120.0,
+                 log_dir: Path | None = None) -> ServerProcess:
+    """Starts one worker process (pinned to `cpus` or GPU `gpu`); returns once its /health answers.
+
+    Raises StartupError with the worker's log tail if it dies or is not healthy in time.
+    """
+    if role not in ("mono", "prefill", "decode"):
+        raise ValueError(f"role {role!r} not one of ('mono', 'prefill', 'decode')")
+    if role != "mono" and not kv_token:
+        raise ValueError(f"a {role} worker needs kv_token (the same for its prefill and decode peers); "
+                         "make one with labkit.serve.launcher.new_kv_token()")
+    port = port or free_port()
+    name = name or f"{role}-{port}"
+    dev = device or ("cuda" if gpu is not None else "cpu")
+    argv = python_module_argv("labkit.serve.worker", "--role", role, "--model", str(model), "--port", str(port),
+                              "--name", name, "--dtype", dtype, "--device", dev,
+                              "--max-num-batched-tokens", str(max_num_batched_tokens),
+                              "--kv-cache-bytes", str(kv_cache_bytes), "--max-num-seqs", str(max_num_seqs),
+                              "--transfer", transfer, *(["--chunked-prefill"] if chunked_prefill else []),
+                              *(["--max-model-len", str(max_model_len)] if max_model_len else []),
+                              *([] if enable_prefix_caching else ["--no-prefix-caching"]), *extra_args)
+    env = _cpu_env(cpus, gpu)
+    if kv_token:
+        env["LABKIT_KV_TOKEN"] = kv_token
+    log_path = (log_dir or _log_dir()) / f"{name}-{int(time.time())}.log"
+    child = start_process(name, argv, env=env, log_path=log_path, cpus=cpus)
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        wait_http_ok(url + "/health", timeout_s=startup_timeout_s, child=child)
+    except StartupError:
+        child.stop()
+        raise
+    return ServerProcess(role, name, url, child)
+
+
+def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (),
+                 prefill: Sequence[ServerProcess | str] = (), decode: Sequence[ServerProcess | str] = (),
+                 port: int | None = None, host: str = LOOPBACK, backend: str = "lab",
+                 served_model_name: str | None = None, cpus: Sequence[int] | None = None,
+                 health_interval_s: float = 0.5, read_timeout_s: float = 120.0, startup_timeout_s: float = 60.0,
+                 log_dir: Path | None = None) -> ServerProcess:
+    """Starts the router in front of the given workers (ServerProcess or URL); returns once it is healthy."""
+    port = port or free_port()
+
+    def urls(xs: Sequence[ServerProcess | str]) -> list[str]:
+        return [x.url if isinstance(x, ServerProcess) else str(x) for x in xs]
+
+    def names(xs: Sequence[ServerProcess | str], role: str) -> list[str]:
+        return [x.name if isinstance(x, ServerProcess) else f"{role}{i}" for i, x in enumerate(xs)]
+
+    argv = python_module_argv("labkit.serve.router", "--model", str(model), "--port", str(port), "--host", host,
+                              "--backend", backend, "--health-interval-s", str(health_interval_s),
+                              "--read-timeout-s", str(read_timeout_s))
+    for flag, xs in (("--mono", mono), ("--prefill", prefill), ("--decode", decode)):
+        if xs:
+            argv += [flag, *urls(xs)]
+    all_names = names(mono, "mono") + names(prefill, "prefill") + names(decode, "decode")
+    argv += ["--names", *all_names]
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    name = f"router-{port}"
+    child = start_process(name, argv, env=_cpu_env(cpus, None), cpus=cpus,
+                          log_path=(log_dir or _log_dir()) / f"{name}-{int(time.time())}.log")
+    url = f"http://{LOOPBACK if host in ('0.0.0.0', '') else host}:{port}"
+    try:
+        wait_http_ok(url + "/health", timeout_s=startup_timeout_s, child=child)
+    except StartupError:
+        child.stop()
+        raise
+    return ServerProcess("router", name, url, child)
+
+
+@dataclass
+class Server:
+    """A running topology: the router (its URL is the one to use) and the workers behind it."""
+
+    mode: str
+    router: ServerProcess
+    workers: list[ServerProcess] = field(default_factory=list)
+    model: str = "tiny"
+
+    @property
+    def url(self) -> str:
+        return self.router.url
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.router.pid, *(w.pid for w in self.workers)]
+
+    def worker(self, role: str, index: int = 0) -> ServerProcess:
+        return [w for w in self.workers if w.role == role][index]
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stops router then workers; raises RuntimeError if any PID survives."""
+        stop_all([self.router, *self.workers], timeout_s=timeout_s)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stop_all(procs: Sequence[ServerProcess], timeout_s: float = 10.0) -> None:
+    """Stops each process (and its group); raises RuntimeError naming any PID still alive."""
+    for p in procs:
+        p.stop(timeout_s=timeout_s)
+    left = [f"{p.name} (pid {p.pid})" for p in procs if pid_alive(p.pid)]
+    if left:
+        raise RuntimeError(f"processes still alive after stop: {', '.join(left)}")
+
+
+def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode: int = 1, mono: int = 1,
+           chunked_prefill: bool = False, max_num_batched_tokens: int = 2048, transfer: str = "shm",
+           mono_cpus: Sequence[int] | None = None, prefill_cpus: Sequence[int] | None = None,
+           decode_cpus: Sequence[int] | None = None, router_cpus: Sequence[int] | None = None,
+           gpus: Sequence[int] | None = None, port: int | None = None, host: str = LOOPBACK,
+           kv_cache_bytes: int = 256 << 20, dtype: str = "float32", served_model_name: str | None = None,
+           startup_timeout_s: float = 120.0) -> Server:
+    """Starts `mode` ("mono": `mono` engine processes; "disagg": `prefill` + `decode` processes) behind
+    one router; returns the Server (a context manager that stops everything).
+
+    CPU pinning: every process of a role gets that role's cores. `gpus`: one GPU per worker, in
+    start order (mono..., or prefill... then decode...). Anything that fails to start is stopped.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} not one of {MODES}")
+    counts = {"mono": mono} if mode == "mono" else {"prefill": prefill, "decode": decode}
+    for role, n in counts.items():
+        if n < 1:
+            raise ValueError(f"{mode} needs at least one {role} worker, got {n}")
+    if gpus is not None and len(gpus) < sum(counts.values()):
+        raise ValueError(f"{sum(counts.values())} workers need {sum(counts.values())} GPUs, got {list(gpus)}")
+    cpus_of = {"mono": mono_cpus, "prefill": prefill_cpus, "decode": decode_cpus}
+    token = new_kv_token() if mode == "disagg" else None
+    started: list[ServerProcess] = []
+    try:
+        gi = 0
+        for role, n in counts.items():
+            for i in range(n):
+                gpu = gpus[gi] if gpus is not None else None
+                gi += 1
+                started.append(start_worker(
+                    role, model=model, name=f"{role}{i}", cpus=cpus_of[role], gpu=gpu,
+                    chunked_prefill=chunked_prefill and role == "mono", max_num_batched_tokens=max_num_batched_tokens,
+                    kv_cache_bytes=kv_cache_bytes, transfer=transfer, kv_token=token, dtype=dtype,
+                    startup_timeout_s=startup_timeout_s))
+        by_role = {r: [w for w in started if w.role == r] for r in ("mono", "prefill", "decode")}
+        router = start_router(model=model, mono=by_role["mono"], prefill=by_role["prefill"],
+                              decode=by_role["decode"], port=port, host=host, cpus=router_cpus,
+                              served_model_name=served_model_name)
+    except BaseException:
+        stop_all(started)
+        raise
+    return Server(mode, router, started, model=model)
+
+
+def default_cpu_split() -> dict[str, list[int] | None]:
+    """Cores per role on this machine: prefill gets the first half, decode the rest, mono all."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return {"mono": None, "prefill": None, "decode": None}
+    half = len(cores) // 2
+    return {"mono": cores, "prefill": cores[:half], "decode": cores[half:]}

@@ -1,0 +1,274 @@
+"""The OpenAI completions protocol: request validation, responses, stream chunks, errors.
+
+What the router speaks to clients (the `openai` package, `vllm bench serve`, curl). A bad
+request raises `APIError`, which the server turns into an HTTP 4xx with the OpenAI error
+body `{"error": {"message", "type", "param", "code"}}`. Unknown fields are ignored, as
+vLLM does, so vLLM-style extras (`repetition_penalty=1`, `min_p=0`...) do not break clients.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_STOP_STRINGS = 4
+
+
+class APIError(Exception):
+    """An error a client should see: HTTP `status` plus the OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error JSON."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def unavailable(message: str, code: str = "upstream_unavailable") -> APIError:
+    """HTTP 503: a worker died, is down, or none is up for a role."""
+    return APIError(503, message, type="service_unavailable_error", code=code)
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    """A validated `POST /v1/completions` body (one prompt, one choice)."""
+
+    model: str | None
+    prompt_text: str | None            # the prompt as text, when it came as text
+    prompt_ids: tuple[int, ...] | None  # the prompt as token ids, when it came as ids
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                     # 0: off (vLLM's -1 is accepted and means off)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+    return_token_ids: bool = False     # vLLM extra: choices[0].token_ids and prompt_token_ids
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.prompt_text is None) == (self.prompt_ids is None):
+            raise ValueError("exactly one of prompt_text and prompt_ids must be set")
+
+    def sampling_dict(self) -> dict[str, Any]:
+        """The sampling fields a worker needs (JSON-ready), in the engine's SamplingParams words."""
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "seed": self.seed, "stop_token_ids": list(self.stop_token_ids),
+                "ignore_eos": self.ignore_eos}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _num(body: dict[str, Any], name: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_num(v) or v != v:  # v != v: NaN
+        raise bad_request(f"'{name}' must be a number, got {json.dumps(v)}", name, "invalid_type")
+    if v < lo or v > hi or (lo_open and v == lo):
+        lo_s = f"> {lo}" if lo_open else f">= {lo}"
+        raise bad_request(f"'{name}' must be {lo_s} and <= {hi}, got {v}", name)
+    return float(v)
+
+
+def _int(body: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_int(v):
+        raise bad_request(f"'{name}' must be an integer, got {json.dumps(v)}", name, "invalid_type")
+    if v < lo or v > hi:
+        raise bad_request(f"'{name}' must be between {lo} and {hi}, got {v}", name)
+    return int(v)
+
+
+def _bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad_request(f"'{name}' must be true or false, got {json.dumps(v)}", name, "invalid_type")
+    return v
+
+
+def _token_ids(v: Any, name: str, vocab_size: int) -> tuple[int, ...]:
+    if not all(_is_int(t) for t in v):
+        raise bad_request(f"'{name}' must be a string or a list of integer token ids", name, "invalid_type")
+    bad = [t for t in v if t < 0 or t >= vocab_size]
+    if bad:
+        raise bad_request(f"'{name}' holds token id {bad[0]} outside the vocabulary [0, {vocab_size})", name)
+    return tuple(int(t) for t in v)
+
+
+def _prompt(body: dict[str, Any], vocab_size: int) -> tuple[str | None, tuple[int, ...] | None]:
+    if "prompt" not in body or body["prompt"] is None:
+        raise bad_request("'prompt' is required", "prompt", "missing_required_parameter")
+    p = body["prompt"]
+    # OpenAI allows a batch: a list of strings or a list of token lists. One prompt only here.
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        if len(p) != 1:
+            raise bad_request(f"'prompt' holds {len(p)} prompts; this server takes one prompt per request "
+                              "(send them as separate requests)", "prompt", "unsupported_value")
+        p = p[0]
+    if isinstance(p, str):
+        if not p:
+            raise bad_request("'prompt' must not be empty", "prompt")
+        return p, None
+    if isinstance(p, list):
+        if not p:
+            raise bad_request("'prompt' must not be empty", "prompt")
+        return None, _token_ids(p, "prompt", vocab_size)
+    raise bad_request(f"'prompt' must be a string or a list of token ids, got {type(p).__name__}",
+                      "prompt", "invalid_type")
+
+
+def _unsupported(body: dict[str, Any], name: str, allowed: tuple[Any, ...]) -> None:
+    v = body.get(name)
+    if v is not None and v not in allowed:
+        raise bad_request(f"'{name}'={json.dumps(v)} is not supported by this server "
+                          f"(allowed: {', '.join(json.dumps(a) for a in allowed)} or omit it)", name, "unsupported_value")
+
+
+def parse_completion_request(body: Any, *, vocab_size: int, served_model_names: tuple[str, ...] = ()) -> CompletionRequest:
+    """Validates a decoded JSON body; returns the request or raises APIError (4xx)."""
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_type")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("'model' must be a string", "model", "invalid_type")
+    if model is not None and served_model_names and model not in served_model_names:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves {list(served_model_names)}",
+                       type="not_found_error", param="model", code="model_not_found")
+    prompt_text, prompt_ids = _prompt(body, vocab_size)
+    max_tokens = _int(body, "max_tokens", 16, 1, 1 << 20)
+    temperature = _num(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = _int(body, "top_k", 0, -1, vocab_size)
+    seed = _int(body, "seed", None, -(1 << 63), (1 << 63) - 1)
+    stop_raw = body.get("stop")
+    if stop_raw is None:
+        stop: tuple[str, ...] = ()
+    elif isinstance(stop_raw, str):
+        stop = (stop_raw,)
+    elif isinstance(stop_raw, list) and all(isinstance(s, str) for s in stop_raw):
+        stop = tuple(stop_raw)
+    else:
+        raise bad_request("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS}", "stop")
+    if any(not s for s in stop):
+        raise bad_request("'stop' strings must not be empty", "stop")
+    stop_ids_raw = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids_raw, list):
+        raise bad_request("'stop_token_ids' must be a list of token ids", "stop_token_ids", "invalid_type")
+    stop_token_ids = _token_ids(stop_ids_raw, "stop_token_ids", vocab_size)
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    include_usage = continuous = False
+    if opts is not None:
+        if not stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(opts, dict):
+            raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
+        include_usage = _bool(opts, "include_usage")
+        continuous = _bool(opts, "continuous_usage_stats")
+    _unsupported(body, "n", (1,))
+    _unsupported(body, "best_of", (1,))
+    _unsupported(body, "echo", (False,))
+    _unsupported(body, "logprobs", (0,))   # logprobs=null is fine; numbers other than 0 are not
+    _unsupported(body, "presence_penalty", (0, 0.0))
+    _unsupported(body, "frequency_penalty", (0, 0.0))
+    _unsupported(body, "repetition_penalty", (1, 1.0))
+    _unsupported(body, "suffix", ("",))
+    _unsupported(body, "logit_bias", ({},))
+    return CompletionRequest(
+        model=model, prompt_text=prompt_text, prompt_ids=prompt_ids, max_tokens=int(max_tokens or 16),
+        temperature=temperature, top_p=top_p, top_k=max(0, int(top_k or 0)), seed=seed, stop=stop,
+        stop_token_ids=stop_token_ids, ignore_eos=_bool(body, "ignore_eos"), stream=stream,
+        include_usage=include_usage, continuous_usage_stats=continuous,
+        return_token_ids=_bool(body, "return_token_ids"), raw=body)
+
+
+def new_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_response(cid: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
+                        completion_tokens: int, *, token_ids: list[int] | None = None,
+                        prompt_token_ids: list[int] | None = None, created: int | None = None) -> dict[str, Any]:
+    """The non-streaming `text_completion` body."""
+    choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+        choice["prompt_token_ids"] = prompt_token_ids
+    return {"id": cid, "object": "text_completion", "created": created or int(time.time()), "model": model,
+            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def stream_chunk(cid: str, model: str, created: int, text: str, finish_reason: str | None = None, *,
+                 token_ids: list[int] | None = None, usage_: dict[str, int] | None = None) -> dict[str, Any]:
+    """One SSE `text_completion` chunk with one choice."""
+    choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    out: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [choice]}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+def usage_chunk(cid: str, model: str, created: int, usage_: dict[str, int]) -> dict[str, Any]:
+    """The last chunk when `stream_options.include_usage`: no choices, the usage."""
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
+            "usage": usage_}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event line pair."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def models_response(names: tuple[str, ...], max_model_len: int, root: str | None = None) -> dict[str, Any]:
+    """`GET /v1/models`."""
+    created = int(time.time())
+    return {"object": "list", "data": [
+        {"id": n, "object": "model", "created": created, "owned_by": "labkit", "root": root or n,
+         "max_model_len": max_model_len} for n in names]}
