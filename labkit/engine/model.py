@@ -1,0 +1,225 @@
+"""The Llama-family forward pass (Llama, Mistral, Qwen2) over a paged KV cache, in plain PyTorch.
+
+One `forward` serves every step: the tokens of all scheduled sequences are flattened into one
+row-per-token batch, so every weight is read once per step (one matmul per weight). Only
+attention looks at sequences one by one: decode rows go through one batched SDPA call over
+their gathered blocks; prompt chunks go through SDPA one sequence each (causal).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from labkit.engine.kv_cache import KVCache
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The shape of a Llama-family model, read from a Hugging Face `config.json`."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    eos_token_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED:
+            raise ValueError(f"model_type {self.model_type!r} not supported; the engine runs {SUPPORTED}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        # transformers 5 writes `rope_parameters`; older configs have rope_theta / rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        heads = int(cfg["num_attention_heads"])
+        return cls(model_type=str(cfg.get("model_type", "llama")), hidden_size=int(cfg["hidden_size"]),
+                   num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
+                   num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                   head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+                   intermediate_size=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
+                   max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                   rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+                   rope_scaling=dict(scaling) if scaling else None,
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                   qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
+                   eos_token_ids=eos_ids)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32, with linear or llama3 scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(s["factor"])
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_len = float(s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+        return torch.where(medium, blended, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+@dataclass(slots=True)
+class AttentionMeta:
+    """Where each row of a step's flattened batch reads and writes the KV cache.
+
+    Rows [0, num_decode) are single-token rows attending through `decode_blocks` (padded with
+    block 0 and masked by `decode_mask`); then come prompt chunks, one `(row_start, num_rows,
+    context_len, blocks)` each, whose queries sit at the last `num_rows` of `context_len` positions.
+    """
+
+    slot_mapping: torch.Tensor                 # [rows] int64: the cache slot each new K/V goes to
+    num_decode: int
+    decode_blocks: torch.Tensor | None         # [num_decode, max_blocks] int64
+    decode_mask: torch.Tensor | None           # [num_decode, 1, 1, max_blocks * block_size] bool
+    chunks: list[tuple[int, int, int, torch.Tensor | None]]
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor              # q, k, v projections stacked: one matmul instead of three
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor          # gate and up stacked
+    down: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [rows, heads, head_dim] rotated in the Hugging Face (half-split) layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory (single file or sharded with an index)."""
+    from safetensors.torch import load_file
+
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(model_dir / f)))
+    return out
+
+
+class CausalLM:
+    """Weights plus the forward pass. Holds no per-request state: the KV cache is passed in."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device, max_model_len: int) -> None:
+        self.cfg = cfg
+        put = lambda name: weights[name].to(device=device, dtype=dtype).contiguous()  # noqa: E731
+        self.embed = put("model.embed_tokens.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in weights else put("lm_head.weight")
+        self.norm = put("model.norm.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            bias = (torch.cat([put(a + f"{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None)
+            self.layers.append(LayerWeights(
+                input_norm=put(p + "input_layernorm.weight"),
+                qkv=torch.cat([put(a + f"{n}_proj.weight") for n in "qkv"]), qkv_bias=bias,
+                o=put(a + "o_proj.weight"), post_norm=put(p + "post_attention_layernorm.weight"),
+                gate_up=torch.cat([put(m + "gate_proj.weight"), put(m + "up_proj.weight")]),
+                down=put(m + "down_proj.weight")))
+        freqs = torch.outer(torch.arange(max_model_len, dtype=torch.float32), rope_inv_freq(cfg))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(device=device, dtype=dtype)
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, cache: KVCache,
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Final hidden states [rows, hidden] after writing every row's K/V into `cache`."""
+        c = self.cfg
+        rows = input_ids.shape[0]
+        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        for i, lw in enumerate(self.layers):
+            h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
+            q, k, v = F.linear(h, lw.qkv, lw.qkv_bias).split([q_dim, kv_dim, kv_dim], dim=-1)
+            q = apply_rope(q.unflatten(-1, (c.num_heads, c.head_dim)), cos, sin)
+            k = apply_rope(k.unflatten(-1, (c.num_kv_heads, c.head_dim)), cos, sin)
+            v = v.unflatten(-1, (c.num_kv_heads, c.head_dim))
+            cache.write(i, meta.slot_mapping, k, v)
+            attn = self._attention(i, q, k, v, meta, cache)
+            x = x + F.linear(attn.reshape(rows, q_dim), lw.o)
+            gate, up = F.linear(rms_norm(x, lw.post_norm, c.rms_norm_eps), lw.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, lw.down)
+            if layer_hook is not None:
+                layer_hook(i)
+        return rms_norm(x, self.norm, c.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [rows, vocab] of the given final hidden rows."""
+        return F.linear(hidden, self.lm_head).float()
+
+    def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                   cache: KVCache) -> torch.Tensor:
+        c = self.cfg
+        group = c.num_heads // c.num_kv_heads
+        out = torch.empty_like(q)
+        nd = meta.num_decode
+        if nd:
+            # Decode: each kv head serves `group` query heads, so queries are laid out
+            # [seq, kv_head, group, dim] and attend without repeating K/V.
+            kb, vb = cache.gather(layer, meta.decode_blocks)        # [nd, kv_heads, ctx, dim]
+            qd = q[:nd].view(nd, c.num_kv_heads, group, c.head_dim)
+            o = F.scaled_dot_product_attention(qd, kb, vb, attn_mask=meta.decode_mask)
+            out[:nd] = o.reshape(nd, c.num_heads, c.head_dim)
+        for start, n, ctx, blocks in meta.chunks:
+            qs = q[start:start + n].transpose(0, 1).unsqueeze(0)   # [1, heads, n, dim]
+            if ctx == n:  # the whole context is in this chunk: causal attention over fresh K/V
+                ks = k[start:start + n].transpose(0, 1).unsqueeze(0)
+                vs = v[start:start + n].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=group > 1)
+            else:         # earlier tokens are in the cache (prefix hit, earlier chunk, recompute)
+                assert blocks is not None
+                ks, vs = cache.gather(layer, blocks.unsqueeze(0))
+                ks, vs = ks[:, :, :ctx], vs[:, :, :ctx]
+                mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=group > 1)
+            out[start:start + n] = o[0].transpose(0, 1)
+        return out

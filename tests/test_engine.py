@@ -1,0 +1,137 @@
+"""The engine against transformers: same logits (fp32, rel 1e-4) and the same greedy tokens."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from labkit.engine import Engine, EngineConfig, SamplingParams
+from labkit.models import ensure_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(model_dir: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def hf_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logits(hf, prompt: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([prompt])).logits[0].float()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def prompt_of(n: int, salt: int = 0) -> list[int]:
+    """BOS then n-1 varied byte ids (a deterministic pseudo-text)."""
+    return [256] + [(37 * i + 11 * salt + 5) % 256 for i in range(n - 1)]
+
+
+def assert_pool_full(eng: Engine) -> None:
+    assert not eng.has_unfinished()
+    assert eng.num_free_blocks == eng.num_total_blocks, "leaked KV blocks"
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-qwen2"])
+def pair(request):
+    d = ensure_model(request.param, quiet=True)
+    return Engine(EngineConfig(model=request.param, block_size=16)), hf_model(d)
+
+
+def test_logits_match_transformers(pair) -> None:
+    eng, hf = pair
+    for n in (1, 16, 37):
+        p = prompt_of(n)
+        got, ref = eng.prompt_logits(p), hf_logits(hf, p)
+        assert got.shape == ref.shape == (n, eng.model_config.vocab_size)
+        assert rel_err(got, ref) < 1e-4
+    assert_pool_full(eng)
+
+
+def test_greedy_batch_of_mixed_lengths_matches_transformers(pair) -> None:
+    """One-token prompts, block_size - 1, block_size, block_size + 1 and longer, in one batch."""
+    eng, hf = pair
+    prompts = [prompt_of(n, salt=n) for n in (1, 15, 16, 17, 45)]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=24))
+    seen: set[int] = set()
+    for p, o in zip(prompts, outs):
+        ref = hf_greedy(hf, p, 24)
+        assert o.output_token_ids == ref, f"prompt of {len(p)} tokens"
+        assert o.finish_reason == ("stop" if len(ref) < 24 else "length")
+        seen.update(ref)
+    assert len(seen) > 8, "degenerate references: the test would prove little"
+    assert_pool_full(eng)
+
+
+def test_decode_logits_match_prefill_logits(pair) -> None:
+    """The paged decode path sees the same numbers as a fresh prefill over the longer prompt."""
+    eng, hf = pair
+    p = prompt_of(20, salt=3)
+    out = eng.generate([p], SamplingParams(max_tokens=6))[0]
+    full = p + out.output_token_ids[:-1]
+    ref = hf_logits(hf, full)
+    # The logits at every decode position pick the token the engine chose.
+    assert ref[len(p) - 1:].argmax(-1).tolist() == out.output_token_ids
+    assert_pool_full(eng)
+
+
+def test_small_preset_matches_transformers(small_model_dir: Path) -> None:
+    """The 428 MB preset: logits and a short batched greedy run (kept short for CI)."""
+    eng = Engine(EngineConfig(model="small", kv_cache_bytes=64 << 20))
+    hf = hf_model(small_model_dir)
+    p = prompt_of(33)
+    assert rel_err(eng.prompt_logits(p), hf_logits(hf, p)) < 1e-4
+    prompts = [p, prompt_of(7, salt=2)]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=8))
+    for q, o in zip(prompts, outs):
+        assert o.output_token_ids == hf_greedy(hf, q, 8)
+    assert_pool_full(eng)
+
+
+def _write_hf_model(out: Path, model_type: str, **extra) -> Path:
+    """A small random transformers model saved as a model directory (unit-scale embeddings)."""
+    cfg = transformers.AutoConfig.for_model(
+        model_type, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=256, vocab_size=300, max_position_embeddings=512, bos_token_id=256, eos_token_id=257,
+        **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+        for name, prm in model.named_parameters():
+            if "norm" in name:
+                prm.add_(0.1 * torch.randn_like(prm))
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+               "rope_theta": 500000.0}),
+    ("mistral", {"sliding_window": None, "head_dim": 48}),
+])
+def test_other_architectures_match_transformers(tmp_path: Path, model_type: str, extra: dict) -> None:
+    d = _write_hf_model(tmp_path / model_type, model_type, **extra)
+    if model_type == "llama":  # the scaling really is in the saved config
+        saved = json.loads((d / "config.json").read_text())
+        assert "llama3" in json.dumps(saved)
+    eng = Engine(EngineConfig(model=str(d), block_size=8))
+    hf = hf_model(d)
+    p = [256] + [(13 * i) % 250 for i in range(150)]  # long enough for the llama3 bands to matter
+    assert rel_err(eng.prompt_logits(p), hf_logits(hf, p)) < 1e-4
+    prompts = [p[:9], p[:40]]
+    for q, o in zip(prompts, eng.generate(prompts, SamplingParams(max_tokens=10))):
+        assert o.output_token_ids == hf_greedy(hf, q, 10)
+    assert_pool_full(eng)
