@@ -1,0 +1,246 @@
+"""The sweep: the same workload, seed and metrics through every serving mode at several rates.
+
+For each mode a server is started (by a `ServerFactory`: the lab's launcher by default, a vLLM
+launcher, or a test server), warmed up, measured at each request rate in increasing order, and
+stopped. Each rate uses its own prompts (seed, rate index), identical across modes, so no
+prefix cache is warmed by an earlier rate and every mode sees exactly the same requests.
+
+    >>> cfg = SweepConfig("azure-conv-2023", rates_rps=(0.5, 1, 2), modes=("mono", "1p1d"),
+    ...                   n_requests=40, slo=SLO(ttft_s=2, tpot_s=0.1), max_model_len=2048)
+    >>> result = run_sweep(cfg, lab_server_factory("tiny"))
+    >>> result.frame()[["mode", "rate_rps", "itl_p99_ms", "goodput_rps"]]
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Literal, Sequence
+
+from labkit.bench.arrivals import Arrivals
+from labkit.bench.loadgen import BenchResult, LoadConfig, run_load
+from labkit.bench.metrics import SLO, cost_per_million_tokens, records_frame
+from labkit.bench.workloads import TokenSpace, Workload, get_workload, sample_requests
+
+
+@dataclass(frozen=True, slots=True)
+class ModeSpec:
+    """A serving topology. `devices`: how many devices (cores on a CPU, GPUs) it occupies,
+    for throughput per device and cost."""
+
+    name: str
+    mode: Literal["mono", "disagg"]
+    prefill: int = 0
+    decode: int = 0
+    chunked_prefill: bool = False
+    devices: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("mono", "disagg"):
+            raise ValueError(f"mode must be 'mono' or 'disagg', got {self.mode!r}")
+        if self.mode == "disagg" and (self.prefill < 1 or self.decode < 1):
+            raise ValueError(f"{self.name}: disagg needs >= 1 prefill and >= 1 decode worker")
+        if self.devices < 1:
+            raise ValueError(f"{self.name}: devices must be >= 1, got {self.devices}")
+
+
+def parse_mode(name: str, devices: int | None = None) -> ModeSpec:
+    """`mono`, `mono-chunked`, or `xPyD` (e.g. `1p1d`, `2p1d`). Mono occupies `devices`
+    (default 2: both cores of the lab machine, as many as 1P1D), xPyD occupies x + y."""
+    n = name.strip().lower()
+    if n in ("mono", "mono-chunked"):
+        return ModeSpec(n, "mono", chunked_prefill=n.endswith("chunked"), devices=devices or 2)
+    m = re.fullmatch(r"(\d+)p(\d+)d", n)
+    if not m:
+        raise ValueError(f"unknown serving mode {name!r}; use mono, mono-chunked or xPyD such as 1p1d")
+    p, d = int(m.group(1)), int(m.group(2))
+    return ModeSpec(n, "disagg", p, d, devices=devices or p + d)
+
+
+ServerFactory = Callable[[ModeSpec], ContextManager[str]]
+"""Starts a server for a mode; the context yields its base URL and stops it on exit."""
+
+
+@dataclass(frozen=True, slots=True)
+class SweepConfig:
+    """What to sweep. `workload`: a preset name or Workload; lengths fitted to `max_model_len`
+    (or multiplied by `scale`). `rates_rps` are swept in increasing order."""
+
+    workload: str | Workload
+    rates_rps: tuple[float, ...] = (0.5, 1.0, 2.0)
+    modes: tuple[str, ...] = ("mono", "1p1d")
+    n_requests: int = 40
+    seed: int = 0
+    slo: SLO = field(default_factory=SLO)
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    request_timeout_s: float = 120.0
+    warmup_requests: int = 2
+    max_model_len: int | None = None
+    scale: float | None = None
+    price_per_device_hour: float = 1.0
+    space: TokenSpace = field(default_factory=TokenSpace)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.rates_rps or any(not (r > 0 and math.isfinite(r)) for r in self.rates_rps):
+            raise ValueError(f"rates_rps must be finite rates > 0, got {self.rates_rps}")
+        if not self.modes:
+            raise ValueError("modes must name at least one serving mode")
+        for m in self.modes:
+            parse_mode(m)
+        if self.n_requests < 1 or self.warmup_requests < 0:
+            raise ValueError(f"need n_requests >= 1 and warmup_requests >= 0, got {self.n_requests}, "
+                             f"{self.warmup_requests}")
+        object.__setattr__(self, "rates_rps", tuple(sorted(float(r) for r in self.rates_rps)))
+
+    @property
+    def workload_obj(self) -> Workload:
+        return get_workload(self.workload) if isinstance(self.workload, str) else self.workload
+
+
+@dataclass
+class SweepResult:
+    """Every run of a sweep: `rows` (one per mode and rate) and the full BenchResults."""
+
+    config: SweepConfig
+    rows: list[dict[str, Any]]
+    runs: dict[tuple[str, float], BenchResult]
+    scaling_text: str = ""
+
+    def frame(self):
+        """The result table as a pandas DataFrame (one row per mode and rate)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def records_frame(self):
+        """Every request of every run, with `mode` and `rate_rps` columns."""
+        import pandas as pd
+
+        parts = []
+        for (mode, rate), res in self.runs.items():
+            df = records_frame(res.records)
+            df.insert(0, "rate_rps", rate)
+            df.insert(0, "mode", mode)
+            parts.append(df)
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+    def capacity_rps(self, min_attainment: float = 0.9) -> dict[str, float | None]:
+        """Per mode, the highest swept rate whose SLO attainment is >= `min_attainment` (DistServe's
+        per-mode goodput); None when even the lowest rate misses."""
+        out: dict[str, float | None] = {}
+        for mode in self.config.modes:
+            ok = [r["rate_rps"] for r in self.rows if r["mode"] == mode and r["slo_attainment"] >= min_attainment]
+            out[mode] = max(ok) if ok else None
+        return out
+
+    def save(self, out_dir: str | Path, name: str = "sweep") -> list[Path]:
+        """Writes `<name>.json` (config, scaling, rows) and `<name>_requests.csv` / `.parquet`."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = asdict(self.config)
+        cfg["workload"] = self.config.workload_obj.describe()
+        js = out / f"{name}.json"
+        js.write_text(json.dumps({"config": cfg, "scaling": self.scaling_text, "rows": self.rows,
+                                  "capacity_rps_at_90pct_slo": self.capacity_rps()}, indent=1,
+                                 default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+        df = self.records_frame()
+        csv, pq = out / f"{name}_requests.csv", out / f"{name}_requests.parquet"
+        df.to_csv(csv, index=False)
+        df.to_parquet(pq, index=False)
+        return [js, csv, pq]
+
+
+def summary_row(mode: ModeSpec, rate_rps: float, res: BenchResult, price_per_device_hour: float) -> dict[str, Any]:
+    """One table row: mode, rate, the flat summary, throughput per device and cost per 1M tokens."""
+    s = res.summary
+    row: dict[str, Any] = {"mode": mode.name, "rate_rps": rate_rps, "devices": mode.devices, **s.flat()}
+    row["output_tps_per_device"] = s.output_throughput_tps / mode.devices
+    row["goodput_rps_per_device"] = s.goodput_rps / mode.devices
+    row["cost_per_m_output_tokens"] = cost_per_million_tokens(price_per_device_hour, mode.devices,
+                                                              s.output_throughput_tps)
+    row["cost_per_m_total_tokens"] = cost_per_million_tokens(price_per_device_hour, mode.devices,
+                                                             s.total_token_throughput_tps)
+    return row
+
+
+def run_sweep(cfg: SweepConfig, start_server: ServerFactory, *, model: str | None = None,
+              on_run: Callable[[dict[str, Any]], None] | None = None) -> SweepResult:
+    """Runs every mode at every rate; returns the SweepResult. `on_run` sees each row as it lands."""
+    from tqdm.auto import tqdm
+
+    w = cfg.workload_obj
+    first = sample_requests(w, cfg.n_requests, seed=cfg.seed * 1000, max_model_len=cfg.max_model_len,
+                            scale=cfg.scale, space=cfg.space)
+    scale = first.scaling.factor  # later rates and the warm-up use the first rate's factor: one scaling
+    samples = [first] + [sample_requests(w, cfg.n_requests, seed=cfg.seed * 1000 + k,
+                                         max_model_len=cfg.max_model_len, scale=scale, space=cfg.space)
+                         for k in range(1, len(cfg.rates_rps))]
+    warm = sample_requests(w, max(1, cfg.warmup_requests), seed=cfg.seed * 1000 + 999,
+                           max_model_len=cfg.max_model_len, scale=scale, space=cfg.space)
+    rows: list[dict[str, Any]] = []
+    runs: dict[tuple[str, float], BenchResult] = {}
+    bar = tqdm(total=len(cfg.modes) * len(cfg.rates_rps), desc="sweep", disable=not cfg.progress)
+    for mode_name in cfg.modes:
+        spec = parse_mode(mode_name)
+        with start_server(spec) as url:
+            base = LoadConfig(url, model=model, request_timeout_s=cfg.request_timeout_s, slo=cfg.slo,
+                              max_concurrency=cfg.max_concurrency, progress=False)
+            if cfg.warmup_requests:
+                # First requests pay for allocation and lazy init; they are not measured.
+                run_load(_with(base, arrivals=Arrivals("burst"), label="warm-up"), warm.requests)
+            for k, rate in enumerate(cfg.rates_rps):
+                bar.set_postfix_str(f"{spec.name} @ {rate:g} req/s")
+                arrivals = Arrivals("poisson" if cfg.burstiness == 1.0 else "gamma", rate, cfg.burstiness)
+                lc = _with(base, arrivals=arrivals, seed=cfg.seed * 1000 + k, label=f"{spec.name}@{rate:g}")
+                res = run_load(lc, samples[k].requests, scaling=samples[k].scaling, workload=w.name)
+                res.meta["mode"] = spec.name
+                runs[(spec.name, rate)] = res
+                row = summary_row(spec, rate, res, cfg.price_per_device_hour)
+                rows.append(row)
+                if on_run:
+                    on_run(row)
+                bar.update(1)
+    bar.close()
+    return SweepResult(cfg, rows, runs, samples[0].scaling.describe())
+
+
+def _with(base: LoadConfig, **changes: Any) -> LoadConfig:
+    from dataclasses import replace
+
+    return replace(base, **changes)
+
+
+@contextlib.contextmanager
+def url_server(url: str) -> Iterator[str]:
+    """A 'factory' for a server someone else started: yields `url`, stops nothing."""
+    yield url
+
+
+def fixed_url_factory(urls: dict[str, str]) -> ServerFactory:
+    """A factory that maps mode names to already-running servers (e.g. started by `labkit serve`)."""
+    def factory(spec: ModeSpec) -> ContextManager[str]:
+        if spec.name not in urls:
+            raise ValueError(f"no URL given for mode {spec.name!r}; have {sorted(urls)}")
+        return url_server(urls[spec.name])
+    return factory
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ("mode", "rate_rps", "ok", "errors",
+          "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "goodput_rps",
+          "slo_attainment", "output_tps_per_device")) -> str:
+    """A fixed-width text table of the chosen columns (what the CLI and benchmarks print)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [list(columns)] + [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    w = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w[i]) for i, c in enumerate(row)) for row in cells]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Charts of the gains: latency CDFs, percentiles and goodput against rate, per-device
+throughput and cost. Every function takes sweep rows / runs and returns a matplotlib Figure.
+
+Rows are the dicts `labkit.bench.sweep.summary_row` builds (`mode`, `rate_rps`,
+`itl_p99_ms`, `goodput_rps`, ...); runs map (mode, rate) to a BenchResult.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from labkit.plots.style import MODE_COLORS, new_figure
+
+_EXTRA_COLORS = ["#9467bd", "#17becf", "#bcbd22", "#e377c2", "#7f7f7f"]
+_LABELS = {"ttft": "TTFT", "itl": "inter-token latency", "tpot": "TPOT", "e2e": "end-to-end latency"}
+
+
+def mode_color(mode: str, i: int = 0) -> str:
+    """The lab's colour for a serving mode (xPyD other than 1p1d get the spare colours)."""
+    return MODE_COLORS.get(mode, _EXTRA_COLORS[i % len(_EXTRA_COLORS)])
+
+
+def _modes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["mode"] for r in rows))
+
+
+def _series(rows: Sequence[Mapping[str, Any]], mode: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = sorted((r["rate_rps"], r.get(key, np.nan)) for r in rows if r["mode"] == mode)
+    return np.array([p[0] for p in pts], dtype=float), np.array([p[1] for p in pts], dtype=float)
+
+
+def latency_values_ms(res: Any, metric: str) -> np.ndarray:
+    """A run's per-request (TTFT, TPOT, E2E) or per-gap (ITL) latencies in ms."""
+    ok = [r for r in res.records if r.ok]
+    if metric == "itl":
+        vals = [g for r in ok for g in r.itl_s]
+    elif metric == "tpot":
+        vals = [r.tpot_s for r in ok if r.output_tokens > 1]
+    elif metric in ("ttft", "e2e"):
+        vals = [getattr(r, f"{metric}_s") for r in ok]
+    else:
+        raise ValueError(f"metric must be ttft, itl, tpot or e2e, got {metric!r}")
+    return np.asarray(vals, dtype=float) * 1000.0
+
+
+def plot_latency_cdf(runs: Mapping[tuple[str, float], Any], metric: str = "itl", *, rate_rps: float | None = None,
+                     slo_ms: float | None = None, log_x: bool = True, title: str | None = None):
+    """CDF of `metric` per mode at one rate (default: the highest rate every mode ran)."""
+    modes = list(dict.fromkeys(m for m, _ in runs))
+    if rate_rps is None:
+        common = set.intersection(*({r for m2, r in runs if m2 == m} for m in modes)) if modes else set()
+        rate_rps = max(common) if common else max(r for _, r in runs)
+    fig, ax = new_figure()
+    for i, mode in enumerate(modes):
+        res = runs.get((mode, rate_rps))
+        if res is None:
+            continue
+        v = np.sort(latency_values_ms(res, metric))
+        if len(v):
+            ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", color=mode_color(mode, i),
+                    label=f"{mode} (p99 {np.percentile(v, 99):,.0f} ms)")
+    if slo_ms:
+        ax.axvline(slo_ms, color="black", ls="--", lw=1.5, label=f"SLO {slo_ms:g} ms")
+    ax.axhline(0.99, color="grey", ls=":", lw=1)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{_LABELS.get(metric, metric)} (ms)")
+    ax.set_ylabel("fraction of " + ("gaps" if metric == "itl" else "requests"))
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or f"{_LABELS.get(metric, metric).capitalize()} CDF at {rate_rps:g} req/s")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_percentiles_vs_rate(rows: Sequence[Mapping[str, Any]], metric: str = "itl",
+                             percentiles: Sequence[int] = (50, 99), *, slo_ms: float | None = None,
+                             title: str | None = None):
+    """`metric` p50 (dashed) and p99 (solid) against request rate, one colour per mode."""
+    fig, ax = new_figure()
+    for i, mode in enumerate(_modes(rows)):
+        for q in percentiles:
+            x, y = _series(rows, mode, f"{metric}_p{q}_ms")
+            ax.plot(x, y, marker="o", ls="-" if q == max(percentiles) else "--", color=mode_color(mode, i),
+                    label=f"{mode} p{q}")
+    if slo_ms:
+        ax.axhline(slo_ms, color="black", ls=":", lw=1.5, label=f"SLO {slo_ms:g} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel(f"{_LABELS.get(metric, metric)} (ms)")
+    ax.set_title(title or f"{_LABELS.get(metric, metric).capitalize()} against load")
+    ax.legend(ncol=2, fontsize=11)
+    return fig
+
+
+def plot_goodput_vs_rate(rows: Sequence[Mapping[str, Any]], *, slo_text: str = "", min_attainment: float = 0.9,
+                         title: str | None = None):
+    """Goodput (req/s meeting every SLO) against offered rate; the dotted line is `min_attainment`
+    of the offered rate: a mode below it has left its SLO."""
+    fig, ax = new_figure()
+    rates = sorted({r["rate_rps"] for r in rows})
+    ax.plot(rates, rates, color="grey", lw=1, label="offered rate (all good)")
+    ax.plot(rates, [min_attainment * r for r in rates], color="black", ls=":", lw=1.5,
+            label=f"{min_attainment:.0%} attainment")
+    for i, mode in enumerate(_modes(rows)):
+        x, y = _series(rows, mode, "goodput_rps")
+        ax.plot(x, y, marker="o", color=mode_color(mode, i), label=mode)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("goodput (req/s within SLO)")
+    ax.set_title(title or "Goodput against load" + (f"\nSLO: {slo_text}" if slo_text else ""))
+    ax.legend(fontsize=11)
+    return fig
+
+
+def plot_per_device(rows: Sequence[Mapping[str, Any]], key: str = "output_tps_per_device", *,
+                    ylabel: str = "output tokens/s per device", title: str | None = None):
+    """A per-mode line of `key` against rate (throughput per device, cost per 1M tokens, ...)."""
+    fig, ax = new_figure()
+    for i, mode in enumerate(_modes(rows)):
+        x, y = _series(rows, mode, key)
+        ax.plot(x, y, marker="o", color=mode_color(mode, i), label=mode)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or ylabel.capitalize() + " against load")
+    ax.legend()
+    return fig
+
+
+def plot_cost(rows: Sequence[Mapping[str, Any]], *, price_per_device_hour: float, unit: str = "$"):
+    """Cost per million output tokens against rate, at `price_per_device_hour`."""
+    return plot_per_device(rows, "cost_per_m_output_tokens", ylabel=f"{unit} per 1M output tokens",
+                           title=f"Cost per million output tokens at {unit}{price_per_device_hour:g} per device-hour")
+
+
+def plot_ratio_bars(ratios: Mapping[str, float], *, ylabel: str, title: str, better: str = "higher"):
+    """Bars of named ratios (e.g. p99 ITL mono / 1P1D per rate) with the parity line at 1."""
+    fig, ax = new_figure()
+    names, vals = list(ratios), [ratios[k] for k in ratios]
+    colors = ["#2ca02c" if (v >= 1) == (better == "higher") else "#d62728" for v in vals]
+    ax.bar(names, vals, color=colors)
+    ax.axhline(1.0, color="black", lw=1)
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.2f}x", ha="center", va="bottom", fontsize=12)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from labkit.bench import SLO, TokenSpace, synthetic
+from labkit.bench.sweep import ModeSpec, SweepConfig, parse_mode, run_sweep, table
+from labkit.proc import free_port, pid_alive, start_process, wait_http_ok
+
+FAKE = str(Path(__file__).with_name("fake_openai_server.py"))
+# Two stand-in "modes" with known timings: the second streams 5x slower.
+TIMINGS = {"mono": ("0.02", "0.004"), "1p1d": ("0.02", "0.02")}
+
+
+def test_parse_mode() -> None:
+    assert parse_mode("mono") == ModeSpec("mono", "mono", devices=2)
+    assert parse_mode("mono-chunked").chunked_prefill
+    assert parse_mode("2P1D") == ModeSpec("2p1d", "disagg", 2, 1, devices=3)
+    assert parse_mode("mono", devices=8).devices == 8
+    with pytest.raises(ValueError, match="'pd'"):
+        parse_mode("pd")
+    with pytest.raises(ValueError, match="rates_rps"):
+        SweepConfig("short-prompt", rates_rps=(0.0,))
+    with pytest.raises(ValueError, match="3p"):
+        SweepConfig("short-prompt", modes=("3p",))
+
+
+def test_sweep_same_requests_every_mode(tmp_path: Path) -> None:
+    pids: list[int] = []
+    urls: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def fake_factory(spec: ModeSpec) -> Iterator[str]:
+        ttft, itl = TIMINGS[spec.name]
+        port = free_port()
+        child = start_process(f"fake-{spec.name}", [sys.executable, FAKE, "--port", str(port), "--ttft-s", ttft,
+                                                    "--itl-s", itl], log_path=tmp_path / f"{spec.name}.log")
+        pids.append(child.pid)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http_ok(url + "/health", timeout_s=30, child=child)
+            yield url
+            # read what the server received before it goes
+            urls[spec.name] = json.dumps(httpx.get(url + "/debug/requests", trust_env=False).json())
+        finally:
+            child.stop()
+
+    w = synthetic("t", (20, 60), 6)
+    cfg = SweepConfig(w, rates_rps=(40.0, 20.0), modes=("mono", "1p1d"), n_requests=8, warmup_requests=1,
+                      slo=SLO(itl_s=0.012), space=TokenSpace(0, 200), price_per_device_hour=2.0, progress=False)
+    assert cfg.rates_rps == (20.0, 40.0)
+    res = run_sweep(cfg, fake_factory)
+    assert all(not pid_alive(p) for p in pids)
+    assert [(r["mode"], r["rate_rps"]) for r in res.rows] == [("mono", 20.0), ("mono", 40.0), ("1p1d", 20.0),
+                                                              ("1p1d", 40.0)]
+    assert all(r["sent"] == 8 == r["ok"] for r in res.rows)
+    # both modes saw the very same prompts (warm-up + 2 rates), rates saw different ones
+    seen = {m: json.loads(v) for m, v in urls.items()}
+    key = lambda g: (g["prompt_tokens"], tuple(g["first"]), g["max_tokens"])  # noqa: E731
+    assert sorted(map(key, seen["mono"])) == sorted(map(key, seen["1p1d"]))
+    assert len(seen["mono"]) == 1 + 8 + 8
+    r20, r40 = res.runs[("mono", 20.0)], res.runs[("mono", 40.0)]
+    assert [r.prompt_tokens for r in r20.records] != [r.prompt_tokens for r in r40.records]
+    # the slow stand-in (20 ms gaps) misses a 12 ms ITL bound on every request: goodput 0
+    assert all(r["goodput_rps"] == 0 for r in res.rows if r["mode"] == "1p1d")
+    assert res.capacity_rps() ["1p1d"] is None
+    row = res.rows[0]
+    assert row["output_tps_per_device"] == pytest.approx(row["output_throughput_tps"] / 2)
+    assert row["cost_per_m_output_tokens"] == pytest.approx(2 * 2.0 / (row["output_throughput_tps"] * 3600) * 1e6)
+    paths = res.save(tmp_path / "out")
+    saved = json.loads(paths[0].read_text())
+    assert len(saved["rows"]) == 4 and "1p1d" in saved["capacity_rps_at_90pct_slo"]
+    assert len(res.records_frame()) == 32
+    txt = table(res.rows)
+    assert txt.count("\n") == 5 and "itl_p99_ms" in txt
+
+
+def test_bench_charts_have_one_line_per_mode(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from labkit.bench.loadgen import BenchResult
+    from labkit.bench.metrics import RequestRecord, summarize
+    from labkit.plots import bench as pb
+
+    def run(itl: float) -> BenchResult:
+        recs = []
+        for i in range(10):
+            r = RequestRecord(i, 10, 5, ok=True, ttft_s=0.1, itl_s=[itl] * 4, output_tokens=5)
+            r.e2e_s = 0.1 + 4 * itl
+            recs.append(r)
+        return BenchResult(recs, summarize(recs, 1.0, SLO(itl_s=0.05)), {})
+
+    runs = {("mono", 1.0): run(0.1), ("1p1d", 1.0): run(0.02), ("mono", 2.0): run(0.2), ("1p1d", 2.0): run(0.03)}
+    from labkit.bench.sweep import summary_row
+
+    rows = [summary_row(parse_mode(m), r, res, 1.0) for (m, r), res in runs.items()]
+    fig = pb.plot_latency_cdf(runs, "itl", slo_ms=50)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "inter-token latency (ms)" and "2 req/s" in ax.get_title()
+    assert len(ax.get_legend().get_texts()) == 3  # two modes + the SLO line
+    assert pb.latency_values_ms(runs[("mono", 2.0)], "itl").tolist() == pytest.approx([200.0] * 40)
+    fig = pb.plot_percentiles_vs_rate(rows, "itl", slo_ms=50)
+    assert len(fig.axes[0].lines) == 5  # 2 modes x 2 percentiles + SLO
+    fig = pb.plot_goodput_vs_rate(rows, slo_text="ITL <= 50 ms")
+    lines = {ln.get_label(): ln for ln in fig.axes[0].lines}
+    assert list(lines["1p1d"].get_ydata()) == [10.0, 10.0] and list(lines["mono"].get_ydata()) == [0.0, 0.0]
+    pb.plot_cost(rows, price_per_device_hour=2.0).savefig(tmp_path / "c.png")
+    fig = pb.plot_ratio_bars({"1 req/s": 5.0, "2 req/s": 0.5}, ylabel="x", title="t")
+    assert [p.get_facecolor()[:3] for p in fig.axes[0].patches][0] != [p.get_facecolor()[:3]
+                                                                       for p in fig.axes[0].patches][1]
+    with pytest.raises(ValueError, match="'foo'"):
+        pb.latency_values_ms(runs[("mono", 1.0)], "foo")
