@@ -16,7 +16,6 @@ Run: `python -m labkit.serve.router --port 8000 --model tiny --prefill URL --dec
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 import uuid
@@ -30,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from labkit.proc import LOOPBACK
 from labkit.serve.backend import DisaggBackend, LabBackend, Piece
+from labkit.serve.limits import read_json
 from labkit.serve.metrics import CONTENT_TYPE, RouterMetrics
 from labkit.serve.protocol import (SSE_DONE, APIError, bad_request, completion_response, error_body,
                                    models_response, new_completion_id, parse_completion_request, sse,
@@ -122,11 +122,7 @@ class Router:
     async def completions(self, request: Request) -> Response:
         t0 = time.perf_counter()
         try:
-            raw = await request.body()
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise bad_request("the request body is not valid JSON", None, "invalid_json") from None
+            body = await read_json(request)  # 413/431 over the size limits, 400 for any malformed JSON
             req = parse_completion_request(body, vocab_size=self.vocab_size, served_model_names=self.served)
             prompt_ids = list(req.prompt_ids) if req.prompt_ids is not None else (
                 self.tokenizer.encode(req.prompt_text) if self.tokenizer is not None else None)

@@ -32,6 +32,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from labkit.proc import LOOPBACK
 from labkit.serve.engine_loop import EngineLoop, TokenEvent
+from labkit.serve.faults import Fault, send_kv
+from labkit.serve.limits import read_json
 from labkit.serve.metrics import CONTENT_TYPE, WorkerMetrics
 from labkit.serve.protocol import APIError, bad_request, error_body
 
@@ -110,10 +112,17 @@ class Worker:
         self._senders_lock = threading.Lock()
         self.transfer_bytes_total = 0
         self.transfer_seconds_total = 0.0
+        self.fault = Fault.from_env()  # LABKIT_FAULT: tests only (labkit.serve.faults)
+        if self.fault:
+            log.warning("fault injection on: %s", self.fault)
         if cfg.role == "decode":
             from labkit.transfer import open_receiver
 
-            self.receiver = open_receiver(cfg.transfer, token=cfg.kv_token)
+            if not cfg.kv_token:
+                raise ValueError("a decode worker needs the deployment's KV token: set LABKIT_KV_TOKEN "
+                                 "(labkit.serve.launcher sets it for you)")
+            self.receiver = open_receiver(cfg.transfer, token=cfg.kv_token, host=cfg.host,
+                                          stall_timeout_s=cfg.transfer_timeout_s)
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -228,10 +237,7 @@ def _close_quietly(obj: Any) -> None:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise bad_request("the request body is not valid JSON", None, "invalid_json") from None
+    body = await read_json(request)  # 413/431 over the size limits, 400 for any malformed JSON
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_type")
     return body
@@ -323,12 +329,15 @@ def build_app(worker: Worker) -> FastAPI:
             if reason is None and endpoint:
                 kv = ev.kv
                 kv.extra["prefill_s"] = prefill_s
-                sender, lock = worker.sender(endpoint)
+                try:
+                    sender, lock = worker.sender(endpoint)
+                except ValueError as e:  # no known scheme: the caller's mistake, not a transfer failure
+                    raise bad_request(f"bad 'kv_endpoint': {e}", "kv_endpoint") from None
                 t1 = time.perf_counter()
 
                 def send() -> None:
                     with lock:
-                        sender.send(kv, timeout_s=cfg.transfer_timeout_s)
+                        send_kv(sender, kv, cfg.transfer_timeout_s, worker.fault)
                 try:
                     await asyncio.to_thread(send)
                 except Exception as e:  # noqa: BLE001 - any transport failure is the decode side's problem
@@ -362,6 +371,9 @@ def build_app(worker: Worker) -> FastAPI:
             except TimeoutError:
                 raise APIError(504, f"no KV arrived for request {rid!r} within {timeout_s} s",
                                type="timeout_error", code="kv_timeout") from None
+            except Exception as e:  # noqa: BLE001 - TransferError and kin: the KV is unusable
+                raise APIError(502, f"the KV of request {rid!r} arrived broken: {e.__class__.__name__}: {e}",
+                               type="server_error", code="kv_transfer_failed") from None
             recv_s = time.perf_counter() - t0
             worker.transfer_bytes_total += int(kv.nbytes)
             worker.transfer_seconds_total += recv_s
@@ -394,6 +406,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--transfer", default="shm")
+    p.add_argument("--transfer-timeout-s", type=float, default=30.0,
+                   help="bound on one KV transfer (send, receive, a silent sender)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
     a = p.parse_args(argv)
     threads = a.threads or len(os.sched_getaffinity(0))
@@ -405,7 +419,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                         chunked_prefill=a.chunked_prefill, enable_prefix_caching=not a.no_prefix_caching,
                         max_model_len=a.max_model_len, transfer=a.transfer,
-                        kv_token=os.environ.get("LABKIT_KV_TOKEN") or None)
+                        kv_token=os.environ.get("LABKIT_KV_TOKEN") or None, transfer_timeout_s=a.transfer_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,82 @@
+"""`labkit serve`: start the lab's server (mono or disaggregated) behind one OpenAI-compatible URL."""
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from typing import Any
+
+from labkit.proc import LOOPBACK
+
+
+def _ints(s: str | None) -> list[int] | None:
+    """'0,1' or '0-3' -> a list of core/GPU ids; None stays None."""
+    if not s:
+        return None
+    out: list[int] = []
+    for part in s.split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=["mono", "disagg"], default="mono")
+    parser.add_argument("--model", default="tiny", help="preset name or model directory (default: tiny)")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--mono", type=int, default=1, help="mono engine processes (mode mono)")
+    parser.add_argument("--prefill", type=int, default=1, help="prefill worker processes (mode disagg)")
+    parser.add_argument("--decode", type=int, default=1, help="decode worker processes (mode disagg)")
+    parser.add_argument("--chunked-prefill", action="store_true", help="mono: mix prompt chunks into decode steps")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    parser.add_argument("--transfer", default="shm", help="KV transport between prefill and decode (shm, tcp)")
+    parser.add_argument("--mono-cpus", default=None, help="cores for mono workers, e.g. 0,1 or 0-3")
+    parser.add_argument("--prefill-cpus", default=None, help="cores for prefill workers, e.g. 0")
+    parser.add_argument("--decode-cpus", default=None, help="cores for decode workers, e.g. 1")
+    parser.add_argument("--gpus", default=None, help="one GPU per worker in start order, e.g. 0,1")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
+    parser.add_argument("--host", default=LOOPBACK, help="router address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
+    parser.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    parser.set_defaults(func=run)
+
+
+def run(args: Any) -> int:
+    from labkit.serve.launcher import launch
+
+    t0 = time.perf_counter()
+    print(f"labkit serve: starting {args.mode} on {args.model} ...", flush=True)
+    srv = launch(args.mode, model=args.model, mono=args.mono, prefill=args.prefill, decode=args.decode,
+                 chunked_prefill=args.chunked_prefill, max_num_batched_tokens=args.max_num_batched_tokens,
+                 transfer=args.transfer, mono_cpus=_ints(args.mono_cpus), prefill_cpus=_ints(args.prefill_cpus),
+                 decode_cpus=_ints(args.decode_cpus), gpus=_ints(args.gpus), port=args.port, host=args.host,
+                 kv_cache_bytes=args.kv_cache_bytes, dtype=args.dtype, served_model_name=args.served_model_name)
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["now"] = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        print(f"ready in {time.perf_counter() - t0:.1f} s: {srv.url}  (router pid {srv.router.pid})")
+        for w in srv.workers:
+            print(f"  {w.name:<10} {w.role:<8} {w.url}  pid {w.pid}")
+        name = args.served_model_name or args.model
+        print(f"try: curl {srv.url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
+        print(f"     {srv.url}/health   {srv.url}/metrics   (Ctrl-C stops everything)", flush=True)
+        deadline = None if args.duration_s is None else time.monotonic() + args.duration_s
+        while not stop["now"] and (deadline is None or time.monotonic() < deadline):
+            dead = [p for p in [srv.router, *srv.workers] if not p.alive()]
+            if srv.router in dead:
+                print(f"router (pid {srv.router.pid}) exited; stopping. Log tail:\n{srv.router.child.log_tail()}")
+                return 1
+            time.sleep(0.5)
+    finally:
+        srv.stop()
+        print("stopped: " + ", ".join(str(p) for p in srv.pids))
+    return 0

@@ -1,0 +1,62 @@
+"""Request-size limits and safe JSON decoding for the router and the workers' HTTP APIs.
+
+Every HTTP body is read with a cap (413 over it) and decoded so that any malformed input
+(bad JSON, bad UTF-8, `[[[[...` nested past Python's recursion limit, a 5,000-digit number)
+becomes a 400 OpenAI-style error instead of a 500. Header bytes are capped too (431): the
+HTTP parser (httptools) has no limit of its own.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+
+from labkit.serve.protocol import APIError, bad_request
+
+MAX_BODY_BYTES = 8 << 20     # a 128k-token prompt as a JSON list of ids is ~1 MB; 8 MiB leaves room
+MAX_HEADER_BYTES = 64 << 10  # all header names and values together; browsers and proxies send < 8 KiB
+
+
+def too_large(what: str, limit: int, status: int = 413) -> APIError:
+    """The error for a request over a size limit (413 body, 431 headers)."""
+    return APIError(status, f"the request {what} is larger than this server's limit of {limit} bytes",
+                    param=None, code="request_too_large")
+
+
+def check_headers(request: Request, max_bytes: int = MAX_HEADER_BYTES) -> None:
+    """Raises APIError 431 when the request's headers total more than `max_bytes`."""
+    total = sum(len(k) + len(v) for k, v in request.scope.get("headers", ()))
+    if total > max_bytes:
+        raise too_large("headers", max_bytes, 431)
+
+
+async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """The request body (bytes); raises APIError 413 as soon as it passes `max_bytes`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise bad_request(f"bad Content-Length header {declared[:40]!r}", None, "invalid_header")
+        if int(declared) > max_bytes:
+            raise too_large("body", max_bytes)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > max_bytes:  # chunked uploads declare no length: count as they come
+            raise too_large("body", max_bytes)
+    return bytes(buf)
+
+
+def parse_json(raw: bytes) -> Any:
+    """Decodes a JSON body; raises APIError 400 `invalid_json` for anything malformed."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, int digits limit, deep nesting
+        raise bad_request("the request body is not valid JSON", None, "invalid_json") from None
+
+
+async def read_json(request: Request, max_body_bytes: int = MAX_BODY_BYTES,
+                    max_header_bytes: int = MAX_HEADER_BYTES) -> Any:
+    """Header check, capped body read, safe decode: the request's JSON value, or APIError 4xx."""
+    check_headers(request, max_header_bytes)
+    return parse_json(await read_body(request, max_body_bytes))

@@ -1,0 +1,232 @@
+"""The lab's server end to end on `tiny`: real worker and router processes on 127.0.0.1.
+
+One set of workers (a mono worker, two prefill workers, a decode worker) sits behind three
+routers: mono, 1P1D and 2P1D. Every topology must give the same tokens as the engine alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import re
+
+import httpx
+import pytest
+
+from labkit.proc import pid_alive
+from labkit.serve.launcher import ServerProcess, new_kv_token, start_router, start_worker, stop_all
+
+PROMPTS = ["Hello, world", "The KV cache of one request moves from prefill to decode. " * 2, "a"]
+
+
+@pytest.fixture(scope="module")
+def topo(tiny_model_dir):
+    token = new_kv_token()
+    procs: list[ServerProcess] = []
+    try:
+        specs = [("mono", "mono0"), ("prefill", "prefill0"), ("prefill", "prefill1"), ("decode", "decode0")]
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            futs = [ex.submit(start_worker, role, name=name, kv_token=token if role != "mono" else None,
+                              kv_cache_bytes=32 << 20) for role, name in specs]
+            workers = {}
+            for (role, name), f in zip(specs, futs):
+                try:
+                    workers[name] = f.result()
+                    procs.append(workers[name])
+                except Exception:
+                    for g in futs:
+                        if g.done() and g.exception() is None and g.result() not in procs:
+                            procs.append(g.result())
+                    raise
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            fr = [ex.submit(start_router, mono=[workers["mono0"]]),
+                  ex.submit(start_router, prefill=[workers["prefill0"]], decode=[workers["decode0"]]),
+                  ex.submit(start_router, prefill=[workers["prefill0"], workers["prefill1"]],
+                            decode=[workers["decode0"]], health_interval_s=0.2)]
+            routers = [f.result() for f in fr]
+        procs += routers
+        yield {"mono": routers[0].url, "1p1d": routers[1].url, "2p1d": routers[2].url, "procs": procs,
+               "workers": workers}
+    finally:
+        stop_all(procs)
+        assert not [p.pid for p in procs if pid_alive(p.pid)]
+
+
+def complete(url: str, **body) -> dict:
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream(url: str, **body) -> tuple[list[dict], list[str]]:
+    """(JSON chunks, raw data lines) of one streamed completion."""
+    chunks, raw = [], []
+    with httpx.stream("POST", url + "/v1/completions", json={"model": "tiny", "stream": True, **body},
+                      timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                raw.append(line[6:])
+                if line[6:] != "[DONE]":
+                    chunks.append(json.loads(line[6:]))
+    return chunks, raw
+
+
+def test_greedy_output_identical_in_mono_1p1d_2p1d_and_engine(topo) -> None:
+    from labkit.engine import Engine, EngineConfig, SamplingParams
+    from labkit.models import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ref = Engine(EngineConfig(model="tiny")).generate([tok.encode(p) for p in PROMPTS],
+                                                      SamplingParams(max_tokens=20, ignore_eos=True))
+    for prompt, r in zip(PROMPTS, ref):
+        outs = {m: complete(topo[m], prompt=prompt, max_tokens=20, temperature=0, ignore_eos=True,
+                            return_token_ids=True) for m in ("mono", "1p1d", "2p1d")}
+        for m, o in outs.items():
+            c = o["choices"][0]
+            assert c["token_ids"] == r.output_token_ids, m
+            assert c["text"] == tok.decode(r.output_token_ids), m
+            assert c["finish_reason"] == "length"
+            assert o["usage"] == {"prompt_tokens": len(prompt.encode()) + 1, "completion_tokens": 20,
+                                  "total_tokens": len(prompt.encode()) + 21}
+
+
+def test_seeded_sampling_identical_across_topologies(topo) -> None:
+    body = dict(prompt=[256, 10, 20, 30, 40], max_tokens=16, temperature=0.9, top_p=0.95, seed=1234,
+                ignore_eos=True, return_token_ids=True)
+    ids = {m: complete(topo[m], **body)["choices"][0]["token_ids"] for m in ("mono", "1p1d", "2p1d")}
+    assert ids["mono"] == ids["1p1d"] == ids["2p1d"]
+    other = complete(topo["mono"], **{**body, "seed": 99})["choices"][0]["token_ids"]
+    assert other != ids["mono"]
+
+
+@pytest.mark.parametrize("mode", ["mono", "1p1d"])
+def test_streaming_agrees_with_non_streaming(topo, mode: str) -> None:
+    body = dict(prompt=PROMPTS[1], max_tokens=12, temperature=0, ignore_eos=True)
+    full = complete(topo[mode], **body)
+    chunks, raw = stream(topo[mode], stream_options={"include_usage": True}, **body)
+    assert raw[-1] == "[DONE]"
+    token_chunks = [c for c in chunks if c["choices"]]
+    assert len(token_chunks) == 12  # one chunk per token, the last one carries the finish reason
+    assert "".join(c["choices"][0]["text"] for c in token_chunks) == full["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in token_chunks] == [None] * 11 + ["length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_concurrent_requests_keep_their_own_outputs(topo) -> None:
+    prompts = [f"request number {i}: " + "x" * (i * 7) for i in range(12)]
+    ref = [complete(topo["mono"], prompt=p, max_tokens=10, temperature=0, ignore_eos=True, return_token_ids=True)
+           ["choices"][0]["token_ids"] for p in prompts]
+
+    async def run(url: str) -> list[list[int]]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            rs = await asyncio.gather(*(c.post(url + "/v1/completions", json={
+                "prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+                for p in prompts))
+        return [r.json()["choices"][0]["token_ids"] for r in rs]
+    assert asyncio.run(run(topo["2p1d"])) == ref
+    assert asyncio.run(run(topo["mono"])) == ref
+
+
+def test_stop_string_and_eos_finish_reasons(topo) -> None:
+    base = complete(topo["1p1d"], prompt="stop here", max_tokens=30, temperature=0, ignore_eos=True)
+    text = base["choices"][0]["text"]
+    printable = [i for i in range(3, len(text) - 2) if text[i:i + 2].isprintable() and "\ufffd" not in text[i:i + 2]]
+    if not printable:
+        pytest.skip("random weights gave no printable pair to stop on")
+    i = printable[0]
+    stop = text[i:i + 2]
+    for m in ("mono", "1p1d"):
+        got = complete(topo[m], prompt="stop here", max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
+        c = got["choices"][0]
+        assert c["finish_reason"] == "stop" and c["text"] == text[:text.find(stop)], m
+        chunks, _ = stream(topo[m], prompt="stop here", max_tokens=30, temperature=0, ignore_eos=True, stop=stop)
+        assert "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"]) == c["text"]
+
+
+def test_bad_requests_get_openai_errors_and_workers_stay_up(topo) -> None:
+    url = topo["2p1d"]
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (json.dumps({"model": "tiny"}).encode(), 400, "missing_required_parameter"),
+        (json.dumps({"prompt": "x", "max_tokens": -3}).encode(), 400, "invalid_value"),
+        (json.dumps({"prompt": [256] * 2040, "max_tokens": 100}).encode(), 400, "context_length_exceeded"),
+        (json.dumps({"prompt": "x", "model": "gpt-9"}).encode(), 404, "model_not_found"),
+        (json.dumps({"prompt": [1, 2, 99999]}).encode(), 400, "invalid_value"),
+    ]
+    for body, status, code in cases:
+        r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=10)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["code"] == code and err["message"] and "type" in err and "param" in err
+    r = httpx.get(url + "/v1/nothing", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    # the workers' own API validates too
+    w = topo["workers"]
+    r = httpx.post(w["prefill0"].url + "/internal/prefill", json={"prompt_ids": ["a"]}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_ids"
+    r = httpx.post(w["decode0"].url + "/internal/decode", json={"request_id": "nobody", "timeout_s": 0.2}, timeout=10)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "kv_timeout"
+    r = httpx.post(w["mono0"].url + "/internal/generate", json={"prompt_ids": [256, 1], "sampling": {"top_p": 7}},
+                   timeout=10)
+    assert r.status_code == 400 and "top_p" in r.json()["error"]["message"]
+    assert all(pid_alive(p.pid) for p in topo["procs"])
+    assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+    assert complete(url, prompt="still fine", max_tokens=3)["usage"]["completion_tokens"] == 3
+
+
+def test_openai_client_in_both_modes(topo) -> None:
+    openai = pytest.importorskip("openai")
+    for m in ("mono", "1p1d"):
+        client = openai.OpenAI(base_url=topo[m] + "/v1", api_key="unused", timeout=60, max_retries=0)
+        assert [x.id for x in client.models.list().data] == ["tiny"]
+        r = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+        parts = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True}))
+        assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt="Hello", max_tokens=0)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"^(\w+)(\{[^}]*\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        lab = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(lab.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+def test_router_is_kv_aware_and_metrics_show_it(topo) -> None:
+    url = topo["2p1d"]
+    before = httpx.get(url + "/metrics", timeout=10).text
+    prompt = [256] + list(range(1, 200))  # 12 full blocks of 16
+    for _ in range(3):
+        complete(url, prompt=prompt, max_tokens=4, temperature=0)
+    asyncio.run(asyncio.sleep(0.6))  # one health poll, so worker counters are fresh
+    after = httpx.get(url + "/metrics", timeout=10).text
+    # the 2nd and 3rd requests went to the prefill worker that caches the prompt, and said why
+    hits = _metric(after, "labkit_router_prefix_hit_tokens_total") - _metric(before, "labkit_router_prefix_hit_tokens_total")
+    assert hits == 2 * 12 * 16
+    prefix_decisions = (_metric(after, "labkit_router_decisions_total", role="prefill", reason="prefix")
+                        - _metric(before, "labkit_router_decisions_total", role="prefill", reason="prefix"))
+    assert prefix_decisions == 2
+    assert _metric(after, "labkit_router_decisions_total", role="decode") >= 3
+    kv_bytes = _metric(after, "labkit_worker_kv_transfer_bytes_total", role="prefill")
+    assert kv_bytes >= 3 * 200 * 2 * 4 * 2 * 64 * 4  # 3 requests x 200 tokens x K,V x 4 layers x 2 heads x 64 x fp32
+    assert _metric(after, "labkit_worker_kv_transfer_bytes_total", role="decode") == kv_bytes
+    assert _metric(after, "labkit_router_ttft_seconds_count") > _metric(before, "labkit_router_ttft_seconds_count")
+    assert _metric(after, "labkit_router_itl_seconds_count") > 0
+    assert _metric(after, "labkit_router_upstream_up") == 3
+    assert _metric(after, "labkit_worker_kv_blocks_total", upstream="decode0") > 0
+    assert "labkit_router_queue_depth 0.0" in after
+    h = httpx.get(url + "/health", timeout=10).json()
+    assert h["mode"] == "disagg" and {u["role"] for u in h["upstreams"].values()} == {"prefill", "decode"}

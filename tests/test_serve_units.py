@@ -1,0 +1,128 @@
+"""labkit.serve pieces without processes: request validation, text streaming, prefix index, engine loop."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from labkit.models import ByteTokenizer
+from labkit.serve.prefix_index import PrefixIndex, block_hashes
+from labkit.serve.protocol import APIError, parse_completion_request
+from labkit.serve.textstream import TextStream
+
+VOCAB = 512
+
+
+def parse(body: object):
+    return parse_completion_request(body, vocab_size=VOCAB, served_model_names=("tiny",))
+
+
+@pytest.mark.parametrize("body,param,status", [
+    ([1, 2], None, 400),
+    ({}, "prompt", 400),
+    ({"prompt": ""}, "prompt", 400),
+    ({"prompt": []}, "prompt", 400),
+    ({"prompt": 5}, "prompt", 400),
+    ({"prompt": [1, 600]}, "prompt", 400),
+    ({"prompt": [1, -1]}, "prompt", 400),
+    ({"prompt": [1, True]}, "prompt", 400),
+    ({"prompt": ["a", "b"]}, "prompt", 400),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", 400),
+    ({"prompt": "x", "max_tokens": "5"}, "max_tokens", 400),
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens", 400),
+    ({"prompt": "x", "temperature": -0.1}, "temperature", 400),
+    ({"prompt": "x", "temperature": "hot"}, "temperature", 400),
+    ({"prompt": "x", "top_p": 0}, "top_p", 400),
+    ({"prompt": "x", "top_p": 1.5}, "top_p", 400),
+    ({"prompt": "x", "seed": "1"}, "seed", 400),
+    ({"prompt": "x", "stop": 3}, "stop", 400),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", 400),
+    ({"prompt": "x", "stop": [""]}, "stop", 400),
+    ({"prompt": "x", "stream": "yes"}, "stream", 400),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", 400),
+    ({"prompt": "x", "n": 2}, "n", 400),
+    ({"prompt": "x", "logprobs": 5}, "logprobs", 400),
+    ({"prompt": "x", "model": "gpt-4"}, "model", 404),
+    ({"prompt": "x", "model": 7}, "model", 400),
+    ({"prompt": "x", "ignore_eos": 1}, "ignore_eos", 400),
+])
+def test_bad_requests_name_the_field(body: object, param: str | None, status: int) -> None:
+    with pytest.raises(APIError) as ei:
+        parse(body)
+    e = ei.value
+    assert (e.status, e.param) == (status, param)
+    err = e.body()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def test_good_request_fields_and_defaults() -> None:
+    r = parse({"model": "tiny", "prompt": "hi", "max_tokens": 7, "temperature": 0, "top_p": 0.9, "seed": 3,
+               "stop": "\n", "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+               "repetition_penalty": 1.0, "logprobs": None, "some_vllm_extra": 1})
+    assert (r.prompt_text, r.prompt_ids, r.max_tokens, r.temperature, r.top_p, r.seed) == ("hi", None, 7, 0.0, 0.9, 3)
+    assert r.stop == ("\n",) and r.ignore_eos and r.stream and r.include_usage
+    assert r.sampling_dict() == {"max_tokens": 7, "temperature": 0.0, "top_p": 0.9, "top_k": 0, "seed": 3,
+                                 "stop_token_ids": [], "ignore_eos": True}
+    d = parse({"prompt": [[256, 65]]})  # a batch of one token list
+    assert d.prompt_ids == (256, 65) and d.max_tokens == 16 and d.temperature == 1.0 and not d.stream
+
+
+def test_text_stream_holds_stop_strings_and_split_characters() -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo wor x EN ENDmore", add_bos=False)
+    ts = TextStream(tok, ("END", "xy"))
+    pieces = [ts.push(i) for i in ids]
+    assert "".join(pieces) == "héllo wor x EN " and ts.stopped
+    # "é" is two bytes: nothing half-decoded is ever sent
+    assert all("\ufffd" not in p for p in pieces)
+    ts2 = TextStream(tok)
+    assert "".join(ts2.push(i) for i in tok.encode("né", add_bos=False) + [257]) + ts2.flush() == "né"
+
+
+def test_prefix_index_prefers_longest_chain_and_forgets() -> None:
+    a = list(range(64))
+    b = a[:32] + [500] * 32
+    ha, hb = block_hashes(a, 16), block_hashes(b, 16)
+    assert len(ha) == 4 and ha[:2] == hb[:2] and ha[2] != hb[2]
+    assert block_hashes(a[:20], 16) == ha[:1]  # a partial block is not cached
+    idx = PrefixIndex(16)
+    idx.insert("p0", ha)
+    idx.insert("p1", hb[:2])
+    assert idx.match(ha, ["p0", "p1", "p2"]) == {"p0": 4, "p1": 2, "p2": 0}
+    assert idx.match(hb, ["p0", "p1"]) == {"p0": 2, "p1": 2}
+    idx.set_capacity("p0", 2)  # LRU keeps the two most recent blocks
+    assert idx.num_blocks("p0") == 2 and idx.match(ha, ["p0"]) == {"p0": 0}
+    idx.remove_instance("p1")
+    assert idx.match(hb, ["p1"]) == {"p1": 0}
+
+
+def test_engine_loop_keeps_concurrent_outputs_apart(tiny_model_dir) -> None:
+    from labkit.engine import Engine, EngineConfig, SamplingParams
+    from labkit.serve.engine_loop import EngineLoop
+
+    prompts = [[256, *range(65, 65 + n)] for n in (3, 9, 17, 30, 5, 12)]
+    sps = [SamplingParams(max_tokens=6 + i, temperature=0.0 if i % 2 else 0.8, seed=i) for i in range(len(prompts))]
+    ref = Engine(EngineConfig(model="tiny")).generate(prompts, sps)
+    loop = EngineLoop(Engine(EngineConfig(model="tiny")))
+    loop.start()
+
+    async def one(i: int) -> tuple[list[int], str | None]:
+        q = await loop.submit(prompts[i], sps[i], f"r{i}")
+        toks: list[int] = []
+        while True:
+            ev = await asyncio.wait_for(q.get(), 30)
+            assert ev.error is None
+            if ev.token_id is not None:
+                toks.append(ev.token_id)
+            if ev.finish_reason is not None:
+                return toks, ev.finish_reason
+
+    async def all_() -> list[tuple[list[int], str | None]]:
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    try:
+        got = asyncio.run(all_())
+    finally:
+        loop.stop()
+    for (toks, reason), r in zip(got, ref):
+        assert toks == r.output_token_ids and reason == r.finish_reason
+    assert loop.num_running == 0 and not loop.alive
