@@ -236,6 +236,11 @@ class Receiver(ABC):
                 fds: list[int] = []
                 try:
                     header, fds = self._read_message(conn, deadline)
+                except TransferTimeout:
+                    assert stream is not None          # only mid-transfer reads have a deadline
+                    raise TransferTimeout(f"sender stalled: no frame for {self.stall_timeout_s:g} s after "
+                                          f"{len(stream.seen)} of {stream.meta.num_layers} layers",
+                                          request_id=stream.meta.request_id) from None
                 except (ConnectionResetError, BrokenPipeError):
                     if stream is not None:
                         raise PayloadError(f"sender closed the connection after {len(stream.seen)} of "
@@ -258,6 +263,7 @@ class Receiver(ABC):
             try:
                 conn.settimeout(1.0)
                 conn.sendall(wire.error_frame(e))
+                _linger(conn)
             except OSError:
                 pass
         except OSError as e:
@@ -534,6 +540,17 @@ class Sender(ABC):
             self._read_reply(conn, min(deadline, time.monotonic() + 1.0), request_id)
             raise TransferError(f"{self.endpoint} dropped the connection during {request_id!r}",
                                 request_id=request_id) from None
+
+
+def _linger(conn: socket.socket, max_s: float = 0.5) -> None:
+    """After an error reply: stop writing and drain the peer briefly, so closing does not send a
+    TCP reset that would destroy the error frame before the sender reads it."""
+    conn.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + max_s
+    while (left := deadline - time.monotonic()) > 0:
+        conn.settimeout(left)
+        if not conn.recv(1 << 20):
+            return
 
 
 def _still_open(conn: socket.socket) -> bool:
