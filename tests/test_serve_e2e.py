@@ -26,18 +26,16 @@ def topo(tiny_model_dir):
     try:
         specs = [("mono", "mono0"), ("prefill", "prefill0"), ("prefill", "prefill1"), ("decode", "decode0")]
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
-            futs = [ex.submit(start_worker, role, name=name, kv_token=token if role != "mono" else None,
-                              kv_cache_bytes=32 << 20) for role, name in specs]
-            workers = {}
-            for (role, name), f in zip(specs, futs):
-                try:
-                    workers[name] = f.result()
-                    procs.append(workers[name])
-                except Exception:
-                    for g in futs:
-                        if g.done() and g.exception() is None and g.result() not in procs:
-                            procs.append(g.result())
-                    raise
+            futs = {name: ex.submit(start_worker, role, name=name, kv_token=token if role != "mono" else None,
+                                    kv_cache_bytes=32 << 20) for role, name in specs}
+            concurrent.futures.wait(list(futs.values()))
+        workers = {}
+        for name, f in futs.items():
+            if f.exception() is None:
+                workers[name] = f.result()
+                procs.append(f.result())
+        for f in futs.values():
+            f.result()  # raises the first startup error once every started worker is recorded
         with concurrent.futures.ThreadPoolExecutor(3) as ex:
             fr = [ex.submit(start_router, mono=[workers["mono0"]]),
                   ex.submit(start_router, prefill=[workers["prefill0"]], decode=[workers["decode0"]]),
