@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from labkit.bench import SLO, TokenSpace, synthetic
-from labkit.bench.sweep import ModeSpec, SweepConfig, parse_mode, run_sweep, table
+from labkit.bench.sweep import ModeSpec, SweepConfig, parse_mode, run_sweeps, table
 from labkit.proc import free_port, pid_alive, start_process, wait_http_ok
 
 FAKE = str(Path(__file__).with_name("fake_openai_server.py"))
@@ -29,6 +29,8 @@ def test_parse_mode() -> None:
         SweepConfig("short-prompt", rates_rps=(0.0,))
     with pytest.raises(ValueError, match="3p"):
         SweepConfig("short-prompt", modes=("3p",))
+    with pytest.raises(ValueError, match="same modes"):
+        run_sweeps([SweepConfig("short-prompt"), SweepConfig("short-prompt", modes=("mono",))], None)  # type: ignore[arg-type]
 
 
 def test_sweep_same_requests_every_mode(tmp_path: Path) -> None:
@@ -55,8 +57,11 @@ def test_sweep_same_requests_every_mode(tmp_path: Path) -> None:
     cfg = SweepConfig(w, rates_rps=(40.0, 20.0), modes=("mono", "1p1d"), n_requests=8, warmup_requests=1,
                       slo=SLO(itl_s=0.012), space=TokenSpace(0, 200), price_per_device_hour=2.0, progress=False)
     assert cfg.rates_rps == (20.0, 40.0)
-    res = run_sweep(cfg, fake_factory)
-    assert all(not pid_alive(p) for p in pids)
+    cfg2 = SweepConfig(synthetic("t2", 10, 3), rates_rps=(30.0,), modes=("mono", "1p1d"), n_requests=4,
+                       warmup_requests=0, space=TokenSpace(0, 200), progress=False)
+    res, res2 = run_sweeps([cfg, cfg2], fake_factory)
+    assert len(pids) == 2 and all(not pid_alive(p) for p in pids)  # one server per mode, for both sweeps
+    assert [r["workload"] for r in res2.rows] == ["t2", "t2"] and all(r["ok"] == 4 for r in res2.rows)
     assert [(r["mode"], r["rate_rps"]) for r in res.rows] == [("mono", 20.0), ("mono", 40.0), ("1p1d", 20.0),
                                                               ("1p1d", 40.0)]
     assert all(r["sent"] == 8 == r["ok"] for r in res.rows)
@@ -64,7 +69,7 @@ def test_sweep_same_requests_every_mode(tmp_path: Path) -> None:
     seen = {m: json.loads(v) for m, v in urls.items()}
     key = lambda g: (g["prompt_tokens"], tuple(g["first"]), g["max_tokens"])  # noqa: E731
     assert sorted(map(key, seen["mono"])) == sorted(map(key, seen["1p1d"]))
-    assert len(seen["mono"]) == 1 + 8 + 8
+    assert len(seen["mono"]) == 1 + 8 + 8 + 4
     r20, r40 = res.runs[("mono", 20.0)], res.runs[("mono", 40.0)]
     assert [r.prompt_tokens for r in r20.records] != [r.prompt_tokens for r in r40.records]
     # the slow stand-in (20 ms gaps) misses a 12 ms ITL bound on every request: goodput 0

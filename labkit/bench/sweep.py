@@ -23,7 +23,7 @@ from typing import Any, Callable, ContextManager, Iterator, Literal, Sequence
 from labkit.bench.arrivals import Arrivals
 from labkit.bench.loadgen import BenchResult, LoadConfig, run_load
 from labkit.bench.metrics import SLO, cost_per_million_tokens, records_frame
-from labkit.bench.workloads import TokenSpace, Workload, get_workload, sample_requests
+from labkit.bench.workloads import SampledWorkload, TokenSpace, Workload, get_workload, sample_requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,42 +171,63 @@ def summary_row(mode: ModeSpec, rate_rps: float, res: BenchResult, price_per_dev
 def run_sweep(cfg: SweepConfig, start_server: ServerFactory, *, model: str | None = None,
               on_run: Callable[[dict[str, Any]], None] | None = None) -> SweepResult:
     """Runs every mode at every rate; returns the SweepResult. `on_run` sees each row as it lands."""
-    from tqdm.auto import tqdm
+    return run_sweeps([cfg], start_server, model=model, on_run=on_run)[0]
 
+
+def _samples(cfg: SweepConfig) -> tuple[list[SampledWorkload], SampledWorkload]:
+    """Requests per rate and for the warm-up; every rate uses the first rate's length scaling."""
     w = cfg.workload_obj
     first = sample_requests(w, cfg.n_requests, seed=cfg.seed * 1000, max_model_len=cfg.max_model_len,
                             scale=cfg.scale, space=cfg.space)
-    scale = first.scaling.factor  # later rates and the warm-up use the first rate's factor: one scaling
-    samples = [first] + [sample_requests(w, cfg.n_requests, seed=cfg.seed * 1000 + k,
-                                         max_model_len=cfg.max_model_len, scale=scale, space=cfg.space)
-                         for k in range(1, len(cfg.rates_rps))]
+    scale = first.scaling.factor
+    rest = [sample_requests(w, cfg.n_requests, seed=cfg.seed * 1000 + k, max_model_len=cfg.max_model_len,
+                            scale=scale, space=cfg.space) for k in range(1, len(cfg.rates_rps))]
     warm = sample_requests(w, max(1, cfg.warmup_requests), seed=cfg.seed * 1000 + 999,
                            max_model_len=cfg.max_model_len, scale=scale, space=cfg.space)
-    rows: list[dict[str, Any]] = []
-    runs: dict[tuple[str, float], BenchResult] = {}
-    bar = tqdm(total=len(cfg.modes) * len(cfg.rates_rps), desc="sweep", disable=not cfg.progress)
-    for mode_name in cfg.modes:
+    return [first, *rest], warm
+
+
+def run_sweeps(cfgs: Sequence[SweepConfig], start_server: ServerFactory, *, model: str | None = None,
+               on_run: Callable[[dict[str, Any]], None] | None = None) -> list[SweepResult]:
+    """Several sweeps (e.g. two workloads) through the same modes, starting each mode's server once.
+
+    All configs must list the same modes. Returns one SweepResult per config, in order.
+    """
+    from tqdm.auto import tqdm
+
+    if not cfgs:
+        raise ValueError("no sweep configs")
+    modes = cfgs[0].modes
+    if any(c.modes != modes for c in cfgs):
+        raise ValueError(f"every config must sweep the same modes; got {[c.modes for c in cfgs]}")
+    plans = [_samples(c) for c in cfgs]
+    results = [SweepResult(c, [], {}, p[0][0].scaling.describe()) for c, p in zip(cfgs, plans)]
+    bar = tqdm(total=len(modes) * sum(len(c.rates_rps) for c in cfgs), desc="sweep",
+               disable=not any(c.progress for c in cfgs))
+    for mode_name in modes:
         spec = parse_mode(mode_name)
         with start_server(spec) as url:
-            base = LoadConfig(url, model=model, request_timeout_s=cfg.request_timeout_s, slo=cfg.slo,
-                              max_concurrency=cfg.max_concurrency, progress=False)
-            if cfg.warmup_requests:
-                # First requests pay for allocation and lazy init; they are not measured.
-                run_load(_with(base, arrivals=Arrivals("burst"), label="warm-up"), warm.requests)
-            for k, rate in enumerate(cfg.rates_rps):
-                bar.set_postfix_str(f"{spec.name} @ {rate:g} req/s")
-                arrivals = Arrivals("poisson" if cfg.burstiness == 1.0 else "gamma", rate, cfg.burstiness)
-                lc = _with(base, arrivals=arrivals, seed=cfg.seed * 1000 + k, label=f"{spec.name}@{rate:g}")
-                res = run_load(lc, samples[k].requests, scaling=samples[k].scaling, workload=w.name)
-                res.meta["mode"] = spec.name
-                runs[(spec.name, rate)] = res
-                row = summary_row(spec, rate, res, cfg.price_per_device_hour)
-                rows.append(row)
-                if on_run:
-                    on_run(row)
-                bar.update(1)
+            for cfg, (samples, warm), result in zip(cfgs, plans, results):
+                base = LoadConfig(url, model=model, request_timeout_s=cfg.request_timeout_s, slo=cfg.slo,
+                                  max_concurrency=cfg.max_concurrency, progress=False)
+                if cfg.warmup_requests:
+                    # First requests pay for allocation and lazy init; they are not measured.
+                    run_load(_with(base, arrivals=Arrivals("burst"), label="warm-up"), warm.requests)
+                wname = cfg.workload_obj.name
+                for k, rate in enumerate(cfg.rates_rps):
+                    bar.set_postfix_str(f"{wname}: {spec.name} @ {rate:g} req/s")
+                    arrivals = Arrivals("poisson" if cfg.burstiness == 1.0 else "gamma", rate, cfg.burstiness)
+                    lc = _with(base, arrivals=arrivals, seed=cfg.seed * 1000 + k, label=f"{spec.name}@{rate:g}")
+                    res = run_load(lc, samples[k].requests, scaling=samples[k].scaling, workload=wname)
+                    res.meta["mode"] = spec.name
+                    result.runs[(spec.name, rate)] = res
+                    row = {"workload": wname, **summary_row(spec, rate, res, cfg.price_per_device_hour)}
+                    result.rows.append(row)
+                    if on_run:
+                        on_run(row)
+                    bar.update(1)
     bar.close()
-    return SweepResult(cfg, rows, runs, samples[0].scaling.describe())
+    return results
 
 
 def _with(base: LoadConfig, **changes: Any) -> LoadConfig:
@@ -244,3 +265,31 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ("mode", "rat
     lines = ["  ".join(c.rjust(w[i]) for i, c in enumerate(row)) for row in cells]
     lines.insert(1, "  ".join("-" * x for x in w))
     return "\n".join(lines)
+
+
+def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None] | None = None,
+                       chunk_tokens: int = 256, max_num_batched_tokens: int = 2048, transfer: str = "shm",
+                       kv_cache_bytes: int = 256 << 20, startup_timeout_s: float = 180.0) -> ServerFactory:
+    """Starts the lab's own server (`labkit.serve.launcher.launch`) for each mode.
+
+    `cpus` maps roles to cores (default `default_cpu_split()`: on 2 cores prefill on core 0, decode
+    on core 1, mono on both). Mono with chunked prefill uses `chunk_tokens` as the step's token
+    budget, so no step holds more than that many prompt tokens.
+    """
+    @contextlib.contextmanager
+    def factory(spec: ModeSpec) -> Iterator[str]:
+        from labkit.serve.launcher import default_cpu_split, launch
+
+        split = cpus or default_cpu_split()
+        srv = launch(spec.mode, model=model, prefill=max(1, spec.prefill), decode=max(1, spec.decode),
+                     chunked_prefill=spec.chunked_prefill,
+                     max_num_batched_tokens=chunk_tokens if spec.chunked_prefill else max_num_batched_tokens,
+                     transfer=transfer, mono_cpus=split.get("mono"), prefill_cpus=split.get("prefill"),
+                     decode_cpus=split.get("decode"), kv_cache_bytes=kv_cache_bytes,
+                     startup_timeout_s=startup_timeout_s)
+        try:
+            yield srv.url
+        finally:
+            srv.stop()
+
+    return factory

@@ -287,7 +287,8 @@ def build_requests(prompt_lens: Sequence[int] | np.ndarray, output_lens: Sequenc
 
     Each prompt is a shared prefix then fresh tokens drawn from `seed` (a different seed gives
     different prompts, so a prefix cache is not warmed by accident). The shared prefix is either
-    `prefix_hit_rate` of the prompt taken from one of `prefix_groups` group sequences, or, with
+    `prefix_hit_rate` of the prompt taken from one of `prefix_groups` group sequences (also drawn
+    from `seed`: only requests of one run share them), or, with
     `block_hashes` (Mooncake traces), one deterministic block of `block_tokens` per hash id.
     """
     n = len(prompt_lens)
@@ -298,7 +299,7 @@ def build_requests(prompt_lens: Sequence[int] | np.ndarray, output_lens: Sequenc
     rng = np.random.default_rng([seed, 2])
     group_of = rng.integers(0, prefix_groups, size=n) if prefix_groups > 1 else np.zeros(n, dtype=np.int64)
     max_prompt = int(max(prompt_lens, default=0))
-    group_seqs = {g: _block_tokens((1, g), max_prompt, space) for g in set(group_of.tolist())} if prefix_hit_rate else {}
+    group_seqs = {g: _block_tokens((1, seed, g), max_prompt, space) for g in set(group_of.tolist())} if prefix_hit_rate else {}
     out: list[BenchRequest] = []
     for i in range(n):
         plen, olen = int(prompt_lens[i]), int(output_lens[i])
