@@ -1,0 +1,215 @@
+"""Time prefill and decode on a runner; say what the hardware did (MFU, MBU), as gpt-fast does.
+
+    >>> from labkit.runners import TransformersRunner
+    >>> r = TransformersRunner("small", "float32")
+    >>> measure_prefill(r, batch=1, prompt_len=512)["mfu"]     # near the compute roof
+    >>> measure_decode(r, batch=1, context_len=512)["mbu"]     # near the bandwidth roof
+
+Each record is a flat dict (a row of a pandas DataFrame): median ms, tokens/s, FLOPs and
+bytes of the step (labkit.roofline), achieved FLOP/s and bytes/s, MFU against the measured
+matmul peak and MBU against the measured read bandwidth (labkit.hardware), and which runner
+produced it. Also here: the `labkit measure` command and the tour's two sections.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+from typing import TYPE_CHECKING, Any, Iterable
+
+from labkit.hardware import Peaks, time_fn
+from labkit.roofline import PhaseCost, decode_cost, prefill_cost
+
+if TYPE_CHECKING:
+    from labkit.runners import Runner
+    from labkit.telemetry import Sampler
+
+
+def _record(runner: Runner, cost: PhaseCost, times: list[float], peaks: Peaks | None) -> dict[str, Any]:
+    median_s = statistics.median(times)
+    rec: dict[str, Any] = {
+        "runner": runner.name, "model": runner.model, "device": runner.device, "dtype": runner.dtype,
+        "phase": cost.phase, "batch": cost.batch,
+        "prompt_len" if cost.phase == "prefill" else "context_len": cost.seq_len,
+        "ms": median_s * 1e3, "ms_min": min(times) * 1e3, "repeats": len(times),
+        "tokens_per_s": cost.tokens / median_s,
+        "flops": cost.flops, "bytes": cost.bytes, "intensity_flop_per_byte": cost.intensity_flop_per_byte,
+        "achieved_flops_per_s": cost.flops / median_s, "achieved_bytes_per_s": cost.bytes / median_s,
+    }
+    if peaks is not None:
+        peak_flops = peaks.matmul_flops.get(runner.dtype)
+        rec.update(peak_flops=peak_flops, peak_bytes_per_s=peaks.read_bytes_per_s,
+                   mfu=cost.mfu(median_s, peak_flops) if peak_flops else None,
+                   mbu=cost.mbu(median_s, peaks.read_bytes_per_s))
+    return rec
+
+
+def _phase(sampler: Sampler | None, name: str):
+    return sampler.phase(name) if sampler is not None else contextlib.nullcontext()
+
+
+def measure_prefill(runner: Runner, batch: int = 1, prompt_len: int = 512, *, warmup: int = 1, repeats: int = 3,
+                    peaks: Peaks | None = None, sampler: Sampler | None = None) -> dict[str, Any]:
+    """Times `repeats` prefills (after `warmup`) of batch × prompt_len tokens; returns one record (median ms).
+
+    FLOPs count causal attention and last-token logits (labkit.roofline). peaks=None: no MFU/MBU.
+    """
+    fn = runner.prefill_fn(batch, prompt_len)
+    with _phase(sampler, "prefill"):
+        times = time_fn(fn, runner.device, warmup=warmup, repeats=repeats)
+    return _record(runner, prefill_cost(runner.shape, prompt_len, batch, runner.dtype), times, peaks)
+
+
+def measure_decode(runner: Runner, batch: int = 1, context_len: int = 512, *, warmup: int = 2, repeats: int = 5,
+                   peaks: Peaks | None = None, sampler: Sampler | None = None) -> dict[str, Any]:
+    """Times `repeats` decode steps of `batch` sequences at context_len; returns one record (median ms per step).
+
+    tokens_per_s is output tokens per second (batch / step time); MBU counts weights + KV read.
+    """
+    fn = runner.decode_fn(batch, context_len)
+    with _phase(sampler, "decode"):
+        times = time_fn(fn, runner.device, warmup=warmup, repeats=repeats)
+    return _record(runner, decode_cost(runner.shape, batch, context_len, runner.dtype), times, peaks)
+
+
+def sweep_decode(runner: Runner, batches: Iterable[int], context_len: int = 256, **kw: Any) -> list[dict[str, Any]]:
+    """measure_decode at each batch size; returns the records in order."""
+    return [measure_decode(runner, b, context_len, **kw) for b in _progress(list(batches), "decode batch sweep")]
+
+
+def sweep_prefill(runner: Runner, prompt_lens: Iterable[int], batch: int = 1, **kw: Any) -> list[dict[str, Any]]:
+    """measure_prefill at each prompt length; returns the records in order."""
+    return [measure_prefill(runner, batch, n, **kw) for n in _progress(list(prompt_lens), "prefill length sweep")]
+
+
+def _progress(items: list[Any], desc: str) -> Iterable[Any]:
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, leave=False)
+    except ImportError:  # tqdm is a dependency; a bare install still measures
+        return items
+
+
+def to_frame(records: list[dict[str, Any]]):
+    """The records as a pandas DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame.from_records(records)
+
+
+def format_records(records: list[dict[str, Any]]) -> str:
+    """A short fixed-width table: phase, batch, length, ms, tokens/s, GFLOP/s, GB/s, MFU, MBU, runner."""
+    head = f"{'phase':<8}{'batch':>6}{'len':>6}{'ms':>10}{'tok/s':>10}{'GFLOP/s':>10}{'GB/s':>8}{'MFU':>7}{'MBU':>7}  runner"
+    lines = [head]
+    for r in records:
+        n = r.get("prompt_len", r.get("context_len"))
+        pct = lambda v: f"{v:7.0%}" if v is not None else "      -"  # noqa: E731
+        lines.append(f"{r['phase']:<8}{r['batch']:>6}{n:>6}{r['ms']:>10.2f}{r['tokens_per_s']:>10.1f}"
+                     f"{r['achieved_flops_per_s'] / 1e9:>10.1f}{r['achieved_bytes_per_s'] / 1e9:>8.2f}"
+                     f"{pct(r.get('mfu'))}{pct(r.get('mbu'))}  {r['runner']}")
+    return "\n".join(lines)
+
+
+# --- the `labkit measure` command -------------------------------------------------------
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="preset or model dir (default: small; tiny in the ci profile)")
+    parser.add_argument("--runner", default="transformers", choices=["transformers", "engine"])
+    parser.add_argument("--dtype", default=None, help="float32 on CPU (default), bfloat16 on GPU")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--context-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--refresh-peaks", action="store_true", help="remeasure the device's peaks")
+    parser.add_argument("--json", default=None, help="also write the records and peaks to this file")
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from labkit import hardware
+    from labkit.config import profile
+    from labkit.runners import make_runner
+
+    device = args.device or hardware.default_device()
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model = args.model or ("tiny" if profile() == "ci" else "small")
+    peaks = hardware.peaks(device, refresh=args.refresh_peaks)
+    print("\n".join(f"peak {r['what']}: {r['value']:,.2f} {r['unit']}" for r in peaks.summary_rows()))
+    runner = make_runner(args.runner, model, dtype, device)
+    recs = [measure_prefill(runner, 1, args.prompt_len, repeats=max(1, args.repeats // 2), peaks=peaks)]
+    recs += [measure_decode(runner, b, args.context_len, repeats=args.repeats, peaks=peaks) for b in args.batch]
+    runner.close()
+    print(f"\n{model} {dtype} on {peaks.device_name} ({device}); MFU vs measured {dtype} matmul peak, "
+          f"MBU vs measured read bandwidth")
+    print(format_records(recs))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peaks": peaks.as_dict(), "records": recs}, f, indent=1)
+    return 0
+
+
+# --- tour sections ----------------------------------------------------------------------
+
+def hardware_section(report: Any, profile: str) -> None:
+    """Tour: "Hardware: measured peaks" — this machine's roofs next to common accelerators' datasheets."""
+    from labkit import hardware
+
+    s = report.sections[-1]
+    device = hardware.default_device()
+    p = hardware.peaks(device, quick=profile == "ci")
+    s.paragraphs.append(f"Measured on {p.device_name} ({device}, {p.threads} threads): a {p.matmul_size}² matmul "
+                        f"per dtype, and a sum over a {p.buffer_bytes >> 20} MiB buffer (larger than the caches) "
+                        "for read bandwidth. Other work on the machine lowers these numbers.")
+    s.tables.append(("Measured roofs", [{"what": r["what"], "value": round(r["value"], 2), "unit": r["unit"]}
+                                        for r in p.summary_rows()]))
+    s.tables.append(("Datasheet roofs (dense)", [
+        {"part": d.name, "bf16 TFLOP/s": d.flops["bfloat16"] / 1e12, "TB/s": d.bandwidth_bytes_per_s / 1e12,
+         "memory GB": d.memory_bytes / 1e9, "ridge bf16 FLOP/B": round(d.ridge_flop_per_byte("bfloat16"), 1)}
+        for d in hardware.datasheets().values()]))
+    for dt, v in p.matmul_flops.items():
+        report.add_summary(f"peak matmul {dt}", f"{v / 1e9:,.0f} GFLOP/s", p.device_name)
+    report.add_summary("peak read bandwidth", f"{p.read_bytes_per_s / 1e9:,.1f} GB/s",
+                       f"ridge fp32 {p.ridge_flop_per_byte(next(iter(p.matmul_flops))):.1f} FLOP/B")
+    report.data["peaks"] = p.as_dict()
+
+
+def prefill_decode_section(report: Any, profile: str) -> None:
+    """Tour: "Prefill vs decode on the default model" — roofline chart, MFU/MBU bars, summary rows."""
+    from labkit import hardware
+    from labkit.plots import roofline as rplot
+    from labkit.roofline import critical_batch
+    from labkit.runners import TransformersRunner
+
+    s = report.sections[-1]
+    ci = profile == "ci"
+    device = hardware.default_device()
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    model, prompt_len, ctx = ("tiny", 128, 128) if ci else ("small", 512, 512)
+    batches = [1, 4, 16] if ci else [1, 4, 16, 64]
+    # Peaks right before the workload, so both see the same load from other processes.
+    p = hardware.measure_peaks(device, quick=True) if ci else hardware.peaks(device)
+    runner = TransformersRunner(model, dtype, device)
+    recs = [measure_prefill(runner, 1, prompt_len, repeats=3, peaks=p)]
+    recs += [measure_decode(runner, b, ctx, repeats=3 if ci else 5, peaks=p) for b in batches]
+    runner.close()
+    pre, dec1 = recs[0], recs[1]
+    ridge = p.ridge_flop_per_byte(dtype)
+    crit = critical_batch(runner.shape, ridge, dtype, ctx)
+    s.paragraphs.append(f"{model} ({runner.shape.parameter_count / 1e6:,.1f} M parameters, {dtype}) with the "
+                        f"transformers runner. Prefill of {prompt_len} tokens: {pre['intensity_flop_per_byte']:,.0f} "
+                        f"FLOP/byte, right of the ridge ({ridge:.1f}); batch-1 decode: "
+                        f"{dec1['intensity_flop_per_byte']:.2f} FLOP/byte, on the bandwidth slope. "
+                        f"Decode turns compute-bound at batch {crit or 'never (KV bytes grow with the batch)'}.")
+    s.tables.append(("Measurements", [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                                       if k in ("phase", "batch", "prompt_len", "context_len", "ms", "tokens_per_s",
+                                                "mfu", "mbu", "runner")} for r in recs]))
+    fig = rplot.roofline_chart(p, recs, dtype=dtype, datasheet=None)
+    report.add_figure(s, fig, "roofline", "Roofline of this machine with measured prefill and decode points")
+    fig = rplot.utilization_bars(recs[:2])
+    report.add_figure(s, fig, "mfu_mbu", "MFU and MBU per phase")
+    report.add_summary(f"prefill MFU ({model}, {prompt_len} tok)", f"{pre['mfu']:.0%}", "transformers runner")
+    report.add_summary(f"decode MBU ({model}, batch 1)", f"{dec1['mbu']:.0%}", "transformers runner")
+    report.data["prefill_vs_decode"] = recs
