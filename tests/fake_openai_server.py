@@ -2,10 +2,10 @@
 
 `POST /v1/completions` streams `max_tokens` chunks: the first after `--ttft-s` plus
 `--prefill-s-per-token` per prompt token, then one every `--itl-s`. The first prompt token id
-picks a failure to inject, so one run can mix outcomes:
-250 -> HTTP 400 (OpenAI-style error), 251 -> hang (client timeout), 252 -> SSE error event
-after 2 tokens, 253 -> connection dropped after 2 tokens. `GET /debug/requests` lists what
-arrived (prompt length, max_tokens, ignore_eos, stream).
+picks a failure to inject, so one run can mix outcomes (ids above 255, which random byte
+prompts never contain): 300 -> HTTP 400 (OpenAI-style error), 301 -> hang (client timeout),
+302 -> SSE error event after 2 tokens, 303 -> connection dropped after 2 tokens.
+`GET /debug/requests` lists what arrived (prompt length, max_tokens, ignore_eos, stream).
 
     python tests/fake_openai_server.py --port 8123 --ttft-s 0.05 --itl-s 0.01
 """
@@ -61,7 +61,7 @@ def make_app(ttft_s: float, itl_s: float, prefill_s_per_token: float) -> FastAPI
                      "stream": body.get("stream"), "model": body.get("model"), "first": ids[:1],
                      "t": time.monotonic()})
         mode = ids[0] if ids else 0
-        if mode == 250:
+        if mode == 300:
             return error(400, "injected bad request", "prompt")
         created = int(time.time())
 
@@ -71,14 +71,14 @@ def make_app(ttft_s: float, itl_s: float, prefill_s_per_token: float) -> FastAPI
                                                                        "finish_reason": finish}]}) + "\n\n"
 
         async def stream():
-            if mode == 251:
+            if mode == 301:
                 await asyncio.sleep(3600)
             await asyncio.sleep(ttft_s + prefill_s_per_token * len(ids))
             for i in range(max_tokens):
                 if i:
                     await asyncio.sleep(itl_s)
-                if mode in (252, 253) and i == 2:
-                    if mode == 252:
+                if mode in (302, 303) and i == 2:
+                    if mode == 302:
                         yield 'data: {"error": {"message": "injected worker failure", "type": "server_error"}}\n\n'
                         return
                     raise RuntimeError("injected connection drop")

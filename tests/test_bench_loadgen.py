@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from labkit.bench import SLO, Arrivals, BenchRequest, RequestRecord, TokenSpace, build_requests, summarize
+from labkit.bench import SLO, Arrivals, BenchRequest, RequestRecord, build_requests, summarize
 from labkit.bench.loadgen import LoadConfig, resolve_model, run_load
 from labkit.bench.metrics import cost_per_million_tokens, load_records
 from labkit.proc import free_port, pid_alive, start_process, wait_http_ok
@@ -40,7 +40,7 @@ def seen(url: str) -> list[dict]:
 
 def test_metrics_follow_vllm_definitions(fake_url: str) -> None:
     before = len(seen(fake_url))
-    reqs = build_requests([30, 60, 90, 120, 150, 180], [8, 8, 8, 8, 8, 1], seed=4, space=TokenSpace(0, 200))
+    reqs = build_requests([30, 60, 90, 120, 150, 180], [8, 8, 8, 8, 8, 1], seed=4)
     res = run_load(LoadConfig(fake_url, Arrivals("fixed", 20.0), progress=False), reqs)
     s = res.summary
     assert (s.sent, s.ok, s.errors) == (6, 6, 0)
@@ -65,8 +65,8 @@ def test_metrics_follow_vllm_definitions(fake_url: str) -> None:
 
 
 def test_every_request_is_accounted_for(fake_url: str, tmp_path: Path) -> None:
-    normal = build_requests([20] * 4, [5] * 4, seed=1, space=TokenSpace(0, 200))
-    bad = [BenchRequest(100 + i, (tok, 1, 2, 3), 5) for i, tok in enumerate((250, 251, 252, 253))]
+    normal = build_requests([20] * 4, [5] * 4, seed=1)
+    bad = [BenchRequest(100 + i, (tok, 1, 2, 3), 5) for i, tok in enumerate((300, 301, 302, 303))]
     res = run_load(LoadConfig(fake_url, Arrivals("burst"), request_timeout_s=2.0, progress=False), normal + bad)
     s = res.summary
     assert s.sent == 8 == s.ok + s.errors and s.ok == 4 and s.errors == 4
@@ -88,7 +88,7 @@ def test_every_request_is_accounted_for(fake_url: str, tmp_path: Path) -> None:
 
 
 def test_max_concurrency_serializes(fake_url: str) -> None:
-    reqs = build_requests([10] * 4, [3] * 4, seed=2, space=TokenSpace(0, 200))
+    reqs = build_requests([10] * 4, [3] * 4, seed=2)
     res = run_load(LoadConfig(fake_url, Arrivals("burst"), max_concurrency=1, progress=False), reqs)
     recs = sorted(res.records, key=lambda r: r.start_s)
     for prev, nxt in zip(recs, recs[1:]):
@@ -96,7 +96,7 @@ def test_max_concurrency_serializes(fake_url: str) -> None:
 
 
 def test_run_load_works_inside_a_running_event_loop(fake_url: str) -> None:
-    reqs = build_requests([10, 10], [2, 2], space=TokenSpace(0, 200))
+    reqs = build_requests([10, 10], [2, 2])
 
     async def notebook_cell() -> int:
         return run_load(LoadConfig(fake_url, Arrivals("burst"), progress=False), reqs).summary.ok

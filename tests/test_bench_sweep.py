@@ -9,7 +9,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from labkit.bench import SLO, TokenSpace, synthetic
+from labkit.bench import SLO, synthetic
 from labkit.bench.sweep import ModeSpec, SweepConfig, parse_mode, run_sweeps, table
 from labkit.proc import free_port, pid_alive, start_process, wait_http_ok
 
@@ -55,10 +55,10 @@ def test_sweep_same_requests_every_mode(tmp_path: Path) -> None:
 
     w = synthetic("t", (20, 60), 6)
     cfg = SweepConfig(w, rates_rps=(40.0, 20.0), modes=("mono", "1p1d"), n_requests=8, warmup_requests=1,
-                      slo=SLO(itl_s=0.012), space=TokenSpace(0, 200), price_per_device_hour=2.0, progress=False)
+                      slo=SLO(itl_s=0.012), price_per_device_hour=2.0, progress=False)
     assert cfg.rates_rps == (20.0, 40.0)
     cfg2 = SweepConfig(synthetic("t2", 10, 3), rates_rps=(30.0,), modes=("mono", "1p1d"), n_requests=4,
-                       warmup_requests=0, space=TokenSpace(0, 200), progress=False)
+                       warmup_requests=0, progress=False)
     res, res2 = run_sweeps([cfg, cfg2], fake_factory)
     assert len(pids) == 2 and all(not pid_alive(p) for p in pids)  # one server per mode, for both sweeps
     assert [r["workload"] for r in res2.rows] == ["t2", "t2"] and all(r["ok"] == 4 for r in res2.rows)
