@@ -228,3 +228,17 @@ def test_router_is_kv_aware_and_metrics_show_it(topo) -> None:
     assert "labkit_router_queue_depth 0.0" in after
     h = httpx.get(url + "/health", timeout=10).json()
     assert h["mode"] == "disagg" and {u["role"] for u in h["upstreams"].values()} == {"prefill", "decode"}
+
+
+def test_interference_run_records_every_token(topo) -> None:
+    from labkit.serve.interference import InterferenceScenario, run_interference
+
+    sc = InterferenceScenario(num_decodes=3, decode_prompt_tokens=8, decode_max_tokens=20, long_prompt_tokens=300,
+                              long_max_tokens=3, long_after_tokens=5, variant=3)
+    res = run_interference(topo["1p1d"], sc, label="1p1d", model="tiny")
+    assert [len(t.token_s) for t in res.decodes] == [20, 20, 20] and len(res.long.token_s) == 3
+    assert all(t.finish_reason == "length" for t in res.traces)
+    # the long prompt was sent only after every decode had streamed 5 tokens
+    assert all(t.token_s[4] <= res.long.sent_s for t in res.decodes)
+    st = res.stats()
+    assert st["long_ttft_ms"] > 0 and st["decode_itl_mean_ms"] > 0

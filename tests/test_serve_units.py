@@ -126,3 +126,48 @@ def test_engine_loop_keeps_concurrent_outputs_apart(tiny_model_dir) -> None:
     for (toks, reason), r in zip(got, ref):
         assert toks == r.output_token_ids and reason == r.finish_reason
     assert loop.num_running == 0 and not loop.alive
+
+
+def _synthetic_result():
+    from labkit.serve.interference import InterferenceResult, InterferenceScenario, RequestTrace
+
+    sc = InterferenceScenario(num_decodes=2, decode_max_tokens=8, long_after_tokens=2)
+    # decodes every 10 ms, one 200 ms stall while the long prompt (sent at 0.035 s) is prefilled
+    d0 = RequestTrace("decode 0", "decode", 0.0, [0.01, 0.02, 0.03, 0.04, 0.24, 0.25])
+    d1 = RequestTrace("decode 1", "decode", 0.0, [0.015, 0.025, 0.035, 0.235, 0.245])
+    lg = RequestTrace("long prompt", "long", 0.035, [0.23, 0.24])
+    return InterferenceResult("mono", sc, [d0, d1, lg])
+
+
+def test_interference_stats_find_the_stall() -> None:
+    res = _synthetic_result()
+    assert res.prefill_window_s == (0.035, 0.23)
+    st = res.stats()
+    assert st["decode_stall_max_ms"] == pytest.approx(200.0)
+    assert st["decode_itl_mean_ms"] == pytest.approx(10.0)
+    assert st["stall_ratio"] == pytest.approx(20.0)
+    assert st["long_ttft_ms"] == pytest.approx(195.0)
+    inside = [g for _, g, ins in res.decode_gaps() if ins]
+    assert sorted(round(g * 1e3) for g in inside) == [10, 200, 200]  # d1's 0.025->0.035 gap touches the window
+
+
+def test_interference_scenario_validates_and_varies_prompts() -> None:
+    from labkit.serve.interference import InterferenceScenario
+
+    with pytest.raises(ValueError, match="long_after_tokens"):
+        InterferenceScenario(decode_max_tokens=8, long_after_tokens=8)
+    a, b = InterferenceScenario(variant=0), InterferenceScenario(variant=1)
+    assert len(a.prompt_ids("long")) == a.long_prompt_tokens
+    assert a.prompt_ids("long")[:40] != b.prompt_ids("long")[:40]  # a rerun does not hit the prefix cache
+    assert all(0 < t < 256 for t in a.prompt_ids("decode", 3)[1:])
+
+
+def test_serving_charts_have_titles_and_units() -> None:
+    from labkit.plots import serving
+
+    res = _synthetic_result()
+    fig = serving.interference_figure(res)
+    top, bottom = fig.axes[:2]
+    assert "mono" in top.get_title() and "ms" in bottom.get_ylabel() and "(s)" in bottom.get_xlabel()
+    ax = serving.stall_comparison([res])
+    assert ax.get_ylabel() == "inter-token gap (ms)" and [t.get_text() for t in ax.get_xticklabels()] == ["mono"]

@@ -1,0 +1,94 @@
+"""Charts of the serving lessons: per-request token timelines, inter-token gaps, stalls per mode.
+
+Each takes `labkit.serve.interference.InterferenceResult`s; the long prompt's prefill window
+(sent until its first token) is shaded in the prefill colour on every time axis.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from labkit.plots.style import MODE_COLORS, PHASE_COLORS, new_figure
+
+
+def _shade_window(ax: Any, result: Any, label: bool = True) -> None:
+    w0, w1 = result.prefill_window_s
+    ax.axvspan(w0, w1, color=PHASE_COLORS["prefill"], alpha=0.15, lw=0,
+               label="long prompt: sent → first token" if label else None)
+
+
+def token_timeline(result: Any, ax: Any = None, title: str | None = None) -> Any:
+    """One row per request, one tick per token as the client received it; returns the Axes."""
+    if ax is None:
+        _, ax = new_figure(figsize=(11, 4.8))
+    traces = list(result.decodes) + [result.long]
+    for row, t in enumerate(traces):
+        color = PHASE_COLORS["prefill"] if t.kind == "long" else PHASE_COLORS["decode"]
+        ax.plot(t.token_s, [row] * len(t.token_s), linestyle="none", marker="|", markersize=14,
+                markeredgewidth=1.6, color=color)
+        ax.plot([t.sent_s], [row], marker=">", color="black", markersize=7)
+    _shade_window(ax, result)
+    ax.set_yticks(range(len(traces)), [t.name for t in traces])
+    ax.set_ylim(-0.7, len(traces) - 0.3)
+    ax.set_xlabel("time since the first request (s)")
+    ax.set_title(title or f"{result.label}: every token as the client received it")
+    ax.plot([], [], linestyle="none", marker=">", color="black", label="request sent")
+    ax.legend(loc="upper left", fontsize=10)
+    return ax
+
+
+def itl_timeline(result: Any, ax: Any = None, title: str | None = None) -> Any:
+    """Every decode inter-token gap (ms) at the time it ended; returns the Axes."""
+    if ax is None:
+        _, ax = new_figure(figsize=(11, 4.5))
+    gaps = result.decode_gaps()
+    out = [(t, 1e3 * g) for t, g, inside in gaps if not inside]
+    ins = [(t, 1e3 * g) for t, g, inside in gaps if inside]
+    if out:
+        ax.scatter(*zip(*out), s=14, color=PHASE_COLORS["decode"], label="decode gap")
+    if ins:
+        ax.scatter(*zip(*ins), s=30, color=PHASE_COLORS["prefill"], marker="D", label="gap overlapping the long prefill")
+    _shade_window(ax, result, label=False)
+    st = result.stats()
+    ax.axhline(st["decode_itl_mean_ms"], color="gray", ls="--", lw=1.5,
+               label=f"mean outside: {st['decode_itl_mean_ms']:.0f} ms")
+    ax.set_xlabel("time since the first request (s)")
+    ax.set_ylabel("inter-token gap (ms)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title or f"{result.label}: worst decode stall {st['decode_stall_max_ms']:.0f} ms")
+    ax.legend(loc="upper left", fontsize=10)
+    return ax
+
+
+def interference_figure(result: Any) -> Any:
+    """Token timeline above the inter-token gaps, shared time axis; returns the Figure."""
+    fig, (a, b) = new_figure(2, 1, figsize=(11, 8.5), sharex=True)
+    token_timeline(result, a)
+    itl_timeline(result, b, title="decode inter-token gaps")
+    b.set_xlabel("time since the first request (s)")
+    fig.tight_layout()
+    return fig
+
+
+def stall_comparison(results: Sequence[Any], ax: Any = None) -> Any:
+    """Per run: mean decode ITL outside the prefill and the worst stall during it (ms); returns the Axes."""
+    import numpy as np
+
+    if ax is None:
+        _, ax = new_figure(figsize=(10, 5.5))
+    labels = [r.label for r in results]
+    stats = [r.stats() for r in results]
+    x = np.arange(len(results))
+    colors = [MODE_COLORS.get(lbl, "#555555") for lbl in labels]
+    ax.bar(x - 0.2, [s["decode_itl_mean_ms"] for s in stats], 0.4, color=colors, alpha=0.45,
+           label="mean decode gap, outside the prefill")
+    bars = ax.bar(x + 0.2, [s["decode_stall_max_ms"] for s in stats], 0.4, color=colors,
+                  label="worst decode gap, during the prefill")
+    for b, s in zip(bars, stats):
+        ax.annotate(f"{s['decode_stall_max_ms']:.0f} ms\n({s['stall_ratio']:.0f}x)", (b.get_x() + b.get_width() / 2,
+                    b.get_height()), ha="center", va="bottom", fontsize=11)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("inter-token gap (ms)")
+    ax.set_title("A long prefill stalls the decodes that share its engine")
+    ax.margins(y=0.2)
+    ax.legend(fontsize=10)
+    return ax
