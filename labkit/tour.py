@@ -18,6 +18,8 @@ from labkit.report import Report
 # (title, "module:function"), in the order of the story.
 SECTIONS: list[tuple[str, str]] = [
     ("Doctor: this machine", "labkit.tour:doctor_section"),
+    ("Hardware: measured peaks", "labkit.measure:hardware_section"),
+    ("Prefill vs decode on the default model", "labkit.measure:prefill_decode_section"),
 ]
 
 
