@@ -126,13 +126,15 @@ class EngineRunner:
     name = "labkit-engine"
 
     def __init__(self, model: str = "small", dtype: str = "float32", device: str = "cpu",
-                 kv_cache_bytes: int = 256 << 20, max_num_batched_tokens: int = 8192) -> None:
+                 kv_cache_bytes: int = 256 << 20, max_num_batched_tokens: int = 8192, **engine_kw: Any) -> None:
+        """engine_kw: more EngineConfig fields (e.g. compile_decode=True on a GPU)."""
         from labkit.engine import Engine, EngineConfig
 
         self.model, self.dtype, self.device = str(model), dtype, device
         self.engine = Engine(EngineConfig(model=self.model, dtype=dtype, device=device, kv_cache_bytes=kv_cache_bytes,
                                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=256,
-                                          policy="prefill_first", enable_prefix_caching=False))
+                                          policy="prefill_first",
+                                          **{"enable_prefix_caching": False, **engine_kw}))
         from labkit.models import load_config
 
         self.shape = ModelShape.from_config(load_config(self.model))

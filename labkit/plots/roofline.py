@@ -39,11 +39,13 @@ def roofline_chart(peaks: Peaks, records: Sequence[dict[str, Any]], *, dtype: st
     if datasheet is not None and dtype in datasheet.flops:
         dp, dbw = datasheet.flops[dtype], datasheet.bandwidth_bytes_per_s
         ax.loglog(x, np.minimum(dp, dbw * x), color="gray", ls=":", label=f"{datasheet.name} datasheet")
+    several_models = len({r.get("model") for r in records}) > 1
     for r in records:
         c = PHASE_COLORS.get(r["phase"], "black")
+        text = f"{r['model']}: {_label(r)}" if several_models else _label(r)
         ax.scatter(r["intensity_flop_per_byte"], r["achieved_flops_per_s"], s=90, color=c, zorder=3,
                    edgecolor="white")
-        ax.annotate(_label(r), (r["intensity_flop_per_byte"], r["achieved_flops_per_s"]),
+        ax.annotate(text, (r["intensity_flop_per_byte"], r["achieved_flops_per_s"]),
                     textcoords="offset points", xytext=(7, 5), fontsize=11, color=c)
     for ph in dict.fromkeys(r["phase"] for r in records):
         ax.scatter([], [], color=PHASE_COLORS.get(ph, "black"), label=ph)

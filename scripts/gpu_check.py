@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""One prepared call for a GPU session: roofs, prefill MFU, decode MBU, batch sweep, NVML/GPM telemetry.
+
+    python scripts/gpu_check.py                 # on a GPU: writes $OUT (default ./gpu_out)
+    python scripts/gpu_check.py --smoke         # anywhere: tiny sizes on the CPU, same code path
+
+Writes to $OUT: results.json (every record, peaks, telemetry means), gpu_check.log, and PNG charts
+(at most 8 files in all, what the lab's device runner brings back). Each check runs in try/except
+with a log line, under one global time budget (--budget-s, default 420 s): a check that would not
+fit is skipped and says so. The short table printed last is the headline.
+
+To add a check: write `def check_x(ctx: Ctx) -> None` that puts its results in `ctx.results[...]`,
+and append `Check("x", check_x, est_s)` to CHECKS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo copy, installed or not
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+
+@dataclass
+class Ctx:
+    """Everything a check needs: where to write, the device, the clock, and the shared results."""
+
+    out: Path
+    device: str
+    dtype: str
+    smoke: bool
+    deadline: float
+    log_file: Any
+    results: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    peaks: Any = None
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    def left_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def save(self, fig: Any, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        path = self.out / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        self.files.append(path.name)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    fn: Callable[[Ctx], None]
+    est_s: float  # on an H100; a check is skipped when less time than this is left
+
+
+# --- checks ------------------------------------------------------------------------------
+
+def check_env(ctx: Ctx) -> None:
+    import torch
+
+    from labkit import hardware
+
+    info: dict[str, Any] = {"torch": torch.__version__, "device": ctx.device, "dtype": ctx.dtype,
+                            "device_name": hardware.device_name(ctx.device)}
+    if ctx.device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        info.update(sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
+                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
+    sheet = hardware.lookup_datasheet(info["device_name"])
+    info["datasheet"] = sheet.name if sheet else None
+    ctx.results["env"] = info
+    ctx.log(f"env: {info}")
+
+
+def check_peaks(ctx: Ctx) -> None:
+    from labkit import hardware
+
+    p = hardware.measure_peaks(ctx.device, quick=ctx.smoke)
+    ctx.peaks = p
+    sheet = hardware.lookup_datasheet(p.device_name)
+    rows = p.summary_rows()
+    if sheet:
+        for dt, v in p.matmul_flops.items():
+            if dt in sheet.flops:
+                rows.append({"what": f"matmul {dt} / datasheet", "value": v / sheet.flops[dt], "unit": "ratio"})
+        rows.append({"what": "read bw / datasheet", "value": p.read_bytes_per_s / sheet.bandwidth_bytes_per_s,
+                     "unit": "ratio"})
+    ctx.results["peaks"] = p.as_dict()
+    ctx.results["peaks_vs_datasheet"] = rows
+    for r in rows:
+        ctx.log(f"peak {r['what']}: {r['value']:,.3f} {r['unit']}")
+
+
+def _model_check(ctx: Ctx, model: str, key: str, *, prompt_len: int, context_len: int, sweep_batches: list[int],
+                 sweep_context: int, prompt_lens: list[int], telemetry: bool) -> None:
+    import torch
+
+    from labkit import measure
+    from labkit.hardware import lookup_datasheet
+    from labkit.plots import roofline as rplot
+    from labkit.roofline import critical_batch
+    from labkit.runners import TransformersRunner
+    from labkit.telemetry import Sampler
+
+    if ctx.peaks is None:
+        raise RuntimeError("peaks were not measured (check_peaks failed): MFU/MBU need them")
+    t0 = time.monotonic()
+    runner = TransformersRunner(model, ctx.dtype, ctx.device, random_weights=True)
+    ctx.log(f"{key}: built {model} ({runner.shape.parameter_count / 1e9:.2f} B params) in {time.monotonic() - t0:.1f} s")
+    sampler = Sampler(ctx.device if ctx.device.startswith("cuda") else "cpu", verbose=False) if telemetry else None
+    for n in (sampler.notes if sampler else []):
+        ctx.log(f"{key}: telemetry: {n}")
+    recs: list[dict[str, Any]] = []
+    try:
+        if sampler:
+            sampler.start()
+        reps = (1, 2) if ctx.smoke else (5, 20)
+        recs.append(measure.measure_prefill(runner, 1, prompt_len, warmup=1 if ctx.smoke else 2, repeats=reps[0],
+                                            peaks=ctx.peaks, sampler=sampler))
+        recs.append(measure.measure_decode(runner, 1, context_len, warmup=1 if ctx.smoke else 3, repeats=reps[1],
+                                           peaks=ctx.peaks, sampler=sampler))
+    finally:
+        if sampler:
+            sampler.stop()
+    ctx.log(f"{key}: headline (transformers runner)\n" + measure.format_records(recs))
+    out: dict[str, Any] = {"model": model, "runner": "transformers", "headline": recs}
+    if sampler:
+        out["telemetry_means"] = sampler.phase_means()
+        out["telemetry_notes"] = sampler.notes
+        ctx.save(rplot.utilization_timeline(sampler, title=f"{model}: utilization during prefill and decode"),
+                 f"timeline_{key}")
+        ctx.save(rplot.util_vs_mfu(out["telemetry_means"], recs), f"util_vs_mfu_{key}")
+    ctx.results[key] = out  # headline kept even if a sweep below runs out of time
+    sweep: list[dict[str, Any]] = []
+    for b in sweep_batches:
+        if ctx.left_s() < 20:
+            ctx.log(f"{key}: decode sweep stopped before batch {b}: time budget")
+            break
+        try:
+            sweep.append(measure.measure_decode(runner, b, sweep_context, warmup=1 if ctx.smoke else 2,
+                                                repeats=2 if ctx.smoke else 5, peaks=ctx.peaks))
+        except torch.OutOfMemoryError:
+            ctx.log(f"{key}: decode batch {b} out of memory; sweep ends")
+            break
+    pre_sweep: list[dict[str, Any]] = []
+    for n in prompt_lens:
+        if ctx.left_s() < 20:
+            ctx.log(f"{key}: prefill sweep stopped before {n} tokens: time budget")
+            break
+        pre_sweep.append(measure.measure_prefill(runner, 1, n, warmup=1, repeats=1 if ctx.smoke else 3,
+                                                 peaks=ctx.peaks))
+    runner.close()
+    ridge = ctx.peaks.ridge_flop_per_byte(ctx.dtype)
+    sheet = lookup_datasheet(ctx.peaks.device_name)
+    out.update(decode_sweep=sweep, prefill_sweep=pre_sweep, sweep_context_len=sweep_context,
+               critical_batch_measured=critical_batch(runner.shape, ridge, ctx.dtype, sweep_context),
+               critical_batch_datasheet=(critical_batch(runner.shape, sheet.ridge_flop_per_byte(ctx.dtype), ctx.dtype,
+                                                        sweep_context) if sheet and ctx.dtype in sheet.flops else None))
+    if sweep:
+        ctx.log(f"{key}: decode sweep at context {sweep_context}\n" + measure.format_records(sweep))
+        ctx.save(rplot.decode_batch_sweep(sweep, out["critical_batch_measured"],
+                                          title=f"{model}: decode batch sweep (context {sweep_context})"),
+                 f"decode_sweep_{key}")
+    if pre_sweep:
+        ctx.log(f"{key}: prefill sweep\n" + measure.format_records(pre_sweep))
+    ctx.results[key] = out
+    ctx.results.setdefault("roofline_points", []).extend(recs + sweep[-1:] + pre_sweep)
+
+
+def check_small_model(ctx: Ctx) -> None:
+    if ctx.smoke:
+        _model_check(ctx, "tiny", "small", prompt_len=32, context_len=32, sweep_batches=[1, 4], sweep_context=16,
+                     prompt_lens=[16], telemetry=False)
+    else:
+        _model_check(ctx, "llama-3.2-1b", "1b", prompt_len=2048, context_len=2048,
+                     sweep_batches=[1, 16, 64, 256], sweep_context=64, prompt_lens=[512, 2048], telemetry=False)
+
+
+def check_8b(ctx: Ctx) -> None:
+    if ctx.smoke:
+        _model_check(ctx, "tiny", "8b", prompt_len=64, context_len=32, sweep_batches=[1, 4, 16],
+                     sweep_context=16, prompt_lens=[32, 64], telemetry=True)
+    else:
+        _model_check(ctx, "llama-3.1-8b", "8b", prompt_len=2048, context_len=2048,
+                     sweep_batches=[1, 8, 32, 64, 128, 256, 384, 512], sweep_context=64,
+                     prompt_lens=[256, 1024, 2048, 4096], telemetry=True)
+
+
+def check_roofline_chart(ctx: Ctx) -> None:
+    from labkit.hardware import lookup_datasheet
+    from labkit.plots import roofline as rplot
+
+    pts = ctx.results.get("roofline_points") or []
+    if ctx.peaks is None or not pts:
+        raise RuntimeError("nothing measured to chart")
+    fig = rplot.roofline_chart(ctx.peaks, pts, dtype=ctx.dtype, datasheet=lookup_datasheet(ctx.peaks.device_name),
+                               title=f"Roofline: {ctx.peaks.device_name[:30]} ({ctx.dtype})")
+    ctx.save(fig, "roofline")
+
+
+CHECKS: list[Check] = [
+    Check("env", check_env, 5),
+    Check("peaks", check_peaks, 30),
+    Check("llama-3.1-8b shape: prefill MFU, decode MBU, sweeps, telemetry", check_8b, 150),
+    Check("llama-3.2-1b shape: prefill MFU, decode MBU, sweep", check_small_model, 60),
+    Check("roofline chart", check_roofline_chart, 5),
+]
+
+
+def _summary(ctx: Ctx) -> str:
+    lines = [f"{'model':<14}{'phase':<9}{'batch':>6}{'len':>6}{'ms':>9}{'MFU':>7}{'MBU':>7}  roofs"]
+    p = ctx.peaks
+    roofs = (f"{p.peak_flops(ctx.dtype) / 1e9:,.0f} GFLOP/s {ctx.dtype}, {p.read_bytes_per_s / 1e9:,.1f} GB/s read"
+             if p else "peaks not measured")
+    for key in ("8b", "1b", "small"):
+        for r in (ctx.results.get(key) or {}).get("headline", []):
+            n = r.get("prompt_len", r.get("context_len"))
+            lines.append(f"{r['model']:<14}{r['phase']:<9}{r['batch']:>6}{n:>6}{r['ms']:>9.2f}"
+                         f"{(r.get('mfu') or 0):>7.0%}{(r.get('mbu') or 0):>7.0%}  {roofs}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script end to end")
+    ap.add_argument("--budget-s", type=float, default=None, help="global time budget (default 420; smoke 120)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_out")
+    ap.add_argument("--only", nargs="*", help="run only checks whose name contains one of these words")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    budget = args.budget_s or (120.0 if args.smoke else 420.0)
+    with open(out / "gpu_check.log", "w") as log_file:
+        ctx = Ctx(out, device, dtype, args.smoke, time.monotonic() + budget, log_file)
+        ctx.log(f"gpu_check: device={device} dtype={dtype} smoke={args.smoke} budget={budget:.0f} s out={out}")
+        if device == "cpu" and not args.smoke:
+            ctx.log("no CUDA GPU found: running the CPU path (use --smoke for a quick check)")
+        status: dict[str, str] = {}
+        for chk in CHECKS:
+            if args.only and not any(w.lower() in chk.name.lower() for w in args.only):
+                continue
+            est = chk.est_s / (10 if args.smoke else 1)
+            if ctx.left_s() < est:
+                status[chk.name] = f"skipped: {ctx.left_s():.0f} s left, needs ~{est:.0f} s"
+                ctx.log(f"SKIP {chk.name}: {status[chk.name]}")
+                continue
+            t0 = time.monotonic()
+            ctx.log(f"RUN  {chk.name}")
+            try:
+                chk.fn(ctx)
+                status[chk.name] = f"ok in {time.monotonic() - t0:.1f} s"
+            except Exception as e:  # noqa: BLE001 - one failing check must not lose the others
+                status[chk.name] = f"failed: {e.__class__.__name__}: {e}"
+                ctx.log(f"FAIL {chk.name}: {e.__class__.__name__}: {e}\n{traceback.format_exc(limit=4)}")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            ctx.log(f"DONE {chk.name}: {status[chk.name]}")
+        ctx.results["status"] = status
+        ctx.results["files"] = ctx.files
+        (out / "results.json").write_text(json.dumps(ctx.results, indent=1, default=str))
+        ctx.log("summary (transformers runner; MFU vs measured matmul peak, MBU vs measured read bandwidth)\n"
+                + _summary(ctx))
+    return 0 if all(s.startswith("ok") for s in status.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

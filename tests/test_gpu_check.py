@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_smoke_runs_end_to_end(tmp_path):
+    """The prepared GPU script, on the CPU with tiny sizes: every check passes and every file is written."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "LABKIT_HOME": str(tmp_path / "home"), "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--smoke", "--budget-s", "500"],
+                          capture_output=True, text=True, env=env, timeout=560, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] and all(v.startswith("ok") for v in res["status"].values()), res["status"]
+    assert res["env"]["device"] == "cpu" and res["peaks"]["read_bytes_per_s"] > 0
+    head = res["8b"]["headline"]
+    assert [r["phase"] for r in head] == ["prefill", "decode"] and all(r["mfu"] > 0 and r["mbu"] > 0 for r in head)
+    assert [r["batch"] for r in res["8b"]["decode_sweep"]] == [1, 4, 16]
+    assert "prefill" in res["8b"]["telemetry_means"] and "cpu_util_pct" in res["8b"]["telemetry_means"]["prefill"]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8  # what the device runner brings back
+    assert {"results.json", "gpu_check.log", "roofline.png", "timeline_8b.png", "util_vs_mfu_8b.png"} <= set(files)
+    # the short table comes last
+    tail = proc.stdout.strip().splitlines()
+    assert tail[0].startswith("[") and "model" in tail[-5] and tail[-1].split()[1] == "decode"
