@@ -24,7 +24,7 @@ from typing import Any, Literal, Sequence
 import httpx
 
 from labkit.bench.arrivals import Arrivals
-from labkit.bench.metrics import SLO, RequestRecord, Summary, save_records, summarize
+from labkit.bench.metrics import SLO, RequestRecord, Summary, jsonable, save_records, summarize
 from labkit.bench.workloads import BenchRequest, LengthScaling
 
 
@@ -79,15 +79,9 @@ class BenchResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         js = out / f"{name}.json"
-        js.write_text(json.dumps({"meta": self.meta, "summary": self.summary.flat(),
-                                  "latency_ms": self.summary.latency_ms}, indent=1, default=_json_default))
+        js.write_text(json.dumps(jsonable({"meta": self.meta, "summary": self.summary.flat(),
+                                           "latency_ms": self.summary.latency_ms}), indent=1, default=str))
         return [js, *save_records(self.records, out / name)]
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return str(x)
 
 
 def resolve_model(config: LoadConfig, timeout_s: float = 10.0) -> str:

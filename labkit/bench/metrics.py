@@ -153,6 +153,19 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO | No
         mean_output_tokens=out_tokens / len(done) if done else math.nan, latency_ms=latency)
 
 
+def jsonable(x: Any) -> Any:
+    """`x` with NaN and infinities replaced by None (strict JSON has neither), recursively."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):  # numpy scalars
+        return jsonable(x.item())
+    return x
+
+
 def cost_per_million_tokens(price_per_device_hour: float, devices: int, tokens_per_s: float) -> float:
     """Dollars (or the price's unit) per 1e6 tokens: devices * price/h / (tokens/s * 3600) * 1e6."""
     if price_per_device_hour < 0 or devices < 1:

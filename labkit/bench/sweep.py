@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, Iterator, Literal, Sequence
 
 from labkit.bench.arrivals import Arrivals
 from labkit.bench.loadgen import BenchResult, LoadConfig, run_load
-from labkit.bench.metrics import SLO, cost_per_million_tokens, records_frame
+from labkit.bench.metrics import SLO, cost_per_million_tokens, jsonable, records_frame
 from labkit.bench.workloads import SampledWorkload, TokenSpace, Workload, get_workload, sample_requests
 
 
@@ -145,9 +145,8 @@ class SweepResult:
         cfg = asdict(self.config)
         cfg["workload"] = self.config.workload_obj.describe()
         js = out / f"{name}.json"
-        js.write_text(json.dumps({"config": cfg, "scaling": self.scaling_text, "rows": self.rows,
-                                  "capacity_rps_at_90pct_slo": self.capacity_rps()}, indent=1,
-                                 default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+        js.write_text(json.dumps(jsonable({"config": cfg, "scaling": self.scaling_text, "rows": self.rows,
+                                           "capacity_rps_at_90pct_slo": self.capacity_rps()}), indent=1, default=str))
         df = self.records_frame()
         csv, pq = out / f"{name}_requests.csv", out / f"{name}_requests.parquet"
         df.to_csv(csv, index=False)

@@ -207,7 +207,8 @@ class LengthScaling:
     mean_output_after: float
 
     def describe(self) -> str:
-        return (f"lengths x{self.factor:.3g} to fit {self.max_model_len} positions "
+        limit = f"to fit {self.max_model_len} positions" if self.max_model_len < 1 << 40 else "(no context limit)"
+        return (f"lengths x{self.factor:.3g} {limit} "
                 f"({self.clipped_requests} request(s) clipped): mean prompt {self.mean_prompt_before:,.0f} -> "
                 f"{self.mean_prompt_after:,.0f}, mean output {self.mean_output_before:,.0f} -> "
                 f"{self.mean_output_after:,.0f} tokens")

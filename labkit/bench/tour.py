@@ -1,0 +1,88 @@
+"""The tour's "Mono vs 1P1D" section: one workload, one rate, both modes, charts and summary rows.
+
+On the lab's 2-core CPU: 1P1D puts the prefill worker on core 0 and the decode worker on core 1;
+mono runs one engine on both. The full profile uses the default model (`small`) and takes about
+3 minutes; the ci profile the `tiny` model and well under a minute of load.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from labkit.bench.metrics import SLO, jsonable
+from labkit.bench.sweep import ServerFactory, SweepConfig, lab_server_factory, run_sweep
+from labkit.bench.workloads import get_workload
+from labkit.models import CI_MODEL, DEFAULT_MODEL, get_preset
+
+
+@dataclass(frozen=True, slots=True)
+class TourPlan:
+    """How big the tour's comparison is in one profile."""
+
+    model: str
+    n_requests: int
+    rate_rps: float
+    conv_scale: float
+    slo: SLO
+
+
+PLANS = {
+    "full": TourPlan(DEFAULT_MODEL, 14, 0.5, 0.25, SLO(ttft_s=4.0, tpot_s=0.25)),
+    "ci": TourPlan(CI_MODEL, 8, 4.0, 0.25, SLO(ttft_s=1.0, tpot_s=0.05)),
+}
+
+
+def server_factory(model: str) -> ServerFactory:
+    """The servers the tour starts (the lab's launcher); a test may swap in its own."""
+    return lab_server_factory(model)
+
+
+def _fmt_ms(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.0f} ms"
+
+
+def tour_section(report: Any, profile: str) -> None:
+    """Runs mono and 1P1D on one workload and rate; adds a table, two CDF charts and summary rows."""
+    from labkit.plots import bench as pb
+
+    plan = PLANS["ci" if profile == "ci" else "full"]
+    s = report.sections[-1]
+    w = get_workload("azure-conv-2023").scaled(plan.conv_scale)
+    cfg = SweepConfig(w, rates_rps=(plan.rate_rps,), modes=("mono", "1p1d"), n_requests=plan.n_requests,
+                      slo=plan.slo, seed=11, warmup_requests=2, request_timeout_s=300.0,
+                      max_model_len=get_preset(plan.model).max_position_embeddings, progress=False)
+    res = run_sweep(cfg, server_factory(plan.model))
+    by = {r["mode"]: r for r in res.rows}
+    m, d = by["mono"], by["1p1d"]
+    s.paragraphs.append(
+        f"The same {plan.n_requests} requests (Azure 2023 conversation lengths x{plan.conv_scale:g}: "
+        f"mean prompt {m['mean_prompt_tokens']:,.0f}, output {m['mean_output_tokens']:,.0f} tokens) at "
+        f"{plan.rate_rps:g} req/s (Poisson) through mono (one engine on every core) and 1P1D (prefill "
+        f"worker and decode worker on separate cores, KV cache moved between them), model {plan.model}.")
+    s.paragraphs.append(
+        "In mono every prefill runs in the same steps as the running decodes, so each long prompt stalls "
+        "every stream: the tail of the inter-token latency (ITL) grows. In 1P1D decode steps never wait "
+        "for a prefill; the price is half the cores per phase, a KV transfer, and a longer TTFT under load.")
+    cols = ["mode", "rate_rps", "ok", "errors", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+            "tpot_p50_ms", "goodput_rps", "slo_attainment", "output_tps_per_device"]
+    s.tables.append((f"Mono vs 1P1D at {plan.rate_rps:g} req/s (SLO: {plan.slo.describe()})",
+                     [{c: r[c] for c in cols} for r in res.rows]))
+    report.add_figure(s, pb.plot_latency_cdf(res.runs, "itl"), "bench_itl_cdf",
+                      "Inter-token latency CDF: the mono tail is the prefill stalls")
+    report.add_figure(s, pb.plot_latency_cdf(res.runs, "ttft", slo_ms=plan.slo.ttft_s * 1000 if plan.slo.ttft_s else None),
+                      "bench_ttft_cdf", "Time to first token CDF")
+    ratio = m["itl_p99_ms"] / d["itl_p99_ms"] if d["itl_p99_ms"] else math.nan
+    report.add_summary("p99 ITL mono vs 1P1D", f"{_fmt_ms(m['itl_p99_ms'])} vs {_fmt_ms(d['itl_p99_ms'])}",
+                       f"{ratio:.1f}x, {plan.model}, {plan.rate_rps:g} req/s")
+    report.add_summary("p50 TTFT mono vs 1P1D", f"{_fmt_ms(m['ttft_p50_ms'])} vs {_fmt_ms(d['ttft_p50_ms'])}")
+    report.add_summary("goodput mono vs 1P1D", f"{m['goodput_rps']:.2f} vs {d['goodput_rps']:.2f} req/s",
+                       plan.slo.describe())
+    errors = m["errors"] + d["errors"]
+    if errors:
+        s.paragraphs.append(f"{errors} request(s) failed; first errors: "
+                            + "; ".join(res.runs[("mono", plan.rate_rps)].meta["first_errors"]
+                                        + res.runs[("1p1d", plan.rate_rps)].meta["first_errors"]))
+    report.data["mono_vs_1p1d"] = jsonable({"rows": res.rows, "scaling": res.scaling_text, "plan": {
+        "model": plan.model, "rate_rps": plan.rate_rps, "n_requests": plan.n_requests, "slo": plan.slo.as_dict()}})
+
