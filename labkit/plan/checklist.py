@@ -1,0 +1,114 @@
+"""The decision checklist practitioners use, with this workload's values and the simulated verdict.
+
+Each item has a value, what it does to disaggregation (its effect) and a verdict: "favours",
+"neutral" or "against". The thresholds are the rules of thumb from the papers and production
+reports the lab cites (DistServe, Splitwise, and the counter-evidence from small setups); the
+final verdict comes from the simulation (goodput per device of the best xPyD over the best
+monolithic layout), because the rules interact.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from labkit.plan.latency_model import LatencyModel
+from labkit.plan.simulator import Link
+from labkit.plan.workload import WorkloadShape
+
+Verdict = Literal["favours", "neutral", "against"]
+
+FACTS = (
+    "DistServe (OSDI'24): 7.4x more requests or 12.6x tighter SLO than colocated serving, at >= 90% SLO attainment.",
+    "Splitwise (ISCA'24): 1.4x throughput at 20% lower cost, or 2.35x throughput at the same cost and power.",
+    "Counter-evidence: measured 20-30% slower on small setups; it pays with long prompts, low prefix reuse, "
+    "many GPUs (>16) and fast links (RDMA, >100 Gbps).",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckItem:
+    """One line of the checklist."""
+
+    name: str
+    value: str
+    effect: str
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class Checklist:
+    """The items, the simulated gain (goodput/device, best xPyD over best mono) and the verdict."""
+
+    items: list[CheckItem]
+    gain: float
+    verdict: str
+    best_layout: str
+    facts: tuple[str, ...] = FACTS
+    notes: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, str]]:
+        return [{"check": i.name, "value": i.value, "effect": i.effect, "verdict": i.verdict} for i in self.items]
+
+    def render(self) -> str:
+        """The checklist as a fixed-width text table, then the verdict and the facts."""
+        rows = [("check", "value", "verdict", "effect")] + [(i.name, i.value, i.verdict, i.effect) for i in self.items]
+        w = [max(len(r[k]) for r in rows) for k in range(3)]
+        lines = ["  ".join(r[k].ljust(w[k]) for k in range(3)) + "  " + r[3] for r in rows]
+        lines.insert(1, "-" * (sum(w) + 4 + 40))
+        gain = "n/a" if math.isnan(self.gain) else f"{self.gain:.2f}x"
+        lines += ["", f"Simulated goodput per device, best xPyD / best monolithic: {gain}  (best layout: {self.best_layout})",
+                  f"VERDICT: {self.verdict}", ""] + [f"- {f}" for f in self.facts] + [f"! {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def verdict_for_gain(gain: float) -> str:
+    """The one-line answer from the simulated gain (>= 1.10: disaggregate, <= 0.95: stay monolithic)."""
+    if math.isnan(gain):
+        return "no verdict: the simulation could not compare layouts (see notes)"
+    if gain >= 1.10:
+        return f"DISAGGREGATE: about {gain:.2f}x the goodput per device of the best monolithic layout"
+    if gain <= 0.95:
+        return f"STAY MONOLITHIC: disaggregation would give {gain:.2f}x the goodput per device (a {1 - gain:.0%} loss)"
+    return f"MARGINAL ({gain:.2f}x): either works; pick on operations (scaling prefill and decode separately) and tail ITL"
+
+
+def build_checklist(shape: WorkloadShape, latency: LatencyModel, *, devices: int, link: Link, rdma: bool,
+                    gain: float, best_layout: str, ttft_slo_s: float, notes: list[str] | None = None) -> Checklist:
+    """The checklist for a workload on a cluster, given the simulated gain and best layout."""
+    hit = shape.prefix_hit_rate
+    prompt = shape.mean_prompt_tokens
+    out = shape.mean_output_tokens
+    ratio = prompt * (1 - hit) / out
+    items = [CheckItem(
+        "prefill:decode token ratio", f"{ratio:.3g} ({prompt:.0f} prompt x {1 - hit:.0%} uncached / {out:.0f} output)",
+        "long prompts stall every running decode in a colocated engine; separating them removes the stalls",
+        "favours" if ratio >= 4 else "against" if ratio < 1 else "neutral")]
+
+    kv_bytes = prompt * latency.kv_bytes_per_token
+    xfer_s = link.transfer_s(kv_bytes)
+    prefill_s = float(latency.prefill_s(max(prompt * (1 - hit), 1)))
+    share = xfer_s / max(prefill_s, 1e-12)
+    items.append(CheckItem(
+        "KV bytes per request", f"{kv_bytes / 1e6:,.1f} MB -> {xfer_s * 1e3:,.2f} ms on the link "
+                                f"({share:.0%} of its prefill, {xfer_s / ttft_slo_s:.0%} of the TTFT SLO)",
+        "every request's KV crosses the network once; it adds to TTFT and needs link bandwidth",
+        "favours" if share < 0.1 and xfer_s < 0.05 * ttft_slo_s else
+        "against" if share > 0.5 or xfer_s > 0.25 * ttft_slo_s else "neutral"))
+
+    items.append(CheckItem(
+        "prefix-cache hit rate", f"{hit:.0%}",
+        "cached prefixes make prefill cheap, so there is less to offload, and split pools cache less",
+        "favours" if hit < 0.2 else "against" if hit >= 0.5 else "neutral"))
+
+    items.append(CheckItem(
+        "device count", f"{devices}",
+        "xPyD needs room for the right P:D ratio; 16 or more devices lets it match the load",
+        "favours" if devices >= 16 else "against" if devices < 4 else "neutral"))
+
+    items.append(CheckItem(
+        "network", f"{link.bandwidth_gbps:g} Gbps, {'RDMA' if rdma else 'TCP'}, {link.latency_s * 1e6:g} µs",
+        "KV transfer must be fast and cheap on CPU: RDMA at 100 Gbps or more",
+        "favours" if rdma and link.bandwidth_gbps >= 100 else
+        "against" if link.bandwidth_gbps < 25 else "neutral"))
+    return Checklist(items, gain, verdict_for_gain(gain), best_layout, notes=list(notes or []))

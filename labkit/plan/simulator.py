@@ -1,0 +1,386 @@
+"""Discrete-event simulator of LLM serving: monolithic (prefill-first or chunked) and xPyD.
+
+Each instance runs the loop a real engine runs (continuous batching, one step at a time), with
+step times from a fitted `LatencyModel`. To stay fast enough for a notebook slider, decode steps
+between two events (an arrival that can join, a request that finishes) are jumped over in one
+go: with a fixed batch the step time grows linearly with context, so k steps have a closed form.
+
+- mono, prefill_first: a waiting prompt runs as soon as the current step ends, stalling every
+  running decode for the whole prefill (the ITL spike of notebook 04).
+- mono, chunked: each step carries all running decodes plus up to `max_num_batched_tokens`
+  prompt tokens (vLLM's chunked prefill): smaller stalls, slower prefills.
+- disagg (xPyD): P prefill instances (round-robin), the KV of each prompt crosses a link
+  (latency + bytes / bandwidth, one transfer at a time per prefill instance), then one of D decode
+  instances (round-robin) adopts it at its next step boundary with a free slot. The first token
+  reaches the client when the decode instance adopts the KV (as in the lab's server and in vLLM,
+  where the decode side streams every token), so a full decode pool shows up in TTFT.
+A prefix-cache hit rate h means the first h of every prompt's tokens are already cached: prefill
+computes only the rest (attending to the cached part); the transfer still carries the whole KV.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from labkit.plan.latency_model import LatencyModel
+from labkit.plan.workload import Requests
+
+Policy = Literal["prefill_first", "chunked"]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How devices serve: `mono` (replicas doing both phases) or `disagg` (P prefill + D decode)."""
+
+    kind: Literal["mono", "disagg"]
+    num_replicas: int = 1
+    num_prefill: int = 0
+    num_decode: int = 0
+    policy: Policy = "prefill_first"
+
+    def __post_init__(self) -> None:
+        if self.kind == "mono":
+            if self.num_replicas < 1:
+                raise ValueError(f"mono layout needs num_replicas >= 1, got {self.num_replicas}")
+        elif self.kind == "disagg":
+            if self.num_prefill < 1 or self.num_decode < 1:
+                raise ValueError(f"disagg layout needs num_prefill >= 1 and num_decode >= 1, "
+                                 f"got {self.num_prefill}P{self.num_decode}D")
+        else:
+            raise ValueError(f"layout kind {self.kind!r} is not 'mono' or 'disagg'")
+        if self.policy not in ("prefill_first", "chunked"):
+            raise ValueError(f"policy {self.policy!r} is not 'prefill_first' or 'chunked'")
+
+    @classmethod
+    def mono(cls, num_replicas: int = 1, policy: Policy = "prefill_first") -> Layout:
+        return cls("mono", num_replicas=num_replicas, policy=policy)
+
+    @classmethod
+    def disagg(cls, num_prefill: int, num_decode: int) -> Layout:
+        return cls("disagg", num_prefill=num_prefill, num_decode=num_decode)
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_replicas if self.kind == "mono" else self.num_prefill + self.num_decode
+
+    @property
+    def label(self) -> str:
+        if self.kind == "disagg":
+            return f"{self.num_prefill}P{self.num_decode}D"
+        name = "mono" if self.policy == "prefill_first" else "mono-chunked"
+        return name if self.num_replicas == 1 else f"{name} x{self.num_replicas}"
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """The network between a prefill and a decode instance."""
+
+    bandwidth_gbps: float = 100.0     # gigabits per second
+    latency_s: float = 20e-6          # per transfer (RDMA ~ a few µs; TCP across nodes ~ 50 µs+)
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_gbps > 0:
+            raise ValueError(f"Link.bandwidth_gbps must be > 0, got {self.bandwidth_gbps}")
+        if self.latency_s < 0:
+            raise ValueError(f"Link.latency_s must be >= 0, got {self.latency_s}")
+
+    def transfer_s(self, nbytes: float) -> float:
+        """Seconds to move `nbytes` bytes."""
+        return self.latency_s + nbytes * 8 / (self.bandwidth_gbps * 1e9)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-instance scheduler limits (as in vLLM / the lab's engine)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError(f"Limits need max_num_seqs >= 1 and max_num_batched_tokens >= 1, got {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class SLO:
+    """Service-level objectives a request must meet to count toward goodput."""
+
+    ttft_s: float = 2.0
+    tpot_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (self.ttft_s > 0 and self.tpot_s > 0):
+            raise ValueError(f"SLO needs ttft_s > 0 and tpot_s > 0, got {self}")
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Per-request times (seconds since the trace began) and the ITL distribution of one run."""
+
+    layout: Layout
+    arrival_s: np.ndarray
+    first_token_s: np.ndarray
+    finish_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    itl_values_s: np.ndarray        # inter-token latencies ...
+    itl_weights: np.ndarray         # ... each counted this many times (segments of equal steps)
+
+    @property
+    def ttft_s(self) -> np.ndarray:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def e2e_s(self) -> np.ndarray:
+        return self.finish_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> np.ndarray:
+        """(E2E - TTFT) / (output tokens - 1); 0 for one-token outputs."""
+        steps = np.maximum(self.output_tokens - 1, 1)
+        return np.where(self.output_tokens > 1, (self.finish_s - self.first_token_s) / steps, 0.0)
+
+    @property
+    def duration_s(self) -> float:
+        return float(self.finish_s.max() - self.arrival_s.min())
+
+    def itl_percentile_s(self, q: float) -> float:
+        """Weighted percentile (q in 0..100) of inter-token latency, seconds."""
+        if len(self.itl_values_s) == 0:
+            return 0.0
+        order = np.argsort(self.itl_values_s)
+        cw = np.cumsum(self.itl_weights[order])
+        k = int(np.searchsorted(cw, q / 100 * cw[-1]))
+        return float(self.itl_values_s[order][min(k, len(order) - 1)])
+
+    def slo_met(self, slo: SLO) -> np.ndarray:
+        return (self.ttft_s <= slo.ttft_s) & (self.tpot_s <= slo.tpot_s)
+
+    def goodput_rps(self, slo: SLO) -> float:
+        """DistServe's goodput: completed requests per second that meet every SLO."""
+        return float(self.slo_met(slo).sum()) / max(self.duration_s, 1e-12)
+
+    def summary(self, slo: SLO | None = None) -> dict[str, float | str]:
+        """Headline numbers: percentiles in seconds, throughput in requests/s and output tokens/s."""
+        d: dict[str, float | str] = {
+            "layout": self.layout.label, "devices": self.layout.num_devices, "requests": len(self.arrival_s),
+            "ttft_p50_s": float(np.percentile(self.ttft_s, 50)), "ttft_p90_s": float(np.percentile(self.ttft_s, 90)),
+            "ttft_p99_s": float(np.percentile(self.ttft_s, 99)),
+            "tpot_p50_s": float(np.percentile(self.tpot_s, 50)), "tpot_p90_s": float(np.percentile(self.tpot_s, 90)),
+            "tpot_p99_s": float(np.percentile(self.tpot_s, 99)),
+            "itl_p50_s": self.itl_percentile_s(50), "itl_p99_s": self.itl_percentile_s(99),
+            "e2e_p50_s": float(np.percentile(self.e2e_s, 50)),
+            "throughput_rps": len(self.arrival_s) / max(self.duration_s, 1e-12),
+            "output_tok_s": float(self.output_tokens.sum()) / max(self.duration_s, 1e-12),
+        }
+        if slo is not None:
+            d["slo_attainment"] = float(self.slo_met(slo).mean())
+            d["goodput_rps"] = self.goodput_rps(slo)
+        return d
+
+
+class _Trace:
+    """Mutable per-run arrays the instance loops fill in."""
+
+    def __init__(self, req: Requests, hit_rate: float) -> None:
+        n = len(req)
+        self.ready = req.arrival_s.astype(float).copy()
+        self.prompt = req.prompt_tokens.astype(np.int64)
+        self.out = req.output_tokens.astype(np.int64)
+        self.cached = np.minimum(np.floor(self.prompt * hit_rate), self.prompt - 1).astype(np.int64)
+        self.first = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.itl_v: list[float] = []
+        self.itl_w: list[float] = []
+
+
+def _steps_until(base: float, inc: float, dt: float) -> int:
+    """Smallest k >= 1 with sum_{j<k} (base + inc·j) >= dt: decode steps until time dt has passed."""
+    if dt <= base:
+        return 1
+    if inc <= 0:
+        return max(1, math.ceil(dt / base))
+    # inc/2·k² + (base - inc/2)·k - dt = 0
+    b = base - inc / 2
+    k = math.ceil((-b + math.sqrt(b * b + 2 * inc * dt)) / inc)
+    while k > 1 and (k - 1) * base + inc * (k - 1) * (k - 2) / 2 >= dt:  # float guard
+        k -= 1
+    return max(k, 1)
+
+
+def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, policy: Policy,
+                   prefill_here: bool) -> None:
+    """One instance's loop. `prefill_here=False` is a decode instance: adopting KV costs nothing.
+
+    The running decodes live packed at the front of numpy arrays, so a run of k decode steps is
+    a handful of vector operations whatever the batch size.
+    """
+    ready, prompt, out, cached, first, finish = tr.ready, tr.prompt, tr.out, tr.cached, tr.first, tr.finish
+    itl_v, itl_w = tr.itl_v, tr.itl_w
+    a_d, b_d, c_d = lat.decode_a_s, lat.decode_b_s_per_ctx_token, lat.decode_c_s_per_seq
+    chunked = policy == "chunked" and prefill_here
+    cap = lim.max_num_seqs
+    ids = np.zeros(cap, dtype=np.int64)
+    rem = np.zeros(cap, dtype=np.int64)       # decode steps still to run
+    ctx = np.zeros(cap, dtype=np.int64)       # KV tokens each holds
+    last = np.zeros(cap)                      # time of its latest token
+    nrun = 0
+    n, i_next, t = len(idx), 0, 0.0
+    waiting: deque[int] = deque()
+    done: dict[int, int] = {}                 # chunked: prompt tokens prefilled so far
+
+    def admit(r: int, at: float) -> None:
+        nonlocal nrun
+        if out[r] > 1:
+            ids[nrun], rem[nrun], ctx[nrun], last[nrun] = r, out[r] - 1, prompt[r] + 1, at
+            nrun += 1
+        else:
+            finish[r] = at
+
+    def advance(k: int, first_step_s: float, now: float) -> None:
+        """k steps of every running decode, begun at self_start[0], ended at `now`: ITLs, retire."""
+        nonlocal nrun
+        m = nrun
+        lst = last[:m]
+        # first step: time since each request's previous token (a prefill stall shows up here)
+        v = first_step_s + (self_start[0] - lst)
+        stalled = v > first_step_s * (1 + 1e-9) + 1e-12
+        ns = int(stalled.sum())
+        if ns:
+            itl_v.extend(v[stalled].tolist()), itl_w.extend([1.0] * ns)
+        if m - ns:
+            itl_v.append(first_step_s), itl_w.append(float(m - ns))
+        rem[:m] -= k
+        ctx[:m] += k
+        lst[:] = now
+        fin = rem[:m] == 0
+        if fin.any():
+            finish[ids[:m][fin]] = now
+            keep = ~fin
+            kk = int(keep.sum())
+            ids[:kk], rem[:kk], ctx[:kk], last[:kk] = ids[:m][keep], rem[:m][keep], ctx[:m][keep], last[:m][keep]
+            nrun = kk
+
+    self_start = [0.0]   # start time of the current step run (read by advance)
+    while True:
+        while i_next < n and ready[idx[i_next]] <= t:
+            waiting.append(idx[i_next])
+            i_next += 1
+        free = cap - nrun
+        if waiting and free > 0:
+            if not prefill_here:
+                while waiting and nrun < cap:
+                    r = waiting.popleft()
+                    first[r] = t       # the decode instance streams the first token once it adopts the KV
+                    admit(r, t)
+                continue
+            budget = lim.max_num_batched_tokens - (nrun if chunked else 0)
+            if budget > 0:
+                batch: list[tuple[int, int, int]] = []       # (request, offset, tokens)
+                for r in waiting:
+                    if len(batch) >= free:
+                        break
+                    off = done.get(r, int(cached[r]))
+                    todo = int(prompt[r]) - off
+                    if chunked:
+                        take = min(todo, budget)
+                    elif batch and todo > budget:             # prefill-first: whole prompts only
+                        break
+                    else:
+                        take = todo
+                    batch.append((r, off, take))
+                    budget -= take
+                    if budget <= 0:
+                        break
+                work = sum(lat.chunk_work_s(off, k) for _, off, k in batch)
+                B = nrun if chunked else 0
+                if B:
+                    dur = lat.step_overhead_s + work + b_d * float(ctx[:B].sum()) + c_d * B
+                else:
+                    dur = lat.prefill_a_s + work
+                self_start[0] = t
+                t += dur
+                if B:                                         # the decodes that rode along
+                    advance(1, dur, t)
+                for r, off, k in batch:
+                    if off + k >= prompt[r]:
+                        waiting.remove(r)
+                        done.pop(r, None)
+                        first[r] = t
+                        admit(r, t)
+                    else:
+                        done[r] = off + k
+                continue
+        if not nrun:
+            if i_next < n:
+                t = max(t, ready[idx[i_next]])
+                continue
+            if waiting:  # cannot happen with max_num_seqs >= 1; guard against an endless loop
+                raise RuntimeError("simulator: requests waiting with nothing running")
+            return
+        # a run of decode steps with a fixed batch, up to the next event
+        B = nrun
+        base = a_d + c_d * B + b_d * float(ctx[:B].sum())
+        inc = b_d * B
+        k = int(rem[:B].min())
+        if i_next < n and B < cap:
+            k = min(k, _steps_until(base, inc, ready[idx[i_next]] - t))
+        seg = k * base + inc * k * (k - 1) / 2
+        if k > 1:
+            itl_v.append(base + inc * k / 2), itl_w.append(float((k - 1) * B))
+        self_start[0] = t
+        t += seg
+        advance(k, base, t)
+
+
+def _run_prefill_instance(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, link: Link) -> None:
+    """A prefill-only instance and its outgoing link; sets `ready` (KV landed) = first token time."""
+    t, link_free, i, n = 0.0, 0.0, 0, len(idx)
+    while i < n:
+        t = max(t, tr.ready[idx[i]])
+        batch, budget = [], lim.max_num_batched_tokens
+        while i < n and tr.ready[idx[i]] <= t:
+            r = idx[i]
+            todo = int(tr.prompt[r] - tr.cached[r])
+            if batch and todo > budget:
+                break
+            batch.append(r)
+            budget -= todo
+            i += 1
+        t += lat.prefill_a_s + sum(lat.chunk_work_s(int(tr.cached[r]), int(tr.prompt[r] - tr.cached[r])) for r in batch)
+        for r in batch:
+            start = max(t, link_free)
+            link_free = start + link.transfer_s(float(tr.prompt[r]) * lat.kv_bytes_per_token)
+            tr.first[r] = link_free
+            tr.ready[r] = link_free
+            if tr.out[r] == 1:
+                tr.finish[r] = link_free
+
+
+def simulate(requests: Requests, latency: LatencyModel, layout: Layout, *, link: Link | None = None,
+             limits: Limits | None = None, prefix_hit_rate: float = 0.0) -> SimResult:
+    """Runs the trace through the layout; returns per-request times (requests round-robin over instances)."""
+    if not 0.0 <= prefix_hit_rate < 1.0:
+        raise ValueError(f"prefix_hit_rate must be in [0, 1), got {prefix_hit_rate}")
+    link = link or Link()
+    lim = limits or Limits()
+    tr = _Trace(requests, prefix_hit_rate)
+    n = len(requests)
+    if layout.kind == "mono":
+        for rep in range(layout.num_replicas):
+            _run_colocated(list(range(rep, n, layout.num_replicas)), tr, latency, lim, layout.policy, True)
+    else:
+        for p in range(layout.num_prefill):
+            _run_prefill_instance(list(range(p, n, layout.num_prefill)), tr, latency, lim, link)
+        for d in range(layout.num_decode):
+            mine = [r for r in range(d, n, layout.num_decode) if tr.out[r] > 1]
+            mine.sort(key=lambda r: tr.ready[r])
+            _run_colocated(mine, tr, latency, lim, "prefill_first", False)
+    if np.isnan(tr.finish).any():
+        raise RuntimeError("simulator: some requests never finished (a bug)")
+    return SimResult(layout, requests.arrival_s.astype(float), tr.first, tr.finish,
+                     tr.prompt, tr.out, np.asarray(tr.itl_v), np.asarray(tr.itl_w))

@@ -1,0 +1,127 @@
+"""The planner's latency model: least-squares fit, R², persistence, calibration on the engine, scaling."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from labkit.plan.latency_model import (Calibration, DecodeSample, LatencyModel, PrefillSample,
+                                       fit_latency_model)
+from labkit.plan.scaling import (Efficiency, HardwareSpec, ModelShape, efficiencies_from,
+                                 roofline_latency_model, scale_latency_model)
+
+TRUE = LatencyModel(0.004, 40e-6, 2e-9, 0.006, 3e-8, 2e-4, kv_bytes_per_token=16384)
+
+
+def _samples(noise: float = 0.01, seed: int = 0) -> tuple[list[PrefillSample], list[DecodeSample]]:
+    rng = np.random.default_rng(seed)
+    pre = [PrefillSample(t, float(TRUE.prefill_s(t)) * (1 + noise * rng.standard_normal()))
+           for t in (32, 128, 256, 512, 1024, 2048, 4096) for _ in range(2)]
+    dec = [DecodeSample(b, b * c, float(TRUE.decode_step_s(b, b * c)) * (1 + noise * rng.standard_normal()))
+           for b in (1, 4, 16, 32) for c in (128, 1024, 4096)]
+    return pre, dec
+
+
+def test_fit_recovers_known_coefficients_with_high_r2() -> None:
+    pre, dec = _samples(noise=0.01)
+    m = fit_latency_model(pre, dec, kv_bytes_per_token=16384, model="synthetic")
+    assert m.r2_prefill > 0.99 and m.r2_decode > 0.99
+    assert m.prefill_b_s_per_token == pytest.approx(TRUE.prefill_b_s_per_token, rel=0.1)
+    assert m.prefill_c_s_per_token2 == pytest.approx(TRUE.prefill_c_s_per_token2, rel=0.1)
+    assert m.decode_a_s == pytest.approx(TRUE.decode_a_s, rel=0.1)
+    assert m.decode_b_s_per_ctx_token == pytest.approx(TRUE.decode_b_s_per_ctx_token, rel=0.1)
+    assert m.decode_c_s_per_seq == pytest.approx(TRUE.decode_c_s_per_seq, rel=0.15)
+    # predictions on unseen points within a few percent
+    assert float(m.prefill_s(3000)) == pytest.approx(float(TRUE.prefill_s(3000)), rel=0.03)
+
+
+def test_fit_keeps_coefficients_non_negative() -> None:
+    # purely linear prefill with noise would fit a slightly negative T² term with plain lstsq
+    pre = [PrefillSample(t, 1e-3 + 1e-5 * t * (1 + 0.05 * (-1) ** t)) for t in range(16, 600, 37)]
+    dec = [DecodeSample(b, b * c, 5e-3 + 1e-4 * b) for b in (1, 2, 4, 8) for c in (100, 300)]
+    m = fit_latency_model(pre, dec, kv_bytes_per_token=1)
+    assert min(m.prefill_a_s, m.prefill_b_s_per_token, m.prefill_c_s_per_token2) >= 0
+    assert m.decode_b_s_per_ctx_token == pytest.approx(0.0, abs=1e-12)  # no context effect in the data
+    assert float(m.prefill_s(10_000)) > 0
+
+
+def test_fit_refuses_too_few_points_and_bad_samples() -> None:
+    with pytest.raises(ValueError, match="3 distinct lengths"):
+        fit_latency_model([PrefillSample(8, 1.0), PrefillSample(16, 2.0)], [], kv_bytes_per_token=1)
+    with pytest.raises(ValueError, match="context_tokens >= batch_size"):
+        DecodeSample(4, 2, 0.1)
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        LatencyModel(-1.0, 1e-5, 0, 1e-3, 0, 0, kv_bytes_per_token=1)
+
+
+def test_calibration_round_trips_through_json(tmp_path) -> None:
+    pre, dec = _samples()
+    m = fit_latency_model(pre, dec, kv_bytes_per_token=16384)
+    path = Calibration(m, tuple(pre), tuple(dec), {"who": "test"}).save(tmp_path / "c.json")
+    back = Calibration.load(path)
+    assert back.model == m and back.prefill_samples == tuple(pre) and back.meta == {"who": "test"}
+    (tmp_path / "bad.json").write_text('{"model": {}}')
+    with pytest.raises((ValueError, TypeError)):
+        Calibration.load(tmp_path / "bad.json")
+
+
+def test_chunk_work_adds_up_to_a_whole_prefill() -> None:
+    whole = float(TRUE.prefill_s(1000)) - TRUE.prefill_a_s
+    parts = sum(TRUE.chunk_work_s(o, 250) for o in (0, 250, 500, 750))
+    assert parts == pytest.approx(whole, rel=1e-12)
+    # a chunk late in the prompt costs more than the first (it attends to more tokens)
+    assert TRUE.chunk_work_s(750, 250) > TRUE.chunk_work_s(0, 250)
+
+
+def test_scaling_by_datasheet_ratios_is_an_estimate() -> None:
+    src = HardwareSpec("A", flops_per_s=100e12, bandwidth_bytes_per_s=1e12)
+    dst = HardwareSpec("B", flops_per_s=400e12, bandwidth_bytes_per_s=2e12)
+    s = scale_latency_model(TRUE, src, dst)
+    assert s.prefill_b_s_per_token == pytest.approx(TRUE.prefill_b_s_per_token / 4)      # compute-bound
+    assert s.prefill_c_s_per_token2 == pytest.approx(TRUE.prefill_c_s_per_token2 / 4)
+    assert s.decode_a_s == pytest.approx(TRUE.decode_a_s / 2)                            # memory-bound
+    assert s.decode_b_s_per_ctx_token == pytest.approx(TRUE.decode_b_s_per_ctx_token / 2)
+    assert s.note.startswith("estimate") and s.device == "B"
+
+
+def test_roofline_model_matches_hand_computed_8b_on_h100() -> None:
+    shape = ModelShape.from_preset("llama-3.1-8b")
+    assert shape.kv_bytes_per_token == 131072          # 2 x 32 layers x 8 kv heads x 128 x 2 bytes
+    hw = HardwareSpec("H100 SXM", 989.4e12, 3.35e12)
+    m = roofline_latency_model(shape, hw, Efficiency(0.5, 0.7, 0.0))
+    # decode of batch 1: read ~16 GB of bf16 weights at 70% of 3.35 TB/s, ~6.9 ms
+    assert m.decode_a_s == pytest.approx(shape.param_bytes / (0.7 * 3.35e12), rel=1e-9)
+    assert 6e-3 < m.decode_a_s < 7.5e-3
+    # prefill of 1,000 tokens: 2 x 8e9 x 1000 FLOPs at 50% of 989 TFLOP/s, ~32 ms
+    assert 0.025 < float(m.prefill_s(1000)) < 0.04
+    eff = efficiencies_from(m, shape, hw)
+    assert eff.mfu_prefill == pytest.approx(0.5, rel=1e-6) and eff.mbu_decode == pytest.approx(0.7, rel=1e-6)
+
+
+def test_datasheet_lookup_reads_the_shared_table() -> None:
+    from labkit.plan.scaling import datasheet_spec
+
+    h = datasheet_spec("H100 SXM")
+    assert h.flops_per_s == pytest.approx(989.4e12) and h.bandwidth_bytes_per_s == pytest.approx(3.35e12)
+    with pytest.raises(KeyError, match="unknown device"):
+        datasheet_spec("no such accelerator 9000")
+
+
+@pytest.mark.timeout(300)
+def test_calibrate_times_the_engine_and_fits(tmp_path) -> None:
+    from labkit.plan.calibrate import CalibrationPoints, calibrate
+
+    pts = CalibrationPoints((8, 48, 128), (1, 2), (16, 40), repeats=1, decode_steps=2)
+    cal = calibrate("tiny", "ci", points=pts)
+    assert [s.num_tokens for s in cal.prefill_samples] == [8, 48, 128]
+    assert {(s.batch_size) for s in cal.decode_samples} == {1, 2}
+    # every decode sample's context = batch x (prompt + first token + decoded so far)
+    for s in cal.decode_samples:
+        assert s.context_tokens % s.batch_size == 0 and s.context_tokens // s.batch_size in (17, 18, 41, 42)
+    m = cal.model
+    assert m.note == "measured" and m.model == "tiny" and m.kv_bytes_per_token == 2 * 4 * 2 * 64 * 4
+    assert not math.isnan(m.r2_prefill) and not math.isnan(m.r2_decode)
+    assert float(m.prefill_s(128)) > 0 and float(m.decode_step_s(1, 17)) > 0
+    back = Calibration.load(cal.save(tmp_path / "cal.json"))
+    assert back.model == m and len(back.decode_samples) == len(cal.decode_samples)

@@ -1,0 +1,109 @@
+"""The serving simulator: exact single-request times, interference, links, prefix hits, limits, goodput."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from labkit.plan.latency_model import LatencyModel
+from labkit.plan.simulator import SLO, Layout, Limits, Link, simulate
+from labkit.plan.workload import Requests, WorkloadShape, sample_requests
+
+LAT = LatencyModel(0.002, 50e-6, 1e-8, 0.003, 1e-7, 1e-4, kv_bytes_per_token=100_000)
+
+
+def one(prompt: int, output: int, at: float = 0.0) -> Requests:
+    return Requests(np.array([at]), np.array([prompt]), np.array([output]))
+
+
+def decode_total_s(prompt: int, output: int) -> float:
+    """Sum of batch-1 decode steps for tokens 2..output (context grows by one each step)."""
+    return sum(float(LAT.decode_step_s(1, prompt + 1 + j)) for j in range(output - 1))
+
+
+def test_single_request_mono_matches_the_formulas() -> None:
+    r = simulate(one(500, 20), LAT, Layout.mono())
+    assert r.ttft_s[0] == pytest.approx(float(LAT.prefill_s(500)), rel=1e-12)
+    assert r.e2e_s[0] == pytest.approx(float(LAT.prefill_s(500)) + decode_total_s(500, 20), rel=1e-9)
+    assert r.tpot_s[0] == pytest.approx(decode_total_s(500, 20) / 19, rel=1e-9)
+
+
+def test_single_request_disagg_adds_the_kv_transfer() -> None:
+    link = Link(bandwidth_gbps=8.0, latency_s=1e-3)                # 1 GB/s
+    r = simulate(one(500, 20), LAT, Layout.disagg(1, 1), link=link)
+    transfer = 1e-3 + 500 * 100_000 / 1e9                          # 51 ms
+    assert r.ttft_s[0] == pytest.approx(float(LAT.prefill_s(500)) + transfer, rel=1e-9)
+    assert r.tpot_s[0] == pytest.approx(decode_total_s(500, 20) / 19, rel=1e-9)
+    faster = simulate(one(500, 20), LAT, Layout.disagg(1, 1), link=Link(800.0, 1e-3))
+    assert faster.ttft_s[0] < r.ttft_s[0]
+
+
+def test_prefix_hits_shorten_prefill_but_not_the_transfer() -> None:
+    full = simulate(one(1000, 2), LAT, Layout.mono())
+    hit = simulate(one(1000, 2), LAT, Layout.mono(), prefix_hit_rate=0.5)
+    expected = LAT.prefill_a_s + LAT.chunk_work_s(500, 500)
+    assert hit.ttft_s[0] == pytest.approx(expected, rel=1e-12) and hit.ttft_s[0] < full.ttft_s[0]
+    link = Link(8.0, 0.0)
+    d_full = simulate(one(1000, 2), LAT, Layout.disagg(1, 1), link=link)
+    d_hit = simulate(one(1000, 2), LAT, Layout.disagg(1, 1), link=link, prefix_hit_rate=0.5)
+    saved = full.ttft_s[0] - hit.ttft_s[0]
+    assert d_full.ttft_s[0] - d_hit.ttft_s[0] == pytest.approx(saved, rel=1e-9)   # the KV still moves in full
+
+
+def _mixed_load() -> Requests:
+    # short decodes running, long prompts arriving: the interference lesson
+    shape = WorkloadShape("mix", 2000, 200, 0.3, 0.3)
+    return sample_requests(shape, 120, 4.0, seed=3)
+
+
+def test_prefill_first_stalls_decodes_and_disaggregation_removes_the_stalls() -> None:
+    req = _mixed_load()
+    mono = simulate(req, LAT, Layout.mono())
+    chunked = simulate(req, LAT, Layout.mono(policy="chunked"), limits=Limits(64, 512))
+    disagg = simulate(req, LAT, Layout.disagg(1, 1))
+    p99 = {k: r.itl_percentile_s(99) for k, r in (("mono", mono), ("chunked", chunked), ("disagg", disagg))}
+    # a 2,000-token prefill (~0.14 s) lands between two decode steps in mono
+    assert p99["mono"] > 3 * p99["disagg"]
+    assert p99["chunked"] < p99["mono"]
+    # decode steps alone: the p99 ITL of disaggregated decode is a few decode steps at most
+    assert p99["disagg"] < 4 * float(LAT.decode_step_s(64, 64 * 2300))
+
+
+def test_every_request_finishes_in_order_of_its_phases() -> None:
+    req = sample_requests(WorkloadShape("w", 300, 50, 0.8, 0.8), 200, 20.0, seed=1)
+    for lay in (Layout.mono(2), Layout.mono(1, "chunked"), Layout.disagg(2, 3)):
+        r = simulate(req, LAT, lay)
+        assert np.isfinite(r.finish_s).all()
+        assert (r.first_token_s >= r.arrival_s).all() and (r.finish_s >= r.first_token_s).all()
+        # a request's decode cannot beat back-to-back batch-1 steps
+        floor = np.array([(o - 1) * LAT.decode_a_s for o in r.output_tokens])
+        assert (r.finish_s - r.first_token_s >= floor * (1 - 1e-9)).all()
+        assert r.itl_weights.sum() == pytest.approx(float((req.output_tokens - 1).sum()))
+
+
+def test_max_num_seqs_one_serializes_requests() -> None:
+    req = Requests(np.array([0.0, 0.0]), np.array([100, 100]), np.array([10, 10]))
+    r = simulate(req, LAT, Layout.mono(), limits=Limits(max_num_seqs=1))
+    assert r.first_token_s[1] >= r.finish_s[0] - 1e-12
+
+
+def test_overload_cuts_goodput_and_more_devices_restore_it() -> None:
+    shape = WorkloadShape("w", 1000, 100, 0.5, 0.5)
+    slo = SLO(ttft_s=1.0, tpot_s=0.05)
+    base = sample_requests(shape, 300, 1.0, seed=2)
+    light = simulate(base.at_rate(1.0), LAT, Layout.mono()).summary(slo)
+    heavy = simulate(base.at_rate(30.0), LAT, Layout.mono()).summary(slo)
+    assert light["slo_attainment"] > 0.9 > heavy["slo_attainment"]
+    assert heavy["ttft_p50_s"] > 10 * light["ttft_p50_s"]
+    spread = simulate(base.at_rate(30.0), LAT, Layout.mono(16)).summary(slo)
+    assert spread["goodput_rps"] > 3 * heavy["goodput_rps"]
+
+
+def test_bad_inputs_name_the_value() -> None:
+    with pytest.raises(ValueError, match="num_prefill >= 1"):
+        Layout.disagg(0, 2)
+    with pytest.raises(ValueError, match="prefix_hit_rate"):
+        simulate(one(10, 2), LAT, Layout.mono(), prefix_hit_rate=1.0)
+    with pytest.raises(ValueError, match="bandwidth_gbps"):
+        Link(0.0)
+    with pytest.raises(ValueError, match="sorted"):
+        Requests(np.array([1.0, 0.0]), np.array([1, 1]), np.array([1, 1]))
