@@ -1,0 +1,13 @@
+"""vLLM side by side with the lab: launch vLLM monolithic or prefill + decode (NixlConnector),
+front it with the lab's router, read its NIXL metrics, check greedy equality with the lab's engine.
+
+Nothing here imports vLLM itself: the servers are separate processes, so the lab runs (and
+says how to add vLLM) where it is not installed.
+"""
+from __future__ import annotations
+
+from labkit.vllm.launch import (VllmPD, VllmServer, VllmServerConfig, install_hint, launch, launch_pd,
+                                vllm_available, vllm_version)
+
+__all__ = ["VllmServerConfig", "VllmServer", "VllmPD", "launch", "launch_pd", "vllm_available",
+           "vllm_version", "install_hint"]

@@ -1,0 +1,220 @@
+"""The lab router's backend for vLLM servers: monolithic, or prefill + decode with NixlConnector.
+
+vLLM's disaggregation protocol lives in one request field, `kv_transfer_params`:
+
+1. the prefill server gets the request with `max_tokens=1`, `stream=false` and
+   `kv_transfer_params={"do_remote_decode": true, ...}`. It runs the prompt, keeps the KV
+   blocks, and answers with `kv_transfer_params` saying where they are (its engine id,
+   block ids, NIXL side-channel host and port).
+2. the decode server gets the original request plus those params (`do_remote_prefill: true`).
+   Its NixlConnector reads the blocks from the prefill server (a one-sided NIXL READ), tells
+   the prefill server it may free them, and decodes, streaming every token, including the
+   first (which it samples again from the transferred state; prefill's token is not sent).
+
+The router (labkit/serve/router.py) validates, tokenizes and times; this backend turns one
+request into `Piece`s streamed from vLLM. With only `mono` upstreams it forwards to one vLLM.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import httpx
+
+from labkit.serve.backend import Piece, error_from_response, upstream_error
+from labkit.serve.protocol import APIError, CompletionRequest, unavailable
+from labkit.serve.upstream import Upstream, UpstreamPool
+
+log = logging.getLogger("labkit.vllm.pd_backend")
+
+# What the prefill server must see: "run the prompt, keep the KV for a remote decoder".
+PREFILL_KV_PARAMS: dict[str, Any] = {"do_remote_decode": True, "do_remote_prefill": False,
+                                     "remote_engine_id": None, "remote_block_ids": None,
+                                     "remote_host": None, "remote_port": None}
+_CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+def vllm_body(req: CompletionRequest, prompt_ids: list[int] | None, model: str) -> dict[str, Any]:
+    """The OpenAI completions body vLLM gets for `req` (token ids when the router has them)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": list(prompt_ids) if prompt_ids is not None else req.prompt_text,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k if req.top_k > 0 else -1,  # vLLM: -1 means off
+        "ignore_eos": req.ignore_eos,
+        "return_token_ids": True,
+    }
+    if req.seed is not None:
+        body["seed"] = req.seed
+    if req.stop:
+        body["stop"] = list(req.stop)
+    if req.stop_token_ids:
+        body["stop_token_ids"] = list(req.stop_token_ids)
+    return body
+
+
+def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
+    """Step 1 of the protocol: the same request, one token, no stream, KV kept for a remote decoder."""
+    out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "min_tokens")}
+    out.update(max_tokens=1, stream=False, kv_transfer_params=dict(PREFILL_KV_PARAMS))
+    return out
+
+
+def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any], *, stream: bool = True) -> dict[str, Any]:
+    """Step 2: the original request plus what the prefill server answered in `kv_transfer_params`."""
+    if not kv_transfer_params or not kv_transfer_params.get("do_remote_prefill"):
+        raise ValueError(f"the prefill answer carries no usable kv_transfer_params: {kv_transfer_params!r}; "
+                         "is the prefill server started with --kv-transfer-config (NixlConnector)?")
+    out = dict(body, kv_transfer_params=kv_transfer_params, stream=stream)
+    if stream:
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+class VllmDisaggBackend:
+    """`DisaggBackend` over vLLM servers: `mono` upstreams, or `prefill` + `decode` upstreams.
+
+    The prefill and decode servers are picked by fewest requests in flight. `handoffs`
+    counts requests that went through both, `prefill_s_total` the time spent in step 1.
+    """
+
+    uses_token_ids = True
+
+    def __init__(self, pool: UpstreamPool, *, connect_timeout_s: float = 2.0, read_timeout_s: float = 120.0,
+                 served_model_name: str | None = None) -> None:
+        roles = pool.roles()
+        if roles == {"mono"}:
+            self.mode = "mono"
+        elif roles == {"prefill", "decode"}:
+            self.mode = "disagg"
+        else:
+            raise ValueError(f"a VllmDisaggBackend needs only mono servers, or prefill and decode servers; "
+                             f"got roles {sorted(roles)}")
+        self.pool = pool
+        self.served_model_name = served_model_name
+        self._models: dict[str, str] = {}   # upstream name -> the model name it serves
+        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=10.0)
+        self._client: httpx.AsyncClient | None = None
+        self.handoffs = 0
+        self.prefill_s_total = 0.0
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(timeout=self._timeout, limits=httpx.Limits(max_connections=1000))
+        await self.pool.start()
+
+    async def close(self) -> None:
+        await self.pool.close()
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _model_of(self, u: Upstream) -> str:
+        """The name `u` serves (its /v1/models), asked once."""
+        if self.served_model_name:
+            return self.served_model_name
+        if u.name not in self._models:
+            assert self._client is not None
+            try:
+                r = await self._client.get(u.url + "/v1/models")
+                r.raise_for_status()
+                self._models[u.name] = str(r.json()["data"][0]["id"])
+            except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+                raise unavailable(f"vLLM server {u.name} ({u.url}) did not list its model: "
+                                  f"{e.__class__.__name__}") from None
+        return self._models[u.name]
+
+    def _pick(self, role: str) -> Upstream:
+        cands = self.pool.by_role(role)
+        if not cands:
+            raise unavailable(f"no vLLM {role} server is up; check `GET /health` on the router", code="no_upstream")
+        return min(cands, key=lambda u: u.in_flight)
+
+    async def generate(self, req: CompletionRequest, prompt_ids: list[int] | None,
+                       request_id: str) -> AsyncIterator[Piece]:
+        assert self._client is not None
+        if self.mode == "mono":
+            u = self._pick("mono")
+            body = dict(vllm_body(req, prompt_ids, await self._model_of(u)), stream=True,
+                        stream_options={"include_usage": True})
+        else:
+            p = self._pick("prefill")
+            u = self._pick("decode")
+            base = vllm_body(req, prompt_ids, await self._model_of(p))
+            kv_params = await self._prefill(p, base, request_id)
+            base["model"] = await self._model_of(u)
+            body = decode_body(base, kv_params)
+            self.handoffs += 1
+        async for piece in self._stream(u, body, request_id):
+            yield piece
+
+    async def _prefill(self, p: Upstream, base: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """Step 1 on prefill server `p`; returns its `kv_transfer_params`."""
+        assert self._client is not None
+        t0 = time.perf_counter()
+        p.in_flight += 1
+        try:
+            r = await self._client.post(p.url + "/v1/completions", json=prefill_body(base),
+                                        headers={"X-Request-Id": request_id})
+        except _CONN_ERRORS as e:
+            self.pool.mark_down(p, f"/v1/completions: {e.__class__.__name__}")
+            raise upstream_error(p, e) from None
+        except httpx.TimeoutException as e:
+            raise upstream_error(p, e) from None
+        finally:
+            p.in_flight -= 1
+        if r.status_code != 200:
+            raise await error_from_response(r)
+        self.prefill_s_total += time.perf_counter() - t0
+        params = r.json().get("kv_transfer_params")
+        if not params or not params.get("do_remote_prefill"):
+            raise APIError(502, f"vLLM prefill server {p.name} answered without kv_transfer_params; start it with "
+                                "--kv-transfer-config '{\"kv_connector\":\"NixlConnector\",...}'",
+                           type="server_error", code="no_kv_transfer_params")
+        return dict(params)
+
+    async def _stream(self, u: Upstream, body: dict[str, Any], request_id: str) -> AsyncIterator[Piece]:
+        """Pieces from vLLM's SSE stream; the last one carries finish_reason and the usage totals."""
+        assert self._client is not None
+        held: Piece | None = None  # the finishing chunk, held until the usage chunk after it
+        u.in_flight += 1
+        try:
+            async with self._client.stream("POST", u.url + "/v1/completions", json=body,
+                                           headers={"X-Request-Id": request_id}) as r:
+                if r.status_code != 200:
+                    raise await error_from_response(r)
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    msg = json.loads(data)
+                    if "error" in msg:
+                        err = msg["error"]
+                        raise APIError(int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500,
+                                       f"vLLM {u.role} server {u.name}: {err.get('message')}", type="server_error")
+                    for ch in msg.get("choices") or []:
+                        ids = tuple(int(t) for t in (ch.get("token_ids") or ()))
+                        piece = Piece(ch.get("text") or "", len(ids), ids, finish_reason=ch.get("finish_reason"))
+                        if piece.finish_reason is None:
+                            yield piece
+                        else:
+                            held = piece
+                    use = msg.get("usage")
+                    if use and held is not None:
+                        held = Piece(held.text, held.num_tokens, held.token_ids, held.finish_reason,
+                                     completion_tokens=int(use.get("completion_tokens", 0)),
+                                     prompt_tokens=int(use.get("prompt_tokens", 0)))
+        except _CONN_ERRORS as e:
+            self.pool.mark_down(u, f"/v1/completions: {e.__class__.__name__}")
+            raise upstream_error(u, e) from None
+        except httpx.TimeoutException as e:
+            raise upstream_error(u, e) from None
+        finally:
+            u.in_flight -= 1
+        if held is None:
+            raise unavailable(f"vLLM {u.role} server {u.name} closed the stream before the request finished")
+        yield held
