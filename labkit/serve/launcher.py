@@ -10,6 +10,7 @@ started one by one too (`start_worker`, `start_router`), as notebook 04 does.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,21 @@ from labkit.config import labkit_home
 from labkit.proc import LOOPBACK, Child, StartupError, free_port, pid_alive, python_module_argv, start_process, wait_http_ok
 
 MODES = ("mono", "disagg")
+
+# Every process started here, until stopped: stopped at interpreter exit too, so a notebook
+# kernel that ends mid-experiment leaves no server behind.
+_LIVE: dict[int, "ServerProcess"] = {}
+
+
+def _stop_live_at_exit() -> None:
+    for p in list(_LIVE.values()):
+        try:
+            p.stop(timeout_s=3.0)
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
+atexit.register(_stop_live_at_exit)
 
 
 @dataclass
@@ -40,6 +56,7 @@ class ServerProcess:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self.child.stop(timeout_s=timeout_s)
+        _LIVE.pop(self.pid, None)
 
 
 def _log_dir() -> Path:
@@ -107,7 +124,9 @@ def start_worker(role: str, *, model: str = "tiny", port: int | None = None, nam
     except StartupError:
         child.stop()
         raise
-    return ServerProcess(role, name, url, child)
+    proc = ServerProcess(role, name, url, child)
+    _LIVE[proc.pid] = proc
+    return proc
 
 
 def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (),
@@ -144,7 +163,9 @@ def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (
     except StartupError:
         child.stop()
         raise
-    return ServerProcess("router", name, url, child)
+    proc = ServerProcess("router", name, url, child)
+    _LIVE[proc.pid] = proc
+    return proc
 
 
 @dataclass
