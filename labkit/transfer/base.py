@@ -46,6 +46,11 @@ class TransferStats:
         return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A flat byte view of a contiguous CPU tensor (no copy)."""
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
 def check_token(token: str) -> str:
     if not isinstance(token, str) or len(token) < 8:
         raise ValueError("token must be a string of at least 8 characters (one per deployment; "
@@ -200,7 +205,8 @@ class Receiver(ABC):
         """One frame's header and any file descriptors that came with it."""
 
     @abstractmethod
-    def _open_stream(self, meta: wire.KVMeta, fds: list[int], conn: socket.socket) -> InboundStream:
+    def _open_stream(self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int],
+                     conn: socket.socket) -> InboundStream:
         """Prepares to receive a request (shm: maps the sender's segment; tcp: allocates the tensors)."""
 
     def _start(self, listener: socket.socket) -> None:
@@ -266,9 +272,11 @@ class Receiver(ABC):
                 _linger(conn)
             except OSError:
                 pass
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - a bug or an OS error must fail the request, not the receiver
+            if not isinstance(e, OSError):
+                log.exception("kv receiver %s: unexpected error", self.endpoint)
             if stream is not None and not self._closed:
-                self._deliver(stream.meta.request_id, PayloadError(f"connection lost: {e}",
+                self._deliver(stream.meta.request_id, PayloadError(f"connection lost: {e.__class__.__name__}: {e}",
                                                                    request_id=stream.meta.request_id))
         finally:
             if stream is not None:
@@ -289,7 +297,7 @@ class Receiver(ABC):
                                     max_request_bytes=self.max_request_bytes)
             with self._cond:
                 self._in_flight.add(meta.request_id)
-            stream = self._open_stream(meta, fds, conn)
+            stream = self._open_stream(meta, header, fds, conn)
             fds.clear()                      # the stream owns them now
             return stream
         if stream is None:

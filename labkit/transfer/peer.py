@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--count", type=int, default=1)
     r.add_argument("--timeout-s", type=float, default=30.0)
     r.add_argument("--request-ids", default="", help="comma-separated ids to wait for, in this order")
+    r.add_argument("--sink", action="store_true", help="receive and drop until stopped (benchmarks)")
     s = sub.add_parser("send")
     s.add_argument("--endpoint", required=True)
     s.add_argument("--token", default=os.environ.get("LABKIT_TRANSFER_TOKEN", ""))
@@ -57,6 +58,12 @@ def run_recv(a: argparse.Namespace) -> int:
     ids = [x for x in a.request_ids.split(",") if x]
     with open_receiver(a.backend, token=a.token) as rx:
         _emit({"endpoint": rx.endpoint, "pid": os.getpid()})
+        if a.sink:
+            while True:
+                try:
+                    rx.recv(None, timeout_s=3600)
+                except TransferError as e:
+                    _emit({"error": type(e).__name__, "message": str(e), "request_id": e.request_id})
         for n in range(len(ids) or a.count):
             rid = ids[n] if ids else None
             try:

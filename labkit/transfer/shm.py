@@ -28,11 +28,12 @@ from typing import Any
 import torch
 
 from labkit.transfer import wire
-from labkit.transfer.base import InboundStream, OutboundStream, Receiver, Sender
+from labkit.transfer.base import InboundStream, OutboundStream, Receiver, Sender, tensor_bytes
 from labkit.transfer.errors import HeaderError, PayloadError, TransferError
 from labkit.transfer.shaping import LinkShape
 
-COPY_CHUNK_BYTES = 1 << 20       # copy, then checksum while the chunk is still in L2
+COPY_CHUNK_BYTES = 4 << 20       # copy, then checksum while the chunk is still in cache
+MADV_POPULATE_READ = 22          # Linux >= 5.14: map the pages read-only now, without copying them
 _SEALS_AT_CREATION = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
@@ -75,6 +76,11 @@ class Segment:
             pass
 
 
+def _fits(seg: Segment, nbytes: int) -> bool:
+    # Exact-ish fit only: a bigger segment would pin memory for as long as the receiver holds the KV.
+    return nbytes <= seg.size <= nbytes + max(nbytes // 8, 1 << 20)
+
+
 class ShmInbound(InboundStream):
     def __init__(self, meta: wire.KVMeta, fd: int) -> None:
         super().__init__(meta)
@@ -98,6 +104,10 @@ class ShmInbound(InboundStream):
         # No MAP_POPULATE: on a writable private mapping it would copy every page now, before
         # the sender has written it; read faults instead map the sender's pages as they are.
         self.mm = mmap.mmap(fd, meta.nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:    # page-table work done here, while the sender copies, not during verification
+            self.mm.madvise(MADV_POPULATE_READ)
+        except (OSError, ValueError):
+            pass
 
     def add_layer(self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket,
                   deadline: float | None) -> None:
@@ -181,7 +191,8 @@ class ShmReceiver(Receiver):
             raise
         return header, got
 
-    def _open_stream(self, meta: wire.KVMeta, fds: list[int], conn: socket.socket) -> InboundStream:
+    def _open_stream(self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int],
+                     conn: socket.socket) -> InboundStream:
         if len(fds) != 1:
             raise HeaderError(f"begin must carry exactly one shm segment descriptor, got {len(fds)}", field="fds",
                               request_id=meta.request_id)
@@ -196,24 +207,23 @@ class ShmOutbound(OutboundStream):
                  layerwise: bool, seg: Segment) -> None:
         super().__init__(sender, conn, meta, timeout_s, layerwise)
         self.seg = seg
-        self._dst: torch.Tensor | None = torch.frombuffer(seg.mm, dtype=torch.uint8, count=meta.nbytes)
         self._mv: memoryview | None = memoryview(seg.mm)
 
     def _write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        assert self._dst is not None and self._mv is not None
+        assert self._mv is not None
         n, half = self.meta.layer_nbytes, self.meta.nbytes // 2
         h = wire.xxhash.xxh3_64()
-        for off, src in ((layer * n, k), (half + layer * n, v)):
-            flat = src.view(torch.uint8).reshape(-1)
+        for off, src in ((layer * n, tensor_bytes(k)), (half + layer * n, tensor_bytes(v))):
+            # memoryview assignment is one single-threaded memcpy per chunk; torch.copy_ on small
+            # chunks pays its thread-pool handoff each time, which a loaded machine makes slow.
             for a in range(0, n, COPY_CHUNK_BYTES):
                 b = min(a + COPY_CHUNK_BYTES, n)
-                self._dst[off + a:off + b].copy_(flat[a:b])
+                self._mv[off + a:off + b] = src[a:b]
                 h.update(self._mv[off + a:off + b])
         frame = wire.encode_frame({"kind": "layer", "layer": layer, "checksum": h.intdigest()})
         self.sender._send_or_explain(self.conn, frame, self.deadline, self.meta.request_id)
 
     def _unmap(self) -> None:
-        self._dst = None
         if self._mv is not None:
             self._mv.release()
             self._mv = None
@@ -257,6 +267,9 @@ class ShmSender(Sender):
         if nbytes < 1:
             raise ValueError(f"nbytes must be >= 1, got {nbytes}")
         self._wait_refill()
+        with self._spare_lock:
+            if self._spare is not None and _fits(self._spare, nbytes):
+                return
         seg = Segment.create(nbytes)
         with self._spare_lock:
             old, self._spare = self._spare, seg
@@ -274,8 +287,7 @@ class ShmSender(Sender):
     def _take_segment(self, nbytes: int) -> Segment:
         with self._spare_lock:
             seg = self._spare
-            # Exact-ish fit only: a bigger segment would pin memory for as long as the receiver holds the KV.
-            if seg is not None and nbytes <= seg.size <= nbytes + max(nbytes // 8, 1 << 20):
+            if seg is not None and _fits(seg, nbytes):
                 self._spare = None
                 return seg
         return Segment.create(nbytes)

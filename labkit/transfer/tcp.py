@@ -11,26 +11,21 @@ from typing import Any
 import torch
 
 from labkit.transfer import wire
-from labkit.transfer.base import InboundStream, OutboundStream, Receiver, Sender
+from labkit.transfer.base import InboundStream, OutboundStream, Receiver, Sender, tensor_bytes
 from labkit.transfer.errors import HeaderError
 from labkit.transfer.shaping import LinkShape, TokenBucket, chunk_bytes
 
 SOCKET_BUFFER_BYTES = 4 << 20
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
+def parse_endpoint(endpoint: str, scheme: str = "tcp") -> tuple[str, int]:
     """("host", port) from "tcp://host:port"; ValueError naming the endpoint otherwise."""
-    if not endpoint.startswith("tcp://"):
-        raise ValueError(f"not a tcp endpoint: {endpoint!r} (expected tcp://host:port)")
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if not endpoint.startswith(f"{scheme}://"):
+        raise ValueError(f"not a {scheme} endpoint: {endpoint!r} (expected {scheme}://host:port)")
+    host, _, port = endpoint[len(scheme) + 3:].rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad tcp endpoint {endpoint!r} (expected tcp://host:port)")
+        raise ValueError(f"bad {scheme} endpoint {endpoint!r} (expected {scheme}://host:port)")
     return host.strip("[]"), int(port)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A flat byte view of a contiguous CPU tensor (no copy)."""
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
 
 
 class TcpInbound(InboundStream):
@@ -76,7 +71,7 @@ class TcpReceiver(Receiver):
         sock.listen(64)
         bound_port = sock.getsockname()[1]
         shown = socket.gethostbyname(socket.gethostname()) if host in ("0.0.0.0", "") else host
-        self._endpoint = f"tcp://{shown}:{bound_port}"
+        self._endpoint = f"{self.backend}://{shown}:{bound_port}"
         self._start(sock)
 
     @property
@@ -86,7 +81,8 @@ class TcpReceiver(Receiver):
     def _read_message(self, conn: socket.socket, deadline: float | None) -> tuple[dict[str, Any], list[int]]:
         return wire.read_frame(conn, deadline, what=f"frame from a sender to {self._endpoint}"), []
 
-    def _open_stream(self, meta: wire.KVMeta, fds: list[int], conn: socket.socket) -> InboundStream:
+    def _open_stream(self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int],
+                     conn: socket.socket) -> InboundStream:
         if fds:
             raise HeaderError("file descriptors on a tcp channel", field="fds", request_id=meta.request_id)
         return TcpInbound(meta)
@@ -117,7 +113,7 @@ class TcpSender(Sender):
     backend = "tcp"
 
     def __init__(self, endpoint: str, *, token: str, link: LinkShape | None = None, **kw: Any) -> None:
-        self.address = parse_endpoint(endpoint)
+        self.address = parse_endpoint(endpoint, self.backend)
         super().__init__(endpoint, token=token, link=link, **kw)
         # One bucket per sender: concurrent streams share the emulated link, as they would a real one.
         self._bucket = (TokenBucket(link.bytes_per_s, chunk_bytes(link))

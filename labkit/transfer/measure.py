@@ -1,0 +1,153 @@
+"""Measured transfer speed: memcpy of this machine, each backend across processes, layer-wise overlap.
+
+Used by benchmarks/transfer.py, notebook 02 and `labkit transfer`. The receiver runs in its
+own process (`labkit.transfer.peer recv --sink`), as a decode worker would; a sender's time is
+from the first byte to the receiver's ack (so it includes the receiver's checksum check).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from labkit.proc import Child, start_process
+from labkit.transfer import KVMeta, LinkShape, new_token, open_sender
+from labkit.transfer.base import tensor_bytes
+from labkit.transfer.synthetic import make_kv_fast
+
+
+def memcpy_gb_per_s(nbytes: int, repeats: int = 5) -> float:
+    """Best GB/s (1e9 B/s) of copying `nbytes` between two warm buffers: the higher of torch.copy_
+    (multi-threaded) and one memcpy (a memoryview assignment, which shm uses)."""
+    src = torch.arange(max(1, nbytes // 4), dtype=torch.int32).view(torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)                               # fault the pages in
+    s_mv, d_mv = tensor_bytes(src), tensor_bytes(dst)
+    best = float("inf")
+    for _ in range(repeats):
+        for copy in (lambda: dst.copy_(src), lambda: d_mv.__setitem__(slice(None), s_mv)):
+            t0 = time.perf_counter()
+            copy()
+            best = min(best, time.perf_counter() - t0)
+    return src.numel() / best / 1e9
+
+
+@dataclass
+class ReceiverProcess:
+    """A sink receiver in its own process: accepts transfers and drops them after the ack."""
+
+    backend: str
+    token: str
+    child: Child
+    endpoint: str
+
+    @classmethod
+    def start(cls, backend: str, log_dir: str | Path, token: str | None = None, timeout_s: float = 60.0,
+              extra_args: Iterable[str] = ()) -> ReceiverProcess:
+        token = token or new_token()
+        log = Path(log_dir) / f"kv-receiver-{backend}.log"
+        log.unlink(missing_ok=True)
+        child = start_process(f"kv receiver ({backend})",
+                              [sys.executable, "-m", "labkit.transfer.peer", "recv", "--backend", backend,
+                               "--sink", *extra_args],
+                              env={"LABKIT_TRANSFER_TOKEN": token}, log_path=log)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in log.read_text().splitlines() if log.exists() else []:
+                if line.startswith('{"endpoint"'):
+                    return cls(backend, token, child, json.loads(line)["endpoint"])
+            if not child.alive():
+                break
+            time.sleep(0.05)
+        child.stop()
+        raise RuntimeError(f"{backend} receiver did not start within {timeout_s:.0f} s. Log:\n{child.log_tail()}")
+
+    def stop(self) -> None:
+        self.child.stop(timeout_s=5)
+
+
+def time_sends(endpoint: str, token: str, nbytes: int, repeats: int = 3, link: LinkShape | None = None,
+               layers: int = 32, paired_memcpy: bool = False) -> dict[str, Any]:
+    """Sends a ~`nbytes` KV `repeats` times (after one warm-up); returns a row with best and median GB/s.
+
+    shm: each timed send uses a pre-faulted segment (`reserve`), as a registered buffer would be.
+    paired_memcpy: also time a memcpy of the same size right before each send, so the ratio
+    send/memcpy compares the two under the same load (others share this machine's cores).
+    """
+    kv = make_kv_fast("bench", nbytes, num_layers=layers if nbytes >= layers * 8192 else 1, num_kv_heads=8,
+                      head_dim=128)
+    src = dst = None
+    if paired_memcpy:
+        src = tensor_bytes(kv.k.reshape(-1).view(torch.uint8)), tensor_bytes(kv.v.reshape(-1).view(torch.uint8))
+        dst_t = torch.empty(kv.nbytes, dtype=torch.uint8)
+        dst_t.fill_(1)
+        dst = tensor_bytes(dst_t)
+    with open_sender(endpoint, token=token, link=link) as tx:
+        secs: list[float] = []
+        copy_secs: list[float] = []
+        for i in range(repeats + 1):
+            if hasattr(tx, "reserve"):
+                tx.reserve(kv.nbytes)
+            if src is not None and dst is not None:
+                t0 = time.perf_counter()
+                half = kv.nbytes // 2
+                dst[:half] = src[0]
+                dst[half:] = src[1]
+                if i:
+                    copy_secs.append(time.perf_counter() - t0)
+            kv.request_id = f"bench-{nbytes}-{i}"
+            st = tx.send(kv, timeout_s=600)
+            if i:
+                secs.append(st.seconds)
+    best, med = min(secs), statistics.median(secs)
+    row: dict[str, Any] = {"nbytes": kv.nbytes, "seconds_best": best, "seconds_median": med,
+                           "gb_per_s_best": kv.nbytes / best / 1e9, "gb_per_s_median": kv.nbytes / med / 1e9,
+                           "link": link.label if link else "measured"}
+    if copy_secs:
+        row["memcpy_gb_per_s_best"] = kv.nbytes / min(copy_secs) / 1e9
+        row["vs_memcpy_best"] = min(copy_secs) / best
+        row["vs_memcpy_median"] = statistics.median(c / s for c, s in zip(copy_secs, secs))
+    return row
+
+
+def layerwise_vs_at_end(endpoint: str, token: str, nbytes: int, compute_s: float, layers: int = 32,
+                        link: LinkShape | None = None) -> dict[str, Any]:
+    """Prefill of `layers` layers taking `compute_s` in all (simulated: the worker sleeps per layer),
+    then the KV sent at the end, vs sent layer by layer as each finishes. Returns seconds of each
+    (from prefill start to the receiver's ack) and of the transfer alone."""
+    kv = make_kv_fast("lw", nbytes, num_layers=layers)
+    per_layer = compute_s / kv.num_layers
+    with open_sender(endpoint, token=token, link=link) as tx:
+        if hasattr(tx, "reserve"):
+            tx.reserve(kv.nbytes)
+        kv.request_id = "alone"
+        transfer_only = tx.send(kv, timeout_s=600).seconds
+
+        if hasattr(tx, "reserve"):
+            tx.reserve(kv.nbytes)
+        t0 = time.perf_counter()
+        for _ in range(kv.num_layers):
+            time.sleep(per_layer)
+        kv.request_id = "at-end"
+        tx.send(kv, timeout_s=600)
+        at_end = time.perf_counter() - t0
+
+        if hasattr(tx, "reserve"):
+            tx.reserve(kv.nbytes)
+        kv.request_id = "layerwise"
+        t0 = time.perf_counter()
+        with tx.begin(KVMeta.from_export(kv), timeout_s=600) as s:
+            for i in range(kv.num_layers):
+                time.sleep(per_layer)
+                s.send_layer(i, kv.k[i], kv.v[i])
+            s.finish(first_token_id=kv.first_token_id)
+        layerwise = time.perf_counter() - t0
+    return {"nbytes": kv.nbytes, "layers": kv.num_layers, "compute_s": compute_s, "transfer_s": transfer_only,
+            "at_end_s": at_end, "layerwise_s": layerwise, "link": link.label if link else "measured",
+            "ideal_layerwise_s": max(compute_s, transfer_only) + min(compute_s, transfer_only) / kv.num_layers}
