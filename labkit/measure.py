@@ -83,6 +83,27 @@ def sweep_prefill(runner: Runner, prompt_lens: Iterable[int], batch: int = 1, **
     return [measure_prefill(runner, batch, n, **kw) for n in _progress(list(prompt_lens), "prefill length sweep")]
 
 
+def run_for(fn: Any, seconds: float, device: str, max_calls: int = 1_000_000) -> int:
+    """Calls `fn` again and again for at least `seconds` (at least once); returns the number of calls.
+
+    For telemetry: keeps one phase busy long enough for a sampler to see it.
+    """
+    import time
+
+    from labkit.hardware import sync
+
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds}")
+    end, n = time.perf_counter() + seconds, 0
+    while n < max_calls:
+        fn()
+        n += 1
+        if time.perf_counter() >= end:
+            break
+    sync(device)
+    return n
+
+
 def _progress(items: list[Any], desc: str) -> Iterable[Any]:
     try:
         from tqdm.auto import tqdm

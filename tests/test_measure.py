@@ -76,6 +76,18 @@ def test_sweeps_and_phase_marks(runner):
     assert [p.name for p in s.phases] == ["decode"] * 3 + ["prefill"] * 2
 
 
+def test_run_for_keeps_a_phase_busy():
+    import time
+
+    calls = []
+    t0 = time.perf_counter()
+    n = measure.run_for(lambda: calls.append(time.sleep(0.01)), 0.2, "cpu")
+    assert n == len(calls) >= 5 and time.perf_counter() - t0 >= 0.2
+    assert measure.run_for(lambda: None, 0.0, "cpu") == 1
+    with pytest.raises(ValueError, match="seconds"):
+        measure.run_for(lambda: None, -1, "cpu")
+
+
 def test_bad_sizes_are_refused(runner):
     with pytest.raises(ValueError, match="batch"):
         runner.prefill_fn(0, 10)
