@@ -86,6 +86,7 @@ class Topology:
         old = self.prefill if role == "prefill" else self.decode
         assert old is not None
         old.stop(timeout_s=5)
+        wait_router_sees(self, role, up=False)  # so that "up" below is the new process's first poll
         port = int(old.url.rsplit(":", 1)[1])
         if env is not None:
             self.worker_env[role] = env
@@ -94,7 +95,7 @@ class Topology:
             self.prefill = new
         else:
             self.decode = new
-        wait_router_sees(self, role, up=True, pid=new.pid)
+        wait_router_sees(self, role, up=True)
         return new
 
     def stop(self) -> None:
@@ -125,28 +126,30 @@ def wait_for(pred: Any, timeout_s: float = SETTLE_TIMEOUT_S, what: str = "condit
     raise AssertionError(f"{what} not reached within {timeout_s} s (last: {last!r})")
 
 
+def pool_full(w: ServerProcess) -> dict[str, Any]:
+    """Waits until `w`'s KV pool is back to full and nothing runs there; returns its /health."""
+    def idle() -> dict[str, Any] | None:
+        h = worker_health(w)
+        return h if h["kv_blocks_used"] == 0 and h["running_requests"] == 0 else None
+    h = wait_for(idle, what=f"{w.name}: KV pool back to full, no request running")
+    assert h["kv_blocks_free"] == h["kv_blocks_total"] > 0
+    return h
+
+
 def pools_full(topo: Topology) -> None:
     """Waits until every worker's KV pool is back to full and nothing is running."""
     for w in topo.workers:
-        def idle(w: ServerProcess = w) -> dict[str, Any] | None:
-            h = worker_health(w)
-            return h if h["kv_blocks_used"] == 0 and h["running_requests"] == 0 else None
-        h = wait_for(idle, what=f"{w.name}: KV pool back to full, no request running")
-        assert h["kv_blocks_free"] == h["kv_blocks_total"] > 0
+        pool_full(w)
 
 
-def wait_router_sees(topo: Topology, role: str, *, up: bool, pid: int | None = None) -> None:
-    """Waits until the router's /health shows `role`'s worker up (and polled at `pid`) or down."""
+def wait_router_sees(topo: Topology, role: str, *, up: bool) -> None:
+    """Waits until the router's /health shows `role`'s worker up or down."""
     name = f"{role}0"
 
     def seen() -> bool:
         h = httpx.get(topo.url + "/health", timeout=5.0).json()["upstreams"][name]
         return bool(h["up"]) == up
     wait_for(seen, what=f"router sees {name} {'up' if up else 'down'}")
-    if up and pid is not None:  # a request must not reach the old process's last health info
-        w = topo.prefill if role == "prefill" else topo.decode
-        assert w is not None
-        wait_for(lambda: worker_health(w)["pid"] == pid, what=f"{name} answers from pid {pid}")
 
 
 def complete(url: str, max_tokens: int = 8, prompt: Any = "hello, world", **extra: Any) -> dict[str, Any]:
