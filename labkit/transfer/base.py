@@ -103,6 +103,7 @@ class Receiver(ABC):
     """
 
     backend = ""
+    checksum_algo = wire.CHECKSUM_ALGO
 
     def __init__(self, *, token: str, expect: wire.KVSpec | None = None,
                  max_request_bytes: int = wire.MAX_REQUEST_BYTES, stall_timeout_s: float = 30.0,
@@ -294,7 +295,7 @@ class Receiver(ABC):
             if stream is not None:
                 raise HeaderError(f"begin while request {stream.meta.request_id!r} is still open", field="kind")
             meta = wire.parse_begin(header, token=self._token, expect=self.expect,
-                                    max_request_bytes=self.max_request_bytes)
+                                    max_request_bytes=self.max_request_bytes, checksum_algo=self.checksum_algo)
             with self._cond:
                 self._in_flight.add(meta.request_id)
             stream = self._open_stream(meta, header, fds, conn)

@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--layerwise", action="store_true")
     s.add_argument("--layer-delay-ms", type=float, default=0.0, help="simulated prefill time per layer")
     s.add_argument("--timeout-s", type=float, default=30.0)
+    s.add_argument("--device", default="cpu", help="where the KV lives (cuda for cuda-ipc)")
     _shape_args(s)
     return p
 
@@ -80,6 +81,7 @@ def run_recv(a: argparse.Namespace) -> int:
 def run_send(a: argparse.Namespace) -> int:
     kv = make_kv(a.request_id, a.tokens, num_layers=a.layers, num_kv_heads=a.kv_heads, head_dim=a.head_dim,
                  dtype=a.dtype, seed=a.seed)
+    kv.k, kv.v = kv.k.to(a.device), kv.v.to(a.device)
     try:
         with open_sender(a.endpoint, token=a.token) as tx:
             if a.layerwise:

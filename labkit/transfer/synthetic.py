@@ -48,5 +48,5 @@ def kv_digest(kv: KVExport) -> str:
 
     h = hashlib.sha256()
     for t in (kv.k, kv.v):
-        h.update(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
+        h.update(memoryview(t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()))
     return h.hexdigest()

@@ -188,13 +188,14 @@ class KVMeta:
         """Bytes of K and V together."""
         return 2 * self.num_layers * self.layer_nbytes
 
-    def begin_header(self, token: str) -> dict[str, Any]:
+    def begin_header(self, token: str, checksum_algo: str = "") -> dict[str, Any]:
         return {"kind": "begin", "version": PROTOCOL_VERSION, "token": token, "request_id": self.request_id,
                 "model_fingerprint": self.model_fingerprint, "prompt_ids": list(self.prompt_ids),
                 "num_tokens": self.num_tokens, "first_token_id": self.first_token_id,
                 "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
                 "dtype": self.dtype, "block_size": self.block_size, "shape": list(self.shape),
-                "layout": "k_then_v", "nbytes": self.nbytes, "checksum_algo": CHECKSUM_ALGO, "extra": self.extra}
+                "layout": "k_then_v", "nbytes": self.nbytes, "checksum_algo": checksum_algo or CHECKSUM_ALGO,
+                "extra": self.extra}
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +250,7 @@ def _is_int(v: Any) -> bool:
 
 
 def parse_begin(header: dict[str, Any], *, token: str, expect: KVSpec | None,
-                max_request_bytes: int = MAX_REQUEST_BYTES) -> KVMeta:
+                max_request_bytes: int = MAX_REQUEST_BYTES, checksum_algo: str = CHECKSUM_ALGO) -> KVMeta:
     """Authenticates and validates a `begin` header; returns its KVMeta.
 
     Raises AuthError for a wrong or missing token (compared in constant time), HeaderError
@@ -262,8 +263,8 @@ def parse_begin(header: dict[str, Any], *, token: str, expect: KVSpec | None,
     if header.get("version") != PROTOCOL_VERSION:
         raise HeaderError(f"protocol version {header.get('version')!r} != {PROTOCOL_VERSION}", field="version",
                           request_id=rid)
-    if header.get("checksum_algo") != CHECKSUM_ALGO:
-        raise HeaderError(f"checksum_algo {header.get('checksum_algo')!r} != {CHECKSUM_ALGO!r}",
+    if header.get("checksum_algo") != checksum_algo:
+        raise HeaderError(f"checksum_algo {header.get('checksum_algo')!r} != {checksum_algo!r}",
                           field="checksum_algo", request_id=rid)
     if header.get("layout") != "k_then_v":
         raise HeaderError(f"layout {header.get('layout')!r} != 'k_then_v'", field="layout", request_id=rid)
