@@ -151,7 +151,7 @@ def calibration_path(model: str, profile: str) -> Path:
 
 
 def load_or_calibrate(model: str = "tiny", profile: str | None = None, *, refresh: bool = False,
-                      progress: bool = False) -> Calibration:
+                      points: CalibrationPoints | None = None, progress: bool = False) -> Calibration:
     """The saved calibration of `model` on this machine, measuring (and saving) it when missing."""
     from labkit.config import profile as current_profile
 
@@ -162,6 +162,34 @@ def load_or_calibrate(model: str = "tiny", profile: str | None = None, *, refres
             return Calibration.load(path)
         except (ValueError, KeyError, TypeError):
             pass  # an old or broken file: measure again
-    cal = calibrate(model, prof, progress=progress)
+    cal = calibrate(model, prof, points=points, progress=progress)
     cal.save(path)
     return cal
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m labkit.plan.calibrate --model small --out cal.json`: measure, fit, save, print."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m labkit.plan.calibrate", description=main.__doc__)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--profile", choices=["ci", "full"], default=None)
+    p.add_argument("--out", default=None, help="JSON path (default: under LABKIT_HOME/plan/)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    from labkit.config import profile as current_profile
+
+    prof = a.profile or current_profile()
+    cal = calibrate(a.model, prof, progress=True)
+    path = cal.save(a.out or calibration_path(a.model, prof))
+    print(cal.model.describe())
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

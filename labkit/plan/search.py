@@ -152,22 +152,21 @@ def max_goodput_rate(requests: Requests, latency: LatencyModel, layout: Layout, 
                        prefix_hit_rate=prefix_hit_rate)
         return rate <= cap and float(res.slo_met(slo).mean()) >= s.attainment, res
 
-    r = 0.5 * cap
-    ok, res = run(r)
-    lo, lo_res, hi = (r, res, math.inf) if ok else (0.0, None, r)
-    for _ in range(10):  # bracket
-        if ok and hi == math.inf:
-            r *= 2
-        elif not ok and lo == 0.0:
-            r /= 4
-        else:
-            break
+    if not (cap > 0 and math.isfinite(cap)):
+        return 0.0, None
+    ok, res = run(cap)                         # nothing above the capacity counts, so try it first
+    if ok:
+        return cap, res
+    lo, lo_res, hi = 0.0, None, cap
+    r = cap
+    for _ in range(12):                        # halve until the SLOs hold
+        r /= 2
         ok, res = run(r)
         if ok:
             lo, lo_res = r, res
-        else:
-            hi = min(hi, r)
-    if lo > 0.0 and hi < math.inf:
+            break
+        hi = r
+    if lo > 0.0:
         for _ in range(s.bisection_steps):
             mid = math.sqrt(lo * hi)
             ok, res = run(mid)

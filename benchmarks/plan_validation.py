@@ -1,0 +1,112 @@
+"""Does the planner's simulator predict what the real servers do? Mono and 1P1D on this machine.
+
+1. Calibrate the latency model twice, the way the servers run: on all cores (mono's worker) and
+   pinned to one core (each 1P1D worker: prefill on core 0, decode on core 1).
+2. Run the lab's servers (`labkit.serve.launcher` via `labkit.bench.sweep`) at three request rates
+   with the benchmark client, mono then 1P1D, the same requests in both.
+3. Replay each run's exact trace (send times, lengths) in the simulator and compare p50 TTFT,
+   p50 TPOT and output throughput, predicted against measured. The target: within 15%.
+
+Prints the table, writes JSON (docs/results/plan_validation-<date>-<machine>.json by default),
+which notebook 06 shows.
+
+    python benchmarks/plan_validation.py            # small model, ~10 minutes on 2 cores
+    python benchmarks/plan_validation.py --quick    # tiny model, ~3 minutes
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from labkit.bench import SLO
+from labkit.bench.metrics import jsonable
+from labkit.config import repo_root
+from labkit.plan.latency_model import Calibration
+from labkit.plan.simulator import Link
+from labkit.plan.validate import measure_and_compare, table, within
+
+PROFILES = {
+    "full": dict(model="small", profile="full", n=16, scale=0.25, rates=(0.2, 0.4, 0.7), slo=SLO(ttft_s=4.0, tpot_s=0.25)),
+    "quick": dict(model="tiny", profile="ci", n=12, scale=0.25, rates=(2.0, 4.0, 8.0), slo=SLO(ttft_s=1.0, tpot_s=0.05)),
+}
+
+
+def calibrate_pinned(model: str, profile: str, cpus: list[int], out: Path, timeout_s: float = 900.0) -> Calibration:
+    """Runs `python -m labkit.plan.calibrate` pinned to `cpus` with one torch thread per core."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(cpus)), "MKL_NUM_THREADS": str(len(cpus))}
+    argv = [sys.executable, "-m", "labkit.plan.calibrate", "--model", model, "--profile", profile,
+            "--out", str(out), "--threads", str(len(cpus))]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s,
+                          preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)))
+    if proc.returncode != 0:
+        raise RuntimeError(f"calibration on cpus {cpus} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    print(proc.stdout.strip().splitlines()[-3:][0] if proc.stdout else "", flush=True)
+    return Calibration.load(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model, fewer requests")
+    ap.add_argument("--rates", type=float, nargs="*", default=None, help="request rates (req/s)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per rate")
+    ap.add_argument("--link-gbps", type=float, default=20.0, help="shared-memory KV transfer, Gbit/s")
+    ap.add_argument("--link-latency-ms", type=float, default=1.0, help="per-transfer latency, ms")
+    ap.add_argument("--out", default=None, help="JSON path")
+    a = ap.parse_args()
+    prof = PROFILES["quick" if a.quick else "full"]
+    rates = tuple(a.rates) if a.rates else prof["rates"]
+    n = a.requests or prof["n"]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        print("plan_validation needs 2 cores (prefill and decode each get one)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"== calibrating {prof['model']} on cores {cores} (mono) and on core {cores[0]} (each 1P1D worker)")
+        cal_mono = calibrate_pinned(prof["model"], prof["profile"], cores, Path(tmp) / "mono.json")
+        cal_role = calibrate_pinned(prof["model"], prof["profile"], cores[:1], Path(tmp) / "role.json")
+    print(cal_mono.model.describe(), "\n", cal_role.model.describe(), sep="")
+
+    print(f"== measuring mono and 1P1D at {rates} req/s, {n} requests each")
+    link = Link(a.link_gbps, a.link_latency_ms / 1e3)
+    rows = measure_and_compare(prof["model"], cal_mono.model, cal_role.model, rates_rps=rates, n_requests=n,
+                               scale=prof["scale"], link=link, slo=prof["slo"])
+    print(table(rows))
+    share = within(rows, 0.15)
+    print(f"\n{share:.0%} of the predictions are within 15% of the measurement "
+          f"({time.perf_counter() - t0:.0f} s; other work on this machine adds noise)")
+
+    date = dt.date.today().isoformat()
+    machine = f"cpu-{len(cores)}core"
+    out = Path(a.out) if a.out else repo_root() / "docs" / "results" / f"plan_validation-{date}-{machine}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"what": "simulator vs measured: p50 TTFT, p50 TPOT, output tokens/s; mono and 1P1D",
+           "date": date, "machine": machine, "cpu": platform.processor() or platform.machine(),
+           "model": prof["model"], "rates_rps": list(rates), "requests_per_rate": n, "workload": "azure-conv-2023",
+           "length_scale": prof["scale"], "link": {"bandwidth_gbps": link.bandwidth_gbps, "latency_s": link.latency_s},
+           "latency_model_mono": cal_mono.model.to_dict(), "latency_model_role": cal_role.model.to_dict(),
+           "calibration_mono": json.loads(json.dumps(jsonable({"prefill": [vars_(s) for s in cal_mono.prefill_samples],
+                                                               "decode": [vars_(s) for s in cal_mono.decode_samples]}))),
+           "calibration_role": {"prefill": [vars_(s) for s in cal_role.prefill_samples],
+                                "decode": [vars_(s) for s in cal_role.decode_samples]},
+           "rows": [r.as_dict() for r in rows], "share_within_15pct": share,
+           "seconds": time.perf_counter() - t0}
+    out.write_text(json.dumps(jsonable(doc), indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def vars_(sample: object) -> dict[str, float]:
+    return {k: getattr(sample, k) for k in sample.__slots__}  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Charts of notebook 06 (the planner): the fit, the layouts, simulated latencies, validation."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from labkit.plots.style import MODE_COLORS, PHASE_COLORS, new_figure
+
+
+def _mode_color(label: str) -> str:
+    if label.startswith("mono-chunked") or "chunked" in label:
+        return MODE_COLORS["mono-chunked"]
+    if "mono" in label:
+        return MODE_COLORS["mono"]
+    return MODE_COLORS["disagg"]
+
+
+def plot_fit(cal: Any, title: str = "The latency model, fitted on your measurements") -> Any:
+    """Two panels: prefill time against prompt tokens, decode step time against context, fit and points."""
+    fig, (ax1, ax2) = new_figure(1, 2)
+    m = cal.model
+    t = np.array([s.num_tokens for s in cal.prefill_samples])
+    y = np.array([s.elapsed_s for s in cal.prefill_samples]) * 1e3
+    grid = np.linspace(1, t.max() * 1.1, 200)
+    ax1.plot(t, y, "o", color=PHASE_COLORS["prefill"], label="measured")
+    ax1.plot(grid, m.prefill_s(grid) * 1e3, "-", color="black", lw=1.6, label=f"a + b·T + c·T²  (R² {m.r2_prefill:.3f})")
+    ax1.set(xlabel="prompt tokens T", ylabel="prefill time (ms)", title="Prefill: compute grows with T")
+    ax1.legend()
+    batches = sorted({s.batch_size for s in cal.decode_samples})
+    cmap = __import__("matplotlib").colormaps["Blues"]
+    for i, b in enumerate(batches):
+        pts = [s for s in cal.decode_samples if s.batch_size == b]
+        c = np.array([s.context_tokens for s in pts])
+        yy = np.array([s.elapsed_s for s in pts]) * 1e3
+        col = cmap(0.4 + 0.6 * i / max(1, len(batches) - 1))
+        ax2.plot(c, yy, "o", color=col, label=f"batch {b}")
+        cg = np.linspace(c.min(), c.max(), 20)
+        ax2.plot(cg, m.decode_step_s(b, cg) * 1e3, "-", color=col, lw=1.4)
+    ax2.set(xlabel="KV tokens in the batch S", ylabel="decode step time (ms)",
+            title=f"Decode: a + b·S + c·B  (R² {m.r2_decode:.3f})")
+    ax2.legend(fontsize=10)
+    fig.suptitle(title, fontsize=16, fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def plot_layouts(search: Any, title: str = "Goodput per device of each layout") -> Any:
+    """Horizontal bars: goodput per device (req/s) of every candidate, best on top."""
+    scores = search.scores[:12]
+    fig, ax = new_figure(figsize=(10, 0.45 * len(scores) + 1.8))
+    labels = [s.unit.label for s in scores][::-1]
+    vals = [s.goodput_rps_per_device for s in scores][::-1]
+    ax.barh(labels, vals, color=[_mode_color(lbl) for lbl in labels])
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.3g}", va="center", fontsize=11)
+    ax.set(xlabel="goodput per device (req/s meeting every SLO at >= 90% attainment)", title=title)
+    ax.grid(axis="y", alpha=0)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sim_compare(results: Mapping[str, Any], slo: Any, title: str = "Simulated latencies at this rate") -> Any:
+    """Three panels: TTFT CDF, TPOT CDF (with the SLOs), goodput per device (bars)."""
+    fig, axes = new_figure(1, 3, figsize=(17, 4.8))
+    for label, r in results.items():
+        col = _mode_color(label)
+        for ax, vals in ((axes[0], r.ttft_s), (axes[1], r.tpot_s)):
+            v = np.sort(vals) * 1e3
+            ax.plot(v, np.arange(1, len(v) + 1) / len(v), color=col, label=label,
+                    ls="--" if "chunked" in label else "-")
+    for ax, lim, name in ((axes[0], slo.ttft_s, "TTFT"), (axes[1], slo.tpot_s, "TPOT")):
+        ax.axvline(lim * 1e3, color="black", ls=":", lw=1.5, label=f"SLO {lim * 1e3:g} ms")
+        ax.set(xlabel=f"{name} (ms)", ylabel="share of requests", title=f"{name}, cumulative")
+        ax.set_xscale("log")
+        ax.legend(fontsize=10)
+    labels = list(results)
+    gp = [results[k].goodput_rps(slo) / results[k].layout.num_devices for k in labels]
+    axes[2].bar(labels, gp, color=[_mode_color(k) for k in labels])
+    axes[2].set(ylabel="goodput per device (req/s)", title="Goodput per device")
+    axes[2].tick_params(axis="x", rotation=20)
+    fig.suptitle(title, fontsize=16, fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def plot_validation(rows: Sequence[Any], tolerance: float = 0.15,
+                    title: str = "Simulator against measurement") -> Any:
+    """Predicted against measured per metric (log-log), with the y = x line and the ±tolerance band."""
+    metrics = [("ttft_p50_ms", "p50 TTFT (ms)"), ("tpot_p50_ms", "p50 TPOT (ms)"), ("output_tok_s", "output tokens/s")]
+    fig, axes = new_figure(1, 3, figsize=(17, 5))
+    for ax, (metric, name) in zip(axes, metrics):
+        pts = [r for r in rows if r.metric == metric]
+        if not pts:
+            ax.set_visible(False)
+            continue
+        for mode in sorted({r.mode for r in pts}):
+            sel = [r for r in pts if r.mode == mode]
+            ax.plot([r.measured for r in sel], [r.predicted for r in sel], "o", ms=10,
+                    color=MODE_COLORS.get(mode, "#333333"), label=mode)
+        lo = min(min(r.measured, r.predicted) for r in pts) * 0.7
+        hi = max(max(r.measured, r.predicted) for r in pts) * 1.3
+        g = np.geomspace(lo, hi, 50)
+        ax.plot(g, g, "-", color="black", lw=1)
+        ax.fill_between(g, g * (1 - tolerance), g * (1 + tolerance), color="gray", alpha=0.2,
+                        label=f"±{tolerance:.0%}")
+        ax.set(xscale="log", yscale="log", xlabel=f"measured {name}", ylabel=f"predicted {name}", title=name)
+        ax.legend(fontsize=10)
+    fig.suptitle(title, fontsize=16, fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def plot_gain_map(xs: Sequence[float], ys: Sequence[float], gain: np.ndarray, xlabel: str, ylabel: str,
+                  title: str = "Where disaggregation pays (goodput per device, xPyD / mono)") -> Any:
+    """A heat map of the simulated gain over two knobs; > 1 (green) means disaggregation wins."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    fig, ax = new_figure(figsize=(9, 6))
+    g = np.asarray(gain, dtype=float)
+    vmin, vmax = min(float(np.nanmin(g)), 0.99), max(float(np.nanmax(g)), 1.01)
+    im = ax.imshow(g, origin="lower", aspect="auto", cmap="RdYlGn", norm=TwoSlopeNorm(1.0, vmin, vmax))
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            ax.text(j, i, f"{g[i, j]:.2f}", ha="center", va="center", fontsize=11)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(False)
+    fig.colorbar(im, ax=ax, label="gain (x)")
+    fig.tight_layout()
+    return fig

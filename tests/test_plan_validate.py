@@ -1,0 +1,104 @@
+"""Replaying measured runs in the simulator, the comparison table, the planner's charts and tour section."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from labkit.plan import validate
+from labkit.plan.latency_model import Calibration, DecodeSample, LatencyModel, PrefillSample
+from labkit.plan.simulator import SLO, Layout, simulate
+
+LAT = LatencyModel(0.002, 50e-6, 1e-8, 0.003, 1e-7, 1e-4, kv_bytes_per_token=100_000)
+
+
+class Rec:
+    """The fields of labkit.bench.metrics.RequestRecord that the replay reads."""
+
+    def __init__(self, start_s: float, prompt: int, out: int, ttft_s: float, e2e_s: float, ok: bool = True) -> None:
+        self.start_s, self.prompt_tokens, self.output_tokens = start_s, prompt, out
+        self.expected_output_tokens, self.ttft_s, self.e2e_s, self.ok = out, ttft_s, e2e_s, ok
+
+
+def test_replaying_a_simulated_run_reproduces_its_numbers() -> None:
+    # a "measurement" that is itself a simulation: replaying its trace must give 0% error
+    from labkit.plan.workload import WorkloadShape, sample_requests
+
+    req = sample_requests(WorkloadShape("w", 300, 40, 0.5, 0.5), 60, 5.0, seed=4)
+    sim = simulate(req, LAT, Layout.mono())
+    recs = [Rec(10.0 + a, int(p), int(o), t, e) for a, p, o, t, e in
+            zip(req.arrival_s, req.prompt_tokens, req.output_tokens, sim.ttft_s, sim.e2e_s)]
+    recs.append(Rec(99.0, 10, 5, math.nan, math.nan, ok=False))       # failed requests are left out
+    trace = validate.requests_from_records(list(reversed(recs)))
+    assert len(trace) == 60 and trace.arrival_s[0] == 0.0
+    np.testing.assert_allclose(trace.arrival_s, req.arrival_s - req.arrival_s[0], atol=1e-9)
+    rows = validate.compare("mono", 5.0, validate.predicted_metrics(simulate(trace, LAT, Layout.mono())),
+                            validate.measured_metrics(recs))
+    assert [r.metric for r in rows] == list(validate.METRICS)
+    assert all(abs(r.error) < 1e-6 for r in rows)
+    assert validate.within(rows, 0.15) == 1.0
+
+
+def test_errors_and_the_table() -> None:
+    rows = [validate.ValidationRow("mono", 1.0, "ttft_p50_ms", 110.0, 100.0),
+            validate.ValidationRow("1p1d", 1.0, "tpot_p50_ms", 50.0, 100.0)]
+    assert rows[0].error == pytest.approx(0.10) and rows[1].error == pytest.approx(-0.5)
+    assert validate.within(rows, 0.15) == 0.5
+    text = validate.table(rows)
+    assert "+10.0%" in text and "-50.0%" in text
+    with pytest.raises(ValueError, match="no successful requests"):
+        validate.requests_from_records([Rec(0.0, 5, 5, 1.0, 2.0, ok=False)])
+
+
+def test_load_rows_reads_what_the_benchmark_writes(tmp_path) -> None:
+    rows = [validate.ValidationRow("mono", 2.0, "output_tok_s", 90.0, 100.0)]
+    p = tmp_path / "plan_validation-x.json"
+    p.write_text(json.dumps({"rows": [r.as_dict() for r in rows]}))
+    back = validate.load_rows(p)
+    assert back == rows and back[0].error == pytest.approx(-0.1)
+
+
+def test_charts_show_what_they_say(tmp_path) -> None:
+    from labkit.plots import plan as plan_plots
+    from labkit.plan.search import SearchSettings, search_layouts
+    from labkit.plan.workload import WorkloadShape, sample_requests
+
+    pre = [PrefillSample(t, float(LAT.prefill_s(t))) for t in (16, 64, 256, 1024)]
+    dec = [DecodeSample(b, b * c, float(LAT.decode_step_s(b, b * c))) for b in (1, 4) for c in (64, 512)]
+    fig = plan_plots.plot_fit(Calibration(LAT, tuple(pre), tuple(dec)))
+    a1, a2 = fig.axes[:2]
+    assert a1.get_xlabel() == "prompt tokens T" and "ms" in a1.get_ylabel() and "ms" in a2.get_ylabel()
+    assert len(a2.get_legend().get_texts()) == 2                          # one entry per batch size
+    req = sample_requests(WorkloadShape("w", 500, 50, 0.3, 0.3), 100, 1.0, seed=0)
+    res = search_layouts(req, LAT, 3, SLO(1.0, 0.05), settings=SearchSettings(bisection_steps=3, max_unit_devices=3,
+                                                                                min_requests=50))
+    fig = plan_plots.plot_layouts(res)
+    assert len(fig.axes[0].patches) == len(res.scores)
+    runs = {"mono": simulate(req.at_rate(3.0), LAT, Layout.mono()),
+            "1P1D": simulate(req.at_rate(3.0), LAT, Layout.disagg(1, 1))}
+    fig = plan_plots.plot_sim_compare(runs, SLO(1.0, 0.05))
+    assert fig.axes[0].get_xlabel() == "TTFT (ms)" and len(fig.axes[2].patches) == 2
+    rows = [validate.ValidationRow(m, 1.0, k, 1.0 + i, 1.0) for i, (m, k) in
+            enumerate([("mono", "ttft_p50_ms"), ("1p1d", "tpot_p50_ms"), ("mono", "output_tok_s")])]
+    fig = plan_plots.plot_validation(rows)
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["p50 TTFT (ms)", "p50 TPOT (ms)", "output tokens/s"]
+    fig = plan_plots.plot_gain_map([1, 2], [3, 4, 5], np.array([[0.8, 1.2], [1.0, 1.5], [0.7, 2.0]]), "x", "y")
+    assert fig.axes[0].get_xlabel() == "x"
+
+
+@pytest.mark.timeout(300)
+def test_tour_section_adds_a_verdict_per_azure_preset(tmp_path) -> None:
+    from labkit.plan.tour import tour_section
+    from labkit.report import Report
+
+    report = Report(tmp_path / "report")
+    report.section("Should you disaggregate?")
+    tour_section(report, "ci")
+    s = report.sections[-1]
+    rows = s.tables[0][1]
+    assert {r["workload"] for r in rows} == {"azure-conv-2023", "azure-code-2023"}
+    assert all(r["verdict"].split()[0] in ("DISAGGREGATE:", "STAY", "MARGINAL") for r in rows)
+    assert s.figures and s.figures[0][1].is_file()
+    assert any(row.what.startswith("planner") for row in report.summary)
