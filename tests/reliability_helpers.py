@@ -35,6 +35,7 @@ class Topology:
     router: ServerProcess | None = None
     worker_env: dict[str, dict[str, str]] = field(default_factory=dict)  # role -> extra env (fault settings)
     transfer_timeout_s: float = 30.0
+    transfer: str = "shm"               # KV transport: shm or tcp
 
     @property
     def url(self) -> str:
@@ -66,7 +67,7 @@ class Topology:
         os.environ.update(env)  # start_process passes os.environ on to the child
         try:
             return start_worker(role, model=self.model, port=port, name=f"{role}0", cpus=cpus,
-                                kv_token=self.kv_token, kv_cache_bytes=32 << 20,
+                                kv_token=self.kv_token, kv_cache_bytes=32 << 20, transfer=self.transfer,
                                 extra_args=["--transfer-timeout-s", str(self.transfer_timeout_s)])
         finally:
             for k, v in saved.items():
