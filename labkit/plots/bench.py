@@ -144,3 +144,25 @@ def plot_ratio_bars(ratios: Mapping[str, float], *, ylabel: str, title: str, bet
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return fig
+
+
+def plot_lengths(samples: Mapping[str, tuple[Sequence[int], Sequence[int]]], *, bins: int = 40,
+                 title: str = "Prompt and output lengths"):
+    """Histograms (log-spaced bins) of prompt and output tokens, one step line per named (prompts, outputs)."""
+    fig, axes = new_figure(1, 2)
+    for j, (ax, what) in enumerate(zip(axes, ("prompt", "output"))):
+        arrays = [np.asarray(v[j], dtype=float) for v in samples.values()]
+        lo = max(1.0, min(a.min() for a in arrays if len(a)))
+        hi = max(a.max() for a in arrays if len(a))
+        edges = np.logspace(np.log10(lo), np.log10(max(hi, lo * 1.01)), bins)
+        for i, (name, a) in enumerate(zip(samples, arrays)):
+            ax.hist(a, bins=edges, histtype="step", lw=2.2, weights=np.full(len(a), 1.0 / max(1, len(a))), color=_EXTRA_COLORS[i % len(_EXTRA_COLORS)],
+                    label=f"{name} (median {np.median(a):,.0f})")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{what} length (tokens)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{what.capitalize()} tokens")
+        ax.legend(fontsize=10)
+    fig.suptitle(title, fontsize=17, fontweight="bold")
+    fig.tight_layout()
+    return fig
