@@ -149,3 +149,55 @@ def test_rel_top2_gaps() -> None:
     gaps = rel_top2_gaps(logits)
     assert gaps[0] == pytest.approx(1 / 3)
     assert gaps[1] == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_xpyd_recipe_commands() -> None:
+    from labkit.vllm.recipe import STACKS, XPyDPlan, recipe_text, xpyd_recipe
+
+    plan = XPyDPlan("/models/m", ("p1", "p2"), ("d1",), gpus_per_node=8, prefill_tp=4, decode_tp=8)
+    steps = xpyd_recipe(plan)
+    pre = [s for s in steps if s.role == "prefill"]
+    dec = [s for s in steps if s.role == "decode"]
+    assert len(pre) == 4 and len(dec) == 1                       # 2 nodes x 2 TP-4 instances; 1 TP-8
+    assert all('"kv_role":"kv_producer"' in s.command and "--tensor-parallel-size 4" in s.command for s in pre)
+    assert '"kv_role":"kv_consumer"' in dec[0].command and "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7" in dec[0].command
+    assert [s.command.split("CUDA_VISIBLE_DEVICES=")[1].split()[0] for s in pre[:2]] == ["0,1,2,3", "4,5,6,7"]
+    # Instances on one node need distinct HTTP and side-channel ports; each advertises its own host.
+    p1 = [s for s in pre if s.host == "p1"]
+    assert len({s.url for s in p1}) == 2
+    assert len({s.command.split("VLLM_NIXL_SIDE_CHANNEL_PORT=")[1].split()[0] for s in p1}) == 2
+    assert all(f"VLLM_NIXL_SIDE_CHANNEL_HOST={s.host}" in s.command for s in pre + dec)
+    router = [s for s in steps if s.role == "router"][0]
+    assert all(s.url in router.command for s in pre + dec) and "--backend vllm" in router.command
+    assert "4P1D" in recipe_text(plan)
+    with pytest.raises(ValueError, match="prefill_tp"):
+        XPyDPlan("m", ("a",), ("b",), prefill_tp=3)
+    with pytest.raises(ValueError, match="both"):
+        XPyDPlan("m", ("a",), ("a",))
+    assert {s["stack"].split()[0] for s in STACKS} == {"vLLM", "SGLang", "NVIDIA", "llm-d"}
+
+
+def test_procinfo_sees_a_process_group_and_its_cpu_time(tmp_path) -> None:
+    import sys
+
+    from labkit.proc import start_process
+    from labkit.vllm.procinfo import cpu_seconds, group_pids, thread_ids
+
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+           "t = time.time()\nwhile time.time() - t < 0.3: pass\ntime.sleep(60)"
+    child = start_process("group", [sys.executable, "-c", code], log_path=tmp_path / "g.log")
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        while len(group_pids(child.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = group_pids(child.pid)
+        assert child.pid in pids and len(pids) == 2               # the parent and its grandchild
+        assert thread_ids(child.pid) == [child.pid] or child.pid in thread_ids(child.pid)
+        while cpu_seconds([child.pid]) < 0.05 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cpu_seconds([child.pid]) >= 0.05                    # the 0.3 s busy loop shows up
+    finally:
+        child.stop()
+    assert group_pids(child.pid) == []

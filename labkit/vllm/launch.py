@@ -29,6 +29,7 @@ from typing import Literal
 
 from labkit.config import labkit_home
 from labkit.proc import LOOPBACK, Child, StartupError, free_port, pid_alive, start_process, wait_http_ok
+from labkit.vllm.procinfo import cpu_list_str, cpu_seconds, group_pids, thread_ids, usable_cpus
 
 Role = Literal["mono", "prefill", "decode"]
 Device = Literal["cpu", "cuda"]
@@ -69,11 +70,6 @@ def default_device() -> Device:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:
         return "cpu"
-
-
-def usable_cpus() -> tuple[int, ...]:
-    """The cores this process may run on, sorted."""
-    return tuple(sorted(os.sched_getaffinity(0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,20 +153,6 @@ class VllmServerConfig:
                 "kv_buffer_device": "cpu" if self.device == "cpu" else "cuda"}
 
 
-def cpu_list_str(cpus: tuple[int, ...]) -> str:
-    """(0, 1, 2, 5) -> '0-2,5' (the format VLLM_CPU_OMP_THREADS_BIND and taskset read)."""
-    out: list[str] = []
-    cs = sorted(set(cpus))
-    i = 0
-    while i < len(cs):
-        j = i
-        while j + 1 < len(cs) and cs[j + 1] == cs[j] + 1:
-            j += 1
-        out.append(str(cs[i]) if i == j else f"{cs[i]}-{cs[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
 def build_command(cfg: VllmServerConfig, model_dir: str | os.PathLike[str], port: int,
                   side_channel_port: int) -> tuple[list[str], dict[str, str]]:
     """The argv and the extra environment that start `cfg`'s server (pure: starts nothing)."""
@@ -208,43 +190,6 @@ def build_command(cfg: VllmServerConfig, model_dir: str | os.PathLike[str], port
     argv += list(cfg.extra_args)
     env.update(dict(cfg.extra_env))
     return argv, env
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Every live process in process group `pgid` (the server and its engine/worker children)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(entry))
-    return sorted(out)
-
-
-def thread_ids(pid: int) -> list[int]:
-    try:
-        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except OSError:
-        return []
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by `pids` (all their threads)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            continue
-    return total / tick
 
 
 @dataclass
