@@ -48,9 +48,13 @@ class ReceiverProcess:
     endpoint: str
 
     @classmethod
-    def start(cls, backend: str, log_dir: str | Path, token: str | None = None, timeout_s: float = 60.0,
-              extra_args: Iterable[str] = ()) -> ReceiverProcess:
+    def start(cls, backend: str, log_dir: str | Path | None = None, token: str | None = None,
+              timeout_s: float = 60.0, extra_args: Iterable[str] = ()) -> ReceiverProcess:
+        """Starts it and waits (up to `timeout_s`) for its endpoint; RuntimeError with its log otherwise."""
+        import tempfile
+
         token = token or new_token()
+        log_dir = log_dir or tempfile.mkdtemp(prefix="kv-receiver-")
         log = Path(log_dir) / f"kv-receiver-{backend}.log"
         log.unlink(missing_ok=True)
         child = start_process(f"kv receiver ({backend})",
@@ -151,3 +155,57 @@ def layerwise_vs_at_end(endpoint: str, token: str, nbytes: int, compute_s: float
     return {"nbytes": kv.nbytes, "layers": kv.num_layers, "compute_s": compute_s, "transfer_s": transfer_only,
             "at_end_s": at_end, "layerwise_s": layerwise, "link": link.label if link else "measured",
             "ideal_layerwise_s": max(compute_s, transfer_only) + min(compute_s, transfer_only) / kv.num_layers}
+
+
+def bandwidth_sweep(backends: Iterable[str], sizes: Iterable[int], repeats: int = 3,
+                    log_dir: str | Path | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """memcpy and each backend (receiver in its own process) at each payload size.
+
+    Returns rows {backend, nbytes, gb_per_s (best), gb_per_s_median, seconds_median, ...};
+    shm rows carry `vs_memcpy_median`, the ratio to a memcpy timed beside each send.
+    """
+    import tempfile
+
+    sizes = list(sizes)
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kv-sweep-"))
+    rows: list[dict[str, Any]] = [{"backend": "memcpy", "nbytes": n, "gb_per_s": memcpy_gb_per_s(n),
+                                   "seconds_median": None} for n in sizes]
+    jobs = [(b, n) for b in backends for n in sizes]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(jobs), desc="transfers")
+    current: ReceiverProcess | None = None
+    try:
+        for b, n in jobs:
+            if current is None or current.backend != b:
+                if current is not None:
+                    current.stop()
+                current = ReceiverProcess.start(b, log_dir)
+            r = time_sends(current.endpoint, current.token, n, repeats=repeats, paired_memcpy=(b == "shm"))
+            r.update(backend=b, gb_per_s=r["gb_per_s_best"])
+            rows.append(r)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if current is not None:
+            current.stop()
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def measured_links(rows: list[dict[str, Any]]) -> list[Any]:
+    """A `sizing.Link` per backend, fitted (fixed cost + bytes / bandwidth) to `bandwidth_sweep` rows."""
+    from labkit.transfer.sizing import Link, fit_linear
+
+    links = []
+    for b in dict.fromkeys(r["backend"] for r in rows if r["backend"] != "memcpy"):
+        pts = [(r["nbytes"], r["seconds_median"]) for r in rows if r["backend"] == b]
+        try:
+            fixed_s, gbs = fit_linear([x for x, _ in pts], [y for _, y in pts])
+        except ValueError:
+            big = max(pts)
+            fixed_s, gbs = 0.0, big[0] / big[1] / 1e9
+        links.append(Link(f"{b} (this machine)", gbs, fixed_s, "measured"))
+    return links
