@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import json
 import re
+import time
 
 import httpx
 import pytest
@@ -233,12 +234,20 @@ def test_router_is_kv_aware_and_metrics_show_it(topo) -> None:
 def test_interference_run_records_every_token(topo) -> None:
     from labkit.serve.interference import InterferenceScenario, run_interference
 
-    sc = InterferenceScenario(num_decodes=3, decode_prompt_tokens=8, decode_max_tokens=20, long_prompt_tokens=300,
-                              long_max_tokens=3, long_after_tokens=5, variant=3)
+    sc = InterferenceScenario(num_decodes=3, decode_prompt_tokens=8, decode_max_tokens=600, long_prompt_tokens=300,
+                              long_max_tokens=3, long_after_tokens=5, tail_tokens=6, variant=3)
     res = run_interference(topo["1p1d"], sc, label="1p1d", model="tiny")
-    assert [len(t.token_s) for t in res.decodes] == [20, 20, 20] and len(res.long.token_s) == 3
-    assert all(t.finish_reason == "length" for t in res.traces)
-    # the long prompt was sent only after every decode had streamed 5 tokens
+    assert len(res.long.token_s) == 3 and res.long.finish_reason == "length"
+    # the long prompt was sent only after every decode had streamed 5 tokens, and every decode
+    # streamed until 6 tokens after the long prompt finished, then the client closed it
     assert all(t.token_s[4] <= res.long.sent_s for t in res.decodes)
+    assert res.decodes_covered_prefill
+    for t in res.decodes:
+        assert t.finish_reason == "client_stopped"
+        assert sum(ts > res.long.token_s[-1] for ts in t.token_s) in range(5, 7)
     st = res.stats()
     assert st["long_ttft_ms"] > 0 and st["decode_itl_mean_ms"] > 0
+    # the router aborted the closed streams: nothing left running on the workers
+    time.sleep(1.0)
+    h = httpx.get(topo["workers"]["decode0"].url + "/health", timeout=10).json()
+    assert h["running_requests"] == 0 and h["kv_blocks_used"] == 0

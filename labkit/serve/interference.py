@@ -2,7 +2,9 @@
 
 `run_interference(url, scenario)` starts `num_decodes` streaming requests with short prompts,
 waits until each has produced `long_after_tokens` tokens, then sends one long prompt, and
-records when every token of every request arrived at the client. In a monolithic server the
+records when every token of every request arrived at the client. The decodes keep streaming
+until the long prompt is done plus `tail_tokens` more tokens each (then the client closes
+them), so they cover the whole prefill however fast or slow this machine is. In a monolithic server the
 long prefill runs in the same engine step loop as the decodes, so every decode stream stalls
 for the length of that prefill; with chunked prefill the stall is cut into smaller ones; in a
 disaggregated server the prefill runs elsewhere and the decode gaps stay flat.
@@ -30,10 +32,11 @@ class InterferenceScenario:
 
     num_decodes: int = 4
     decode_prompt_tokens: int = 16
-    decode_max_tokens: int = 96
+    decode_max_tokens: int = 1024        # a cap: decodes normally stop tail_tokens after the long prompt
     long_prompt_tokens: int = 1536
     long_max_tokens: int = 4
     long_after_tokens: int = 12
+    tail_tokens: int = 24
     variant: int = 0
     timeout_s: float = 180.0
 
@@ -47,6 +50,8 @@ class InterferenceScenario:
                              f"= {self.decode_max_tokens}): the long prompt must land while the decodes run")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
+        if self.tail_tokens < 1:
+            raise ValueError(f"tail_tokens must be >= 1, got {self.tail_tokens}")
 
     def prompt_ids(self, kind: str, index: int = 0) -> list[int]:
         """Token ids (BOS + bytes 1..255, a pattern that differs per request and variant)."""
@@ -98,6 +103,12 @@ class InterferenceResult:
         lt = self.long
         return lt.sent_s, (lt.token_s[0] if lt.token_s else lt.sent_s)
 
+    @property
+    def decodes_covered_prefill(self) -> bool:
+        """True when every decode was still streaming after the long prompt's first token."""
+        w1 = self.prefill_window_s[1]
+        return all(t.token_s and t.token_s[-1] > w1 for t in self.decodes)
+
     def decode_gaps(self) -> list[tuple[float, float, bool]]:
         """(gap end s, gap s, overlaps the prefill window) for every decode inter-token gap."""
         w0, w1 = self.prefill_window_s
@@ -133,7 +144,9 @@ class InterferenceResult:
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], trace: RequestTrace, t0: float,
-                  progress: asyncio.Event | None = None, need: int = 0) -> None:
+                  progress: asyncio.Event | None = None, need: int = 0, done: asyncio.Event | None = None,
+                  tail: int = 0) -> None:
+    after_done = 0
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -152,6 +165,11 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], tra
                     trace.finish_reason = msg["choices"][0].get("finish_reason") or trace.finish_reason
                     if progress is not None and len(trace.token_s) == need:
                         progress.set()
+                    if done is not None and done.is_set():
+                        after_done += 1
+                        if after_done >= tail and trace.finish_reason is None:
+                            trace.finish_reason = "client_stopped"  # leaving the block closes the stream
+                            return
     except httpx.HTTPError as e:
         trace.error = f"{e.__class__.__name__}: {e}"
     finally:
@@ -171,19 +189,22 @@ async def run_interference_async(url: str, scenario: InterferenceScenario, label
     limits = httpx.Limits(max_connections=sc.num_decodes + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(sc.timeout_s, connect=10.0), limits=limits) as client:
         events = [asyncio.Event() for _ in range(sc.num_decodes)]
+        long_done = asyncio.Event()
         tasks = []
         for i in range(sc.num_decodes):
             tr = RequestTrace(f"decode {i}", "decode", time.perf_counter() - t0)
             traces.append(tr)
             body = {**common, "prompt": sc.prompt_ids("decode", i), "max_tokens": sc.decode_max_tokens}
-            tasks.append(asyncio.create_task(_stream(client, url, body, tr, t0, events[i], sc.long_after_tokens)))
+            tasks.append(asyncio.create_task(_stream(client, url, body, tr, t0, events[i], sc.long_after_tokens,
+                                                     long_done, sc.tail_tokens)))
         if sc.long_after_tokens:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=sc.timeout_s)
         long_tr = RequestTrace("long prompt", "long", time.perf_counter() - t0)
         traces.append(long_tr)
         body = {**common, "prompt": sc.prompt_ids("long"), "max_tokens": sc.long_max_tokens}
-        tasks.append(asyncio.create_task(_stream(client, url, body, long_tr, t0)))
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=sc.timeout_s)
+        long_task = asyncio.create_task(_stream(client, url, body, long_tr, t0))
+        long_task.add_done_callback(lambda _: long_done.set())
+        await asyncio.wait_for(asyncio.gather(*tasks, long_task), timeout=sc.timeout_s)
     bad = [f"{t.name}: {t.error}" for t in traces if t.error]
     if bad:
         raise RuntimeError("the interference run had failed requests: " + "; ".join(bad))

@@ -64,7 +64,7 @@ class _WorkerStatsCollector(Collector):
             ("running_requests", "Requests running or waiting in the engine"))}
         counters = {k: CounterMetricFamily(f"labkit_worker_{k}", h, labels=["upstream", "role"]) for k, h in (
             ("kv_transfer_bytes", "KV bytes sent (prefill) or received (decode)"),
-            ("kv_transfer_seconds", "Seconds spent in KV transfers"),
+            ("kv_transfer_seconds", "Seconds of KV transfers, send start to ack (prefill side)"),
             ("prefill_tokens", "Prompt tokens prefilled"), ("decode_tokens", "Tokens decoded"))}
         for s in self.source():
             labels = [str(s.get("name", "?")), str(s.get("role", "?"))]
@@ -94,8 +94,12 @@ class WorkerMetrics:
         self.running = Gauge("labkit_worker_running_requests", "Requests in the engine", registry=r)
         self.transfer_bytes = Counter("labkit_worker_kv_transfer_bytes", "KV bytes moved by this worker",
                                       ["direction"], registry=r)
-        self.transfer_s = Histogram("labkit_worker_kv_transfer_seconds", "One request's KV transfer time",
+        self.transfer_s = Histogram("labkit_worker_kv_transfer_seconds",
+                                    "One request's KV transfer, send start to the receiver's ack (sender side)",
                                     ["direction"], buckets=TRANSFER_BUCKETS_S, registry=r)
+        self.kv_wait_s = Histogram("labkit_worker_kv_wait_seconds",
+                                   "Decode side: how long a request waited for its KV to be there",
+                                   buckets=TRANSFER_BUCKETS_S, registry=r)
 
     def on_step(self, out: Any) -> None:
         """Called by the engine thread after each step."""
