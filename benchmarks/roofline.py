@@ -62,6 +62,9 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--context-len", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice). Under load from other processes, 1 thread avoids "
+                         "the barrier stalls that hit many small multi-threaded ops harder than one big kernel")
     ap.add_argument("--runners", nargs="+", default=["transformers", "engine"])
     ap.add_argument("--machine", default=None, help="machine tag for the file name (default cpu-<cores>core or the GPU)")
     ap.add_argument("--out", default=None, help="JSON path (default docs/results/roofline-<date>-<machine>.json)")
@@ -70,6 +73,8 @@ def main() -> int:
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = args.machine or (f"cpu-{os.cpu_count()}core" if device == "cpu"
                                else hardware.device_name(device).replace(" ", "-"))
     print(f"roofline benchmark: {args.model} {dtype} on {hardware.device_name(device)} ({device}, "
@@ -89,7 +94,8 @@ def main() -> int:
               f"prefill {args.prompt_len} tok {r['prefill_ms']:.0f} ms, decode b=1 ctx {args.context_len} "
               f"{r['decode_ms']:.1f} ms/token")
     print(f"load average during the run: {load}")
-    out = Path(args.out or f"docs/results/roofline-{dt.date.today().isoformat()}-{machine}.json")
+    suffix = f"-{args.threads}t" if args.threads else ""
+    out = Path(args.out or f"docs/results/roofline-{dt.date.today().isoformat()}-{machine}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "roofline", "model": args.model, "dtype": dtype, "device": device,
                                "device_name": hardware.device_name(device), "threads": torch.get_num_threads(),
