@@ -73,6 +73,9 @@ def test_cpu_lists_and_splits() -> None:
     assert split_cpus((5,)) == ((5,), (5,))
     p, d = pd_configs(VllmServerConfig(device="cuda"), prefill_gpu=2, decode_gpu=3)
     assert (p.role, p.gpu, d.role, d.gpu) == ("prefill", 2, "decode", 3)
+    assert p.gpu_memory_utilization == d.gpu_memory_utilization == 0.85
+    p, d = pd_configs(VllmServerConfig(device="cuda", gpu_memory_utilization=0.8), prefill_gpu=0, decode_gpu=0)
+    assert p.gpu_memory_utilization == d.gpu_memory_utilization == pytest.approx(0.4)  # one card, two servers
 
 
 def nixl_text(transfers: list[tuple[float, int]], failed: int = 0) -> str:

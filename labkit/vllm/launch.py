@@ -344,14 +344,19 @@ def split_cpus(cpus: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], tu
 def pd_configs(base: VllmServerConfig, *, prefill_cpus: tuple[int, ...] | None = None,
                decode_cpus: tuple[int, ...] | None = None, prefill_gpu: int | None = 0,
                decode_gpu: int | None = 1) -> tuple[VllmServerConfig, VllmServerConfig]:
-    """The prefill and decode configs derived from `base`: own cores (CPU) or own GPU (CUDA)."""
+    """The prefill and decode configs derived from `base`: own cores (CPU) or own GPU (CUDA).
+
+    Both on one GPU (prefill_gpu == decode_gpu) works too: each gets half of `base`'s
+    `gpu_memory_utilization`, as vLLM sizes its KV cache from that fraction of the whole card.
+    """
     if base.device == "cpu":
         p_cpus, d_cpus = split_cpus(base.cpus)
         p = replace(base, role="prefill", cpus=prefill_cpus or p_cpus, port=0, side_channel_port=0)
         d = replace(base, role="decode", cpus=decode_cpus or d_cpus, port=0, side_channel_port=0)
     else:
-        p = replace(base, role="prefill", gpu=prefill_gpu, port=0, side_channel_port=0)
-        d = replace(base, role="decode", gpu=decode_gpu, port=0, side_channel_port=0)
+        util = base.gpu_memory_utilization / (2 if prefill_gpu == decode_gpu else 1)
+        p = replace(base, role="prefill", gpu=prefill_gpu, port=0, side_channel_port=0, gpu_memory_utilization=util)
+        d = replace(base, role="decode", gpu=decode_gpu, port=0, side_channel_port=0, gpu_memory_utilization=util)
     return p, d
 
 
