@@ -1,4 +1,4 @@
-"""Emulated network links: a token bucket for bandwidth plus a fixed one-way latency.
+"""Emulated network links: a pacer (token bucket without a burst) for bandwidth plus a fixed one-way latency.
 
 Used by the tcp sender for what-if runs ("this transfer over 10 or 25 Gbps"). Emulation can
 only slow a real link down: a shape faster than what loopback measured here is computed with
@@ -49,20 +49,20 @@ LINKS: dict[str, LinkShape] = {
 
 
 class TokenBucket:
-    """Paces writes to `rate_bytes_per_s`, allowing bursts of `burst_bytes`."""
+    """Paces writes to `rate_bytes_per_s`: a chunk leaves when the link would have finished
+    serializing it, so n bytes never take less than n / rate (no free initial burst)."""
 
-    def __init__(self, rate_bytes_per_s: float, burst_bytes: int) -> None:
-        if rate_bytes_per_s <= 0 or burst_bytes <= 0:
-            raise ValueError("rate_bytes_per_s and burst_bytes must be > 0")
+    def __init__(self, rate_bytes_per_s: float) -> None:
+        if rate_bytes_per_s <= 0:
+            raise ValueError(f"rate_bytes_per_s must be > 0, got {rate_bytes_per_s}")
         self.rate = rate_bytes_per_s
-        self.burst_s = burst_bytes / rate_bytes_per_s
         self._free_at = time.perf_counter()
 
     def wait(self, nbytes: int) -> None:
-        """Blocks until `nbytes` more may go on the wire."""
+        """Blocks until `nbytes` more have crossed the emulated wire."""
         now = time.perf_counter()
-        self._free_at = max(self._free_at, now - self.burst_s) + nbytes / self.rate
-        delay = self._free_at - self.burst_s - now
+        self._free_at = max(self._free_at, now) + nbytes / self.rate
+        delay = self._free_at - now
         if delay > 0:
             time.sleep(delay)
 

@@ -116,7 +116,7 @@ class TcpSender(Sender):
         self.address = parse_endpoint(endpoint, self.backend)
         super().__init__(endpoint, token=token, link=link, **kw)
         # One bucket per sender: concurrent streams share the emulated link, as they would a real one.
-        self._bucket = (TokenBucket(link.bytes_per_s, chunk_bytes(link))
+        self._bucket = (TokenBucket(link.bytes_per_s)
                         if link is not None and link.gbps is not None else None)
 
     def _connect(self, timeout_s: float) -> socket.socket:

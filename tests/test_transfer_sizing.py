@@ -1,0 +1,93 @@
+"""KV sizing, link arithmetic, fits, break-even, link emulation and the `labkit transfer` command."""
+from __future__ import annotations
+
+import pytest
+
+from labkit.cli import main as labkit_main
+from labkit.transfer import LinkShape, new_token, open_receiver, open_sender
+from labkit.transfer.shaping import LINKS, TokenBucket, chunk_bytes
+from labkit.transfer.sizing import (KVShape, LLAMA_70B, Link, break_even_tokens, datasheet_links, fit_linear,
+                                    kv_shapes, request_table, transfer_seconds)
+from labkit.transfer.synthetic import make_kv
+
+
+def test_kv_bytes_of_real_shapes() -> None:
+    assert LLAMA_70B.kv_bytes_per_token == 327_680
+    assert LLAMA_70B.kv_bytes(4096) == 1_342_177_280                     # "a 4,096-token prompt is 1.34 GB"
+    shapes = kv_shapes()
+    assert shapes["llama-3.1-8b"].kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 131_072
+    assert shapes["qwen2.5-7b"].kv_bytes_per_token == 2 * 28 * 4 * 128 * 2
+    assert shapes["tiny"].kv_bytes_per_token == 2 * 4 * 2 * 64 * 4       # fp32 on a CPU
+    assert kv_shapes("bfloat16")["tiny"].kv_bytes_per_token == 2 * 4 * 2 * 64 * 2
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        KVShape("bad", 1, 0, 64)
+
+
+def test_links_and_request_table() -> None:
+    assert LinkShape(8, 0.5).seconds(1_000_000_000) == pytest.approx(1.0 + 0.001)
+    nv = LINKS["nvlink"]
+    assert nv.bytes_per_s == pytest.approx(450e9)
+    links = datasheet_links()
+    assert [l.how for l in links] == ["computed"] * len(LINKS)
+    rows = request_table([LLAMA_70B], [4096], links)
+    ten = next(r for r in rows if r["link"] == "10 GbE")
+    assert ten["kv_bytes"] == 1_342_177_280 and ten["seconds"] == pytest.approx(1_342_177_280 / 1.25e9 + 2e-5)
+    assert transfer_seconds(2e9, 2.0, 0.1) == pytest.approx(1.1)
+    with pytest.raises(ValueError):
+        LinkShape(0)
+    with pytest.raises(ValueError):
+        transfer_seconds(1, 0)
+
+
+def test_fit_linear_recovers_bandwidth_and_fixed_cost() -> None:
+    sizes = [1 << 20, 16 << 20, 64 << 20, 256 << 20]
+    fixed, gbs = fit_linear(sizes, [0.002 + n / 5e9 for n in sizes])
+    assert fixed == pytest.approx(0.002) and gbs == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="two"):
+        fit_linear([1], [1.0])
+
+
+def test_break_even_tokens() -> None:
+    link = Link("x", gb_per_s=1.0, fixed_s=0.010, how="computed")       # 10 ms fixed, 1 GB/s
+    per_token = 100_000                                                  # bytes
+    # recompute 0.2 ms/token; transfer 0.1 ms/token + 10 ms: equal at 100 tokens
+    be = break_even_tokens(lambda n: 2e-4 * n, lambda n: link.seconds(per_token * n))
+    assert be in (100, 101)
+    assert break_even_tokens(lambda n: 1.0, lambda n: 0.5) == 1                   # transfer always wins
+    assert break_even_tokens(lambda n: 1e-6 * n, lambda n: 1.0 + 1e-5 * n, max_tokens=1000) is None
+
+
+def test_token_bucket_never_beats_its_rate() -> None:
+    assert chunk_bytes(None) == 8 << 20 and chunk_bytes(LinkShape(1)) == 250_000
+    token = new_token()
+    link = LinkShape(gbps=0.5, latency_ms=1.0)
+    kv = make_kv("slow", 256, num_layers=4, num_kv_heads=4, head_dim=64)        # 1 MiB
+    with open_receiver("tcp", token=token) as rx, open_sender(rx.endpoint, token=token, link=link) as tx:
+        st = tx.send(kv, timeout_s=30)
+        assert rx.recv("slow", timeout_s=30).nbytes == kv.nbytes
+    assert st.seconds >= link.seconds(kv.nbytes)          # a lower bound only: shaping can only delay
+    with pytest.raises(ValueError, match="use the tcp backend"):
+        open_sender("shm://@x", token=token, link=link)
+    with pytest.raises(ValueError):
+        TokenBucket(0)
+
+
+def test_cli_kv_size_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert labkit_main(["transfer", "--kv", "llama-3.1-70b", "--tokens", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "327,680 B/token" in out and "1.342 GB" in out and "NVLink" in out
+    assert labkit_main(["transfer", "--kv", "gpt-5"]) == 2
+    assert "unknown model 'gpt-5'" in capsys.readouterr().out
+    assert labkit_main(["transfer", "--backends", "udp"]) == 2
+    assert "unknown backend 'udp'" in capsys.readouterr().out
+    assert labkit_main(["transfer", "--sizes-mib", "big"]) == 2
+
+
+def test_cli_measures_with_real_processes(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    assert labkit_main(["transfer", "--backends", "shm,tcp", "--sizes-mib", "0.25,1", "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["backend"], r["nbytes"]) for r in rows} >= {("memcpy", 1 << 20), ("shm", 1 << 20), ("tcp", 1 << 20)}
+    assert all(r["gb_per_s"] > 0 for r in rows)
+    assert all(0 < r["vs_memcpy_median"] for r in rows if r["backend"] == "shm")
