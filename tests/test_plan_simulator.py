@@ -107,3 +107,16 @@ def test_bad_inputs_name_the_value() -> None:
         Link(0.0)
     with pytest.raises(ValueError, match="sorted"):
         Requests(np.array([1.0, 0.0]), np.array([1, 1]), np.array([1, 1]))
+
+
+def test_first_token_when_the_kv_lands_or_when_decode_adopts_it() -> None:
+    # two requests on one decode slot: the second waits for the first to finish before adoption
+    req = Requests(np.array([0.0, 0.0]), np.array([100, 100]), np.array([20, 20]))
+    lim = Limits(max_num_seqs=1)
+    adopted = simulate(req, LAT, Layout.disagg(1, 1), limits=lim)
+    landed = simulate(req, LAT, Layout.disagg(1, 1), limits=lim, first_token_at="landed")
+    assert landed.ttft_s[1] < adopted.ttft_s[1]                       # adoption waited for the slot
+    assert adopted.ttft_s[1] >= adopted.e2e_s[0] - 1e-12
+    np.testing.assert_allclose(landed.finish_s, adopted.finish_s)     # the same work either way
+    with pytest.raises(ValueError, match="first_token_at"):
+        simulate(req, LAT, Layout.disagg(1, 1), first_token_at="whenever")  # type: ignore[arg-type]

@@ -213,7 +213,7 @@ def _steps_until(base: float, inc: float, dt: float) -> int:
 
 
 def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, policy: Policy,
-                   prefill_here: bool) -> None:
+                   prefill_here: bool, first_at_adoption: bool = True) -> None:
     """One instance's loop. `prefill_here=False` is a decode instance: adopting KV costs nothing.
 
     The running decodes live packed at the front of numpy arrays, so a run of k decode steps is
@@ -275,7 +275,8 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
             if not prefill_here:
                 while waiting and nrun < cap:
                     r = waiting.popleft()
-                    first[r] = t       # the decode instance streams the first token once it adopts the KV
+                    if first_at_adoption:  # the decode instance streams the first token once it adopts the KV
+                        first[r] = t
                     admit(r, t)
                 continue
             budget = lim.max_num_batched_tokens - (nrun if chunked else 0)
@@ -362,8 +363,16 @@ def _run_prefill_instance(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Li
 
 
 def simulate(requests: Requests, latency: LatencyModel, layout: Layout, *, link: Link | None = None,
-             limits: Limits | None = None, prefix_hit_rate: float = 0.0) -> SimResult:
-    """Runs the trace through the layout; returns per-request times (requests round-robin over instances)."""
+             limits: Limits | None = None, prefix_hit_rate: float = 0.0,
+             first_token_at: Literal["adopted", "landed"] = "adopted") -> SimResult:
+    """Runs the trace through the layout; returns per-request times (requests round-robin over instances).
+
+    Disaggregated, the client sees the first token when the decode instance adopts the KV
+    ("adopted": vLLM's proxy streams every token from the decode server), or as soon as the KV
+    has landed ("landed": the lab's router forwards the prefill worker's first token).
+    """
+    if first_token_at not in ("adopted", "landed"):
+        raise ValueError(f"first_token_at {first_token_at!r} is not 'adopted' or 'landed'")
     if not 0.0 <= prefix_hit_rate < 1.0:
         raise ValueError(f"prefix_hit_rate must be in [0, 1), got {prefix_hit_rate}")
     link = link or Link()
@@ -379,7 +388,7 @@ def simulate(requests: Requests, latency: LatencyModel, layout: Layout, *, link:
         for d in range(layout.num_decode):
             mine = [r for r in range(d, n, layout.num_decode) if tr.out[r] > 1]
             mine.sort(key=lambda r: tr.ready[r])
-            _run_colocated(mine, tr, latency, lim, "prefill_first", False)
+            _run_colocated(mine, tr, latency, lim, "prefill_first", False, first_token_at == "adopted")
     if np.isnan(tr.finish).any():
         raise RuntimeError("simulator: some requests never finished (a bug)")
     return SimResult(layout, requests.arrival_s.astype(float), tr.first, tr.finish,
