@@ -299,6 +299,8 @@ def measure_peaks(device: str | None = None, dtypes: tuple[str, ...] | None = No
     nbytes = buffer_bytes or default_buffer_bytes(device)
     notes: list[str] = []
     flops: dict[str, float] = {}
+    if is_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 stays fp32: TF32 is a different roof
     for dt in dtypes:
         try:
             flops[dt] = measure_matmul_flops(dt, device, n, repeats)
@@ -306,8 +308,6 @@ def measure_peaks(device: str | None = None, dtypes: tuple[str, ...] | None = No
             notes.append(f"{dt} matmul not measured: {e.__class__.__name__}: {str(e)[:120]}")
     if not flops:
         raise RuntimeError(f"no matmul dtype could be measured on {device}: {notes}")
-    if is_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 stays fp32 for the lesson
     read = measure_read_bandwidth(device, nbytes, repeats)
     copy = measure_copy_bandwidth(device, nbytes, repeats)
     return Peaks(device=device, device_name=device_name(device), threads=torch.get_num_threads(),

@@ -27,5 +27,9 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     assert len(files) <= 8  # what the device runner brings back
     assert {"results.json", "gpu_check.log", "roofline.png", "timeline_8b.png", "util_vs_mfu_8b.png"} <= set(files)
     # the short table comes last
-    tail = proc.stdout.strip().splitlines()
-    assert tail[0].startswith("[") and "model" in tail[-5] and tail[-1].split()[1] == "decode"
+    assert res["engine"]["headline"][1]["runner"] == "labkit-engine"
+    lines = proc.stdout.strip().splitlines()
+    header = max(i for i, ln in enumerate(lines) if ln.startswith("model"))
+    rows = [ln.split() for ln in lines[header + 1:]]
+    assert [r[1] for r in rows] == ["prefill", "decode"] * 3  # 8b shape, 1b shape, engine
+    assert "labkit-engine" in lines[-1] and "transformers" in lines[header + 1]
