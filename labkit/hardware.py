@@ -226,9 +226,18 @@ def _torch_dtype(dtype: str):
         raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPES}") from None
 
 
+def _pick(times: list[float], stat: str) -> float:
+    """The median run (default), or the fastest ("best": the one least disturbed by other processes)."""
+    if stat == "median":
+        return statistics.median(times)
+    if stat == "best":
+        return min(times)
+    raise ValueError(f"stat must be 'median' or 'best', got {stat!r}")
+
+
 def measure_matmul_flops(dtype: str = "float32", device: str | None = None, n: int | None = None,
-                         repeats: int = 5) -> float:
-    """Median FLOP/s of an n×n @ n×n matmul (2·n³ FLOPs each). n defaults to fill the device."""
+                         repeats: int = 5, stat: str = "median") -> float:
+    """FLOP/s of an n×n @ n×n matmul (2·n³ FLOPs each), median run (or best). n defaults to fill the device."""
     import torch
 
     device = device or default_device()
@@ -245,7 +254,7 @@ def measure_matmul_flops(dtype: str = "float32", device: str | None = None, n: i
         for _ in range(inner):
             torch.mm(a, b, out=out)
     times = time_fn(run, device, warmup=2, repeats=repeats)
-    return 2.0 * n ** 3 * inner / statistics.median(times)
+    return 2.0 * n ** 3 * inner / _pick(times, stat)
 
 
 def _buffer(nbytes: int, device: str):
@@ -261,14 +270,15 @@ def default_buffer_bytes(device: str) -> int:
     return (2 << 30) if device.startswith("cuda") else (256 << 20)
 
 
-def measure_read_bandwidth(device: str | None = None, nbytes: int | None = None, repeats: int = 5) -> float:
-    """Median bytes/s of summing a buffer larger than the caches (bytes counted = buffer size)."""
+def measure_read_bandwidth(device: str | None = None, nbytes: int | None = None, repeats: int = 5,
+                           stat: str = "median") -> float:
+    """Bytes/s of summing a buffer larger than the caches (bytes counted = buffer size), median run (or best)."""
     import torch
 
     device = device or default_device()
     x = _buffer(nbytes or default_buffer_bytes(device), device)
     times = time_fn(lambda: torch.sum(x), device, warmup=2, repeats=repeats)
-    return x.numel() * x.element_size() / statistics.median(times)
+    return x.numel() * x.element_size() / _pick(times, stat)
 
 
 def measure_copy_bandwidth(device: str | None = None, nbytes: int | None = None, repeats: int = 5) -> float:

@@ -48,6 +48,13 @@ def test_measured_peaks_are_plausible_and_consistent():
     assert rows["read bandwidth"]["unit"] == "GB/s"
 
 
+def test_best_and_median_stats():
+    med = hardware.measure_matmul_flops("float32", "cpu", n=256, repeats=5)
+    best = hardware.measure_matmul_flops("float32", "cpu", n=256, repeats=5, stat="best")
+    assert best > 0 and med > 0
+    assert hardware._pick([3.0, 1.0, 2.0], "best") == 1.0 and hardware._pick([3.0, 1.0, 2.0], "median") == 2.0
+
+
 def test_peaks_cache_and_refresh(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
     calls = []
@@ -77,5 +84,7 @@ def test_bad_input():
         hardware.measure_matmul_flops("float12", "cpu", n=64)
     with pytest.raises(KeyError, match="float16"):
         Peaks("cpu", "x", 1, {"float32": 1e9}, 1e9, 1e9, 64, 1 << 20).peak_flops("float16")
+    with pytest.raises(ValueError, match="stat"):
+        hardware.measure_read_bandwidth("cpu", nbytes=2 << 20, stat="mean")
     with pytest.raises(ValueError, match="repeats"):
         hardware.time_fn(lambda: None, "cpu", repeats=0)
