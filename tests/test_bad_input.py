@@ -198,6 +198,17 @@ def test_decode_worker_rejects(topo: Topology, healthy_after: None, raw: bytes, 
     assert_openai_error(r, status, param)
 
 
+def test_worker_wrong_route_and_method(topo: Topology, healthy_after: None) -> None:
+    assert topo.prefill is not None and topo.decode is not None
+    # a prefill worker has no /internal/generate (mono) nor /internal/decode: OpenAI-style 404s
+    assert_openai_error(httpx.post(topo.prefill.url + "/internal/generate", json={}, timeout=CLIENT_TIMEOUT_S),
+                        404, None, "not_found")
+    assert_openai_error(httpx.post(topo.prefill.url + "/internal/decode", json={}, timeout=CLIENT_TIMEOUT_S),
+                        404, None, "not_found")
+    assert_openai_error(httpx.get(topo.decode.url + "/internal/decode", timeout=CLIENT_TIMEOUT_S),
+                        405, None, "method_not_allowed")
+
+
 def test_decode_for_a_request_that_never_arrives_times_out(topo: Topology, healthy_after: None) -> None:
     assert topo.decode is not None
     r = httpx.post(topo.decode.url + "/internal/decode", json={"request_id": "never-sent", "timeout_s": 0.5},

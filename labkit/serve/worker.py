@@ -268,6 +268,16 @@ def build_app(worker: Worker) -> FastAPI:
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return _api_error_response(e)
 
+    @app.exception_handler(404)
+    async def _not_found(request: Request, e: Exception) -> JSONResponse:  # OpenAI-style, like the router
+        return JSONResponse(error_body(f"no route {request.method} {request.url.path} on this {cfg.role} worker",
+                                       type="not_found_error", code="not_found"), status_code=404)
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}",
+                                       code="method_not_allowed"), status_code=405)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         h = worker.health()
