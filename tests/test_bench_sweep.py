@@ -122,3 +122,31 @@ def test_bench_charts_have_one_line_per_mode(tmp_path: Path) -> None:
                                                                        for p in fig.axes[0].patches][1]
     with pytest.raises(ValueError, match="'foo'"):
         pb.latency_values_ms(runs[("mono", 1.0)], "foo")
+
+
+def test_calibrate_measures_unloaded_latency(tmp_path: Path) -> None:
+    from labkit.bench.sweep import calibrate
+
+    pids: list[int] = []
+
+    @contextlib.contextmanager
+    def fake_factory(spec: ModeSpec) -> Iterator[str]:
+        port = free_port()
+        child = start_process("fake", [sys.executable, FAKE, "--port", str(port), "--ttft-s", "0.05",
+                                       "--itl-s", "0.01"], log_path=tmp_path / "fake.log")
+        pids.append(child.pid)
+        try:
+            wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=30, child=child)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            child.stop()
+
+    cal_a, cal_b = calibrate(fake_factory, [synthetic("a", 20, 6), synthetic("b", 40, 11)], n=3)
+    assert len(pids) == 1 and not pid_alive(pids[0])  # one server for both workloads
+    assert (cal_a.workload, cal_a.mode, cal_b.workload) == ("a", "mono", "b")
+    assert cal_a.ttft_s >= 0.045                       # the server waits 50 ms before the first token
+    assert cal_b.e2e_s > cal_a.e2e_s                   # 10 gaps of 10 ms against 5
+    assert cal_a.sequential_rps == pytest.approx(1 / cal_a.e2e_s)
+    assert cal_a.rates((0.5, 1.0)) == pytest.approx((0.5 / cal_a.e2e_s, 1 / cal_a.e2e_s), rel=1e-2)
+    slo = cal_a.slo(5, 3)
+    assert slo.ttft_s == pytest.approx(5 * cal_a.ttft_s, rel=1e-2) and slo.tpot_s == pytest.approx(3 * cal_a.tpot_s, rel=1e-2)

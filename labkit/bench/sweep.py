@@ -292,3 +292,52 @@ def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None]
             srv.stop()
 
     return factory
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Unloaded latencies of one workload on one mode (requests sent one at a time), in seconds."""
+
+    workload: str
+    mode: str
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+
+    @property
+    def sequential_rps(self) -> float:
+        """Requests per second when served strictly one at a time: 1 / median E2E (a capacity floor;
+        continuous batching serves more)."""
+        return 1.0 / self.e2e_s
+
+    def rates(self, fractions: Sequence[float]) -> tuple[float, ...]:
+        """Request rates as multiples of `sequential_rps`, rounded to 3 significant digits."""
+        return tuple(float(f"{f * self.sequential_rps:.3g}") for f in fractions)
+
+    def slo(self, ttft_x: float = 5.0, tpot_x: float = 3.0) -> SLO:
+        """An SLO `ttft_x` times the unloaded TTFT and `tpot_x` times the unloaded TPOT (DistServe
+        scales SLOs the same way, from what the hardware does unloaded)."""
+        return SLO(ttft_s=float(f"{self.ttft_s * ttft_x:.3g}"), tpot_s=float(f"{self.tpot_s * tpot_x:.3g}"))
+
+
+def calibrate(start_server: ServerFactory, workloads: Sequence[Workload], *, mode: str = "mono", n: int = 4,
+              seed: int = 99, max_model_len: int | None = None, scale: float | None = None,
+              model: str | None = None) -> list[Calibration]:
+    """Median unloaded TTFT, TPOT and E2E of each workload on `mode`, from `n` requests sent one at a
+    time after one warm-up request (one server start for all workloads)."""
+    import statistics
+
+    out: list[Calibration] = []
+    spec = parse_mode(mode)
+    with start_server(spec) as url:
+        for w in workloads:
+            s = sample_requests(w, n + 1, seed=seed, max_model_len=max_model_len, scale=scale)
+            res = run_load(LoadConfig(url, Arrivals("burst"), max_concurrency=1, model=model, progress=False,
+                                      request_timeout_s=600.0, label=f"calibrate {w.name}"), s.requests)
+            ok = [r for r in res.records[1:] if r.ok]  # the first request warms the server up
+            if not ok:
+                raise RuntimeError(f"calibration of {w.name} on {mode} failed: {res.meta['first_errors']}")
+            tpots = [r.tpot_s for r in ok if r.output_tokens > 1] or [math.nan]
+            out.append(Calibration(w.name, spec.name, statistics.median(r.ttft_s for r in ok),
+                                   statistics.median(tpots), statistics.median(r.e2e_s for r in ok)))
+    return out
