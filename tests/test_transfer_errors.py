@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import array
 import fcntl
-import mmap
 import os
 import socket
 import struct
@@ -171,52 +170,78 @@ def test_tcp_checksum_mismatch_is_caught() -> None:
             rx.recv("flip", timeout_s=10)
 
 
-def _memfd(nbytes: int, seals: int) -> int:
+def _memfd(nbytes: int, seals: int, magic: bytes = b"LKVSEG01") -> int:
     fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, nbytes)
+    os.pwrite(fd, magic, 0)
     if seals:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     return fd
 
 
-@pytest.mark.parametrize("size_delta, seals, err, field", [
-    (-4096, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW, "PayloadError", "nbytes"),    # truncated segment
-    (0, 0, "HeaderError", "fd"),                                                    # resizable: SIGBUS risk
+def _shm_begin(s: socket.socket, kv, token: str, fd: int | None, capacity: int, segment: int = 7) -> dict:
+    h = _begin_header(kv, token) | {"shm": {"segment": segment, "capacity": capacity, "retire": []}}
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+    s.sendmsg([wire.encode_frame(h)], anc)
+    return _reply(s)
+
+
+SEALED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+@pytest.mark.parametrize("case, err, field", [
+    ("truncated", "PayloadError", "nbytes"),     # segment smaller than it claims
+    ("small", "PayloadError", "nbytes"),         # segment smaller than the request
+    ("resizable", "HeaderError", "fd"),          # could shrink under the receiver: SIGBUS risk
+    ("no-magic", "HeaderError", "fd"),           # not a labkit segment
+    ("unknown-id", "HeaderError", "shm"),        # refers to a segment never sent on this connection
 ])
-def test_shm_bad_segment_is_refused(size_delta: int, seals: int, err: str, field: str) -> None:
+def test_shm_bad_segment_is_refused(case: str, err: str, field: str) -> None:
+    from labkit.transfer.shm import DATA_OFFSET
     token = new_token()
     kv = make_kv("seg", 64, num_layers=8, num_kv_heads=4, head_dim=32)
+    cap = kv.nbytes
+    size, seals, magic, cap_hdr = DATA_OFFSET + cap, SEALED, b"LKVSEG01", cap
+    if case == "truncated":
+        size -= 4096
+    elif case == "small":
+        size, cap_hdr = DATA_OFFSET + cap // 2, cap // 2
+    elif case == "resizable":
+        seals = 0
+    elif case == "no-magic":
+        magic = b"XXXXXXXX"
     with open_receiver("shm", token=token) as rx:
-        fd = _memfd(kv.nbytes + size_delta, seals)
+        fd = None if case == "unknown-id" else _memfd(size, seals, magic)
         s = _raw_connect(rx.endpoint)
-        s.sendmsg([wire.encode_frame(_begin_header(kv, token))],
-                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-        os.close(fd)
-        reply = _reply(s)
+        reply = _shm_begin(s, kv, token, fd, cap_hdr)
         s.close()
-        assert (reply["type"], reply["field"]) == (err, field)
+        if fd is not None:
+            os.close(fd)
+        assert (reply["type"], reply["field"]) == (err, field), reply
         with pytest.raises(TransferError):
             rx.recv("seg", timeout_s=10)
 
 
-def test_shm_segment_still_writable_at_end_is_refused() -> None:
+def test_shm_received_kv_is_held_until_dropped() -> None:
+    """A segment a receiver still views is never rewritten; once its tensors go, it is reused."""
+    import gc
+
     token = new_token()
-    kv = make_kv("w", 8)
-    with open_receiver("shm", token=token) as rx:
-        fd = _memfd(kv.nbytes, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-        mm = mmap.mmap(fd, kv.nbytes)
-        s = _raw_connect(rx.endpoint)
-        s.sendmsg([wire.encode_frame(_begin_header(kv, token))],
-                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-        zero = wire.layer_checksum(b"\0" * (kv.nbytes // 8), b"\0" * (kv.nbytes // 8))
-        for i in range(4):
-            s.sendall(wire.encode_frame({"kind": "layer", "layer": i, "checksum": zero}))
-        s.sendall(wire.encode_frame({"kind": "end", "request_id": "w", "first_token_id": 1}))
-        reply = _reply(s)
-        s.close()
-        mm.close()
-        os.close(fd)
-        assert (reply["type"], reply["field"]) == ("PayloadError", "fd")
+    kvs = [make_kv(f"r{i}", 64, seed=i) for i in range(3)]
+    with open_receiver("shm", token=token) as rx, open_sender(rx.endpoint, token=token) as tx:
+        tx.send(kvs[0])
+        first = rx.recv("r0")
+        tx.send(kvs[1])                                  # r0 still held: needs a second segment
+        second = rx.recv("r1")
+        assert len(tx._segments) == 2
+        del first
+        gc.collect()
+        tx.send(kvs[2])                                  # r0's segment is free again: reused
+        third = rx.recv("r2")
+        assert len(tx._segments) == 2
+        for got, want in ((second, kvs[1]), (third, kvs[2])):
+            assert torch.equal(got.k.view(torch.uint8), want.k.view(torch.uint8))
+            assert torch.equal(got.v.view(torch.uint8), want.v.view(torch.uint8))
 
 
 def test_recv_timeout_names_the_request() -> None:

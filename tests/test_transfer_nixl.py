@@ -30,7 +30,7 @@ def test_nixl_round_trip_from_another_process(tmp_path: Path) -> None:
                                                "--seed", str(n), *flags], log_path=tmp_path / f"{r}.log")
                  for r, n, flags in (("whole", 48, []), ("layers", 20, ["--layerwise"]))]
         try:
-            got = {r: rx.recv(r, timeout_s=120) for r in ("layers", "whole")}
+            got = {r: rx.recv(r, timeout_s=180) for r in ("layers", "whole")}
         finally:
             for p in procs:
                 p.stop(timeout_s=10)

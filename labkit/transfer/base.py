@@ -286,7 +286,11 @@ class Receiver(ABC):
                     self._in_flight.discard(stream.meta.request_id)
             with self._cond:
                 self._conns.discard(conn)
+            self._connection_closed(conn)
             _close_quietly(conn)
+
+    def _connection_closed(self, conn: socket.socket) -> None:
+        """Backend hook: forget per-connection state (shm: the sender's segment mappings)."""
 
     def _dispatch(self, conn: socket.socket, header: dict[str, Any], fds: list[int],
                   stream: InboundStream | None) -> InboundStream | None:
@@ -298,9 +302,7 @@ class Receiver(ABC):
                                     max_request_bytes=self.max_request_bytes, checksum_algo=self.checksum_algo)
             with self._cond:
                 self._in_flight.add(meta.request_id)
-            stream = self._open_stream(meta, header, fds, conn)
-            fds.clear()                      # the stream owns them now
-            return stream
+            return self._open_stream(meta, header, fds, conn)    # fds are closed after: dup to keep one
         if stream is None:
             raise HeaderError(f"{kind!r} frame before begin", field="kind")
         if kind == "layer":

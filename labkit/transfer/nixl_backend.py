@@ -33,6 +33,11 @@ def _new_agent(role: str) -> Any:
         from nixl._api import nixl_agent, nixl_agent_config
     except Exception as e:  # noqa: BLE001 - an optional extra
         raise TransferError(f"the nixl backend needs NIXL: pip install nixl ({e.__class__.__name__}: {e})") from None
+    import logging
+    import os
+
+    if not os.environ.get("NIXL_LOG_LEVEL"):
+        logging.getLogger("nixl").setLevel(logging.WARNING)     # its INFO lines drown notebook output
     cfg = nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"])
     return nixl_agent(f"labkit-{role}-{secrets.token_hex(6)}", cfg)
 

@@ -1,16 +1,19 @@
 """`shm`: KV bytes through shared memory on one host; only small frames cross a socket.
 
-The sender writes a request's K and V into a sealed `memfd` segment (Linux shared memory with
-no name in /dev/shm, so nothing can be left behind there, even by a crash) and passes its file
-descriptor over a Unix socket (SCM_RIGHTS) with the `begin` frame. The receiver maps the
-segment copy-on-write and hands out tensors that *are* that mapping: one copy in, none out.
-Seals make it safe: F_SEAL_SHRINK|F_SEAL_GROW at creation (a shrunk segment would SIGBUS the
-receiver), F_SEAL_WRITE before `end` (the sender can no longer change bytes it was acked for).
+The sender keeps a pool of shared-memory segments (`memfd`: Linux shared memory with no name
+in /dev/shm, so nothing can be left there, even by a crash). For a request it takes a free
+segment, copies K and V in (the one copy), and sends `begin`/`layer`/`end` frames on an
+abstract Unix socket; a segment's file descriptor crosses (SCM_RIGHTS) only the first time a
+connection uses it. The receiver maps each segment once, verifies every layer's checksum as
+it lands, and hands out tensors that *are* the segment: no copy out. When the last of those
+tensors is freed, the receiver flips the segment's state byte back to free and the sender
+may reuse it. Reusing mapped segments is what makes this fast: fresh shared pages cost more
+to fault in and map than the copy itself.
 
-Segments are pre-faulted (fallocate + MAP_POPULATE) ahead of the copy, as a registered buffer
-would be for RDMA: writing into fresh pages runs several times slower than memcpy here. A
-sender keeps one spare segment of its last size ready (`reserve()` makes one explicitly).
-The control socket is an abstract Unix socket: no file to clean up either.
+Safety: segments are sealed against resizing (F_SEAL_SHRINK|F_SEAL_GROW; a shrunk segment
+would SIGBUS the receiver) and carry a magic header; the sender only writes a segment whose
+state byte says free. A buggy sender could still write into a segment a receiver holds: the
+checksum proves the bytes at arrival, not after.
 """
 from __future__ import annotations
 
@@ -21,20 +24,26 @@ import os
 import secrets
 import socket
 import stat
+import struct
 import threading
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from labkit.transfer import wire
 from labkit.transfer.base import InboundStream, OutboundStream, Receiver, Sender, tensor_bytes
-from labkit.transfer.errors import HeaderError, PayloadError, TransferError
+from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
 from labkit.transfer.shaping import LinkShape
 
-COPY_CHUNK_BYTES = 4 << 20       # copy, then checksum while the chunk is still in cache
-MADV_POPULATE_READ = 22          # Linux >= 5.14: map the pages read-only now, without copying them
-_SEALS_AT_CREATION = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+SEG_MAGIC = b"LKVSEG01"
+STATE_OFFSET = 8                  # one byte: 0 free (sender may write), 1 in use (receiver may hold it)
+DATA_OFFSET = 4096                # KV bytes start on their own page
+MIN_CAPACITY = 1 << 20
+COPY_CHUNK_BYTES = 4 << 20        # copy, then checksum while the chunk is still in cache
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
 def parse_endpoint(endpoint: str) -> str:
@@ -44,101 +53,90 @@ def parse_endpoint(endpoint: str) -> str:
     return endpoint[len("shm://@"):]
 
 
-@dataclass(slots=True)
-class Segment:
-    """A pre-faulted, size-sealed memfd and the sender's shared mapping of it."""
+def capacity_for(nbytes: int) -> int:
+    """Segment capacity for a request: the next power of two >= nbytes (at least 1 MiB), so
+    segments are reused across similar prompt lengths and waste at most half."""
+    return max(MIN_CAPACITY, 1 << (max(1, nbytes) - 1).bit_length())
 
+
+@dataclass(eq=False)
+class Segment:
+    """A sender's pre-faulted, size-sealed memfd and its shared mapping."""
+
+    id: int
     fd: int
-    size: int
+    capacity: int
     mm: mmap.mmap
+    mv: memoryview = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mv = memoryview(self.mm)
 
     @classmethod
-    def create(cls, nbytes: int) -> Segment:
+    def create(cls, seg_id: int, capacity: int) -> Segment:
         fd = os.memfd_create("labkit-kv", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        size = DATA_OFFSET + capacity
         try:
-            os.ftruncate(fd, nbytes)
-            os.posix_fallocate(fd, 0, nbytes)     # allocate and zero the pages now, not during the copy
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS_AT_CREATION)
-            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)       # allocate and zero the pages now, not during a copy
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except OSError as e:
             os.close(fd)
-            raise TransferError(f"cannot create a {nbytes:,}-byte shared memory segment: {e}") from None
-        return cls(fd, nbytes, mm)
+            raise TransferError(f"cannot create a {size:,}-byte shared memory segment: {e}") from None
+        mm[:len(SEG_MAGIC)] = SEG_MAGIC
+        mm[STATE_OFFSET] = 0
+        return cls(seg_id, fd, capacity, mm)
+
+    @property
+    def free(self) -> bool:
+        return self.mm[STATE_OFFSET] == 0
 
     def close(self) -> None:
+        self.mv.release()
         try:
             self.mm.close()
         except BufferError:
-            pass     # a view is still alive; the mapping goes when it does
+            pass
         try:
             os.close(self.fd)
         except OSError:
             pass
 
 
-def _fits(seg: Segment, nbytes: int) -> bool:
-    # Exact-ish fit only: a bigger segment would pin memory for as long as the receiver holds the KV.
-    return nbytes <= seg.size <= nbytes + max(nbytes // 8, 1 << 20)
+def _release(mm: mmap.mmap) -> None:
+    """Marks a receiver-held segment free again (its tensors are gone)."""
+    try:
+        mm[STATE_OFFSET] = 0
+    except ValueError:          # already unmapped: the sender is gone too
+        pass
 
 
 class ShmInbound(InboundStream):
-    def __init__(self, meta: wire.KVMeta, fd: int) -> None:
+    def __init__(self, meta: wire.KVMeta, mm: mmap.mmap) -> None:
         super().__init__(meta)
-        self.fd = fd
-        rid = meta.request_id
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise HeaderError("the descriptor sent with begin is not a shared memory segment", field="fd",
-                              request_id=rid)
-        try:
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        except OSError:
-            seals = 0
-        if seals & _SEALS_AT_CREATION != _SEALS_AT_CREATION:
-            raise HeaderError("shm segment is not sealed against resizing (memfd F_SEAL_SHRINK|F_SEAL_GROW)",
-                              field="fd", request_id=rid)
-        if st.st_size < meta.nbytes:
-            raise PayloadError(f"shm segment holds {st.st_size:,} bytes, header says {meta.nbytes:,} (truncated)",
-                               field="nbytes", request_id=rid)
-        # Private + writable: the receiver may modify its KV without touching the sender's pages.
-        # No MAP_POPULATE: on a writable private mapping it would copy every page now, before
-        # the sender has written it; read faults instead map the sender's pages as they are.
-        self.mm = mmap.mmap(fd, meta.nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        try:    # page-table work done here, while the sender copies, not during verification
-            self.mm.madvise(MADV_POPULATE_READ)
-        except (OSError, ValueError):
-            pass
+        self.mm = mm
+        self.handed_out = False
 
     def add_layer(self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket,
                   deadline: float | None) -> None:
         n, half = self.meta.layer_nbytes, self.meta.nbytes // 2
+        k0, v0 = DATA_OFFSET + layer * n, DATA_OFFSET + half + layer * n
         with memoryview(self.mm) as mv:
-            wire.verify_layer(mv[layer * n:(layer + 1) * n], mv[half + layer * n:half + (layer + 1) * n],
-                              checksum, self.meta, layer)
+            wire.verify_layer(mv[k0:k0 + n], mv[v0:v0 + n], checksum, self.meta, layer)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE:
-            raise PayloadError("shm segment still writable by the sender at end (missing F_SEAL_WRITE)",
-                               field="fd", request_id=self.meta.request_id)
-        dt = getattr(torch, self.meta.dtype)
-        count = self.meta.nbytes // 2 // dt.itemsize
-        # The tensors keep the mapping alive; it is unmapped when the last of them is freed.
-        k = torch.frombuffer(self.mm, dtype=dt, count=count, offset=0).view(self.meta.shape)
-        v = torch.frombuffer(self.mm, dtype=dt, count=count, offset=self.meta.nbytes // 2).view(self.meta.shape)
-        self._close_fd()
-        return k, v
-
-    def _close_fd(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        arr = np.frombuffer(self.mm, dtype=np.uint8, count=self.meta.nbytes, offset=DATA_OFFSET)
+        # The segment goes back to the sender when the last tensor viewing it is freed.
+        weakref.finalize(arr, _release, self.mm)
+        flat = torch.from_numpy(arr)
+        dt, half = getattr(torch, self.meta.dtype), self.meta.nbytes // 2
+        self.handed_out = True
+        return flat[:half].view(dt).view(self.meta.shape), flat[half:].view(dt).view(self.meta.shape)
 
     def abort(self) -> None:
-        self._close_fd()
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
+        if not self.handed_out:
+            _release(self.mm)
 
 
 class ShmReceiver(Receiver):
@@ -150,6 +148,8 @@ class ShmReceiver(Receiver):
         super().__init__(**kw)
         self._name = name or f"labkit-kv-{os.getpid()}-{secrets.token_hex(6)}"
         parse_endpoint(f"shm://@{self._name}")
+        self._maps: dict[socket.socket, dict[int, mmap.mmap]] = {}
+        self._maps_lock = threading.Lock()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind("\0" + self._name)
@@ -169,7 +169,6 @@ class ShmReceiver(Receiver):
         try:
             data, anc, flags, _ = conn.recvmsg(wire.PREFIX.size, socket.CMSG_SPACE(4 * fds.itemsize))
         except socket.timeout:
-            from labkit.transfer.errors import TransferTimeout
             raise TransferTimeout("sender stalled between frames") from None
         for level, typ, payload in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
@@ -193,11 +192,59 @@ class ShmReceiver(Receiver):
 
     def _open_stream(self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int],
                      conn: socket.socket) -> InboundStream:
-        if len(fds) != 1:
-            raise HeaderError(f"begin must carry exactly one shm segment descriptor, got {len(fds)}", field="fds",
-                              request_id=meta.request_id)
-        stream = ShmInbound(meta, fds[0])
-        return stream
+        rid = meta.request_id
+        info = header.get("shm")
+        if (not isinstance(info, dict) or not wire._is_int(info.get("segment")) or
+                not wire._is_int(info.get("capacity")) or not isinstance(info.get("retire", []), list)):
+            raise HeaderError("begin needs shm: {segment: int, capacity: int, retire: [int]}", field="shm",
+                              request_id=rid)
+        seg_id, capacity = info["segment"], info["capacity"]
+        with self._maps_lock:
+            maps = self._maps.setdefault(conn, {})
+            for old in info.get("retire", []):
+                maps.pop(old, None)          # unmapped once no tensor views it
+        if len(fds) > 1:
+            raise HeaderError(f"begin carries {len(fds)} descriptors, expected at most 1", field="fds", request_id=rid)
+        if fds:
+            mm = _map_segment(fds[0], capacity, rid)
+            with self._maps_lock:
+                maps[seg_id] = mm
+        else:
+            with self._maps_lock:
+                mm = maps.get(seg_id)       # type: ignore[assignment]
+            if mm is None:
+                raise HeaderError(f"shm segment {seg_id} was never sent on this connection", field="shm",
+                                  request_id=rid)
+        if len(mm) - DATA_OFFSET < meta.nbytes:
+            raise PayloadError(f"shm segment {seg_id} holds {len(mm) - DATA_OFFSET:,} bytes, the request needs "
+                               f"{meta.nbytes:,} (truncated)", field="nbytes", request_id=rid)
+        return ShmInbound(meta, mm)
+
+    def _connection_closed(self, conn: socket.socket) -> None:
+        with self._maps_lock:
+            self._maps.pop(conn, None)      # mappings still viewed by tensors live on until those go
+
+
+def _map_segment(fd: int, capacity: int, rid: str) -> mmap.mmap:
+    """Checks a received segment descriptor (a sealed memfd of the announced size) and maps it."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise HeaderError("the descriptor sent with begin is not a shared memory segment", field="fd", request_id=rid)
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if seals & _SEALS != _SEALS:
+        raise HeaderError("shm segment is not sealed against resizing (memfd F_SEAL_SHRINK|F_SEAL_GROW)",
+                          field="fd", request_id=rid)
+    if capacity < 1 or st.st_size < DATA_OFFSET + capacity:
+        raise PayloadError(f"shm segment holds {max(0, st.st_size - DATA_OFFSET):,} bytes, header says "
+                           f"{capacity:,} (truncated)", field="nbytes", request_id=rid)
+    mm = mmap.mmap(fd, DATA_OFFSET + capacity, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+    if mm[:len(SEG_MAGIC)] != SEG_MAGIC:
+        mm.close()
+        raise HeaderError("shm segment lacks the labkit magic header", field="fd", request_id=rid)
+    return mm
 
 
 class ShmOutbound(OutboundStream):
@@ -207,116 +254,94 @@ class ShmOutbound(OutboundStream):
                  layerwise: bool, seg: Segment) -> None:
         super().__init__(sender, conn, meta, timeout_s, layerwise)
         self.seg = seg
-        self._mv: memoryview | None = memoryview(seg.mm)
+        self.begun = False            # once begin is out, only the receiver frees the segment
 
     def _write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        assert self._mv is not None
         n, half = self.meta.layer_nbytes, self.meta.nbytes // 2
+        mv = self.seg.mv
         h = wire.xxhash.xxh3_64()
-        for off, src in ((layer * n, tensor_bytes(k)), (half + layer * n, tensor_bytes(v))):
+        for off, src in ((DATA_OFFSET + layer * n, tensor_bytes(k)), (DATA_OFFSET + half + layer * n, tensor_bytes(v))):
             # memoryview assignment is one single-threaded memcpy per chunk; torch.copy_ on small
             # chunks pays its thread-pool handoff each time, which a loaded machine makes slow.
             for a in range(0, n, COPY_CHUNK_BYTES):
                 b = min(a + COPY_CHUNK_BYTES, n)
-                self._mv[off + a:off + b] = src[a:b]
-                h.update(self._mv[off + a:off + b])
+                mv[off + a:off + b] = src[a:b]
+                h.update(mv[off + a:off + b])
         frame = wire.encode_frame({"kind": "layer", "layer": layer, "checksum": h.intdigest()})
         self.sender._send_or_explain(self.conn, frame, self.deadline, self.meta.request_id)
 
-    def _unmap(self) -> None:
-        if self._mv is not None:
-            self._mv.release()
-            self._mv = None
-        self.seg.mm.close()
-
-    def _before_end(self) -> None:
-        self._unmap()
-        fcntl.fcntl(self.seg.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
-        os.close(self.seg.fd)       # the receiver holds its own descriptor
-        self.seg.fd = -1
-        self.sender._refill(self.seg.size)
-
     def _release_resources(self) -> None:
-        try:
-            self._unmap()
-        except (BufferError, ValueError):
-            pass
-        if self.seg.fd >= 0:
-            os.close(self.seg.fd)
-            self.seg.fd = -1
+        if not self.begun:
+            self.seg.mm[STATE_OFFSET] = 0
 
 
 class ShmSender(Sender):
-    """Sends to "shm://@name" on this host. Keeps one pre-faulted spare segment (`keep_spare`)."""
+    """Sends to "shm://@name" on this host from a pool of reusable segments.
+
+    `pool_free_max_bytes` caps the capacity of segments kept while free (beyond it the oldest
+    free ones are retired); segments in use are never taken back.
+    """
 
     backend = "shm"
 
-    def __init__(self, endpoint: str, *, token: str, link: LinkShape | None = None, keep_spare: bool = True,
-                 **kw: Any) -> None:
+    def __init__(self, endpoint: str, *, token: str, link: LinkShape | None = None,
+                 pool_free_max_bytes: int = 2 << 30, **kw: Any) -> None:
         if link is not None:
             raise ValueError("link shaping emulates a network: use the tcp backend for it, not shm")
         self._name = parse_endpoint(endpoint)
+        kw.pop("keep_spare", None)          # accepted for compatibility; the pool supersedes it
         super().__init__(endpoint, token=token, **kw)
-        self.keep_spare = keep_spare
-        self._spare: Segment | None = None
-        self._spare_lock = threading.Lock()
-        self._refilling: threading.Thread | None = None
+        self.pool_free_max_bytes = pool_free_max_bytes
+        self._segments: list[Segment] = []
+        self._next_id = 1
+        self._pool_lock = threading.Lock()
+        self._mapped: weakref.WeakKeyDictionary[socket.socket, set[int]] = weakref.WeakKeyDictionary()
+        self._retire: weakref.WeakKeyDictionary[socket.socket, set[int]] = weakref.WeakKeyDictionary()
 
     def reserve(self, nbytes: int) -> None:
-        """Prepares a pre-faulted segment for a request of `nbytes` now (blocks while it is made)."""
+        """Makes sure a free, pre-faulted segment for an `nbytes` request is in the pool (blocks while made)."""
         if nbytes < 1:
             raise ValueError(f"nbytes must be >= 1, got {nbytes}")
-        self._wait_refill()
-        with self._spare_lock:
-            if self._spare is not None and _fits(self._spare, nbytes):
+        cap = capacity_for(nbytes)
+        with self._pool_lock:
+            if any(s.capacity == cap and s.free for s in self._segments):
                 return
-        seg = Segment.create(nbytes)
-        with self._spare_lock:
-            old, self._spare = self._spare, seg
-        if old is not None:
-            old.close()
+            seg = Segment.create(self._next_id, cap)
+            self._next_id += 1
+            self._segments.append(seg)
 
     def close(self) -> None:
         super().close()
-        self._wait_refill()
-        with self._spare_lock:
-            old, self._spare = self._spare, None
-        if old is not None:
-            old.close()
+        with self._pool_lock:
+            segs, self._segments = self._segments, []
+        for s in segs:
+            s.close()        # receivers' mappings keep held segments alive until their tensors go
 
-    def _take_segment(self, nbytes: int) -> Segment:
-        with self._spare_lock:
-            seg = self._spare
-            if seg is not None and _fits(seg, nbytes):
-                self._spare = None
-                return seg
-        return Segment.create(nbytes)
+    def _take(self, nbytes: int) -> Segment:
+        cap = capacity_for(nbytes)
+        with self._pool_lock:
+            seg = next((s for s in self._segments if s.capacity == cap and s.free), None)
+            if seg is None:
+                seg = Segment.create(self._next_id, cap)
+                self._next_id += 1
+                self._segments.append(seg)
+            seg.mm[STATE_OFFSET] = 1
+            self._trim()
+            return seg
 
-    def _refill(self, nbytes: int) -> None:
-        if not self.keep_spare or self._closed:
-            return
-        with self._spare_lock:
-            if self._spare is not None and self._spare.size == nbytes or (
-                    self._refilling is not None and self._refilling.is_alive()):
-                return
-
-            def make() -> None:
-                try:
-                    seg = Segment.create(nbytes)
-                except TransferError:
-                    return
-                with self._spare_lock:
-                    old, self._spare = self._spare, seg
-                if old is not None:
-                    old.close()
-
-            self._refilling = threading.Thread(target=make, name="kv-shm-spare", daemon=True)
-            self._refilling.start()
-
-    def _wait_refill(self) -> None:
-        t = self._refilling
-        if t is not None:
-            t.join(timeout=60.0)
+    def _trim(self) -> None:
+        free = [s for s in self._segments if s.free]
+        total = sum(s.capacity for s in free)
+        for s in free:                      # oldest first
+            if total <= self.pool_free_max_bytes:
+                break
+            total -= s.capacity
+            self._segments.remove(s)
+            for conn, ids in list(self._mapped.items()):
+                if s.id in ids:
+                    ids.discard(s.id)
+                    self._retire.setdefault(conn, set()).add(s.id)
+            s.close()
 
     def _connect(self, timeout_s: float) -> socket.socket:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -329,14 +354,25 @@ class ShmSender(Sender):
         return conn
 
     def _open(self, conn: socket.socket, meta: wire.KVMeta, timeout_s: float, layerwise: bool) -> OutboundStream:
-        seg = self._take_segment(meta.nbytes)
+        seg = self._take(meta.nbytes)
         stream = ShmOutbound(self, conn, meta, timeout_s, layerwise, seg)
         try:
-            frame = wire.encode_frame(meta.begin_header(self._token))
+            with self._pool_lock:
+                mapped = self._mapped.setdefault(conn, set())
+                retire = sorted(self._retire.pop(conn, set()))
+                send_fd = seg.id not in mapped
+            header = meta.begin_header(self._token)
+            header["shm"] = {"segment": seg.id, "capacity": seg.capacity, "retire": retire}
+            frame = wire.encode_frame(header)
             conn.settimeout(timeout_s)
-            sent = conn.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [seg.fd]))])
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [seg.fd]))] if send_fd else []
+            sent = conn.sendmsg([frame], anc)
+            stream.begun = True
             if sent < len(frame):
                 self._send_or_explain(conn, frame[sent:], stream.deadline, meta.request_id)
+            if send_fd:
+                with self._pool_lock:
+                    mapped.add(seg.id)
         except BaseException:
             stream._release_resources()
             raise
