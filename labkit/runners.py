@@ -181,7 +181,8 @@ class EngineRunner:
         self._drain()
         self._seed += 1
         for ids in _prompt_ids(batch, context_len, self._seed):
-            self._live.append(self.engine.add_request(ids, self._sp(self.max_len or 1 << 20)))
+            room = max(1, (self.max_len or 1 << 20) - context_len)  # never past the model's length
+            self._live.append(self.engine.add_request(ids, self._sp(room)))
         for _ in range(batch * context_len + 2):
             if self.engine.step().phase == "decode":
                 break
