@@ -78,6 +78,9 @@ def test_sweep_same_requests_every_mode(tmp_path: Path) -> None:
     row = res.rows[0]
     assert row["output_tps_per_device"] == pytest.approx(row["output_throughput_tps"] / 2)
     assert row["cost_per_m_output_tokens"] == pytest.approx(2 * 2.0 / (row["output_throughput_tps"] * 3600) * 1e6)
+    loose = res.rescored(SLO(itl_s=10.0))  # the same records, a looser SLO: every request is good
+    assert [r["slo_attainment"] for r in loose.rows] == [1.0] * 4 and loose.capacity_rps()["1p1d"] == 40.0
+    assert [r["ok"] for r in loose.rows] == [r["ok"] for r in res.rows] and loose.config.slo.itl_s == 10.0
     paths = res.save(tmp_path / "out")
     saved = json.loads(paths[0].read_text())
     assert len(saved["rows"]) == 4 and "1p1d" in saved["capacity_rps_at_90pct_slo"]

@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, Iterator, Literal, Sequence
 
 from labkit.bench.arrivals import Arrivals
 from labkit.bench.loadgen import BenchResult, LoadConfig, run_load
-from labkit.bench.metrics import SLO, cost_per_million_tokens, jsonable, records_frame
+from labkit.bench.metrics import SLO, cost_per_million_tokens, jsonable, records_frame, summarize
 from labkit.bench.workloads import SampledWorkload, TokenSpace, Workload, get_workload, sample_requests
 
 
@@ -137,6 +137,22 @@ class SweepResult:
             ok = [r["rate_rps"] for r in self.rows if r["mode"] == mode and r["slo_attainment"] >= min_attainment]
             out[mode] = max(ok) if ok else None
         return out
+
+    def rescored(self, slo: SLO) -> SweepResult:
+        """The same runs scored against another SLO (goodput and attainment recomputed from the
+        per-request records; nothing is re-sent)."""
+        from dataclasses import replace
+
+        cfg = replace(self.config, slo=slo)
+        devices = {r["mode"]: r["devices"] for r in self.rows}
+        rows, runs = [], {}
+        for (mode, rate), res in self.runs.items():
+            new = BenchResult(res.records, summarize(res.records, res.summary.duration_s, slo),
+                              {**res.meta, "slo": slo.as_dict()})
+            runs[(mode, rate)] = new
+            spec = replace(parse_mode(mode), devices=devices[mode])
+            rows.append({"workload": cfg.workload_obj.name, **summary_row(spec, rate, new, cfg.price_per_device_hour)})
+        return SweepResult(cfg, rows, runs, self.scaling_text)
 
     def save(self, out_dir: str | Path, name: str = "sweep") -> list[Path]:
         """Writes `<name>.json` (config, scaling, rows) and `<name>_requests.csv` / `.parquet`."""
