@@ -1,7 +1,8 @@
 """Does the planner's simulator predict what the real servers do? Mono and 1P1D on this machine.
 
-1. Calibrate the latency model twice, the way the servers run: on all cores (mono's worker) and
-   pinned to one core (each 1P1D worker: prefill on core 0, decode on core 1).
+1. Calibrate the latency model the way the servers run: on all cores (mono's worker) right before
+   the mono runs, pinned to one core (each 1P1D worker: prefill on core 0, decode on core 1) right
+   before the 1P1D runs.
 2. Run the lab's servers (`labkit.serve.launcher` via `labkit.bench.sweep`) at three request rates
    with the benchmark client, mono then 1P1D, the same requests in both.
 3. Replay each run's exact trace (send times, lengths) in the simulator and compare p50 TTFT,
@@ -48,7 +49,6 @@ def calibrate_pinned(model: str, profile: str, cpus: list[int], out: Path, timeo
                           preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)))
     if proc.returncode != 0:
         raise RuntimeError(f"calibration on cpus {cpus} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    print(proc.stdout.strip().splitlines()[-3:][0] if proc.stdout else "", flush=True)
     return Calibration.load(out)
 
 
@@ -69,16 +69,19 @@ def main() -> int:
         print("plan_validation needs 2 cores (prefill and decode each get one)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        print(f"== calibrating {prof['model']} on cores {cores} (mono) and on core {cores[0]} (each 1P1D worker)")
-        cal_mono = calibrate_pinned(prof["model"], prof["profile"], cores, Path(tmp) / "mono.json")
-        cal_role = calibrate_pinned(prof["model"], prof["profile"], cores[:1], Path(tmp) / "role.json")
-    print(cal_mono.model.describe(), "\n", cal_role.model.describe(), sep="")
-
-    print(f"== measuring mono and 1P1D at {rates} req/s, {n} requests each")
     link = Link(a.link_gbps, a.link_latency_ms / 1e3)
-    rows = measure_and_compare(prof["model"], cal_mono.model, cal_role.model, rates_rps=rates, n_requests=n,
-                               scale=prof["scale"], link=link, slo=prof["slo"])
+    rows, cals = [], {}
+    # Calibrate right before measuring each mode: other work on a shared machine changes step times
+    # from one minute to the next, and the model must describe the machine the servers ran on.
+    for mode, cpus in (("mono", cores), ("1p1d", cores[:1])):
+        print(f"== calibrating {prof['model']} on cores {cpus} ({'the mono worker' if mode == 'mono' else 'each 1P1D worker'})")
+        with tempfile.TemporaryDirectory() as tmp:
+            cals[mode] = calibrate_pinned(prof["model"], prof["profile"], cpus, Path(tmp) / "cal.json")
+        print(cals[mode].model.describe())
+        print(f"== measuring {mode} at {rates} req/s, {n} requests each")
+        rows += measure_and_compare(prof["model"], cals[mode].model, cals[mode].model, rates_rps=rates,
+                                    n_requests=n, scale=prof["scale"], link=link, slo=prof["slo"], modes=(mode,))
+    cal_mono, cal_role = cals["mono"], cals["1p1d"]
     print(table(rows))
     share = within(rows, 0.15)
     print(f"\n{share:.0%} of the predictions are within 15% of the measurement "

@@ -107,9 +107,10 @@ def latest_result(pattern: str = "plan_validation_*.json") -> Path | None:
 
 def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rates_rps: Sequence[float],
                         n_requests: int, workload: str = "azure-conv-2023", scale: float = 0.25,
-                        link: Any = None, slo: Any = None, seed: int = 0, progress: bool = True) -> list[ValidationRow]:
-    """Runs the lab's servers (mono, then 1P1D) at each rate with the benchmark client, replays every
-    run's trace in the simulator, and returns predicted-vs-measured rows.
+                        link: Any = None, slo: Any = None, seed: int = 0, progress: bool = True,
+                        modes: Sequence[str] = ("mono", "1p1d")) -> list[ValidationRow]:
+    """Runs the lab's servers (each of `modes`: "mono", "1p1d") at each rate with the benchmark
+    client, replays every run's trace in the simulator, and returns predicted-vs-measured rows.
 
     `mono_latency` models the mono worker (all cores); `role_latency` each 1P1D worker (one core).
     """
@@ -117,7 +118,7 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     from labkit.bench.sweep import SweepConfig, lab_server_factory, run_sweeps
     from labkit.plan.simulator import Layout, Limits, Link, simulate
 
-    cfg = SweepConfig(workload, rates_rps=tuple(rates_rps), modes=("mono", "1p1d"), n_requests=n_requests,
+    cfg = SweepConfig(workload, rates_rps=tuple(rates_rps), modes=tuple(modes), n_requests=n_requests,
                       seed=seed, slo=slo or BenchSLO(), scale=scale, progress=progress)
     [res] = run_sweeps([cfg], lab_server_factory(model), model=model)
     lk = link or Link(20.0, 1e-3)
