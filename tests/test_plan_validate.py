@@ -102,3 +102,11 @@ def test_tour_section_adds_a_verdict_per_azure_preset(tmp_path) -> None:
     assert all(r["verdict"].split()[0] in ("DISAGGREGATE:", "STAY", "MARGINAL") for r in rows)
     assert s.figures and s.figures[0][1].is_file()
     assert any(row.what.startswith("planner") for row in report.summary)
+
+
+def test_latest_result_finds_the_benchmark_json() -> None:
+    # benchmarks/plan_validation.py writes docs/results/plan_validation-<date>-<machine>.json
+    path = validate.latest_result()
+    if path is None:
+        pytest.skip("no validation JSON under docs/results yet")
+    assert path.name.startswith("plan_validation-") and validate.load_rows(path)

@@ -242,12 +242,12 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
             finish[r] = at
 
     def advance(k: int, first_step_s: float, now: float) -> None:
-        """k steps of every running decode, begun at self_start[0], ended at `now`: ITLs, retire."""
+        """k steps of every running decode, begun at run_start[0], ended at `now`: ITLs, retire."""
         nonlocal nrun
         m = nrun
         lst = last[:m]
         # first step: time since each request's previous token (a prefill stall shows up here)
-        v = first_step_s + (self_start[0] - lst)
+        v = first_step_s + (run_start[0] - lst)
         stalled = v > first_step_s * (1 + 1e-9) + 1e-12
         ns = int(stalled.sum())
         if ns:
@@ -265,7 +265,7 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
             ids[:kk], rem[:kk], ctx[:kk], last[:kk] = ids[:m][keep], rem[:m][keep], ctx[:m][keep], last[:m][keep]
             nrun = kk
 
-    self_start = [0.0]   # start time of the current step run (read by advance)
+    run_start = [0.0]    # when the current run of steps began (advance reads it)
     while True:
         while i_next < n and ready[idx[i_next]] <= t:
             waiting.append(idx[i_next])
@@ -303,7 +303,7 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
                     dur = lat.step_overhead_s + work + b_d * float(ctx[:B].sum()) + c_d * B
                 else:
                     dur = lat.prefill_a_s + work
-                self_start[0] = t
+                run_start[0] = t
                 t += dur
                 if B:                                         # the decodes that rode along
                     advance(1, dur, t)
@@ -333,7 +333,7 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
         seg = k * base + inc * k * (k - 1) / 2
         if k > 1:
             itl_v.append(base + inc * k / 2), itl_w.append(float((k - 1) * B))
-        self_start[0] = t
+        run_start[0] = t
         t += seg
         advance(k, base, t)
 

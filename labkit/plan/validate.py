@@ -97,7 +97,7 @@ def load_rows(path: str | Path) -> list[ValidationRow]:
             for r in doc["rows"]]
 
 
-def latest_result(pattern: str = "plan_validation_*.json") -> Path | None:
+def latest_result(pattern: str = "plan_validation-*.json") -> Path | None:
     """The newest validation JSON under docs/results/, if any."""
     from labkit.config import repo_root
 
