@@ -77,8 +77,11 @@ def plan(shape: WorkloadShape, latency: LatencyModel, *, devices: int, slo: SLO,
     res = search_layouts(req, latency, devices, slo, link=link, limits=limits, prefix_hit_rate=shape.prefix_hit_rate,
                          price_per_device_hour=price_per_device_hour, settings=st)
     best_d = res.best_of("disagg")
+    notes = list(res.notes)
+    if best_d is None:
+        notes.append("With one device there is nothing to split: disaggregation needs a prefill and a decode device.")
     cl = build_checklist(shape, latency, devices=devices, link=link, rdma=rdma, gain=res.disagg_gain,
-                         best_layout=res.best.label, ttft_slo_s=slo.ttft_s, notes=res.notes)
+                         best_layout=res.best.label, ttft_slo_s=slo.ttft_s, notes=notes)
     model = model_id or latency.model
     if best_d is not None:
         u = best_d.unit
