@@ -118,8 +118,8 @@ def decode_batch_sweep(records: Sequence[dict[str, Any]], critical_batch: int | 
         for a in (a1, a2):
             a.axvline(critical_batch, color="gray", ls="--", lw=1.5)
         # x in data units, y in axes units: the label stays visible whatever the y range
-        a2.text(critical_batch, 0.96, f" critical batch ≈ {critical_batch}", transform=a2.get_xaxis_transform(),
-                color="gray", fontsize=11, va="top")
+        a2.text(critical_batch, 0.96, f"critical batch ≈ {critical_batch} ", transform=a2.get_xaxis_transform(),
+                color="gray", fontsize=11, va="top", ha="right")
     a2.set_xlabel("decode batch (sequences)")
     a2.set_ylabel("% of measured peak")
     a2.set_title("utilization")
