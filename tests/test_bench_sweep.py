@@ -81,6 +81,11 @@ def test_sweep_same_requests_every_mode(tmp_path: Path) -> None:
     loose = res.rescored(SLO(itl_s=10.0))  # the same records, a looser SLO: every request is good
     assert [r["slo_attainment"] for r in loose.rows] == [1.0] * 4 and loose.capacity_rps()["1p1d"] == 40.0
     assert [r["ok"] for r in loose.rows] == [r["ok"] for r in res.rows] and loose.config.slo.itl_s == 10.0
+    mono_low = res.rows[0]
+    slo = res.slo_from("mono", ttft_x=3, tpot_x=2, itl_x=4)
+    assert slo.ttft_s == pytest.approx(3 * mono_low["ttft_p50_ms"] / 1000, rel=1e-2)
+    assert slo.tpot_s == pytest.approx(2 * mono_low["tpot_p50_ms"] / 1000, rel=1e-2)
+    assert slo.itl_s == pytest.approx(4 * mono_low["tpot_p50_ms"] / 1000, rel=1e-2) and slo.e2e_s is None
     paths = res.save(tmp_path / "out")
     saved = json.loads(paths[0].read_text())
     assert len(saved["rows"]) == 4 and "1p1d" in saved["capacity_rps_at_90pct_slo"]

@@ -154,6 +154,19 @@ class SweepResult:
             rows.append({"workload": cfg.workload_obj.name, **summary_row(spec, rate, new, cfg.price_per_device_hour)})
         return SweepResult(cfg, rows, runs, self.scaling_text)
 
+    def slo_from(self, mode: str = "mono", *, ttft_x: float = 3.0, tpot_x: float = 2.0,
+                 itl_x: float | None = None) -> SLO:
+        """An SLO set from what `mode` delivers at the lowest swept rate: `ttft_x` times its p50 TTFT,
+        `tpot_x` times its p50 TPOT and, when given, every gap within `itl_x` times that p50 TPOT."""
+        low = min(self.config.rates_rps)
+        row = next((r for r in self.rows if r["mode"] == mode and r["rate_rps"] == low), None)
+        if row is None or not row["ok"]:
+            raise ValueError(f"no completed {mode} run at {low:g} req/s to set an SLO from")
+        sig = lambda x: float(f"{x:.3g}")  # noqa: E731
+        tpot_s = row["tpot_p50_ms"] / 1000
+        return SLO(ttft_s=sig(row["ttft_p50_ms"] / 1000 * ttft_x), tpot_s=sig(tpot_s * tpot_x),
+                   itl_s=sig(tpot_s * itl_x) if itl_x else None)
+
     def save(self, out_dir: str | Path, name: str = "sweep") -> list[Path]:
         """Writes `<name>.json` (config, scaling, rows) and `<name>_requests.csv` / `.parquet`."""
         out = Path(out_dir)

@@ -16,6 +16,11 @@ _EXTRA_COLORS = ["#9467bd", "#17becf", "#bcbd22", "#e377c2", "#7f7f7f"]
 _LABELS = {"ttft": "TTFT", "itl": "inter-token latency", "tpot": "TPOT", "e2e": "end-to-end latency"}
 
 
+def _cap(text: str) -> str:
+    """First letter upper case, the rest untouched (str.capitalize would turn TTFT into Ttft)."""
+    return text[:1].upper() + text[1:]
+
+
 def mode_color(mode: str, i: int = 0) -> str:
     """The lab's colour for a serving mode (xPyD other than 1p1d get the spare colours)."""
     return MODE_COLORS.get(mode, _EXTRA_COLORS[i % len(_EXTRA_COLORS)])
@@ -68,7 +73,7 @@ def plot_latency_cdf(runs: Mapping[tuple[str, float], Any], metric: str = "itl",
     ax.set_xlabel(f"{_LABELS.get(metric, metric)} (ms)")
     ax.set_ylabel("fraction of " + ("gaps" if metric == "itl" else "requests"))
     ax.set_ylim(0, 1.02)
-    ax.set_title(title or f"{_LABELS.get(metric, metric).capitalize()} CDF at {rate_rps:g} req/s")
+    ax.set_title(title or f"{_cap(_LABELS.get(metric, metric))} CDF at {rate_rps:g} req/s")
     ax.legend(loc="lower right")
     return fig
 
@@ -88,7 +93,7 @@ def plot_percentiles_vs_rate(rows: Sequence[Mapping[str, Any]], metric: str = "i
     ax.set_yscale("log")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel(f"{_LABELS.get(metric, metric)} (ms)")
-    ax.set_title(title or f"{_LABELS.get(metric, metric).capitalize()} against load")
+    ax.set_title(title or f"{_cap(_LABELS.get(metric, metric))} against load")
     ax.legend(ncol=2, fontsize=11)
     return fig
 
@@ -121,7 +126,7 @@ def plot_per_device(rows: Sequence[Mapping[str, Any]], key: str = "output_tps_pe
         ax.plot(x, y, marker="o", color=mode_color(mode, i), label=mode)
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title or ylabel.capitalize() + " against load")
+    ax.set_title(title or _cap(ylabel) + " against load")
     ax.legend()
     return fig
 
@@ -161,7 +166,7 @@ def plot_lengths(samples: Mapping[str, tuple[Sequence[int], Sequence[int]]], *, 
         ax.set_xscale("log")
         ax.set_xlabel(f"{what} length (tokens)")
         ax.set_ylabel("fraction of requests")
-        ax.set_title(f"{what.capitalize()} tokens")
+        ax.set_title(f"{_cap(what)} tokens")
         ax.legend(fontsize=10)
     fig.suptitle(title, fontsize=17, fontweight="bold")
     fig.tight_layout()
