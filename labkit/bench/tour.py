@@ -1,8 +1,10 @@
 """The tour's "Mono vs 1P1D" section: one workload, one rate, both modes, charts and summary rows.
 
 On the lab's 2-core CPU: 1P1D puts the prefill worker on core 0 and the decode worker on core 1;
-mono runs one engine on both. The full profile uses the default model (`small`) and takes about
-3 minutes; the ci profile the `tiny` model and well under a minute of load.
+mono runs one engine on both. First a calibration (mono, three requests one at a time) sets the
+rate; the SLO comes from mono's median latencies at that rate. The full profile uses the default
+model (`small`) and takes about 3 minutes on an idle 2-core machine; the ci profile the `tiny`
+model and about a minute.
 """
 from __future__ import annotations
 
@@ -10,26 +12,28 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from labkit.bench.metrics import SLO, jsonable
-from labkit.bench.sweep import ServerFactory, SweepConfig, lab_server_factory, run_sweep
+from labkit.bench.metrics import jsonable
+from labkit.bench.sweep import ServerFactory, SweepConfig, calibrate, lab_server_factory, run_sweep
 from labkit.bench.workloads import get_workload
 from labkit.models import CI_MODEL, DEFAULT_MODEL, get_preset
 
 
 @dataclass(frozen=True, slots=True)
 class TourPlan:
-    """How big the tour's comparison is in one profile."""
+    """How big the tour's comparison is in one profile. The rate is `rate_x` times what mono serves
+    one request at a time (calibrated first), so the comparison means the same on any machine."""
 
     model: str
     n_requests: int
-    rate_rps: float
+    rate_x: float
     conv_scale: float
-    slo: SLO
+    slo_ttft_x: float = 3.0
+    slo_tpot_x: float = 2.0
 
 
 PLANS = {
-    "full": TourPlan(DEFAULT_MODEL, 14, 0.5, 0.25, SLO(ttft_s=4.0, tpot_s=0.25)),
-    "ci": TourPlan(CI_MODEL, 8, 4.0, 0.25, SLO(ttft_s=1.0, tpot_s=0.05)),
+    "full": TourPlan(DEFAULT_MODEL, 10, 1.0, 0.25),
+    "ci": TourPlan(CI_MODEL, 8, 1.0, 0.25),
 }
 
 
@@ -49,16 +53,22 @@ def tour_section(report: Any, profile: str) -> None:
     plan = PLANS["ci" if profile == "ci" else "full"]
     s = report.sections[-1]
     w = get_workload("azure-conv-2023").scaled(plan.conv_scale)
-    cfg = SweepConfig(w, rates_rps=(plan.rate_rps,), modes=("mono", "1p1d"), n_requests=plan.n_requests,
-                      slo=plan.slo, seed=11, warmup_requests=2, request_timeout_s=300.0,
-                      max_model_len=get_preset(plan.model).max_position_embeddings, progress=False)
-    res = run_sweep(cfg, server_factory(plan.model))
+    max_model_len = get_preset(plan.model).max_position_embeddings
+    factory = server_factory(plan.model)
+    cal, = calibrate(factory, [w], n=3, max_model_len=max_model_len)
+    rate = cal.rates((plan.rate_x,))[0]
+    cfg = SweepConfig(w, rates_rps=(rate,), modes=("mono", "1p1d"), n_requests=plan.n_requests, seed=11,
+                      warmup_requests=2, request_timeout_s=600.0, max_model_len=max_model_len, progress=False)
+    raw = run_sweep(cfg, factory)
+    slo = raw.slo_from("mono", ttft_x=plan.slo_ttft_x, tpot_x=plan.slo_tpot_x)
+    res = raw.rescored(slo)
     by = {r["mode"]: r for r in res.rows}
     m, d = by["mono"], by["1p1d"]
     s.paragraphs.append(
         f"The same {plan.n_requests} requests (Azure 2023 conversation lengths x{plan.conv_scale:g}: "
         f"mean prompt {m['mean_prompt_tokens']:,.0f}, output {m['mean_output_tokens']:,.0f} tokens) at "
-        f"{plan.rate_rps:g} req/s (Poisson) through mono (one engine on every core) and 1P1D (prefill "
+        f"{rate:g} req/s (Poisson; mono serves {cal.sequential_rps:.3g} req/s one at a time, unloaded TTFT "
+        f"{cal.ttft_s * 1000:,.0f} ms, TPOT {cal.tpot_s * 1000:,.1f} ms) through mono (one engine on every core) and 1P1D (prefill "
         f"worker and decode worker on separate cores, KV cache moved between them), model {plan.model}.")
     s.paragraphs.append(
         "In mono every prefill runs in the same steps as the running decodes, so each long prompt stalls "
@@ -66,23 +76,25 @@ def tour_section(report: Any, profile: str) -> None:
         "for a prefill; the price is half the cores per phase, a KV transfer, and a longer TTFT under load.")
     cols = ["mode", "rate_rps", "ok", "errors", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
             "tpot_p50_ms", "goodput_rps", "slo_attainment", "output_tps_per_device"]
-    s.tables.append((f"Mono vs 1P1D at {plan.rate_rps:g} req/s (SLO: {plan.slo.describe()})",
+    s.tables.append((f"Mono vs 1P1D at {rate:g} req/s (SLO: {slo.describe()}, from mono's p50 x{plan.slo_ttft_x:g} "
+                     f"TTFT and x{plan.slo_tpot_x:g} TPOT)",
                      [{c: r[c] for c in cols} for r in res.rows]))
     report.add_figure(s, pb.plot_latency_cdf(res.runs, "itl"), "bench_itl_cdf",
                       "Inter-token latency CDF: the mono tail is the prefill stalls")
-    report.add_figure(s, pb.plot_latency_cdf(res.runs, "ttft", slo_ms=plan.slo.ttft_s * 1000 if plan.slo.ttft_s else None),
+    report.add_figure(s, pb.plot_latency_cdf(res.runs, "ttft", slo_ms=slo.ttft_s * 1000 if slo.ttft_s else None),
                       "bench_ttft_cdf", "Time to first token CDF")
     ratio = m["itl_p99_ms"] / d["itl_p99_ms"] if d["itl_p99_ms"] else math.nan
     report.add_summary("p99 ITL mono vs 1P1D", f"{_fmt_ms(m['itl_p99_ms'])} vs {_fmt_ms(d['itl_p99_ms'])}",
-                       f"{ratio:.1f}x, {plan.model}, {plan.rate_rps:g} req/s")
+                       f"{ratio:.1f}x, {plan.model}, {rate:g} req/s")
     report.add_summary("p50 TTFT mono vs 1P1D", f"{_fmt_ms(m['ttft_p50_ms'])} vs {_fmt_ms(d['ttft_p50_ms'])}")
     report.add_summary("goodput mono vs 1P1D", f"{m['goodput_rps']:.2f} vs {d['goodput_rps']:.2f} req/s",
-                       plan.slo.describe())
+                       slo.describe())
     errors = m["errors"] + d["errors"]
     if errors:
         s.paragraphs.append(f"{errors} request(s) failed; first errors: "
-                            + "; ".join(res.runs[("mono", plan.rate_rps)].meta["first_errors"]
-                                        + res.runs[("1p1d", plan.rate_rps)].meta["first_errors"]))
-    report.data["mono_vs_1p1d"] = jsonable({"rows": res.rows, "scaling": res.scaling_text, "plan": {
-        "model": plan.model, "rate_rps": plan.rate_rps, "n_requests": plan.n_requests, "slo": plan.slo.as_dict()}})
+                            + "; ".join(res.runs[("mono", rate)].meta["first_errors"]
+                                        + res.runs[("1p1d", rate)].meta["first_errors"]))
+    report.data["mono_vs_1p1d"] = jsonable({"rows": res.rows, "scaling": res.scaling_text, "calibration": {
+        "ttft_s": cal.ttft_s, "tpot_s": cal.tpot_s, "e2e_s": cal.e2e_s}, "plan": {
+        "model": plan.model, "rate_rps": rate, "n_requests": plan.n_requests, "slo": slo.as_dict()}})
 
