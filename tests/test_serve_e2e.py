@@ -251,3 +251,17 @@ def test_interference_run_records_every_token(topo) -> None:
     time.sleep(1.0)
     h = httpx.get(topo["workers"]["decode0"].url + "/health", timeout=10).json()
     assert h["running_requests"] == 0 and h["kv_blocks_used"] == 0
+
+
+@pytest.mark.vllm
+def test_vllm_bench_serve_completes_in_both_modes(topo, tiny_model_dir) -> None:
+    from labkit.serve.vllm_bench import run_vllm_bench
+
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        futs = {m: ex.submit(run_vllm_bench, topo[m], model="tiny", tokenizer=str(tiny_model_dir), num_prompts=8,
+                             input_len=48, output_len=12, timeout_s=400) for m in ("mono", "1p1d")}
+        results = {m: f.result() for m, f in futs.items()}
+    for m, res in results.items():
+        assert (res["completed"], res["failed"]) == (8, 0), m
+        assert res["total_output_tokens"] == 8 * 12, m  # usage.completion_tokens, as vLLM's server reports it
+        assert res["mean_ttft_ms"] > 0 and res["mean_itl_ms"] > 0, m

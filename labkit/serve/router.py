@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per health poll
     cfg = parse_args(argv)
     _, app = create(cfg)
     log.info("router on %s:%d (%s backend)", cfg.host, cfg.port, cfg.backend)

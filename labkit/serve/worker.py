@@ -436,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per health poll
     cfg = parse_args(argv)
     worker = Worker(cfg)
     log.info("worker %s: role=%s policy=%s model=%s on %s:%d", worker.name, cfg.role, cfg.policy, cfg.model,
