@@ -70,7 +70,8 @@ def test_decode_worker_killed_mid_stream(topo: Topology) -> None:
     for ev in first:
         assert ev.wait(CLIENT_TIMEOUT_S), "a stream never started"
     assert topo.decode is not None and topo.prefill is not None
-    assert worker_health(topo.decode)["running_requests"] == 4
+    # the first token comes from the prefill worker; wait until all four are decoding
+    wait_for(lambda: worker_health(topo.decode)["running_requests"] == 4, what="4 requests decoding")
     t_fault = kill9(topo.decode)
     join_all(threads, FAULT_BOUND_S + 1)
     ok, errors = assert_accounted(results, 4)
