@@ -135,3 +135,16 @@ def test_other_architectures_match_transformers(tmp_path: Path, model_type: str,
     for q, o in zip(prompts, eng.generate(prompts, SamplingParams(max_tokens=10))):
         assert o.output_token_ids == hf_greedy(hf, q, 10)
     assert_pool_full(eng)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_compiled_decode_matches_eager() -> None:
+    """On a GPU: bf16 runs, and the compiled decode path picks the eager path's tokens."""
+    prompts = [prompt_of(n, salt=n) for n in (5, 17, 40)]
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    outs = {}
+    for compiled in (False, True):
+        eng = Engine(EngineConfig(model="small", dtype="bfloat16", device="cuda", compile_decode=compiled))
+        outs[compiled] = [o.output_token_ids for o in eng.generate(prompts, sp)]
+        assert_pool_full(eng)
+    assert outs[True] == outs[False]

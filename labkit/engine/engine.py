@@ -232,7 +232,9 @@ class Engine:
                 sample_seqs.append(s)
         meta = AttentionMeta(torch.cat(slots), nd, decode_blocks, decode_mask, chunks)
         hook = self._layer_kv_hook(batch)
-        hidden = self._forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, self.cache, hook)
+        # The compiled forward (GPU) only sees decode-only batches: their shapes repeat, chunk loops do not.
+        fwd = self._forward if not chunks else self.model.forward
+        hidden = fwd(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, self.cache, hook)
         for s in batch.decodes:
             s.num_computed_tokens += 1
             self.pool.commit(s)

@@ -86,14 +86,18 @@ class Scheduler:
                 break
             fresh = not seq.block_table
             if fresh:
-                seq.num_cached_tokens = self.pool.match_prefix(seq)
+                hit = self.pool.match_prefix(seq)
+                if not seq.output_ids:  # a recompute after preemption keeps its first count
+                    seq.num_cached_tokens = hit
             n = min(seq.num_uncomputed, budget)
             # prefill_first runs whole prompts; only the first of a step may be cut to the budget,
             # so a prompt longer than the budget still makes progress.
             if (n < seq.num_uncomputed and not chunk_any and batch.chunks) or not self.pool.grow(seq, seq.num_computed_tokens + n):
                 if fresh:  # give back the prefix blocks it just adopted
                     self.pool.release(seq)
-                    seq.num_computed_tokens = seq.num_cached_tokens = 0
+                    seq.num_computed_tokens = 0
+                    if not seq.output_ids:
+                        seq.num_cached_tokens = 0
                 break
             batch.chunks.append((seq, n))
             budget -= n
