@@ -225,3 +225,46 @@ def run_interference(url: str, scenario: InterferenceScenario | None = None, lab
                      model: str | None = None) -> InterferenceResult:
     """Blocking version of `run_interference_async`; returns the traces of one run."""
     return run_sync(run_interference_async(url, scenario or InterferenceScenario(), label, model))
+
+
+INTERFERENCE_MODES = ("mono", "mono-chunked", "1p1d")
+
+
+def run_modes(model: str, scenario: InterferenceScenario, modes: tuple[str, ...] = INTERFERENCE_MODES, *,
+              chunk_tokens: int = 256, transfer: str = "shm", progress: bool = False) -> list[InterferenceResult]:
+    """The experiment on each mode, one server at a time, pinned as the lessons pin them
+    (`labkit.serve.launcher.default_cpu_split`: mono on all cores; prefill and decode on one half each).
+
+    modes: "mono", "mono-chunked" (chunked prefill, `chunk_tokens` per step), "1p1d". Each run
+    gets its own prompt variant, so nothing is a prefix-cache hit. Returns one result per mode.
+    """
+    from dataclasses import replace
+
+    from labkit.serve.launcher import default_cpu_split, launch
+
+    unknown = set(modes) - set(INTERFERENCE_MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {INTERFERENCE_MODES}")
+    cpus = default_cpu_split()
+    out = []
+    for i, mode in enumerate(modes):
+        if progress:
+            print(f"interference: {mode} ...", flush=True)
+        if mode == "1p1d":
+            srv = launch("disagg", model=model, prefill_cpus=cpus["prefill"], decode_cpus=cpus["decode"],
+                         transfer=transfer)
+        else:
+            chunked = mode == "mono-chunked"
+            srv = launch("mono", model=model, mono_cpus=cpus["mono"], chunked_prefill=chunked,
+                         max_num_batched_tokens=chunk_tokens if chunked else 2048)
+        try:
+            out.append(run_interference(srv.url, replace(scenario, variant=scenario.variant + i), label=mode,
+                                        model=model))
+        finally:
+            srv.stop()
+    return out
+
+
+def stats_table(results: list[InterferenceResult]) -> list[dict[str, Any]]:
+    """One row per run: mode and its stats, rounded for printing."""
+    return [{"mode": r.label, **{k: round(v, 2) for k, v in r.stats().items()}} for r in results]
