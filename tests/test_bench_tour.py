@@ -40,7 +40,7 @@ def test_tour_section_adds_table_charts_and_summary(tmp_path: Path, monkeypatch:
     report = Report(tmp_path / "report")
     report.section("Mono vs 1P1D")
     tour.tour_section(report, "ci")
-    assert len(pids) == 3 and not any(pid_alive(p) for p in pids)  # calibration, mono, 1p1d
+    assert len(pids) == 2 and not any(pid_alive(p) for p in pids)  # mono (calibrated on), 1p1d
     sec = report.sections[-1]
     (caption, rows), = sec.tables
     assert [r["mode"] for r in rows] == ["mono", "1p1d"] and all(r["ok"] == tour.PLANS["ci"].n_requests for r in rows)

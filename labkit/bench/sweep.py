@@ -354,19 +354,27 @@ def calibrate(start_server: ServerFactory, workloads: Sequence[Workload], *, mod
               model: str | None = None) -> list[Calibration]:
     """Median unloaded TTFT, TPOT and E2E of each workload on `mode`, from `n` requests sent one at a
     time after one warm-up request (one server start for all workloads)."""
+    spec = parse_mode(mode)
+    with start_server(spec) as url:
+        return calibrate_url(url, workloads, mode=spec.name, n=n, seed=seed, max_model_len=max_model_len,
+                             scale=scale, model=model)
+
+
+def calibrate_url(url: str, workloads: Sequence[Workload], *, mode: str = "mono", n: int = 4, seed: int = 99,
+                  max_model_len: int | None = None, scale: float | None = None,
+                  model: str | None = None) -> list[Calibration]:
+    """`calibrate` against a server that is already running at `url` (named `mode` in the result)."""
     import statistics
 
     out: list[Calibration] = []
-    spec = parse_mode(mode)
-    with start_server(spec) as url:
-        for w in workloads:
-            s = sample_requests(w, n + 1, seed=seed, max_model_len=max_model_len, scale=scale)
-            res = run_load(LoadConfig(url, Arrivals("burst"), max_concurrency=1, model=model, progress=False,
-                                      request_timeout_s=600.0, label=f"calibrate {w.name}"), s.requests)
-            ok = [r for r in res.records[1:] if r.ok]  # the first request warms the server up
-            if not ok:
-                raise RuntimeError(f"calibration of {w.name} on {mode} failed: {res.meta['first_errors']}")
-            tpots = [r.tpot_s for r in ok if r.output_tokens > 1] or [math.nan]
-            out.append(Calibration(w.name, spec.name, statistics.median(r.ttft_s for r in ok),
-                                   statistics.median(tpots), statistics.median(r.e2e_s for r in ok)))
+    for w in workloads:
+        s = sample_requests(w, n + 1, seed=seed, max_model_len=max_model_len, scale=scale)
+        res = run_load(LoadConfig(url, Arrivals("burst"), max_concurrency=1, model=model, progress=False,
+                                  request_timeout_s=600.0, label=f"calibrate {w.name}"), s.requests)
+        ok = [r for r in res.records[1:] if r.ok]  # the first request warms the server up
+        if not ok:
+            raise RuntimeError(f"calibration of {w.name} on {mode} failed: {res.meta['first_errors']}")
+        tpots = [r.tpot_s for r in ok if r.output_tokens > 1] or [math.nan]
+        out.append(Calibration(w.name, mode, statistics.median(r.ttft_s for r in ok), statistics.median(tpots),
+                               statistics.median(r.e2e_s for r in ok)))
     return out

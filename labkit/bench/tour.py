@@ -9,11 +9,12 @@ model and about a minute.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from labkit.bench.metrics import jsonable
-from labkit.bench.sweep import ServerFactory, SweepConfig, calibrate, lab_server_factory, run_sweep
+from labkit.bench.sweep import (ServerFactory, SweepConfig, SweepResult, calibrate_url, fixed_url_factory,
+                                lab_server_factory, parse_mode, run_sweep)
 from labkit.bench.workloads import get_workload
 from labkit.models import CI_MODEL, DEFAULT_MODEL, get_preset
 
@@ -55,11 +56,16 @@ def tour_section(report: Any, profile: str) -> None:
     w = get_workload("azure-conv-2023").scaled(plan.conv_scale)
     max_model_len = get_preset(plan.model).max_position_embeddings
     factory = server_factory(plan.model)
-    cal, = calibrate(factory, [w], n=3, max_model_len=max_model_len)
-    rate = cal.rates((plan.rate_x,))[0]
-    cfg = SweepConfig(w, rates_rps=(rate,), modes=("mono", "1p1d"), n_requests=plan.n_requests, seed=11,
+    cfg = SweepConfig(w, rates_rps=(1.0,), modes=("mono", "1p1d"), n_requests=plan.n_requests, seed=11,
                       warmup_requests=2, request_timeout_s=600.0, max_model_len=max_model_len, progress=False)
-    raw = run_sweep(cfg, factory)
+    # Calibrate on the mono server the comparison then uses: one server start fewer.
+    with factory(parse_mode("mono")) as mono_url:
+        cal, = calibrate_url(mono_url, [w], n=3, max_model_len=max_model_len)
+        rate = cal.rates((plan.rate_x,))[0]
+        cfg = replace(cfg, rates_rps=(rate,))
+        mono = run_sweep(replace(cfg, modes=("mono",)), fixed_url_factory({"mono": mono_url}))
+    pd = run_sweep(replace(cfg, modes=("1p1d",)), factory)
+    raw = SweepResult(cfg, mono.rows + pd.rows, {**mono.runs, **pd.runs}, mono.scaling_text)
     slo = raw.slo_from("mono", ttft_x=plan.slo_ttft_x, tpot_x=plan.slo_tpot_x)
     res = raw.rescored(slo)
     by = {r["mode"]: r for r in res.rows}
