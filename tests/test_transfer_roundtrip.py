@@ -137,8 +137,7 @@ def test_large_payload_and_no_leaks(backend: str) -> None:
     shm_before, memfd_before = _shm_entries(), _memfds()
     kv = make_kv("big", 4096, num_layers=8, num_kv_heads=4, head_dim=64, dtype="bfloat16", seed=3)
     assert kv.nbytes == 32 << 20
-    with open_receiver(backend, token=token) as rx, open_sender(rx.endpoint, token=token, keep_spare=False) \
-            if backend == "shm" else open_sender(rx.endpoint, token=token) as tx:
+    with open_receiver(backend, token=token) as rx, open_sender(rx.endpoint, token=token) as tx:
         for rid in ("big", "big2"):             # the second reuses the sender's connection
             kv.request_id = rid
             tx.send(kv)

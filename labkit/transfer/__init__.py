@@ -25,7 +25,9 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from labkit.transfer.base import OutboundStream, Receiver, Sender, TransferStats
+from labkit.transfer.base import TransferStats
+from labkit.transfer.receiver import Receiver
+from labkit.transfer.sender import OutboundStream, Sender
 from labkit.transfer.errors import AuthError, HeaderError, PayloadError, TransferError, TransferTimeout
 from labkit.transfer.shaping import LINKS, LinkShape
 from labkit.transfer.wire import KVMeta, KVSpec
@@ -69,7 +71,7 @@ def open_receiver(backend: str, *, token: str, host: str = "127.0.0.1", port: in
 def open_sender(endpoint: str, *, token: str, link: LinkShape | None = None, **kw: Any) -> Sender:
     """A sender for `endpoint` (the backend comes from its scheme: shm://, tcp://, nixl://, cuda-ipc://).
 
-    link: emulate a slower network (tcp only). Other keywords: connect_timeout_s; shm: keep_spare.
+    link: emulate a slower network (tcp only). Other keywords: connect_timeout_s; shm: pool_free_max_bytes.
     """
     scheme = endpoint.split("://", 1)[0] if "://" in endpoint else ""
     if scheme == "shm":

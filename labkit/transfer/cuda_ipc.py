@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from labkit.transfer import wire
-from labkit.transfer.base import InboundStream, OutboundStream
+from labkit.transfer.receiver import InboundStream
+from labkit.transfer.sender import OutboundStream
 from labkit.transfer.errors import HeaderError, PayloadError, TransferError
 from labkit.transfer.shm import ShmReceiver, ShmSender, parse_endpoint
 
@@ -177,7 +178,7 @@ class CudaIpcSender(ShmSender):
         _require_cuda()
         if not endpoint.startswith("cuda-ipc://@"):
             raise ValueError(f"bad cuda-ipc endpoint {endpoint!r} (expected cuda-ipc://@name)")
-        super().__init__("shm://@" + endpoint[len("cuda-ipc://@"):], token=token, link=link, keep_spare=False, **kw)
+        super().__init__("shm://@" + endpoint[len("cuda-ipc://@"):], token=token, link=link, **kw)
         self.endpoint = endpoint
         parse_endpoint("shm://@" + endpoint[len("cuda-ipc://@"):])
 

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from labkit.transfer import wire
-from labkit.transfer.base import InboundStream, OutboundStream, TransferStats, tensor_bytes
+from labkit.transfer.base import TransferStats, tensor_bytes
+from labkit.transfer.receiver import InboundStream
+from labkit.transfer.sender import OutboundStream
 from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
 from labkit.transfer.tcp import TcpReceiver, TcpSender
 

@@ -50,19 +50,27 @@ LINKS: dict[str, LinkShape] = {
 
 class TokenBucket:
     """Paces writes to `rate_bytes_per_s`: a chunk leaves when the link would have finished
-    serializing it, so n bytes never take less than n / rate (no free initial burst)."""
+    serializing it, so a burst of n bytes never takes less than n / rate.
+
+    Call `resume()` when the caller starts a burst after being idle (a layer after its
+    compute): idle time is not banked. Within a burst, a sender that overslept (a busy
+    machine) catches up on its schedule instead of falling further behind.
+    """
 
     def __init__(self, rate_bytes_per_s: float) -> None:
         if rate_bytes_per_s <= 0:
             raise ValueError(f"rate_bytes_per_s must be > 0, got {rate_bytes_per_s}")
         self.rate = rate_bytes_per_s
-        self._free_at = time.perf_counter()
+        self._free_at = 0.0
+
+    def resume(self) -> None:
+        """Starts a new burst: the schedule restarts from now unless earlier bytes still occupy the link."""
+        self._free_at = max(self._free_at, time.perf_counter())
 
     def wait(self, nbytes: int) -> None:
         """Blocks until `nbytes` more have crossed the emulated wire."""
-        now = time.perf_counter()
-        self._free_at = max(self._free_at, now) + nbytes / self.rate
-        delay = self._free_at - now
+        self._free_at = max(self._free_at, 0.0) + nbytes / self.rate
+        delay = self._free_at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
 

@@ -24,7 +24,6 @@ import os
 import secrets
 import socket
 import stat
-import struct
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -34,7 +33,9 @@ import numpy as np
 import torch
 
 from labkit.transfer import wire
-from labkit.transfer.base import InboundStream, OutboundStream, Receiver, Sender, tensor_bytes
+from labkit.transfer.base import tensor_bytes
+from labkit.transfer.receiver import InboundStream, Receiver
+from labkit.transfer.sender import OutboundStream, Sender
 from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
 from labkit.transfer.shaping import LinkShape
 
@@ -289,7 +290,6 @@ class ShmSender(Sender):
         if link is not None:
             raise ValueError("link shaping emulates a network: use the tcp backend for it, not shm")
         self._name = parse_endpoint(endpoint)
-        kw.pop("keep_spare", None)          # accepted for compatibility; the pool supersedes it
         super().__init__(endpoint, token=token, **kw)
         self.pool_free_max_bytes = pool_free_max_bytes
         self._segments: list[Segment] = []

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from labkit.transfer import wire
-from labkit.transfer.base import InboundStream, OutboundStream, Receiver, Sender, tensor_bytes
+from labkit.transfer.base import tensor_bytes
+from labkit.transfer.receiver import InboundStream, Receiver
+from labkit.transfer.sender import OutboundStream, Sender
 from labkit.transfer.errors import HeaderError
 from labkit.transfer.shaping import LinkShape, TokenBucket, chunk_bytes
 
@@ -98,6 +100,8 @@ class TcpOutbound(OutboundStream):
         rid = self.meta.request_id
         self.sender._send_or_explain(self.conn, frame, self.deadline, rid)
         bucket = self.sender._bucket
+        if bucket is not None:
+            bucket.resume()
         step = chunk_bytes(self.sender.link)
         for data in (kb, vb):
             for a in range(0, len(data), step):
