@@ -59,3 +59,17 @@ def test_bench_workloads_lists_presets(capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     for name in ("azure-conv-2023", "azure-code-2023", "mooncake-conv", "short-prompt"):
         assert name in out
+
+
+def test_bench_sweep_against_running_servers_writes_charts(fake_url: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["sweep", "--url", f"mono={fake_url}", f"1p1d={fake_url}", "--modes", "mono", "1p1d",
+               "--rates", "40", "20", "--n", "3", "--workload", "short-prompt", "--scale", "0.05",
+               "--slo-ttft-ms", "5000", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "mono: 40 req/s, 1p1d: 40 req/s" in out  # every request within a 5 s TTFT
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["mode"], r["rate_rps"]) for r in saved["rows"]] == [("mono", 20.0), ("mono", 40.0), ("1p1d", 20.0),
+                                                                  ("1p1d", 40.0)]
+    for chart in ("ttft_cdf", "itl_cdf", "itl_vs_rate", "ttft_vs_rate", "goodput", "throughput_per_device", "cost"):
+        assert (tmp_path / f"sweep_{chart}.png").stat().st_size > 10_000
