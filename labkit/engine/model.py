@@ -120,6 +120,9 @@ class LayerWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, with the statistics in fp32 (as Hugging Face does)."""
+    if x.dtype == torch.float32:  # one fused op instead of six small ones
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -179,9 +182,9 @@ class CausalLM:
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
-            q, k, v = F.linear(h, lw.qkv, lw.qkv_bias).split([q_dim, kv_dim, kv_dim], dim=-1)
-            q = apply_rope(q.unflatten(-1, (c.num_heads, c.head_dim)), cos, sin)
-            k = apply_rope(k.unflatten(-1, (c.num_kv_heads, c.head_dim)), cos, sin)
+            qk, v = F.linear(h, lw.qkv, lw.qkv_bias).split([q_dim + kv_dim, kv_dim], dim=-1)
+            # q and k heads side by side: one rotation for both.
+            q, k = apply_rope(qk.unflatten(-1, (-1, c.head_dim)), cos, sin).split([c.num_heads, c.num_kv_heads], dim=1)
             v = v.unflatten(-1, (c.num_kv_heads, c.head_dim))
             cache.write(i, meta.slot_mapping, k, v)
             attn = self._attention(i, q, k, v, meta, cache)
@@ -200,14 +203,17 @@ class CausalLM:
                    cache: KVCache) -> torch.Tensor:
         c = self.cfg
         group = c.num_heads // c.num_kv_heads
-        out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
             # Decode: each kv head serves `group` query heads, so queries are laid out
             # [seq, kv_head, group, dim] and attend without repeating K/V.
             kb, vb = cache.gather(layer, meta.decode_blocks)        # [nd, kv_heads, ctx, dim]
-            qd = q[:nd].view(nd, c.num_kv_heads, group, c.head_dim)
+            qd = q[:nd].reshape(nd, c.num_kv_heads, group, c.head_dim)
             o = F.scaled_dot_product_attention(qd, kb, vb, attn_mask=meta.decode_mask)
+            if not meta.chunks:
+                return o.reshape(nd, c.num_heads, c.head_dim)
+        out = torch.empty_like(q)
+        if nd:
             out[:nd] = o.reshape(nd, c.num_heads, c.head_dim)
         for start, n, ctx, blocks in meta.chunks:
             qs = q[start:start + n].transpose(0, 1).unsqueeze(0)   # [1, heads, n, dim]
