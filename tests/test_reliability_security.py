@@ -87,6 +87,22 @@ def test_kv_channel_refuses_a_wrong_token(topo: Topology) -> None:
     complete(topo.url, max_tokens=4)  # the real deployment still works
 
 
+def test_kv_channel_refuses_more_than_the_pool_even_with_the_token(topo: Topology) -> None:
+    from labkit.transfer import HeaderError, open_sender
+    from labkit.transfer.synthetic import make_kv
+
+    assert topo.decode is not None
+    h0 = worker_health(topo.decode)
+    per_token = 2 * 4 * 2 * 64 * 4  # tiny: K+V, 4 layers, 2 kv heads, head_dim 64, fp32
+    n = (32 << 20) // per_token + 100  # just over the decode worker's 32 MiB pool (Topology's kv_cache_bytes)
+    kv = make_kv("too-big", n, num_layers=4, num_kv_heads=2, head_dim=64, dtype="float32")
+    with open_sender(h0["kv_endpoint"], token=topo.kv_token, connect_timeout_s=5) as tx:
+        with pytest.raises(HeaderError, match="exceeds"):
+            tx.send(kv, timeout_s=10)
+    assert topo.decode.alive() and worker_health(topo.decode)["kv_blocks_used"] == 0
+    complete(topo.url, max_tokens=4)
+
+
 def test_kv_channel_survives_garbage_and_half_frames(topo: Topology) -> None:
     assert topo.decode is not None
     endpoint = worker_health(topo.decode)["kv_endpoint"]

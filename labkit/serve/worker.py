@@ -122,7 +122,8 @@ class Worker:
                 raise ValueError("a decode worker needs the deployment's KV token: set LABKIT_KV_TOKEN "
                                  "(labkit.serve.launcher sets it for you)")
             self.receiver = open_receiver(cfg.transfer, token=cfg.kv_token, host=cfg.host,
-                                          stall_timeout_s=cfg.transfer_timeout_s)
+                                          stall_timeout_s=cfg.transfer_timeout_s,
+                                          max_request_bytes=cfg.kv_cache_bytes)  # more could never be adopted
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
