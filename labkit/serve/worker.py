@@ -115,6 +115,7 @@ class Worker:
         self.fault = Fault.from_env()  # LABKIT_FAULT: tests only (labkit.serve.faults)
         if self.fault:
             log.warning("fault injection on: %s", self.fault)
+        self.kv_pool_bytes = int(self.engine.num_total_blocks) * cfg.block_size * int(self.engine.kv_bytes_per_token)
         if cfg.role == "decode":
             from labkit.transfer import open_receiver
 
@@ -123,7 +124,7 @@ class Worker:
                                  "(labkit.serve.launcher sets it for you)")
             self.receiver = open_receiver(cfg.transfer, token=cfg.kv_token, host=cfg.host,
                                           stall_timeout_s=cfg.transfer_timeout_s,
-                                          max_request_bytes=cfg.kv_cache_bytes)  # more could never be adopted
+                                          max_request_bytes=self.kv_pool_bytes)  # more could never be adopted
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
