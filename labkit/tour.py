@@ -20,6 +20,11 @@ SECTIONS: list[tuple[str, str]] = [
     ("Doctor: this machine", "labkit.tour:doctor_section"),
     ("Hardware: measured peaks", "labkit.measure:hardware_section"),
     ("Prefill vs decode on the default model", "labkit.measure:prefill_decode_section"),
+    ("The KV cache: transfer between processes", "labkit.transfer.cli:tour_section"),
+    ("Interference: a long prefill stalls every decode", "labkit.serve.tour:tour_section"),
+    ("Mono vs 1P1D: the gains", "labkit.bench.tour:tour_section"),
+    ("Should you disaggregate?", "labkit.plan.tour:tour_section"),
+    ("vLLM side by side", "labkit.vllm.tour:tour_section"),
 ]
 
 
