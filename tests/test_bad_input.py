@@ -187,6 +187,8 @@ DECODE_CASES: list[tuple[str, bytes, int, Any]] = [
     ("timeout-negative", j(request_id="r1", timeout_s=-1), 400, "timeout_s"),
     ("timeout-huge", j(request_id="r1", timeout_s=10**9), 400, "timeout_s"),
     ("timeout-string", j(request_id="r1", timeout_s="soon"), 400, "timeout_s"),
+    ("timeout-bool", j(request_id="r1", timeout_s=True), 400, "timeout_s"),
+    ("timeout-nan", b'{"request_id": "r1", "timeout_s": NaN}', 400, "timeout_s"),
     ("bad-sampling", j(request_id="r1", sampling={"top_p": 7}), 400, "sampling"),
 ]
 

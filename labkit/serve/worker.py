@@ -376,7 +376,7 @@ def build_app(worker: Worker) -> FastAPI:
             body = await _json_body(request)
             rid, sp = _request_id(body), worker.sampling(body.get("sampling", {}))
             timeout_s = body.get("timeout_s", cfg.transfer_timeout_s)
-            if not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= 600:
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= 600:
                 raise bad_request("'timeout_s' must be a number in (0, 600]", "timeout_s")
             t0 = time.perf_counter()
             try:
