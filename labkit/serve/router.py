@@ -134,7 +134,10 @@ class Router:
         except APIError as e:
             self.metrics.requests.labels(f"http_{e.status}").inc()
             return _error(e)
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # A fresh id inside, always: the client's x-request-id (echoed back) is not unique, and two
+        # requests sharing one would collide in the workers and in the decode worker's KV inbox.
+        rid = uuid.uuid4().hex
+        client_rid = request.headers.get("x-request-id") or rid
         if prompt_ids is not None:
             self.metrics.prompt_tokens.inc(len(prompt_ids))
         self.metrics.queue_depth.inc()
@@ -157,7 +160,7 @@ class Router:
         cid, created, name = new_completion_id(), int(time.time()), self.cfg.model_name
         if not req.stream:
             return await self._collect(req, first, gen, timer, cid, name, n_prompt, prompt_ids)
-        headers = {"x-request-id": rid, "cache-control": "no-cache"}
+        headers = {"x-request-id": client_rid, "cache-control": "no-cache"}
         return StreamingResponse(self._sse(req, first, gen, timer, cid, created, name, n_prompt),
                                  media_type="text/event-stream", headers=headers)
 
