@@ -171,3 +171,11 @@ def test_serving_charts_have_titles_and_units() -> None:
     assert "mono" in top.get_title() and "ms" in bottom.get_ylabel() and "(s)" in bottom.get_xlabel()
     ax = serving.stall_comparison([res])
     assert ax.get_ylabel() == "inter-token gap (ms)" and [t.get_text() for t in ax.get_xticklabels()] == ["mono"]
+
+
+def test_engine_loop_refuses_work_when_its_thread_is_not_running() -> None:
+    from labkit.serve.engine_loop import EngineLoop
+
+    loop = EngineLoop(engine=object())  # never started: a request must fail at once, not hang
+    with pytest.raises(RuntimeError, match="not running"):
+        asyncio.run(loop.submit([256, 1], None, "r0"))

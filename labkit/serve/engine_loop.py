@@ -108,7 +108,7 @@ class EngineLoop:
             except BaseException:
                 self._streams.pop(request_id, None)
                 raise
-        await asyncio.wrap_future(self.call(add))
+        await self._wait(self.call(add))
         return stream.queue
 
     async def submit_kv(self, kv: Any, sampling: Any, request_id: str) -> asyncio.Queue[TokenEvent]:
@@ -124,8 +124,18 @@ class EngineLoop:
             except BaseException:
                 self._streams.pop(request_id, None)
                 raise
-        await asyncio.wrap_future(self.call(imp))
+        await self._wait(self.call(imp))
         return stream.queue
+
+    async def _wait(self, fut: concurrent.futures.Future[Any], timeout_s: float = 60.0) -> Any:
+        """A command's result; TimeoutError if the engine thread does not get to it (stuck or dead)."""
+        if not self.alive:
+            raise RuntimeError("the engine thread is not running")
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"the engine thread did not take the request within {timeout_s:.0f} s") from None
 
     def abort(self, request_id: str) -> None:
         """Stops a request (client gone); frees its KV blocks. Does not wait."""

@@ -266,6 +266,13 @@ def build_app(router: Router) -> FastAPI:
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
         return _error(bad_request(str(e), None))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        # Anything unforeseen still answers in the OpenAI error shape (and is logged), never a bare 500.
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error in the router: {e.__class__.__name__}: {e}",
+                                       type="server_error", code="internal_error"), status_code=500)
+
     @app.exception_handler(404)
     async def _not_found(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"no route {request.method} {request.url.path}; try POST /v1/completions",
