@@ -270,6 +270,13 @@ def build_app(worker: Worker) -> FastAPI:
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return _api_error_response(e)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        # Anything unforeseen still answers in the OpenAI error shape (and is logged), never a bare 500.
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error in the worker: {e.__class__.__name__}: {e}",
+                                       type="server_error", code="internal_error"), status_code=500)
+
     @app.exception_handler(404)
     async def _not_found(request: Request, e: Exception) -> JSONResponse:  # OpenAI-style, like the router
         return JSONResponse(error_body(f"no route {request.method} {request.url.path} on this {cfg.role} worker",
