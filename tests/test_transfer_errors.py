@@ -146,7 +146,7 @@ def test_sender_that_dies_mid_stream_fails_that_request(backend: str) -> None:
             with tx.begin(KVMeta.from_export(kv), timeout_s=10) as s:
                 s.send_layer(0, kv.k[0], kv.v[0])
                 raise RuntimeError("prefill crashed")
-        with pytest.raises(PayloadError, match="after 1 of 4 layers"):
+        with pytest.raises(PayloadError, match=r"after [01] of 4 layers"):   # queued layers may not have left
             rx.recv("dies", timeout_s=10)
         _assert_still_serves(rx, token)
 

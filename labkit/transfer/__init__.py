@@ -40,8 +40,9 @@ __all__ = ["open_receiver", "open_sender", "new_token", "available_backends", "B
 
 
 def new_token() -> str:
-    """A fresh random per-deployment token (43 URL-safe characters)."""
-    return secrets.token_urlsafe(32)
+    """A fresh random per-deployment token: 48 hex characters (192 bits; never starts with "-",
+    so it is safe on a command line)."""
+    return secrets.token_hex(24)
 
 
 def open_receiver(backend: str, *, token: str, host: str = "127.0.0.1", port: int = 0,

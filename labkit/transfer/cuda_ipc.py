@@ -148,11 +148,20 @@ class CudaIpcOutbound(OutboundStream):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.keep: list[torch.Tensor] = []        # alive until the receiver acked
+        self.ready: dict[int, Any] = {}           # layer -> CUDA event recorded on the caller's stream
 
-    def _write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.device.type != "cuda" or v.device.type != "cuda":
             raise ValueError(f"cuda-ipc sends CUDA tensors; layer {layer} is on {k.device} (use shm or tcp)")
-        torch.cuda.current_stream(k.device).synchronize()   # the layer's prefill kernels are done
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(k.device))     # the writer thread waits for this layer's kernels
+        self.ready[layer] = ev
+        super().send_layer(layer, k, v)
+
+    def _write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        ev = self.ready.pop(layer, None)
+        if ev is not None:
+            ev.synchronize()
         kb, vb = k.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)
         digest = gpu_checksum(torch.cat([kb, vb]))
         self.keep += [k, v]

@@ -1,6 +1,7 @@
 """The sending side every backend shares: layer streams, the connection pool, replies and timeouts."""
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -19,6 +20,9 @@ from labkit.transfer.shaping import LinkShape
 class OutboundStream(ABC):
     """One request being sent, layer by layer: `send_layer(i, k_i, v_i)` ..., then `finish()`.
 
+    In a layer-wise stream (`Sender.begin`), `send_layer` only queues the layer: a writer
+    thread moves it while the caller computes the next layer, and the stream keeps the
+    tensors until then. A writer error surfaces at the next `send_layer` or at `finish`.
     Use it as a context manager: an exception inside aborts the transfer (the receiver sees
     the stream cut and fails that request with PayloadError).
     """
@@ -35,6 +39,9 @@ class OutboundStream(ABC):
         self.sent: set[int] = set()
         self._done = False
         self._dtype = getattr(torch, meta.dtype)
+        self._queue: queue.Queue[tuple[int, torch.Tensor, torch.Tensor] | None] | None = None
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Sends layer `layer`'s K and V (each `[num_tokens, num_kv_heads, head_dim]`, this stream's dtype)."""
@@ -47,12 +54,51 @@ class OutboundStream(ABC):
             if tuple(t.shape) != want or t.dtype != self._dtype:
                 raise ValueError(f"{name} of layer {layer}: shape {tuple(t.shape)} {t.dtype}, "
                                  f"expected {want} {self._dtype}")
+        k, v = k.detach().contiguous(), v.detach().contiguous()
+        if self.layerwise:
+            self._raise_writer_error()
+            if self._writer is None:
+                self._queue = queue.Queue()
+                self._writer = threading.Thread(target=self._write_loop, name="kv-tx-writer", daemon=True)
+                self._writer.start()
+            assert self._queue is not None
+            self._queue.put((layer, k, v))
+            self.sent.add(layer)
+            return
         try:
-            self._write_layer(layer, k.detach().contiguous(), v.detach().contiguous())
+            self._write_layer(layer, k, v)
         except BaseException:
             self.abort()
             raise
         self.sent.add(layer)
+
+    def _write_loop(self) -> None:
+        assert self._queue is not None
+        while (item := self._queue.get()) is not None:
+            if self._error is not None or self._done:
+                continue                          # drain: the stream failed or was aborted
+            try:
+                self._write_layer(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+
+    def _join_writer(self) -> None:
+        if self._writer is None:
+            return
+        assert self._queue is not None
+        self._queue.put(None)
+        self._writer.join(timeout=max(0.0, self.deadline - time.monotonic()) + 1.0)
+        if self._writer.is_alive():
+            self._error = self._error or TransferTimeout(
+                f"request {self.meta.request_id!r}: layers not written within {self.timeout_s:g} s",
+                request_id=self.meta.request_id)
+        self._writer = None
+
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            err = self._error
+            self.abort()
+            raise err
 
     def finish(self, first_token_id: int | None = None, extra: dict[str, Any] | None = None) -> TransferStats:
         """Ends the transfer and waits for the receiver's ack; returns TransferStats.
@@ -65,6 +111,8 @@ class OutboundStream(ABC):
         if missing:
             self.abort()
             raise PayloadError(f"finish() before layers {missing[:8]} were sent", request_id=self.meta.request_id)
+        self._join_writer()
+        self._raise_writer_error()
         header: dict[str, Any] = {"kind": "end", "request_id": self.meta.request_id}
         if first_token_id is not None:
             header["first_token_id"] = int(first_token_id)
@@ -92,8 +140,12 @@ class OutboundStream(ABC):
         if self._done:
             return
         self._done = True
+        self.sender._discard(self.conn)           # unblocks a writer stuck on the socket
+        if self._writer is not None and self._writer is not threading.current_thread():
+            assert self._queue is not None
+            self._queue.put(None)
+            self._writer.join(timeout=5.0)
         self._release_resources()
-        self.sender._discard(self.conn)
 
     def __enter__(self) -> OutboundStream:
         return self

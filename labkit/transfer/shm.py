@@ -18,6 +18,7 @@ checksum proves the bytes at arrival, not after.
 from __future__ import annotations
 
 import array
+import ctypes
 import fcntl
 import mmap
 import os
@@ -33,7 +34,6 @@ import numpy as np
 import torch
 
 from labkit.transfer import wire
-from labkit.transfer.base import tensor_bytes
 from labkit.transfer.receiver import InboundStream, Receiver
 from labkit.transfer.sender import OutboundStream, Sender
 from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
@@ -70,8 +70,13 @@ class Segment:
     mm: mmap.mmap
     mv: memoryview = field(init=False)
 
+    address: int = field(init=False)
+
     def __post_init__(self) -> None:
         self.mv = memoryview(self.mm)
+        anchor = ctypes.c_char.from_buffer(self.mm)   # only to learn where the mapping starts
+        self.address = ctypes.addressof(anchor)
+        del anchor
 
     @classmethod
     def create(cls, seg_id: int, capacity: int) -> Segment:
@@ -259,14 +264,16 @@ class ShmOutbound(OutboundStream):
 
     def _write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n, half = self.meta.layer_nbytes, self.meta.nbytes // 2
-        mv = self.seg.mv
+        mv, base = self.seg.mv, self.seg.address
         h = wire.xxhash.xxh3_64()
-        for off, src in ((DATA_OFFSET + layer * n, tensor_bytes(k)), (DATA_OFFSET + half + layer * n, tensor_bytes(v))):
-            # memoryview assignment is one single-threaded memcpy per chunk; torch.copy_ on small
-            # chunks pays its thread-pool handoff each time, which a loaded machine makes slow.
+        for off, src in ((DATA_OFFSET + layer * n, k), (DATA_OFFSET + half + layer * n, v)):
+            # One plain memcpy per chunk (ctypes releases the GIL, so a layer-wise writer thread
+            # copies while the caller computes); torch.copy_ on small chunks pays its thread-pool
+            # handoff each time, which a loaded machine makes slow.
+            src_addr = src.data_ptr()
             for a in range(0, n, COPY_CHUNK_BYTES):
                 b = min(a + COPY_CHUNK_BYTES, n)
-                mv[off + a:off + b] = src[a:b]
+                ctypes.memmove(base + off + a, src_addr + a, b - a)
                 h.update(mv[off + a:off + b])
         frame = wire.encode_frame({"kind": "layer", "layer": layer, "checksum": h.intdigest()})
         self.sender._send_or_explain(self.conn, frame, self.deadline, self.meta.request_id)
