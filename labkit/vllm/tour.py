@@ -19,6 +19,7 @@ def tour_section(report: Report, profile: str) -> None:
     from labkit.vllm.greedy import check_greedy
     from labkit.vllm.launch import VllmServerConfig, install_hint, pd_configs, start_server, vllm_available
     from labkit.vllm.metrics import read_nixl
+    from labkit.vllm.procinfo import cpu_list_str
 
     sec = report.sections[-1]
     if not vllm_available():
@@ -53,7 +54,8 @@ def tour_section(report: Report, profile: str) -> None:
             router.stop()
         for s in servers:
             s.stop()
-    sec.paragraphs.append(f"vLLM prefill (core {p_cfg.cpus}) and decode (core {d_cfg.cpus}) with NixlConnector "
+    sec.paragraphs.append(f"vLLM prefill (cores {cpu_list_str(p_cfg.cpus or ())}) and decode (cores "
+                          f"{cpu_list_str(d_cfg.cpus or ())}) with NixlConnector "
                           f"behind the lab's router: {n} requests, {same} identical to vLLM monolithic.")
     sec.tables.append(("NIXL reads on the decode server", [{k: round(v, 4) for k, v in nixl.as_dict().items()}]))
     sec.tables.append(("Greedy equality, lab engine vs vLLM", [g.as_row() for g in greedy]))
