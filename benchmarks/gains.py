@@ -74,6 +74,7 @@ def main() -> int:
     common = dict(modes=("mono", "1p1d"), n_requests=prof["n"], seed=7, warmup_requests=2,
                   request_timeout_s=600.0, max_model_len=max_model_len)
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
     factory = lab_server_factory(prof["model"])
     cal = calibrate(factory, [conv, short], max_model_len=max_model_len)
     for c in cal:
@@ -95,6 +96,7 @@ def main() -> int:
         f"{SLO_TPOT_X:g}x mono's p50 at the lowest rate", "calibration": [asdict(c) for c in cal],
         "requests_per_rate": prof["n"], "wall_s": round(wall_s, 1),
         "load_note": "other jobs may share the 2 cores: compare modes within this run, as ratios",
+        "loadavg_1m_start_end": [round(load_start, 1), round(os.getloadavg()[0], 1)],
     }
     for name, res, w in (("conversation", conv_res, conv), ("short_prompt", short_res, short)):
         print(f"\n== {name}: {w.describe()}\n   {res.scaling_text}; SLO {res.config.slo.describe()}")
