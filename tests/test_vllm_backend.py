@@ -111,5 +111,4 @@ def test_dead_decode_server_gives_503_and_no_hang(topo: dict[str, Any]) -> None:
                    timeout=30)
     assert r.status_code == 503, r.text
     assert r.json()["error"]["type"] == "service_unavailable_error"
-    h = httpx.get(topo["dying"] + "/health", timeout=10)
-    assert h.status_code == 503 and h.json()["upstreams"]["decode0"]["up"] is False
+    assert "decode" in r.json()["error"]["message"]     # it names the role that failed
