@@ -171,6 +171,9 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--batched-tokens", type=int, default=2048, help="the lab engine's max_num_batched_tokens")
     p.add_argument("--skip", action="append", default=[], choices=sorted(RUNNERS))
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the engines in turn this many times (A B C A B C ...) and keep each one's best round: "
+                        "on a shared machine the quietest round is the closest to what the engine can do")
     p.add_argument("--timeout-s", type=float, default=1800)
     p.add_argument("--machine", default="cpu-2core")
     p.add_argument("--out", default=None, help="JSON path (default docs/results/engine-<date>-<machine>.json)")
@@ -187,9 +190,20 @@ def main() -> int:
     ensure_model(a.model, quiet=True)
     peak_flops = measure_matmul_flops(a.dtype, a.device)
     read_bps = measure_read_bandwidth(a.device)
-    print(f"machine: matmul {a.dtype} {peak_flops / 1e9:.0f} GFLOP/s, read {read_bps / 1e9:.1f} GB/s (measured now)")
+    print(f"machine: matmul {a.dtype} {peak_flops / 1e9:.0f} GFLOP/s, read {read_bps / 1e9:.1f} GB/s (measured now)", flush=True)
     load_before = os.getloadavg()[0]
-    results = {n: child(n, a) for n in RUNNERS if n not in a.skip}
+    results: dict[str, dict[str, Any] | None] = {n: None for n in RUNNERS if n not in a.skip}
+    walls: dict[str, list[float]] = {n: [] for n in results}
+    for _ in range(max(1, a.rounds)):
+        for n in results:
+            r = child(n, a)
+            if r is not None:
+                walls[n].append(r["wall_s"])
+                if results[n] is None or r["wall_s"] < results[n]["wall_s"]:  # type: ignore[index]
+                    results[n] = r
+    # Measured again after: the higher of the two is the closer to this machine's real roofs.
+    peak_flops = max(peak_flops, measure_matmul_flops(a.dtype, a.device))
+    read_bps = max(read_bps, measure_read_bandwidth(a.device))
     out_tokens = a.requests * a.output_len
     rows = []
     base = results.get("labkit")
@@ -197,7 +211,7 @@ def main() -> int:
         if r is None:
             continue
         tps = out_tokens / r["wall_s"]
-        rows.append({"engine": name, "wall_s": r["wall_s"], "output_tok_per_s": tps,
+        rows.append({"engine": name, "wall_s": r["wall_s"], "wall_s_all_rounds": walls[name], "output_tok_per_s": tps,
                      "total_tok_per_s": a.requests * (a.prompt_len + a.output_len) / r["wall_s"]})
     lab_tps = next((r["output_tok_per_s"] for r in rows if r["engine"] == "labkit"), None)
     print(f"\n{a.requests} requests x ({a.prompt_len} prompt, {a.output_len} output) tokens, {a.model} {a.dtype} on {a.device}")
@@ -217,7 +231,7 @@ def main() -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "engine offline throughput", "date": today, "machine": a.machine, "model": a.model,
            "dtype": a.dtype, "device": a.device, "requests": a.requests, "prompt_len": a.prompt_len,
-           "output_len": a.output_len, "peak_matmul_flops": peak_flops, "read_bytes_per_s": read_bps,
+           "output_len": a.output_len, "rounds": a.rounds, "peak_matmul_flops": peak_flops, "read_bytes_per_s": read_bps,
            "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0], "cpu_count": os.cpu_count(),
            "rows": rows, "labkit_efficiency": eff,
            "children": {k: ({kk: vv for kk, vv in v.items() if kk != "steps"} if v else None) for k, v in results.items()}}
