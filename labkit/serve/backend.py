@@ -84,37 +84,27 @@ async def error_from_response(r: httpx.Response) -> APIError:
                         type="server_error")
 
 
-class LabBackend:
-    """The lab's workers behind a KV-aware choice: mono, or prefill + decode."""
+class HttpBackend:
+    """What every backend over HTTP upstreams shares: the mode its pool implies and one client.
+
+    A pool of only `mono` upstreams serves monolithically; `prefill` + `decode` upstreams
+    serve disaggregated. Subclasses implement `generate`.
+    """
 
     uses_token_ids = True
 
-    def __init__(self, pool: UpstreamPool, tokenizer: Any, metrics: RouterMetrics, *, block_size: int = 16,
-                 connect_timeout_s: float = 2.0, read_timeout_s: float = 120.0,
-                 transfer_timeout_s: float = 30.0) -> None:
+    def __init__(self, pool: UpstreamPool, *, connect_timeout_s: float, read_timeout_s: float) -> None:
         roles = pool.roles()
         if roles == {"mono"}:
             self.mode = "mono"
         elif roles == {"prefill", "decode"}:
             self.mode = "disagg"
         else:
-            raise ValueError(f"a LabBackend needs only mono workers, or prefill and decode workers; got roles {sorted(roles)}")
+            raise ValueError(f"a {type(self).__name__} needs only mono upstreams, or prefill and decode upstreams; "
+                             f"got roles {sorted(roles)}")
         self.pool = pool
-        self.tokenizer = tokenizer
-        self.metrics = metrics
-        self.index = PrefixIndex(block_size)
-        self.transfer_timeout_s = transfer_timeout_s
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=10.0)
         self._client: httpx.AsyncClient | None = None
-        pool.on_down = self._forget
-        pool.on_up = self._sized
-
-    def _forget(self, u: Upstream) -> None:
-        self.index.remove_instance(u.name)
-
-    def _sized(self, u: Upstream) -> None:
-        if u.info.get("kv_blocks_total"):
-            self.index.set_capacity(u.name, int(u.info["kv_blocks_total"]))
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(timeout=self._timeout, limits=httpx.Limits(max_connections=1000))
@@ -124,6 +114,28 @@ class LabBackend:
         await self.pool.close()
         if self._client is not None:
             await self._client.aclose()
+
+
+class LabBackend(HttpBackend):
+    """The lab's workers behind a KV-aware choice: mono, or prefill + decode."""
+
+    def __init__(self, pool: UpstreamPool, tokenizer: Any, metrics: RouterMetrics, *, block_size: int = 16,
+                 connect_timeout_s: float = 2.0, read_timeout_s: float = 120.0,
+                 transfer_timeout_s: float = 30.0) -> None:
+        super().__init__(pool, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.index = PrefixIndex(block_size)
+        self.transfer_timeout_s = transfer_timeout_s
+        pool.on_down = self._forget
+        pool.on_up = self._sized
+
+    def _forget(self, u: Upstream) -> None:
+        self.index.remove_instance(u.name)
+
+    def _sized(self, u: Upstream) -> None:
+        if u.info.get("kv_blocks_total"):
+            self.index.set_capacity(u.name, int(u.info["kv_blocks_total"]))
 
     # --- routing -----------------------------------------------------------------------
     def pick_by_prefix(self, role: str, hashes: list[bytes], exclude: set[str]) -> tuple[Upstream, int]:

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 
 import httpx
 
-from labkit.serve.backend import Piece, error_from_response, upstream_error
+from labkit.serve.backend import HttpBackend, Piece, error_from_response, upstream_error
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
 from labkit.serve.upstream import Upstream, UpstreamPool
 
@@ -75,41 +75,20 @@ def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any], *, str
     return out
 
 
-class VllmDisaggBackend:
+class VllmDisaggBackend(HttpBackend):
     """`DisaggBackend` over vLLM servers: `mono` upstreams, or `prefill` + `decode` upstreams.
 
     The prefill and decode servers are picked by fewest requests in flight. `handoffs`
     counts requests that went through both, `prefill_s_total` the time spent in step 1.
     """
 
-    uses_token_ids = True
-
     def __init__(self, pool: UpstreamPool, *, connect_timeout_s: float = 2.0, read_timeout_s: float = 120.0,
                  served_model_name: str | None = None) -> None:
-        roles = pool.roles()
-        if roles == {"mono"}:
-            self.mode = "mono"
-        elif roles == {"prefill", "decode"}:
-            self.mode = "disagg"
-        else:
-            raise ValueError(f"a VllmDisaggBackend needs only mono servers, or prefill and decode servers; "
-                             f"got roles {sorted(roles)}")
-        self.pool = pool
+        super().__init__(pool, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
         self.served_model_name = served_model_name
         self._models: dict[str, str] = {}   # upstream name -> the model name it serves
-        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=10.0)
-        self._client: httpx.AsyncClient | None = None
         self.handoffs = 0
         self.prefill_s_total = 0.0
-
-    async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self._timeout, limits=httpx.Limits(max_connections=1000))
-        await self.pool.start()
-
-    async def close(self) -> None:
-        await self.pool.close()
-        if self._client is not None:
-            await self._client.aclose()
 
     async def _model_of(self, u: Upstream) -> str:
         """The name `u` serves (its /v1/models), asked once."""
