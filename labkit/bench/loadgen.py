@@ -26,6 +26,7 @@ import httpx
 from labkit.bench.arrivals import Arrivals
 from labkit.bench.metrics import SLO, RequestRecord, Summary, jsonable, save_records, summarize
 from labkit.bench.workloads import BenchRequest, LengthScaling
+from labkit.sse import aiter_sse_lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,7 @@ async def _send_one(client: httpx.AsyncClient, url: str, payload: dict[str, Any]
                 if resp.status_code != 200:
                     rec.error = _error_text(resp.status_code, await resp.aread())
                     return
-                async for line in resp.aiter_lines():
+                async for line in aiter_sse_lines(resp):
                     if not line.startswith("data:"):
                         continue  # blank separators and ": ping" comments
                     data = line[5:].strip()

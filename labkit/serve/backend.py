@@ -33,6 +33,7 @@ from labkit.serve.prefix_index import PrefixIndex, block_hashes
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
 from labkit.serve.textstream import TextStream
 from labkit.serve.upstream import Upstream, UpstreamPool
+from labkit.sse import aiter_sse_lines
 
 log = logging.getLogger("labkit.serve.backend")
 
@@ -196,7 +197,7 @@ class LabBackend(HttpBackend):
             async with self._client.stream("POST", u.url + path, json=payload) as r:
                 if r.status_code != 200:
                     raise await error_from_response(r)
-                async for line in r.aiter_lines():
+                async for line in aiter_sse_lines(r):
                     if not line:
                         continue
                     msg = json.loads(line)

@@ -22,6 +22,8 @@ from typing import Any, Coroutine, Literal, TypeVar
 
 import httpx
 
+from labkit.sse import aiter_sse_lines
+
 T = TypeVar("T")
 
 
@@ -152,7 +154,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], tra
             if r.status_code != 200:
                 trace.error = f"HTTP {r.status_code}: {(await r.aread())[:300].decode(errors='replace')}"
                 return
-            async for line in r.aiter_lines():
+            async for line in aiter_sse_lines(r):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 now = time.perf_counter() - t0

@@ -26,6 +26,7 @@ import httpx
 from labkit.serve.backend import HttpBackend, Piece, error_from_response, upstream_error
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
 from labkit.serve.upstream import Upstream, UpstreamPool
+from labkit.sse import aiter_sse_lines
 
 log = logging.getLogger("labkit.vllm.pd_backend")
 
@@ -164,7 +165,7 @@ class VllmDisaggBackend(HttpBackend):
                                            headers={"X-Request-Id": request_id}) as r:
                 if r.status_code != 200:
                     raise await error_from_response(r)
-                async for line in r.aiter_lines():
+                async for line in aiter_sse_lines(r):
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()

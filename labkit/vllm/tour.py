@@ -14,6 +14,14 @@ import httpx
 from labkit.report import Report
 
 
+def _token_ids(client: httpx.Client, url: str, body: dict[str, Any]) -> list[int]:
+    """The completion's token ids; an error answer is raised with its status and message."""
+    r = client.post(url + "/v1/completions", json=body)
+    if r.status_code != 200:
+        raise RuntimeError(f"{url} answered HTTP {r.status_code}: {r.text[:400]}")
+    return r.json()["choices"][0]["token_ids"]
+
+
 def tour_section(report: Report, profile: str) -> None:
     from labkit.serve.launcher import start_router
     from labkit.vllm.greedy import check_greedy
@@ -44,9 +52,7 @@ def tour_section(report: Report, profile: str) -> None:
             for pr in prompts:
                 body: dict[str, Any] = {"model": "tiny", "prompt": pr, "max_tokens": 16, "temperature": 0.0,
                                         "ignore_eos": True, "return_token_ids": True}
-                a = client.post(router.url + "/v1/completions", json=body).json()["choices"][0]["token_ids"]
-                b = client.post(mono.url + "/v1/completions", json=body).json()["choices"][0]["token_ids"]
-                same += a == b
+                same += _token_ids(client, router.url, body) == _token_ids(client, mono.url, body)
         nixl = read_nixl(d.url) - before
         greedy = check_greedy(mono.url, prompts[:4], 16, model="tiny")
     finally:
