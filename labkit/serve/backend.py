@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Iterator, Protocol
 
 import httpx
 
@@ -62,7 +62,7 @@ class DisaggBackend(Protocol):
                  request_id: str) -> AsyncIterator[Piece]: ...
 
 
-_CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 def upstream_error(u: Upstream, e: Exception) -> APIError:
@@ -115,6 +115,21 @@ class HttpBackend:
         await self.pool.close()
         if self._client is not None:
             await self._client.aclose()
+
+    @contextmanager
+    def calling(self, u: Upstream, path: str) -> Iterator[None]:
+        """Counts a request in flight on `u`; a broken connection marks `u` down and becomes a 503,
+        a timeout a 504 (both as APIError)."""
+        u.in_flight += 1
+        try:
+            yield
+        except CONN_ERRORS as e:
+            self.pool.mark_down(u, f"{path}: {e.__class__.__name__}")
+            raise upstream_error(u, e) from None
+        except httpx.TimeoutException as e:
+            raise upstream_error(u, e) from None
+        finally:
+            u.in_flight -= 1
 
 
 class LabBackend(HttpBackend):
@@ -192,8 +207,7 @@ class LabBackend(HttpBackend):
                             ) -> AsyncIterator[tuple[int | None, str | None]]:
         """(token_id, finish_reason) from a worker's NDJSON stream; APIError on any failure."""
         assert self._client is not None
-        u.in_flight += 1
-        try:
+        with self.calling(u, path):
             async with self._client.stream("POST", u.url + path, json=payload) as r:
                 if r.status_code != 200:
                     raise await error_from_response(r)
@@ -210,13 +224,6 @@ class LabBackend(HttpBackend):
                     yield (int(token_id) if token_id is not None else None), finish
                     if finish is not None:
                         return
-        except _CONN_ERRORS as e:
-            self.pool.mark_down(u, f"{path}: {e.__class__.__name__}")
-            raise upstream_error(u, e) from None
-        except httpx.TimeoutException as e:
-            raise upstream_error(u, e) from None
-        finally:
-            u.in_flight -= 1
 
     async def _mono_lines(self, prompt_ids: list[int], sampling: dict[str, Any], hashes: list[bytes],
                           request_id: str) -> AsyncIterator[tuple[int | None, str | None]]:
@@ -252,7 +259,7 @@ class LabBackend(HttpBackend):
             p.in_flight += 1
             try:
                 r = await self._client.post(p.url + "/internal/prefill", json=payload)
-            except _CONN_ERRORS as e:
+            except CONN_ERRORS as e:
                 self.pool.mark_down(p, f"/internal/prefill: {e.__class__.__name__}")
                 if self.pool.by_role("prefill") and not isinstance(e, httpx.ReadError):
                     continue

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 
 import httpx
 
-from labkit.serve.backend import HttpBackend, Piece, error_from_response, upstream_error
+from labkit.serve.backend import HttpBackend, Piece, error_from_response
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
 from labkit.serve.upstream import Upstream, UpstreamPool
 from labkit.sse import aiter_sse_lines
@@ -34,7 +34,6 @@ log = logging.getLogger("labkit.vllm.pd_backend")
 PREFILL_KV_PARAMS: dict[str, Any] = {"do_remote_decode": True, "do_remote_prefill": False,
                                      "remote_engine_id": None, "remote_block_ids": None,
                                      "remote_host": None, "remote_port": None}
-_CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 def vllm_body(req: CompletionRequest, prompt_ids: list[int] | None, model: str) -> dict[str, Any]:
@@ -134,17 +133,9 @@ class VllmDisaggBackend(HttpBackend):
         """Step 1 on prefill server `p`; returns its `kv_transfer_params`."""
         assert self._client is not None
         t0 = time.perf_counter()
-        p.in_flight += 1
-        try:
+        with self.calling(p, "/v1/completions"):
             r = await self._client.post(p.url + "/v1/completions", json=prefill_body(base),
                                         headers={"X-Request-Id": request_id})
-        except _CONN_ERRORS as e:
-            self.pool.mark_down(p, f"/v1/completions: {e.__class__.__name__}")
-            raise upstream_error(p, e) from None
-        except httpx.TimeoutException as e:
-            raise upstream_error(p, e) from None
-        finally:
-            p.in_flight -= 1
         if r.status_code != 200:
             raise await error_from_response(r)
         self.prefill_s_total += time.perf_counter() - t0
@@ -159,8 +150,7 @@ class VllmDisaggBackend(HttpBackend):
         """Pieces from vLLM's SSE stream; the last one carries finish_reason and the usage totals."""
         assert self._client is not None
         held: Piece | None = None  # the finishing chunk, held until the usage chunk after it
-        u.in_flight += 1
-        try:
+        with self.calling(u, "/v1/completions"):
             async with self._client.stream("POST", u.url + "/v1/completions", json=body,
                                            headers={"X-Request-Id": request_id}) as r:
                 if r.status_code != 200:
@@ -188,13 +178,6 @@ class VllmDisaggBackend(HttpBackend):
                         held = Piece(held.text, held.num_tokens, held.token_ids, held.finish_reason,
                                      completion_tokens=int(use.get("completion_tokens", 0)),
                                      prompt_tokens=int(use.get("prompt_tokens", 0)))
-        except _CONN_ERRORS as e:
-            self.pool.mark_down(u, f"/v1/completions: {e.__class__.__name__}")
-            raise upstream_error(u, e) from None
-        except httpx.TimeoutException as e:
-            raise upstream_error(u, e) from None
-        finally:
-            u.in_flight -= 1
         if held is None:
             raise unavailable(f"vLLM {u.role} server {u.name} closed the stream before the request finished")
         yield held
