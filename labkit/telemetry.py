@@ -171,9 +171,9 @@ class Sampler:
 
     def sample_once(self) -> dict[str, Any]:
         """Reads every metric now, appends the row and returns it."""
-        row: dict[str, Any] = {"t_s": self.now_s(), "phase": self._current or "idle"}
-        row.update(self._src.read())
-        with self._lock:
+        with self._lock:  # the thread and a phase's closing sample may read at once
+            row: dict[str, Any] = {"t_s": self.now_s(), "phase": self._current or "idle"}
+            row.update(self._src.read())
             self.samples.append(row)
         return row
 
@@ -218,6 +218,13 @@ class Sampler:
         try:
             yield
         finally:
+            # One sample at the end, still inside the phase: a phase shorter than interval_s
+            # would otherwise have none (CPU utilization is the average since the last read).
+            if self._thread is not None:
+                try:
+                    self.sample_once()
+                except Exception as e:  # noqa: BLE001 - telemetry must not break the measured code
+                    self.notes.append(f"closing sample of phase {name!r} failed: {e.__class__.__name__}: {e}")
             self._current = None
             self.phases.append(PhaseMark(name, start, self.now_s()))
 
