@@ -24,8 +24,27 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype:
     return 2 * num_layers * num_kv_heads * head_dim * nbytes
 
 
+class KVShape:
+    """Shape arithmetic shared by everything that describes one request's KV (KVExport, wire headers)."""
+
+    __slots__ = ()
+    prompt_ids: Any
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(num_layers, num_tokens, num_kv_heads, head_dim) of K (and of V)."""
+        return (self.num_layers, self.num_tokens, self.num_kv_heads, self.head_dim)
+
+
 @dataclass
-class KVExport:
+class KVExport(KVShape):
     """One request's prompt KV plus what the decode side needs to continue."""
 
     request_id: str
@@ -40,14 +59,6 @@ class KVExport:
     k: Any                         # torch.Tensor [num_layers, num_tokens, num_kv_heads, head_dim]
     v: Any                         # same shape and dtype as k
     extra: dict[str, Any] = field(default_factory=dict)  # sampling params, timings, trace ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (self.num_layers, self.num_tokens, self.num_kv_heads, self.head_dim)
 
     @property
     def nbytes(self) -> int:

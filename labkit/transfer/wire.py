@@ -29,7 +29,7 @@ from typing import Any
 
 import xxhash
 
-from labkit.kv import DTYPE_BYTES, KVExport
+from labkit.kv import DTYPE_BYTES, KVExport, KVShape
 from labkit.transfer.errors import AuthError, HeaderError, PayloadError, TransferError, TransferTimeout
 
 MAGIC = b"LKV1"
@@ -142,7 +142,7 @@ def _opt_str(x: Any) -> str | None:
 # --- metadata -------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class KVMeta:
+class KVMeta(KVShape):
     """What a `begin` header carries: everything about a request's KV but the bytes.
 
     `first_token_id` may be None at begin (layer-wise streaming starts before the first token
@@ -169,14 +169,6 @@ class KVMeta:
                    prompt_ids=tuple(int(t) for t in kv.prompt_ids), num_layers=kv.num_layers,
                    num_kv_heads=kv.num_kv_heads, head_dim=kv.head_dim, dtype=kv.dtype, block_size=kv.block_size,
                    first_token_id=int(kv.first_token_id), extra=dict(kv.extra))
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (self.num_layers, self.num_tokens, self.num_kv_heads, self.head_dim)
 
     @property
     def layer_nbytes(self) -> int:
