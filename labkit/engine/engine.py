@@ -51,7 +51,8 @@ class Engine:
         self.device = torch.device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
-        self.model = CausalLM(mc, load_safetensors(self.model_dir), self.dtype, self.device, self.max_model_len)
+        self.model = CausalLM(mc, load_safetensors(self.model_dir), self.dtype, self.device, self.max_model_len,
+                              rows_hint=cfg.max_num_batched_tokens)
         self.kv_bytes_per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.dtype)
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // (cfg.block_size * self.kv_bytes_per_token))
         self.cache = KVCache(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)

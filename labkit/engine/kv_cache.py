@@ -36,6 +36,11 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block's keys (or values) in one layer."""
+        return self.k[0, :self.block_size].numel() * self.k.element_size()
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores rows k, v [rows, kv_heads, head_dim] at `slots` [rows]."""
         self.k[layer].index_copy_(0, slots, k)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from labkit.engine.kv_cache import KVCache
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+CPU_GATHER_BYTES = 2 << 20  # decode K+V gathered per SDPA call on a CPU: fits the last-level cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +117,10 @@ class LayerWeights:
     qkv_bias: torch.Tensor | None
     o: torch.Tensor
     post_norm: torch.Tensor
-    gate_up: torch.Tensor          # gate and up stacked
+    gate_up: torch.Tensor | None   # gate and up stacked (None when packed for oneDNN: see `mlp`)
     down: torch.Tensor
+    gate: torch.Tensor | None = None
+    up: torch.Tensor | None = None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -131,19 +134,47 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def onednn_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """True where weights are kept in oneDNN's layout: fp32 on a CPU (LABKIT_ONEDNN=0 turns it off).
 
-    Why: PyTorch's CPU build sends F.linear to MKL, whose small-M GEMMs are slow on non-Intel
-    CPUs; a decode step is all small-M GEMMs. oneDNN's kernels read the weights at close to
-    the memory bandwidth (measured on an AMD EPYC: 1.7x at M=1, 2.3x at M=4).
+    Why: PyTorch's CPU build sends F.linear to MKL, whose fp32 GEMMs are slow on non-Intel CPUs
+    at small M, and a decode step is all small-M GEMMs. oneDNN's kernels, on weights packed once
+    in their layout, read the weights at close to the memory bandwidth (measured on an AMD EPYC:
+    1.7x MKL at M=1, 2.3x at M=4) and reach the compute roof at M=64 and up. They also fuse the
+    SiLU, the gate*up product and the residual add into the matmul that produces them.
     """
     return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and os.environ.get("LABKIT_ONEDNN", "1") != "0")
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + b, through oneDNN when `w` is in its layout (see onednn_enabled)."""
+def pack(w: torch.Tensor, rows_hint: int) -> torch.Tensor:
+    """`w` [out, in] reordered into oneDNN's blocked layout, tuned for about `rows_hint` input rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, act: str = "none",
+           mul: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x @ w.T + b), then `* mul` or `+ add` if given: one oneDNN call when `w` is packed (see `pack`)."""
     if w.is_mkldnn:
-        return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), w, b).to_dense()
-    return F.linear(x, w, b)
+        lp = torch.ops.mkldnn._linear_pointwise
+        x = x.contiguous()
+        if mul is not None or add is not None:
+            assert act == "none", "oneDNN fuses one post-op: an activation or a binary op"
+            other, op = (mul, "mul") if mul is not None else (add, "add")
+            return lp.binary(x, other.contiguous(), w, b, op)
+        return lp(x, w, b, "swish" if act == "silu" else act, [], "")
+    y = F.linear(x, w, b)
+    if act == "silu":
+        y = F.silu(y)
+    elif act != "none":
+        raise ValueError(f"activation {act!r} not supported (none, silu)")
+    return y * mul if mul is not None else (y + add if add is not None else y)
+
+
+def mlp(x: torch.Tensor, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+    """x + down(silu(gate(h)) * up(h)): the SwiGLU MLP and its residual."""
+    if lw.gate_up is None:  # packed: three oneDNN calls, the elementwise work fused into them
+        g = linear(h, lw.gate, act="silu")
+        return linear(linear(h, lw.up, mul=g), lw.down, add=x)
+    gate, up = linear(h, lw.gate_up).chunk(2, dim=-1)
+    return x + linear(F.silu(gate) * up, lw.down)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -169,7 +200,7 @@ class CausalLM:
     """Weights plus the forward pass. Holds no per-request state: the KV cache is passed in."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, max_model_len: int) -> None:
+                 device: torch.device, max_model_len: int, rows_hint: int = 2048) -> None:
         self.cfg = cfg
         put = lambda name: weights[name].to(device=device, dtype=dtype).contiguous()  # noqa: E731
         self.embed = put("model.embed_tokens.weight")
@@ -187,10 +218,11 @@ class CausalLM:
                 gate_up=torch.cat([put(m + "gate_proj.weight"), put(m + "up_proj.weight")]),
                 down=put(m + "down_proj.weight")))
         if onednn_enabled(device, dtype):
-            pack = lambda w: w.to_mkldnn()  # noqa: E731
-            self.lm_head = pack(self.lm_head)  # a packed copy: the embedding lookup keeps the dense one
+            p = lambda w: pack(w, rows_hint)  # noqa: E731
+            self.lm_head = p(self.lm_head)  # a packed copy: the embedding lookup keeps the dense one
             for lw in self.layers:
-                lw.qkv, lw.o, lw.gate_up, lw.down = pack(lw.qkv), pack(lw.o), pack(lw.gate_up), pack(lw.down)
+                gate, up = lw.gate_up.chunk(2)
+                lw.qkv, lw.o, lw.down, lw.gate, lw.up, lw.gate_up = p(lw.qkv), p(lw.o), p(lw.down), p(gate), p(up), None
         freqs = torch.outer(torch.arange(max_model_len, dtype=torch.float32), rope_inv_freq(cfg))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
@@ -212,9 +244,8 @@ class CausalLM:
             v = v.unflatten(-1, (c.num_kv_heads, c.head_dim))
             cache.write(i, meta.slot_mapping, k, v)
             attn = self._attention(i, q, k, v, meta, cache)
-            x = x + linear(attn.reshape(rows, q_dim), lw.o)
-            gate, up = linear(rms_norm(x, lw.post_norm, c.rms_norm_eps), lw.gate_up).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, lw.down)
+            x = linear(attn.reshape(rows, q_dim), lw.o, add=x)
+            x = mlp(x, rms_norm(x, lw.post_norm, c.rms_norm_eps), lw)
             if layer_hook is not None:
                 layer_hook(i)
         return rms_norm(x, self.norm, c.rms_norm_eps)
@@ -230,10 +261,19 @@ class CausalLM:
         nd = meta.num_decode
         if nd:
             # Decode: each kv head serves `group` query heads, so queries are laid out
-            # [seq, kv_head, group, dim] and attend without repeating K/V.
-            kb, vb = cache.gather(layer, meta.decode_blocks)        # [nd, kv_heads, ctx, dim]
+            # [seq, kv_head, group, dim] and attend without repeating K/V. On a CPU the blocks
+            # are gathered a few sequences at a time, so the copy is still in cache when SDPA
+            # reads it (one DRAM pass over the KV instead of three); a GPU takes all at once.
             qd = q[:nd].reshape(nd, c.num_kv_heads, group, c.head_dim)
-            o = F.scaled_dot_product_attention(qd, kb, vb, attn_mask=meta.decode_mask)
+            assert meta.decode_blocks is not None
+            per_seq = cache.block_bytes * meta.decode_blocks.shape[1] * 2
+            step = nd if q.device.type != "cpu" else max(1, min(nd, CPU_GATHER_BYTES // per_seq))
+            parts = []
+            for s in range(0, nd, step):
+                kb, vb = cache.gather(layer, meta.decode_blocks[s:s + step])   # [n, kv_heads, ctx, dim]
+                mask = meta.decode_mask[s:s + step] if meta.decode_mask is not None else None
+                parts.append(F.scaled_dot_product_attention(qd[s:s + step], kb, vb, attn_mask=mask))
+            o = parts[0] if len(parts) == 1 else torch.cat(parts)
             if not meta.chunks:
                 return o.reshape(nd, c.num_heads, c.head_dim)
         out = torch.empty_like(q)
