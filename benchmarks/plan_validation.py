@@ -5,7 +5,11 @@
    before the 1P1D runs.
 2. Run the lab's servers (`labkit.serve.launcher` via `labkit.bench.sweep`) at three request rates
    with the benchmark client, mono then 1P1D, the same requests in both.
-3. Replay each run's exact trace (send times, lengths) in the simulator and compare p50 TTFT,
+3. Before each mode's measured runs, send a few requests one at a time through its server: what
+   the server adds to the engine's steps (per request: HTTP, routing, first SSE event; per decode
+   step: streaming, and on 2 cores the server's threads taking cores from the model's) becomes
+   part of the model (`serving_overhead`).
+4. Replay each run's exact trace (send times, lengths) in the simulator and compare p50 TTFT,
    p50 TPOT and output throughput, predicted against measured. The target: within 15%.
 
 Prints the table, writes JSON (docs/results/plan_validation-<date>-<machine>.json by default),
@@ -71,6 +75,7 @@ def main() -> int:
     t0 = time.perf_counter()
     link = Link(a.link_gbps, a.link_latency_ms / 1e3)
     rows, cals = [], {}
+    serving: dict[str, tuple[float, float]] = {}   # mode -> the server's (per-request, per-step) seconds
     # Calibrate right before measuring each mode: other work on a shared machine changes step times
     # from one minute to the next, and the model must describe the machine the servers ran on.
     for mode, cpus in (("mono", cores), ("1p1d", cores[:1])):
@@ -80,7 +85,11 @@ def main() -> int:
         print(cals[mode].model.describe())
         print(f"== measuring {mode} at {rates} req/s, {n} requests each")
         rows += measure_and_compare(prof["model"], cals[mode].model, cals[mode].model, rates_rps=rates,
-                                    n_requests=n, scale=prof["scale"], link=link, slo=prof["slo"], modes=(mode,))
+                                    n_requests=n, scale=prof["scale"], link=link, slo=prof["slo"], modes=(mode,),
+                                    serving=serving)
+        req_s, tok_s = serving[mode]
+        print(f"   {mode} server, 4 requests one at a time: +{req_s * 1e3:.0f} ms per request, "
+              f"+{tok_s * 1e3:.1f} ms per decode step over the engine alone")
     cal_mono, cal_role = cals["mono"], cals["1p1d"]
     print(table(rows))
     share = within(rows, 0.15)
@@ -100,6 +109,7 @@ def main() -> int:
                                                                "decode": [vars_(s) for s in cal_mono.decode_samples]}))),
            "calibration_role": {"prefill": [vars_(s) for s in cal_role.prefill_samples],
                                 "decode": [vars_(s) for s in cal_role.decode_samples]},
+           "serving_overhead_s": {m: {"per_request": v[0], "per_decode_step": v[1]} for m, v in serving.items()},
            "rows": [r.as_dict() for r in rows], "share_within_15pct": share,
            "seconds": time.perf_counter() - t0}
     out.write_text(json.dumps(jsonable(doc), indent=1))

@@ -46,6 +46,56 @@ def test_fit_keeps_coefficients_non_negative() -> None:
     assert float(m.prefill_s(10_000)) > 0
 
 
+def test_fit_weighs_small_steps_as_much_as_big_ones() -> None:
+    """Decode steps bend (memory-bound at batch 1, compute-bound at 32): a plain least-squares fit
+    is decided by the big steps and misses batch 1 by far; the relative fit keeps it close."""
+    pre, _ = _samples(noise=0.0)
+    # 20 ms at batch 1 (weights read once), then +3 ms per sequence past batch 4
+    step = lambda b, s: 0.020 + 0.003 * max(0, b - 4) + 2e-8 * s  # noqa: E731
+    dec = [DecodeSample(b, b * c, step(b, b * c)) for b in (1, 2, 4, 8, 16, 32) for c in (64, 512, 1024)]
+    m = fit_latency_model(pre, dec, kv_bytes_per_token=1)
+    worst = max(abs(float(m.decode_step_s(d.batch_size, d.context_tokens)) / d.elapsed_s - 1) for d in dec)
+    assert worst < 0.35
+    assert float(m.decode_step_s(1, 512)) == pytest.approx(step(1, 512), rel=0.25)
+
+
+def test_serving_terms_add_to_ttft_and_every_decode_step() -> None:
+    m = TRUE.with_serving(0.05, 0.01)
+    assert m.decode_step_s(4, 400) == pytest.approx(TRUE.decode_step_s(4, 400) + 0.01)
+    assert m.step_overhead_s >= TRUE.decode_a_s + 0.01
+    assert "per decode step" in m.describe() and "per decode step" not in TRUE.describe()
+    assert LatencyModel.from_dict(m.to_dict()) == m
+    with pytest.raises(ValueError, match="serve_token_s"):
+        TRUE.with_serving(0.0, -1.0)
+    # scaled to other hardware, this host's server costs are not carried over
+    src, dst = HardwareSpec("a", 1e12, 1e11), HardwareSpec("b", 2e12, 2e11)
+    assert scale_latency_model(m, src, dst).serve_token_s == 0.0
+
+
+def test_serving_overhead_is_what_the_server_adds_to_the_engine() -> None:
+    from types import SimpleNamespace
+
+    from labkit.plan.calibrate import serving_overhead
+    from labkit.plan.simulator import Link
+
+    def record(p: int, o: int, extra_req: float, extra_tok: float) -> SimpleNamespace:
+        ttft = float(TRUE.prefill_s(p)) + extra_req
+        tpot = float(TRUE.decode_step_s(1, p + o / 2)) + extra_tok
+        return SimpleNamespace(ok=True, prompt_tokens=p, output_tokens=o, ttft_s=ttft, tpot_s=tpot)
+
+    recs = [record(p, o, 0.040, 0.012) for p, o in ((100, 20), (300, 50), (700, 9))]
+    req_s, tok_s = serving_overhead(TRUE.with_serving(9.0, 9.0), recs)   # the model's own terms are ignored
+    assert req_s == pytest.approx(0.040, rel=1e-6) and tok_s == pytest.approx(0.012, rel=1e-6)
+    link = Link(8.0, 1e-3)   # disaggregated: the KV transfer is the simulator's, not the server's
+    recs = [SimpleNamespace(**{**vars(r), "ttft_s": r.ttft_s + link.transfer_s(r.prompt_tokens * 16384)})
+            for r in recs]
+    assert serving_overhead(TRUE, recs, link=link)[0] == pytest.approx(0.040, rel=1e-6)
+    faster = [record(100, 20, -0.01, -0.001)]   # noise below the model: never a negative cost
+    assert serving_overhead(TRUE, faster) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="successful"):
+        serving_overhead(TRUE, [SimpleNamespace(ok=False)])
+
+
 def test_fit_refuses_too_few_points_and_bad_samples() -> None:
     with pytest.raises(ValueError, match="3 distinct lengths"):
         fit_latency_model([PrefillSample(8, 1.0), PrefillSample(16, 2.0)], [], kv_bytes_per_token=1)

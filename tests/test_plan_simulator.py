@@ -27,6 +27,15 @@ def test_single_request_mono_matches_the_formulas() -> None:
     assert r.tpot_s[0] == pytest.approx(decode_total_s(500, 20) / 19, rel=1e-9)
 
 
+def test_server_costs_delay_the_first_token_and_slow_every_step() -> None:
+    served = LAT.with_serving(0.040, 0.005)
+    r = simulate(one(500, 20), served, Layout.mono())
+    assert r.ttft_s[0] == pytest.approx(float(LAT.prefill_s(500)) + 0.040, rel=1e-9)
+    assert r.tpot_s[0] == pytest.approx(decode_total_s(500, 20) / 19 + 0.005, rel=1e-9)
+    d = simulate(one(500, 20), served, Layout.disagg(1, 1), link=Link(8.0, 1e-3))
+    assert d.tpot_s[0] == pytest.approx(r.tpot_s[0], rel=1e-9)
+
+
 def test_single_request_disagg_adds_the_kv_transfer() -> None:
     link = Link(bandwidth_gbps=8.0, latency_s=1e-3)                # 1 GB/s
     r = simulate(one(500, 20), LAT, Layout.disagg(1, 1), link=link)

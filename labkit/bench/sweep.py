@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, Iterator, Literal, Sequence
 
 from labkit.bench.arrivals import Arrivals
 from labkit.bench.loadgen import BenchResult, LoadConfig, run_load
-from labkit.bench.metrics import SLO, cost_per_million_tokens, jsonable, records_frame, summarize
+from labkit.bench.metrics import SLO, RequestRecord, cost_per_million_tokens, jsonable, records_frame, summarize
 from labkit.bench.workloads import SampledWorkload, TokenSpace, Workload, get_workload, sample_requests
 
 
@@ -216,10 +216,12 @@ def _samples(cfg: SweepConfig) -> tuple[list[SampledWorkload], SampledWorkload]:
 
 
 def run_sweeps(cfgs: Sequence[SweepConfig], start_server: ServerFactory, *, model: str | None = None,
-               on_run: Callable[[dict[str, Any]], None] | None = None) -> list[SweepResult]:
+               on_run: Callable[[dict[str, Any]], None] | None = None,
+               on_server: Callable[[ModeSpec, str], None] | None = None) -> list[SweepResult]:
     """Several sweeps (e.g. two workloads) through the same modes, starting each mode's server once.
 
     All configs must list the same modes. Returns one SweepResult per config, in order.
+    `on_server(mode, url)` runs once per server, after its warm-up and before the measured runs.
     """
     from tqdm.auto import tqdm
 
@@ -235,12 +237,15 @@ def run_sweeps(cfgs: Sequence[SweepConfig], start_server: ServerFactory, *, mode
     for mode_name in modes:
         spec = parse_mode(mode_name)
         with start_server(spec) as url:
-            for cfg, (samples, warm), result in zip(cfgs, plans, results):
-                base = LoadConfig(url, model=model, request_timeout_s=cfg.request_timeout_s, slo=cfg.slo,
-                                  max_concurrency=cfg.max_concurrency, progress=False)
+            bases = [LoadConfig(url, model=model, request_timeout_s=cfg.request_timeout_s, slo=cfg.slo,
+                                max_concurrency=cfg.max_concurrency, progress=False) for cfg in cfgs]
+            for cfg, (_, warm), base in zip(cfgs, plans, bases):
                 if cfg.warmup_requests:
                     # First requests pay for allocation and lazy init; they are not measured.
                     run_load(_with(base, arrivals=Arrivals("burst"), label="warm-up"), warm.requests)
+            if on_server is not None:
+                on_server(spec, url)
+            for cfg, (samples, _), result, base in zip(cfgs, plans, results, bases):
                 wname = cfg.workload_obj.name
                 for k, rate in enumerate(cfg.rates_rps):
                     bar.set_postfix_str(f"{wname}: {spec.name} @ {rate:g} req/s")
@@ -368,13 +373,23 @@ def calibrate_url(url: str, workloads: Sequence[Workload], *, mode: str = "mono"
 
     out: list[Calibration] = []
     for w in workloads:
-        s = sample_requests(w, n + 1, seed=seed, max_model_len=max_model_len, scale=scale)
-        res = run_load(LoadConfig(url, Arrivals("burst"), max_concurrency=1, model=model, progress=False,
-                                  request_timeout_s=600.0, label=f"calibrate {w.name}"), s.requests)
-        ok = [r for r in res.records[1:] if r.ok]  # the first request warms the server up
-        if not ok:
-            raise RuntimeError(f"calibration of {w.name} on {mode} failed: {res.meta['first_errors']}")
+        ok = sequential_records(url, w, n, mode=mode, seed=seed, max_model_len=max_model_len, scale=scale,
+                                model=model)
         tpots = [r.tpot_s for r in ok if r.output_tokens > 1] or [math.nan]
         out.append(Calibration(w.name, mode, statistics.median(r.ttft_s for r in ok), statistics.median(tpots),
                                statistics.median(r.e2e_s for r in ok)))
     return out
+
+
+def sequential_records(url: str, workload: Workload, n: int = 4, *, mode: str = "mono", seed: int = 99,
+                       max_model_len: int | None = None, scale: float | None = None,
+                       model: str | None = None) -> list[RequestRecord]:
+    """Records of `n` requests of `workload` sent one at a time (after one unmeasured warm-up request)
+    to the server at `url`: its unloaded latencies. RuntimeError if none succeeded."""
+    s = sample_requests(workload, n + 1, seed=seed, max_model_len=max_model_len, scale=scale)
+    res = run_load(LoadConfig(url, Arrivals("burst"), max_concurrency=1, model=model, progress=False,
+                              request_timeout_s=600.0, label=f"unloaded {workload.name}"), s.requests)
+    ok = [r for r in res.records[1:] if r.ok]  # the first request warms the server up
+    if not ok:
+        raise RuntimeError(f"unloaded run of {workload.name} on {mode} failed: {res.meta['first_errors']}")
+    return ok

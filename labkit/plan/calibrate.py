@@ -142,6 +142,33 @@ def calibrate(model: Any = "tiny", profile: str | None = None, *, points: Calibr
     return Calibration(fitted, tuple(prefill), tuple(decode), meta)
 
 
+def serving_overhead(engine_model: Any, records: Any, *, link: Any = None) -> tuple[float, float]:
+    """What a server adds to its engine's steps, from requests sent to it one at a time.
+
+    `engine_model` is the LatencyModel of the engine alone (its own serve_* terms are ignored);
+    `records` are unloaded RequestRecords (`labkit.bench.sweep.sequential_records`). Per request,
+    the TTFT beyond the predicted prefill (and, with `link`, the KV transfer a disaggregated
+    server waits for) and the TPOT beyond a predicted batch-1 decode step at the request's mean
+    context. Returns (per-request seconds, per-step seconds): medians, never below 0.
+    """
+    from dataclasses import replace
+
+    base = replace(engine_model, serve_request_s=0.0, serve_token_s=0.0)
+    ok = [r for r in records if getattr(r, "ok", True)]
+    if not ok:
+        raise ValueError("serving_overhead needs at least one successful request")
+    req, tok = [], []
+    for r in ok:
+        p = int(r.prompt_tokens)
+        wait = float(base.prefill_s(p))
+        if link is not None:
+            wait += link.transfer_s(p * base.kv_bytes_per_token)
+        req.append(r.ttft_s - wait)
+        if r.output_tokens > 1:
+            tok.append(r.tpot_s - float(base.decode_step_s(1, p + r.output_tokens / 2)))
+    return max(0.0, float(np.median(req))), max(0.0, float(np.median(tok))) if tok else 0.0
+
+
 def calibration_path(model: str, profile: str) -> Path:
     """Where `load_or_calibrate` keeps a model's calibration (under LABKIT_HOME)."""
     from labkit.config import labkit_home

@@ -9,7 +9,17 @@ Two formulas, one per phase, each with a physical reading:
                                                  c: per-sequence work (sampling, bookkeeping, small matmuls)
 
 The fit keeps every coefficient non-negative (a negative attention term would predict negative
-time for long prompts), reports R² per phase, and saves the samples it came from.
+time for long prompts), reports R² per phase, and saves the samples it came from. The decode fit
+minimizes *relative* residuals: a real decode step bends (memory-bound at small batch,
+compute-bound at large), which a straight line cannot follow everywhere, and a plain fit would
+follow the 200 ms batch-32 steps and miss the 20 ms batch-1 steps by half, where serving at low
+load lives. Relative residuals make a 10% miss cost the same at every batch size.
+
+A server adds its own costs on top of the engine's steps: parsing and routing a request,
+streaming every token through SSE and the router, and on a small CPU the server's threads taking
+cores from the model's. `serve_request_s` (added to every TTFT) and `serve_token_s` (added to
+every decode step) hold them; `labkit.plan.calibrate.serving_overhead` measures them from a few
+requests sent one at a time through the real server. They are 0 in a model of the engine alone.
 """
 from __future__ import annotations
 
@@ -64,10 +74,13 @@ class LatencyModel:
     model: str = ""
     device: str = ""
     note: str = ""          # where the numbers came from ("measured", "scaled to H100 SXM: estimate", ...)
+    serve_request_s: float = 0.0   # the server's cost per request, on top of the prefill (TTFT)
+    serve_token_s: float = 0.0     # the server's cost per decode step, on top of the engine's step
 
     def __post_init__(self) -> None:
         for name in ("prefill_a_s", "prefill_b_s_per_token", "prefill_c_s_per_token2",
-                     "decode_a_s", "decode_b_s_per_ctx_token", "decode_c_s_per_seq"):
+                     "decode_a_s", "decode_b_s_per_ctx_token", "decode_c_s_per_seq",
+                     "serve_request_s", "serve_token_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"LatencyModel.{name} must be finite and >= 0, got {v!r}")
@@ -95,13 +108,22 @@ class LatencyModel:
                 + self.prefill_c_s_per_token2 * (end * end - offset_tokens * offset_tokens))
 
     def decode_step_s(self, batch_size: Any, context_tokens: Any) -> Any:
-        """Seconds for one decode step of `batch_size` sequences holding `context_tokens` in total."""
-        return self.decode_a_s + self.decode_b_s_per_ctx_token * context_tokens + self.decode_c_s_per_seq * batch_size
+        """Seconds for one decode step of `batch_size` sequences holding `context_tokens` in total
+        (the server's per-step cost included)."""
+        return (self.decode_a_s + self.serve_token_s + self.decode_b_s_per_ctx_token * context_tokens
+                + self.decode_c_s_per_seq * batch_size)
 
     @property
     def step_overhead_s(self) -> float:
         """The fixed cost of any step (a mixed step pays it once)."""
-        return max(self.prefill_a_s, self.decode_a_s)
+        return max(self.prefill_a_s, self.decode_a_s + self.serve_token_s)
+
+    def with_serving(self, request_s: float, token_s: float, note: str | None = None) -> LatencyModel:
+        """This model plus a server's measured per-request and per-step costs (see serving_overhead)."""
+        from dataclasses import replace
+
+        return replace(self, serve_request_s=float(request_s), serve_token_s=float(token_s),
+                       note=note if note is not None else self.note)
 
     def tpot_floor_s(self, context_tokens: float) -> float:
         """Fastest possible time per output token: batch 1 at this context (seconds)."""
@@ -124,7 +146,10 @@ class LatencyModel:
         return (f"prefill(T)        = {self.prefill_a_s*1e3:.3g} ms + {self.prefill_b_s_per_token*1e6:.3g} µs·T"
                 f" + {self.prefill_c_s_per_token2*1e9:.3g} ns·T²   (R² {self.r2_prefill:.3f})\n"
                 f"decode_step(B, S) = {self.decode_a_s*1e3:.3g} ms + {self.decode_b_s_per_ctx_token*1e9:.3g} ns·S"
-                f" + {self.decode_c_s_per_seq*1e6:.3g} µs·B   (R² {self.r2_decode:.3f})")
+                f" + {self.decode_c_s_per_seq*1e6:.3g} µs·B   (R² {self.r2_decode:.3f})"
+                + (f"\nserver            = +{self.serve_request_s*1e3:.3g} ms per request (TTFT), "
+                   f"+{self.serve_token_s*1e3:.3g} ms per decode step"
+                   if self.serve_request_s or self.serve_token_s else ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +184,11 @@ class Calibration:
             raise ValueError(f"{path}: not a calibration file (missing {e})") from None
 
 
-def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with coefficients >= 0: drop the most negative column and refit (tiny NNLS)."""
+def _nonneg_lstsq(x: np.ndarray, y: np.ndarray, relative: bool = False) -> np.ndarray:
+    """Least squares with coefficients >= 0: drop the most negative column and refit (tiny NNLS).
+    relative: minimize (x·c - y) / y instead of x·c - y."""
+    if relative:
+        x, y = x / y[:, None], np.ones_like(y)
     active = list(range(x.shape[1]))
     coef = np.zeros(x.shape[1])
     while active:
@@ -181,7 +209,8 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 def fit_latency_model(prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample], *,
                       kv_bytes_per_token: int, model: str = "", device: str = "",
                       note: str = "measured") -> LatencyModel:
-    """Fits both formulas by non-negative least squares; returns the model with R² per phase.
+    """Fits both formulas by non-negative least squares (decode on relative residuals); returns
+    the model with R² per phase.
 
     Needs at least 3 distinct prompt lengths and 3 distinct (batch, context) points.
     """
@@ -197,7 +226,7 @@ def fit_latency_model(prefill: Sequence[PrefillSample], decode: Sequence[DecodeS
     ctx = np.array([s.context_tokens for s in decode], dtype=float)
     yd = np.array([s.elapsed_s for s in decode])
     xd = np.stack([np.ones_like(b), ctx, b], axis=1)
-    cd = _nonneg_lstsq(xd, yd)
+    cd = _nonneg_lstsq(xd, yd, relative=True)
     return LatencyModel(float(cp[0]), float(cp[1]), float(cp[2]), float(cd[0]), float(cd[1]), float(cd[2]),
                         kv_bytes_per_token=int(kv_bytes_per_token),
                         r2_prefill=_r2(yp, xp @ cp), r2_decode=_r2(yd, xd @ cd),

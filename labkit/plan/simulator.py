@@ -186,9 +186,11 @@ class SimResult:
 class _Trace:
     """Mutable per-run arrays the instance loops fill in."""
 
-    def __init__(self, req: Requests, hit_rate: float) -> None:
+    def __init__(self, req: Requests, hit_rate: float, serve_request_s: float = 0.0) -> None:
         n = len(req)
-        self.ready = req.arrival_s.astype(float).copy()
+        # A server spends `serve_request_s` on each request (parsing, routing, the first SSE
+        # event) besides its prefill: as if the request reached the engine that much later.
+        self.ready = req.arrival_s.astype(float) + serve_request_s
         self.prompt = req.prompt_tokens.astype(np.int64)
         self.out = req.output_tokens.astype(np.int64)
         self.cached = np.minimum(np.floor(self.prompt * hit_rate), self.prompt - 1).astype(np.int64)
@@ -221,7 +223,7 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
     """
     ready, prompt, out, cached, first, finish = tr.ready, tr.prompt, tr.out, tr.cached, tr.first, tr.finish
     itl_v, itl_w = tr.itl_v, tr.itl_w
-    a_d, b_d, c_d = lat.decode_a_s, lat.decode_b_s_per_ctx_token, lat.decode_c_s_per_seq
+    a_d, b_d, c_d = lat.decode_a_s + lat.serve_token_s, lat.decode_b_s_per_ctx_token, lat.decode_c_s_per_seq
     chunked = policy == "chunked" and prefill_here
     cap = lim.max_num_seqs
     ids = np.zeros(cap, dtype=np.int64)
@@ -377,7 +379,7 @@ def simulate(requests: Requests, latency: LatencyModel, layout: Layout, *, link:
         raise ValueError(f"prefix_hit_rate must be in [0, 1), got {prefix_hit_rate}")
     link = link or Link()
     lim = limits or Limits()
-    tr = _Trace(requests, prefix_hit_rate)
+    tr = _Trace(requests, prefix_hit_rate, latency.serve_request_s)
     n = len(requests)
     if layout.kind == "mono":
         for rep in range(layout.num_replicas):
