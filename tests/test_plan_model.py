@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -65,6 +66,8 @@ def test_serving_terms_add_to_ttft_and_every_decode_step() -> None:
     assert m.step_overhead_s >= TRUE.decode_a_s + 0.01
     assert "per decode step" in m.describe() and "per decode step" not in TRUE.describe()
     assert LatencyModel.from_dict(m.to_dict()) == m
+    assert m.with_serving(0.0, 0.0, 0.003).decode_step_s(4, 400) == pytest.approx(TRUE.decode_step_s(4, 400) + 0.012)
+    assert m.engine_only == TRUE
     with pytest.raises(ValueError, match="serve_token_s"):
         TRUE.with_serving(0.0, -1.0)
     # scaled to other hardware, this host's server costs are not carried over
@@ -72,26 +75,41 @@ def test_serving_terms_add_to_ttft_and_every_decode_step() -> None:
     assert scale_latency_model(m, src, dst).serve_token_s == 0.0
 
 
-def test_serving_overhead_is_what_the_server_adds_to_the_engine() -> None:
+def _records(sim, start_s) -> list:
+    """A simulated run as the benchmark client's records (what serving_overhead reads)."""
     from types import SimpleNamespace
 
+    return [SimpleNamespace(ok=True, start_s=float(start_s[i]), prompt_tokens=int(sim.prompt_tokens[i]),
+                            output_tokens=int(sim.output_tokens[i]), expected_output_tokens=int(sim.output_tokens[i]),
+                            ttft_s=float(sim.ttft_s[i]), e2e_s=float(sim.e2e_s[i]), tpot_s=float(sim.tpot_s[i]))
+            for i in range(len(start_s))]
+
+
+@pytest.mark.parametrize("disagg", [False, True])
+def test_serving_overhead_recovers_what_the_server_adds(disagg: bool) -> None:
+    """Probes 'measured' on a server that costs 40 ms per request, 6 ms per step and 2 ms per running
+    sequence: one-at-a-time and all-together runs give back those three numbers."""
     from labkit.plan.calibrate import serving_overhead
-    from labkit.plan.simulator import Link
+    from labkit.plan.simulator import Layout, Link, simulate
+    from labkit.plan.workload import Requests
 
-    def record(p: int, o: int, extra_req: float, extra_tok: float) -> SimpleNamespace:
-        ttft = float(TRUE.prefill_s(p)) + extra_req
-        tpot = float(TRUE.decode_step_s(1, p + o / 2)) + extra_tok
-        return SimpleNamespace(ok=True, prompt_tokens=p, output_tokens=o, ttft_s=ttft, tpot_s=tpot)
-
-    recs = [record(p, o, 0.040, 0.012) for p, o in ((100, 20), (300, 50), (700, 9))]
-    req_s, tok_s = serving_overhead(TRUE.with_serving(9.0, 9.0), recs)   # the model's own terms are ignored
-    assert req_s == pytest.approx(0.040, rel=1e-6) and tok_s == pytest.approx(0.012, rel=1e-6)
-    link = Link(8.0, 1e-3)   # disaggregated: the KV transfer is the simulator's, not the server's
-    recs = [SimpleNamespace(**{**vars(r), "ttft_s": r.ttft_s + link.transfer_s(r.prompt_tokens * 16384)})
-            for r in recs]
-    assert serving_overhead(TRUE, recs, link=link)[0] == pytest.approx(0.040, rel=1e-6)
-    faster = [record(100, 20, -0.01, -0.001)]   # noise below the model: never a negative cost
-    assert serving_overhead(TRUE, faster) == (0.0, 0.0)
+    true = TRUE.with_serving(0.040, 0.006, 0.002)
+    link, layout = (Link(8.0, 1e-3), Layout.disagg(1, 1)) if disagg else (None, Layout.mono())
+    first = "landed" if disagg else "adopted"
+    prompt, out = np.array([100, 300, 700, 250]), np.array([20, 50, 30, 40])
+    runs = []
+    for arrivals in (np.array([0.0, 100.0, 200.0, 300.0]), np.zeros(4)):   # one at a time; all together
+        req = Requests(arrivals, prompt, out)
+        runs.append(_records(simulate(req, true, layout, link=link, first_token_at=first), arrivals))
+    got = serving_overhead(TRUE.with_serving(9.0, 9.0, 9.0), *runs, layout=layout, link=link,
+                           first_token_at=first)   # the model's own server terms are ignored
+    assert got == pytest.approx((0.040, 0.006, 0.002), rel=0.02)
+    # one-at-a-time only: the whole per-step cost at batch 1
+    req_s, step_s, seq_s = serving_overhead(TRUE, runs[0], layout=layout, link=link, first_token_at=first)
+    assert (req_s, step_s, seq_s) == pytest.approx((0.040, 0.008, 0.0), rel=0.02)
+    # a server faster than the model (noise): never a negative cost
+    assert serving_overhead(true, _records(simulate(Requests(np.zeros(1), prompt[:1], out[:1]), TRUE, Layout.mono()),
+                                           np.zeros(1))) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="successful"):
         serving_overhead(TRUE, [SimpleNamespace(ok=False)])
 

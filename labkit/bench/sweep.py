@@ -383,13 +383,20 @@ def calibrate_url(url: str, workloads: Sequence[Workload], *, mode: str = "mono"
 
 def sequential_records(url: str, workload: Workload, n: int = 4, *, mode: str = "mono", seed: int = 99,
                        max_model_len: int | None = None, scale: float | None = None,
-                       model: str | None = None) -> list[RequestRecord]:
-    """Records of `n` requests of `workload` sent one at a time (after one unmeasured warm-up request)
-    to the server at `url`: its unloaded latencies. RuntimeError if none succeeded."""
+                       model: str | None = None, concurrency: int = 1) -> list[RequestRecord]:
+    """Records of `n` requests of `workload` sent `concurrency` at a time (1: its unloaded latencies;
+    more: all sent together when concurrency >= n) to the server at `url`, after one unmeasured
+    warm-up request. RuntimeError if none succeeded."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     s = sample_requests(workload, n + 1, seed=seed, max_model_len=max_model_len, scale=scale)
-    res = run_load(LoadConfig(url, Arrivals("burst"), max_concurrency=1, model=model, progress=False,
-                              request_timeout_s=600.0, label=f"unloaded {workload.name}"), s.requests)
-    ok = [r for r in res.records[1:] if r.ok]  # the first request warms the server up
+    cfg = LoadConfig(url, Arrivals("burst"), max_concurrency=1, model=model, progress=False,
+                     request_timeout_s=600.0, label=f"warm-up {workload.name}")
+    run_load(cfg, s.requests[:1])  # the first request warms the server up
+    res = run_load(_with(cfg, max_concurrency=concurrency, label=f"{concurrency} at a time: {workload.name}"),
+                   s.requests[1:])
+    ok = [r for r in res.records if r.ok]
     if not ok:
-        raise RuntimeError(f"unloaded run of {workload.name} on {mode} failed: {res.meta['first_errors']}")
+        raise RuntimeError(f"run of {workload.name} on {mode} ({concurrency} at a time) failed: "
+                           f"{res.meta['first_errors']}")
     return ok

@@ -99,38 +99,42 @@ def calibrate(model: Any = "tiny", profile: str | None = None, *, points: Calibr
     eng.add_request(prompt(min(pts.prompt_tokens)), greedy(2))  # warm-up: first calls allocate
     run_until_idle()
 
-    prefill: list[PrefillSample] = []
-    for n in pts.prompt_tokens:
-        times = []
-        for _ in range(pts.repeats):
+    # Repeats go round the whole set of points (A B C A B C), not point by point (A A A B B B):
+    # a burst of other work on a shared machine then hits one repeat of several points, and the
+    # minimum over repeats drops it, instead of inflating every repeat of one point.
+    prefill_times: dict[int, list[float]] = {n: [] for n in pts.prompt_tokens}
+    decode_times: dict[tuple[int, int], dict[int, list[float]]] = {
+        (ctx, b): {} for ctx in pts.decode_context_tokens for b in pts.decode_batches}
+    for rep in range(pts.repeats):
+        for n in pts.prompt_tokens:
             eng.add_request(prompt(n), greedy(1))
             out = eng.step()
             if out.phase != "prefill" or out.num_prefill_tokens != n:
                 raise RuntimeError(f"calibrate: expected one prefill of {n} tokens, got {out.phase} "
                                    f"of {out.num_prefill_tokens}")
-            times.append(out.elapsed_s)
+            prefill_times[n].append(out.elapsed_s)
             run_until_idle()
-        prefill.append(PrefillSample(n, min(times)))
-        log(f"prefill {n:5d} tokens: {prefill[-1].elapsed_s * 1e3:8.2f} ms")
+        for (ctx, b), by_step in decode_times.items():
+            rids = [eng.add_request(prompt(ctx), greedy(pts.decode_steps + 1)) for _ in range(b)]
+            step = 0
+            while eng.has_unfinished():
+                out = eng.step()
+                if out.phase == "decode" and out.num_decode_seqs == b:
+                    by_step.setdefault(step, []).append(out.elapsed_s)
+                    step += 1
+            for r in rids:
+                eng.abort(r)
+        log(f"calibration round {rep + 1}/{pts.repeats} done ({time.perf_counter() - t0:.0f} s)")
 
+    prefill = [PrefillSample(n, min(ts)) for n, ts in prefill_times.items()]
+    for s in prefill:
+        log(f"prefill {s.num_tokens:5d} tokens: {s.elapsed_s * 1e3:8.2f} ms")
     decode: list[DecodeSample] = []
-    for ctx in pts.decode_context_tokens:
-        for b in pts.decode_batches:
-            times_by_step: dict[int, list[float]] = {}
-            for _ in range(pts.repeats):
-                rids = [eng.add_request(prompt(ctx), greedy(pts.decode_steps + 1)) for _ in range(b)]
-                step = 0
-                while eng.has_unfinished():
-                    out = eng.step()
-                    if out.phase == "decode" and out.num_decode_seqs == b:
-                        times_by_step.setdefault(step, []).append(out.elapsed_s)
-                        step += 1
-                for r in rids:
-                    eng.abort(r)
-            for step, ts in sorted(times_by_step.items()):
-                # each sequence holds its prompt, the first token and `step` decoded tokens
-                decode.append(DecodeSample(b, b * (ctx + 1 + step), min(ts)))
-            log(f"decode batch {b:3d} x {ctx:5d} context: {min(times_by_step[0]) * 1e3:8.2f} ms/step")
+    for (ctx, b), by_step in decode_times.items():
+        for step, ts in sorted(by_step.items()):
+            # each sequence holds its prompt, the first token and `step` decoded tokens
+            decode.append(DecodeSample(b, b * (ctx + 1 + step), min(ts)))
+        log(f"decode batch {b:3d} x {ctx:5d} context: {min(by_step[0]) * 1e3:8.2f} ms/step")
 
     from labkit.hardware import device_name
 
@@ -142,31 +146,65 @@ def calibrate(model: Any = "tiny", profile: str | None = None, *, points: Calibr
     return Calibration(fitted, tuple(prefill), tuple(decode), meta)
 
 
-def serving_overhead(engine_model: Any, records: Any, *, link: Any = None) -> tuple[float, float]:
-    """What a server adds to its engine's steps, from requests sent to it one at a time.
+def serving_overhead(engine_model: Any, sequential: Any, concurrent: Any = (), *, layout: Any = None,
+                     link: Any = None, limits: Any = None, first_token_at: str = "adopted",
+                     delta_s: float = 1e-3) -> tuple[float, float, float]:
+    """What a server adds to its engine's steps: (per request, per decode step, per running
+    sequence per decode step), in seconds, never below 0.
 
-    `engine_model` is the LatencyModel of the engine alone (its own serve_* terms are ignored);
-    `records` are unloaded RequestRecords (`labkit.bench.sweep.sequential_records`). Per request,
-    the TTFT beyond the predicted prefill (and, with `link`, the KV transfer a disaggregated
-    server waits for) and the TPOT beyond a predicted batch-1 decode step at the request's mean
-    context. Returns (per-request seconds, per-step seconds): medians, never below 0.
+    `engine_model` is the LatencyModel of the engine alone (its serve_* terms are ignored).
+    `sequential` are unloaded RequestRecords (requests sent one at a time:
+    `labkit.bench.sweep.sequential_records`), `concurrent` records of a few requests sent
+    together. The per-request cost is the median TTFT beyond the predicted prefill (and, with
+    `link`, the KV transfer). The two per-step costs are fitted so that the simulator, replaying
+    each probe's exact trace on `layout` (default mono), predicts its measured median TPOT: the
+    sequential probe pins the cost at batch 1, the concurrent one how it grows with the batch.
+    Without a concurrent probe the whole cost is per step.
     """
-    from dataclasses import replace
+    from labkit.plan.latency_model import _nonneg_lstsq
+    from labkit.plan.simulator import Layout, simulate
+    from labkit.plan.validate import requests_from_records
 
-    base = replace(engine_model, serve_request_s=0.0, serve_token_s=0.0)
-    ok = [r for r in records if getattr(r, "ok", True)]
-    if not ok:
-        raise ValueError("serving_overhead needs at least one successful request")
-    req, tok = [], []
-    for r in ok:
+    base = engine_model.engine_only
+    seq_ok = [r for r in sequential if getattr(r, "ok", True)]
+    if not seq_ok:
+        raise ValueError("serving_overhead needs at least one successful sequential request")
+    waits = []
+    for r in seq_ok:
         p = int(r.prompt_tokens)
-        wait = float(base.prefill_s(p))
-        if link is not None:
-            wait += link.transfer_s(p * base.kv_bytes_per_token)
-        req.append(r.ttft_s - wait)
-        if r.output_tokens > 1:
-            tok.append(r.tpot_s - float(base.decode_step_s(1, p + r.output_tokens / 2)))
-    return max(0.0, float(np.median(req))), max(0.0, float(np.median(tok))) if tok else 0.0
+        wait = float(base.prefill_s(p)) + (link.transfer_s(p * base.kv_bytes_per_token) if link is not None else 0.0)
+        waits.append(r.ttft_s - wait)
+    request_s = max(0.0, float(np.median(waits)))
+
+    layout = layout or Layout.mono()
+
+    def median_tpot(records: Any, model: Any) -> tuple[float, float]:
+        """(simulated, measured) median TPOT of a probe, over requests with more than one token."""
+        trace = requests_from_records(records)
+        sim = simulate(trace, model, layout, link=link, limits=limits, first_token_at=first_token_at)
+        many = trace.output_tokens > 1
+        measured = [r.tpot_s for r in sorted((r for r in records if getattr(r, "ok", True)), key=lambda r: r.start_s)
+                    if r.output_tokens > 1]
+        return float(np.median(sim.tpot_s[many])), float(np.median(measured))
+
+    rows, target = [], []
+    probes = [recs for recs in (seq_ok, [r for r in concurrent if getattr(r, "ok", True)]) if recs]
+    for recs in probes:
+        if not any(r.output_tokens > 1 for r in recs):
+            continue
+        p0, measured = median_tpot(recs, base.with_serving(request_s, 0.0, 0.0))
+        p_step, _ = median_tpot(recs, base.with_serving(request_s, delta_s, 0.0))
+        p_seq, _ = median_tpot(recs, base.with_serving(request_s, 0.0, delta_s))
+        rows.append([(p_step - p0) / delta_s, (p_seq - p0) / delta_s])
+        target.append(measured - p0)
+    if not rows:
+        return request_s, 0.0, 0.0
+    x, y = np.array(rows), np.array(target)
+    if len(rows) == 1:  # batch 1 only: cannot tell the two apart, so it is all per step
+        return request_s, max(0.0, float(y[0] / x[0, 0])), 0.0
+    # non-negative least squares; a probe the engine alone already explains gives 0
+    coef = _nonneg_lstsq(x, y) if (y > 0).any() else np.zeros(2)
+    return request_s, float(coef[0]), float(coef[1])
 
 
 def calibration_path(model: str, profile: str) -> Path:

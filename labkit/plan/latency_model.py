@@ -17,9 +17,11 @@ load lives. Relative residuals make a 10% miss cost the same at every batch size
 
 A server adds its own costs on top of the engine's steps: parsing and routing a request,
 streaming every token through SSE and the router, and on a small CPU the server's threads taking
-cores from the model's. `serve_request_s` (added to every TTFT) and `serve_token_s` (added to
-every decode step) hold them; `labkit.plan.calibrate.serving_overhead` measures them from a few
-requests sent one at a time through the real server. They are 0 in a model of the engine alone.
+cores from the model's. `serve_request_s` (added to every TTFT), `serve_token_s` (added to every
+decode step) and `serve_seq_s` (added to every decode step per running sequence: each one's token
+is an SSE event for the worker, the router and the client) hold them;
+`labkit.plan.calibrate.serving_overhead` measures them from a few requests sent through the real
+server one at a time and a few sent together. They are 0 in a model of the engine alone.
 """
 from __future__ import annotations
 
@@ -76,11 +78,12 @@ class LatencyModel:
     note: str = ""          # where the numbers came from ("measured", "scaled to H100 SXM: estimate", ...)
     serve_request_s: float = 0.0   # the server's cost per request, on top of the prefill (TTFT)
     serve_token_s: float = 0.0     # the server's cost per decode step, on top of the engine's step
+    serve_seq_s: float = 0.0       # ... and per running sequence in that step (one streamed token each)
 
     def __post_init__(self) -> None:
         for name in ("prefill_a_s", "prefill_b_s_per_token", "prefill_c_s_per_token2",
                      "decode_a_s", "decode_b_s_per_ctx_token", "decode_c_s_per_seq",
-                     "serve_request_s", "serve_token_s"):
+                     "serve_request_s", "serve_token_s", "serve_seq_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"LatencyModel.{name} must be finite and >= 0, got {v!r}")
@@ -111,19 +114,26 @@ class LatencyModel:
         """Seconds for one decode step of `batch_size` sequences holding `context_tokens` in total
         (the server's per-step cost included)."""
         return (self.decode_a_s + self.serve_token_s + self.decode_b_s_per_ctx_token * context_tokens
-                + self.decode_c_s_per_seq * batch_size)
+                + (self.decode_c_s_per_seq + self.serve_seq_s) * batch_size)
 
     @property
     def step_overhead_s(self) -> float:
         """The fixed cost of any step (a mixed step pays it once)."""
         return max(self.prefill_a_s, self.decode_a_s + self.serve_token_s)
 
-    def with_serving(self, request_s: float, token_s: float, note: str | None = None) -> LatencyModel:
-        """This model plus a server's measured per-request and per-step costs (see serving_overhead)."""
+    def with_serving(self, request_s: float, token_s: float, seq_s: float = 0.0,
+                     note: str | None = None) -> LatencyModel:
+        """This model plus a server's measured costs per request, per decode step and per running
+        sequence in a step (see serving_overhead)."""
         from dataclasses import replace
 
         return replace(self, serve_request_s=float(request_s), serve_token_s=float(token_s),
-                       note=note if note is not None else self.note)
+                       serve_seq_s=float(seq_s), note=note if note is not None else self.note)
+
+    @property
+    def engine_only(self) -> LatencyModel:
+        """This model without the server's costs."""
+        return self.with_serving(0.0, 0.0, 0.0)
 
     def tpot_floor_s(self, context_tokens: float) -> float:
         """Fastest possible time per output token: batch 1 at this context (seconds)."""
@@ -148,8 +158,8 @@ class LatencyModel:
                 f"decode_step(B, S) = {self.decode_a_s*1e3:.3g} ms + {self.decode_b_s_per_ctx_token*1e9:.3g} ns·S"
                 f" + {self.decode_c_s_per_seq*1e6:.3g} µs·B   (R² {self.r2_decode:.3f})"
                 + (f"\nserver            = +{self.serve_request_s*1e3:.3g} ms per request (TTFT), "
-                   f"+{self.serve_token_s*1e3:.3g} ms per decode step"
-                   if self.serve_request_s or self.serve_token_s else ""))
+                   f"+{self.serve_token_s*1e3:.3g} ms per decode step + {self.serve_seq_s*1e3:.3g} ms·B"
+                   if self.serve_request_s or self.serve_token_s or self.serve_seq_s else ""))
 
 
 @dataclass(frozen=True, slots=True)

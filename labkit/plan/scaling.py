@@ -67,7 +67,7 @@ def scale_latency_model(model: LatencyModel, src: HardwareSpec, dst: HardwareSpe
                    decode_b_s_per_ctx_token=model.decode_b_s_per_ctx_token * memory,
                    decode_c_s_per_seq=model.decode_c_s_per_seq * compute,
                    # the lab server's own costs are this host's CPU time, not the device's: dropped
-                   serve_request_s=0.0, serve_token_s=0.0,
+                   serve_request_s=0.0, serve_token_s=0.0, serve_seq_s=0.0,
                    device=dst.name,
                    note=(f"estimate: fitted on {src.name}, scaled to {dst.name} by datasheet ratios "
                          f"(compute x{1 / compute:.3g}, bandwidth x{1 / memory:.3g})"))

@@ -223,7 +223,8 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
     """
     ready, prompt, out, cached, first, finish = tr.ready, tr.prompt, tr.out, tr.cached, tr.first, tr.finish
     itl_v, itl_w = tr.itl_v, tr.itl_w
-    a_d, b_d, c_d = lat.decode_a_s + lat.serve_token_s, lat.decode_b_s_per_ctx_token, lat.decode_c_s_per_seq
+    a_d, b_d = lat.decode_a_s + lat.serve_token_s, lat.decode_b_s_per_ctx_token
+    c_d = lat.decode_c_s_per_seq + lat.serve_seq_s
     chunked = policy == "chunked" and prefill_here
     cap = lim.max_num_seqs
     ids = np.zeros(cap, dtype=np.int64)

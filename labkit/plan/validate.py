@@ -109,14 +109,15 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
                         n_requests: int, workload: str = "azure-conv-2023", scale: float = 0.25,
                         link: Any = None, slo: Any = None, seed: int = 0, progress: bool = True,
                         modes: Sequence[str] = ("mono", "1p1d"), probe_requests: int = 4,
-                        serving: dict[str, tuple[float, float]] | None = None) -> list[ValidationRow]:
+                        serving: dict[str, tuple[float, float, float]] | None = None) -> list[ValidationRow]:
     """Runs the lab's servers (each of `modes`: "mono", "1p1d") at each rate with the benchmark
     client, replays every run's trace in the simulator, and returns predicted-vs-measured rows.
 
     `mono_latency` models the mono worker (all cores); `role_latency` each 1P1D worker (one core).
-    Before the measured runs, `probe_requests` requests sent one at a time through each server
-    measure what the server adds to the engine (`serving_overhead`); `serving` receives them per
-    mode as (per-request s, per-step s). probe_requests=0 simulates the engine alone.
+    Before the measured runs, `probe_requests` requests sent one at a time through each server, and
+    as many sent together, measure what the server adds to the engine (`serving_overhead`);
+    `serving` receives them per mode as (per request, per step, per sequence per step) seconds.
+    probe_requests=0 simulates the engine alone.
     """
     from labkit.bench import SLO as BenchSLO
     from labkit.bench.sweep import SweepConfig, lab_server_factory, run_sweeps, sequential_records
@@ -130,25 +131,27 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     served: dict[str, Any] = dict(engine_model)
     overheads = serving if serving is not None else {}
 
+    limits = Limits(max_num_seqs=64, max_num_batched_tokens=2048)   # the lab workers' defaults
+    layouts = {"mono": (Layout.mono(), None, "adopted"),
+               # the lab's router forwards the prefill worker's first token: TTFT ends when the KV has left
+               "1p1d": (Layout.disagg(1, 1), lk, "landed")}
+
     def probe(spec: Any, url: str) -> None:
         if probe_requests < 1:
             return
-        recs = sequential_records(url, cfg.workload_obj, probe_requests, mode=spec.name, seed=seed + 77,
-                                  scale=scale, model=model)
-        overheads[spec.name] = serving_overhead(engine_model[spec.name], recs,
-                                                link=lk if spec.name != "mono" else None)
+        one, together = (sequential_records(url, cfg.workload_obj, probe_requests, mode=spec.name, seed=seed + s,
+                                            scale=scale, model=model, concurrency=c)
+                         for s, c in ((77, 1), (78, probe_requests)))
+        layout, link_, first = layouts[spec.name]
+        overheads[spec.name] = serving_overhead(engine_model[spec.name], one, together, layout=layout, link=link_,
+                                                limits=limits, first_token_at=first)
         served[spec.name] = engine_model[spec.name].with_serving(*overheads[spec.name])
 
     [res] = run_sweeps([cfg], lab_server_factory(model), model=model, on_server=probe)
-    limits = Limits(max_num_seqs=64, max_num_batched_tokens=2048)   # the lab workers' defaults
     rows: list[ValidationRow] = []
     for (mode, rate), run in sorted(res.runs.items(), key=lambda kv: (kv[0][0] != "mono", kv[0][1])):
-        trace = requests_from_records(run.records)
-        if mode == "mono":
-            sim = simulate(trace, served["mono"], Layout.mono(), limits=limits)
-        else:
-            # the lab's router forwards the prefill worker's first token: TTFT ends when the KV has left
-            sim = simulate(trace, served["1p1d"], Layout.disagg(1, 1), link=lk, limits=limits,
-                           first_token_at="landed")
+        layout, link_, first = layouts[mode]
+        sim = simulate(requests_from_records(run.records), served[mode], layout, link=link_, limits=limits,
+                       first_token_at=first)
         rows += compare(mode, rate, predicted_metrics(sim), measured_metrics(run.records))
     return rows
