@@ -178,25 +178,22 @@ def serving_overhead(engine_model: Any, sequential: Any, concurrent: Any = (), *
 
     layout = layout or Layout.mono()
 
-    def median_tpot(records: Any, model: Any) -> tuple[float, float]:
-        """(simulated, measured) median TPOT of a probe, over requests with more than one token."""
-        trace = requests_from_records(records)
-        sim = simulate(trace, model, layout, link=link, limits=limits, first_token_at=first_token_at)
-        many = trace.output_tokens > 1
-        measured = [r.tpot_s for r in sorted((r for r in records if getattr(r, "ok", True)), key=lambda r: r.start_s)
-                    if r.output_tokens > 1]
-        return float(np.median(sim.tpot_s[many])), float(np.median(measured))
-
     rows, target = [], []
-    probes = [recs for recs in (seq_ok, [r for r in concurrent if getattr(r, "ok", True)]) if recs]
-    for recs in probes:
+    for recs in (seq_ok, [r for r in concurrent if getattr(r, "ok", True)]):
         if not any(r.output_tokens > 1 for r in recs):
             continue
-        p0, measured = median_tpot(recs, base.with_serving(request_s, 0.0, 0.0))
-        p_step, _ = median_tpot(recs, base.with_serving(request_s, delta_s, 0.0))
-        p_seq, _ = median_tpot(recs, base.with_serving(request_s, 0.0, delta_s))
-        rows.append([(p_step - p0) / delta_s, (p_seq - p0) / delta_s])
-        target.append(measured - p0)
+        trace = requests_from_records(recs)
+        many = trace.output_tokens > 1
+
+        def sim_tpot(step_s: float, seq_s: float) -> float:
+            """Median simulated TPOT of this probe with the given per-step costs."""
+            sim = simulate(trace, base.with_serving(request_s, step_s, seq_s), layout, link=link, limits=limits,
+                           first_token_at=first_token_at)
+            return float(np.median(sim.tpot_s[many]))
+
+        p0 = sim_tpot(0.0, 0.0)
+        rows.append([(sim_tpot(delta_s, 0.0) - p0) / delta_s, (sim_tpot(0.0, delta_s) - p0) / delta_s])
+        target.append(float(np.median([r.tpot_s for r in recs if r.output_tokens > 1])) - p0)
     if not rows:
         return request_s, 0.0, 0.0
     x, y = np.array(rows), np.array(target)

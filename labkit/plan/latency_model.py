@@ -121,14 +121,12 @@ class LatencyModel:
         """The fixed cost of any step (a mixed step pays it once)."""
         return max(self.prefill_a_s, self.decode_a_s + self.serve_token_s)
 
-    def with_serving(self, request_s: float, token_s: float, seq_s: float = 0.0,
-                     note: str | None = None) -> LatencyModel:
+    def with_serving(self, request_s: float, token_s: float, seq_s: float = 0.0) -> LatencyModel:
         """This model plus a server's measured costs per request, per decode step and per running
         sequence in a step (see serving_overhead)."""
         from dataclasses import replace
 
-        return replace(self, serve_request_s=float(request_s), serve_token_s=float(token_s),
-                       serve_seq_s=float(seq_s), note=note if note is not None else self.note)
+        return replace(self, serve_request_s=float(request_s), serve_token_s=float(token_s), serve_seq_s=float(seq_s))
 
     @property
     def engine_only(self) -> LatencyModel:
