@@ -236,6 +236,36 @@ def check_engine(ctx: Ctx) -> None:
     ctx.results["engine"] = {"model": model, "runner": "labkit-engine", "headline": recs}
 
 
+def check_gpu_tests(ctx: Ctx) -> None:
+    """The test suite's GPU tests (cuda-ipc KV transfer between processes, bf16 + compiled engine decode).
+
+    They are skipped on a machine without a GPU, so this is where they run. pytest runs in a child
+    process with its own timeout; its summary line and the tail of its output go to the log.
+    """
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    marker = "gpu" if ctx.device.startswith("cuda") else "not gpu"  # smoke: the same files' CPU tests
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, "--timeout", "240",
+           "tests/test_transfer_cuda_ipc.py", "tests/test_engine.py" if ctx.device.startswith("cuda")
+           else "tests/test_transfer_cuda_ipc.py"]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    limit = max(30.0, ctx.left_s() - 10)
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=limit)
+        text, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text, rc = text + f"\n(pytest killed after {limit:.0f} s)", -9
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", text)}
+    ctx.results["gpu_tests"] = {"command": " ".join(cmd[1:]), "returncode": rc, "counts": counts,
+                                "output_tail": text[-6000:]}
+    ctx.log(f"gpu tests: rc={rc} {counts}\n{text[-3000:]}")
+    if rc != 0:
+        raise RuntimeError(f"pytest -m {marker} returned {rc}: {counts}")
+
+
 CHECKS: list[Check] = [
     Check("env", check_env, 5),
     Check("peaks", check_peaks, 30),
@@ -243,6 +273,7 @@ CHECKS: list[Check] = [
     Check("llama-3.2-1b shape: prefill MFU, decode MBU, sweep", check_small_model, 60),
     Check("roofline chart", check_roofline_chart, 5),
     Check("lab engine: llama-3.2-1b prefill MFU, decode MBU", check_engine, 120),
+    Check("gpu tests: cuda-ipc transfer, bf16 compiled engine", check_gpu_tests, 90),
 ]
 
 
