@@ -197,7 +197,9 @@ class EngineRunner:
         return step
 
     def close(self) -> None:
+        """Ends what is running and lets the engine go (its weights and KV cache are freed with it)."""
         self._drain()
+        self.engine = None  # type: ignore[assignment]
 
 
 def make_runner(kind: str = "transformers", model: str = "small", dtype: str = "float32",

@@ -15,6 +15,7 @@ and append `Check("x", check_x, est_s)` to CHECKS.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -216,24 +217,83 @@ def check_roofline_chart(ctx: Ctx) -> None:
 
 
 def check_engine(ctx: Ctx) -> None:
-    """The lab's own engine (paged KV cache; torch.compile'd forward on a GPU), same headline measurements.
+    """The lab's own engine (paged KV cache), random weights built on the device, in three forms.
 
-    Writes the preset to LABKIT_HOME first (llama-3.2-1b: 2.5 GB of deterministic random weights).
+    eager, `cuda_graphs=True` (decode steps replayed as CUDA graphs) and, for the 1B shape,
+    `compile_decode` + graphs: the same headline measurements as the transformers runner, then a
+    decode batch sweep with graphs. Each variant is caught on its own, so one failing keeps the rest.
     """
+    import torch
+
     from labkit import measure
+    from labkit.plots import roofline as rplot
+    from labkit.roofline import critical_batch
     from labkit.runners import EngineRunner
 
     if ctx.peaks is None:
         raise RuntimeError("peaks were not measured (check_peaks failed)")
-    model, n = ("tiny", 32) if ctx.smoke else ("llama-3.2-1b", 2048)
-    runner = EngineRunner(model, ctx.dtype, ctx.device, kv_cache_bytes=(64 << 20) if ctx.smoke else (8 << 30),
-                          compile_decode=ctx.device.startswith("cuda"))
-    recs = [measure.measure_prefill(runner, 1, n, warmup=1, repeats=2 if ctx.smoke else 5, peaks=ctx.peaks),
-            measure.measure_decode(runner, 1, n, warmup=2 if ctx.smoke else 10, repeats=3 if ctx.smoke else 20,
-                                   peaks=ctx.peaks)]
-    runner.close()
-    ctx.log(f"engine: {model} (labkit-engine runner)\n" + measure.format_records(recs))
-    ctx.results["engine"] = {"model": model, "runner": "labkit-engine", "headline": recs}
+    gpu = ctx.device.startswith("cuda")
+    big, small, n, sweep_ctx = ("llama-3.1-8b", "llama-3.2-1b", 2048, 512) if not ctx.smoke else ("tiny", "tiny", 32, 16)
+    variants = [(big, "eager", {}), (big, "graphs", {"cuda_graphs": True}),
+                (small, "graphs", {"cuda_graphs": True}), (small, "compiled+graphs", {"cuda_graphs": True,
+                                                                                     "compile_decode": gpu})]
+    out: dict[str, Any] = {"runner": "labkit-engine", "variants": {}, "errors": {}}
+    ctx.results["engine"] = out
+    failures = 0
+    for model, form, kw in variants:
+        name = f"{model} {form}"
+        if ctx.left_s() < 40:
+            ctx.log(f"engine: {name} skipped: time budget")
+            continue
+        t0 = time.monotonic()
+        runner = None
+        try:
+            runner = EngineRunner(model, ctx.dtype, ctx.device, kv_cache_bytes=(64 << 20) if ctx.smoke else (24 << 30),
+                                  random_weights=True, **kw)
+            built = time.monotonic() - t0
+            recs = [measure.measure_prefill(runner, 1, n, warmup=1, repeats=2 if ctx.smoke else 3, peaks=ctx.peaks),
+                    measure.measure_decode(runner, 1, n, warmup=3, repeats=3 if ctx.smoke else 10, peaks=ctx.peaks)]
+            for r in recs:
+                r["runner"] = f"engine {form}"
+            sweep: list[dict[str, Any]] = []
+            if model == big and form == "graphs":
+                for b in ([1, 4] if ctx.smoke else [1, 16, 64, 128, 256]):
+                    if ctx.left_s() < 25:
+                        ctx.log(f"engine: sweep stopped before batch {b}: time budget")
+                        break
+                    r = measure.measure_decode(runner, b, sweep_ctx, warmup=2, repeats=3 if ctx.smoke else 5,
+                                               peaks=ctx.peaks)
+                    r["runner"] = f"engine {form}"
+                    sweep.append(r)
+            graphs = runner.engine._graphs
+            v = {"model": model, "form": form, "build_s": built, "headline": recs, "decode_sweep": sweep,
+                 "sweep_context_len": sweep_ctx, "graphs_captured": graphs.num_captures if graphs else 0,
+                 "seconds": time.monotonic() - t0}
+            out["variants"][name] = v
+            ctx.log(f"engine: {name} (built in {built:.1f} s, {v['graphs_captured']} graphs captured)\n"
+                    + measure.format_records(recs + sweep))
+            if sweep:
+                shape = runner.shape
+                ctx.save(rplot.decode_batch_sweep(sweep, critical_batch(shape, ctx.peaks.ridge_flop_per_byte(ctx.dtype),
+                                                                        ctx.dtype, sweep_ctx),
+                                                  title=f"{model}: lab engine decode with CUDA graphs "
+                                                        f"(context {sweep_ctx})"),
+                         "engine_decode_sweep")
+                ctx.results.setdefault("roofline_points", []).extend(sweep[-1:])
+        except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
+            failures += 1
+            out["errors"][name] = f"{e.__class__.__name__}: {e}"
+            ctx.log(f"engine: {name} FAILED: {e.__class__.__name__}: {e}\n{traceback.format_exc(limit=6)}")
+        finally:
+            if runner is not None:
+                runner.close()
+            del runner
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+    out["headline"] = [r for v in out["variants"].values() for r in v["headline"]]
+    if failures:
+        raise RuntimeError(f"{failures} engine variant(s) failed: {out['errors']}")
 
 
 def check_gpu_tests(ctx: Ctx) -> None:
@@ -247,7 +307,8 @@ def check_gpu_tests(ctx: Ctx) -> None:
 
     root = Path(__file__).resolve().parent.parent
     marker = "gpu" if ctx.device.startswith("cuda") else "not gpu"  # smoke: the same files' CPU tests
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, "--timeout", "240",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging", "--tb=short", "-rfE",
+           "-m", marker, "--timeout", "240",
            "tests/test_transfer_cuda_ipc.py", "tests/test_engine.py" if ctx.device.startswith("cuda")
            else "tests/test_transfer_cuda_ipc.py"]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -272,13 +333,14 @@ CHECKS: list[Check] = [
     Check("llama-3.1-8b shape: prefill MFU, decode MBU, sweeps, telemetry", check_8b, 150),
     Check("llama-3.2-1b shape: prefill MFU, decode MBU, sweep", check_small_model, 60),
     Check("roofline chart", check_roofline_chart, 5),
-    Check("lab engine: llama-3.2-1b prefill MFU, decode MBU", check_engine, 120),
+    Check("lab engine: 8B eager vs CUDA graphs, 1B graphs vs compiled+graphs", check_engine, 120),
     Check("gpu tests: cuda-ipc transfer, bf16 compiled engine", check_gpu_tests, 90),
 ]
 
 
 def _summary(ctx: Ctx) -> str:
-    lines = [f"{'model':<14}{'phase':<9}{'batch':>6}{'len':>6}{'ms':>9}{'MFU':>7}{'MBU':>7}  {'runner':<15}roofs"]
+    lines = ["targets (issue 3, H100): 8B bf16 prefill of 2048 tokens at MFU >= 0.5; batch-1 decode at MBU >= 0.6",
+             f"{'model':<14}{'phase':<9}{'batch':>6}{'len':>6}{'ms':>9}{'MFU':>7}{'MBU':>7}  {'runner':<24}roofs"]
     p = ctx.peaks
     roofs = (f"{p.peak_flops(ctx.dtype) / 1e9:,.0f} GFLOP/s {ctx.dtype}, {p.read_bytes_per_s / 1e9:,.1f} GB/s read"
              if p else "peaks not measured")
@@ -286,7 +348,7 @@ def _summary(ctx: Ctx) -> str:
         for r in (ctx.results.get(key) or {}).get("headline", []):
             n = r.get("prompt_len", r.get("context_len"))
             lines.append(f"{r['model'][:13]:<14}{r['phase']:<9}{r['batch']:>6}{n:>6}{r['ms']:>9.2f}"
-                         f"{(r.get('mfu') or 0):>7.0%}{(r.get('mbu') or 0):>7.0%}  {r['runner']:<15}{roofs}")
+                         f"{(r.get('mfu') or 0):>7.0%}{(r.get('mbu') or 0):>7.0%}  {r['runner']:<24}{roofs}")
     return "\n".join(lines)
 
 

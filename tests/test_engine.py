@@ -177,3 +177,52 @@ def test_cuda_bf16_compiled_decode_matches_eager() -> None:
         outs[compiled] = [o.output_token_ids for o in eng.generate(prompts, sp)]
         assert_pool_full(eng)
     assert outs[True] == outs[False]
+
+
+def test_bucket_rounds_up_to_powers_of_two_within_the_cap() -> None:
+    from labkit.engine.cuda_graphs import bucket
+
+    assert [bucket(n, 48) for n in (1, 2, 3, 5, 16, 17, 33, 48)] == [1, 2, 4, 8, 16, 32, 48, 48]
+    with pytest.raises(ValueError, match="outside 1..8"):
+        bucket(9, 8)
+
+
+def test_padded_graph_inputs_give_the_plain_decode_tokens() -> None:
+    """cuda_graphs=True on a CPU runs the graphs' padded inputs eagerly: same tokens, scratch block untouched by the pool."""
+    prompts = [prompt_of(n, salt=n) for n in (5, 17, 30)]   # ragged: 1, 3 and 4 blocks of 8, batch 3 -> 4
+    sp = SamplingParams(max_tokens=20, ignore_eos=True)      # the longest passes 32 tokens: width bucket 4 -> 8
+    plain = Engine(EngineConfig(model="tiny", block_size=8))
+    padded = Engine(EngineConfig(model="tiny", block_size=8, cuda_graphs=True))
+    want = [o.output_token_ids for o in plain.generate(prompts, sp)]
+    assert [o.output_token_ids for o in padded.generate(prompts, sp)] == want
+    graphs = padded._graphs
+    assert graphs is not None and graphs.num_captures == 0          # nothing to capture on a CPU
+    assert set(graphs.graphs) == {(4, 4), (4, 8)}
+    assert padded.cache.k.shape[1] == (padded.num_total_blocks + 1) * 8  # one scratch block beyond the pool
+    assert_pool_full(padded)
+
+
+def test_random_weights_build_the_preset_shape_without_files() -> None:
+    eng = Engine(EngineConfig(model="tiny", random_weights=True))
+    assert eng.model_dir is None and eng.model_fingerprint.startswith("random-")
+    (out,) = eng.generate([prompt_of(9)], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert len(out.output_token_ids) == 5
+    assert_pool_full(eng)
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_and_graphed_decode_pick_the_eager_tokens_in_fp32() -> None:
+    """On a GPU, in fp32 (no bf16 rounding to tip a near tie): compile, CUDA graphs and both give eager's tokens."""
+    prompts = [prompt_of(n, salt=n) for n in (5, 17, 40)]
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    outs = {}
+    for compiled, graphs in ((False, False), (True, False), (False, True), (True, True)):
+        eng = Engine(EngineConfig(model="small", dtype="float32", device="cuda", compile_decode=compiled,
+                                  cuda_graphs=graphs))
+        outs[compiled, graphs] = [o.output_token_ids for o in eng.generate(prompts, sp)]
+        assert_pool_full(eng)
+        if graphs:
+            assert eng._graphs is not None and eng._graphs.num_captures >= 1 and eng._graphs.num_replays >= 10
+    assert outs[True, False] == outs[False, False]
+    assert outs[False, True] == outs[False, False]
+    assert outs[True, True] == outs[False, False]

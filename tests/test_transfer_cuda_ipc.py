@@ -9,6 +9,7 @@ import torch
 
 from labkit.proc import pid_alive, start_process
 from labkit.transfer import KVMeta, TransferError, available_backends, new_token, open_receiver, open_sender
+from labkit.transfer import cuda_ipc
 from labkit.transfer.cuda_ipc import gpu_checksum
 from labkit.transfer.synthetic import kv_digest, make_kv
 
@@ -28,6 +29,24 @@ def test_gpu_checksum_agrees_and_catches_changes() -> None:
     assert len({h, gpu_checksum(flipped), gpu_checksum(swapped), gpu_checksum(tail), gpu_checksum(data[:-1])}) == 5
     with pytest.raises(ValueError, match="flat uint8"):
         gpu_checksum(data.view(torch.int8))
+
+
+def test_same_process_descriptor_reads_the_local_table_and_refuses_unknown_names() -> None:
+    """CUDA cannot open a handle in the process that made it: such a descriptor names the tensor locally."""
+    t = torch.arange(12, dtype=torch.int16)
+    d = {"device": 0, "storage_size_bytes": 24, "storage_offset_bytes": 0, "ref_counter_offset": 0, "byte_offset": 0,
+         "nbytes": 24, "process": cuda_ipc._PROCESS, "local": "k0"}
+    cuda_ipc._LOCAL["k0"] = t
+    try:
+        got = cuda_ipc._open_shared(d, 24, "r")
+        assert torch.equal(got, t.view(torch.uint8))
+        with pytest.raises(TransferError, match="names no tensor"):
+            cuda_ipc._open_shared({**d, "local": "other"}, 24, "r")
+    finally:
+        cuda_ipc._unshare([d])
+    assert "k0" not in cuda_ipc._LOCAL
+    with pytest.raises(TransferError, match="names no tensor"):
+        cuda_ipc._open_shared(d, 24, "r")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

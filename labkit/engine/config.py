@@ -20,6 +20,11 @@ class EngineConfig:
       "prefill_only" finishes a request after its prefill (finish_reason "prefilled"), holding its KV
       for `export_kv`; "decode_only" accepts requests only through `import_kv`.
     compile_decode: on a GPU, run the forward through `torch.compile` (ignored on a CPU).
+    cuda_graphs: on a GPU, replay decode-only steps as CUDA graphs, one per (batch, context) bucket
+      (`labkit.engine.cuda_graphs`). On a CPU the same padded inputs run without capture: no
+      speed-up there, but the tests check the padding with it.
+    random_weights: build the preset's shape with random weights directly on `device`, no files
+      (the 8B shape on a GPU without writing 16 GB to disk first). Tokens are meaningless.
     """
 
     model: str = "tiny"
@@ -34,6 +39,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
     compile_decode: bool = False
+    cuda_graphs: bool = False
+    random_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

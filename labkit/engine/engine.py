@@ -19,6 +19,7 @@ from typing import Sequence as Seq
 import torch
 
 from labkit.engine.config import EngineConfig, SamplingParams
+from labkit.engine.cuda_graphs import DecodeGraphs
 from labkit.engine.kv_cache import BlockPool, KVCache
 from labkit.engine.model import AttentionMeta, CausalLM, ModelConfig, load_safetensors
 from labkit.engine.sampling import sample
@@ -44,18 +45,31 @@ def model_fingerprint(model_dir, hf_config: dict) -> str:  # noqa: ANN001 - a Pa
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = cfg = config
-        self.model_dir = ensure_model(cfg.model, quiet=True)
-        hf = json.loads((self.model_dir / "config.json").read_text())
-        self.model_config = mc = ModelConfig.from_hf(hf)
-        self.model_fingerprint = model_fingerprint(self.model_dir, hf)
         self.device = torch.device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
+        if cfg.random_weights:
+            from labkit.models import get_preset, random_hf_model
+
+            self.model_dir = None
+            hf = get_preset(cfg.model).hf_config()
+            weights = random_hf_model(cfg.model, cfg.dtype, cfg.device).state_dict()
+            self.model_fingerprint = "random-" + hashlib.sha256(json.dumps(hf, sort_keys=True).encode()).hexdigest()[:9]
+        else:
+            self.model_dir = ensure_model(cfg.model, quiet=True)
+            hf = json.loads((self.model_dir / "config.json").read_text())
+            weights = load_safetensors(self.model_dir)
+            self.model_fingerprint = model_fingerprint(self.model_dir, hf)
+        self.model_config = mc = ModelConfig.from_hf(hf)
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
-        self.model = CausalLM(mc, load_safetensors(self.model_dir), self.dtype, self.device, self.max_model_len,
+        self.model = CausalLM(mc, weights, self.dtype, self.device, self.max_model_len,
                               rows_hint=cfg.max_num_batched_tokens)
+        del weights
         self.kv_bytes_per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.dtype)
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // (cfg.block_size * self.kv_bytes_per_token))
-        self.cache = KVCache(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        use_graphs = cfg.cuda_graphs
+        # CUDA graphs pad batches with rows that write one block no sequence owns: the last one.
+        self.cache = KVCache(mc.num_layers, num_blocks + use_graphs, cfg.block_size, mc.num_kv_heads, mc.head_dim,
+                             self.dtype, self.device)
         self.pool = BlockPool(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.pool)
         self._seqs: dict[str, Sequence] = {}
@@ -67,6 +81,11 @@ class Engine:
         if cfg.compile_decode and self.device.type == "cuda":
             # Decode steps repeat the same shapes; compiling fuses the small ops between matmuls.
             self._forward = torch.compile(self.model.forward, dynamic=True)
+        self._graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self._graphs = DecodeGraphs(self._forward, self.cache, cfg.block_size, num_blocks,
+                                        min(cfg.max_num_seqs, 512), -(-self.max_model_len // cfg.block_size),
+                                        self.device, capture=self.device.type == "cuda")
         self.num_preemptions = 0
         self.prefix_cache_hit_tokens = 0
         self.prompt_tokens = 0
@@ -204,6 +223,8 @@ class Engine:
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         nd = len(batch.decodes)
+        if self._graphs is not None and not batch.chunks and self._graphs.fits(batch.decodes):
+            return self._finish_run(batch, self._graphs.run(batch.decodes), list(batch.decodes), None)
         decode_blocks = decode_mask = None
         if nd:
             width = max(len(s.block_table) for s in batch.decodes)
@@ -236,6 +257,11 @@ class Engine:
         # The compiled forward (GPU) only sees decode-only batches: their shapes repeat, chunk loops do not.
         fwd = self._forward if not chunks else self.model.forward
         hidden = fwd(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, self.cache, hook)
+        return self._finish_run(batch, hidden, sample_seqs, sample_rows)
+
+    def _finish_run(self, batch: Batch, hidden: torch.Tensor, sample_seqs: list[Sequence],
+                    sample_rows: list[int] | None) -> list[tuple[Sequence, int]]:
+        """Commits the step's tokens to the block pool, then samples from the hidden rows `sample_rows` (None: all)."""
         for s in batch.decodes:
             s.num_computed_tokens += 1
             self.pool.commit(s)
@@ -246,7 +272,8 @@ class Engine:
                 self.prefix_cache_hit_tokens += s.num_cached_tokens
         if not sample_seqs:
             return []
-        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
+        rows = hidden if sample_rows is None else hidden[torch.tensor(sample_rows, device=self.device)]
+        logits = self.model.logits(rows)
         tokens = sample(logits, [s.sp for s in sample_seqs], [len(s.token_ids) for s in sample_seqs], self._generator)
         return list(zip(sample_seqs, tokens))
 

@@ -42,9 +42,15 @@ class KVCache:
         return self.k[0, :self.block_size].numel() * self.k.element_size()
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Stores rows k, v [rows, kv_heads, head_dim] at `slots` [rows]."""
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        """Stores rows k, v [rows, kv_heads, head_dim] at `slots` [rows].
+
+        Indexes the whole tensor (layer, slot) rather than writing into the view `self.k[layer]`:
+        under torch.compile a write into a view of a graph input is replayed as a copy of the
+        whole cache, every layer, every step (25x slower decode); this form updates in place.
+        """
+        at = (torch.full_like(slots, layer), slots)
+        self.k.index_put_(at, k)
+        self.v.index_put_(at, v)
 
     def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks: blocks [seqs, max_blocks] -> two [seqs, kv_heads, max_blocks * block_size, head_dim]."""

@@ -6,11 +6,18 @@ opens the handle (`UntypedStorage._new_shared_cuda`), copies the layer device-to
 its own buffer (peer-to-peer over NVLink/PCIe when the GPUs differ), checks a checksum
 computed on the GPU, and drops the mapping. The sender keeps its tensors alive until the ack.
 Handles travel base64 in JSON, never pickled. Needs a CUDA GPU; `available_backends()` says.
+
+CUDA cannot open an IPC handle in the process that exported it (cudaIpcOpenMemHandle fails
+with "invalid device context"), so when sender and receiver share a process the descriptor
+also names the tensor in a process-local table, and the receiver copies from it directly
+(UCX's cuda_ipc transport takes the same shortcut for a peer in its own process).
 """
 from __future__ import annotations
 
 import base64
+import secrets
 import socket
+import threading
 from typing import Any
 
 import torch
@@ -24,6 +31,9 @@ from labkit.transfer.shm import ShmReceiver, ShmSender, parse_endpoint
 CHECKSUM_ALGO = "sum64x2"       # xxh3 would need the bytes on the host; this runs where they are
 _MASK64 = (1 << 64) - 1
 _CHUNK_WORDS = 8 << 20
+_PROCESS = secrets.token_hex(8)                # names this process in descriptors (pids repeat across namespaces)
+_LOCAL: dict[str, torch.Tensor] = {}           # tensors shared with a receiver in this same process
+_LOCAL_LOCK = threading.Lock()
 
 
 def gpu_checksum(data: torch.Tensor) -> int:
@@ -55,7 +65,14 @@ def _require_cuda() -> None:
 
 
 def _share(t: torch.Tensor) -> dict[str, Any]:
-    """What the receiver needs to open `t`'s memory: JSON-ready (bytes base64)."""
+    """What the receiver needs to open `t`'s memory: JSON-ready (bytes base64).
+
+    `t` is also put in this process's table under `local`, for a receiver in this process;
+    the sender removes it (`_unshare`) once the receiver acked or the stream ended.
+    """
+    local = secrets.token_hex(8)
+    with _LOCAL_LOCK:
+        _LOCAL[local] = t
     storage = t.untyped_storage()
     (device, handle, size_bytes, offset_bytes, ref_handle, ref_offset, event_handle,
      event_sync) = storage._share_cuda_()
@@ -64,7 +81,13 @@ def _share(t: torch.Tensor) -> dict[str, Any]:
             "storage_offset_bytes": int(offset_bytes), "ref_counter_handle": b64(ref_handle),
             "ref_counter_offset": int(ref_offset), "event_handle": b64(event_handle),
             "event_sync_required": bool(event_sync), "byte_offset": t.storage_offset() * t.element_size(),
-            "nbytes": t.numel() * t.element_size()}
+            "nbytes": t.numel() * t.element_size(), "process": _PROCESS, "local": local}
+
+
+def _unshare(descriptors: list[dict[str, Any]]) -> None:
+    with _LOCAL_LOCK:
+        for d in descriptors:
+            _LOCAL.pop(d["local"], None)
 
 
 def _open_shared(d: Any, nbytes: int, rid: str) -> torch.Tensor:
@@ -76,6 +99,13 @@ def _open_shared(d: Any, nbytes: int, rid: str) -> torch.Tensor:
         raise HeaderError(f"cuda-ipc descriptor covers {d['nbytes']} bytes at {d['byte_offset']}, "
                           f"expected {nbytes} inside a {d['storage_size_bytes']}-byte storage", field="ipc",
                           request_id=rid)
+    if d.get("process") == _PROCESS:   # our own process: CUDA would refuse the handle; take the tensor
+        with _LOCAL_LOCK:
+            t = _LOCAL.get(str(d.get("local")))
+        if t is None or t.numel() * t.element_size() != nbytes:
+            raise PayloadError("cuda-ipc descriptor names no tensor shared by this process", field="ipc",
+                               request_id=rid)
+        return t.reshape(-1).view(torch.uint8)
     try:
         raw = {k: base64.b64decode(d.get(k) or "", validate=True) for k in ("handle", "ref_counter_handle",
                                                                           "event_handle")}
@@ -148,6 +178,7 @@ class CudaIpcOutbound(OutboundStream):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.keep: list[torch.Tensor] = []        # alive until the receiver acked
+        self.shared: list[dict[str, Any]] = []    # their descriptors (for the same-process table)
         self.ready: dict[int, Any] = {}           # layer -> CUDA event recorded on the caller's stream
 
     def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -165,16 +196,20 @@ class CudaIpcOutbound(OutboundStream):
         kb, vb = k.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)
         digest = gpu_checksum(torch.cat([kb, vb]))
         self.keep += [k, v]
-        frame = wire.encode_frame({"kind": "layer", "layer": layer, "checksum": digest, "ipc": [_share(k), _share(v)]})
+        ipc = [_share(k), _share(v)]
+        self.shared += ipc
+        frame = wire.encode_frame({"kind": "layer", "layer": layer, "checksum": digest, "ipc": ipc})
         self.sender._send_or_explain(self.conn, frame, self.deadline, self.meta.request_id)
 
     def finish(self, first_token_id: int | None = None, extra: dict[str, Any] | None = None) -> Any:
         try:
             return super().finish(first_token_id, extra)
         finally:
-            self.keep.clear()
+            self._release_resources()
 
     def _release_resources(self) -> None:
+        _unshare(self.shared)
+        self.shared.clear()
         self.keep.clear()
 
 
