@@ -183,6 +183,10 @@ def test_bucket_rounds_up_to_powers_of_two_within_the_cap() -> None:
     from labkit.engine.cuda_graphs import bucket
 
     assert [bucket(n, 48) for n in (1, 2, 3, 5, 16, 17, 33, 48)] == [1, 2, 4, 8, 16, 32, 48, 48]
+    fine = [bucket(n, 10_000, per_octave=4) for n in range(1, 300)]
+    assert fine[:9] == [1, 2, 3, 4, 5, 6, 7, 8, 10] and fine[32] == 40 and fine[128] == 160
+    assert all(n <= b <= max(n + 1, 1.25 * n) for n, b in zip(range(1, 300), fine))   # at most a quarter more
+    assert len(set(fine)) < 40                                                          # a few graphs, not one per width
     with pytest.raises(ValueError, match="outside 1..8"):
         bucket(9, 8)
 
@@ -197,7 +201,7 @@ def test_padded_graph_inputs_give_the_plain_decode_tokens() -> None:
     assert [o.output_token_ids for o in padded.generate(prompts, sp)] == want
     graphs = padded._graphs
     assert graphs is not None and graphs.num_captures == 0          # nothing to capture on a CPU
-    assert set(graphs.graphs) == {(4, 4), (4, 8)}
+    assert set(graphs.graphs) == {(4, 4), (4, 5), (4, 6), (4, 7)}   # 30 + 20 tokens: 4 to 7 blocks of 8
     assert padded.cache.k.shape[1] == (padded.num_total_blocks + 1) * 8  # one scratch block beyond the pool
     assert_pool_full(padded)
 

@@ -8,8 +8,10 @@ vLLM and SGLang capture decode steps as CUDA graphs for this reason, and so does
 engine (`EngineConfig(cuda_graphs=True)`).
 
 A graph replays fixed addresses and shapes, so each graph belongs to one (batch, block-width)
-bucket: the batch is padded up to the next power of two (at most `max_num_seqs`) and the block
-table width up to the next power of two (at most the model length in blocks). The inputs live in
+bucket: the batch is padded up to the next power of two (at most `max_num_seqs`: padding rows
+cost compute, which a decode step has to spare) and the block table width up to the next of four
+steps per octave (at most the model length in blocks: padding columns cost KV reads, the decode
+step's scarce resource, so at most a quarter is added). The inputs live in
 static tensors that each step overwrites: token ids, context lengths and block tables. Padding
 rows attend to one slot of a scratch block that no sequence owns, and write their K/V there;
 padding columns of the block table point at the scratch block too and are masked out.
@@ -34,11 +36,17 @@ if TYPE_CHECKING:
 Forward = Callable[..., torch.Tensor]
 
 
-def bucket(n: int, cap: int) -> int:
-    """The smallest power of two >= n, at most `cap` (n must be in 1..cap)."""
+def bucket(n: int, cap: int, *, per_octave: int = 1) -> int:
+    """n rounded up to a bucket, at most `cap` (n must be in 1..cap).
+
+    per_octave=1: powers of two. per_octave=4: four steps between powers of two (8, 10, 12, 14,
+    16, 20, ...), so padding adds at most a quarter: for block tables, where padding is KV read.
+    """
     if not 1 <= n <= cap:
         raise ValueError(f"{n} is outside 1..{cap}")
-    return min(1 << (n - 1).bit_length(), cap)
+    top = 1 << (n - 1).bit_length()                       # the power of two at or above n
+    step = max(1, top // (2 * per_octave)) if per_octave > 1 else top
+    return min(-(-n // step) * step, cap)
 
 
 @dataclass
@@ -72,7 +80,7 @@ class DecodeGraphs:
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         """Final hidden states [len(seqs), hidden] of one decode step (each sequence's last token)."""
         nd, width = len(seqs), max(len(s.block_table) for s in seqs)
-        key = (bucket(nd, self.max_batch), bucket(width, self.max_blocks))
+        key = (bucket(nd, self.max_batch), bucket(width, self.max_blocks, per_octave=4))
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._build(*key)
