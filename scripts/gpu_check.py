@@ -45,6 +45,9 @@ class Ctx:
     results: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     peaks: Any = None
+    engine_variants: list[str] = field(default_factory=list)   # "model:form"; empty: the default four
+    engine_sweep: bool = True
+    pytest_k: str | None = None
 
     def log(self, msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -234,9 +237,15 @@ def check_engine(ctx: Ctx) -> None:
         raise RuntimeError("peaks were not measured (check_peaks failed)")
     gpu = ctx.device.startswith("cuda")
     big, small, n, sweep_ctx = ("llama-3.1-8b", "llama-3.2-1b", 2048, 512) if not ctx.smoke else ("tiny", "tiny", 32, 16)
-    variants = [(big, "eager", {}), (big, "graphs", {"cuda_graphs": True}),
-                (small, "graphs", {"cuda_graphs": True}), (small, "compiled+graphs", {"cuda_graphs": True,
-                                                                                     "compile_decode": gpu})]
+    forms = {"eager": {}, "graphs": {"cuda_graphs": True}, "compiled": {"compile_decode": gpu},
+             "compiled+graphs": {"cuda_graphs": True, "compile_decode": gpu}}
+    picked = ctx.engine_variants or [f"{big}:eager", f"{big}:graphs", f"{small}:graphs", f"{small}:compiled+graphs"]
+    variants = []
+    for v in picked:
+        model, _, form = v.partition(":")
+        if form not in forms:
+            raise ValueError(f"engine variant {v!r}: form must be one of {sorted(forms)}")
+        variants.append((small if ctx.smoke else model, form, forms[form]))
     out: dict[str, Any] = {"runner": "labkit-engine", "variants": {}, "errors": {}}
     ctx.results["engine"] = out
     failures = 0
@@ -256,7 +265,7 @@ def check_engine(ctx: Ctx) -> None:
             for r in recs:
                 r["runner"] = f"engine {form}"
             sweep: list[dict[str, Any]] = []
-            if model == big and form == "graphs":
+            if model == big and form == "graphs" and ctx.engine_sweep:
                 for b in ([1, 4] if ctx.smoke else [1, 16, 64, 128, 256]):
                     if ctx.left_s() < 25:
                         ctx.log(f"engine: sweep stopped before batch {b}: time budget")
@@ -311,6 +320,8 @@ def check_gpu_tests(ctx: Ctx) -> None:
            "-m", marker, "--timeout", "240",
            "tests/test_transfer_cuda_ipc.py", "tests/test_engine.py" if ctx.device.startswith("cuda")
            else "tests/test_transfer_cuda_ipc.py"]
+    if ctx.pytest_k:
+        cmd[3:3] = ["-k", ctx.pytest_k]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     limit = max(30.0, ctx.left_s() - 10)
     try:
@@ -357,7 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script end to end")
     ap.add_argument("--budget-s", type=float, default=None, help="global time budget (default 420; smoke 120)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_out")
-    ap.add_argument("--only", nargs="*", help="run only checks whose name contains one of these words")
+    ap.add_argument("--only", nargs="*", help="run only checks whose name contains one of these words, "
+                                              "in the order of the words")
+    ap.add_argument("--engine-variants", nargs="*", default=[],
+                    help="model:form pairs for the engine check, form one of eager, graphs, compiled, compiled+graphs")
+    ap.add_argument("--no-engine-sweep", action="store_true", help="skip the engine's decode batch sweep")
+    ap.add_argument("--pytest-k", default=None, help="a pytest -k expression for the GPU tests")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -367,14 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "float32" if device == "cpu" else "bfloat16"
     budget = args.budget_s or (120.0 if args.smoke else 420.0)
     with open(out / "gpu_check.log", "w") as log_file:
-        ctx = Ctx(out, device, dtype, args.smoke, time.monotonic() + budget, log_file)
+        ctx = Ctx(out, device, dtype, args.smoke, time.monotonic() + budget, log_file,
+                  engine_variants=list(args.engine_variants), engine_sweep=not args.no_engine_sweep,
+                  pytest_k=args.pytest_k)
         ctx.log(f"gpu_check: device={device} dtype={dtype} smoke={args.smoke} budget={budget:.0f} s out={out}")
         if device == "cpu" and not args.smoke:
             ctx.log("no CUDA GPU found: running the CPU path (use --smoke for a quick check)")
         status: dict[str, str] = {}
-        for chk in CHECKS:
-            if args.only and not any(w.lower() in chk.name.lower() for w in args.only):
-                continue
+        chosen = CHECKS if not args.only else [c for w in args.only for c in CHECKS if w.lower() in c.name.lower()]
+        for chk in dict.fromkeys(chosen):  # in order, once each
             est = chk.est_s / (10 if args.smoke else 1)
             if ctx.left_s() < est:
                 status[chk.name] = f"skipped: {ctx.left_s():.0f} s left, needs ~{est:.0f} s"

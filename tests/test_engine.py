@@ -167,16 +167,32 @@ def test_other_architectures_match_transformers(tmp_path: Path, model_type: str,
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_compiled_decode_matches_eager() -> None:
-    """On a GPU: bf16 runs, and the compiled decode path picks the eager path's tokens."""
+def test_cuda_bf16_decode_paths_agree_within_rounding() -> None:
+    """On a GPU in bf16: eager, compiled and graphed decode steps give the same logits, within bf16 rounding.
+
+    Their greedy tokens are not compared: fused kernels round bf16 differently, and with random
+    weights a near tie then flips a token (seen on an H100: six equal tokens, then others). The
+    fp32 test below compares tokens exactly; here the first decode step's logits are compared,
+    from the same prefill (prompts are always prefilled eagerly) and the same input tokens.
+    """
     prompts = [prompt_of(n, salt=n) for n in (5, 17, 40)]
-    sp = SamplingParams(max_tokens=12, ignore_eos=True)
-    outs = {}
-    for compiled in (False, True):
-        eng = Engine(EngineConfig(model="small", dtype="bfloat16", device="cuda", compile_decode=compiled))
-        outs[compiled] = [o.output_token_ids for o in eng.generate(prompts, sp)]
+    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    first_decode = {}
+    for compiled, graphs in ((False, False), (True, False), (False, True)):
+        eng = Engine(EngineConfig(model="small", dtype="bfloat16", device="cuda", compile_decode=compiled,
+                                  cuda_graphs=graphs))
+        seen: list[torch.Tensor] = []
+        real = eng.model.logits
+        eng.model.logits = lambda h, real=real, seen=seen: seen.append(real(h)) or seen[-1]  # type: ignore[method-assign]
+        outs = eng.generate(prompts, sp)
+        assert [len(o.output_token_ids) for o in outs] == [4, 4, 4]
         assert_pool_full(eng)
-    assert outs[True] == outs[False]
+        assert [t.shape[0] for t in seen[:2]] == [3, 3]   # one prefill step of all three, then one decode step
+        first_decode[compiled, graphs] = seen[1].float().cpu()
+    eager = first_decode[False, False]
+    for key in ((True, False), (False, True)):
+        assert rel_err(first_decode[key], eager) < 0.05, key
+        assert not torch.equal(first_decode[key], torch.zeros_like(eager))
 
 
 def test_bucket_rounds_up_to_powers_of_two_within_the_cap() -> None:

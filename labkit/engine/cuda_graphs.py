@@ -128,7 +128,8 @@ class DecodeGraphs:
                 self._body(g)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a server's other threads (HTTP, KV transfers) may use CUDA meanwhile.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             g.out = self._body(g)
         g.graph = graph
         self.num_captures += 1

@@ -38,6 +38,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-cpus", default=None, help="cores for decode workers, e.g. 1")
     parser.add_argument("--gpus", default=None, help="one GPU per worker in start order, e.g. 0,1")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cuda-graphs", action="store_true", help="GPU workers replay decode steps as CUDA graphs")
     parser.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
     parser.add_argument("--host", default=LOOPBACK, help="router address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
@@ -54,7 +55,8 @@ def run(args: Any) -> int:
                  chunked_prefill=args.chunked_prefill, max_num_batched_tokens=args.max_num_batched_tokens,
                  transfer=args.transfer, mono_cpus=_ints(args.mono_cpus), prefill_cpus=_ints(args.prefill_cpus),
                  decode_cpus=_ints(args.decode_cpus), gpus=_ints(args.gpus), port=args.port, host=args.host,
-                 kv_cache_bytes=args.kv_cache_bytes, dtype=args.dtype, served_model_name=args.served_model_name)
+                 kv_cache_bytes=args.kv_cache_bytes, dtype=args.dtype, served_model_name=args.served_model_name,
+                 cuda_graphs=args.cuda_graphs)
     stop = {"now": False}
 
     def on_signal(signum: int, frame: Any) -> None:

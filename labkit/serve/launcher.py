@@ -92,7 +92,7 @@ def start_worker(role: str, *, model: str = "tiny", port: int | None = None, nam
                  max_num_batched_tokens: int = 2048, kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 64,
                  transfer: str = "shm", kv_token: str | None = None, dtype: str = "float32",
                  device: str | None = None, max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 extra_args: Sequence[str] = (), startup_timeout_s: float = 120.0,
+                 cuda_graphs: bool = False, extra_args: Sequence[str] = (), startup_timeout_s: float = 120.0,
                  log_dir: Path | None = None) -> ServerProcess:
     """Starts one worker process (pinned to `cpus` or GPU `gpu`); returns once its /health answers.
 
@@ -112,7 +112,8 @@ def start_worker(role: str, *, model: str = "tiny", port: int | None = None, nam
                               "--kv-cache-bytes", str(kv_cache_bytes), "--max-num-seqs", str(max_num_seqs),
                               "--transfer", transfer, *(["--chunked-prefill"] if chunked_prefill else []),
                               *(["--max-model-len", str(max_model_len)] if max_model_len else []),
-                              *([] if enable_prefix_caching else ["--no-prefix-caching"]), *extra_args)
+                              *([] if enable_prefix_caching else ["--no-prefix-caching"]),
+                              *(["--cuda-graphs"] if cuda_graphs else []), *extra_args)
     env = _cpu_env(cpus, gpu)
     if kv_token:
         env["LABKIT_KV_TOKEN"] = kv_token
@@ -214,12 +215,13 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
            decode_cpus: Sequence[int] | None = None, router_cpus: Sequence[int] | None = None,
            gpus: Sequence[int] | None = None, port: int | None = None, host: str = LOOPBACK,
            kv_cache_bytes: int = 256 << 20, dtype: str = "float32", served_model_name: str | None = None,
-           startup_timeout_s: float = 120.0) -> Server:
+           cuda_graphs: bool = False, startup_timeout_s: float = 120.0) -> Server:
     """Starts `mode` ("mono": `mono` engine processes; "disagg": `prefill` + `decode` processes) behind
     one router; returns the Server (a context manager that stops everything).
 
     CPU pinning: every process of a role gets that role's cores. `gpus`: one GPU per worker, in
-    start order (mono..., or prefill... then decode...). Anything that fails to start is stopped.
+    start order (mono..., or prefill... then decode...); `cuda_graphs`: their engines replay decode
+    steps as CUDA graphs. Anything that fails to start is stopped.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not one of {MODES}")
@@ -242,7 +244,7 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
                     role, model=model, name=f"{role}{i}", cpus=cpus_of[role], gpu=gpu,
                     chunked_prefill=chunked_prefill and role == "mono", max_num_batched_tokens=max_num_batched_tokens,
                     kv_cache_bytes=kv_cache_bytes, transfer=transfer, kv_token=token, dtype=dtype,
-                    startup_timeout_s=startup_timeout_s))
+                    cuda_graphs=cuda_graphs, startup_timeout_s=startup_timeout_s))
         by_role = {r: [w for w in started if w.role == r] for r in ("mono", "prefill", "decode")}
         router = start_router(model=model, mono=by_role["mono"], prefill=by_role["prefill"],
                               decode=by_role["decode"], port=port, host=host, cpus=router_cpus,

@@ -64,6 +64,7 @@ class WorkerConfig:
     kv_token: str | None = None
     token_timeout_s: float = 120.0
     transfer_timeout_s: float = 30.0
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -98,7 +99,8 @@ class Worker:
             model=cfg.model, dtype=cfg.dtype, device=cfg.device, block_size=cfg.block_size,
             kv_cache_bytes=cfg.kv_cache_bytes, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, policy=cfg.policy,  # type: ignore[arg-type]
-            enable_prefix_caching=cfg.enable_prefix_caching, max_model_len=cfg.max_model_len))
+            enable_prefix_caching=cfg.enable_prefix_caching, max_model_len=cfg.max_model_len,
+            cuda_graphs=cfg.cuda_graphs and cfg.device.startswith("cuda")))
         from labkit.models import load_config
 
         mcfg = load_config(cfg.model)
@@ -427,6 +429,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--transfer", default="shm")
     p.add_argument("--transfer-timeout-s", type=float, default=30.0,
                    help="bound on one KV transfer (send, receive, a silent sender)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="on a GPU, replay decode steps as CUDA graphs (labkit.engine.cuda_graphs)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
     a = p.parse_args(argv)
     threads = a.threads or len(os.sched_getaffinity(0))
@@ -438,7 +442,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                         chunked_prefill=a.chunked_prefill, enable_prefix_caching=not a.no_prefix_caching,
                         max_model_len=a.max_model_len, transfer=a.transfer,
-                        kv_token=os.environ.get("LABKIT_KV_TOKEN") or None, transfer_timeout_s=a.transfer_timeout_s)
+                        kv_token=os.environ.get("LABKIT_KV_TOKEN") or None, transfer_timeout_s=a.transfer_timeout_s,
+                        cuda_graphs=a.cuda_graphs)
 
 
 def main(argv: list[str] | None = None) -> int:
