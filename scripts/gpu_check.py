@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""One prepared call for a GPU session: roofs, prefill MFU, decode MBU, batch sweep, NVML/GPM telemetry.
+"""One prepared call for a GPU session: roofs, prefill MFU, decode MBU, batch sweep, NVML/GPM telemetry,
+the lab engine (eager, CUDA graphs, compile), and the test suite's GPU tests.
 
     python scripts/gpu_check.py                 # on a GPU: writes $OUT (default ./gpu_out)
     python scripts/gpu_check.py --smoke         # anywhere: tiny sizes on the CPU, same code path
@@ -8,6 +9,11 @@ Writes to $OUT: results.json (every record, peaks, telemetry means), gpu_check.l
 (at most 8 files in all, what the lab's device runner brings back). Each check runs in try/except
 with a log line, under one global time budget (--budget-s, default 420 s): a check that would not
 fit is skipped and says so. The short table printed last is the headline.
+
+A default run takes about 4 minutes on an H100 (docs/results/gpu_check-2026-11-27-h100-sxm/).
+`--only` picks checks (in the order given), `--engine-variants llama-3.1-8b:graphs ...` the
+engine's forms, `--pytest-k` the GPU tests. Compiling the 8B forward takes over 3 minutes: it is
+not in the default variants.
 
 To add a check: write `def check_x(ctx: Ctx) -> None` that puts its results in `ctx.results[...]`,
 and append `Check("x", check_x, est_s)` to CHECKS.
@@ -274,9 +280,10 @@ def check_engine(ctx: Ctx) -> None:
                                                peaks=ctx.peaks)
                     r["runner"] = f"engine {form}"
                     sweep.append(r)
-            graphs = runner.engine._graphs
+            # (no local reference to the graphs: they hold the KV cache and weights past runner.close())
+            captured = runner.engine._graphs.num_captures if runner.engine._graphs else 0
             v = {"model": model, "form": form, "build_s": built, "headline": recs, "decode_sweep": sweep,
-                 "sweep_context_len": sweep_ctx, "graphs_captured": graphs.num_captures if graphs else 0,
+                 "sweep_context_len": sweep_ctx, "graphs_captured": captured,
                  "seconds": time.monotonic() - t0}
             out["variants"][name] = v
             ctx.log(f"engine: {name} (built in {built:.1f} s, {v['graphs_captured']} graphs captured)\n"
