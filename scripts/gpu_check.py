@@ -242,7 +242,7 @@ def check_engine(ctx: Ctx) -> None:
     if ctx.peaks is None:
         raise RuntimeError("peaks were not measured (check_peaks failed)")
     gpu = ctx.device.startswith("cuda")
-    big, small, n, sweep_ctx = ("llama-3.1-8b", "llama-3.2-1b", 2048, 512) if not ctx.smoke else ("tiny", "tiny", 32, 16)
+    big, small, n, sweep_ctx = ("llama-3.1-8b", "llama-3.2-1b", 2048, 512) if not ctx.smoke else ("tiny", "tiny-qwen2", 32, 16)
     forms = {"eager": {}, "graphs": {"cuda_graphs": True}, "compiled": {"compile_decode": gpu},
              "compiled+graphs": {"cuda_graphs": True, "compile_decode": gpu}}
     picked = ctx.engine_variants or [f"{big}:eager", f"{big}:graphs", f"{small}:graphs", f"{small}:compiled+graphs"]
@@ -251,7 +251,7 @@ def check_engine(ctx: Ctx) -> None:
         model, _, form = v.partition(":")
         if form not in forms:
             raise ValueError(f"engine variant {v!r}: form must be one of {sorted(forms)}")
-        variants.append((small if ctx.smoke else model, form, forms[form]))
+        variants.append((model, form, forms[form]))
     out: dict[str, Any] = {"runner": "labkit-engine", "variants": {}, "errors": {}}
     ctx.results["engine"] = out
     failures = 0

@@ -27,9 +27,13 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     assert len(files) <= 8  # what the device runner brings back
     assert {"results.json", "gpu_check.log", "roofline.png", "timeline_8b.png", "util_vs_mfu_8b.png"} <= set(files)
     # the short table comes last
-    assert res["engine"]["headline"][1]["runner"] == "labkit-engine"
+    variants = res["engine"]["variants"]
+    assert list(variants) == ["tiny eager", "tiny graphs", "tiny-qwen2 graphs", "tiny-qwen2 compiled+graphs"]
+    assert {r["runner"] for r in res["engine"]["headline"]} == {"engine eager", "engine graphs", "engine compiled+graphs"}
+    assert not res["engine"]["errors"] and res["engine"]["variants"]["tiny graphs"]["decode_sweep"]
+    assert "engine_decode_sweep.png" in files
     lines = proc.stdout.strip().splitlines()
     header = max(i for i, ln in enumerate(lines) if ln.startswith("model"))
     rows = [ln.split() for ln in lines[header + 1:]]
-    assert [r[1] for r in rows] == ["prefill", "decode"] * 3  # 8b shape, 1b shape, engine
-    assert "labkit-engine" in lines[-1] and "transformers" in lines[header + 1]
+    assert [r[1] for r in rows] == ["prefill", "decode"] * 6  # 8b shape, 1b shape, four engine variants
+    assert "engine compiled+graphs" in lines[-1] and "transformers" in lines[header + 1]
