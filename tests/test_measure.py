@@ -166,6 +166,7 @@ def test_tour_sections_ci(tmp_path, monkeypatch):
 def test_engine_runner_when_engine_present():
     pytest.importorskip("labkit.engine")
     r = make_runner("engine", "tiny", "float32", "cpu")
+    eng = r.engine  # close() drains it, then lets it go
     try:
         pre = measure.measure_prefill(r, batch=2, prompt_len=32, repeats=2, peaks=PEAKS)
         dec = measure.measure_decode(r, batch=2, context_len=32, repeats=3, peaks=PEAKS)
@@ -174,4 +175,4 @@ def test_engine_runner_when_engine_present():
     assert pre["runner"] == dec["runner"] == "labkit-engine"
     assert pre["flops"] == prefill_cost(r.shape, 32, 2, "float32").flops
     assert dec["batch"] == 2 and dec["ms"] > 0
-    assert not r.engine.has_unfinished()
+    assert not eng.has_unfinished() and r.engine is None

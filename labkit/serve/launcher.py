@@ -215,13 +215,14 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
            decode_cpus: Sequence[int] | None = None, router_cpus: Sequence[int] | None = None,
            gpus: Sequence[int] | None = None, port: int | None = None, host: str = LOOPBACK,
            kv_cache_bytes: int = 256 << 20, dtype: str = "float32", served_model_name: str | None = None,
-           cuda_graphs: bool = False, startup_timeout_s: float = 120.0) -> Server:
+           cuda_graphs: bool = False, worker_args: Sequence[str] = (), startup_timeout_s: float = 120.0) -> Server:
     """Starts `mode` ("mono": `mono` engine processes; "disagg": `prefill` + `decode` processes) behind
     one router; returns the Server (a context manager that stops everything).
 
     CPU pinning: every process of a role gets that role's cores. `gpus`: one GPU per worker, in
     start order (mono..., or prefill... then decode...); `cuda_graphs`: their engines replay decode
-    steps as CUDA graphs. Anything that fails to start is stopped.
+    steps as CUDA graphs. `worker_args`: more `labkit.serve.worker` flags for every worker (e.g.
+    `--step-log PATH`). Anything that fails to start is stopped.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not one of {MODES}")
@@ -244,7 +245,7 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
                     role, model=model, name=f"{role}{i}", cpus=cpus_of[role], gpu=gpu,
                     chunked_prefill=chunked_prefill and role == "mono", max_num_batched_tokens=max_num_batched_tokens,
                     kv_cache_bytes=kv_cache_bytes, transfer=transfer, kv_token=token, dtype=dtype,
-                    cuda_graphs=cuda_graphs, startup_timeout_s=startup_timeout_s))
+                    cuda_graphs=cuda_graphs, extra_args=worker_args, startup_timeout_s=startup_timeout_s))
         by_role = {r: [w for w in started if w.role == r] for r in ("mono", "prefill", "decode")}
         router = start_router(model=model, mono=by_role["mono"], prefill=by_role["prefill"],
                               decode=by_role["decode"], port=port, host=host, cpus=router_cpus,

@@ -65,6 +65,7 @@ class WorkerConfig:
     token_timeout_s: float = 120.0
     transfer_timeout_s: float = 30.0
     cuda_graphs: bool = False
+    step_log: str | None = None   # a JSON-lines file: one line per engine step (time, phase, sizes, seconds)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -108,8 +109,10 @@ class Worker:
         eos = mcfg.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.metrics = WorkerMetrics(cfg.role)
-        self.loop = EngineLoop(self.engine, on_step=self.metrics.on_step)
+        self._step_log = open(cfg.step_log, "a", buffering=1) if cfg.step_log else None  # noqa: SIM115 - worker-long
+        self.loop = EngineLoop(self.engine, on_step=self._on_step)
         self.receiver: Any = None
+
         self._senders: dict[str, tuple[Any, threading.Lock]] = {}
         self._senders_lock = threading.Lock()
         self.transfer_bytes_total = 0
@@ -128,12 +131,23 @@ class Worker:
                                           stall_timeout_s=cfg.transfer_timeout_s,
                                           max_request_bytes=self.kv_pool_bytes)  # more could never be adopted
 
+    def _on_step(self, out: Any) -> None:
+        """Engine thread, after each step: metrics, and the step log when asked for."""
+        self.metrics.on_step(out)
+        if self._step_log is not None and not self._step_log.closed and out.phase != "idle":
+            self._step_log.write(json.dumps({"t_end": time.time(), "phase": out.phase,
+                                             "prefill_tokens": out.num_prefill_tokens,
+                                             "decode_seqs": out.num_decode_seqs, "seconds": out.elapsed_s}) + "\n")
+
     # --- lifecycle ---------------------------------------------------------------------
+
     def start(self) -> None:
         self.loop.start()
 
     def close(self) -> None:
         self.loop.stop()
+        if self._step_log is not None:
+            self._step_log.close()
         for sender, _ in self._senders.values():
             _close_quietly(sender)
         if self.receiver is not None:
@@ -429,6 +443,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--transfer", default="shm")
     p.add_argument("--transfer-timeout-s", type=float, default=30.0,
                    help="bound on one KV transfer (send, receive, a silent sender)")
+    p.add_argument("--step-log", default=None, help="append one JSON line per engine step to this file")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="on a GPU, replay decode steps as CUDA graphs (labkit.engine.cuda_graphs)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
@@ -443,7 +458,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
                         chunked_prefill=a.chunked_prefill, enable_prefix_caching=not a.no_prefix_caching,
                         max_model_len=a.max_model_len, transfer=a.transfer,
                         kv_token=os.environ.get("LABKIT_KV_TOKEN") or None, transfer_timeout_s=a.transfer_timeout_s,
-                        cuda_graphs=a.cuda_graphs)
+                        cuda_graphs=a.cuda_graphs, step_log=a.step_log)
 
 
 def main(argv: list[str] | None = None) -> int:
