@@ -5,10 +5,11 @@
    before the 1P1D runs.
 2. Run the lab's servers (`labkit.serve.launcher` via `labkit.bench.sweep`) at three request rates
    with the benchmark client, mono then 1P1D, the same requests in both.
-3. Before each mode's measured runs, send a few requests one at a time through its server: what
-   the server adds to the engine's steps (per request: HTTP, routing, first SSE event; per decode
-   step: streaming, and on 2 cores the server's threads taking cores from the model's) becomes
-   part of the model (`serving_overhead`).
+3. Before each mode's measured runs, send three probes through its server (4 requests one at a
+   time, 4 together, 8 together) with every worker logging its steps: the decode formula is
+   refitted to the steps the server ran (`fit_server_steps`: on 2 cores the server's threads
+   and processes take time from the model's), and what remains per request (HTTP, routing,
+   first SSE event), per step and per sequence becomes part of the model (`serving_overhead`).
 4. Replay each run's exact trace (send times, lengths) in the simulator and compare p50 TTFT,
    p50 TPOT and output throughput, predicted against measured. The target: within 15%.
 
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 from labkit.bench import SLO
@@ -76,6 +78,7 @@ def main() -> int:
     link = Link(a.link_gbps, a.link_latency_ms / 1e3)
     rows, cals = [], {}
     serving: dict[str, tuple[float, float, float]] = {}   # mode -> the server's costs (serving_overhead)
+    fitted: dict[str, Any] = {}                            # mode -> the model refitted to the server's steps
     # Calibrate right before measuring each mode: other work on a shared machine changes step times
     # from one minute to the next, and the model must describe the machine the servers ran on.
     for mode, cpus in (("mono", cores), ("1p1d", cores[:1])):
@@ -86,11 +89,11 @@ def main() -> int:
         print(f"== measuring {mode} at {rates} req/s, {n} requests each")
         rows += measure_and_compare(prof["model"], cals[mode].model, cals[mode].model, rates_rps=rates,
                                     n_requests=n, scale=prof["scale"], link=link, slo=prof["slo"], modes=(mode,),
-                                    serving=serving)
+                                    serving=serving, fitted=fitted)
         req_s, tok_s, seq_s = serving[mode]
-        print(f"   {mode} server (4 requests one at a time, 4 together): +{req_s * 1e3:.0f} ms per request, "
-              f"+{tok_s * 1e3:.1f} ms per decode step + {seq_s * 1e3:.1f} ms per running sequence, "
-              "over the engine alone")
+        print(f"   {mode}: refitted to the server's steps during the probes\n{fitted[mode].describe()}")
+        print(f"   {mode} server, beyond those steps: +{req_s * 1e3:.0f} ms per request, "
+              f"+{tok_s * 1e3:.1f} ms per decode step + {seq_s * 1e3:.1f} ms per running sequence")
     cal_mono, cal_role = cals["mono"], cals["1p1d"]
     print(table(rows))
     share = within(rows, 0.15)
@@ -110,6 +113,7 @@ def main() -> int:
                                                                "decode": [vars_(s) for s in cal_mono.decode_samples]}))),
            "calibration_role": {"prefill": [vars_(s) for s in cal_role.prefill_samples],
                                 "decode": [vars_(s) for s in cal_role.decode_samples]},
+           "latency_model_in_server": {m: v.to_dict() for m, v in fitted.items()},
            "serving_overhead_s": {m: {"per_request": v[0], "per_decode_step": v[1], "per_sequence_per_step": v[2]}
                                   for m, v in serving.items()},
            "rows": [r.as_dict() for r in rows], "share_within_15pct": share,

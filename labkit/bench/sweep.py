@@ -303,23 +303,25 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ("mode", "rat
 def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None] | None = None,
                        chunk_tokens: int = 256, max_num_batched_tokens: int = 2048, transfer: str = "shm",
                        kv_cache_bytes: int = 256 << 20, startup_timeout_s: float = 180.0,
-                       worker_args: Sequence[str] = ()) -> ServerFactory:
+                       worker_args: Sequence[str] = (), step_log_dir: str | Path | None = None) -> ServerFactory:
     """Starts the lab's own server (`labkit.serve.launcher.launch`) for each mode.
 
     `cpus` maps roles to cores (default `default_cpu_split()`: on 2 cores prefill on core 0, decode
     on core 1, mono on both). Mono with chunked prefill uses `chunk_tokens` as the step's token
     budget, so no step holds more than that many prompt tokens. `worker_args`: more worker flags.
+    `step_log_dir`: every worker of a mode logs its steps to `<dir>/<mode name>.jsonl`.
     """
     @contextlib.contextmanager
     def factory(spec: ModeSpec) -> Iterator[str]:
         from labkit.serve.launcher import default_cpu_split, launch
 
         split = cpus or default_cpu_split()
+        extra = [*worker_args, *(["--step-log", str(Path(step_log_dir) / f"{spec.name}.jsonl")] if step_log_dir else [])]
         srv = launch(spec.mode, model=model, prefill=max(1, spec.prefill), decode=max(1, spec.decode),
                      chunked_prefill=spec.chunked_prefill,
                      max_num_batched_tokens=chunk_tokens if spec.chunked_prefill else max_num_batched_tokens,
                      transfer=transfer, mono_cpus=split.get("mono"), prefill_cpus=split.get("prefill"),
-                     decode_cpus=split.get("decode"), kv_cache_bytes=kv_cache_bytes, worker_args=worker_args,
+                     decode_cpus=split.get("decode"), kv_cache_bytes=kv_cache_bytes, worker_args=extra,
                      startup_timeout_s=startup_timeout_s)
         try:
             yield srv.url

@@ -190,6 +190,7 @@ class Engine:
             if seq.on_token is not None:
                 seq.on_token(seq.request_id, tok, True)
         batch = self.scheduler.schedule()
+        context_tokens = sum(len(s.token_ids) for s in batch.decodes)
         self.num_preemptions += len(batch.preempted)
         new_tokens: dict[str, int] = {}
         if batch.phase != "idle":
@@ -212,7 +213,7 @@ class Engine:
                 if seq.on_token is not None:
                     seq.on_token(seq.request_id, tok, reason is not None)
         return StepOutput(batch.phase, batch.num_prefill_tokens, len(batch.decodes), new_tokens, finished,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, context_tokens)
 
     def _run(self, batch: Batch) -> list[tuple[Sequence, int]]:
         """Builds the flat batch, runs the model, samples; returns (sequence, token) for each sampled sequence."""

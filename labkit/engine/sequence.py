@@ -76,3 +76,4 @@ class StepOutput:
     new_tokens: dict[str, int]
     finished: list[RequestOutput]
     elapsed_s: float
+    context_tokens: int = 0    # summed context of the step's decode sequences (what their attention reads)

@@ -109,19 +109,25 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
                         n_requests: int, workload: str = "azure-conv-2023", scale: float = 0.25,
                         link: Any = None, slo: Any = None, seed: int = 0, progress: bool = True,
                         modes: Sequence[str] = ("mono", "1p1d"), probe_requests: int = 4,
-                        serving: dict[str, tuple[float, float, float]] | None = None) -> list[ValidationRow]:
+                        serving: dict[str, tuple[float, float, float]] | None = None,
+                        fitted: dict[str, Any] | None = None) -> list[ValidationRow]:
     """Runs the lab's servers (each of `modes`: "mono", "1p1d") at each rate with the benchmark
     client, replays every run's trace in the simulator, and returns predicted-vs-measured rows.
 
     `mono_latency` models the mono worker (all cores); `role_latency` each 1P1D worker (one core).
-    Before the measured runs, `probe_requests` requests sent one at a time through each server, and
-    as many sent together, measure what the server adds to the engine (`serving_overhead`);
-    `serving` receives them per mode as (per request, per step, per sequence per step) seconds.
-    probe_requests=0 simulates the engine alone.
+    Before the measured runs, three probes go through each server: `probe_requests` requests one
+    at a time, as many together, and twice as many together. Its workers log every step
+    (`--step-log`); the engine model is refitted to the steps they ran (`fit_server_steps`:
+    the engine inside a busy server is slower than alone), then what remains (per request, per
+    step, per sequence) is fitted so the simulator reproduces the probes (`serving_overhead`).
+    `serving` receives those three costs per mode, `fitted` the refitted LatencyModel per mode.
+    probe_requests=0 simulates the engine alone. Nothing from the measured runs enters the model.
     """
+    import tempfile
+
     from labkit.bench import SLO as BenchSLO
     from labkit.bench.sweep import SweepConfig, lab_server_factory, run_sweeps, sequential_records
-    from labkit.plan.calibrate import serving_overhead
+    from labkit.plan.calibrate import fit_server_steps, read_step_log, serving_overhead
     from labkit.plan.simulator import Layout, Limits, Link, simulate
 
     cfg = SweepConfig(workload, rates_rps=tuple(rates_rps), modes=tuple(modes), n_requests=n_requests,
@@ -130,6 +136,8 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     engine_model = {"mono": mono_latency, "1p1d": role_latency}
     served: dict[str, Any] = dict(engine_model)
     overheads = serving if serving is not None else {}
+    refits = fitted if fitted is not None else {}
+    step_logs = Path(tempfile.mkdtemp(prefix="plan-steps-"))
 
     limits = Limits(max_num_seqs=64, max_num_batched_tokens=2048)   # the lab workers' defaults
     layouts = {"mono": (Layout.mono(), None, "adopted"),
@@ -139,15 +147,17 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     def probe(spec: Any, url: str) -> None:
         if probe_requests < 1:
             return
-        one, together = (sequential_records(url, cfg.workload_obj, probe_requests, mode=spec.name, seed=seed + s,
-                                            scale=scale, model=model, concurrency=c)
-                         for s, c in ((77, 1), (78, probe_requests)))
+        one, _together, crowd = (sequential_records(url, cfg.workload_obj, n, mode=spec.name, seed=seed + s,
+                                                   scale=scale, model=model, concurrency=n if s > 77 else 1)
+                                for s, n in ((77, probe_requests), (78, probe_requests), (79, 2 * probe_requests)))
         layout, link_, first = layouts[spec.name]
-        overheads[spec.name] = serving_overhead(engine_model[spec.name], one, together, layout=layout, link=link_,
+        refits[spec.name] = fit_server_steps(engine_model[spec.name], read_step_log(step_logs / f"{spec.name}.jsonl"))
+        # (each probe's record times start at its own zero: they are replayed one probe at a time)
+        overheads[spec.name] = serving_overhead(refits[spec.name], one, crowd, layout=layout, link=link_,
                                                 limits=limits, first_token_at=first)
-        served[spec.name] = engine_model[spec.name].with_serving(*overheads[spec.name])
+        served[spec.name] = refits[spec.name].with_serving(*overheads[spec.name])
 
-    [res] = run_sweeps([cfg], lab_server_factory(model), model=model, on_server=probe)
+    [res] = run_sweeps([cfg], lab_server_factory(model, step_log_dir=step_logs), model=model, on_server=probe)
     rows: list[ValidationRow] = []
     for (mode, rate), run in sorted(res.runs.items(), key=lambda kv: (kv[0][0] != "mono", kv[0][1])):
         layout, link_, first = layouts[mode]

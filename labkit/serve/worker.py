@@ -135,9 +135,10 @@ class Worker:
         """Engine thread, after each step: metrics, and the step log when asked for."""
         self.metrics.on_step(out)
         if self._step_log is not None and not self._step_log.closed and out.phase != "idle":
-            self._step_log.write(json.dumps({"t_end": time.time(), "phase": out.phase,
+            self._step_log.write(json.dumps({"t_end": time.time(), "role": self.cfg.role, "phase": out.phase,
                                              "prefill_tokens": out.num_prefill_tokens,
-                                             "decode_seqs": out.num_decode_seqs, "seconds": out.elapsed_s}) + "\n")
+                                             "decode_seqs": out.num_decode_seqs,
+                                             "context_tokens": out.context_tokens, "seconds": out.elapsed_s}) + "\n")
 
     # --- lifecycle ---------------------------------------------------------------------
 
