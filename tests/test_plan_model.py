@@ -114,6 +114,43 @@ def test_serving_overhead_recovers_what_the_server_adds(disagg: bool) -> None:
         serving_overhead(TRUE, [SimpleNamespace(ok=False)])
 
 
+def test_fit_server_steps_refits_decode_and_scales_prefill(tmp_path) -> None:
+    """A step log from a server whose decode steps cost 2x the engine's plus 3 ms/sequence, with
+    1 ms of loop work between back-to-back steps, and whose prefills run 10% slower."""
+    import json
+
+    from labkit.plan.calibrate import fit_server_steps, read_step_log
+
+    rng = np.random.default_rng(3)
+    t, lines = 1000.0, []
+    for i in range(200):
+        if i % 20 == 0:
+            n = int(rng.integers(50, 800))
+            secs = float(TRUE.prefill_s(n)) * 1.10
+            t += 0.5 + secs                     # after idle time: the gap is not part of the step
+            lines.append({"t_end": t, "role": "mono", "phase": "prefill", "prefill_tokens": n, "decode_seqs": 0,
+                          "context_tokens": 0, "seconds": secs})
+            continue
+        b = int(rng.integers(1, 12))
+        ctx = b * int(rng.integers(100, 600))
+        cycle = 2 * float(TRUE.decode_step_s(b, ctx)) + 0.003 * b
+        t += cycle                              # back to back: 1 ms of it between the steps
+        lines.append({"t_end": t, "role": "mono", "phase": "decode", "prefill_tokens": 0, "decode_seqs": b,
+                      "context_tokens": ctx, "seconds": cycle - 0.001})
+    log = tmp_path / "mono.jsonl"
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    got = fit_server_steps(TRUE.with_serving(1.0, 1.0, 1.0), read_step_log(log))
+    assert got.serve_request_s == got.serve_token_s == got.serve_seq_s == 0.0
+    assert got.prefill_s(500) == pytest.approx(1.10 * TRUE.prefill_s(500), rel=1e-6)
+    for b, ctx in ((1, 200), (4, 1600), (10, 5000)):
+        assert got.decode_step_s(b, ctx) == pytest.approx(2 * TRUE.decode_step_s(b, ctx) + 0.003 * b, rel=0.02)
+    assert got.r2_decode > 0.99 and "server's steps" in got.note
+    # too few decode steps: the decode formula stays the engine's
+    few = fit_server_steps(TRUE, read_step_log(log)[:10])
+    assert few.decode_step_s(4, 1600) == TRUE.decode_step_s(4, 1600)
+    assert read_step_log(tmp_path / "missing.jsonl") == []
+
+
 def test_fit_refuses_too_few_points_and_bad_samples() -> None:
     with pytest.raises(ValueError, match="3 distinct lengths"):
         fit_latency_model([PrefillSample(8, 1.0), PrefillSample(16, 2.0)], [], kv_bytes_per_token=1)

@@ -21,4 +21,7 @@ def test_mono_worker_logs_its_steps(tmp_path: Path) -> None:
     steps = [json.loads(line) for line in log.read_text().splitlines()]
     assert [s["phase"] for s in steps] == ["prefill"] + ["decode"] * 4       # the first token comes from the prefill
     assert steps[0]["prefill_tokens"] > 0 and all(s["decode_seqs"] == 1 for s in steps[1:])
+    assert {s["role"] for s in steps} == {"mono"}
+    ctx = [s["context_tokens"] for s in steps[1:]]     # the prompt plus each token decoded so far
+    assert ctx == list(range(ctx[0], ctx[0] + 4)) and ctx[0] == steps[0]["prefill_tokens"] + 1
     assert all(s["seconds"] > 0 for s in steps) and [s["t_end"] for s in steps] == sorted(s["t_end"] for s in steps)
