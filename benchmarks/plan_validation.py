@@ -5,11 +5,11 @@
    before the 1P1D runs.
 2. Run the lab's servers (`labkit.serve.launcher` via `labkit.bench.sweep`) at three request rates
    with the benchmark client, mono then 1P1D, the same requests in both.
-3. Before each mode's measured runs, send three probes through its server (4 requests one at a
-   time, 4 together, 8 together) with every worker logging its steps: the decode formula is
-   refitted to the steps the server ran (`fit_server_steps`: on 2 cores the server's threads
-   and processes take time from the model's), and what remains per request (HTTP, routing,
-   first SSE event), per step and per sequence becomes part of the model (`serving_overhead`).
+3. Before each mode's measured runs, send 4 requests one at a time through its server with every
+   worker logging its steps: the decode formula is moved to the steps the server ran
+   (`fit_server_steps`: on 2 cores the server's threads and processes take time from the
+   model's), and what remains per request (HTTP, routing, first SSE event) and per step becomes
+   part of the model (`serving_overhead`).
 4. Replay each run's exact trace (send times, lengths) in the simulator and compare p50 TTFT,
    p50 TPOT and output throughput, predicted against measured. The target: within 15%.
 
@@ -91,7 +91,7 @@ def main() -> int:
                                     n_requests=n, scale=prof["scale"], link=link, slo=prof["slo"], modes=(mode,),
                                     serving=serving, fitted=fitted)
         req_s, tok_s, seq_s = serving[mode]
-        print(f"   {mode}: refitted to the server's steps during the probes\n{fitted[mode].describe()}")
+        print(f"   {mode}: moved to the server's steps during the probe\n{fitted[mode].describe()}")
         print(f"   {mode} server, beyond those steps: +{req_s * 1e3:.0f} ms per request, "
               f"+{tok_s * 1e3:.1f} ms per decode step + {seq_s * 1e3:.1f} ms per running sequence")
     cal_mono, cal_role = cals["mono"], cals["1p1d"]

@@ -115,12 +115,12 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     client, replays every run's trace in the simulator, and returns predicted-vs-measured rows.
 
     `mono_latency` models the mono worker (all cores); `role_latency` each 1P1D worker (one core).
-    Before the measured runs, three probes go through each server: `probe_requests` requests one
-    at a time, as many together, and twice as many together. Its workers log every step
-    (`--step-log`); the engine model is refitted to the steps they ran (`fit_server_steps`:
-    the engine inside a busy server is slower than alone), then what remains (per request, per
-    step, per sequence) is fitted so the simulator reproduces the probes (`serving_overhead`).
-    `serving` receives those three costs per mode, `fitted` the refitted LatencyModel per mode.
+    Before the measured runs, `probe_requests` requests go through each server one at a time while
+    its workers log every step (`--step-log`); the engine model is moved to the steps they ran
+    (`fit_server_steps`: the engine inside a server is slower than alone), then what remains (per
+    request, per step) is fitted so the simulator reproduces the probe (`serving_overhead`).
+    `serving` receives those costs per mode (per request, per step, per sequence: 0), `fitted` the
+    moved LatencyModel per mode.
     probe_requests=0 simulates the engine alone. Nothing from the measured runs enters the model.
     """
     import tempfile
@@ -147,14 +147,12 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     def probe(spec: Any, url: str) -> None:
         if probe_requests < 1:
             return
-        one, _together, crowd = (sequential_records(url, cfg.workload_obj, n, mode=spec.name, seed=seed + s,
-                                                   scale=scale, model=model, concurrency=n if s > 77 else 1)
-                                for s, n in ((77, probe_requests), (78, probe_requests), (79, 2 * probe_requests)))
+        one = sequential_records(url, cfg.workload_obj, probe_requests, mode=spec.name, seed=seed + 77, scale=scale,
+                                 model=model, concurrency=1)
         layout, link_, first = layouts[spec.name]
         refits[spec.name] = fit_server_steps(engine_model[spec.name], read_step_log(step_logs / f"{spec.name}.jsonl"))
-        # (each probe's record times start at its own zero: they are replayed one probe at a time)
-        overheads[spec.name] = serving_overhead(refits[spec.name], one, crowd, layout=layout, link=link_,
-                                                limits=limits, first_token_at=first)
+        overheads[spec.name] = serving_overhead(refits[spec.name], one, layout=layout, link=link_, limits=limits,
+                                                first_token_at=first)
         served[spec.name] = refits[spec.name].with_serving(*overheads[spec.name])
 
     [res] = run_sweeps([cfg], lab_server_factory(model, step_log_dir=step_logs), model=model, on_server=probe)
