@@ -223,9 +223,9 @@ def fit_server_steps(engine_model: Any, steps: Sequence[dict[str, Any]], *, max_
     when the engine ran them back to back (a gap under `max_gap_s`: the loop's own work between
     steps, streaming the tokens). The decode intercept moves by the median of (that time - the
     engine's formula); the slopes in batch and context stay the engine's. On the 2-core CPU the
-    server added ~11 ms to every step, whatever the batch, in the measured runs at 0.2-0.7 req/s
-    (batch 1 to 5), while probes that sent 8 requests at once added up to 20 ms: a refit of the
-    slopes on such bursts predicted TPOT 30% too high. So probe one request at a time.
+    server added 4-11 ms to each step in the measured runs at 0.2-0.7 req/s (batch 1 to 5), not
+    growing with the batch, while probes that sent 8 requests at once added up to 20 ms: a refit
+    of the slopes on such bursts predicted TPOT 30% too high. So probe one request at a time.
 
     Prefill keeps its fitted shape, scaled by the median ratio of the server's prefill steps to
     the engine alone. With fewer than `min_decode_steps` decode steps the decode formula is kept.
