@@ -49,15 +49,24 @@ def _phase(sampler: Sampler | None, name: str):
     return sampler.phase(name) if sampler is not None else contextlib.nullcontext()
 
 
+def _timed(fn: Any, device: str, warmup: int, repeats: int, sampler: Sampler | None, phase: str) -> list[float]:
+    """Warm-up runs, then the timed ones inside the sampler's phase: the phase's telemetry covers what
+    MFU and MBU describe (a first call's lazy initialisation stays out of it)."""
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    for _ in range(warmup):
+        fn()
+    with _phase(sampler, phase):
+        return time_fn(fn, device, warmup=0, repeats=repeats)
+
+
 def measure_prefill(runner: Runner, batch: int = 1, prompt_len: int = 512, *, warmup: int = 1, repeats: int = 3,
                     peaks: Peaks | None = None, sampler: Sampler | None = None) -> dict[str, Any]:
     """Times `repeats` prefills (after `warmup`) of batch × prompt_len tokens; returns one record (median ms).
 
     FLOPs count causal attention and last-token logits (labkit.roofline). peaks=None: no MFU/MBU.
     """
-    fn = runner.prefill_fn(batch, prompt_len)
-    with _phase(sampler, "prefill"):
-        times = time_fn(fn, runner.device, warmup=warmup, repeats=repeats)
+    times = _timed(runner.prefill_fn(batch, prompt_len), runner.device, warmup, repeats, sampler, "prefill")
     return _record(runner, prefill_cost(runner.shape, prompt_len, batch, runner.dtype), times, peaks)
 
 
@@ -67,9 +76,7 @@ def measure_decode(runner: Runner, batch: int = 1, context_len: int = 512, *, wa
 
     tokens_per_s is output tokens per second (batch / step time); MBU counts weights + KV read.
     """
-    fn = runner.decode_fn(batch, context_len)
-    with _phase(sampler, "decode"):
-        times = time_fn(fn, runner.device, warmup=warmup, repeats=repeats)
+    times = _timed(runner.decode_fn(batch, context_len), runner.device, warmup, repeats, sampler, "decode")
     return _record(runner, decode_cost(runner.shape, batch, context_len, runner.dtype), times, peaks)
 
 

@@ -76,6 +76,34 @@ def test_sweeps_and_phase_marks(runner):
     assert [p.name for p in s.phases] == ["decode"] * 3 + ["prefill"] * 2
 
 
+def test_phase_covers_the_timed_runs_not_the_warm_up(runner):
+    """A first call's lazy initialisation (here: 0.4 s) is warm-up: outside the phase MFU describes."""
+    import time
+
+    real = runner.prefill_fn
+    calls = []
+
+    def slow_first(batch, n):
+        fn = real(batch, n)
+
+        def step():
+            if not calls:
+                time.sleep(0.4)
+            calls.append(1)
+            fn()
+        return step
+    runner.prefill_fn = slow_first
+    try:
+        s = Sampler("cpu", interval_s=0.05, verbose=False)
+        with s:
+            rec = measure.measure_prefill(runner, 1, 16, warmup=1, repeats=2, peaks=PEAKS, sampler=s)
+    finally:
+        del runner.prefill_fn
+    assert len(calls) == 3 and rec["ms"] < 400
+    (phase,) = s.phases
+    assert phase.duration_s < 0.4
+
+
 def test_run_for_keeps_a_phase_busy():
     import time
 
