@@ -18,7 +18,7 @@ import json
 import statistics
 from typing import TYPE_CHECKING, Any, Iterable
 
-from labkit.hardware import Peaks, time_fn
+from labkit.hardware import Peaks, sync, time_fn
 from labkit.roofline import PhaseCost, decode_cost, prefill_cost
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ def _timed(fn: Any, device: str, warmup: int, repeats: int, sampler: Sampler | N
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     for _ in range(warmup):
         fn()
+    sync(device)  # queued warm-up kernels finish before the phase starts
     with _phase(sampler, phase):
         return time_fn(fn, device, warmup=0, repeats=repeats)
 

@@ -323,12 +323,9 @@ def check_gpu_tests(ctx: Ctx) -> None:
 
     root = Path(__file__).resolve().parent.parent
     marker = "gpu" if ctx.device.startswith("cuda") else "not gpu"  # smoke: the same files' CPU tests
+    files = ["tests/test_transfer_cuda_ipc.py", *(["tests/test_engine.py"] if ctx.device.startswith("cuda") else [])]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging", "--tb=short", "-rfE",
-           "-m", marker, "--timeout", "240",
-           "tests/test_transfer_cuda_ipc.py", "tests/test_engine.py" if ctx.device.startswith("cuda")
-           else "tests/test_transfer_cuda_ipc.py"]
-    if ctx.pytest_k:
-        cmd[3:3] = ["-k", ctx.pytest_k]
+           "-m", marker, *(["-k", ctx.pytest_k] if ctx.pytest_k else []), "--timeout", "240", *files]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     limit = max(30.0, ctx.left_s() - 10)
     try:

@@ -66,9 +66,8 @@ class Engine:
         del weights
         self.kv_bytes_per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.dtype)
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // (cfg.block_size * self.kv_bytes_per_token))
-        use_graphs = cfg.cuda_graphs
         # CUDA graphs pad batches with rows that write one block no sequence owns: the last one.
-        self.cache = KVCache(mc.num_layers, num_blocks + use_graphs, cfg.block_size, mc.num_kv_heads, mc.head_dim,
+        self.cache = KVCache(mc.num_layers, num_blocks + cfg.cuda_graphs, cfg.block_size, mc.num_kv_heads, mc.head_dim,
                              self.dtype, self.device)
         self.pool = BlockPool(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.pool)
@@ -82,7 +81,7 @@ class Engine:
             # Decode steps repeat the same shapes; compiling fuses the small ops between matmuls.
             self._forward = torch.compile(self.model.forward, dynamic=True)
         self._graphs: DecodeGraphs | None = None
-        if use_graphs:
+        if cfg.cuda_graphs:
             self._graphs = DecodeGraphs(self._forward, self.cache, cfg.block_size, num_blocks,
                                         min(cfg.max_num_seqs, 512), -(-self.max_model_len // cfg.block_size),
                                         self.device, capture=self.device.type == "cuda")

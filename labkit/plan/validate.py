@@ -137,7 +137,8 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     served: dict[str, Any] = dict(engine_model)
     overheads = serving if serving is not None else {}
     refits = fitted if fitted is not None else {}
-    step_logs = Path(tempfile.mkdtemp(prefix="plan-steps-"))
+    tmp = tempfile.TemporaryDirectory(prefix="plan-steps-")
+    step_logs = Path(tmp.name)
 
     limits = Limits(max_num_seqs=64, max_num_batched_tokens=2048)   # the lab workers' defaults
     layouts = {"mono": (Layout.mono(), None, "adopted"),
@@ -155,7 +156,8 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
                                                 first_token_at=first)
         served[spec.name] = refits[spec.name].with_serving(*overheads[spec.name])
 
-    [res] = run_sweeps([cfg], lab_server_factory(model, step_log_dir=step_logs), model=model, on_server=probe)
+    with tmp:  # the step logs are read by the probes, then dropped
+        [res] = run_sweeps([cfg], lab_server_factory(model, step_log_dir=step_logs), model=model, on_server=probe)
     rows: list[ValidationRow] = []
     for (mode, rate), run in sorted(res.runs.items(), key=lambda kv: (kv[0][0] != "mono", kv[0][1])):
         layout, link_, first = layouts[mode]

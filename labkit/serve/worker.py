@@ -112,7 +112,6 @@ class Worker:
         self._step_log = open(cfg.step_log, "a", buffering=1) if cfg.step_log else None  # noqa: SIM115 - worker-long
         self.loop = EngineLoop(self.engine, on_step=self._on_step)
         self.receiver: Any = None
-
         self._senders: dict[str, tuple[Any, threading.Lock]] = {}
         self._senders_lock = threading.Lock()
         self.transfer_bytes_total = 0
