@@ -18,7 +18,7 @@ def _ps(args: argparse.Namespace) -> int:
 
     deps = listing()
     if args.json:
-        print(json.dumps([{**d.to_json(), "url": d.url, "owner_alive": d.owner_alive(),
+        print(json.dumps([{**d.to_json(), "url": d.url, "ports": d.ports, "owner_alive": d.owner_alive(),
                            "live_pids": [p.pid for p in d.live_procs()]} for d in deps], indent=1))
         return 0
     if not deps:

@@ -28,7 +28,7 @@ PARENT_OF_ONE = [sys.executable, "-c", ("import subprocess, sys, time; "
                  "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)")]
 
 OWNER = f"""
-import json, sys, threading, time
+import json, os, signal, sys, threading, time
 from labkit import owner_watch
 from labkit.proc import start_process
 argv = {PARENT_OF_ONE!r}
@@ -36,7 +36,11 @@ kids = [start_process("from-main", argv)]
 t = threading.Thread(target=lambda: kids.append(start_process("from-thread", argv)))
 t.start(); t.join()
 time.sleep(1.0)  # a parent-death signal set from that thread would have fired by now
-print(json.dumps({{"pids": [k.pid for k in kids], "guard": owner_watch.guard_pid()}}), flush=True)
+first_guard = owner_watch.guard_pid()
+os.kill(first_guard, signal.SIGKILL)  # the guard dies: the next start brings a new one that knows every group
+os.waitpid(first_guard, 0)
+kids.append(start_process("after", argv))
+print(json.dumps({{"pids": [k.pid for k in kids], "guards": [first_guard, owner_watch.guard_pid()]}}), flush=True)
 time.sleep(120)
 """
 
@@ -58,12 +62,18 @@ def wait_gone(pids: list[int], timeout_s: float) -> float:
 
 
 def test_children_and_grandchildren_die_with_a_sigkilled_owner_even_when_started_from_a_thread() -> None:
+    """The thread's child has no parent-death signal: only the guard (restarted once) can stop it."""
     owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
     try:
         info = json.loads(owner.stdout.readline())
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and [len(group_pids(p)) for p in info["pids"]] != [2, 2, 2]:
+            time.sleep(0.05)  # the last child is starting its grandchild
         groups = [group_pids(p) for p in info["pids"]]
-        assert [len(g) for g in groups] == [2, 2], groups  # each child and its grandchild, all still running
-        everything = [p for g in groups for p in g] + [info["guard"]]
+        assert [len(g) for g in groups] == [2, 2, 2], groups  # each child and its grandchild, all still running
+        first_guard, guard = info["guards"]
+        assert guard != first_guard and not pid_alive(first_guard)
+        everything = [p for g in groups for p in g] + [guard]
         assert all(pid_alive(p) for p in everything)
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(10)
