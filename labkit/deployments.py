@@ -136,7 +136,11 @@ def _new(mode: str, model: str) -> Deployment:
     slug = mode.replace(" ", "-")
     while True:
         dep_id = f"{slug}-{secrets.token_hex(2)}"
-        if dep_id not in _MINE and not _path(dep_id).exists():
+        try:
+            taken = dep_id in _MINE or _path(dep_id).exists()
+        except OSError:
+            taken = False  # an unreadable registry: track() will say so
+        if not taken:
             break
     return Deployment(id=dep_id, mode=mode, model=model, owner_pid=os.getpid(),
                       owner_cmd=_owner_cmd(), user=_user(), uid=os.getuid(),

@@ -109,8 +109,11 @@ class _Guard:
 
     def _start(self, log_path: Path | None) -> None:
         if log_path is not None and self.log is None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            self.log = open(log_path, "ab")  # noqa: SIM115 - kept open for the guard's whole life
+            try:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                self.log = open(log_path, "ab")  # noqa: SIM115 - kept open for the guard's whole life
+            except OSError:
+                self.log = None  # a read-only LABKIT_HOME: the guard works, it only keeps no notes
         self.owner_pid = os.getpid()
         # The write end of this pipe is non-inheritable, so other children never hold it.
         self.popen = subprocess.Popen([sys.executable, "-I", "-S", __file__, str(self.owner_pid)],

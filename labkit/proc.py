@@ -103,7 +103,11 @@ def popen_owned(argv: Sequence[str], *, cpus: Sequence[int] | None = None, **pop
         list(argv), start_new_session=True,
         preexec_fn=owned_preexec(cpus),  # noqa: PLW1509 - it takes no lock and imports nothing
         **popen_kw)
-    owner_watch.watch(popen.pid, labkit_home() / "logs" / "owner-watch.log")
+    try:
+        owner_watch.watch(popen.pid, labkit_home() / "logs" / "owner-watch.log")
+    except BaseException:  # no guard could start: do not leave a child nobody watches
+        stop_pid(popen.pid, timeout_s=2.0, popen=popen)
+        raise
     return popen
 
 
