@@ -119,8 +119,9 @@ def child(name: str, a: argparse.Namespace) -> dict[str, Any] | None:
             "--requests", str(a.requests), "--prompt-len", str(a.prompt_len), "--output-len", str(a.output_len),
             "--batched-tokens", str(a.batched_tokens)]
     print(f"== {name} ...", flush=True)
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            start_new_session=True)
+    from labkit.proc import popen_owned  # its own group, tied to this script: a kill -9 here ends it too
+
+    proc = popen_owned(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         stdout, stderr = proc.communicate(timeout=a.timeout_s)
     except BaseException:  # timeout or Ctrl-C: never leave the child (and vLLM's workers) running

@@ -38,6 +38,7 @@ from labkit.bench.metrics import jsonable
 from labkit.config import repo_root
 from labkit.plan.latency_model import Calibration
 from labkit.plan.simulator import Link
+from labkit.proc import owned_preexec
 from labkit.plan.validate import measure_and_compare, table, within
 
 PROFILES = {
@@ -52,7 +53,7 @@ def calibrate_pinned(model: str, profile: str, cpus: list[int], out: Path, timeo
     argv = [sys.executable, "-m", "labkit.plan.calibrate", "--model", model, "--profile", profile,
             "--out", str(out), "--threads", str(len(cpus))]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s,
-                          preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)))
+                          preexec_fn=owned_preexec(cpus))  # pinned, and ends if this script is killed
     if proc.returncode != 0:
         raise RuntimeError(f"calibration on cpus {cpus} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return Calibration.load(out)

@@ -1,7 +1,8 @@
 """`labkit` command line. Each command lives in its own module, imported only when used.
 
-A command module defines `register(parser: argparse.ArgumentParser) -> None`, which adds
-its arguments and sets `func` (called with the parsed args; returns an exit code).
+A command module defines `register(parser: argparse.ArgumentParser) -> None` (or the function
+named after a colon, `module:function`), which adds its arguments and sets `func` (called
+with the parsed args; returns an exit code).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("labkit.bench.cli", "load-test an OpenAI-compatible URL; sweep serving modes"),
     "plan": ("labkit.plan.cli", "should you disaggregate? a verdict, a P:D split and launch commands"),
     "vllm": ("labkit.vllm.cli", "start vLLM monolithic or prefill/decode disaggregated (NixlConnector)"),
+    "ps": ("labkit.deployments_cli:register_ps", "the lab's running servers: id, mode, model, user, URL, PIDs"),
+    "stop": ("labkit.deployments_cli:register_stop", "stop a running deployment by id, or --all-mine"),
 }
 
 
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help()
         return 0
     name = argv[0]
-    module_name, help_ = COMMANDS[name]
+    spec, help_ = COMMANDS[name]
+    module_name, _, register = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     parser = argparse.ArgumentParser(prog=f"labkit {name}", description=help_)
-    module.register(parser)
+    getattr(module, register or "register")(parser)
     args = parser.parse_args(argv[1:])
     return int(args.func(args) or 0)
 

@@ -1,21 +1,45 @@
 """Child processes the lab starts itself: free ports, health waits with timeouts, stop by PID.
 
-Every server the lab runs (its own workers, the router, vLLM) is a real process started
-here and stopped here; tests check the PIDs are gone afterwards.
+Every server the lab runs (its own workers, the router, vLLM, benchmark helpers) is a real
+process started here and stopped here; tests check the PIDs are gone afterwards.
+
+Nothing outlives its owner. Each child runs in its own process group (so a stop reaches its
+grandchildren) and is tied to the process that started it (the owner: a notebook kernel,
+`labkit serve`, a test) twice over, so that it ends within 5 s of the owner dying by any
+signal, SIGKILL included, which no `atexit` hook survives:
+
+1. Linux's parent-death signal: `prctl(PR_SET_PDEATHSIG, SIGTERM)` in the child between fork
+   and exec. It is set only when the owner forks from its main thread: the kernel sends it
+   when the *thread* that forked the child ends, not the process, so a server started from a
+   pool or helper thread would die with that thread. The main thread lives as long as the
+   process (CPython finishes on it), and Jupyter runs cells there. A race is handled: the
+   owner may die between fork and prctl, so the child checks its parent PID afterwards and
+   exits if it is no longer the owner.
+2. The owner watch (`labkit.owner_watch`): one small guard process per owner, which sees the
+   owner's pipe close (or its parent PID change) and stops every registered process group:
+   SIGTERM, SIGKILL 2 s later. It covers what the signal misses: children started from other
+   threads, grandchildren (vLLM's engine core), platforms without prctl (macOS).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Mapping, Sequence
+from typing import IO, Any
 
 import httpx
+
+from labkit import owner_watch
+from labkit.config import labkit_home
 
 LOOPBACK = "127.0.0.1"
 
@@ -25,6 +49,66 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PDEATHSIG = int(signal.SIGTERM)  # a clean shutdown first; the guard sends SIGKILL after its grace
+
+
+def _find_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up before any fork (nothing is loaded between fork and exec)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl  # type: ignore[no-any-return]
+
+
+_PRCTL = _find_prctl()
+
+
+def owned_preexec(cpus: Sequence[int] | None = None, *, expected_parent: int | None = None) -> Callable[[], None]:
+    """The function a child runs between fork and exec: pin to `cpus`, and die with its owner.
+
+    The parent-death signal is armed only when called from the main thread (see the module
+    docstring); `expected_parent` (default: this process) is the PID the child checks after
+    arming it, exiting at once if its parent is already another process.
+    """
+    owner = os.getpid() if expected_parent is None else expected_parent
+    arm = _PRCTL is not None and threading.current_thread() is threading.main_thread()
+    cpu_set = {int(c) for c in cpus} if cpus is not None else None
+    prctl = _PRCTL
+
+    def preexec() -> None:  # in the child: no imports, no locks
+        if cpu_set is not None:
+            os.sched_setaffinity(0, cpu_set)
+        if arm and prctl is not None:
+            prctl(PR_SET_PDEATHSIG, PDEATHSIG, 0, 0, 0)
+            if os.getppid() != owner:  # the owner died before the signal was armed
+                os._exit(1)
+
+    return preexec
+
+
+def popen_owned(argv: Sequence[str], *, cpus: Sequence[int] | None = None, **popen_kw: Any) -> subprocess.Popen[Any]:
+    """`subprocess.Popen(argv, **popen_kw)` in a new process group that dies with this process.
+
+    Returns the Popen; the group is registered with this process's guard until `stop_pid`.
+    """
+    popen: subprocess.Popen[Any] = subprocess.Popen(
+        list(argv), start_new_session=True,
+        preexec_fn=owned_preexec(cpus),  # noqa: PLW1509 - it takes no lock and imports nothing
+        **popen_kw)
+    try:
+        owner_watch.watch(popen.pid, labkit_home() / "logs" / "owner-watch.log")
+    except BaseException:  # no guard could start: do not leave a child nobody watches
+        stop_pid(popen.pid, timeout_s=2.0, popen=popen)
+        raise
+    return popen
 
 
 def pid_alive(pid: int) -> bool:
@@ -76,7 +160,8 @@ class Child:
 def start_process(name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                   log_path: str | os.PathLike[str] | None = None, cwd: str | None = None,
                   cpus: Sequence[int] | None = None) -> Child:
-    """Starts `argv` in its own process group (so stop() takes its children too).
+    """Starts `argv` in its own process group (so stop() takes its children too), tied to this
+    process (it ends when this process dies; see the module docstring).
 
     Output goes to `log_path` when given (else inherited). `cpus` pins it with taskset
     semantics (sched_setaffinity in the child).
@@ -87,17 +172,9 @@ def start_process(name: str, argv: Sequence[str], *, env: Mapping[str, str] | No
     log = None
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "ab")
-    preexec = None
-    if cpus is not None:
-        cpu_set = set(int(c) for c in cpus)
-
-        def preexec() -> None:  # runs in the child between fork and exec
-            os.sched_setaffinity(0, cpu_set)
-
-    popen = subprocess.Popen(list(argv), env=full_env, cwd=cwd, stdout=log or None,
-                             stderr=subprocess.STDOUT if log else None, stdin=subprocess.DEVNULL,
-                             start_new_session=True, preexec_fn=preexec)
+        log = open(log_path, "ab")  # noqa: SIM115 - the Child closes it when stopped
+    popen = popen_owned(argv, cpus=cpus, env=full_env, cwd=cwd, stdout=log or None,
+                        stderr=subprocess.STDOUT if log else None, stdin=subprocess.DEVNULL)
     return Child(name=name, popen=popen, log_path=Path(log_path) if log_path else None, _log=log)
 
 
@@ -137,10 +214,45 @@ def stop_pid(pid: int, timeout_s: float = 10.0, popen: subprocess.Popen[bytes] |
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    owner_watch.unwatch(pid)
 
 
 class StartupError(RuntimeError):
     """A child process died or did not become healthy in time; the message holds its log tail."""
+
+
+class PortInUseError(StartupError):
+    """A server was asked to listen on a port that something else holds; the message says what."""
+
+    def __init__(self, message: str, port: int) -> None:
+        super().__init__(message)
+        self.port = port
+
+
+def port_in_use(port: int, host: str = LOOPBACK) -> bool:
+    """True when a server could not listen on `host:port` now (bound as uvicorn binds: SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host or "0.0.0.0", port))
+            s.listen(1)
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
+    return False
+
+
+def pid_start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (Linux; None elsewhere or if it is gone).
+
+    With the PID it names one process for good: a PID the kernel hands out again has another.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def wait_http_ok(url: str, *, timeout_s: float, child: Child | None = None, interval_s: float = 0.2) -> None:

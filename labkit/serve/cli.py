@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from typing import Any
 
@@ -47,8 +48,15 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: Any) -> int:
+    from labkit.deployments import check_port_free, id_of
+    from labkit.proc import PortInUseError
     from labkit.serve.launcher import launch
 
+    try:  # launch() checks too; here the message comes without a traceback
+        check_port_free(args.port, args.host)
+    except PortInUseError as e:
+        print(f"labkit serve: {e}", file=sys.stderr)
+        return 1
     t0 = time.perf_counter()
     print(f"labkit serve: starting {args.mode} on {args.model} ...", flush=True)
     srv = launch(args.mode, model=args.model, mono=args.mono, prefill=args.prefill, decode=args.decode,
@@ -67,6 +75,8 @@ def run(args: Any) -> int:
         print(f"ready in {time.perf_counter() - t0:.1f} s: {srv.url}  (router pid {srv.router.pid})")
         for w in srv.workers:
             print(f"  {w.name:<10} {w.role:<8} {w.url}  pid {w.pid}")
+        dep_id = id_of(srv.router.pid)
+        print(f"deployment {dep_id}: `labkit ps` lists it, `labkit stop {dep_id}` stops it from another shell")
         name = args.served_model_name or args.model
         print(f"try: curl {srv.url}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from labkit import deployments
 from labkit.config import labkit_home
 from labkit.proc import LOOPBACK, Child, StartupError, free_port, pid_alive, python_module_argv, start_process, wait_http_ok
 
@@ -57,6 +58,7 @@ class ServerProcess:
     def stop(self, timeout_s: float = 10.0) -> None:
         self.child.stop(timeout_s=timeout_s)
         _LIVE.pop(self.pid, None)
+        deployments.forget(self.pid)
 
 
 def _log_dir() -> Path:
@@ -103,6 +105,7 @@ def start_worker(role: str, *, model: str = "tiny", port: int | None = None, nam
     if role != "mono" and not kv_token:
         raise ValueError(f"a {role} worker needs kv_token (the same for its prefill and decode peers); "
                          "make one with labkit.serve.launcher.new_kv_token()")
+    deployments.check_port_free(port or 0)
     port = port or free_port()
     name = name or f"{role}-{port}"
     dev = device or ("cuda" if gpu is not None else "cpu")
@@ -127,6 +130,8 @@ def start_worker(role: str, *, model: str = "tiny", port: int | None = None, nam
         raise
     proc = ServerProcess(role, name, url, child)
     _LIVE[proc.pid] = proc
+    deployments.track(name=name, role=role, pid=proc.pid, port=port, url=url, model=str(model),
+                      single_mode=f"{role} worker")
     return proc
 
 
@@ -137,6 +142,7 @@ def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (
                  health_interval_s: float = 0.5, read_timeout_s: float = 120.0, startup_timeout_s: float = 60.0,
                  log_dir: Path | None = None) -> ServerProcess:
     """Starts the router in front of the given workers (ServerProcess or URL); returns once it is healthy."""
+    deployments.check_port_free(port or 0, host)
     port = port or free_port()
 
     def urls(xs: Sequence[ServerProcess | str]) -> list[str]:
@@ -166,6 +172,8 @@ def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (
         raise
     proc = ServerProcess("router", name, url, child)
     _LIVE[proc.pid] = proc
+    deployments.track(name=name, role="router", pid=proc.pid, port=port, url=url, model=str(model),
+                      single_mode="router")
     return proc
 
 
@@ -233,8 +241,10 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
     if gpus is not None and len(gpus) < sum(counts.values()):
         raise ValueError(f"{sum(counts.values())} workers need {sum(counts.values())} GPUs, got {list(gpus)}")
     cpus_of = {"mono": mono_cpus, "prefill": prefill_cpus, "decode": decode_cpus}
+    deployments.check_port_free(port or 0, host)  # before minutes of worker start-up, not after
     token = new_kv_token() if mode == "disagg" else None
     started: list[ServerProcess] = []
+    dep = deployments.begin(mode, str(model))  # the workers and the router below are one deployment
     try:
         gi = 0
         for role, n in counts.items():
@@ -253,6 +263,8 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
     except BaseException:
         stop_all(started)
         raise
+    finally:
+        deployments.end(dep)
     return Server(mode, router, started, model=model)
 
 

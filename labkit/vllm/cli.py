@@ -25,6 +25,7 @@ def _base(a: argparse.Namespace) -> Any:
 
 
 def _serve(a: argparse.Namespace) -> int:
+    from labkit import deployments
     from labkit.serve.launcher import start_router
     from labkit.vllm.launch import install_hint, launch, launch_pd, vllm_available
 
@@ -33,6 +34,7 @@ def _serve(a: argparse.Namespace) -> int:
         return 2
     base = _base(a)
     print(f"starting vLLM {a.mode} on {a.model} ({base.device}); this takes about a minute...", flush=True)
+    dep = deployments.begin(f"vllm-{a.mode}", a.model)  # the servers and the router: one deployment
     servers = launch_pd(base).servers if a.mode == "pd" else [launch(replace(base, role="mono"))]
     router = None
     try:
@@ -48,6 +50,7 @@ def _serve(a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        deployments.end(dep)
         if router is not None:
             router.stop()
         left = [p for s in servers for p in s.stop()]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from labkit import deployments
 from labkit.config import labkit_home
 from labkit.proc import LOOPBACK, Child, StartupError, free_port, pid_alive, start_process, wait_http_ok
 from labkit.vllm.procinfo import cpu_list_str, cpu_seconds, group_pids, thread_ids, usable_cpus
@@ -266,6 +267,7 @@ class VllmServer:
         """SIGTERM then SIGKILL to the group; returns the PIDs still alive afterwards (should be [])."""
         pids = self.pids() or [self.child.pid]
         self.child.stop(timeout_s=timeout_s)
+        deployments.forget(self.child.pid)
         deadline = time.monotonic() + 5.0
         left = [p for p in pids if pid_alive(p)]
         while left and time.monotonic() < deadline:
@@ -286,6 +288,8 @@ def start_server(cfg: VllmServerConfig, *, log_path: str | os.PathLike[str] | No
     from labkit.models import ensure_model
 
     model_dir = ensure_model(cfg.model, quiet=True)
+    for taken in (cfg.port, cfg.side_channel_port if cfg.is_disagg else 0):
+        deployments.check_port_free(taken, cfg.host)  # fails now, not after a minute of start-up
     port = cfg.port or free_port(cfg.host)
     side = (cfg.side_channel_port or free_port(cfg.host)) if cfg.is_disagg else 0
     argv, env = build_command(cfg, model_dir, port, side)
@@ -293,7 +297,10 @@ def start_server(cfg: VllmServerConfig, *, log_path: str | os.PathLike[str] | No
         log_path = log_dir() / f"{cfg.role}-{port}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     cpus = (cfg.cpus or usable_cpus()) if cfg.device == "cpu" else None
     child = start_process(f"vllm-{cfg.role}", argv, env=env, log_path=log_path, cpus=cpus)
-    return VllmServer(cfg=cfg, port=port, side_channel_port=side, child=child)
+    server = VllmServer(cfg=cfg, port=port, side_channel_port=side, child=child)
+    deployments.track(name=f"vllm-{cfg.role}", role=cfg.role, pid=child.pid, port=port, url=server.url,
+                      model=cfg.model, single_mode=f"vllm-{cfg.role}")
+    return server
 
 
 def launch(cfg: VllmServerConfig, *, log_path: str | os.PathLike[str] | None = None) -> VllmServer:
@@ -364,6 +371,7 @@ def launch_pd(base: VllmServerConfig | None = None, **kw: object) -> VllmPD:
     """Starts a prefill and a decode server side by side and waits for both (stops both on failure)."""
     p_cfg, d_cfg = pd_configs(base or VllmServerConfig(), **kw)  # type: ignore[arg-type]
     started: list[VllmServer] = []
+    dep = deployments.begin("vllm-pd", p_cfg.model)  # both servers are one deployment
     try:
         started.append(start_server(p_cfg))
         started.append(start_server(d_cfg))
@@ -373,6 +381,8 @@ def launch_pd(base: VllmServerConfig | None = None, **kw: object) -> VllmPD:
         for s in started:
             s.stop()
         raise
+    finally:
+        deployments.end(dep)
     return VllmPD(prefill=started[0], decode=started[1])
 
 
