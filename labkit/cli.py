@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("labkit.bench.cli", "load-test an OpenAI-compatible URL; sweep serving modes"),
     "plan": ("labkit.plan.cli", "should you disaggregate? a verdict, a P:D split and launch commands"),
     "vllm": ("labkit.vllm.cli", "start vLLM monolithic or prefill/decode disaggregated (NixlConnector)"),
+    "notebooks": ("labkit.exercises.edition", "write the learner's edition of the notebooks: notebooks student OUT"),
 }
 
 
