@@ -60,12 +60,9 @@ def missing(name: str, hint: str = "", *, todo: str = MISSING_HINT) -> CheckResu
 
 def check_close(name: str, got: Any, expected: float, *, rtol: float = 0.02, hint: str = "", unit: str = "") -> CheckResult:
     """Passes when `got` is a number within `rtol` (relative) of `expected`."""
-    if is_missing(got):
-        return missing(name, hint)
-    try:
-        g = float(got)
-    except (TypeError, ValueError):
-        return verdict(False, f"❌ {name}: expected a number, got {type(got).__name__} {got!r}." + _hint(hint))
+    g = _number(name, got, hint)
+    if isinstance(g, CheckResult):
+        return g
     if math.isclose(g, expected, rel_tol=rtol, abs_tol=0.0 if expected else 1e-12):
         return verdict(True, f"✅ {name}: {fmt(g, unit)} is right (expected {fmt(expected, unit)}).")
     direction = "too high" if g > expected else "too low"
@@ -77,12 +74,9 @@ def check_ratio(name: str, got: Any, reference: float, *, lo: float, hi: float, 
                 hint: str = "", unit: str = "") -> CheckResult:
     """Passes when lo <= got / reference <= hi: for bounds (a prediction below a measurement) and
     for readings off a chart. `what` names the ratio in the verdict (e.g. "MBU")."""
-    if is_missing(got):
-        return missing(name, hint)
-    try:
-        g = float(got)
-    except (TypeError, ValueError):
-        return verdict(False, f"❌ {name}: expected a number, got {type(got).__name__} {got!r}." + _hint(hint))
+    g = _number(name, got, hint)
+    if isinstance(g, CheckResult):
+        return g
     if not reference > 0:
         raise ValueError(f"reference must be > 0, got {reference!r}")
     r = g / reference
@@ -108,6 +102,16 @@ def check_choice(name: str, got: Any, expected: Any, *, hint: str = "") -> Check
     if norm(got) == norm(expected):
         return verdict(True, f"✅ {name}: {got!r} is right.")
     return verdict(False, f"❌ {name}: {got!r} is not it." + _hint(hint))
+
+
+def _number(name: str, got: Any, hint: str) -> float | CheckResult:
+    """The answer as a float, or the failed verdict when it is missing or not a number."""
+    if is_missing(got):
+        return missing(name, hint)
+    try:
+        return float(got)
+    except (TypeError, ValueError):
+        return verdict(False, f"❌ {name}: expected a number, got {type(got).__name__} {got!r}." + _hint(hint))
 
 
 def _hint(hint: str) -> str:

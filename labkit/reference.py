@@ -369,18 +369,6 @@ def _gains(f: ResultFile, d: dict[str, Any]) -> GainsRun:
     return GainsRun(f, d["model"], int(d["requests_per_rate"]), d.get("slo_rule", ""), wl)
 
 
-@dataclass(frozen=True, slots=True)
-class ValidationRow:
-    """One planner prediction against its measurement (error = predicted / measured - 1)."""
-
-    mode: str
-    rate_rps: float
-    metric: str
-    predicted: float
-    measured: float
-    error: float
-
-
 @dataclass(frozen=True)
 class PlanValidationRun:
     """`benchmarks/plan_validation.py`: the simulator against measured serving runs."""
@@ -388,15 +376,17 @@ class PlanValidationRun:
     file: ResultFile
     model: str
     requests_per_rate: int
-    rows: tuple[ValidationRow, ...]
+    rows: tuple[Any, ...]            # labkit.plan.validate.ValidationRow (mode, rate_rps, metric, predicted, measured, .error)
     share_within_15pct: float
 
 
 @_guard
 def _plan_validation(f: ResultFile, d: dict[str, Any]) -> PlanValidationRun:
     """The newest planner validation, or None."""
-    rows = tuple(ValidationRow(r["mode"], float(r["rate_rps"]), r["metric"], float(r["predicted"]),
-                               float(r["measured"]), float(r["error"])) for r in d["rows"])
+    from labkit.plan.validate import ValidationRow
+
+    rows = tuple(ValidationRow(r["mode"], float(r["rate_rps"]), r["metric"], float(r["predicted"]), float(r["measured"]))
+                 for r in d["rows"])
     return PlanValidationRun(f, d["model"], int(d["requests_per_rate"]), rows, float(d["share_within_15pct"]))
 
 

@@ -121,6 +121,19 @@ def _with_exercises() -> list[Path]:
 
 
 @pytest.mark.parametrize("path", _with_exercises(), ids=lambda p: p.stem)
+def test_a_notebook_calls_each_of_its_exercises_in_order(path: Path) -> None:
+    """Every exercise registered for the notebook is checked in it, first calls in number order."""
+    nb = json.loads(path.read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    exercises = all_exercises(path.stem[:2])
+    assert exercises, f"{path.name} has solution cells but no exercises registered in labkit.exercises.nb{path.stem[:2]}"
+    assert [e.number for e in exercises] == list(range(1, len(exercises) + 1))
+    where = [code.find(f"nb{path.stem[:2]}.{e.__name__}(") for e in exercises]
+    assert all(w >= 0 for w in where), f"unchecked: {[e.name for e, w in zip(exercises, where) if w < 0]}"
+    assert where == sorted(where), "a notebook checks its exercises in number order"
+
+
+@pytest.mark.parametrize("path", _with_exercises(), ids=lambda p: p.stem)
 def test_student_edition_stops_at_the_first_exercise(path: Path, tmp_path: Path, monkeypatch) -> None:
     """Run as a learner runs it: the edition must fail at its first exercise, naming it."""
     import nbformat

@@ -27,7 +27,6 @@ def test_registry_covers_notebooks_00_and_01_with_varied_kinds() -> None:
     assert len(nb01) >= 3 and any(ex.kind == "build-it" for ex in nb01)
     assert len({ex.kind for ex in nb01}) >= 3
     assert all_exercises("00"), "notebook 00 has an exercise in the new format"
-    assert [ex.number for ex in nb01] == list(range(1, len(nb01) + 1))
 
 
 @pytest.mark.parametrize("ex,i,example", CASES, ids=[f"{ex.notebook}-{ex.number}-{i}" for ex, i, _ in CASES])

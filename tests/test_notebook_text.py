@@ -42,3 +42,16 @@ def test_notebook_01_shows_the_options_its_mfu_check_grades() -> None:
     text = "\n".join(_markdown("01_prefill_vs_decode"))
     for key, option in MFU_OPTIONS.items():
         assert f"({key}) {option}" in text
+
+
+def test_instructor_guide_critical_batch_facts() -> None:
+    """docs/instructor-guide.md: ≈ 295 at short contexts only; an 8B model never reaches the ridge from context 512."""
+    from labkit.hardware import datasheets
+    from labkit.roofline import ModelShape, critical_batch
+
+    guide = (repo_root() / "docs" / "instructor-guide.md").read_text()
+    assert "≈ 295" in guide and "context 512 or more decode never reaches the ridge" in guide
+    shape, ridge = ModelShape.from_config("llama-3.1-8b"), datasheets()["H100 SXM"].ridge_flop_per_byte("bfloat16")
+    assert round(ridge) == 295
+    assert abs(critical_batch(shape, ridge, "bfloat16", 0) - 295) <= 5
+    assert critical_batch(shape, ridge, "bfloat16", 512) is None

@@ -58,6 +58,8 @@ def test_serving_loaders() -> None:
     assert inter.stats["1p1d"]["decode_stall_max_ms"] < inter.stats["mono"]["decode_stall_max_ms"]
     val = R.plan_validation()
     assert val.share_within_15pct == 1.0 and len(val.rows) == 18 and val.requests_per_rate == 24
+    raw = json.loads(val.file.path.read_text())["rows"]
+    assert [r.error for r in val.rows] == pytest.approx([r["error"] for r in raw])
     tr = R.transfer()
     assert {lk.how for lk in tr.links} == {"measured", "computed"} and tr.bandwidth
     eng = R.engine()
