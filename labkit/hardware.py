@@ -303,10 +303,12 @@ def measure_copy_bandwidth(device: str | None = None, nbytes: int | None = None,
 
 
 def measure_peaks(device: str | None = None, dtypes: tuple[str, ...] | None = None, *, quick: bool = False,
-                  matmul_size: int | None = None, buffer_bytes: int | None = None, repeats: int = 5) -> Peaks:
+                  matmul_size: int | None = None, buffer_bytes: int | None = None, repeats: int = 5,
+                  progress: bool = False) -> Peaks:
     """Measures matmul FLOP/s per dtype and read/copy bandwidth on `device`; returns Peaks.
 
     quick: smaller sizes and fewer repeats (seconds on a CPU; less accurate, for CI).
+    progress: a bar over the measurements (a CPU without bf16 units takes minutes for its bf16 peak).
     """
     import torch
 
@@ -323,15 +325,25 @@ def measure_peaks(device: str | None = None, dtypes: tuple[str, ...] | None = No
     flops: dict[str, float] = {}
     if is_gpu:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 stays fp32: TF32 is a different roof
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(dtypes) + 2, desc=f"peaks of {device}", leave=False)
     for dt in dtypes:
         try:
             flops[dt] = measure_matmul_flops(dt, device, n, repeats)
         except RuntimeError as e:  # e.g. a dtype this CPU's BLAS does not support
             notes.append(f"{dt} matmul not measured: {e.__class__.__name__}: {str(e)[:120]}")
+        if bar is not None:
+            bar.update()
     if not flops:
         raise RuntimeError(f"no matmul dtype could be measured on {device}: {notes}")
     read = measure_read_bandwidth(device, nbytes, repeats)
     copy = measure_copy_bandwidth(device, nbytes, repeats)
+    if bar is not None:
+        bar.update(2)
+        bar.close()
     return Peaks(device=device, device_name=device_name(device), threads=torch.get_num_threads(),
                  matmul_flops=flops, read_bytes_per_s=read, copy_bytes_per_s=copy, matmul_size=n,
                  buffer_bytes=nbytes, measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -343,7 +355,8 @@ def peaks_cache_path(device: str | None = None, quick: bool = False) -> Path:
     return labkit_home() / "hardware" / f"peaks-{machine_key(device)}{'-quick' if quick else ''}.json"
 
 
-def peaks(device: str | None = None, *, refresh: bool = False, quick: bool = False, verbose: bool = True) -> Peaks:
+def peaks(device: str | None = None, *, refresh: bool = False, quick: bool = False, verbose: bool = True,
+          progress: bool = False) -> Peaks:
     """This device's measured Peaks, from the cache in LABKIT_HOME or measured now (refresh=True remeasures).
 
     Other work on the machine lowers what is measured; remeasure (refresh=True) on a quiet machine.
@@ -359,7 +372,7 @@ def peaks(device: str | None = None, *, refresh: bool = False, quick: bool = Fal
             pass  # a broken cache is remeasured below
     if verbose:
         print(f"labkit: measuring peak FLOP/s and bandwidth on {device_name(device)} ({device}); cached in {path}")
-    p = measure_peaks(device, quick=quick)
+    p = measure_peaks(device, quick=quick, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"version": PEAKS_VERSION, **p.as_dict()}, indent=1))

@@ -16,7 +16,8 @@ import argparse
 import contextlib
 import json
 import statistics
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from labkit.hardware import Peaks, sync, time_fn
 from labkit.roofline import PhaseCost, decode_cost, prefill_cost
@@ -81,6 +82,23 @@ def measure_decode(runner: Runner, batch: int = 1, context_len: int = 512, *, wa
     return _record(runner, decode_cost(runner.shape, batch, context_len, runner.dtype), times, peaks)
 
 
+def measure_decode_beside_bandwidth(runner: Runner, batch: int = 1, context_len: int = 512, *, repeats: int = 5,
+                                    peaks: Peaks | None = None) -> dict[str, Any]:
+    """measure_decode, with the read bandwidth measured right before and right after it.
+
+    On a shared machine the roof moves between rounds (up to 2x on a VM), so a step is compared
+    with a roof measured beside it. Adds `read_bytes_per_s_beside`: the higher of the two (best of
+    3 each), the one other processes disturbed least, in bytes/s.
+    """
+    from labkit.hardware import measure_read_bandwidth
+
+    before = measure_read_bandwidth(runner.device, repeats=3, stat="best")
+    rec = measure_decode(runner, batch, context_len, repeats=repeats, peaks=peaks)
+    after = measure_read_bandwidth(runner.device, repeats=3, stat="best")
+    rec["read_bytes_per_s_beside"] = max(before, after)
+    return rec
+
+
 def sweep_decode(runner: Runner, batches: Iterable[int], context_len: int = 256, **kw: Any) -> list[dict[str, Any]]:
     """measure_decode at each batch size; returns the records in order."""
     return [measure_decode(runner, b, context_len, **kw) for b in _progress(list(batches), "decode batch sweep")]
@@ -134,7 +152,7 @@ def format_records(records: list[dict[str, Any]]) -> str:
     lines = [head]
     for r in records:
         n = r.get("prompt_len", r.get("context_len"))
-        pct = lambda v: f"{v:7.0%}" if v is not None else "      -"  # noqa: E731
+        pct = lambda v: f"{v:7.0%}" if v is not None else "      -"
         lines.append(f"{r['phase']:<8}{r['batch']:>6}{n:>6}{r['ms']:>10.2f}{r['tokens_per_s']:>10.1f}"
                      f"{r['achieved_flops_per_s'] / 1e9:>10.1f}{r['achieved_bytes_per_s'] / 1e9:>8.2f}"
                      f"{pct(r.get('mfu'))}{pct(r.get('mbu'))}  {r['runner']}")

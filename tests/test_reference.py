@@ -1,0 +1,89 @@
+"""labkit.reference against the committed results in docs/results/: the numbers the notebooks draw."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from labkit import reference as R
+
+
+def test_newest_file_per_kind_prefers_the_plain_run_over_variants() -> None:
+    assert R.newest_file("plan_validation").date == "2026-11-27"
+    assert R.newest_file("roofline").tag == "cpu-2core"
+    assert R.newest_file("roofline", variant="1t").tag == "cpu-2core-1t"
+    assert R.newest_file("gpu_check").path.name == "results.json"
+    assert R.newest_file("no_such_kind") is None
+
+
+def test_gpu_check_loads_the_h100_run() -> None:
+    run = R.gpu_check()
+    assert run is not None and run.machine == "H100 SXM" and run.dtype == "bfloat16"
+    assert run.roofs.peak_flops == pytest.approx(734.2e12, rel=1e-3)
+    assert run.roofs.read_bytes_per_s == pytest.approx(3.03e12, rel=1e-2)
+    pre = run.point("llama-3.1-8b", "transformers", "prefill")
+    assert pre.mfu == pytest.approx(0.637, abs=1e-3) and pre.seq_len == 2048
+    eager, graphs = (run.point("llama-3.1-8b", f"engine {f}", "decode") for f in ("eager", "graphs"))
+    assert eager.mbu == pytest.approx(0.284, abs=1e-3) and graphs.mbu == pytest.approx(0.496, abs=1e-3)
+    sweep = run.decode_sweeps["llama-3.1-8b engine graphs"]
+    assert [p.batch for p in sweep] == [1, 16, 64, 128, 256] and {p.seq_len for p in sweep} == {512}
+    assert run.telemetry_means["decode"]["dram_bw_util_pct"] == pytest.approx(10.5, abs=0.1)
+    assert run.critical_batch == {"measured": 281, "datasheet": 354}
+    assert "timeline_8b" in run.images and run.images["timeline_8b"].is_file()
+    assert "97–98%" in run.readme_section("Telemetry")
+    assert run.readme_section("No such heading") == ""
+
+
+def test_roofline_loads_the_cpu_run_with_both_runners() -> None:
+    run = R.roofline()
+    assert run.model == "small" and run.threads == 2
+    assert run.roofs.peak_flops == pytest.approx(226e9, rel=0.02)
+    by = {(p.runner, p.phase): p for p in run.points}
+    assert by["labkit-engine", "prefill"].mfu == pytest.approx(0.824, abs=1e-3)
+    assert by["labkit-engine", "decode"].mbu == pytest.approx(0.552, abs=1e-3)
+    assert by["labkit-engine", "decode"].ms == pytest.approx(21.18, abs=0.01)
+    assert by["transformers", "decode"].intensity_flop_per_byte == pytest.approx(0.53, abs=0.01)
+    assert run.mbu_range["labkit-engine"][0] <= 0.552 <= run.mbu_range["labkit-engine"][1]
+
+
+def test_serving_loaders() -> None:
+    gains = R.gains()
+    assert set(gains.workloads) == {"conversation", "short_prompt"} and gains.requests_per_rate == 10
+    conv = gains.workloads["conversation"]
+    assert {r.mode for r in conv.rows} == {"mono", "1p1d"} and conv.rows[0].raw["sent"] == 10
+    inter = R.serve_interference()
+    assert inter.model == "small" and set(inter.stats) == {"mono", "mono-chunked", "1p1d"}
+    assert inter.stats["1p1d"]["decode_stall_max_ms"] < inter.stats["mono"]["decode_stall_max_ms"]
+    val = R.plan_validation()
+    assert val.share_within_15pct == 1.0 and len(val.rows) == 18 and val.requests_per_rate == 24
+    raw = json.loads(val.file.path.read_text())["rows"]
+    assert [r.error for r in val.rows] == pytest.approx([r["error"] for r in raw])
+    tr = R.transfer()
+    assert {lk.how for lk in tr.links} == {"measured", "computed"} and tr.bandwidth
+    eng = R.engine()
+    assert eng.model == "small" and eng.output_tok_per_s["labkit"] > 0 and "prefill_mfu" in eng.efficiency
+
+
+def test_loaders_return_none_for_missing_or_broken_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for load in (R.roofline, R.gpu_check, R.engine, R.transfer, R.serve_interference, R.gains, R.plan_validation):
+        assert load(directory=empty) is None
+        assert load(directory=tmp_path / "absent") is None
+    (tmp_path / "roofline-2027-01-01-cpu-2core.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert R.roofline(directory=tmp_path) is None
+    (tmp_path / "roofline-2027-01-01-cpu-2core.json").write_text(json.dumps({"model": "small"}))
+    with pytest.warns(UserWarning, match="fields"):
+        assert R.roofline(directory=tmp_path) is None
+
+
+def test_a_newer_file_wins(tmp_path: Path) -> None:
+    src = R.newest_file("roofline").path
+    shutil.copy(src, tmp_path / src.name)
+    data = json.loads(src.read_text())
+    data["threads"] = 8
+    (tmp_path / "roofline-2027-02-02-laptop-8core.json").write_text(json.dumps(data))
+    assert R.roofline(directory=tmp_path).threads == 8
