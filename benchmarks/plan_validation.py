@@ -73,6 +73,8 @@ def main() -> int:
     ap.add_argument("--modes", default="mono,1p1d", help="serving modes, comma-separated (mono, 1p1d, mono-dp, "
                     "1p1d-selective where the servers offer them)")
     ap.add_argument("--prefill-threshold", type=int, default=0, help="tokens, for 1p1d-selective")
+    ap.add_argument("--calibration-timeout-s", type=float, default=1800.0,
+                    help="give up on a calibration after this long (on a busy 2-core box `small` took over 900 s)")
     ap.add_argument("--out", default=None, help="JSON path")
     a = ap.parse_args()
     prof = PROFILES["quick" if a.quick else "full"]
@@ -95,7 +97,8 @@ def main() -> int:
         cpus = cores if mode in ("mono", "mono-chunked") else cores[:1]
         print(f"== calibrating {prof['model']} on cores {cpus} (each {mode} engine)")
         with tempfile.TemporaryDirectory() as tmp:
-            cals[mode] = calibrate_pinned(prof["model"], prof["profile"], cpus, Path(tmp) / "cal.json")
+            cals[mode] = calibrate_pinned(prof["model"], prof["profile"], cpus, Path(tmp) / "cal.json",
+                                          timeout_s=a.calibration_timeout_s)
         print(cals[mode].model.describe())
         print(f"== measuring {mode} at {rates} req/s, {n} requests each")
         rows += measure_and_compare(prof["model"], cals[mode].model, cals[mode].model, rates_rps=rates,

@@ -159,7 +159,7 @@ def test_an_old_validation_file_gives_a_card_that_names_what_it_lacks(tmp_path) 
 
     fig = plan_plots.plot_report_card(card)
     texts = [t.get_text() for t in fig.axes[0].texts]
-    assert texts.count("missing") == 2 * 4 and "-12%" in texts        # 2 runs x 4 figures the file lacks
+    assert texts.count("missing") == 2 * 4 and "-12.0%" in texts      # 2 runs x 4 figures the file lacks
 
 
 def test_the_committed_validation_has_a_card() -> None:

@@ -2,10 +2,11 @@
 
 Each validation run (a mode at a rate) gives p50 and p99 of TTFT, TPOT and ITL, and output
 throughput, measured by the benchmark client and predicted by replaying the same trace in the
-simulator. Targets: every p50 within 10%, every p99 within 20% (the published simulators report
-about 9% error at p50, Vidur MLSys'24; independent comparisons find 20-35% typical at the tail),
-throughput within 10%. Modes slot in as their runs exist; a file written before a figure was
-recorded (the 2026-11-27 validation has no p99s and no ITL) says which figures are missing.
+simulator. Targets: every p50 within 10% and every p99 within 20% (issue 18), throughput within
+10% (as a p50). For scale: Vidur (MLSys'24) reports under 9% latency error; independent
+comparisons of such simulators find 20-35% typical. Modes slot in as their runs exist; a file
+written before a figure was recorded (the 2026-11-27 validation has no p99s and no ITL) says
+which figures are missing.
 """
 from __future__ import annotations
 

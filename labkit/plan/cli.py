@@ -61,7 +61,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet both SLOs")
     s.add_argument("--max-num-seqs", type=int, default=256, help="decode batch limit per instance")
     s.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per step")
-    s.add_argument("--requests", type=int, default=600, help="requests per simulation (more: slower, steadier)")
+    s.add_argument("--requests", type=int, default=1000, help="requests in the pool (more: slower, steadier)")
     s.add_argument("--max-unit", type=int, default=None, help="largest xPyD unit searched (devices; default two nodes)")
     s.add_argument("--curve-devices", type=int, default=64, help="draw the gain-vs-devices curve up to this many")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

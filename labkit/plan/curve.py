@@ -68,14 +68,18 @@ class GainCurve:
         return self.devices[k]
 
     def describe(self, threshold: float = PAYS) -> str:
-        """One sentence: where the curve crosses the threshold."""
+        """One sentence: from which device count the gain stays at `threshold` or more, and its peak."""
         lo, hi = self.devices[0], self.devices[-1]
         n = self.pays_from(threshold)
         g = self.gain
-        top = int(np.nanargmax(g)) if np.isfinite(g).any() else 0
-        peak = f"peak {g[top]:.2f}x at {self.devices[top]} ({self.best[top].label})"
+        if not np.isfinite(g).any():
+            return f"no disaggregated deployment fits {lo}-{hi} devices"
+        top = int(np.nanargmax(np.where(np.isfinite(g), g, np.nan)))
+        d = self.disagg[top]
+        peak = f"peak {g[top]:.2f}x at {self.devices[top]} devices ({d.label if d is not None else '-'})"
         if n is None:
-            return f"disaggregation stays below {threshold:.2f}x at the end of {lo}-{hi} devices ({peak})"
+            return (f"the gain does not stay at {threshold:.2f}x or more up to {hi} devices "
+                    f"({g[-1]:.2f}x at {hi}; {peak})")
         if n == lo:
             return f"disaggregation pays ({threshold:.2f}x or more) at every count from {lo} to {hi} devices ({peak})"
         return f"disaggregation pays ({threshold:.2f}x or more) from {n} devices on, up to {hi} ({peak})"
@@ -92,11 +96,11 @@ class GainCurve:
 def gain_curve(requests: Requests, latency: LatencyModel, slo: SLO, devices: Sequence[int] = range(1, 65), *,
                network: Network | None = None, limits: Limits | None = None, prefix_hit_rate: float = 0.0,
                price_per_device_hour: float = 2.0, settings: SearchSettings | None = None,
-               table: UnitTable | None = None) -> GainCurve:
+               table: UnitTable | None = None, progress: bool = False) -> GainCurve:
     """The curve over `devices` (default 1-64); `table` reuses units already simulated."""
     t = table or UnitTable(requests, latency, slo, network=network, limits=limits, prefix_hit_rate=prefix_hit_rate,
                            price_per_device_hour=price_per_device_hour, settings=settings)
-    res = t.deployments(devices)
+    res = t.deployments(devices, progress=progress)
     ns = tuple(sorted(res))
     return GainCurve(ns, tuple(res[n][0] for n in ns), tuple(res[n][1] for n in ns), tuple(res[n][2] for n in ns))
 

@@ -127,7 +127,7 @@ def _commands(d: Deployment | None, network: Network, model: str, tensor_paralle
 
 
 def plan(shape: WorkloadShape, latency: LatencyModel, *, devices: int, slo: SLO, network: Network | None = None,
-         rdma: bool = True, limits: Limits | None = None, price_per_device_hour: float = 2.0, num_requests: int = 600,
+         rdma: bool = True, limits: Limits | None = None, price_per_device_hour: float = 2.0, num_requests: int = 1000,
          settings: SearchSettings | None = None, model_id: str | None = None, tensor_parallel: int = 1,
          node_hosts: tuple[str, ...] = (), seed: int = 0, curve_devices: int | None = CURVE_DEVICES) -> PlanReport:
     """Searches deployments of `devices`, draws the gain-vs-devices curve (1 to max(devices,

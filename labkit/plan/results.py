@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from labkit.plan.simulator import Layout
+from labkit.plan.layout import Layout
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,16 +2,20 @@
 
 Goodput follows DistServe (OSDI'24): the highest request rate a unit sustains while at least
 `attainment` (90%) of requests meet every SLO. A unit is one monolithic replica or one xPyD
-group; a deployment fills the N devices with units (copies of one, plus remainder units or mono
-replicas, or any mix: `labkit.plan.packing`), serves the sum of their rates, and its goodput per
-device divides by all N devices, idle ones included. Units that fit a node move their KV over
-the node's link (NVLink by default); units larger than a node over the network between nodes.
+group. The monolithic deployment is N replicas (mono-dp); the disaggregated one fills the N
+devices with xPyD units (copies of one, plus remainder units, a mono replica on a device left
+over in a node: `labkit.plan.packing`). A deployment serves the sum of its units' rates, and its
+goodput per device divides by all N devices, idle ones included. Units that fit a node move
+their KV over the node's link (NVLink by default); units larger than a node over the network
+between nodes.
 
 Only xPyD splits with no common factor are units of their own: with the router's round-robin,
 2P2D hands every instance exactly the requests two 1P1D copies would, so replication covers it.
-Units go up to two nodes by default (`max_unit_devices` raises it): with 100 Gbps between nodes,
-larger ones lost to node-sized units for both Azure 2023 presets, and cost minutes to simulate.
-Even so, simulating every unit would be slow, so the search is lazy: every unit has
+Units go up to two nodes by default (`max_unit_devices` raises it): for Llama-3.1-8B on H100s
+with 100 Gbps between nodes, larger units lost to node-sized ones on both Azure 2023 presets
+(64 devices, conversation: 8 x 5P3D either way, 190 s uncapped against 15 s), as every KV of a
+unit across nodes enters its decode devices over that link. Even then, simulating every unit
+would be slow, so the search is lazy: every unit has
 a fluid upper bound on its rate (`capacity_rps`, which the search never credits past), the packer
 runs on bounds for the units not simulated yet, and only the units the best packings pick are
 simulated, until the best packing of simulated units reaches `packing_tolerance` (5%) of the best
@@ -236,10 +240,10 @@ class UnitTable:
                                             unit.kind == "disagg" and self.network.spans_nodes(unit))
         return self.scores[unit]
 
-    def deployments(self, budgets: Iterable[int], layouts: Sequence[Layout] | None = None,
-                    ) -> dict[int, tuple[Deployment, Deployment, Deployment | None]]:
+    def deployments(self, budgets: Iterable[int], layouts: Sequence[Layout] | None = None, *,
+                    progress: bool = False) -> dict[int, tuple[Deployment, Deployment, Deployment | None]]:
         """For each budget N: (best deployment, best monolithic, best with xPyD), simulating only
-        the units the packings pick (see the module docstring)."""
+        the units the packings pick (see the module docstring); `progress` counts them in a bar."""
         budgets = sorted(set(budgets))
         if not budgets or budgets[0] < 1:
             raise ValueError(f"budgets must be >= 1 device, got {budgets}")
@@ -251,6 +255,10 @@ class UnitTable:
                     raise ValueError(f"units are single replicas; {lay.label} is {lay.num_replicas} of them")
                 self.score(lay)
         tol = self.settings.packing_tolerance
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(desc="units simulated", unit="unit")
         while True:
             simulated = [Item(u, u.num_devices, self.scores[u].max_rate_rps_per_unit, u.kind == "disagg")
                          for u in cands if u in self.scores]
@@ -264,6 +272,10 @@ class UnitTable:
                 break
             for unit in sorted(todo, key=lambda u: u.num_devices):
                 self.score(unit)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
         monos = [self.scores[u] for u in cands if u.kind == "mono"]
         best_mono = max(monos, key=lambda s: s.max_rate_rps_per_unit) if monos else None
         out = {}

@@ -28,14 +28,15 @@ def tour_section(report: Any, profile: str) -> None:
     hw = datasheet_spec("H100 SXM")
     latency = roofline_latency_model(ModelShape.from_preset("llama-3.1-8b"), hw, Efficiency(0.5, 0.7, 1e-3))
     devices, slo, network = 16, SLO(1.0, 0.05), Network()
-    settings = SearchSettings(bisection_steps=3 if profile == "ci" else 5, min_requests=60)
-    n = 120 if profile == "ci" else 400
+    ci = profile == "ci"
+    settings = SearchSettings(bisection_steps=3, min_requests=60, max_requests=600) if ci else SearchSettings()
+    n = 120 if ci else 1000
     rows = []
     first = None
     for name in TOUR_WORKLOADS:
         rep = plan(workload_shape(name), latency, devices=devices, slo=slo, network=network, limits=Limits(256, 8192),
                    num_requests=n, settings=settings, price_per_device_hour=2.5,
-                   curve_devices=devices if profile == "ci" else 64)
+                   curve_devices=devices if ci else 64)
         first = first or rep
         rows.append({"workload": name, "best deployment": rep.search.best.label,
                      "gain (best disaggregated / mono-dp)": round(rep.search.disagg_gain, 3),

@@ -161,7 +161,7 @@ def plot_report_card(card: Any, title: str = "The simulator's report card") -> A
             r = card.cell(mode, rate, m)
             if r is not None and np.isfinite(r.error):
                 score[i, j] = min(abs(r.error) / r.target, 2.0)
-                ax.text(j, i, f"{r.error:+.0%}", ha="center", va="center", fontsize=12,
+                ax.text(j, i, f"{r.error:+.1%}", ha="center", va="center", fontsize=12,
                         fontweight="normal" if r.met else "bold")
             else:
                 ax.text(j, i, "missing", ha="center", va="center", fontsize=10, color="#555555")
