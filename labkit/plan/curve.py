@@ -77,6 +77,9 @@ class GainCurve:
         top = int(np.nanargmax(np.where(np.isfinite(g), g, np.nan)))
         d = self.disagg[top]
         peak = f"peak {g[top]:.2f}x at {self.devices[top]} devices ({d.label if d is not None else '-'})"
+        upper = [x for n, x in zip(self.devices, g) if n >= hi / 2 and np.isfinite(x)]
+        if upper and hi >= 2 * lo:    # how it behaves on the larger half: the teeth or a plateau
+            peak = f"{hi // 2}-{hi} devices: {min(upper):.2f}-{max(upper):.2f}x; {peak}"
         if n is None:
             return (f"the gain does not stay at {threshold:.2f}x or more up to {hi} devices "
                     f"({g[-1]:.2f}x at {hi}; {peak})")

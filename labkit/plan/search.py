@@ -13,8 +13,9 @@ Only xPyD splits with no common factor are units of their own: with the router's
 2P2D hands every instance exactly the requests two 1P1D copies would, so replication covers it.
 Units go up to two nodes by default (`max_unit_devices` raises it): for Llama-3.1-8B on H100s
 with 100 Gbps between nodes, larger units lost to node-sized ones on both Azure 2023 presets
-(64 devices, conversation: 8 x 5P3D either way, 190 s uncapped against 15 s), as every KV of a
-unit across nodes enters its decode devices over that link. Even then, simulating every unit
+(64 devices: 8 x 5P3D for conversation, 8 x 7P1D for code, either way; `labkit plan` took 53 s
+uncapped against 19 s on a busy 2-core box), as every KV of a unit across nodes enters its decode
+devices over that link. Even then, simulating every unit
 would be slow, so the search is lazy: every unit has
 a fluid upper bound on its rate (`capacity_rps`, which the search never credits past), the packer
 runs on bounds for the units not simulated yet, and only the units the best packings pick are
