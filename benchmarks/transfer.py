@@ -23,6 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_LENS = (512, 2048, 8192)
+EMULATED_FIXED_S = 20e-6    # an emulated link's fixed cost per transfer: a 10 µs trip each way
 
 
 def _fmt_bytes(n: float) -> str:
@@ -44,9 +45,20 @@ def main() -> int:
 
     import torch
 
-    from labkit.transfer import LinkShape, available_backends
-    from labkit.transfer.measure import ReceiverProcess, layerwise_vs_at_end, memcpy_gb_per_s, time_sends
-    from labkit.transfer.sizing import Link, datasheet_links, fit_linear, kv_shapes, request_table
+    from labkit.links import Link
+    from labkit.transfer import available_backends
+    from labkit.transfer.measure import (
+        ReceiverProcess,
+        layerwise_vs_at_end,
+        memcpy_gb_per_s,
+        time_sends,
+    )
+    from labkit.transfer.sizing import (
+        datasheet_links,
+        fit_link,
+        kv_shapes,
+        request_table,
+    )
 
     sizes = [64 << 10, 1 << 20, 16 << 20, 64 << 20] if a.quick else [64 << 10, 1 << 20, 16 << 20, 256 << 20, 1 << 30]
     repeats = a.repeats or (2 if a.quick else 3)
@@ -85,7 +97,7 @@ def main() -> int:
                         print(f"tcp emulated {gbps} Gbps: skipped, loopback tcp does only {tcp_gbps:.1f} Gbps "
                               "here now (computed instead)")
                         continue
-                    link = LinkShape(gbps, 0.010, f"{gbps} Gbps")
+                    link = Link.from_gbps(gbps, EMULATED_FIXED_S, f"{gbps} Gbps", "emulated")
                     r = time_sends(rx.endpoint, rx.token, n_em, repeats=1, link=link)
                     r.update(backend="tcp", link=link.label, computed_s=link.seconds(r["nbytes"]))
                     emulated.append(r)
@@ -94,7 +106,7 @@ def main() -> int:
                 # 3. layer-wise vs at the end, over an emulated 10 Gbps link, prefill as long as the transfer
                 n_lw = 16 << 20 if a.quick else 64 << 20
                 lw_gbps = 10 if tcp_gbps > 20 else 1
-                link = LinkShape(lw_gbps, 0.010, f"{lw_gbps} Gbps")
+                link = Link.from_gbps(lw_gbps, EMULATED_FIXED_S, f"{lw_gbps} Gbps", "emulated")
                 compute_s = link.seconds(n_lw)
                 r = layerwise_vs_at_end(rx.endpoint, rx.token, n_lw, compute_s=compute_s, link=link)
                 r["label"] = f"{_fmt_bytes(r['nbytes'])} over {link.label} (emulated)"
@@ -117,13 +129,12 @@ def main() -> int:
     for b in backends:
         pts = [(r["nbytes"], r["seconds_median"]) for r in rows if r["backend"] == b]
         try:
-            fixed_s, gbs = fit_linear([x for x, _ in pts], [y for _, y in pts])
+            links.append(fit_link([x for x, _ in pts], [y for _, y in pts], f"{b} (this machine)", "measured"))
         except ValueError as e:
             print(f"no fit for {b}: {e}")
-            continue
-        links.append(Link(f"{b} (this machine)", gbs, fixed_s, "measured"))
-    links += [Link(r["link"], r["nbytes"] / (r["seconds_median"] - 0.02) / 1e9, 0.02, "emulated")
-              for r in emulated if r["link"] != "1 Gbps" and r["seconds_median"] > 0.04]
+    # what each emulated link achieved: its bytes over the time beyond the fixed cost it was given
+    links += [Link(r["nbytes"] / (r["seconds_median"] - EMULATED_FIXED_S), EMULATED_FIXED_S, r["link"], "emulated")
+              for r in emulated if r["link"] != "1 Gbps" and r["seconds_median"] > 2 * EMULATED_FIXED_S]
     links += datasheet_links()
     shapes = [s for name, s in kv_shapes().items() if name in ("tiny", "small", "llama-3.2-1b", "llama-3.1-8b",
                                                                  "qwen2.5-7b", "llama-3.1-70b")]

@@ -7,10 +7,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from labkit.plan.latency_model import (Calibration, DecodeSample, LatencyModel, PrefillSample,
-                                       fit_latency_model)
-from labkit.plan.scaling import (Efficiency, HardwareSpec, ModelShape, efficiencies_from,
-                                 roofline_latency_model, scale_latency_model)
+from labkit.plan.latency_model import (
+    Calibration,
+    DecodeSample,
+    LatencyModel,
+    PrefillSample,
+    fit_latency_model,
+)
+from labkit.plan.scaling import (
+    Efficiency,
+    HardwareSpec,
+    ModelShape,
+    efficiencies_from,
+    roofline_latency_model,
+    scale_latency_model,
+)
 
 TRUE = LatencyModel(0.004, 40e-6, 2e-9, 0.006, 3e-8, 2e-4, kv_bytes_per_token=16384)
 
@@ -52,7 +63,7 @@ def test_fit_weighs_small_steps_as_much_as_big_ones() -> None:
     is decided by the big steps and misses batch 1 by far; the relative fit keeps it close."""
     pre, _ = _samples(noise=0.0)
     # 20 ms at batch 1 (weights read once), then +3 ms per sequence past batch 4
-    step = lambda b, s: 0.020 + 0.003 * max(0, b - 4) + 2e-8 * s  # noqa: E731
+    step = lambda b, s: 0.020 + 0.003 * max(0, b - 4) + 2e-8 * s
     dec = [DecodeSample(b, b * c, step(b, b * c)) for b in (1, 2, 4, 8, 16, 32) for c in (64, 512, 1024)]
     m = fit_latency_model(pre, dec, kv_bytes_per_token=1)
     worst = max(abs(float(m.decode_step_s(d.batch_size, d.context_tokens)) / d.elapsed_s - 1) for d in dec)
@@ -89,12 +100,13 @@ def _records(sim, start_s) -> list:
 def test_serving_overhead_recovers_what_the_server_adds(disagg: bool) -> None:
     """Probes 'measured' on a server that costs 40 ms per request, 6 ms per step and 2 ms per running
     sequence: one-at-a-time and all-together runs give back those three numbers."""
+    from labkit.links import Link
     from labkit.plan.calibrate import serving_overhead
-    from labkit.plan.simulator import Layout, Link, simulate
+    from labkit.plan.simulator import Layout, simulate
     from labkit.plan.workload import Requests
 
     true = TRUE.with_serving(0.040, 0.006, 0.002)
-    link, layout = (Link(8.0, 1e-3), Layout.disagg(1, 1)) if disagg else (None, Layout.mono())
+    link, layout = (Link.from_gbps(8.0, 1e-3), Layout.disagg(1, 1)) if disagg else (None, Layout.mono())
     first = "landed" if disagg else "adopted"
     prompt, out = np.array([100, 300, 700, 250]), np.array([20, 50, 30, 40])
     runs = []

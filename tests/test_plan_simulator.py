@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from labkit.links import Link
 from labkit.plan.latency_model import LatencyModel
-from labkit.plan.simulator import SLO, Layout, Limits, Link, simulate
+from labkit.plan.simulator import SLO, Layout, Limits, simulate
 from labkit.plan.workload import Requests, WorkloadShape, sample_requests
 
 LAT = LatencyModel(0.002, 50e-6, 1e-8, 0.003, 1e-7, 1e-4, kv_bytes_per_token=100_000)
@@ -32,17 +33,17 @@ def test_server_costs_delay_the_first_token_and_slow_every_step() -> None:
     r = simulate(one(500, 20), served, Layout.mono())
     assert r.ttft_s[0] == pytest.approx(float(LAT.prefill_s(500)) + 0.040, rel=1e-9)
     assert r.tpot_s[0] == pytest.approx(decode_total_s(500, 20) / 19 + 0.005, rel=1e-9)
-    d = simulate(one(500, 20), served, Layout.disagg(1, 1), link=Link(8.0, 1e-3))
+    d = simulate(one(500, 20), served, Layout.disagg(1, 1), link=Link.from_gbps(8.0, 1e-3))
     assert d.tpot_s[0] == pytest.approx(r.tpot_s[0], rel=1e-9)
 
 
 def test_single_request_disagg_adds_the_kv_transfer() -> None:
-    link = Link(bandwidth_gbps=8.0, latency_s=1e-3)                # 1 GB/s
+    link = Link.from_gbps(8.0, 1e-3)                # 1 GB/s
     r = simulate(one(500, 20), LAT, Layout.disagg(1, 1), link=link)
     transfer = 1e-3 + 500 * 100_000 / 1e9                          # 51 ms
     assert r.ttft_s[0] == pytest.approx(float(LAT.prefill_s(500)) + transfer, rel=1e-9)
     assert r.tpot_s[0] == pytest.approx(decode_total_s(500, 20) / 19, rel=1e-9)
-    faster = simulate(one(500, 20), LAT, Layout.disagg(1, 1), link=Link(800.0, 1e-3))
+    faster = simulate(one(500, 20), LAT, Layout.disagg(1, 1), link=Link.from_gbps(800.0, 1e-3))
     assert faster.ttft_s[0] < r.ttft_s[0]
 
 
@@ -51,7 +52,7 @@ def test_prefix_hits_shorten_prefill_but_not_the_transfer() -> None:
     hit = simulate(one(1000, 2), LAT, Layout.mono(), prefix_hit_rate=0.5)
     expected = LAT.prefill_a_s + LAT.chunk_work_s(500, 500)
     assert hit.ttft_s[0] == pytest.approx(expected, rel=1e-12) and hit.ttft_s[0] < full.ttft_s[0]
-    link = Link(8.0, 0.0)
+    link = Link.from_gbps(8.0, 0.0)
     d_full = simulate(one(1000, 2), LAT, Layout.disagg(1, 1), link=link)
     d_hit = simulate(one(1000, 2), LAT, Layout.disagg(1, 1), link=link, prefix_hit_rate=0.5)
     saved = full.ttft_s[0] - hit.ttft_s[0]
@@ -112,8 +113,10 @@ def test_bad_inputs_name_the_value() -> None:
         Layout.disagg(0, 2)
     with pytest.raises(ValueError, match="prefix_hit_rate"):
         simulate(one(10, 2), LAT, Layout.mono(), prefix_hit_rate=1.0)
-    with pytest.raises(ValueError, match="bandwidth_gbps"):
-        Link(0.0)
+    with pytest.raises(ValueError, match="gbps"):
+        Link.from_gbps(0.0)
+    with pytest.raises(ValueError, match="from_gbps"):       # a line rate in Gbit/s passed as bytes/s
+        Link(100.0)
     with pytest.raises(ValueError, match="sorted"):
         Requests(np.array([1.0, 0.0]), np.array([1, 1]), np.array([1, 1]))
 
@@ -129,3 +132,64 @@ def test_first_token_when_the_kv_lands_or_when_decode_adopts_it() -> None:
     np.testing.assert_allclose(landed.finish_s, adopted.finish_s)     # the same work either way
     with pytest.raises(ValueError, match="first_token_at"):
         simulate(req, LAT, Layout.disagg(1, 1), first_token_at="whenever")  # type: ignore[arg-type]
+
+
+def _same_times(a, b) -> None:
+    np.testing.assert_allclose(a.first_token_s, b.first_token_s, rtol=1e-12)
+    np.testing.assert_allclose(a.finish_s, b.finish_s, rtol=1e-12)
+
+
+def test_mono_dp_with_one_replica_is_mono_and_with_two_is_two_monos() -> None:
+    req = sample_requests(WorkloadShape("w", 600, 80, 0.5, 0.5), 80, 6.0, seed=5)
+    _same_times(simulate(req, LAT, Layout.mono_dp(1)), simulate(req, LAT, Layout.mono()))
+    two = simulate(req, LAT, Layout.mono_dp(2))
+    assert two.layout.label == "mono-dp x2" and two.layout.num_devices == 2
+    for rep in (0, 1):       # round-robin: replica k serves requests k, k+2, ... as a mono engine alone would
+        half = Requests(req.arrival_s[rep::2], req.prompt_tokens[rep::2], req.output_tokens[rep::2])
+        alone = simulate(half, LAT, Layout.mono())
+        np.testing.assert_allclose(two.first_token_s[rep::2], alone.first_token_s, rtol=1e-12)
+        np.testing.assert_allclose(two.finish_s[rep::2], alone.finish_s, rtol=1e-12)
+    assert simulate(req.at_rate(30.0), LAT, Layout.mono_dp(2)).summary()["ttft_p50_s"] < \
+        simulate(req.at_rate(30.0), LAT, Layout.mono()).summary()["ttft_p50_s"]
+
+
+def test_selective_threshold_zero_is_plain_xpyd_and_above_every_prompt_is_mono_on_decode() -> None:
+    req = sample_requests(WorkloadShape("w", 600, 80, 0.6, 0.5), 100, 8.0, seed=6)
+    link = Link.from_gbps(8.0, 1e-3)
+    _same_times(simulate(req, LAT, Layout.disagg(1, 1, prefill_threshold=0), link=link),
+                simulate(req, LAT, Layout.disagg(1, 1), link=link))
+    # every prompt under the threshold: the decode device prefills everything, the prefill device idles
+    slower = LatencyModel(0.004, 80e-6, 2e-8, 0.006, 2e-7, 2e-4, kv_bytes_per_token=100_000)
+    above = int(req.prompt_tokens.max()) + 1
+    sel = simulate(req, LAT, Layout.disagg(1, 1, prefill_threshold=above), link=link, decode_latency=slower)
+    _same_times(sel, simulate(req, slower, Layout.mono()))
+    assert Layout.disagg(2, 1, 512).label == "2P1D sel<512"
+    with pytest.raises(ValueError, match="prefill_threshold"):
+        Layout("mono", prefill_threshold=8)
+
+
+def test_selective_sends_short_prompts_to_the_decode_side_without_a_transfer() -> None:
+    req = Requests(np.array([0.0, 10.0]), np.array([100, 1000]), np.array([5, 5]))
+    link = Link.from_gbps(8.0, 1e-3)                                # 1 GB/s: the 1,000-token KV takes 100 ms
+    r = simulate(req, LAT, Layout.disagg(1, 1, prefill_threshold=500), link=link)
+    assert r.ttft_s[0] == pytest.approx(float(LAT.prefill_s(100)), rel=1e-12)          # prefilled on decode
+    assert r.ttft_s[1] == pytest.approx(float(LAT.prefill_s(1000)) + 1e-3 + 1000 * 100_000 / 1e9, rel=1e-9)
+
+
+def test_decode_device_link_carries_one_transfer_at_a_time() -> None:
+    # two prompts prefilled at once on two prefill devices, both for the one decode device
+    req = Requests(np.array([0.0, 0.0]), np.array([500, 500]), np.array([3, 3]))
+    link = Link.from_gbps(8.0, 0.0)                                 # 50 ms for a 500-token KV
+    r = simulate(req, LAT, Layout.disagg(2, 1), link=link, first_token_at="landed")
+    xfer = 500 * 100_000 / 1e9
+    assert sorted(r.ttft_s) == pytest.approx([float(LAT.prefill_s(500)) + xfer, float(LAT.prefill_s(500)) + 2 * xfer])
+    two = simulate(req, LAT, Layout.disagg(2, 2), link=link, first_token_at="landed")     # one link each
+    assert two.ttft_s == pytest.approx([float(LAT.prefill_s(500)) + xfer] * 2)
+
+
+def test_decode_on_another_part_uses_its_step_times() -> None:
+    slower = LatencyModel(0.002, 50e-6, 1e-8, 0.009, 3e-7, 2e-4, kv_bytes_per_token=100_000)
+    r = simulate(one(500, 20), LAT, Layout.disagg(1, 1), link=Link.from_gbps(8.0, 1e-3), decode_latency=slower)
+    steps = sum(float(slower.decode_step_s(1, 500 + 1 + j)) for j in range(19))
+    assert r.tpot_s[0] == pytest.approx(steps / 19, rel=1e-9)
+    assert r.ttft_s[0] == pytest.approx(float(LAT.prefill_s(500)) + 1e-3 + 500 * 100_000 / 1e9, rel=1e-9)

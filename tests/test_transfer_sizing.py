@@ -1,13 +1,23 @@
 """KV sizing, link arithmetic, fits, break-even, link emulation and the `labkit transfer` command."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from labkit.cli import main as labkit_main
-from labkit.transfer import LinkShape, new_token, open_receiver, open_sender
-from labkit.transfer.shaping import LINKS, TokenBucket, chunk_bytes
-from labkit.transfer.sizing import (KVShape, LLAMA_70B, Link, break_even_tokens, datasheet_links, fit_linear,
-                                    kv_shapes, request_table, transfer_seconds)
+from labkit.links import LINKS, Link
+from labkit.transfer import new_token, open_receiver, open_sender
+from labkit.transfer.shaping import LinkShape, TokenBucket, chunk_bytes
+from labkit.transfer.sizing import (
+    LLAMA_70B,
+    KVShape,
+    break_even_tokens,
+    datasheet_links,
+    fit_link,
+    kv_shapes,
+    request_table,
+)
 from labkit.transfer.synthetic import make_kv
 
 
@@ -23,32 +33,40 @@ def test_kv_bytes_of_real_shapes() -> None:
         KVShape("bad", 1, 0, 64)
 
 
+def test_one_link_type_in_bytes_per_second_and_seconds() -> None:
+    link = Link(2e9, 0.1)                                          # 2 GB/s after 100 ms
+    assert link.seconds(2e9) == pytest.approx(1.1) and link.gbps == pytest.approx(16.0)
+    assert Link.from_gbps(8, 1e-3).seconds(1_000_000_000) == pytest.approx(1.0 + 0.001)
+    # the older constructor: Gbit/s and a one-way latency in ms, paid there and back
+    old = LinkShape(8, 0.5)
+    assert isinstance(old, Link) and old.bytes_per_s == 1e9 and old.fixed_s == pytest.approx(1e-3)
+    assert not LinkShape().shaped and Link.unshaped().seconds(1 << 30) == 0.0 and math.isinf(LinkShape().gbps)
+    assert LINKS["nvlink"].bytes_per_s == pytest.approx(450e9) and LINKS["100G"].label == "100 Gbps RDMA"
+    for bad in (lambda: Link(0), lambda: Link(1e9, -1.0), lambda: Link.from_gbps(0), lambda: LinkShape(0),
+                lambda: Link(1e9, how="guessed")):  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            bad()
+
+
 def test_links_and_request_table() -> None:
-    assert LinkShape(8, 0.5).seconds(1_000_000_000) == pytest.approx(1.0 + 0.001)
-    nv = LINKS["nvlink"]
-    assert nv.bytes_per_s == pytest.approx(450e9)
     links = datasheet_links()
     assert [l.how for l in links] == ["computed"] * len(LINKS)
     rows = request_table([LLAMA_70B], [4096], links)
     ten = next(r for r in rows if r["link"] == "10 GbE")
     assert ten["kv_bytes"] == 1_342_177_280 and ten["seconds"] == pytest.approx(1_342_177_280 / 1.25e9 + 2e-5)
-    assert transfer_seconds(2e9, 2.0, 0.1) == pytest.approx(1.1)
-    with pytest.raises(ValueError):
-        LinkShape(0)
-    with pytest.raises(ValueError):
-        transfer_seconds(1, 0)
 
 
-def test_fit_linear_recovers_bandwidth_and_fixed_cost() -> None:
+def test_fit_link_recovers_bandwidth_and_fixed_cost() -> None:
     sizes = [1 << 20, 16 << 20, 64 << 20, 256 << 20]
-    fixed, gbs = fit_linear(sizes, [0.002 + n / 5e9 for n in sizes])
-    assert fixed == pytest.approx(0.002) and gbs == pytest.approx(5.0)
+    link = fit_link(sizes, [0.002 + n / 5e9 for n in sizes], "shm", "measured")
+    assert link.fixed_s == pytest.approx(0.002) and link.bytes_per_s == pytest.approx(5e9)
+    assert (link.label, link.how) == ("shm", "measured")
     with pytest.raises(ValueError, match="two"):
-        fit_linear([1], [1.0])
+        fit_link([1], [1.0])
 
 
 def test_break_even_tokens() -> None:
-    link = Link("x", gb_per_s=1.0, fixed_s=0.010, how="computed")       # 10 ms fixed, 1 GB/s
+    link = Link(bytes_per_s=1e9, fixed_s=0.010)                          # 10 ms fixed, 1 GB/s
     per_token = 100_000                                                  # bytes
     # recompute 0.2 ms/token; transfer 0.1 ms/token + 10 ms: equal at 100 tokens
     be = break_even_tokens(lambda n: 2e-4 * n, lambda n: link.seconds(per_token * n))
@@ -58,9 +76,10 @@ def test_break_even_tokens() -> None:
 
 
 def test_token_bucket_never_beats_its_rate() -> None:
-    assert chunk_bytes(None) == 8 << 20 and chunk_bytes(LinkShape(1)) == 250_000
+    assert chunk_bytes(None) == 8 << 20 and chunk_bytes(Link.from_gbps(1)) == 250_000
+    assert chunk_bytes(Link.unshaped()) == 8 << 20
     token = new_token()
-    link = LinkShape(gbps=0.5, latency_ms=1.0)
+    link = Link.from_gbps(0.5, fixed_s=2e-3)
     kv = make_kv("slow", 256, num_layers=4, num_kv_heads=4, head_dim=64)        # 1 MiB
     with open_receiver("tcp", token=token) as rx, open_sender(rx.endpoint, token=token, link=link) as tx:
         st = tx.send(kv, timeout_s=30)
@@ -70,6 +89,8 @@ def test_token_bucket_never_beats_its_rate() -> None:
         open_sender("shm://@x", token=token, link=link)
     with pytest.raises(ValueError):
         TokenBucket(0)
+    with pytest.raises(ValueError):
+        TokenBucket(math.inf)
 
 
 def test_cli_kv_size_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:

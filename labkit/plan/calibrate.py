@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from labkit.kv import kv_bytes_per_token
-from labkit.plan.latency_model import Calibration, DecodeSample, PrefillSample, fit_latency_model
+from labkit.plan.latency_model import (
+    Calibration,
+    DecodeSample,
+    PrefillSample,
+    fit_latency_model,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +88,8 @@ def calibrate(model: Any = "tiny", profile: str | None = None, *, points: Calibr
                   kv_cache_bytes=max(cfg.kv_cache_bytes, int(need_kv * 1.25)), num_blocks=None)
     eng = Engine(cfg)
     rng = np.random.default_rng(seed)
-    prompt = lambda n: [int(x) for x in rng.integers(0, 256, n)]  # noqa: E731 - random bytes: no prefix hits
-    greedy = lambda k: SamplingParams(max_tokens=k, ignore_eos=True)  # noqa: E731
+    prompt = lambda n: [int(x) for x in rng.integers(0, 256, n)]
+    greedy = lambda k: SamplingParams(max_tokens=k, ignore_eos=True)
 
     def run_until_idle(limit: int = 100_000) -> None:
         for _ in range(limit):
@@ -164,7 +170,7 @@ def serving_overhead(engine_model: Any, sequential: Any, concurrent: Any = (), *
     """
     from labkit.plan.latency_model import _nonneg_lstsq
     from labkit.plan.simulator import Layout, simulate
-    from labkit.plan.validate import requests_from_records
+    from labkit.plan.workload import requests_from_records
 
     base = engine_model.engine_only
     seq_ok = [r for r in sequential if getattr(r, "ok", True)]
@@ -173,7 +179,7 @@ def serving_overhead(engine_model: Any, sequential: Any, concurrent: Any = (), *
     waits = []
     for r in seq_ok:
         p = int(r.prompt_tokens)
-        wait = float(base.prefill_s(p)) + (link.transfer_s(p * base.kv_bytes_per_token) if link is not None else 0.0)
+        wait = float(base.prefill_s(p)) + (link.seconds(p * base.kv_bytes_per_token) if link is not None else 0.0)
         waits.append(r.ttft_s - wait)
     request_s = max(0.0, float(np.median(waits)))
 
@@ -186,7 +192,7 @@ def serving_overhead(engine_model: Any, sequential: Any, concurrent: Any = (), *
         trace = requests_from_records(recs)
         many = trace.output_tokens > 1
 
-        def sim_tpot(step_s: float, seq_s: float) -> float:
+        def sim_tpot(step_s: float, seq_s: float, trace: Any = trace, many: Any = many) -> float:
             """Median simulated TPOT of this probe with the given per-step costs."""
             sim = simulate(trace, base.with_serving(request_s, step_s, seq_s), layout, link=link, limits=limits,
                            first_token_at=first_token_at)

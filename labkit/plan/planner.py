@@ -1,4 +1,4 @@
-"""One call that answers "should you disaggregate?": search, checklist, verdict and commands.
+"""One call that answers "should you disaggregate?": search, curve, checklist, verdict and commands.
 
 `plan(...)` is what the CLI prints and what notebook 06's verdict panel shows.
 """
@@ -9,11 +9,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.plan.checklist import Checklist, build_checklist
-from labkit.plan.commands import LaunchPlan, render_script
+from labkit.plan.commands import LaunchPlan, render_deployment, render_script
+from labkit.plan.curve import GainCurve, gain_curve
 from labkit.plan.latency_model import LatencyModel
-from labkit.plan.search import SearchResult, SearchSettings, search_layouts
-from labkit.plan.simulator import SLO, Limits, Link
+from labkit.plan.search import (
+    Deployment,
+    Network,
+    SearchResult,
+    SearchSettings,
+    UnitTable,
+    search_layouts,
+)
+from labkit.plan.simulator import SLO, Limits
 from labkit.plan.workload import WorkloadShape, sample_requests
+
+CURVE_DEVICES = 64     # the gain-vs-devices curve runs from 1 to this many devices (or to the budget)
 
 
 @dataclass(frozen=True)
@@ -23,26 +33,38 @@ class PlanReport:
     shape: WorkloadShape
     latency: LatencyModel
     search: SearchResult
+    curve: GainCurve
     checklist: Checklist
     commands_one_node: str
     commands_cluster: str
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def deployment_rows(self) -> list[dict[str, Any]]:
+        """The best disaggregated deployment of the budget and the monolithic one (N replicas)."""
+        rows = []
+        mono = self.search.mono
+        for name, d in (("disaggregated", self.search.disagg), ("monolithic", mono)):
+            if d is None:
+                continue
+            rows.append({"deployment": name, "layout": d.label, "devices used": d.devices_used,
+                         "idle": d.idle_devices, "goodput (req/s)": round(d.goodput_rps, 2),
+                         "goodput/device (req/s)": round(d.goodput_rps_per_device, 3),
+                         "cost / M output tok": round(d.cost_per_m_output_tokens, 3),
+                         "vs monolithic": round(d.goodput_rps / mono.goodput_rps, 3) if mono.goodput_rps else math.nan})
+        return rows
+
     def table_rows(self, top: int = 8) -> list[dict[str, Any]]:
-        """The best candidates (and the best monolithic one), one row each."""
-        rows, seen = [], set()
+        """The units simulated, best goodput per device first (and the best monolithic one)."""
         picks = self.search.scores[:top]
-        mono = self.search.best_of("mono")
+        mono = next((s for s in self.search.scores if s.unit.kind == "mono"), None)
         if mono is not None and mono not in picks:
             picks = picks + [mono]
+        rows = []
         for s in picks:
-            if s.label in seen:
-                continue
-            seen.add(s.label)
             summ = s.result.summary(self.search.slo) if s.result is not None else {}
-            rows.append({"layout": s.label, "devices used": s.devices_used,
+            rows.append({"unit": s.label, "devices": s.unit.num_devices,
                          "goodput/device (req/s)": round(s.goodput_rps_per_device, 3),
-                         "cluster goodput (req/s)": round(s.goodput_rps, 2),
+                         "unit goodput (req/s)": round(s.max_rate_rps_per_unit, 2),
                          "cost / M output tok": round(s.cost_per_m_output_tokens, 3),
                          "p50 TTFT (ms)": round(1e3 * float(summ.get("ttft_p50_s", math.nan)), 1),
                          "p50 TPOT (ms)": round(1e3 * float(summ.get("tpot_p50_s", math.nan)), 2)})
@@ -50,52 +72,83 @@ class PlanReport:
 
     def render(self) -> str:
         s = self.settings
-        head = [f"Workload {self.shape.name}: prompt median {self.shape.prompt_median_tokens:.0f} tokens, output median "
-                f"{self.shape.output_median_tokens:.0f}, prefix hit {self.shape.prefix_hit_rate:.0%} ({self.shape.source})",
+        net: Network = s["network"]
+        head = [(f"Workload {self.shape.name}: prompt median {self.shape.prompt_median_tokens:.0f} tokens, output "
+                 f"median {self.shape.output_median_tokens:.0f}, prefix hit {self.shape.prefix_hit_rate:.0%} "
+                 f"({self.shape.source})"),
                 f"Latency model ({self.latency.model} on {self.latency.device}; {self.latency.note}):",
                 *("  " + line for line in self.latency.describe().splitlines()),
-                f"SLO: TTFT <= {self.search.slo.ttft_s * 1e3:.0f} ms and TPOT <= {self.search.slo.tpot_s * 1e3:.0f} ms "
-                f"for >= {s.get('attainment', 0.9):.0%} of requests; {self.search.devices} devices at "
-                f"{s.get('price_per_device_hour', 0):g}/device-hour", ""]
-        rows = self.table_rows()
-        cols = list(rows[0]) if rows else []
-        w = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-        table = ["  ".join(c.rjust(w[i]) for i, c in enumerate(cols))]
-        table += ["  ".join(str(r[c]).rjust(w[i]) for i, c in enumerate(cols)) for r in rows]
-        return "\n".join(head + ["Layouts, best goodput per device first (simulated):"] + table + ["", self.checklist.render(),
-                         "", "Launch the best disaggregated layout (vLLM + NixlConnector):", "", "## one node (one unit)",
-                         self.commands_one_node, "", "## the whole cluster, across nodes", self.commands_cluster])
+                (f"SLO: TTFT <= {self.search.slo.ttft_s * 1e3:.0f} ms and TPOT <= {self.search.slo.tpot_s * 1e3:.0f} ms "
+                 f"for >= {s.get('attainment', 0.9):.0%} of requests; {self.search.devices} devices at "
+                 f"{s.get('price_per_device_hour', 0):g}/device-hour; nodes of {net.devices_per_node}, KV over "
+                 f"{net.intra_node.label} inside a node, {net.inter_node.label} between nodes"), ""]
+        marks = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, self.search.devices) if n in self.curve.devices})
+        gain = self.curve.gain
+        curve = "  ".join(f"{n}: {gain[self.curve.devices.index(n)]:.2f}x" for n in marks)
+        return "\n".join(head + [f"Deployments of {self.search.devices} devices (simulated):", _table(self.deployment_rows()),
+                                 "", "Units, best goodput per device first:", _table(self.table_rows()), "",
+                                 f"Gain vs devices (best disaggregated / mono-dp, simulated): {curve}",
+                                 f"  {self.curve.describe()}", "", self.checklist.render(),
+                                 "", "Launch the best disaggregated deployment (vLLM + NixlConnector):", "",
+                                 "## its main unit", self.commands_one_node, "", "## the whole deployment",
+                                 self.commands_cluster])
 
 
-def plan(shape: WorkloadShape, latency: LatencyModel, *, devices: int, slo: SLO, link: Link, rdma: bool = True,
-         limits: Limits | None = None, price_per_device_hour: float = 2.0, num_requests: int = 600,
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(none)"
+    cols = list(rows[0])
+    w = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    lines = ["  ".join(c.rjust(w[i]) for i, c in enumerate(cols))]
+    lines += ["  ".join(str(r[c]).rjust(w[i]) for i, c in enumerate(cols)) for r in rows]
+    return "\n".join(lines)
+
+
+def _commands(d: Deployment | None, network: Network, model: str, tensor_parallel: int,
+              node_hosts: tuple[str, ...]) -> tuple[str, str]:
+    """Launch scripts for the deployment's main xPyD unit, and for the whole deployment."""
+    if d is None or d.kind != "disagg":
+        none = "(no disaggregated deployment fits: fewer than 2 devices)"
+        return none, none
+    gpus_per_node = network.devices_per_node * tensor_parallel
+    nodes = -(-d.devices // network.devices_per_node)
+    hosts = node_hosts or (tuple(f"node{i + 1}" for i in range(nodes)) if nodes > 1 else ())
+    main = d.unit
+    own_nodes = -(-main.num_devices // network.devices_per_node)
+    one = render_script(LaunchPlan(model, main.num_prefill, main.num_decode, tensor_parallel, gpus_per_node,
+                                   hosts[:own_nodes] if own_nodes > 1 else ()))
+    if len(d.placement) == 1:
+        return one, "(the deployment is that one unit: see above)"
+    rates = {s.unit: s.max_rate_rps_per_unit for s, _ in d.parts}
+    units = [(first, u.num_prefill if u.kind == "disagg" else 0, u.num_decode if u.kind == "disagg" else 0, rates[u])
+             for first, u in d.placement]
+    return one, render_deployment(model, units, tensor_parallel=tensor_parallel, devices_per_node=gpus_per_node,
+                                  node_hosts=hosts)
+
+
+def plan(shape: WorkloadShape, latency: LatencyModel, *, devices: int, slo: SLO, network: Network | None = None,
+         rdma: bool = True, limits: Limits | None = None, price_per_device_hour: float = 2.0, num_requests: int = 1000,
          settings: SearchSettings | None = None, model_id: str | None = None, tensor_parallel: int = 1,
-         devices_per_node: int = 8, node_hosts: tuple[str, ...] = (), seed: int = 0) -> PlanReport:
-    """Searches layouts for `devices`, builds the checklist and the launch commands; returns the report."""
-    st = settings or SearchSettings(max_unit_devices=min(devices, devices_per_node, 8))
+         node_hosts: tuple[str, ...] = (), seed: int = 0, curve_devices: int | None = CURVE_DEVICES) -> PlanReport:
+    """Searches deployments of `devices`, draws the gain-vs-devices curve (1 to max(devices,
+    curve_devices); None: to `devices`), builds the checklist and the launch commands; returns the report."""
+    net = network or Network()
+    st = settings or SearchSettings()
     req = sample_requests(shape, num_requests, 1.0, seed=seed)
-    res = search_layouts(req, latency, devices, slo, link=link, limits=limits, prefix_hit_rate=shape.prefix_hit_rate,
-                         price_per_device_hour=price_per_device_hour, settings=st)
-    best_d = res.best_of("disagg")
+    table = UnitTable(req, latency, slo, network=net, limits=limits, prefix_hit_rate=shape.prefix_hit_rate,
+                      price_per_device_hour=price_per_device_hour, settings=st)
+    top = max(devices, curve_devices or devices)
+    curve = gain_curve(req, latency, slo, range(1, top + 1), table=table)
+    res = search_layouts(req, latency, devices, slo, table=table)
     notes = list(res.notes)
-    if best_d is None:
+    if res.disagg is None:
         notes.append("With one device there is nothing to split: disaggregation needs a prefill and a decode device.")
-    cl = build_checklist(shape, latency, devices=devices, link=link, rdma=rdma, gain=res.disagg_gain,
-                         best_layout=res.best.label, ttft_slo_s=slo.ttft_s, notes=notes)
-    model = model_id or latency.model
-    if best_d is not None:
-        u = best_d.unit
-        one = render_script(LaunchPlan(model, u.num_prefill, u.num_decode, tensor_parallel, devices_per_node))
-        per_node = devices_per_node
-        tot_p, tot_d = u.num_prefill * best_d.units, u.num_decode * best_d.units
-        nodes = -(-(tot_p + tot_d) * tensor_parallel // per_node)
-        hosts = node_hosts or tuple(f"node{i + 1}" for i in range(nodes))
-        if nodes > 1 or node_hosts:
-            cluster = render_script(LaunchPlan(model, tot_p, tot_d, tensor_parallel, per_node, hosts))
-        else:
-            cluster = "(the whole layout fits one node: see above)"
-    else:
-        one = cluster = "(fewer than 2 devices: no disaggregated layout)"
-    return PlanReport(shape, latency, res, cl, one, cluster,
+    main = res.disagg.main if res.disagg is not None else None
+    kv_link = main.link if main is not None and main.link is not None else net.inter_node
+    cl = build_checklist(shape, latency, devices=devices, link=kv_link, network_link=net.inter_node, rdma=rdma,
+                         gain=res.disagg_gain, best_layout=res.best.label, ttft_slo_s=slo.ttft_s, notes=notes,
+                         curve=curve)
+    one, cluster = _commands(res.disagg, net, model_id or latency.model, tensor_parallel, node_hosts)
+    return PlanReport(shape, latency, res, curve, cl, one, cluster,
                       {"attainment": st.attainment, "price_per_device_hour": price_per_device_hour,
-                       "num_requests": num_requests, "rdma": rdma})
+                       "num_requests": num_requests, "rdma": rdma, "network": net})

@@ -1,4 +1,5 @@
-"""Discrete-event simulator of LLM serving: monolithic (prefill-first or chunked) and xPyD.
+"""Discrete-event simulator of LLM serving: monolithic (prefill-first or chunked), data-parallel
+replicas, xPyD, and selective xPyD.
 
 Each instance runs the loop a real engine runs (continuous batching, one step at a time), with
 step times from a fitted `LatencyModel`. To stay fast enough for a notebook slider, decode steps
@@ -9,178 +10,40 @@ go: with a fixed batch the step time grows linearly with context, so k steps hav
   running decode for the whole prefill (the ITL spike of notebook 04).
 - mono, chunked: each step carries all running decodes plus up to `max_num_batched_tokens`
   prompt tokens (vLLM's chunked prefill): smaller stalls, slower prefills.
+- mono-dp (`Layout.mono(n)`): n replicas of one device each behind one router, requests
+  round-robin (data parallel: the baseline of llm-d and DistServe).
 - disagg (xPyD): P prefill instances (round-robin), the KV of each prompt crosses a link
-  (latency + bytes / bandwidth, one transfer at a time per prefill instance), then one of D decode
-  instances (round-robin) adopts it at its next step boundary with a free slot. The first token
-  reaches the client when the decode instance adopts the KV (as in the lab's server and in vLLM,
-  where the decode side streams every token), so a full decode pool shows up in TTFT.
+  (fixed cost + bytes / bandwidth; one transfer at a time leaves each prefill instance and one
+  at a time enters each decode instance, so seven prefills feeding one decode device share its
+  link), then one of D decode instances (round-robin) adopts it at its next step boundary with
+  a free slot. The first
+  token reaches the client when the decode instance adopts the KV (as in the lab's server and in
+  vLLM, where the decode side streams every token), so a full decode pool shows up in TTFT.
+- selective xPyD (`Layout.disagg(P, D, prefill_threshold=N)`, llm-d's decider): a prompt whose
+  uncached suffix is shorter than N tokens is prefilled on its decode instance itself (stalling
+  that instance's running decodes, as in mono); the rest goes to the prefill pool. N = 0 is plain
+  xPyD; N above every prompt leaves the prefill pool idle (mono on the decode devices).
 A prefix-cache hit rate h means the first h of every prompt's tokens are already cached: prefill
 computes only the rest (attending to the cached part); the transfer still carries the whole KV.
+Prefill and decode instances may run on different parts (`decode_latency`, `decode_limits`).
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from labkit.links import LINKS, Link
 from labkit.plan.latency_model import LatencyModel
+from labkit.plan.layout import Layout, Limits, Policy
+from labkit.plan.results import SLO, SimResult
 from labkit.plan.workload import Requests
 
-Policy = Literal["prefill_first", "chunked"]
+__all__ = ["DEFAULT_LINK", "SLO", "Layout", "Limits", "Policy", "SimResult", "prefilled_on_decode", "simulate"]
 
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """How devices serve: `mono` (replicas doing both phases) or `disagg` (P prefill + D decode)."""
-
-    kind: Literal["mono", "disagg"]
-    num_replicas: int = 1
-    num_prefill: int = 0
-    num_decode: int = 0
-    policy: Policy = "prefill_first"
-
-    def __post_init__(self) -> None:
-        if self.kind == "mono":
-            if self.num_replicas < 1:
-                raise ValueError(f"mono layout needs num_replicas >= 1, got {self.num_replicas}")
-        elif self.kind == "disagg":
-            if self.num_prefill < 1 or self.num_decode < 1:
-                raise ValueError(f"disagg layout needs num_prefill >= 1 and num_decode >= 1, "
-                                 f"got {self.num_prefill}P{self.num_decode}D")
-        else:
-            raise ValueError(f"layout kind {self.kind!r} is not 'mono' or 'disagg'")
-        if self.policy not in ("prefill_first", "chunked"):
-            raise ValueError(f"policy {self.policy!r} is not 'prefill_first' or 'chunked'")
-
-    @classmethod
-    def mono(cls, num_replicas: int = 1, policy: Policy = "prefill_first") -> Layout:
-        return cls("mono", num_replicas=num_replicas, policy=policy)
-
-    @classmethod
-    def disagg(cls, num_prefill: int, num_decode: int) -> Layout:
-        return cls("disagg", num_prefill=num_prefill, num_decode=num_decode)
-
-    @property
-    def num_devices(self) -> int:
-        return self.num_replicas if self.kind == "mono" else self.num_prefill + self.num_decode
-
-    @property
-    def label(self) -> str:
-        if self.kind == "disagg":
-            return f"{self.num_prefill}P{self.num_decode}D"
-        name = "mono" if self.policy == "prefill_first" else "mono-chunked"
-        return name if self.num_replicas == 1 else f"{name} x{self.num_replicas}"
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    """The network between a prefill and a decode instance."""
-
-    bandwidth_gbps: float = 100.0     # gigabits per second
-    latency_s: float = 20e-6          # per transfer (RDMA ~ a few µs; TCP across nodes ~ 50 µs+)
-
-    def __post_init__(self) -> None:
-        if not self.bandwidth_gbps > 0:
-            raise ValueError(f"Link.bandwidth_gbps must be > 0, got {self.bandwidth_gbps}")
-        if self.latency_s < 0:
-            raise ValueError(f"Link.latency_s must be >= 0, got {self.latency_s}")
-
-    def transfer_s(self, nbytes: float) -> float:
-        """Seconds to move `nbytes` bytes."""
-        return self.latency_s + nbytes * 8 / (self.bandwidth_gbps * 1e9)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Per-instance scheduler limits (as in vLLM / the lab's engine)."""
-
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError(f"Limits need max_num_seqs >= 1 and max_num_batched_tokens >= 1, got {self}")
-
-
-@dataclass(frozen=True, slots=True)
-class SLO:
-    """Service-level objectives a request must meet to count toward goodput."""
-
-    ttft_s: float = 2.0
-    tpot_s: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not (self.ttft_s > 0 and self.tpot_s > 0):
-            raise ValueError(f"SLO needs ttft_s > 0 and tpot_s > 0, got {self}")
-
-
-@dataclass(frozen=True)
-class SimResult:
-    """Per-request times (seconds since the trace began) and the ITL distribution of one run."""
-
-    layout: Layout
-    arrival_s: np.ndarray
-    first_token_s: np.ndarray
-    finish_s: np.ndarray
-    prompt_tokens: np.ndarray
-    output_tokens: np.ndarray
-    itl_values_s: np.ndarray        # inter-token latencies ...
-    itl_weights: np.ndarray         # ... each counted this many times (segments of equal steps)
-
-    @property
-    def ttft_s(self) -> np.ndarray:
-        return self.first_token_s - self.arrival_s
-
-    @property
-    def e2e_s(self) -> np.ndarray:
-        return self.finish_s - self.arrival_s
-
-    @property
-    def tpot_s(self) -> np.ndarray:
-        """(E2E - TTFT) / (output tokens - 1); 0 for one-token outputs."""
-        steps = np.maximum(self.output_tokens - 1, 1)
-        return np.where(self.output_tokens > 1, (self.finish_s - self.first_token_s) / steps, 0.0)
-
-    @property
-    def duration_s(self) -> float:
-        return float(self.finish_s.max() - self.arrival_s.min())
-
-    def itl_percentile_s(self, q: float) -> float:
-        """Weighted percentile (q in 0..100) of inter-token latency, seconds."""
-        if len(self.itl_values_s) == 0:
-            return 0.0
-        order = np.argsort(self.itl_values_s)
-        cw = np.cumsum(self.itl_weights[order])
-        k = int(np.searchsorted(cw, q / 100 * cw[-1]))
-        return float(self.itl_values_s[order][min(k, len(order) - 1)])
-
-    def slo_met(self, slo: SLO) -> np.ndarray:
-        return (self.ttft_s <= slo.ttft_s) & (self.tpot_s <= slo.tpot_s)
-
-    def goodput_rps(self, slo: SLO) -> float:
-        """DistServe's goodput: completed requests per second that meet every SLO."""
-        return float(self.slo_met(slo).sum()) / max(self.duration_s, 1e-12)
-
-    def summary(self, slo: SLO | None = None) -> dict[str, float | str]:
-        """Headline numbers: percentiles in seconds, throughput in requests/s and output tokens/s."""
-        d: dict[str, float | str] = {
-            "layout": self.layout.label, "devices": self.layout.num_devices, "requests": len(self.arrival_s),
-            "ttft_p50_s": float(np.percentile(self.ttft_s, 50)), "ttft_p90_s": float(np.percentile(self.ttft_s, 90)),
-            "ttft_p99_s": float(np.percentile(self.ttft_s, 99)),
-            "tpot_p50_s": float(np.percentile(self.tpot_s, 50)), "tpot_p90_s": float(np.percentile(self.tpot_s, 90)),
-            "tpot_p99_s": float(np.percentile(self.tpot_s, 99)),
-            "itl_p50_s": self.itl_percentile_s(50), "itl_p99_s": self.itl_percentile_s(99),
-            "e2e_p50_s": float(np.percentile(self.e2e_s, 50)),
-            "throughput_rps": len(self.arrival_s) / max(self.duration_s, 1e-12),
-            "output_tok_s": float(self.output_tokens.sum()) / max(self.duration_s, 1e-12),
-        }
-        if slo is not None:
-            d["slo_attainment"] = float(self.slo_met(slo).mean())
-            d["goodput_rps"] = self.goodput_rps(slo)
-        return d
+DEFAULT_LINK = LINKS["100G"]     # between a prefill and a decode instance when none is given
 
 
 class _Trace:
@@ -215,8 +78,10 @@ def _steps_until(base: float, inc: float, dt: float) -> int:
 
 
 def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, policy: Policy,
-                   prefill_here: bool, first_at_adoption: bool = True) -> None:
-    """One instance's loop. `prefill_here=False` is a decode instance: adopting KV costs nothing.
+                   local: np.ndarray, first_at_adoption: bool = True) -> None:
+    """One instance's loop over requests `idx` (sorted by `tr.ready`). `local[r]`: request r is
+    prefilled here (mono, or a short prompt under selective disaggregation); otherwise its KV
+    arrived from a prefill instance at `tr.ready[r]` and adopting it costs nothing.
 
     The running decodes live packed at the front of numpy arrays, so a run of k decode steps is
     a handful of vector operations whatever the batch size.
@@ -225,7 +90,7 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
     itl_v, itl_w = tr.itl_v, tr.itl_w
     a_d, b_d = lat.decode_a_s + lat.serve_token_s, lat.decode_b_s_per_ctx_token
     c_d = lat.decode_c_s_per_seq + lat.serve_seq_s
-    chunked = policy == "chunked" and prefill_here
+    chunked = policy == "chunked"
     cap = lim.max_num_seqs
     ids = np.zeros(cap, dtype=np.int64)
     rem = np.zeros(cap, dtype=np.int64)       # decode steps still to run
@@ -233,7 +98,8 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
     last = np.zeros(cap)                      # time of its latest token
     nrun = 0
     n, i_next, t = len(idx), 0, 0.0
-    waiting: deque[int] = deque()
+    waiting: deque[int] = deque()             # prompts to prefill here
+    landed: deque[int] = deque()              # KV from a prefill instance, waiting for a slot
     done: dict[int, int] = {}                 # chunked: prompt tokens prefilled so far
 
     def admit(r: int, at: float) -> None:
@@ -271,17 +137,17 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
     run_start = [0.0]    # when the current run of steps began (advance reads it)
     while True:
         while i_next < n and ready[idx[i_next]] <= t:
-            waiting.append(idx[i_next])
+            (waiting if local[idx[i_next]] else landed).append(idx[i_next])
             i_next += 1
+        if landed and nrun < cap:
+            while landed and nrun < cap:
+                r = landed.popleft()
+                if first_at_adoption:  # the decode instance streams the first token once it adopts the KV
+                    first[r] = t
+                admit(r, t)
+            continue
         free = cap - nrun
         if waiting and free > 0:
-            if not prefill_here:
-                while waiting and nrun < cap:
-                    r = waiting.popleft()
-                    if first_at_adoption:  # the decode instance streams the first token once it adopts the KV
-                        first[r] = t
-                    admit(r, t)
-                continue
             budget = lim.max_num_batched_tokens - (nrun if chunked else 0)
             if budget > 0:
                 batch: list[tuple[int, int, int]] = []       # (request, offset, tokens)
@@ -323,7 +189,7 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
             if i_next < n:
                 t = max(t, ready[idx[i_next]])
                 continue
-            if waiting:  # cannot happen with max_num_seqs >= 1; guard against an endless loop
+            if waiting or landed:  # cannot happen with max_num_seqs >= 1; guard against an endless loop
                 raise RuntimeError("simulator: requests waiting with nothing running")
             return
         # a run of decode steps with a fixed batch, up to the next event
@@ -341,9 +207,9 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
         advance(k, base, t)
 
 
-def _run_prefill_instance(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, link: Link) -> None:
-    """A prefill-only instance and its outgoing link; sets `ready` (KV landed) = first token time."""
-    t, link_free, i, n = 0.0, 0.0, 0, len(idx)
+def _run_prefill_instance(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits) -> None:
+    """A prefill-only instance; sets `ready` to when each prompt's KV is ready to leave."""
+    t, i, n = 0.0, 0, len(idx)
     while i < n:
         t = max(t, tr.ready[idx[i]])
         batch, budget = [], lim.max_num_batched_tokens
@@ -357,41 +223,68 @@ def _run_prefill_instance(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Li
             i += 1
         t += lat.prefill_a_s + sum(lat.chunk_work_s(int(tr.cached[r]), int(tr.prompt[r] - tr.cached[r])) for r in batch)
         for r in batch:
-            start = max(t, link_free)
-            link_free = start + link.transfer_s(float(tr.prompt[r]) * lat.kv_bytes_per_token)
-            tr.first[r] = link_free
-            tr.ready[r] = link_free
-            if tr.out[r] == 1:
-                tr.finish[r] = link_free
+            tr.ready[r] = t
+
+
+def _run_links(remote: list[int], sender: dict[int, int], receiver: dict[int, int], tr: _Trace, link: Link,
+               kv_bytes_per_token: int) -> None:
+    """Every KV transfer, first ready first served: each one holds its prefill instance's link and its
+    decode instance's link (one transfer at a time on each); sets `ready` (landed) = first token time."""
+    free_tx: dict[int, float] = {}
+    free_rx: dict[int, float] = {}
+    for r in sorted(remote, key=lambda r: tr.ready[r]):
+        p, d = sender[r], receiver[r]
+        start = max(tr.ready[r], free_tx.get(p, 0.0), free_rx.get(d, 0.0))
+        end = start + link.seconds(float(tr.prompt[r]) * kv_bytes_per_token)
+        free_tx[p] = free_rx[d] = end
+        tr.first[r] = tr.ready[r] = end
+        if tr.out[r] == 1:
+            tr.finish[r] = end
+
+
+def prefilled_on_decode(prompt_tokens: np.ndarray, cached_tokens: np.ndarray, threshold: int) -> np.ndarray:
+    """Selective disaggregation's rule: True where the uncached suffix is shorter than `threshold` tokens."""
+    return (np.asarray(prompt_tokens) - np.asarray(cached_tokens)) < threshold
 
 
 def simulate(requests: Requests, latency: LatencyModel, layout: Layout, *, link: Link | None = None,
              limits: Limits | None = None, prefix_hit_rate: float = 0.0,
-             first_token_at: Literal["adopted", "landed"] = "adopted") -> SimResult:
+             first_token_at: Literal["adopted", "landed"] = "adopted",
+             decode_latency: LatencyModel | None = None, decode_limits: Limits | None = None) -> SimResult:
     """Runs the trace through the layout; returns per-request times (requests round-robin over instances).
 
     Disaggregated, the client sees the first token when the decode instance adopts the KV
     ("adopted": vLLM's proxy streams every token from the decode server), or as soon as the KV
     has landed ("landed": the lab's router forwards the prefill worker's first token).
+    `decode_latency` / `decode_limits`: the decode instances run on another part (default: the
+    same as the prefill instances); prompts prefilled on the decode side use its model too.
+    The KV crossing `link` (default 100 Gbps RDMA) has the prefill model's bytes per token.
     """
     if first_token_at not in ("adopted", "landed"):
         raise ValueError(f"first_token_at {first_token_at!r} is not 'adopted' or 'landed'")
     if not 0.0 <= prefix_hit_rate < 1.0:
         raise ValueError(f"prefix_hit_rate must be in [0, 1), got {prefix_hit_rate}")
-    link = link or Link()
+    link = link or DEFAULT_LINK
     lim = limits or Limits()
+    dec_lat = decode_latency or latency
+    dec_lim = decode_limits or lim
     tr = _Trace(requests, prefix_hit_rate, latency.serve_request_s)
     n = len(requests)
     if layout.kind == "mono":
+        everything = np.ones(n, dtype=bool)
         for rep in range(layout.num_replicas):
-            _run_colocated(list(range(rep, n, layout.num_replicas)), tr, latency, lim, layout.policy, True)
+            _run_colocated(list(range(rep, n, layout.num_replicas)), tr, latency, lim, layout.policy, everything)
     else:
+        local = prefilled_on_decode(tr.prompt, tr.cached, layout.prefill_threshold)
+        remote = np.flatnonzero(~local).tolist()
+        sender = {r: k % layout.num_prefill for k, r in enumerate(remote)}
         for p in range(layout.num_prefill):
-            _run_prefill_instance(list(range(p, n, layout.num_prefill)), tr, latency, lim, link)
+            _run_prefill_instance(remote[p::layout.num_prefill], tr, latency, lim)
+        _run_links(remote, sender, {r: r % layout.num_decode for r in remote}, tr, link, latency.kv_bytes_per_token)
         for d in range(layout.num_decode):
-            mine = [r for r in range(d, n, layout.num_decode) if tr.out[r] > 1]
+            mine = [r for r in range(d, n, layout.num_decode) if tr.out[r] > 1 or local[r]]
             mine.sort(key=lambda r: tr.ready[r])
-            _run_colocated(mine, tr, latency, lim, "prefill_first", False, first_token_at == "adopted")
+            _run_colocated(mine, tr, dec_lat, dec_lim, layout.policy, local, first_token_at == "adopted")
     if np.isnan(tr.finish).any():
         raise RuntimeError("simulator: some requests never finished (a bug)")
     return SimResult(layout, requests.arrival_s.astype(float), tr.first, tr.finish,

@@ -13,36 +13,46 @@ def tour_section(report: Any, profile: str) -> None:
     section runs in seconds on any machine; notebook 06 calibrates on the participant's own.
     """
     from labkit.plan.planner import plan
-    from labkit.plan.scaling import Efficiency, ModelShape, datasheet_spec, roofline_latency_model
-    from labkit.plan.search import SearchSettings
-    from labkit.plan.simulator import SLO, Limits, Link
+    from labkit.plan.scaling import (
+        Efficiency,
+        ModelShape,
+        datasheet_spec,
+        roofline_latency_model,
+    )
+    from labkit.plan.search import Network, SearchSettings
+    from labkit.plan.simulator import SLO, Limits
     from labkit.plan.workload import workload_shape
     from labkit.plots import plan as plan_plots
 
     s = report.sections[-1]
     hw = datasheet_spec("H100 SXM")
     latency = roofline_latency_model(ModelShape.from_preset("llama-3.1-8b"), hw, Efficiency(0.5, 0.7, 1e-3))
-    devices, slo, link = 16, SLO(1.0, 0.05), Link(100.0, 10e-6)
-    settings = SearchSettings(bisection_steps=3 if profile == "ci" else 5, max_unit_devices=4 if profile == "ci" else 8,
-                              min_requests=60)
-    n = 120 if profile == "ci" else 400
+    devices, slo, network = 16, SLO(1.0, 0.05), Network()
+    ci = profile == "ci"
+    settings = SearchSettings(bisection_steps=3, min_requests=60, max_requests=600) if ci else SearchSettings()
+    n = 120 if ci else 1000
     rows = []
     first = None
     for name in TOUR_WORKLOADS:
-        rep = plan(workload_shape(name), latency, devices=devices, slo=slo, link=link, limits=Limits(256, 8192),
-                   num_requests=n, settings=settings, price_per_device_hour=2.5)
+        rep = plan(workload_shape(name), latency, devices=devices, slo=slo, network=network, limits=Limits(256, 8192),
+                   num_requests=n, settings=settings, price_per_device_hour=2.5,
+                   curve_devices=devices if ci else 64)
         first = first or rep
-        best_m = rep.search.best_of("mono")
-        rows.append({"workload": name, "best layout": rep.search.best.label,
-                     "gain (goodput/device, xPyD / mono)": round(rep.search.disagg_gain, 3),
-                     "best mono goodput/device (req/s)": round(best_m.goodput_rps_per_device, 3) if best_m else "",
+        rows.append({"workload": name, "best deployment": rep.search.best.label,
+                     "gain (best disaggregated / mono-dp)": round(rep.search.disagg_gain, 3),
+                     "mono-dp goodput/device (req/s)": round(rep.search.mono.goodput_rps_per_device, 3),
+                     "disaggregation pays from (devices)": rep.curve.pays_from() or "not up to "
+                     f"{rep.curve.devices[-1]}",
                      "verdict": rep.checklist.verdict})
         report.add_summary(f"planner: {name}", f"{rep.search.disagg_gain:.2f}x", rep.checklist.verdict.split(":")[0])
     s.paragraphs.append(f"Llama-3.1-8B on {devices} x {hw.name} ({latency.note}); SLO TTFT <= 1 s and TPOT <= 50 ms "
-                        "for 90% of requests; 100 Gbps RDMA between prefill and decode.")
+                        f"for 90% of requests; nodes of {network.devices_per_node}, KV over {network.intra_node.label} inside a node "
+                        f"and {network.inter_node.label} between nodes.")
     s.tables.append(("Should you disaggregate? (simulated)", rows))
     if first is not None:
         report.add_figure(s, plan_plots.plot_layouts(first.search, title="azure-conv-2023: goodput per device"),
-                          "plan_layouts", "Goodput per device of each layout (azure-conv-2023, simulated)")
+                          "plan_layouts", "Goodput per device of each unit (azure-conv-2023, simulated)")
+        report.add_figure(s, plan_plots.plot_gain_curve(first.curve, title="azure-conv-2023: gain vs devices"),
+                          "plan_gain_curve", "Best disaggregated deployment over mono-dp, by device count (simulated)")
         s.paragraphs.append("Launch commands for the best disaggregated layout:\n" + first.commands_one_node)
     report.data["plan"] = rows

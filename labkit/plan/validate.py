@@ -1,77 +1,66 @@
 """Check the simulator against measured runs: the same requests, the same arrival times.
 
-A benchmark run (`labkit.bench`) records, per request, when it was sent and its prompt and output
-lengths. `requests_from_records` turns that into a trace, the simulator replays it on a layout
-with the fitted latency model, and `compare` lines up p50 TTFT, p50 TPOT and output throughput,
-predicted against measured, with the relative error.
+A benchmark run (`labkit.bench`) records, per request, when it was sent, its prompt and output
+lengths, TTFT, end-to-end time and every inter-token gap. `requests_from_records` turns that into
+a trace, the simulator replays it on the mode's layout with the fitted latency model, and
+`compare` lines up p50 and p99 of TTFT, TPOT and ITL and output throughput, predicted against
+measured, with the relative error. `report_card` scores them against the targets
+(`labkit.plan.card`: p50 within 10%, p99 within 20%).
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from labkit.plan.card import METRICS, MODES, ReportCard, ValidationRow
+from labkit.plan.card import report_card as _card
 from labkit.plan.simulator import SimResult
-from labkit.plan.workload import Requests
+from labkit.plan.workload import requests_from_records
 
-METRICS = ("ttft_p50_ms", "tpot_p50_ms", "output_tok_s")
-
-
-def requests_from_records(records: Sequence[Any]) -> Requests:
-    """The trace a benchmark run sent (ok requests only): send times, prompt and output tokens."""
-    ok = sorted((r for r in records if getattr(r, "ok", True)), key=lambda r: r.start_s)
-    if not ok:
-        raise ValueError("no successful requests in the run: nothing to replay")
-    t0 = ok[0].start_s
-    out = [max(1, int(r.output_tokens or r.expected_output_tokens)) for r in ok]
-    return Requests(np.array([r.start_s - t0 for r in ok], dtype=float),
-                    np.array([int(r.prompt_tokens) for r in ok], dtype=np.int64), np.array(out, dtype=np.int64))
+__all__ = ["METRICS", "MODES", "ReportCard", "ValidationRow", "compare", "latest_result", "load_rows",
+           "measure_and_compare", "measured_metrics", "mode_layout", "predicted_metrics", "report_card",
+           "requests_from_records", "table", "within"]
 
 
 def measured_metrics(records: Sequence[Any]) -> dict[str, float]:
-    """p50 TTFT (ms), p50 TPOT (ms) and output tokens/s of a run, computed like the simulator's."""
+    """p50/p99 TTFT, TPOT and ITL (ms) and output tokens/s of a run, computed like the simulator's.
+    Runs whose records carry no inter-token gaps have no ITL figures."""
     ok = [r for r in records if getattr(r, "ok", True)]
     if not ok:
         raise ValueError("no successful requests in the run")
     start = min(r.start_s for r in ok)
     end = max(r.start_s + r.e2e_s for r in ok)
-    tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0 for r in ok]
-    return {"ttft_p50_ms": 1e3 * float(np.median([r.ttft_s for r in ok])),
-            "tpot_p50_ms": 1e3 * float(np.median(tpot)),
-            "output_tok_s": float(sum(r.output_tokens for r in ok)) / max(end - start, 1e-12)}
+    ttft = np.array([r.ttft_s for r in ok])
+    tpot = np.array([(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0 for r in ok])
+    out = {"ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)), "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
+           "tpot_p50_ms": 1e3 * float(np.percentile(tpot, 50)), "tpot_p99_ms": 1e3 * float(np.percentile(tpot, 99)),
+           "output_tok_s": float(sum(r.output_tokens for r in ok)) / max(end - start, 1e-12)}
+    gaps = [g for r in ok for g in (getattr(r, "itl_s", None) or [])]
+    if gaps:
+        out["itl_p50_ms"] = 1e3 * float(np.percentile(gaps, 50))
+        out["itl_p99_ms"] = 1e3 * float(np.percentile(gaps, 99))
+    return out
 
 
 def predicted_metrics(res: SimResult) -> dict[str, float]:
-    """The same three numbers from a simulation."""
-    return {"ttft_p50_ms": 1e3 * float(np.median(res.ttft_s)), "tpot_p50_ms": 1e3 * float(np.median(res.tpot_s)),
+    """The same figures from a simulation."""
+    return {"ttft_p50_ms": 1e3 * float(np.percentile(res.ttft_s, 50)),
+            "ttft_p99_ms": 1e3 * float(np.percentile(res.ttft_s, 99)),
+            "tpot_p50_ms": 1e3 * float(np.percentile(res.tpot_s, 50)),
+            "tpot_p99_ms": 1e3 * float(np.percentile(res.tpot_s, 99)),
+            "itl_p50_ms": 1e3 * res.itl_percentile_s(50), "itl_p99_ms": 1e3 * res.itl_percentile_s(99),
             "output_tok_s": float(res.output_tokens.sum()) / max(res.duration_s, 1e-12)}
 
 
-@dataclass(frozen=True, slots=True)
-class ValidationRow:
-    mode: str
-    rate_rps: float
-    metric: str
-    predicted: float
-    measured: float
-
-    @property
-    def error(self) -> float:
-        """(predicted - measured) / measured; nan when nothing was measured."""
-        return (self.predicted - self.measured) / self.measured if self.measured else math.nan
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "rate_rps": self.rate_rps, "metric": self.metric, "predicted": self.predicted,
-                "measured": self.measured, "error": self.error}
-
-
 def compare(mode: str, rate_rps: float, predicted: dict[str, float], measured: dict[str, float]) -> list[ValidationRow]:
-    """One row per metric."""
-    return [ValidationRow(mode, rate_rps, m, predicted[m], measured[m]) for m in METRICS]
+    """One row per metric both sides have, in METRICS order."""
+    return [ValidationRow(mode, rate_rps, m, predicted[m], measured[m]) for m in METRICS
+            if m in predicted and m in measured]
 
 
 def within(rows: Sequence[ValidationRow], tolerance: float = 0.15) -> float:
@@ -82,10 +71,10 @@ def within(rows: Sequence[ValidationRow], tolerance: float = 0.15) -> float:
 
 def table(rows: Sequence[ValidationRow]) -> str:
     """Predicted against measured, one line per mode, rate and metric."""
-    head = f"{'mode':>8} {'rate':>7} {'metric':>12} {'predicted':>11} {'measured':>11} {'error':>8}"
+    head = f"{'mode':>14} {'rate':>7} {'metric':>12} {'predicted':>11} {'measured':>11} {'error':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.mode:>8} {r.rate_rps:7.3g} {r.metric:>12} {r.predicted:11.4g} {r.measured:11.4g} "
+        lines.append(f"{r.mode:>14} {r.rate_rps:7.3g} {r.metric:>12} {r.predicted:11.4g} {r.measured:11.4g} "
                      f"{r.error:+8.1%}")
     return "\n".join(lines)
 
@@ -97,6 +86,18 @@ def load_rows(path: str | Path) -> list[ValidationRow]:
             for r in doc["rows"]]
 
 
+def report_card(source: str | Path | Sequence[ValidationRow] | None = None) -> ReportCard:
+    """The report card of a validation JSON (default: the newest under docs/results/) or of rows.
+    Old files (p50s only) give a card that names the figures they lack."""
+    if source is None:
+        source = latest_result()
+        if source is None:
+            raise FileNotFoundError("no plan_validation-*.json under docs/results/: run benchmarks/plan_validation.py")
+    if isinstance(source, (str, Path)):
+        return _card(load_rows(source), Path(source).name)
+    return _card(list(source))
+
+
 def latest_result(pattern: str = "plan_validation-*.json") -> Path | None:
     """The newest validation JSON under docs/results/, if any."""
     from labkit.config import repo_root
@@ -105,16 +106,42 @@ def latest_result(pattern: str = "plan_validation-*.json") -> Path | None:
     return found[-1] if found else None
 
 
+def mode_layout(mode: str, *, link: Any = None, replicas: int = 2, prefill_threshold: int = 0) -> tuple[Any, Any, str]:
+    """How the simulator models a lab serving mode: (Layout, the KV link or None, when the client
+    sees the first token). "mono" and "mono-chunked" (one engine), "mono-dp" (`replicas` engines
+    behind one router, round-robin), "XpYd" (e.g. "1p1d": the lab's router forwards the prefill
+    worker's first token, so TTFT ends when the KV has left), "1p1d-selective" (1P1D with
+    `prefill_threshold`)."""
+    import re
+
+    from labkit.plan.simulator import Layout
+
+    m = mode.lower()
+    if m in ("mono", "mono-chunked"):
+        return Layout.mono(policy="chunked" if m.endswith("chunked") else "prefill_first"), None, "adopted"
+    if m == "mono-dp":
+        return Layout.mono_dp(replicas), None, "adopted"
+    if m == "1p1d-selective":
+        if prefill_threshold < 1:
+            raise ValueError("mode 1p1d-selective needs prefill_threshold >= 1 token")
+        return Layout.disagg(1, 1, prefill_threshold), link, "landed"
+    xy = re.fullmatch(r"(\d+)p(\d+)d", m)
+    if xy:
+        return Layout.disagg(int(xy[1]), int(xy[2])), link, "landed"
+    raise ValueError(f"no simulator layout for mode {mode!r}; known: mono, mono-chunked, mono-dp, XpYd, 1p1d-selective")
+
+
 def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rates_rps: Sequence[float],
                         n_requests: int, workload: str = "azure-conv-2023", scale: float = 0.25,
                         link: Any = None, slo: Any = None, seed: int = 0, progress: bool = True,
                         modes: Sequence[str] = ("mono", "1p1d"), probe_requests: int = 4,
                         serving: dict[str, tuple[float, float, float]] | None = None,
-                        fitted: dict[str, Any] | None = None) -> list[ValidationRow]:
-    """Runs the lab's servers (each of `modes`: "mono", "1p1d") at each rate with the benchmark
+                        fitted: dict[str, Any] | None = None, prefill_threshold: int = 0) -> list[ValidationRow]:
+    """Runs the lab's servers (each of `modes`, see `mode_layout`) at each rate with the benchmark
     client, replays every run's trace in the simulator, and returns predicted-vs-measured rows.
 
-    `mono_latency` models the mono worker (all cores); `role_latency` each 1P1D worker (one core).
+    `mono_latency` models the one engine of mono (all cores); `role_latency` every engine that has a
+    core of its own (each 1P1D worker, each mono-dp replica).
     Before the measured runs, `probe_requests` requests go through each server one at a time while
     its workers log every step (`--step-log`); the engine model is moved to the steps they ran
     (`fit_server_steps`: the engine inside a server is slower than alone), then what remains (per
@@ -126,14 +153,22 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     import tempfile
 
     from labkit.bench import SLO as BenchSLO
-    from labkit.bench.sweep import SweepConfig, lab_server_factory, run_sweeps, sequential_records
+    from labkit.bench.sweep import (
+        SweepConfig,
+        lab_server_factory,
+        run_sweeps,
+        sequential_records,
+    )
+    from labkit.links import Link
     from labkit.plan.calibrate import fit_server_steps, read_step_log, serving_overhead
-    from labkit.plan.simulator import Layout, Limits, Link, simulate
+    from labkit.plan.simulator import Limits, simulate
 
     cfg = SweepConfig(workload, rates_rps=tuple(rates_rps), modes=tuple(modes), n_requests=n_requests,
                       seed=seed, slo=slo or BenchSLO(), scale=scale, progress=progress)
-    lk = link or Link(20.0, 1e-3)
-    engine_model = {"mono": mono_latency, "1p1d": role_latency}
+    lk = link or Link.from_gbps(20.0, 1e-3)
+    layouts = {m: mode_layout(m, link=lk, prefill_threshold=prefill_threshold) for m in modes}
+    engine_model = {m: mono_latency if lay.kind == "mono" and lay.num_replicas == 1 else role_latency
+                    for m, (lay, _, _) in layouts.items()}
     served: dict[str, Any] = dict(engine_model)
     overheads = serving if serving is not None else {}
     refits = fitted if fitted is not None else {}
@@ -141,9 +176,6 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     step_logs = Path(tmp.name)
 
     limits = Limits(max_num_seqs=64, max_num_batched_tokens=2048)   # the lab workers' defaults
-    layouts = {"mono": (Layout.mono(), None, "adopted"),
-               # the lab's router forwards the prefill worker's first token: TTFT ends when the KV has left
-               "1p1d": (Layout.disagg(1, 1), lk, "landed")}
 
     def probe(spec: Any, url: str) -> None:
         if probe_requests < 1:
@@ -158,8 +190,9 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
 
     with tmp:  # the step logs are read by the probes, then dropped
         [res] = run_sweeps([cfg], lab_server_factory(model, step_log_dir=step_logs), model=model, on_server=probe)
+    order = {m: i for i, m in enumerate(modes)}
     rows: list[ValidationRow] = []
-    for (mode, rate), run in sorted(res.runs.items(), key=lambda kv: (kv[0][0] != "mono", kv[0][1])):
+    for (mode, rate), run in sorted(res.runs.items(), key=lambda kv: (order.get(kv[0][0], 0), kv[0][1])):
         layout, link_, first = layouts[mode]
         sim = simulate(requests_from_records(run.records), served[mode], layout, link=link_, limits=limits,
                        first_token_at=first)

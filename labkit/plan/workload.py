@@ -8,6 +8,7 @@ Mooncake, short prompts); `workload_shape(name)` adapts them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,17 @@ class Requests:
         """The first `n` requests (all of them when n >= len)."""
         return self if n >= len(self) else Requests(self.arrival_s[:n], self.prompt_tokens[:n], self.output_tokens[:n])
 
+    def repeat_to(self, n: int) -> Requests:
+        """The first `n` requests of this trace played over and over (each pass starts one mean gap
+        after the previous one ends): a pool long enough for a large unit at a high rate."""
+        if n <= len(self):
+            return self.head(max(n, 1))
+        reps = -(-n // len(self))
+        span = float(self.arrival_s[-1] - self.arrival_s[0])
+        period = span + (span / (len(self) - 1) if len(self) > 1 and span > 0 else 1.0)
+        arrival = np.concatenate([self.arrival_s + k * period for k in range(reps)])
+        return Requests(arrival[:n], np.tile(self.prompt_tokens, reps)[:n], np.tile(self.output_tokens, reps)[:n])
+
     def at_rate(self, rate_rps: float) -> Requests:
         """The same requests with arrival times rescaled to a mean rate (requests/s)."""
         if not rate_rps > 0:
@@ -85,6 +97,18 @@ class Requests:
         span = self.arrival_s[-1] if len(self) > 1 else 1.0
         cur = (len(self) - 1) / span if span > 0 else rate_rps
         return Requests(self.arrival_s * (cur / rate_rps), self.prompt_tokens, self.output_tokens)
+
+
+def requests_from_records(records: Sequence[Any]) -> Requests:
+    """The trace a benchmark run sent (ok requests only; `labkit.bench` RequestRecords): send times
+    from the first one, prompt and output tokens."""
+    ok = sorted((r for r in records if getattr(r, "ok", True)), key=lambda r: r.start_s)
+    if not ok:
+        raise ValueError("no successful requests in the run: nothing to replay")
+    t0 = ok[0].start_s
+    out = [max(1, int(r.output_tokens or r.expected_output_tokens)) for r in ok]
+    return Requests(np.array([r.start_s - t0 for r in ok], dtype=float),
+                    np.array([int(r.prompt_tokens) for r in ok], dtype=np.int64), np.array(out, dtype=np.int64))
 
 
 def sample_requests(shape: WorkloadShape, num_requests: int, rate_rps: float, *, seed: int = 0) -> Requests:

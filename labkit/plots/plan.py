@@ -1,7 +1,9 @@
-"""Charts of notebook 06 (the planner): the fit, the layouts, simulated latencies, validation."""
+"""Charts of notebook 06 (the planner): the fit, the units, simulated latencies, the gain-vs-devices
+curve, the gain map, validation and the simulator's report card."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,13 +51,39 @@ def plot_layouts(search: Any, title: str = "Goodput per device of each layout") 
     """Horizontal bars: goodput per device (req/s) of every candidate, best on top."""
     scores = search.scores[:12]
     fig, ax = new_figure(figsize=(10, 0.45 * len(scores) + 1.8))
-    labels = [s.unit.label for s in scores][::-1]
+    labels = [s.label for s in scores][::-1]
     vals = [s.goodput_rps_per_device for s in scores][::-1]
     ax.barh(labels, vals, color=[_mode_color(lbl) for lbl in labels])
     for i, v in enumerate(vals):
         ax.text(v, i, f" {v:.3g}", va="center", fontsize=11)
     ax.set(xlabel="goodput per device (req/s meeting every SLO at >= 90% attainment)", title=title)
     ax.grid(axis="y", alpha=0)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gain_curve(curve: Any, title: str = "Does disaggregation pay at this many devices?") -> Any:
+    """Two panels over the device count: goodput per device of the best disaggregated deployment and
+    of mono-dp (idle devices counted), and their ratio with the 1.10 / 0.95 verdict lines."""
+    fig, (ax1, ax2) = new_figure(1, 2, figsize=(16, 5.2))
+    n = np.asarray(curve.devices)
+    ax1.plot(n, curve.per_device("mono"), "-", color=MODE_COLORS["mono"], label="mono-dp (N replicas)")
+    ax1.plot(n, curve.per_device("disagg"), "-o", ms=4, color=MODE_COLORS["disagg"], label="best disaggregated")
+    ax1.set(xlabel="devices", ylabel="goodput per device (req/s)", title="Goodput per device, idle devices counted")
+    ax1.set_ylim(bottom=0)
+    ax1.legend()
+    g = curve.gain
+    ax2.plot(n, g, "-o", ms=4, color="black", label="gain")
+    ax2.axhline(1.10, color=MODE_COLORS["disagg"], ls="--", lw=1.4, label="1.10: disaggregate")
+    ax2.axhline(0.95, color=MODE_COLORS["mono"], ls="--", lw=1.4, label="0.95: stay monolithic")
+    k = curve.pays_from()
+    if k is not None:
+        ax2.axvline(k, color="gray", ls=":", lw=1.5, label=f"pays from {k}")
+    ax2.set(xlabel="devices", ylabel="best disaggregated / mono-dp (x)", title="Gain")
+    ax2.legend(fontsize=10)
+    for ax in (ax1, ax2):
+        ax.set_xlim(n.min() - 0.5, n.max() + 0.5)
+    fig.suptitle(title, fontsize=16, fontweight="bold")
     fig.tight_layout()
     return fig
 
@@ -84,16 +112,23 @@ def plot_sim_compare(results: Mapping[str, Any], slo: Any, title: str = "Simulat
     return fig
 
 
-def plot_validation(rows: Sequence[Any], tolerance: float = 0.15,
+def plot_validation(rows: Sequence[Any], tolerance: float | None = None,
                     title: str = "Simulator against measurement") -> Any:
-    """Predicted against measured per metric (log-log), with the y = x line and the ±tolerance band."""
-    metrics = [("ttft_p50_ms", "p50 TTFT (ms)"), ("tpot_p50_ms", "p50 TPOT (ms)"), ("output_tok_s", "output tokens/s")]
-    fig, axes = new_figure(1, 3, figsize=(17, 5))
-    for ax, (metric, name) in zip(axes, metrics):
+    """Predicted against measured per metric (log-log), with the y = x line and the band of each
+    metric's target (p50 10%, p99 20%, throughput 10%; or one `tolerance` for all). One panel per
+    metric the rows hold."""
+    from labkit.plan.card import METRICS, NAMES, target_for
+
+    metrics = [m for m in METRICS if any(r.metric == m for r in rows)]
+    cols = min(4, max(1, len(metrics)))
+    nrows = -(-len(metrics) // cols) or 1
+    fig, axes = new_figure(nrows, cols, figsize=(4.6 * cols, 4.4 * nrows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(flat, metrics):
         pts = [r for r in rows if r.metric == metric]
-        if not pts:
-            ax.set_visible(False)
-            continue
+        tol = target_for(metric) if tolerance is None else tolerance
         for mode in sorted({r.mode for r in pts}):
             sel = [r for r in pts if r.mode == mode]
             ax.plot([r.measured for r in sel], [r.predicted for r in sel], "o", ms=10,
@@ -102,11 +137,44 @@ def plot_validation(rows: Sequence[Any], tolerance: float = 0.15,
         hi = max(max(r.measured, r.predicted) for r in pts) * 1.3
         g = np.geomspace(lo, hi, 50)
         ax.plot(g, g, "-", color="black", lw=1)
-        ax.fill_between(g, g * (1 - tolerance), g * (1 + tolerance), color="gray", alpha=0.2,
-                        label=f"±{tolerance:.0%}")
-        ax.set(xscale="log", yscale="log", xlabel=f"measured {name}", ylabel=f"predicted {name}", title=name)
+        ax.fill_between(g, g * (1 - tol), g * (1 + tol), color="gray", alpha=0.2, label=f"±{tol:.0%}")
+        unit = "" if metric == "output_tok_s" else " (ms)"
+        ax.set(xscale="log", yscale="log", xlabel=f"measured{unit}", ylabel=f"predicted{unit}", title=NAMES[metric])
         ax.legend(fontsize=10)
     fig.suptitle(title, fontsize=16, fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def plot_report_card(card: Any, title: str = "The simulator's report card") -> Any:
+    """One cell per run (row) and figure (column): the error, green within its target, red beyond
+    (the shade grows with |error| / target), grey where the file has no such figure."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    from labkit.plan.card import METRICS, NAMES
+
+    runs = card.runs
+    fig, ax = new_figure(figsize=(1.6 * len(METRICS) + 3, 0.55 * max(len(runs), 1) + 2.6))
+    score = np.full((max(len(runs), 1), len(METRICS)), np.nan)
+    for i, (mode, rate) in enumerate(runs):
+        for j, m in enumerate(METRICS):
+            r = card.cell(mode, rate, m)
+            if r is not None and np.isfinite(r.error):
+                score[i, j] = min(abs(r.error) / r.target, 2.0)
+                ax.text(j, i, f"{r.error:+.1%}", ha="center", va="center", fontsize=12,
+                        fontweight="normal" if r.met else "bold")
+            else:
+                ax.text(j, i, "missing", ha="center", va="center", fontsize=10, color="#555555")
+    cmap = LinearSegmentedColormap.from_list("card", ["#2ca02c", "#c7e9c0", "#fdd0a2", "#d62728"]).with_extremes(
+        bad="#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(score), cmap=cmap, vmin=0, vmax=2, aspect="auto")
+    ax.set_xticks(range(len(METRICS)), [NAMES[m] for m in METRICS], rotation=25, ha="right")
+    ax.set_yticks(range(len(runs)), [f"{m} @ {r:g} req/s" for m, r in runs])
+    ax.grid(False)
+    fig.colorbar(im, ax=ax, label="|error| / target (1 = at the target)")
+    met = {k: (sum(r.met for r in card.scored(k)), len(card.scored(k))) for k in ("p50", "p99", "throughput")}
+    sub = "; ".join(f"{k}: {a} of {b} met" if b else f"{k}: none" for k, (a, b) in met.items())
+    ax.set_title(f"{title}\n{sub}", fontsize=15)
     fig.tight_layout()
     return fig
 

@@ -14,7 +14,7 @@
             s.send_layer(i, k_i, v_i)                     # k_i, v_i: [num_tokens, num_kv_heads, head_dim]
         stats = s.finish(first_token_id=tok)
 
-Backends: "shm" (same host, shared memory, one copy), "tcp" (any host; `link=LinkShape(...)`
+Backends: "shm" (same host, shared memory, one copy), "tcp" (any host; `link=Link.from_gbps(...)`
 emulates a slower network), "nixl" (NIXL/UCX, when installed), "cuda-ipc" (GPU to GPU on one
 node). Receivers accept any number of senders; arrivals wait in an inbox until `recv` claims
 them. Every header is validated (wire.py) and authenticated with the token before a byte
@@ -25,18 +25,43 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from labkit.links import LINKS, Link
 from labkit.transfer.base import TransferStats
+from labkit.transfer.errors import (
+    AuthError,
+    HeaderError,
+    PayloadError,
+    TransferError,
+    TransferTimeout,
+)
 from labkit.transfer.receiver import Receiver
 from labkit.transfer.sender import OutboundStream, Sender
-from labkit.transfer.errors import AuthError, HeaderError, PayloadError, TransferError, TransferTimeout
-from labkit.transfer.shaping import LINKS, LinkShape
+from labkit.transfer.shaping import LinkShape
 from labkit.transfer.wire import KVMeta, KVSpec
 
 BACKENDS = ("shm", "tcp", "nixl", "cuda-ipc")
 
-__all__ = ["open_receiver", "open_sender", "new_token", "available_backends", "BACKENDS", "Receiver", "Sender",
-           "OutboundStream", "TransferStats", "KVMeta", "KVSpec", "LinkShape", "LINKS", "TransferError",
-           "AuthError", "HeaderError", "PayloadError", "TransferTimeout"]
+__all__ = [
+    "BACKENDS",
+    "LINKS",
+    "AuthError",
+    "HeaderError",
+    "KVMeta",
+    "KVSpec",
+    "Link",
+    "LinkShape",
+    "OutboundStream",
+    "PayloadError",
+    "Receiver",
+    "Sender",
+    "TransferError",
+    "TransferStats",
+    "TransferTimeout",
+    "available_backends",
+    "new_token",
+    "open_receiver",
+    "open_sender",
+]
 
 
 def new_token() -> str:
@@ -69,7 +94,7 @@ def open_receiver(backend: str, *, token: str, host: str = "127.0.0.1", port: in
     raise ValueError(f"unknown transfer backend {backend!r}; choose from {BACKENDS}")
 
 
-def open_sender(endpoint: str, *, token: str, link: LinkShape | None = None, **kw: Any) -> Sender:
+def open_sender(endpoint: str, *, token: str, link: Link | None = None, **kw: Any) -> Sender:
     """A sender for `endpoint` (the backend comes from its scheme: shm://, tcp://, nixl://, cuda-ipc://).
 
     link: emulate a slower network (tcp only). Other keywords: connect_timeout_s; shm: pool_free_max_bytes.

@@ -10,14 +10,16 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
+from labkit.links import Link
 from labkit.proc import Child, start_process
-from labkit.transfer import KVMeta, LinkShape, new_token, open_sender
+from labkit.transfer import KVMeta, new_token, open_sender
 from labkit.transfer.base import tensor_bytes
 from labkit.transfer.synthetic import make_kv_fast
 
@@ -76,7 +78,7 @@ class ReceiverProcess:
         self.child.stop(timeout_s=5)
 
 
-def time_sends(endpoint: str, token: str, nbytes: int, repeats: int = 3, link: LinkShape | None = None,
+def time_sends(endpoint: str, token: str, nbytes: int, repeats: int = 3, link: Link | None = None,
                layers: int = 32, paired_memcpy: bool = False) -> dict[str, Any]:
     """Sends a ~`nbytes` KV `repeats` times (after one warm-up); returns a row with best and median GB/s.
 
@@ -121,7 +123,7 @@ def time_sends(endpoint: str, token: str, nbytes: int, repeats: int = 3, link: L
 
 
 def layerwise_vs_at_end(endpoint: str, token: str, nbytes: int, compute_s: float, layers: int = 32,
-                        link: LinkShape | None = None) -> dict[str, Any]:
+                        link: Link | None = None) -> dict[str, Any]:
     """Prefill of `layers` layers taking `compute_s` in all (simulated: the worker sleeps per layer),
     then the KV sent at the end, vs sent layer by layer as each finishes. Returns seconds of each
     (from prefill start to the receiver's ack) and of the transfer alone."""
@@ -195,17 +197,17 @@ def bandwidth_sweep(backends: Iterable[str], sizes: Iterable[int], repeats: int 
     return rows
 
 
-def measured_links(rows: list[dict[str, Any]]) -> list[Any]:
-    """A `sizing.Link` per backend, fitted (fixed cost + bytes / bandwidth) to `bandwidth_sweep` rows."""
-    from labkit.transfer.sizing import Link, fit_linear
+def measured_links(rows: list[dict[str, Any]]) -> list[Link]:
+    """A Link per backend, fitted (fixed cost + bytes / bandwidth) to `bandwidth_sweep` rows."""
+    from labkit.transfer.sizing import fit_link
 
     links = []
     for b in dict.fromkeys(r["backend"] for r in rows if r["backend"] != "memcpy"):
         pts = [(r["nbytes"], r["seconds_median"]) for r in rows if r["backend"] == b]
+        name = f"{b} (this machine)"
         try:
-            fixed_s, gbs = fit_linear([x for x, _ in pts], [y for _, y in pts])
-        except ValueError:
+            links.append(fit_link([x for x, _ in pts], [y for _, y in pts], name, "measured"))
+        except ValueError:   # one size, or too noisy: the biggest transfer's plain rate
             big = max(pts)
-            fixed_s, gbs = 0.0, big[0] / big[1] / 1e9
-        links.append(Link(f"{b} (this machine)", gbs, fixed_s, "measured"))
+            links.append(Link(big[0] / big[1], 0.0, name, "measured"))
     return links

@@ -6,15 +6,20 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Self
 
 import torch
 
 from labkit.kv import KVExport
+from labkit.links import Link
 from labkit.transfer import wire
 from labkit.transfer.base import TransferStats, _close_quietly, _still_open, check_token
-from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
-from labkit.transfer.shaping import LinkShape
+from labkit.transfer.errors import (
+    HeaderError,
+    PayloadError,
+    TransferError,
+    TransferTimeout,
+)
 
 
 class OutboundStream(ABC):
@@ -128,7 +133,7 @@ class OutboundStream(ABC):
             self.abort()
             raise
         if self.sender.link is not None:
-            time.sleep(self.sender.link.latency_ms / 1e3)     # the ack's trip back
+            time.sleep(self.sender.link.fixed_s / 2)          # the ack's trip back
         self._done = True
         self.sender._release(self.conn)
         return TransferStats(request_id=self.meta.request_id, backend=self.sender.backend, nbytes=self.meta.nbytes,
@@ -147,10 +152,10 @@ class OutboundStream(ABC):
             self._writer.join(timeout=5.0)
         self._release_resources()
 
-    def __enter__(self) -> OutboundStream:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is not None:
             self.abort()
 
@@ -169,7 +174,7 @@ class Sender(ABC):
 
     backend = ""
 
-    def __init__(self, endpoint: str, *, token: str, link: LinkShape | None = None,
+    def __init__(self, endpoint: str, *, token: str, link: Link | None = None,
                  connect_timeout_s: float = 10.0) -> None:
         self.endpoint = endpoint
         self._token = check_token(token)
@@ -200,10 +205,10 @@ class Sender(ABC):
         for c in idle:
             _close_quietly(c)
 
-    def __enter__(self) -> Sender:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # internals -------------------------------------------------------------------------
@@ -215,7 +220,7 @@ class Sender(ABC):
         conn = self._acquire(timeout_s)
         try:
             if self.link is not None:
-                time.sleep(self.link.latency_ms / 1e3)        # the first byte's one-way trip
+                time.sleep(self.link.fixed_s / 2)             # the first byte's one-way trip
             return self._open(conn, meta, timeout_s, layerwise)
         except OSError as e:
             self._discard(conn)
@@ -240,7 +245,7 @@ class Sender(ABC):
                 _close_quietly(c)
         try:
             return self._connect(min(timeout_s, self.connect_timeout_s))
-        except socket.timeout:
+        except TimeoutError:
             raise TransferTimeout(f"connect to {self.endpoint}: timed out") from None
         except OSError as e:
             raise TransferError(f"cannot connect to {self.endpoint}: {e} (is the receiver running?)") from None
@@ -271,7 +276,7 @@ class Sender(ABC):
         try:
             conn.settimeout(max(1e-3, deadline - time.monotonic()))
             conn.sendall(data)
-        except socket.timeout:
+        except TimeoutError:
             raise TransferTimeout(f"send of {request_id!r} to {self.endpoint} stalled", request_id=request_id) from None
         except (BrokenPipeError, ConnectionResetError):
             self._read_reply(conn, min(deadline, time.monotonic() + 1.0), request_id)

@@ -33,11 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from labkit.links import Link
 from labkit.transfer import wire
+from labkit.transfer.errors import (
+    HeaderError,
+    PayloadError,
+    TransferError,
+    TransferTimeout,
+)
 from labkit.transfer.receiver import InboundStream, Receiver
 from labkit.transfer.sender import OutboundStream, Sender
-from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
-from labkit.transfer.shaping import LinkShape
 
 SEG_MAGIC = b"LKVSEG01"
 STATE_OFFSET = 8                  # one byte: 0 free (sender may write), 1 in use (receiver may hold it)
@@ -174,7 +179,7 @@ class ShmReceiver(Receiver):
         fds = array.array("i")
         try:
             data, anc, flags, _ = conn.recvmsg(wire.PREFIX.size, socket.CMSG_SPACE(4 * fds.itemsize))
-        except socket.timeout:
+        except TimeoutError:
             raise TransferTimeout("sender stalled between frames") from None
         for level, typ, payload in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
@@ -292,7 +297,7 @@ class ShmSender(Sender):
 
     backend = "shm"
 
-    def __init__(self, endpoint: str, *, token: str, link: LinkShape | None = None,
+    def __init__(self, endpoint: str, *, token: str, link: Link | None = None,
                  pool_free_max_bytes: int = 2 << 30, **kw: Any) -> None:
         if link is not None:
             raise ValueError("link shaping emulates a network: use the tcp backend for it, not shm")

@@ -4,10 +4,11 @@ Pure arithmetic (no I/O), shared by the notebook, the benchmark and the CLI.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from labkit.kv import DTYPE_BYTES, kv_bytes_per_token
+from labkit.links import LINKS, How, Link
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +61,8 @@ def kv_shapes(cache_dtype_for_presets: str | None = None) -> dict[str, KVShape]:
     return out
 
 
-def transfer_seconds(nbytes: int, gb_per_s: float, latency_s: float = 0.0) -> float:
-    """Time to move `nbytes` at `gb_per_s` (1e9 B/s) after a fixed `latency_s` (s)."""
-    if gb_per_s <= 0:
-        raise ValueError(f"gb_per_s must be > 0, got {gb_per_s}")
-    return latency_s + nbytes / (gb_per_s * 1e9)
-
-
-def fit_linear(nbytes: Sequence[int], seconds: Sequence[float]) -> tuple[float, float]:
-    """Least-squares `seconds = fixed_s + nbytes / gb_per_s / 1e9`; returns (fixed_s, gb_per_s).
+def fit_link(nbytes: Sequence[int], seconds: Sequence[float], name: str = "", how: How = "measured") -> Link:
+    """The Link that least-squares fits `seconds = fixed_s + nbytes / bytes_per_s` to timed transfers.
 
     The fixed part is clamped at >= 0 (per-request overhead cannot be negative).
     """
@@ -82,8 +76,7 @@ def fit_linear(nbytes: Sequence[int], seconds: Sequence[float]) -> tuple[float, 
     slope = sum((x - mx) * (y - my) for x, y in zip(nbytes, seconds)) / sxx
     if slope <= 0:
         raise ValueError("seconds do not grow with size: too noisy to fit")
-    fixed = max(0.0, my - slope * mx)
-    return fixed, 1.0 / slope / 1e9
+    return Link(1.0 / slope, max(0.0, my - slope * mx), name, how)
 
 
 def break_even_tokens(recompute_s: Callable[[int], float], transfer_s: Callable[[int], float],
@@ -108,24 +101,9 @@ def break_even_tokens(recompute_s: Callable[[int], float], transfer_s: Callable[
     return hi
 
 
-@dataclass(frozen=True, slots=True)
-class Link:
-    """A path for KV bytes: its speed (GB/s), fixed per-request cost (s), and how we know them."""
-
-    label: str
-    gb_per_s: float
-    fixed_s: float
-    how: str              # "measured" (fitted on this machine) | "emulated" | "computed"
-
-    def seconds(self, nbytes: int) -> float:
-        return transfer_seconds(nbytes, self.gb_per_s, self.fixed_s)
-
-
 def datasheet_links() -> list[Link]:
-    """10/25/100/400 Gbps and NVLink 4, computed from line rate and a round-trip latency."""
-    from labkit.transfer.shaping import LINKS
-
-    return [Link(s.label, s.bytes_per_s / 1e9, 2 * s.latency_ms / 1e3, "computed") for s in LINKS.values()]
+    """10/25/100/400 Gbps and NVLink 4 (`labkit.links.LINKS`), computed from line rate and a round trip."""
+    return list(LINKS.values())
 
 
 def request_table(shapes: Sequence[KVShape], prompt_lens: Sequence[int], links: Sequence[Link]) -> list[dict]:

@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
+from labkit.links import Link
 from labkit.transfer import wire
 from labkit.transfer.base import tensor_bytes
+from labkit.transfer.errors import HeaderError
 from labkit.transfer.receiver import InboundStream, Receiver
 from labkit.transfer.sender import OutboundStream, Sender
-from labkit.transfer.errors import HeaderError
-from labkit.transfer.shaping import LinkShape, TokenBucket, chunk_bytes
+from labkit.transfer.shaping import TokenBucket, chunk_bytes
 
 SOCKET_BUFFER_BYTES = 4 << 20
 
@@ -116,12 +117,11 @@ class TcpSender(Sender):
 
     backend = "tcp"
 
-    def __init__(self, endpoint: str, *, token: str, link: LinkShape | None = None, **kw: Any) -> None:
+    def __init__(self, endpoint: str, *, token: str, link: Link | None = None, **kw: Any) -> None:
         self.address = parse_endpoint(endpoint, self.backend)
         super().__init__(endpoint, token=token, link=link, **kw)
         # One bucket per sender: concurrent streams share the emulated link, as they would a real one.
-        self._bucket = (TokenBucket(link.bytes_per_s)
-                        if link is not None and link.gbps is not None else None)
+        self._bucket = TokenBucket(link.bytes_per_s) if link is not None and link.shaped else None
 
     def _connect(self, timeout_s: float) -> socket.socket:
         conn = socket.create_connection(self.address, timeout=timeout_s)
