@@ -255,7 +255,7 @@ def test_interference_run_records_every_token(topo) -> None:
 
 @pytest.mark.vllm
 def test_vllm_bench_serve_completes_in_both_modes(topo, tiny_model_dir) -> None:
-    from labkit.serve.vllm_bench import run_vllm_bench
+    from labkit.vllm.bench_serve import run_vllm_bench
 
     with concurrent.futures.ThreadPoolExecutor(2) as ex:
         futs = {m: ex.submit(run_vllm_bench, topo[m], model="tiny", tokenizer=str(tiny_model_dir), num_prompts=8,

@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+from labkit.engine.config import SamplingParams
 from labkit.models import ByteTokenizer
 from labkit.serve.prefix_index import PrefixIndex, block_hashes
 from labkit.serve.protocol import APIError, parse_completion_request
@@ -61,8 +62,8 @@ def test_good_request_fields_and_defaults() -> None:
                "repetition_penalty": 1.0, "logprobs": None, "some_vllm_extra": 1})
     assert (r.prompt_text, r.prompt_ids, r.max_tokens, r.temperature, r.top_p, r.seed) == ("hi", None, 7, 0.0, 0.9, 3)
     assert r.stop == ("\n",) and r.ignore_eos and r.stream and r.include_usage
-    assert r.sampling_dict() == {"max_tokens": 7, "temperature": 0.0, "top_p": 0.9, "top_k": 0, "seed": 3,
-                                 "stop_token_ids": [], "ignore_eos": True}
+    assert r.sampling() == SamplingParams(max_tokens=7, temperature=0.0, top_p=0.9, top_k=0, seed=3,
+                                          stop_token_ids=(), ignore_eos=True)
     d = parse({"prompt": [[256, 65]]})  # a batch of one token list
     assert d.prompt_ids == (256, 65) and d.max_tokens == 16 and d.temperature == 1.0 and not d.stream
 
@@ -85,7 +86,7 @@ def test_prefix_index_prefers_longest_chain_and_forgets() -> None:
     ha, hb = block_hashes(a, 16), block_hashes(b, 16)
     assert len(ha) == 4 and ha[:2] == hb[:2] and ha[2] != hb[2]
     assert block_hashes(a[:20], 16) == ha[:1]  # a partial block is not cached
-    idx = PrefixIndex(16)
+    idx = PrefixIndex()
     idx.insert("p0", ha)
     idx.insert("p1", hb[:2])
     assert idx.match(ha, ["p0", "p1", "p2"]) == {"p0": 4, "p1": 2, "p2": 0}

@@ -6,14 +6,19 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Self
 
 import torch
 
 from labkit.kv import KVExport
 from labkit.transfer import wire
 from labkit.transfer.base import TransferStats, _close_quietly, _still_open, check_token
-from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
+from labkit.transfer.errors import (
+    HeaderError,
+    PayloadError,
+    TransferError,
+    TransferTimeout,
+)
 from labkit.transfer.shaping import LinkShape
 
 
@@ -37,6 +42,7 @@ class OutboundStream(ABC):
         self.t0 = time.perf_counter()
         self.deadline = time.monotonic() + timeout_s
         self.sent: set[int] = set()
+        self.layer_sent_s: dict[int, float] = {}   # layer -> perf_counter() when its bytes were written out
         self._done = False
         self._dtype = getattr(torch, meta.dtype)
         self._queue: queue.Queue[tuple[int, torch.Tensor, torch.Tensor] | None] | None = None
@@ -66,11 +72,15 @@ class OutboundStream(ABC):
             self.sent.add(layer)
             return
         try:
-            self._write_layer(layer, k, v)
+            self._write(layer, k, v)
         except BaseException:
             self.abort()
             raise
         self.sent.add(layer)
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._write_layer(layer, k, v)
+        self.layer_sent_s[layer] = time.perf_counter()
 
     def _write_loop(self) -> None:
         assert self._queue is not None
@@ -78,7 +88,7 @@ class OutboundStream(ABC):
             if self._error is not None or self._done:
                 continue                          # drain: the stream failed or was aborted
             try:
-                self._write_layer(*item)
+                self._write(*item)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 self._error = e
 
@@ -147,10 +157,10 @@ class OutboundStream(ABC):
             self._writer.join(timeout=5.0)
         self._release_resources()
 
-    def __enter__(self) -> OutboundStream:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is not None:
             self.abort()
 
@@ -200,10 +210,10 @@ class Sender(ABC):
         for c in idle:
             _close_quietly(c)
 
-    def __enter__(self) -> Sender:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # internals -------------------------------------------------------------------------
@@ -240,7 +250,7 @@ class Sender(ABC):
                 _close_quietly(c)
         try:
             return self._connect(min(timeout_s, self.connect_timeout_s))
-        except socket.timeout:
+        except TimeoutError:
             raise TransferTimeout(f"connect to {self.endpoint}: timed out") from None
         except OSError as e:
             raise TransferError(f"cannot connect to {self.endpoint}: {e} (is the receiver running?)") from None
@@ -271,7 +281,7 @@ class Sender(ABC):
         try:
             conn.settimeout(max(1e-3, deadline - time.monotonic()))
             conn.sendall(data)
-        except socket.timeout:
+        except TimeoutError:
             raise TransferTimeout(f"send of {request_id!r} to {self.endpoint} stalled", request_id=request_id) from None
         except (BrokenPipeError, ConnectionResetError):
             self._read_reply(conn, min(deadline, time.monotonic() + 1.0), request_id)
