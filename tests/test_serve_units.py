@@ -130,7 +130,7 @@ def test_engine_loop_keeps_concurrent_outputs_apart(tiny_model_dir) -> None:
 
 
 def _synthetic_result():
-    from labkit.serve.interference import InterferenceResult, InterferenceScenario, RequestTrace
+    from labkit.bench.interference import InterferenceResult, InterferenceScenario, RequestTrace
 
     sc = InterferenceScenario(num_decodes=2, decode_max_tokens=8, long_after_tokens=2)
     # decodes every 10 ms, one 200 ms stall while the long prompt (sent at 0.035 s) is prefilled
@@ -153,7 +153,7 @@ def test_interference_stats_find_the_stall() -> None:
 
 
 def test_interference_scenario_validates_and_varies_prompts() -> None:
-    from labkit.serve.interference import InterferenceScenario
+    from labkit.bench.interference import InterferenceScenario
 
     with pytest.raises(ValueError, match="long_after_tokens"):
         InterferenceScenario(decode_max_tokens=8, long_after_tokens=8)

@@ -1,6 +1,6 @@
 """Charts of the serving lessons: per-request token timelines, inter-token gaps, stalls per mode.
 
-Each takes `labkit.serve.interference.InterferenceResult`s; the long prompt's prefill window
+Each takes `labkit.bench.interference.InterferenceResult`s; the long prompt's prefill window
 (sent until its first token) is shaded in the prefill colour on every time axis.
 """
 from __future__ import annotations
