@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 import os
 import platform
 import sys
 from dataclasses import asdict, dataclass
+
+log = logging.getLogger("labkit.doctor")
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,8 @@ def gpu_info() -> list[dict[str, object]]:
         for g in gpus:
             g["driver"] = drv.decode() if isinstance(drv, bytes) else drv
         pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no NVML is a finding, reported below
-        pass
+    except Exception as e:  # noqa: BLE001 - no NVML is a finding, reported below
+        log.debug("NVML: %r", e)
     return gpus
 
 

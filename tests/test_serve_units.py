@@ -180,3 +180,31 @@ def test_engine_loop_refuses_work_when_its_thread_is_not_running() -> None:
     loop = EngineLoop(engine=object())  # never started: a request must fail at once, not hang
     with pytest.raises(RuntimeError, match="not running"):
         asyncio.run(loop.submit([256, 1], None, "r0"))
+
+
+@pytest.mark.parametrize("backend", ["shm", "tcp"])
+def test_one_sender_serves_concurrent_requests_without_a_lock(backend: str) -> None:
+    """Why a prefill worker needs no lock per decode endpoint: one Sender, eight threads at once,
+    whole and layer-wise transfers interleaved; every KV arrives bit-exact under its own request id."""
+    import concurrent.futures
+
+    from labkit.transfer import KVMeta, new_token, open_receiver, open_sender
+    from labkit.transfer.synthetic import kv_digest, make_kv
+
+    token = new_token()
+    kvs = [make_kv(f"r{i}", 64 + 37 * i, seed=i) for i in range(8)]
+    with open_receiver(backend, token=token) as rx, open_sender(rx.endpoint, token=token) as tx:
+        def send(i: int) -> int:
+            kv = kvs[i]
+            if i % 2:
+                return tx.send(kv, timeout_s=30).nbytes
+            with tx.begin(KVMeta.from_export(kv), timeout_s=30) as stream:
+                for layer in reversed(range(kv.num_layers)):
+                    stream.send_layer(layer, kv.k[layer], kv.v[layer])
+                return stream.finish(first_token_id=kv.first_token_id).nbytes
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            sent = list(ex.map(send, range(8)))
+        got = {i: rx.recv(f"r{i}", timeout_s=30) for i in reversed(range(8))}
+    assert sent == [kv.nbytes for kv in kvs]
+    for i, kv in enumerate(kvs):
+        assert kv_digest(got[i]) == kv_digest(kv) and got[i].prompt_ids == kv.prompt_ids

@@ -14,8 +14,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from labkit.bench.metrics import jsonable
-from labkit.bench.sweep import (ServerFactory, SweepConfig, SweepResult, calibrate_url, fixed_url_factory,
-                                lab_server_factory, parse_mode, run_sweep)
+from labkit.bench.sweep import (
+    ServerFactory,
+    SweepConfig,
+    SweepResult,
+    calibrate_url,
+    fixed_url_factory,
+    lab_server_factory,
+    parse_mode,
+    run_sweep,
+)
 from labkit.bench.workloads import get_workload
 from labkit.models import CI_MODEL, DEFAULT_MODEL, get_preset
 
@@ -83,8 +91,8 @@ def tour_section(report: Any, profile: str) -> None:
         "for a prefill; the price is half the cores per phase, a KV transfer, and a longer TTFT under load.")
     cols = ["mode", "rate_rps", "ok", "errors", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
             "tpot_p50_ms", "goodput_rps", "slo_attainment", "output_tps_per_device"]
-    s.tables.append((f"Mono vs 1P1D at {rate:g} req/s (SLO: {slo.describe()}, from mono's p50 x{plan.slo_ttft_x:g} "
-                     f"TTFT and x{plan.slo_tpot_x:g} TPOT)",
+    s.tables.append(((f"Mono vs 1P1D at {rate:g} req/s (SLO: {slo.describe()}, from mono's p50 x{plan.slo_ttft_x:g} "
+                      f"TTFT and x{plan.slo_tpot_x:g} TPOT)"),
                      [{c: r[c] for c in cols} for r in res.rows]))
     report.add_figure(s, pb.plot_latency_cdf(res.runs, "itl"), "bench_itl_cdf",
                       "Inter-token latency CDF: the mono tail is the prefill stalls")
@@ -114,8 +122,8 @@ def interference_section(report: Any, profile: str) -> None:
     The ci profile uses `tiny` and a 1,536-token long prompt (about a minute and a half on 2 cores);
     full uses `small` and 2,048 tokens.
     """
-    from labkit.plots import serving
     from labkit.bench.interference import InterferenceScenario, run_modes, stats_table
+    from labkit.plots import serving
 
     s = report.sections[-1]
     model, long_tokens = ("tiny", 1536) if profile == "ci" else ("small", 2048)

@@ -5,7 +5,8 @@ Each takes `labkit.bench.interference.InterferenceResult`s; the long prompt's pr
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from labkit.plots.style import MODE_COLORS, PHASE_COLORS, new_figure
 

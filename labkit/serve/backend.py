@@ -321,9 +321,8 @@ class LabBackend(HttpBackend):
                 raise APIError(502, f"prefill worker {p.name} sent a bad reply: {r.text[:200]!r}",
                                type="server_error", code="bad_upstream_reply") from None
             self.index.insert(p.name, hashes)
+            # With a finish reason (the engine's word: the first token ends it) generate() stops here.
             yield res.first_token_id, res.finish_reason
-            if res.finish_reason is not None:   # the engine's word: the first token ended the request
-                return
             break
         dec = DecodeRequest(request_id=msg.request_id, sampling=msg.sampling, timeout_s=self.transfer_timeout_s)
         async with aclosing(self._stream_lines(d, "/internal/decode", dec)) as items:
