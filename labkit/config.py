@@ -89,8 +89,9 @@ def add_flags(parser: argparse._ActionsContainer, cls: type, *, skip: Iterable[s
     returns only what was given."""
     for _, f, tp in _flat_fields(cls, skip):
         default = f.default_factory() if f.default is MISSING and callable(f.default_factory) else f.default
+        shown = "" if default is None else f" (default: {default})"
         kw: dict[str, Any] = {"dest": _key(f), "default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')} (default: {default})".strip()}
+                              "help": f"{f.metadata.get('help', '')}{shown}".strip()}
         args = get_args(tp)
         if tp is bool:
             parser.add_argument("--" + _key(f).replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)

@@ -208,3 +208,35 @@ def test_one_sender_serves_concurrent_requests_without_a_lock(backend: str) -> N
     assert sent == [kv.nbytes for kv in kvs]
     for i, kv in enumerate(kvs):
         assert kv_digest(got[i]) == kv_digest(kv) and got[i].prompt_ids == kv.prompt_ids
+
+
+def test_worker_flags_come_from_the_config_fields_and_the_json_document_round_trips() -> None:
+    import argparse
+    import inspect
+
+    from labkit.config import add_flags
+    from labkit.engine.config import EngineConfig
+    from labkit.serve.config import WorkerConfig, parse_config, to_json, worker_config
+    from labkit.serve.launcher import launch, start_worker
+
+    parse = lambda *a: parse_config(WorkerConfig, list(a), "worker")  # noqa: E731 - a one-line test helper
+    cfg = parse("--role", "prefill", "--kv-cache-bytes", "123456", "--transfer", "tcp", "--kv-stream", "layers",
+                "--transfer-timeout-s", "3", "--no-enable-prefix-caching")
+    assert (cfg.engine.kv_cache_bytes, cfg.engine.enable_prefix_caching, cfg.engine.policy) == (123456, False, "prefill_only")
+    assert (cfg.transfer.backend, cfg.transfer.kv_stream, cfg.transfer.timeout_s) == ("tcp", "layers", 3.0)
+    assert parse("--config", to_json(cfg)) == cfg                       # the launcher's one JSON document
+    assert parse("--config", to_json(cfg), "--port", "9").port == 9      # a flag on top wins
+    assert parse().engine == EngineConfig()                              # defaults: the engine's, written once
+    assert worker_config("decode", {"transfer_timeout_s": 2}).transfer.timeout_s == 2.0
+    # every default shown in --help is the dataclass's; the launcher repeats none of them
+    p = argparse.ArgumentParser()
+    add_flags(p, WorkerConfig)
+    assert f"(default: {EngineConfig().kv_cache_bytes})" in " ".join(p.format_help().split())
+    for fn in (start_worker, launch):
+        assert inspect.signature(fn).parameters["kv_cache_bytes"].default is None
+    for bad, message in [({"kv_cache_bytes": 0}, "kv_cache_bytes must be >= 1"), ({"kv_stream": "bits"}, "kv_stream"),
+                         ({"transfer": "pigeon"}, "pigeon"), ({"kv_bytes": 1}, "'kv_bytes' is not a setting")]:
+        with pytest.raises(ValueError, match=message):
+            worker_config("prefill", bad)
+    with pytest.raises(SystemExit):
+        parse("--config", '{"engine": {"kv_bytes": 1}}')
