@@ -240,3 +240,40 @@ def test_worker_flags_come_from_the_config_fields_and_the_json_document_round_tr
             worker_config("prefill", bad)
     with pytest.raises(SystemExit):
         parse("--config", '{"engine": {"kv_bytes": 1}}')
+
+
+def test_kv_stream_timeline_draws_both_modes_in_ms() -> None:
+    from labkit.plots import serving
+
+    base = {"num_prompt_tokens": 1500, "kv_bytes": 6_000_000, "prefill_s": 0.4}
+    ax = serving.kv_stream_timeline({"whole": {**base, "kv_acked_s": 0.45, "layer_sent_s": []},
+                                     "layers": {**base, "kv_acked_s": 0.41, "layer_sent_s": [0.1, 0.2, 0.3, 0.405]}})
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["whole-KV", "layer-wise"]
+    assert "(ms)" in ax.get_xlabel() and "1,500 tokens" in ax.get_title()
+    notes = sorted(t.get_text() for t in ax.texts)
+    assert notes == ["waited 10.0 ms", "waited 50.0 ms"]
+    marks = [ln for ln in ax.lines if ln.get_marker() == "v"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == pytest.approx([100, 200, 300, 405])
+
+
+def test_launcher_settings_and_arguments_meet_in_one_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What start_worker hands the worker: `settings` by flag name, explicit arguments on top, None
+    never hiding a setting (a worker started with settings={"max_model_len": 8200} gets 8200)."""
+    import json
+
+    from labkit.serve import launcher
+
+    argvs: list[list[str]] = []
+
+    def fake_start(name: str, argv: list[str], **kw: object) -> object:
+        argvs.append(list(argv))
+        raise launcher.StartupError("not starting anything in this test")
+    monkeypatch.setattr(launcher, "start_process", fake_start)
+    with pytest.raises(launcher.StartupError):
+        launcher.start_worker("prefill", kv_token="t" * 16, kv_stream="layers", transfer="tcp",
+                              settings={"max_model_len": 8200, "link_gbps": 10, "kv_cache_bytes": 1 << 20})
+    doc = json.loads(argvs[0][argvs[0].index("--config") + 1])
+    assert doc["engine"]["max_model_len"] == 8200 and doc["engine"]["kv_cache_bytes"] == 1 << 20
+    assert doc["transfer"] == {"backend": "tcp", "timeout_s": 30.0, "kv_stream": "layers", "link_gbps": 10.0,
+                               "link_latency_ms": 0.0}
+    assert "t" * 16 not in " ".join(argvs[0])     # the KV token travels in the environment only

@@ -54,6 +54,9 @@ class TransferConfig:
             raise ValueError(f"transfer_timeout_s must be > 0, got {self.timeout_s}")
         if self.kv_stream not in ("whole", "layers"):
             raise ValueError(f"kv_stream {self.kv_stream!r} not one of ('whole', 'layers')")
+        if self.link_gbps is not None and self.backend != "tcp":
+            raise ValueError("link_gbps emulates a network link: it needs transfer 'tcp', not "
+                             f"{self.backend!r}")
 
     def link(self) -> Any:
         """The emulated link a sender paces to (`LinkShape`), or None for the real one."""

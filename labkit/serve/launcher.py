@@ -122,12 +122,12 @@ def start_worker(role: str, *, model: str | None = None, port: int | None = None
                          "make one with labkit.serve.launcher.new_kv_token()")
     port = port or free_port()
     name = name or f"{role}-{port}"
-    cfg = worker_config(role, {**(settings or {}), "model": model, "port": port, "name": name,
-                               "device": device or ("cuda" if gpu is not None else None), "dtype": dtype,
-                               "chunked_prefill": chunked_prefill, "max_num_batched_tokens": max_num_batched_tokens,
-                               "kv_cache_bytes": kv_cache_bytes, "max_num_seqs": max_num_seqs, "transfer": transfer,
-                               "max_model_len": max_model_len, "enable_prefix_caching": enable_prefix_caching,
-                               "cuda_graphs": cuda_graphs, "kv_stream": kv_stream})
+    given = {"model": model, "port": port, "name": name, "device": device or ("cuda" if gpu is not None else None),
+             "dtype": dtype, "chunked_prefill": chunked_prefill, "max_num_batched_tokens": max_num_batched_tokens,
+             "kv_cache_bytes": kv_cache_bytes, "max_num_seqs": max_num_seqs, "transfer": transfer,
+             "max_model_len": max_model_len, "enable_prefix_caching": enable_prefix_caching,
+             "cuda_graphs": cuda_graphs, "kv_stream": kv_stream}
+    cfg = worker_config(role, {**(settings or {}), **{k: v for k, v in given.items() if v is not None}})
     argv = python_module_argv("labkit.serve.worker", "--config", to_json(cfg), *extra_args)
     env = _cpu_env(cpus, gpu)
     if kv_token:

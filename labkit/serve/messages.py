@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from labkit.engine.config import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
+KVStream = Literal["whole", "layers"]
 RequestId = Annotated[str, Field(min_length=1, max_length=200)]
 TokenId = Annotated[int, Field(ge=0)]
 
@@ -48,16 +49,20 @@ class GenerateRequest(Message):
 
 class PrefillRequest(GenerateRequest):
     """Router -> prefill worker, `POST /internal/prefill`: run the prompt, sample the first token,
-    send the KV to `kv_endpoint` (the decode worker's receiver; None: keep nothing, send nothing)."""
+    send the KV to `kv_endpoint` (the decode worker's receiver; None: keep nothing, send nothing),
+    whole or layer by layer (`kv_stream`; None: the worker's `--kv-stream`)."""
 
     kv_endpoint: str | None = None
+    kv_stream: KVStream | None = None
 
 
 class PrefillResult(Message):
     """Prefill worker -> router: the first token, whether it already ends the request, and timings.
 
-    Times are seconds from the moment the worker took the request. `layer_sent_s[i]`: when layer
-    i's KV left the sender (layer-wise streaming only, else empty), to set beside `prefill_s`.
+    Times are seconds from the moment the worker took the request: the prefill ended at
+    `prefill_s` (first token sampled), the decode worker acked the whole KV at `kv_acked_s`
+    (0 when nothing was sent), so `kv_acked_s - prefill_s` is the transfer time the request
+    waited for. `layer_sent_s[i]`: when layer i's KV left the sender (layer-wise only, else empty).
     """
 
     request_id: RequestId
@@ -65,9 +70,10 @@ class PrefillResult(Message):
     finish_reason: FinishReason | None     # None: the decode worker goes on from the first token
     num_prompt_tokens: int
     kv_bytes: int = 0
-    kv_stream: Literal["whole", "layers"] = "whole"
+    kv_stream: KVStream = "whole"
     prefill_s: float
     transfer_s: float = 0.0                # the transport's clock: send start to the receiver's ack
+    kv_acked_s: float = 0.0
     layer_sent_s: list[float] = Field(default_factory=list)
 
 
@@ -117,7 +123,7 @@ class WorkerHealth(Message):
     max_model_len: int
     policy: str
     transfer: str
-    kv_stream: Literal["whole", "layers"]
+    kv_stream: KVStream
     kv_endpoint: str | None         # decode workers: where prefill workers send the KV
     kv_blocks_total: int
     kv_blocks_used: int

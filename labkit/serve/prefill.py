@@ -31,7 +31,8 @@ async def prefill(w: Worker, req: PrefillRequest) -> PrefillResult:
     """Runs `req`'s prompt and sends its KV to `req.kv_endpoint`; returns the first token and timings."""
     t0 = time.perf_counter()
     sender = open_sender(w, req.kv_endpoint) if req.kv_endpoint else None
-    feed = LayerFeed(w, sender, req) if sender is not None and w.cfg.transfer.kv_stream == "layers" else None
+    kv_stream = req.kv_stream or w.cfg.transfer.kv_stream
+    feed = LayerFeed(w, sender, req) if sender is not None and kv_stream == "layers" else None
     try:
         ev = await submit(w, req, feed, after_prefill="export" if sender is not None and feed is None else "release")
     except BaseException:
@@ -48,8 +49,9 @@ async def prefill(w: Worker, req: PrefillRequest) -> PrefillResult:
     w.metrics.requests.labels("prefilled").inc()
     return PrefillResult(request_id=req.request_id, first_token_id=ev.token_id, num_prompt_tokens=len(req.prompt_ids),
                          finish_reason=cast("FinishReason | None", ev.finish_reason), prefill_s=ev.t_s - t0,
-                         kv_stream=w.cfg.transfer.kv_stream, kv_bytes=stats.nbytes if stats else 0,
+                         kv_stream=kv_stream, kv_bytes=stats.nbytes if stats else 0,
                          transfer_s=stats.seconds if stats else 0.0,
+                         kv_acked_s=time.perf_counter() - t0 if stats else 0.0,
                          layer_sent_s=feed.sent_s(t0) if feed is not None and stats else [])
 
 
@@ -114,7 +116,9 @@ class LayerFeed:
                            prompt_ids=tuple(req.prompt_ids), num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads,
                            head_dim=mc.head_dim, dtype=ec.dtype, block_size=ec.block_size)
         self.sender = sender
-        self.timeout_s = w.cfg.transfer.timeout_s
+        # The stream opens at layer 0 and ends after the last layer: its deadline covers the rest of the
+        # prefill (bounded by the token timeout) plus the transfer's own bound.
+        self.timeout_s = w.cfg.token_timeout_s + w.cfg.transfer.timeout_s
         self.stream: Any = None
         self.error: BaseException | None = None
         self._layers: queue.Queue[tuple[int, Any, Any] | None] = queue.Queue()
