@@ -44,12 +44,7 @@ def main() -> int:
 
     from labkit.kv import kv_bytes_per_token
     from labkit.models import load_config
-    from labkit.serve.launcher import (
-        default_cpu_split,
-        new_kv_token,
-        start_worker,
-        stop_all,
-    )
+    from labkit.serve.launcher import default_cpu_split, new_kv_token, start_worker, stop_all
 
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model, CI-sized")

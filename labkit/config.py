@@ -7,13 +7,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import MISSING, Field, fields, is_dataclass
 from pathlib import Path
-from typing import (
-    Any,
-    Literal,
-    get_args,
-    get_origin,
-    get_type_hints,
-)
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Profile = Literal["ci", "full"]
 _PROFILES = ("ci", "full")

@@ -91,8 +91,8 @@ def test_greedy_output_identical_in_mono_1p1d_2p1d_and_engine(topo) -> None:
 
 
 def test_seeded_sampling_identical_across_topologies(topo) -> None:
-    body = dict(prompt=[256, 10, 20, 30, 40], max_tokens=16, temperature=0.9, top_p=0.95, seed=1234,
-                ignore_eos=True, return_token_ids=True)
+    body = {"prompt": [256, 10, 20, 30, 40], "max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": 1234,
+            "ignore_eos": True, "return_token_ids": True}
     ids = {m: complete(topo[m], **body)["choices"][0]["token_ids"] for m in ("mono", "1p1d", "2p1d")}
     assert ids["mono"] == ids["1p1d"] == ids["2p1d"]
     other = complete(topo["mono"], **{**body, "seed": 99})["choices"][0]["token_ids"]
@@ -101,7 +101,7 @@ def test_seeded_sampling_identical_across_topologies(topo) -> None:
 
 @pytest.mark.parametrize("mode", ["mono", "1p1d"])
 def test_streaming_agrees_with_non_streaming(topo, mode: str) -> None:
-    body = dict(prompt=PROMPTS[1], max_tokens=12, temperature=0, ignore_eos=True)
+    body = {"prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     full = complete(topo[mode], **body)
     chunks, raw = stream(topo[mode], stream_options={"include_usage": True}, **body)
     assert raw[-1] == "[DONE]"

@@ -20,8 +20,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from labkit.serve.config import RouterConfig
-from labkit.serve.messages import (DecodeRequest, GenerateRequest, PrefillRequest, PrefillResult, TokenEvent,
-                                   WorkerHealth)
+from labkit.serve.messages import (
+    DecodeRequest,
+    GenerateRequest,
+    PrefillRequest,
+    PrefillResult,
+    TokenEvent,
+    WorkerHealth,
+)
 from labkit.serve.routing import PrefillCandidate, load_policy, prefix_then_load
 
 TOKENS = [72, 105, 33, 10, 65, 66, 67, 68]   # "Hi!\nABCD" in the lab's byte tokenizer
@@ -197,9 +203,10 @@ def test_a_dead_prefill_worker_is_retried_on_another_and_marked_down() -> None:
 
 def test_a_dead_mono_worker_is_retried_on_another() -> None:
     m0, m1 = FakeWorker("mono", "m0"), FakeWorker("mono", "m1")
-    out = serve([m0, m1], {"prompt": "hi", "max_tokens": 2, "stream": True}, down={"m0": httpx.ConnectError})
+    out = serve([m0, m1], {"prompt": "hi", "max_tokens": 2, "stream": True, "return_token_ids": True},
+                down={"m0": httpx.ConnectError})
     ids, reasons = sse_tokens(out[0])
-    assert out[0].status_code == 200 and reasons == [None, "length"] and len(m1.seen) == 1
+    assert out[0].status_code == 200 and reasons == [None, "length"] and ids == [[72], [105]] and len(m1.seen) == 1
 
 
 @pytest.mark.parametrize("role,status,error,code", [
@@ -299,8 +306,8 @@ def test_backends_resolve_by_name_and_serve_imports_no_vllm() -> None:
             "print(load_spec('vllm', r.BACKENDS, 'backend').__module__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "labkit.vllm.pd_backend", out.stderr[-2000:]
-    from labkit.serve.router import RouterConfig, make_backend
     from labkit.serve.metrics import RouterMetrics
+    from labkit.serve.router import RouterConfig, make_backend
 
     with pytest.raises(ValueError, match="backend 'sglang'"):
         make_backend(RouterConfig(mono=("http://m",), backend="sglang"), RouterMetrics(), None)

@@ -219,7 +219,7 @@ def test_worker_flags_come_from_the_config_fields_and_the_json_document_round_tr
     from labkit.serve.config import WorkerConfig, parse_config, to_json, worker_config
     from labkit.serve.launcher import launch, start_worker
 
-    parse = lambda *a: parse_config(WorkerConfig, list(a), "worker")  # noqa: E731 - a one-line test helper
+    parse = lambda *a: parse_config(WorkerConfig, list(a), "worker")
     cfg = parse("--role", "prefill", "--kv-cache-bytes", "123456", "--transfer", "tcp", "--kv-stream", "layers",
                 "--transfer-timeout-s", "3", "--no-enable-prefix-caching")
     assert (cfg.engine.kv_cache_bytes, cfg.engine.enable_prefix_caching, cfg.engine.policy) == (123456, False, "prefill_only")

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from labkit.sse import aiter_sse_lines
+from labkit.sse import aiter_sse_json
 
 T = TypeVar("T")
 
@@ -58,13 +58,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, payload: dict[s
             if resp.status_code != 200:
                 out.error = error_text(resp.status_code, await resp.aread())
                 return
-            async for line in aiter_sse_lines(resp):
-                if not line.startswith("data:"):
-                    continue  # blank separators and ": ping" comments
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    return
-                obj = json.loads(data)
+            async for obj in aiter_sse_json(resp):
                 if "error" in obj:
                     err = obj["error"]
                     out.error = f"stream error: {err.get('message', err) if isinstance(err, dict) else err}"

@@ -25,14 +25,7 @@ import httpx
 
 from labkit.bench.arrivals import Arrivals
 from labkit.bench.client import StreamedCompletion, run_sync, stream_completion
-from labkit.bench.metrics import (
-    SLO,
-    RequestRecord,
-    Summary,
-    jsonable,
-    save_records,
-    summarize,
-)
+from labkit.bench.metrics import SLO, RequestRecord, Summary, jsonable, save_records, summarize
 from labkit.bench.workloads import BenchRequest, LengthScaling
 
 

@@ -24,21 +24,8 @@ from typing import Any, Literal
 
 from labkit.bench.arrivals import Arrivals
 from labkit.bench.loadgen import BenchResult, LoadConfig, run_load
-from labkit.bench.metrics import (
-    SLO,
-    RequestRecord,
-    cost_per_million_tokens,
-    jsonable,
-    records_frame,
-    summarize,
-)
-from labkit.bench.workloads import (
-    SampledWorkload,
-    TokenSpace,
-    Workload,
-    get_workload,
-    sample_requests,
-)
+from labkit.bench.metrics import SLO, RequestRecord, cost_per_million_tokens, jsonable, records_frame, summarize
+from labkit.bench.workloads import SampledWorkload, TokenSpace, Workload, get_workload, sample_requests
 
 
 @dataclass(frozen=True, slots=True)

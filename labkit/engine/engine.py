@@ -18,25 +18,13 @@ from dataclasses import asdict
 
 import torch
 
-from labkit.engine.config import (
-    EngineConfig,
-    RequestError,
-    SamplingParams,
-    check_context,
-)
+from labkit.engine.config import EngineConfig, RequestError, SamplingParams, check_context
 from labkit.engine.cuda_graphs import DecodeGraphs
 from labkit.engine.kv_cache import BlockPool, KVCache
 from labkit.engine.model import AttentionMeta, CausalLM, ModelConfig, load_safetensors
 from labkit.engine.sampling import sample
 from labkit.engine.scheduler import Batch, Scheduler
-from labkit.engine.sequence import (
-    LayerKVCallback,
-    RequestOutput,
-    Sequence,
-    Status,
-    StepOutput,
-    TokenCallback,
-)
+from labkit.engine.sequence import LayerKVCallback, RequestOutput, Sequence, Status, StepOutput, TokenCallback
 from labkit.kv import KVExport, kv_bytes_per_token
 from labkit.models import MANIFEST, ensure_model
 

@@ -32,23 +32,11 @@ from typing import Any, Protocol
 import httpx
 from pydantic import ValidationError
 
-from labkit.serve.messages import (
-    DecodeRequest,
-    GenerateRequest,
-    PrefillRequest,
-    PrefillResult,
-    TokenEvent,
-)
+from labkit.serve.messages import DecodeRequest, GenerateRequest, PrefillRequest, PrefillResult, TokenEvent
 from labkit.serve.metrics import RouterMetrics
 from labkit.serve.prefix_index import PrefixIndex, block_hashes
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
-from labkit.serve.routing import (
-    DEFAULT_POLICY,
-    PrefillCandidate,
-    PrefillPolicy,
-    choose,
-    load_policy,
-)
+from labkit.serve.routing import DEFAULT_POLICY, PrefillCandidate, PrefillPolicy, choose, load_policy
 from labkit.serve.textstream import TextStream
 from labkit.serve.upstream import Upstream, UpstreamPool
 from labkit.sse import aiter_sse_lines

@@ -36,12 +36,7 @@ from labkit.serve.config import WorkerConfig, parse_config
 from labkit.serve.engine_loop import EngineEvent, KVAfterPrefill
 from labkit.serve.faults import Fault, wrap_sender
 from labkit.serve.limits import install_error_handlers, read_message
-from labkit.serve.messages import (
-    DecodeRequest,
-    GenerateRequest,
-    PrefillRequest,
-    WorkerHealth,
-)
+from labkit.serve.messages import DecodeRequest, GenerateRequest, PrefillRequest, WorkerHealth
 from labkit.serve.metrics import CONTENT_TYPE, WorkerMetrics
 from labkit.serve.protocol import bad_request
 

@@ -13,12 +13,7 @@ import torch
 from labkit.kv import KVExport
 from labkit.transfer import wire
 from labkit.transfer.base import TransferStats, _close_quietly, _still_open, check_token
-from labkit.transfer.errors import (
-    HeaderError,
-    PayloadError,
-    TransferError,
-    TransferTimeout,
-)
+from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
 from labkit.transfer.shaping import LinkShape
 
 

@@ -18,7 +18,6 @@ below), so serve imports this module only when a router runs `--backend vllm`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -29,7 +28,7 @@ import httpx
 from labkit.serve.backend import HttpBackend, Piece, error_from_response
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
 from labkit.serve.upstream import Upstream, UpstreamPool
-from labkit.sse import aiter_sse_lines
+from labkit.sse import aiter_sse_json
 
 log = logging.getLogger("labkit.vllm.pd_backend")
 
@@ -158,13 +157,7 @@ class VllmDisaggBackend(HttpBackend):
                                            headers={"X-Request-Id": request_id}) as r:
                 if r.status_code != 200:
                     raise await error_from_response(r)
-                async for line in aiter_sse_lines(r):
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    msg = json.loads(data)
+                async for msg in aiter_sse_json(r):
                     if "error" in msg:
                         err = msg["error"]
                         raise APIError(int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500,
