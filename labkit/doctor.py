@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 from dataclasses import asdict, dataclass
+from typing import Any
 
 log = logging.getLogger("labkit.doctor")
 
@@ -40,7 +41,7 @@ def _imports(module: str) -> tuple[bool, str]:
         return False, f"{e.__class__.__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
-def cpu_info() -> dict[str, object]:
+def cpu_info() -> dict[str, Any]:
     """CPU model, logical cores, cores this process may use, SIMD flags of interest, RAM (GiB)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
@@ -53,7 +54,7 @@ def cpu_info() -> dict[str, object]:
                     break
     except OSError:
         pass
-    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
+    simd: list[str] = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
                         "amx_tile") if f in flags]
     if platform.machine() in ("arm64", "aarch64"):
         simd = simd or ["neon"]
@@ -68,9 +69,9 @@ def cpu_info() -> dict[str, object]:
             "ram_gib": round(ram_gib, 1)}
 
 
-def gpu_info() -> list[dict[str, object]]:
+def gpu_info() -> list[dict[str, Any]]:
     """One dict per NVIDIA GPU (name, memory GiB, driver, compute capability); [] without one."""
-    gpus: list[dict[str, object]] = []
+    gpus: list[dict[str, Any]] = []
     try:
         import torch
 

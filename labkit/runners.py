@@ -75,7 +75,8 @@ class TransformersRunner:
             from labkit.models import ensure_model
 
             path = ensure_model(self.model)
-            self.hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device).eval()
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+            self.hf = hf_model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps .to(): mypy misreads it
         self.shape = ModelShape.from_config(self.hf.config.to_dict())
         self.max_len: int | None = getattr(self.hf.config, "max_position_embeddings", None)
 

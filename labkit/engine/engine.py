@@ -298,11 +298,12 @@ class Engine:
     def generate(self, prompts: Seq[Seq[int]], sp: SamplingParams | Seq[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
         """Runs `prompts` to completion (with any requests already queued); returns their outputs in order."""
-        sps = list(sp) if isinstance(sp, (list, tuple)) else [sp or SamplingParams()] * len(prompts)
+        sps: list[SamplingParams] = (list(sp) if isinstance(sp, (list, tuple))
+                                     else [sp if isinstance(sp, SamplingParams) else SamplingParams()] * len(prompts))
         if len(sps) != len(prompts):
             raise ValueError(f"{len(sps)} SamplingParams for {len(prompts)} prompts")
         rids = [self.add_request(p, s) for p, s in zip(prompts, sps)]
-        want, results = set(rids), {}
+        want, results = set(rids), dict[str, RequestOutput]()
         bar = None
         if progress:
             from tqdm.auto import tqdm

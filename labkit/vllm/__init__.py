@@ -9,7 +9,14 @@ any URL), recipe (xPyD across machines), cli, tour.
 """
 from __future__ import annotations
 
-from labkit.vllm.launch import (VllmPD, VllmServer, VllmServerConfig, install_hint, launch_pd, vllm_available,
-                                vllm_version)
+from labkit.vllm.launch import (
+                                VllmPD,
+                                VllmServer,
+                                VllmServerConfig,
+                                install_hint,
+                                launch_pd,
+                                vllm_available,
+                                vllm_version,
+)
 
-__all__ = ["VllmServerConfig", "VllmServer", "VllmPD", "launch_pd", "vllm_available", "vllm_version", "install_hint"]
+__all__ = ["VllmPD", "VllmServer", "VllmServerConfig", "install_hint", "launch_pd", "vllm_available", "vllm_version"]
