@@ -120,6 +120,6 @@ def kv_stream_timeline(results: Mapping[str, Mapping[str, Any]], ax: Any = None,
     r0 = next(iter(results.values()))
     ax.set_title(title or f"One prefill, {r0['num_prompt_tokens']:,} tokens, {r0['kv_bytes'] / 1e6:.1f} MB of KV: "
                           "sent after it, or layer by layer during it")
-    ax.legend(loc="lower right", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=10)
     ax.margins(x=0.12)
     return ax
