@@ -145,20 +145,22 @@ class InterferenceResult:
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], trace: RequestTrace, t0: float,
                   progress: asyncio.Event | None = None, need: int = 0, done: asyncio.Event | None = None,
-                  tail: int = 0) -> None:
-    """Streams one request into `trace`: sets `progress` at its `need`-th token, and once `done` is set
-    reads `tail` more tokens, then closes the stream (finish_reason "client_stopped")."""
+                  tail: int = 0, finished: asyncio.Event | None = None) -> None:
+    """Streams one request into `trace`: sets `progress` at its `need`-th token and `finished` at its
+    last; once `done` is set it reads `tail` more tokens, then closes the stream ("client_stopped")."""
     after_done = 0
+    out = StreamedCompletion()
 
     def on_token(n: int) -> bool:
         nonlocal after_done
         if progress is not None and n == need:
             progress.set()
+        if finished is not None and out.finish_reason is not None:
+            finished.set()   # the moment the last token arrived, not when the stream is closed
         if done is not None and done.is_set():
             after_done += 1
             return after_done < tail
         return True
-    out = StreamedCompletion()
     try:
         await stream_completion(client, url + "/v1/completions", body, out, on_token)
     finally:
@@ -194,8 +196,8 @@ async def run_interference_async(url: str, scenario: InterferenceScenario, label
         long_tr = RequestTrace("long prompt", "long", time.perf_counter() - t0)
         traces.append(long_tr)
         body = {**common, "prompt": sc.prompt_ids("long"), "max_tokens": sc.long_max_tokens}
-        long_task = asyncio.create_task(_stream(client, url, body, long_tr, t0))
-        long_task.add_done_callback(lambda _: long_done.set())
+        long_task = asyncio.create_task(_stream(client, url, body, long_tr, t0, finished=long_done))
+        long_task.add_done_callback(lambda _: long_done.set())   # also when it failed
         await asyncio.wait_for(asyncio.gather(*tasks, long_task), timeout=sc.timeout_s)
     bad = [f"{t.name}: {t.error}" for t in traces if t.error]
     if bad:
