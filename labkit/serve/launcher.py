@@ -128,18 +128,13 @@ def start_worker(role: str, *, model: str | None = None, port: int | None = None
              "max_model_len": max_model_len, "enable_prefix_caching": enable_prefix_caching,
              "cuda_graphs": cuda_graphs, "kv_stream": kv_stream}
     cfg = worker_config(role, {**(settings or {}), **{k: v for k, v in given.items() if v is not None}})
+    argv = python_module_argv("labkit.serve.worker", "--config", to_json(cfg), *extra_args)
     env = _cpu_env(cpus, gpu)
     if kv_token:
         env["LABKIT_KV_TOKEN"] = kv_token   # the secret goes in the environment, never on argv
-    return _start(role, name, python_module_argv("labkit.serve.worker", "--config", to_json(cfg), *extra_args),
-                  env, cpus, f"http://{LOOPBACK}:{port}", startup_timeout_s, log_dir)
-
-
-def _start(role: str, name: str, argv: list[str], env: dict[str, str], cpus: Sequence[int] | None, url: str,
-           startup_timeout_s: float, log_dir: Path | None) -> ServerProcess:
-    """Starts one server process and waits for its /health; StartupError (it is stopped) otherwise."""
     log_path = (log_dir or _log_dir()) / f"{name}-{int(time.time())}.log"
     child = start_process(name, argv, env=env, log_path=log_path, cpus=cpus)
+    url = f"http://{LOOPBACK}:{port}"
     try:
         wait_http_ok(url + "/health", timeout_s=startup_timeout_s, child=child)
     except StartupError:
@@ -179,8 +174,18 @@ def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (
                        prefill_policy=policy, health_interval_s=health_interval_s, read_timeout_s=read_timeout_s,
                        names=tuple(names(mono, "mono") + names(prefill, "prefill") + names(decode, "decode")))
     argv = python_module_argv("labkit.serve.router", "--config", to_json(cfg))
-    return _start("router", f"router-{port}", argv, _cpu_env(cpus, None), cpus,
-                  f"http://{LOOPBACK if host in ('0.0.0.0', '') else host}:{port}", startup_timeout_s, log_dir)
+    name = f"router-{port}"
+    child = start_process(name, argv, env=_cpu_env(cpus, None), cpus=cpus,
+                          log_path=(log_dir or _log_dir()) / f"{name}-{int(time.time())}.log")
+    url = f"http://{LOOPBACK if host in ('0.0.0.0', '') else host}:{port}"
+    try:
+        wait_http_ok(url + "/health", timeout_s=startup_timeout_s, child=child)
+    except StartupError:
+        child.stop()
+        raise
+    proc = ServerProcess("router", name, url, child)
+    _LIVE[proc.pid] = proc
+    return proc
 
 
 @dataclass
