@@ -128,6 +128,7 @@ def start_worker(role: str, *, model: str | None = None, port: int | None = None
              "max_model_len": max_model_len, "enable_prefix_caching": enable_prefix_caching,
              "cuda_graphs": cuda_graphs, "kv_stream": kv_stream}
     cfg = worker_config(role, {**(settings or {}), **{k: v for k, v in given.items() if v is not None}})
+    model = cfg.engine.model   # what the worker runs (None took the config's default)
     argv = python_module_argv("labkit.serve.worker", "--config", to_json(cfg), *extra_args)
     env = _cpu_env(cpus, gpu)
     if kv_token:
