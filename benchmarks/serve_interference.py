@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    from labkit.serve.interference import INTERFERENCE_MODES, InterferenceScenario, run_modes
+    from labkit.bench.interference import INTERFERENCE_MODES, InterferenceScenario, run_modes
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model, CI-sized")

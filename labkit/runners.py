@@ -13,7 +13,8 @@ Two runners: `TransformersRunner` (Hugging Face transformers, eager PyTorch with
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from labkit.roofline import ModelShape
 
@@ -74,7 +75,8 @@ class TransformersRunner:
             from labkit.models import ensure_model
 
             path = ensure_model(self.model)
-            self.hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device).eval()
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+            self.hf = hf_model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps .to(): mypy misreads it
         self.shape = ModelShape.from_config(self.hf.config.to_dict())
         self.max_len: int | None = getattr(self.hf.config, "max_position_embeddings", None)
 
@@ -126,15 +128,17 @@ class EngineRunner:
     name = "labkit-engine"
 
     def __init__(self, model: str = "small", dtype: str = "float32", device: str = "cpu",
-                 kv_cache_bytes: int = 256 << 20, max_num_batched_tokens: int = 8192, **engine_kw: Any) -> None:
-        """engine_kw: more EngineConfig fields (e.g. compile_decode=True on a GPU)."""
+                 kv_cache_bytes: int | None = None, max_num_batched_tokens: int = 8192, **engine_kw: Any) -> None:
+        """kv_cache_bytes: None keeps EngineConfig's default; engine_kw: more EngineConfig fields (e.g.
+        compile_decode=True on a GPU)."""
         from labkit.engine import Engine, EngineConfig
 
         self.model, self.dtype, self.device = str(model), dtype, device
-        self.engine = Engine(EngineConfig(model=self.model, dtype=dtype, device=device, kv_cache_bytes=kv_cache_bytes,
+        kv = {} if kv_cache_bytes is None else {"kv_cache_bytes": kv_cache_bytes}
+        self.engine = Engine(EngineConfig(model=self.model, dtype=dtype, device=device,
                                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=256,
                                           policy="prefill_first",
-                                          **{"enable_prefix_caching": False, **engine_kw}))
+                                          **{"enable_prefix_caching": False, **kv, **engine_kw}))
         from labkit.models import load_config
 
         self.shape = ModelShape.from_config(load_config(self.model))

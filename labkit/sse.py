@@ -9,7 +9,9 @@ spec, are not used by vLLM, SGLang or uvicorn-based servers, and are not handled
 """
 from __future__ import annotations
 
-from typing import AsyncIterator
+import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
@@ -24,3 +26,15 @@ async def aiter_sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
             yield line.removesuffix(b"\r").decode("utf-8", errors="replace")
     if buf:
         yield buf.removesuffix(b"\r").decode("utf-8", errors="replace")
+
+
+async def aiter_sse_json(resp: httpx.Response) -> AsyncIterator[Any]:
+    """The JSON payload of each `data:` event of an OpenAI stream, until `data: [DONE]` (comments and
+    blank separators skipped). A payload that is not JSON raises ValueError."""
+    async for line in aiter_sse_lines(resp):
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)

@@ -1,8 +1,8 @@
 """`labkit tour`: the lab's main job, headless. Prints a summary table, writes report/index.html.
 
-The tour runs the sections below in order. A section is a function
-`tour_section(report: Report, profile: str) -> None` in some module of the lab; it adds
-prose, tables, charts and summary rows. A failing section is reported, and the tour goes on.
+The tour runs the sections in `SECTIONS`, the one registry of them, in order. A section is a
+function `(report: Report, profile: str) -> None` in the module of the lab it measures; it
+adds prose, tables, charts and summary rows. A failing section is reported, and the tour goes on.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("Hardware: measured peaks", "labkit.measure:hardware_section"),
     ("Prefill vs decode on the default model", "labkit.measure:prefill_decode_section"),
     ("The KV cache: transfer between processes", "labkit.transfer.cli:tour_section"),
-    ("Interference: a long prefill stalls every decode", "labkit.serve.tour:tour_section"),
+    ("Interference: a long prefill stalls every decode", "labkit.bench.tour:interference_section"),
     ("Mono vs 1P1D: the gains", "labkit.bench.tour:tour_section"),
     ("Should you disaggregate?", "labkit.plan.tour:tour_section"),
     ("vLLM side by side", "labkit.vllm.tour:tour_section"),

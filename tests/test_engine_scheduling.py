@@ -219,8 +219,13 @@ def test_export_import_equals_one_engine(eng: Engine, sp: SamplingParams) -> Non
 
 def test_import_finishing_at_once_and_without_free_blocks(eng: Engine) -> None:
     pre = engine(policy="prefill_only")
-    rid = pre.add_request(PROMPTS[3], SamplingParams(max_tokens=1))
-    pre.step()
+    # A first token that ends the request ends it on the prefill side too: no KV is held for export.
+    done = pre.add_request(PROMPTS[3], SamplingParams(max_tokens=1))
+    out = pre.step()
+    assert [(o.request_id, o.finish_reason) for o in out.finished] == [(done, "length")]
+    assert_pool_full(pre)
+    rid = pre.add_request(PROMPTS[3], SamplingParams(max_tokens=2), request_id="held")
+    assert pre.step().finished[0].finish_reason == "prefilled"
     kv = pre.export_kv(rid)
     seen: list[tuple[str, int, bool]] = []
     dec = engine(policy="decode_only")

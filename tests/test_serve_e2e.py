@@ -91,8 +91,8 @@ def test_greedy_output_identical_in_mono_1p1d_2p1d_and_engine(topo) -> None:
 
 
 def test_seeded_sampling_identical_across_topologies(topo) -> None:
-    body = dict(prompt=[256, 10, 20, 30, 40], max_tokens=16, temperature=0.9, top_p=0.95, seed=1234,
-                ignore_eos=True, return_token_ids=True)
+    body = {"prompt": [256, 10, 20, 30, 40], "max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": 1234,
+            "ignore_eos": True, "return_token_ids": True}
     ids = {m: complete(topo[m], **body)["choices"][0]["token_ids"] for m in ("mono", "1p1d", "2p1d")}
     assert ids["mono"] == ids["1p1d"] == ids["2p1d"]
     other = complete(topo["mono"], **{**body, "seed": 99})["choices"][0]["token_ids"]
@@ -101,7 +101,7 @@ def test_seeded_sampling_identical_across_topologies(topo) -> None:
 
 @pytest.mark.parametrize("mode", ["mono", "1p1d"])
 def test_streaming_agrees_with_non_streaming(topo, mode: str) -> None:
-    body = dict(prompt=PROMPTS[1], max_tokens=12, temperature=0, ignore_eos=True)
+    body = {"prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     full = complete(topo[mode], **body)
     chunks, raw = stream(topo[mode], stream_options={"include_usage": True}, **body)
     assert raw[-1] == "[DONE]"
@@ -232,7 +232,7 @@ def test_router_is_kv_aware_and_metrics_show_it(topo) -> None:
 
 
 def test_interference_run_records_every_token(topo) -> None:
-    from labkit.serve.interference import InterferenceScenario, run_interference
+    from labkit.bench.interference import InterferenceScenario, run_interference
 
     sc = InterferenceScenario(num_decodes=3, decode_prompt_tokens=8, decode_max_tokens=600, long_prompt_tokens=300,
                               long_max_tokens=3, long_after_tokens=5, tail_tokens=6, variant=3)
@@ -255,7 +255,7 @@ def test_interference_run_records_every_token(topo) -> None:
 
 @pytest.mark.vllm
 def test_vllm_bench_serve_completes_in_both_modes(topo, tiny_model_dir) -> None:
-    from labkit.serve.vllm_bench import run_vllm_bench
+    from labkit.vllm.bench_serve import run_vllm_bench
 
     with concurrent.futures.ThreadPoolExecutor(2) as ex:
         futs = {m: ex.submit(run_vllm_bench, topo[m], model="tiny", tokenizer=str(tiny_model_dir), num_prompts=8,
@@ -265,3 +265,93 @@ def test_vllm_bench_serve_completes_in_both_modes(topo, tiny_model_dir) -> None:
         assert (res["completed"], res["failed"]) == (8, 0), m
         assert res["total_output_tokens"] == 8 * 12, m  # usage.completion_tokens, as vLLM's server reports it
         assert res["mean_ttft_ms"] > 0 and res["mean_itl_ms"] > 0, m
+
+
+_GREEDY: dict[str, list[int]] = {}
+
+
+def _greedy(prompt: list[int]) -> list[int]:
+    """The engine's own greedy tokens for `prompt` (12, EOS ignored), computed once per prompt."""
+    key = ",".join(map(str, prompt))
+    if key not in _GREEDY:
+        from labkit.engine import Engine, EngineConfig, SamplingParams
+
+        _GREEDY[key] = Engine(EngineConfig(model="tiny")).generate(
+            [prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0].output_token_ids
+    return _GREEDY[key]
+
+
+def _answer(url: str, body: dict, stream: bool) -> tuple[list[int], str, int]:
+    """(token ids, finish reason, completion tokens) of one request; a stream's chunks concatenated."""
+    if not stream:
+        out = complete(url, return_token_ids=True, **body)
+        c = out["choices"][0]
+        return c["token_ids"], c["finish_reason"], out["usage"]["completion_tokens"]
+    chunks, _ = stream_(url, body)
+    ids = [t for ch in chunks if ch["choices"] for t in ch["choices"][0]["token_ids"]]
+    reasons = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]]
+    assert all(r is None for r in reasons[:-1])
+    return ids, reasons[-1], chunks[-1]["usage"]["completion_tokens"]
+
+
+def stream_(url: str, body: dict) -> tuple[list[dict], list[str]]:
+    return stream(url, return_token_ids=True, stream_options={"include_usage": True}, **body)
+
+
+@pytest.mark.parametrize("case", ["stop-id-first", "stop-id-third", "stop-string", "stop-string-first",
+                                  "one-token", "stop-id-and-string"])
+def test_stop_semantics_identical_in_mono_and_1p1d(topo, case: str) -> None:
+    """ignore_eos + stop_token_ids + stop strings: same tokens and finish reason in mono and 1P1D,
+    streaming and not, and no token twice (the issue's case: the first token is a stop id)."""
+    from labkit.models import ByteTokenizer
+
+    prompt = [5, 6, 7, 8] if case == "stop-id-first" else [256] + list(b"stop semantics, everywhere")
+    ref = _greedy(prompt)
+    text = ByteTokenizer().decode(ref)
+    body: dict = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    expect: tuple[list[int], str] | None = None
+    if case == "stop-id-first":        # mono answered 1 token, 1P1D 2 (the same one twice) before the fix
+        body.update(max_tokens=4, stop_token_ids=[ref[0]])
+        expect = ([ref[0]], "stop")
+    elif case == "stop-id-third":
+        body.update(stop_token_ids=[ref[2]])
+        expect = (ref[:ref.index(ref[2]) + 1], "stop")
+    elif case == "one-token":
+        body.update(max_tokens=1)
+        expect = (ref[:1], "length")
+    else:
+        pick = [i for i in range(0 if case == "stop-string-first" else 2, len(text) - 1)
+                if text[i].isprintable() and text[i] != "\ufffd"]
+        if not pick:
+            pytest.skip("random weights gave no printable character to stop on")
+        body["stop"] = [text[pick[0]]]
+        if case == "stop-id-and-string":
+            body["stop_token_ids"] = [ref[1]]
+    answers = {(m, s): _answer(topo[m], body, s) for m in ("mono", "1p1d") for s in (False, True)}
+    assert len(set(map(str, answers.values()))) == 1, answers
+    ids, reason, n = answers[("mono", False)]
+    assert n == len(ids) and reason in ("stop", "length")
+    assert ids == ref[:len(ids)]                 # a prefix of the engine's own tokens: none repeated, none lost
+    if expect is not None:
+        assert (ids, reason) == expect
+
+
+def test_prefill_policy_from_a_file_routes_a_real_router(topo, tmp_path) -> None:
+    from labkit.proc import StartupError
+
+    w = topo["workers"]
+    policy = tmp_path / "my_policy.py"
+    policy.write_text("def choose_prefill(block_hashes, candidates):\n"
+                      "    return max(candidates, key=lambda c: c.name)   # always the last by name\n")
+    router = start_router(prefill=[w["prefill0"], w["prefill1"]], decode=[w["decode0"]],
+                          prefill_policy=f"{policy}:choose_prefill")
+    try:
+        for i in range(3):
+            assert complete(router.url, prompt=f"policy {i}", max_tokens=3)["usage"]["completion_tokens"] == 3
+        text = httpx.get(router.url + "/metrics", timeout=10).text
+        assert _metric(text, "labkit_router_decisions_total", role="prefill", upstream="prefill1") == 3
+        assert _metric(text, "labkit_router_decisions_total", role="prefill", upstream="prefill0") == 0
+    finally:
+        stop_all([router])
+    with pytest.raises(StartupError, match="no file"):
+        start_router(prefill=[w["prefill0"]], decode=[w["decode0"]], prefill_policy=f"{tmp_path}/nope.py:f")

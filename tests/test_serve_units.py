@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+from labkit.engine.config import SamplingParams
 from labkit.models import ByteTokenizer
 from labkit.serve.prefix_index import PrefixIndex, block_hashes
 from labkit.serve.protocol import APIError, parse_completion_request
@@ -61,8 +62,8 @@ def test_good_request_fields_and_defaults() -> None:
                "repetition_penalty": 1.0, "logprobs": None, "some_vllm_extra": 1})
     assert (r.prompt_text, r.prompt_ids, r.max_tokens, r.temperature, r.top_p, r.seed) == ("hi", None, 7, 0.0, 0.9, 3)
     assert r.stop == ("\n",) and r.ignore_eos and r.stream and r.include_usage
-    assert r.sampling_dict() == {"max_tokens": 7, "temperature": 0.0, "top_p": 0.9, "top_k": 0, "seed": 3,
-                                 "stop_token_ids": [], "ignore_eos": True}
+    assert r.sampling() == SamplingParams(max_tokens=7, temperature=0.0, top_p=0.9, top_k=0, seed=3,
+                                          stop_token_ids=(), ignore_eos=True)
     d = parse({"prompt": [[256, 65]]})  # a batch of one token list
     assert d.prompt_ids == (256, 65) and d.max_tokens == 16 and d.temperature == 1.0 and not d.stream
 
@@ -85,7 +86,7 @@ def test_prefix_index_prefers_longest_chain_and_forgets() -> None:
     ha, hb = block_hashes(a, 16), block_hashes(b, 16)
     assert len(ha) == 4 and ha[:2] == hb[:2] and ha[2] != hb[2]
     assert block_hashes(a[:20], 16) == ha[:1]  # a partial block is not cached
-    idx = PrefixIndex(16)
+    idx = PrefixIndex()
     idx.insert("p0", ha)
     idx.insert("p1", hb[:2])
     assert idx.match(ha, ["p0", "p1", "p2"]) == {"p0": 4, "p1": 2, "p2": 0}
@@ -129,7 +130,7 @@ def test_engine_loop_keeps_concurrent_outputs_apart(tiny_model_dir) -> None:
 
 
 def _synthetic_result():
-    from labkit.serve.interference import InterferenceResult, InterferenceScenario, RequestTrace
+    from labkit.bench.interference import InterferenceResult, InterferenceScenario, RequestTrace
 
     sc = InterferenceScenario(num_decodes=2, decode_max_tokens=8, long_after_tokens=2)
     # decodes every 10 ms, one 200 ms stall while the long prompt (sent at 0.035 s) is prefilled
@@ -152,7 +153,7 @@ def test_interference_stats_find_the_stall() -> None:
 
 
 def test_interference_scenario_validates_and_varies_prompts() -> None:
-    from labkit.serve.interference import InterferenceScenario
+    from labkit.bench.interference import InterferenceScenario
 
     with pytest.raises(ValueError, match="long_after_tokens"):
         InterferenceScenario(decode_max_tokens=8, long_after_tokens=8)
@@ -179,3 +180,100 @@ def test_engine_loop_refuses_work_when_its_thread_is_not_running() -> None:
     loop = EngineLoop(engine=object())  # never started: a request must fail at once, not hang
     with pytest.raises(RuntimeError, match="not running"):
         asyncio.run(loop.submit([256, 1], None, "r0"))
+
+
+@pytest.mark.parametrize("backend", ["shm", "tcp"])
+def test_one_sender_serves_concurrent_requests_without_a_lock(backend: str) -> None:
+    """Why a prefill worker needs no lock per decode endpoint: one Sender, eight threads at once,
+    whole and layer-wise transfers interleaved; every KV arrives bit-exact under its own request id."""
+    import concurrent.futures
+
+    from labkit.transfer import KVMeta, new_token, open_receiver, open_sender
+    from labkit.transfer.synthetic import kv_digest, make_kv
+
+    token = new_token()
+    kvs = [make_kv(f"r{i}", 64 + 37 * i, seed=i) for i in range(8)]
+    with open_receiver(backend, token=token) as rx, open_sender(rx.endpoint, token=token) as tx:
+        def send(i: int) -> int:
+            kv = kvs[i]
+            if i % 2:
+                return tx.send(kv, timeout_s=30).nbytes
+            with tx.begin(KVMeta.from_export(kv), timeout_s=30) as stream:
+                for layer in reversed(range(kv.num_layers)):
+                    stream.send_layer(layer, kv.k[layer], kv.v[layer])
+                return stream.finish(first_token_id=kv.first_token_id).nbytes
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            sent = list(ex.map(send, range(8)))
+        got = {i: rx.recv(f"r{i}", timeout_s=30) for i in reversed(range(8))}
+    assert sent == [kv.nbytes for kv in kvs]
+    for i, kv in enumerate(kvs):
+        assert kv_digest(got[i]) == kv_digest(kv) and got[i].prompt_ids == kv.prompt_ids
+
+
+def test_worker_flags_come_from_the_config_fields_and_the_json_document_round_trips() -> None:
+    import argparse
+    import inspect
+
+    from labkit.config import add_flags
+    from labkit.engine.config import EngineConfig
+    from labkit.serve.config import WorkerConfig, parse_config, to_json, worker_config
+    from labkit.serve.launcher import launch, start_worker
+
+    parse = lambda *a: parse_config(WorkerConfig, list(a), "worker")
+    cfg = parse("--role", "prefill", "--kv-cache-bytes", "123456", "--transfer", "tcp", "--kv-stream", "layers",
+                "--transfer-timeout-s", "3", "--no-enable-prefix-caching")
+    assert (cfg.engine.kv_cache_bytes, cfg.engine.enable_prefix_caching, cfg.engine.policy) == (123456, False, "prefill_only")
+    assert (cfg.transfer.backend, cfg.transfer.kv_stream, cfg.transfer.timeout_s) == ("tcp", "layers", 3.0)
+    assert parse("--config", to_json(cfg)) == cfg                       # the launcher's one JSON document
+    assert parse("--config", to_json(cfg), "--port", "9").port == 9      # a flag on top wins
+    assert parse().engine == EngineConfig()                              # defaults: the engine's, written once
+    assert worker_config("decode", {"transfer_timeout_s": 2}).transfer.timeout_s == 2.0
+    # every default shown in --help is the dataclass's; the launcher repeats none of them
+    p = argparse.ArgumentParser()
+    add_flags(p, WorkerConfig)
+    assert f"(default: {EngineConfig().kv_cache_bytes})" in " ".join(p.format_help().split())
+    for fn in (start_worker, launch):
+        assert inspect.signature(fn).parameters["kv_cache_bytes"].default is None
+    for bad, message in [({"kv_cache_bytes": 0}, "kv_cache_bytes must be >= 1"), ({"kv_stream": "bits"}, "kv_stream"),
+                         ({"transfer": "pigeon"}, "pigeon"), ({"kv_bytes": 1}, "'kv_bytes' is not a setting")]:
+        with pytest.raises(ValueError, match=message):
+            worker_config("prefill", bad)
+    with pytest.raises(SystemExit):
+        parse("--config", '{"engine": {"kv_bytes": 1}}')
+
+
+def test_kv_stream_timeline_draws_both_modes_in_ms() -> None:
+    from labkit.plots import serving
+
+    base = {"num_prompt_tokens": 1500, "kv_bytes": 6_000_000, "prefill_s": 0.4}
+    ax = serving.kv_stream_timeline({"whole": {**base, "kv_acked_s": 0.45, "layer_sent_s": []},
+                                     "layers": {**base, "kv_acked_s": 0.41, "layer_sent_s": [0.1, 0.2, 0.3, 0.405]}})
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["whole-KV", "layer-wise"]
+    assert "(ms)" in ax.get_xlabel() and "1,500 tokens" in ax.get_title()
+    notes = sorted(t.get_text() for t in ax.texts)
+    assert notes == ["waited 10.0 ms", "waited 50.0 ms"]
+    marks = [ln for ln in ax.lines if ln.get_marker() == "v"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == pytest.approx([100, 200, 300, 405])
+
+
+def test_launcher_settings_and_arguments_meet_in_one_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What start_worker hands the worker: `settings` by flag name, explicit arguments on top, None
+    never hiding a setting (a worker started with settings={"max_model_len": 8200} gets 8200)."""
+    import json
+
+    from labkit.serve import launcher
+
+    argvs: list[list[str]] = []
+
+    def fake_start(name: str, argv: list[str], **kw: object) -> object:
+        argvs.append(list(argv))
+        raise launcher.StartupError("not starting anything in this test")
+    monkeypatch.setattr(launcher, "start_process", fake_start)
+    with pytest.raises(launcher.StartupError):
+        launcher.start_worker("prefill", kv_token="t" * 16, kv_stream="layers", transfer="tcp",
+                              settings={"max_model_len": 8200, "link_gbps": 10, "kv_cache_bytes": 1 << 20})
+    doc = json.loads(argvs[0][argvs[0].index("--config") + 1])
+    assert doc["engine"]["max_model_len"] == 8200 and doc["engine"]["kv_cache_bytes"] == 1 << 20
+    assert doc["transfer"] == {"backend": "tcp", "timeout_s": 30.0, "kv_stream": "layers", "link_gbps": 10.0,
+                               "link_latency_ms": 0.0}
+    assert "t" * 16 not in " ".join(argvs[0])     # the KV token travels in the environment only

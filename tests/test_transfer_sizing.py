@@ -8,7 +8,7 @@ import pytest
 from labkit.cli import main as labkit_main
 from labkit.links import LINKS, Link
 from labkit.transfer import new_token, open_receiver, open_sender
-from labkit.transfer.shaping import LinkShape, TokenBucket, chunk_bytes
+from labkit.transfer.shaping import TokenBucket, chunk_bytes
 from labkit.transfer.sizing import (
     LLAMA_70B,
     KVShape,
@@ -37,12 +37,9 @@ def test_one_link_type_in_bytes_per_second_and_seconds() -> None:
     link = Link(2e9, 0.1)                                          # 2 GB/s after 100 ms
     assert link.seconds(2e9) == pytest.approx(1.1) and link.gbps == pytest.approx(16.0)
     assert Link.from_gbps(8, 1e-3).seconds(1_000_000_000) == pytest.approx(1.0 + 0.001)
-    # the older constructor: Gbit/s and a one-way latency in ms, paid there and back
-    old = LinkShape(8, 0.5)
-    assert isinstance(old, Link) and old.bytes_per_s == 1e9 and old.fixed_s == pytest.approx(1e-3)
-    assert not LinkShape().shaped and Link.unshaped().seconds(1 << 30) == 0.0 and math.isinf(LinkShape().gbps)
+    assert not Link.unshaped().shaped and Link.unshaped().seconds(1 << 30) == 0.0 and math.isinf(Link.unshaped().gbps)
     assert LINKS["nvlink"].bytes_per_s == pytest.approx(450e9) and LINKS["100G"].label == "100 Gbps RDMA"
-    for bad in (lambda: Link(0), lambda: Link(1e9, -1.0), lambda: Link.from_gbps(0), lambda: LinkShape(0),
+    for bad in (lambda: Link(0), lambda: Link(1e9, -1.0), lambda: Link.from_gbps(0),
                 lambda: Link(1e9, how="guessed")):  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             bad()

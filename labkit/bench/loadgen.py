@@ -13,20 +13,20 @@ connection error, or timeout), so sent = ok + errors always.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
-import math
-import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import httpx
 
 from labkit.bench.arrivals import Arrivals
+from labkit.bench.client import StreamedCompletion, run_sync, stream_completion
 from labkit.bench.metrics import SLO, RequestRecord, Summary, jsonable, save_records, summarize
 from labkit.bench.workloads import BenchRequest, LengthScaling
-from labkit.sse import aiter_sse_lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,69 +110,31 @@ def _payload(req: BenchRequest, model: str, prompt_as: str) -> dict[str, Any]:
             "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
 
 
-def _error_text(status: int, body: bytes) -> str:
-    try:
-        err = json.loads(body)["error"]
-        return f"HTTP {status}: {err.get('message', err) if isinstance(err, dict) else err}"
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
-
-
 async def _send_one(client: httpx.AsyncClient, url: str, payload: dict[str, Any], rec: RequestRecord,
                     t0: float, timeout_s: float) -> None:
     """Streams one request, filling `rec` (timestamps as `vllm bench serve` takes them)."""
     st = time.perf_counter()
     rec.start_s = st - t0
-    last = st
-    chunks = 0
-    usage_tokens: int | None = None
+    out = StreamedCompletion()
     try:
         async with asyncio.timeout(timeout_s):
-            async with client.stream("POST", url, json=payload) as resp:
-                rec.http_status = resp.status_code
-                if resp.status_code != 200:
-                    rec.error = _error_text(resp.status_code, await resp.aread())
-                    return
-                async for line in aiter_sse_lines(resp):
-                    if not line.startswith("data:"):
-                        continue  # blank separators and ": ping" comments
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    obj = json.loads(data)
-                    if "error" in obj:
-                        err = obj["error"]
-                        rec.error = f"stream error: {err.get('message', err) if isinstance(err, dict) else err}"
-                        return
-                    if obj.get("choices"):
-                        now = time.perf_counter()
-                        if chunks == 0:
-                            rec.ttft_s = now - st
-                        else:
-                            rec.itl_s.append(now - last)
-                        last = now
-                        chunks += 1
-                    usage = obj.get("usage")
-                    if usage:
-                        usage_tokens = usage.get("completion_tokens")
-                        if usage.get("prompt_tokens") is not None:
-                            rec.prompt_tokens = int(usage["prompt_tokens"])
-        if chunks == 0:
-            rec.error = "the stream ended before any token"
-            return
-        rec.e2e_s = last - st
-        rec.output_tokens = int(usage_tokens) if usage_tokens else chunks
-        rec.ok = True
+            await stream_completion(client, url, payload, out)
     except TimeoutError:
-        rec.error = f"timeout after {timeout_s:g} s ({chunks} token(s) received)"
-    except httpx.HTTPError as e:
-        rec.error = f"{e.__class__.__name__}: {e}"
-    except (ValueError, KeyError, TypeError) as e:
-        rec.error = f"bad stream data: {e.__class__.__name__}: {e}"
-    finally:
-        if not rec.ok:
-            rec.ttft_s = rec.ttft_s if chunks else math.nan
-            rec.itl_s = rec.itl_s if chunks else []
+        out.error = f"timeout after {timeout_s:g} s ({len(out.token_s)} token(s) received)"
+    rec.http_status = out.status
+    ts = out.token_s
+    if ts:
+        rec.ttft_s = ts[0] - st
+        rec.itl_s = [b - a for a, b in itertools.pairwise(ts)]
+    rec.error = out.error or ("" if ts else "the stream ended before any token")
+    if rec.error:
+        return
+    usage = out.usage or {}
+    rec.e2e_s = ts[-1] - st
+    rec.output_tokens = int(usage.get("completion_tokens") or len(ts))
+    if usage.get("prompt_tokens") is not None:
+        rec.prompt_tokens = int(usage["prompt_tokens"])
+    rec.ok = True
 
 
 async def arun_load(config: LoadConfig, requests: Sequence[BenchRequest], *,
@@ -219,23 +181,5 @@ async def arun_load(config: LoadConfig, requests: Sequence[BenchRequest], *,
 
 def run_load(config: LoadConfig, requests: Sequence[BenchRequest], *, scaling: LengthScaling | None = None,
              workload: str = "") -> BenchResult:
-    """Blocking `arun_load`; safe inside Jupyter (where an event loop already runs) via a thread."""
-    coro = arun_load(config, requests, scaling=scaling, workload=workload)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def worker() -> None:
-        try:
-            box["result"] = asyncio.run(coro)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=worker, name="labkit-bench", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    """Blocking `arun_load`; safe inside Jupyter (where an event loop already runs): `client.run_sync`."""
+    return run_sync(arun_load(config, requests, scaling=scaling, workload=workload))

@@ -16,9 +16,11 @@ import contextlib
 import json
 import math
 import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 from labkit.bench.arrivals import Arrivals
 from labkit.bench.loadgen import BenchResult, LoadConfig, run_load
@@ -60,7 +62,7 @@ def parse_mode(name: str, devices: int | None = None) -> ModeSpec:
     return ModeSpec(n, "disagg", p, d, devices=devices or p + d)
 
 
-ServerFactory = Callable[[ModeSpec], ContextManager[str]]
+ServerFactory = Callable[[ModeSpec], AbstractContextManager[str]]
 """Starts a server for a mode; the context yields its base URL and stops it on exit."""
 
 
@@ -162,7 +164,7 @@ class SweepResult:
         row = next((r for r in self.rows if r["mode"] == mode and r["rate_rps"] == low), None)
         if row is None or not row["ok"]:
             raise ValueError(f"no completed {mode} run at {low:g} req/s to set an SLO from")
-        sig = lambda x: float(f"{x:.3g}")  # noqa: E731
+        sig = lambda x: float(f"{x:.3g}")
         tpot_s = row["tpot_p50_ms"] / 1000
         return SLO(ttft_s=sig(row["ttft_p50_ms"] / 1000 * ttft_x), tpot_s=sig(tpot_s * tpot_x),
                    itl_s=sig(tpot_s * itl_x) if itl_x else None)
@@ -277,7 +279,7 @@ def url_server(url: str) -> Iterator[str]:
 
 def fixed_url_factory(urls: dict[str, str]) -> ServerFactory:
     """A factory that maps mode names to already-running servers (e.g. started by `labkit serve`)."""
-    def factory(spec: ModeSpec) -> ContextManager[str]:
+    def factory(spec: ModeSpec) -> AbstractContextManager[str]:
         if spec.name not in urls:
             raise ValueError(f"no URL given for mode {spec.name!r}; have {sorted(urls)}")
         return url_server(urls[spec.name])
@@ -302,13 +304,14 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ("mode", "rat
 
 def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None] | None = None,
                        chunk_tokens: int = 256, max_num_batched_tokens: int = 2048, transfer: str = "shm",
-                       kv_cache_bytes: int = 256 << 20, startup_timeout_s: float = 180.0,
+                       kv_cache_bytes: int | None = None, startup_timeout_s: float = 180.0,
                        worker_args: Sequence[str] = (), step_log_dir: str | Path | None = None) -> ServerFactory:
     """Starts the lab's own server (`labkit.serve.launcher.launch`) for each mode.
 
     `cpus` maps roles to cores (default `default_cpu_split()`: on 2 cores prefill on core 0, decode
     on core 1, mono on both). Mono with chunked prefill uses `chunk_tokens` as the step's token
-    budget, so no step holds more than that many prompt tokens. `worker_args`: more worker flags.
+    budget, so no step holds more than that many prompt tokens. `kv_cache_bytes`: None keeps the
+    workers' default (EngineConfig's). `worker_args`: more worker flags.
     `step_log_dir`: every worker of a mode logs its steps to `<dir>/<mode name>.jsonl`.
     """
     @contextlib.contextmanager

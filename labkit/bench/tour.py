@@ -1,4 +1,5 @@
-"""The tour's "Mono vs 1P1D" section: one workload, one rate, both modes, charts and summary rows.
+"""The tour's serving sections: "Interference" (`interference_section`) and "Mono vs 1P1D" (`tour_section`:
+one workload, one rate, both modes, charts and summary rows).
 
 On the lab's 2-core CPU: 1P1D puts the prefill worker on core 0 and the decode worker on core 1;
 mono runs one engine on both. First a calibration (mono, three requests one at a time) sets the
@@ -13,8 +14,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from labkit.bench.metrics import jsonable
-from labkit.bench.sweep import (ServerFactory, SweepConfig, SweepResult, calibrate_url, fixed_url_factory,
-                                lab_server_factory, parse_mode, run_sweep)
+from labkit.bench.sweep import (
+    ServerFactory,
+    SweepConfig,
+    SweepResult,
+    calibrate_url,
+    fixed_url_factory,
+    lab_server_factory,
+    parse_mode,
+    run_sweep,
+)
 from labkit.bench.workloads import get_workload
 from labkit.models import CI_MODEL, DEFAULT_MODEL, get_preset
 
@@ -82,8 +91,8 @@ def tour_section(report: Any, profile: str) -> None:
         "for a prefill; the price is half the cores per phase, a KV transfer, and a longer TTFT under load.")
     cols = ["mode", "rate_rps", "ok", "errors", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
             "tpot_p50_ms", "goodput_rps", "slo_attainment", "output_tps_per_device"]
-    s.tables.append((f"Mono vs 1P1D at {rate:g} req/s (SLO: {slo.describe()}, from mono's p50 x{plan.slo_ttft_x:g} "
-                     f"TTFT and x{plan.slo_tpot_x:g} TPOT)",
+    s.tables.append(((f"Mono vs 1P1D at {rate:g} req/s (SLO: {slo.describe()}, from mono's p50 x{plan.slo_ttft_x:g} "
+                      f"TTFT and x{plan.slo_tpot_x:g} TPOT)"),
                      [{c: r[c] for c in cols} for r in res.rows]))
     report.add_figure(s, pb.plot_latency_cdf(res.runs, "itl"), "bench_itl_cdf",
                       "Inter-token latency CDF: the mono tail is the prefill stalls")
@@ -104,3 +113,36 @@ def tour_section(report: Any, profile: str) -> None:
         "ttft_s": cal.ttft_s, "tpot_s": cal.tpot_s, "e2e_s": cal.e2e_s}, "plan": {
         "model": plan.model, "rate_rps": rate, "n_requests": plan.n_requests, "slo": slo.as_dict()}})
 
+
+def interference_section(report: Any, profile: str) -> None:
+    """The tour's "Interference" section: the long-prefill stall in mono, mono + chunked prefill, and 1P1D.
+
+    Runs `labkit.bench.interference.run_modes` once per mode (each server started and stopped by
+    the launcher), adds the stall chart, the mono and 1P1D token timelines, a table and summary rows.
+    The ci profile uses `tiny` and a 1,536-token long prompt (about a minute and a half on 2 cores);
+    full uses `small` and 2,048 tokens.
+    """
+    from labkit.bench.interference import InterferenceScenario, run_modes, stats_table
+    from labkit.plots import serving
+
+    s = report.sections[-1]
+    model, long_tokens = ("tiny", 1536) if profile == "ci" else ("small", 2048)
+    sc = InterferenceScenario(num_decodes=4, long_prompt_tokens=long_tokens, variant=1000)
+    results = run_modes(model, sc, progress=True)
+    by = {r.label: r for r in results}
+    s.paragraphs.append(
+        f"Four requests stream tokens from `{model}`; then one {long_tokens:,}-token prompt arrives. In one engine "
+        "(mono) its prefill takes the step loop and every decode stalls for about as long as the prefill; chunked "
+        "prefill cuts the stall into smaller ones; with the prefill on another worker (1P1D: prefill on core 0, "
+        "decode on core 1) the decode gaps stay flat. Times are what the client saw.")
+    s.tables.append(("Decode gaps around the long prefill (ms)", stats_table(results)))
+    report.add_figure(s, serving.stall_comparison(results).figure, "interference_stalls",
+                      "Mean decode gap outside the prefill vs the worst gap during it, per mode")
+    for mode in ("mono", "1p1d"):
+        report.add_figure(s, serving.interference_figure(by[mode]), f"interference_{mode}",
+                          f"{mode}: every request's tokens as the client received them; red: the long prefill")
+    st = {m: r.stats() for m, r in by.items()}
+    report.add_summary("decode stall during a long prefill",
+                       " / ".join(f"{m} {st[m]['decode_stall_max_ms']:,.0f} ms" for m in by),
+                       f"{long_tokens:,}-token prompt, {model}")
+    report.data["interference"] = [r.to_json() for r in results]

@@ -6,8 +6,24 @@
 """
 from __future__ import annotations
 
-from labkit.engine.config import EngineConfig, SamplingParams
-from labkit.engine.engine import Engine
-from labkit.engine.sequence import RequestOutput, StepOutput
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Engine", "EngineConfig", "SamplingParams", "StepOutput", "RequestOutput"]
+from labkit.engine.config import EngineConfig, RequestError, SamplingParams
+
+if TYPE_CHECKING:
+    from labkit.engine.engine import Engine
+    from labkit.engine.sequence import RequestOutput, StepOutput
+
+__all__ = ["Engine", "EngineConfig", "RequestError", "RequestOutput", "SamplingParams", "StepOutput"]
+
+
+def __getattr__(name: str) -> Any:
+    """Engine and its outputs load torch: imported on first use, so the configs stay light (the
+    router and the launcher build them without torch)."""
+    if name == "Engine":
+        from labkit.engine.engine import Engine
+        return Engine
+    if name in ("RequestOutput", "StepOutput"):
+        from labkit.engine import sequence
+        return getattr(sequence, name)
+    raise AttributeError(f"module 'labkit.engine' has no attribute {name!r}")

@@ -1,8 +1,10 @@
 """The engine's two configs: how the engine is built (`EngineConfig`) and how one request samples (`SamplingParams`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from labkit.config import doc
 
 Policy = Literal["prefill_first", "chunked", "prefill_only", "decode_only"]
 POLICIES: tuple[str, ...] = ("prefill_first", "chunked", "prefill_only", "decode_only")
@@ -11,36 +13,38 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """How to build an Engine.
+    """How to build an Engine. Each field's doc is also its flag's help (`labkit.config.add_flags`).
 
-    model: a preset name or a Hugging Face model directory (resolved by `labkit.models.ensure_model`).
-    num_blocks: KV blocks in the pool; None sizes the pool from `kv_cache_bytes`.
     policy: "prefill_first" runs waiting prompts before any decode step (vLLM v0's default);
       "chunked" fills each step's token budget with every running decode first, then prompt chunks;
-      "prefill_only" finishes a request after its prefill (finish_reason "prefilled"), holding its KV
-      for `export_kv`; "decode_only" accepts requests only through `import_kv`.
-    compile_decode: on a GPU, run the forward through `torch.compile` (ignored on a CPU).
-    cuda_graphs: on a GPU, replay decode-only steps as CUDA graphs, one per (batch, context) bucket
-      (`labkit.engine.cuda_graphs`). On a CPU the same padded inputs run without capture: no
-      speed-up there, but the tests check the padding with it.
-    random_weights: build the preset's shape with random weights directly on `device`, no files
-      (the 8B shape on a GPU without writing 16 GB to disk first). Tokens are meaningless.
+      "prefill_only" finishes a request after its prefill (finish_reason "prefilled", unless the first
+      token already ends it), holding its KV for `export_kv`; "decode_only" accepts requests only
+      through `import_kv`.
+    cuda_graphs: on a CPU the same padded inputs run without capture: no speed-up there, but the
+      tests check the padding with it.
     """
 
-    model: str = "tiny"
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_cache_bytes: int = 256 << 20
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    policy: Policy = "prefill_first"
-    enable_prefix_caching: bool = True
-    max_model_len: int | None = None
-    compile_decode: bool = False
-    cuda_graphs: bool = False
-    random_weights: bool = False
+    model: str = field(default="tiny", metadata=doc(
+        "a preset name or a Hugging Face model directory (labkit.models.ensure_model)"))
+    dtype: str = field(default="float32", metadata=doc(f"weights and KV cache dtype, one of {DTYPES}"))
+    device: str = field(default="cpu", metadata=doc("'cpu' or 'cuda[:N]'"))
+    block_size: int = field(default=16, metadata=doc("tokens per KV block"))
+    num_blocks: int | None = field(default=None, metadata=doc("KV blocks in the pool; unset: sized from kv_cache_bytes"))
+    kv_cache_bytes: int = field(default=256 << 20, metadata=doc("bytes of KV cache, when num_blocks is unset"))
+    max_num_seqs: int = field(default=64, metadata=doc("requests in one step, at most"))
+    max_num_batched_tokens: int = field(default=2048, metadata=doc(
+        "token budget of one step (a prompt chunk costs its length)"))
+    policy: Policy = field(default="prefill_first", metadata=doc(f"scheduling, one of {POLICIES} (see the class doc)"))
+    enable_prefix_caching: bool = field(default=True, metadata=doc(
+        "reuse the KV blocks of a prompt prefix computed before"))
+    max_model_len: int | None = field(default=None, metadata=doc(
+        "context length, prompt + output; unset: the model's positions"))
+    compile_decode: bool = field(default=False, metadata=doc(
+        "on a GPU, run the forward through torch.compile (ignored on a CPU)"))
+    cuda_graphs: bool = field(default=False, metadata=doc(
+        "on a GPU, replay decode-only steps as CUDA graphs, one per (batch, context) bucket (labkit.engine.cuda_graphs)"))
+    random_weights: bool = field(default=False, metadata=doc(
+        "build the preset's shape with random weights directly on the device, no files (tokens are meaningless)"))
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -56,6 +60,27 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be >= 1 or None, got {self.num_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2 or None, got {self.max_model_len}")
+
+
+class RequestError(ValueError):
+    """A request the engine refuses. `param` names the request field at fault and `code` says why, so
+    a server answers with the same words as an OpenAI API error."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def check_context(num_prompt: int, max_tokens: int, max_model_len: int) -> None:
+    """Raises RequestError unless a `num_prompt`-token prompt plus `max_tokens` fits `max_model_len`.
+
+    The one context-length rule: the router applies it at the edge, the engine as the last guard.
+    """
+    if num_prompt + max_tokens > max_model_len:
+        raise RequestError(f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = {num_prompt + max_tokens} "
+                           f"exceeds the model's context length (max_model_len {max_model_len}); shorten the prompt "
+                           "or lower max_tokens", "max_tokens", "context_length_exceeded")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,12 @@ import hashlib
 import itertools
 import json
 import time
+from collections.abc import Sequence as Seq
 from dataclasses import asdict
-from typing import Sequence as Seq
 
 import torch
 
-from labkit.engine.config import EngineConfig, SamplingParams
+from labkit.engine.config import EngineConfig, RequestError, SamplingParams, check_context
 from labkit.engine.cuda_graphs import DecodeGraphs
 from labkit.engine.kv_cache import BlockPool, KVCache
 from labkit.engine.model import AttentionMeta, CausalLM, ModelConfig, load_safetensors
@@ -29,7 +29,7 @@ from labkit.kv import KVExport, kv_bytes_per_token
 from labkit.models import MANIFEST, ensure_model
 
 
-def model_fingerprint(model_dir, hf_config: dict) -> str:  # noqa: ANN001 - a Path
+def model_fingerprint(model_dir, hf_config: dict) -> str:
     """16 hex digits naming a model's config and weights (from the manifest checksums, else file sizes)."""
     h = hashlib.sha256(json.dumps(hf_config, sort_keys=True).encode())
     manifest = model_dir / MANIFEST
@@ -105,17 +105,19 @@ class Engine:
     def _new_id(self, request_id: str | None) -> str:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._seqs:
-            raise ValueError(f"request_id {rid!r} is already in the engine")
+            raise RequestError(f"request_id {rid!r} is already in the engine", "request_id")
         return rid
 
     def _check_fits(self, num_prompt: int, sp: SamplingParams) -> None:
+        """Raises RequestError (naming the field) unless the request fits the context and the KV pool."""
         if num_prompt >= self.max_model_len:
-            raise ValueError(f"prompt has {num_prompt} tokens; max_model_len is {self.max_model_len} "
-                             "(it must leave room for at least one output token)")
-        need = self.pool.blocks_for(min(num_prompt + sp.max_tokens, self.max_model_len))
+            raise RequestError(f"prompt has {num_prompt} tokens; max_model_len is {self.max_model_len} (it must "
+                               "leave room for at least one output token)", "prompt_ids", "context_length_exceeded")
+        check_context(num_prompt, sp.max_tokens, self.max_model_len)
+        need = self.pool.blocks_for(num_prompt + sp.max_tokens)
         if need > self.num_total_blocks:
-            raise ValueError(f"prompt ({num_prompt}) + max_tokens ({sp.max_tokens}) needs {need} KV blocks; "
-                             f"the pool has {self.num_total_blocks}: lower max_tokens or raise kv_cache_bytes")
+            raise RequestError(f"prompt ({num_prompt}) + max_tokens ({sp.max_tokens}) needs {need} KV blocks; the pool "
+                               f"has {self.num_total_blocks}: lower max_tokens or raise kv_cache_bytes", "max_tokens")
 
     def add_request(self, prompt_ids: Seq[int], sp: SamplingParams | None = None, request_id: str | None = None,
                     on_token: TokenCallback | None = None, on_layer_kv: LayerKVCallback | None = None) -> str:
@@ -125,10 +127,11 @@ class Engine:
         sp = sp or SamplingParams()
         ids = [int(t) for t in prompt_ids]
         if not ids:
-            raise ValueError("prompt_ids is empty: a prompt needs at least one token (e.g. BOS)")
+            raise RequestError("prompt_ids is empty: a prompt needs at least one token (e.g. BOS)", "prompt_ids")
         bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
-            raise ValueError(f"prompt_ids holds {bad[0]}, outside the vocabulary [0, {self.model_config.vocab_size})")
+            raise RequestError(f"prompt_ids holds {bad[0]}, outside the vocabulary [0, {self.model_config.vocab_size})",
+                               "prompt_ids")
         self._check_fits(len(ids), sp)
         rid = self._new_id(request_id)
         seq = Sequence(rid, ids, sp, on_token=on_token, on_layer_kv=on_layer_kv)
@@ -201,12 +204,14 @@ class Engine:
                 if seq.first_token_s is None:
                     seq.first_token_s = time.perf_counter()
                 new_tokens[seq.request_id] = tok
+                # One stop rule for every policy: a prefill-only engine reports "stop" or "length" when
+                # the first token already ends the request, and holds the KV ("prefilled") only otherwise.
                 reason = self._stop_reason(seq, tok)
-                if was_prefill and self.config.policy == "prefill_only" and len(seq.output_ids) == 1:
+                if reason is not None:
+                    finished.append(self._finish(seq, reason))
+                elif was_prefill and self.config.policy == "prefill_only":
                     finished.append(self._finish(seq, "prefilled", hold_blocks=True))
                     reason = "prefilled"
-                elif reason is not None:
-                    finished.append(self._finish(seq, reason))
                 elif was_prefill:
                     self.scheduler.prefill_done(seq)
                 if seq.on_token is not None:
@@ -277,7 +282,7 @@ class Engine:
         tokens = sample(logits, [s.sp for s in sample_seqs], [len(s.token_ids) for s in sample_seqs], self._generator)
         return list(zip(sample_seqs, tokens))
 
-    def _layer_kv_hook(self, batch: Batch):  # noqa: ANN202 - Callable[[int], None] | None
+    def _layer_kv_hook(self, batch: Batch):
         """Calls on_layer_kv(request_id, layer, k, v) for prompts whose prefill completes in this batch."""
         done = [s for s, n in batch.chunks if s.on_layer_kv is not None and not s.output_ids
                 and s.num_computed_tokens + n == len(s.token_ids)]
@@ -293,11 +298,12 @@ class Engine:
     def generate(self, prompts: Seq[Seq[int]], sp: SamplingParams | Seq[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
         """Runs `prompts` to completion (with any requests already queued); returns their outputs in order."""
-        sps = list(sp) if isinstance(sp, (list, tuple)) else [sp or SamplingParams()] * len(prompts)
+        sps: list[SamplingParams] = (list(sp) if isinstance(sp, (list, tuple))
+                                     else [sp if isinstance(sp, SamplingParams) else SamplingParams()] * len(prompts))
         if len(sps) != len(prompts):
             raise ValueError(f"{len(sps)} SamplingParams for {len(prompts)} prompts")
         rids = [self.add_request(p, s) for p, s in zip(prompts, sps)]
-        want, results = set(rids), {}
+        want, results = set(rids), dict[str, RequestOutput]()
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -1,11 +1,12 @@
 """Charts of the serving lessons: per-request token timelines, inter-token gaps, stalls per mode.
 
-Each takes `labkit.serve.interference.InterferenceResult`s; the long prompt's prefill window
+Each takes `labkit.bench.interference.InterferenceResult`s; the long prompt's prefill window
 (sent until its first token) is shaded in the prefill colour on every time axis.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from labkit.plots.style import MODE_COLORS, PHASE_COLORS, new_figure
 
@@ -91,4 +92,34 @@ def stall_comparison(results: Sequence[Any], ax: Any = None) -> Any:
     ax.set_title("A long prefill stalls the decodes that share its engine")
     ax.margins(y=0.2)
     ax.legend(fontsize=10)
+    return ax
+
+
+def kv_stream_timeline(results: Mapping[str, Mapping[str, Any]], ax: Any = None, title: str | None = None) -> Any:
+    """One row per KV streaming mode of one request's prefill answer (a PrefillResult as a dict, by
+    mode: "whole", "layers"): the prefill, when each layer's KV left (layer-wise), and the transfer
+    the request still waited for after its prefill. Times in ms from the request's arrival; returns the Axes."""
+    if ax is None:
+        _, ax = new_figure(figsize=(11, 3.6))
+    modes = list(results)
+    for row, mode in enumerate(modes):
+        r = results[mode]
+        pre, acked = 1e3 * r["prefill_s"], 1e3 * r["kv_acked_s"]
+        ax.barh(row, pre, height=0.5, color=PHASE_COLORS["prefill"], label="prefill" if row == 0 else None)
+        ax.barh(row, acked - pre, left=pre, height=0.5, color=PHASE_COLORS["transfer"],
+                label="KV transfer after the prefill" if row == 0 else None)
+        sent = [1e3 * t for t in r.get("layer_sent_s") or []]
+        if sent:
+            ax.plot(sent, [row + 0.38] * len(sent), linestyle="none", marker="v", markersize=9,
+                    color=PHASE_COLORS["transfer"], label="a layer's KV left")
+        ax.annotate(f"waited {acked - pre:,.1f} ms", (acked, row), xytext=(6, 0), textcoords="offset points",
+                    va="center", fontsize=11)
+    ax.set_yticks(range(len(modes)), [f"{m}-KV" if m == "whole" else "layer-wise" for m in modes])
+    ax.set_ylim(-0.6, len(modes) - 0.2)
+    ax.set_xlabel("time since the request arrived (ms)")
+    r0 = next(iter(results.values()))
+    ax.set_title(title or f"One prefill, {r0['num_prompt_tokens']:,} tokens, {r0['kv_bytes'] / 1e6:.1f} MB of KV: "
+                          "sent after it, or layer by layer during it")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=10)
+    ax.margins(x=0.12)
     return ax

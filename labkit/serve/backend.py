@@ -15,22 +15,28 @@ how many tokens it carries). Any server fits behind the router by implementing i
 or while streaming; the router turns it into an HTTP error or an SSE error event.
 
 `LabBackend` fronts the lab's own workers: `mono` workers, or `prefill` + `decode` workers
-(the KV moves worker to worker over the transport; the router carries only control JSON).
-`labkit.serve.vllm_backend.VllmDisaggBackend` fronts vLLM's prefill and decode servers.
+(the KV moves worker to worker over the transport; the router carries only the control
+messages of labkit.serve.messages). The prefill (or mono) worker is chosen by a policy
+(labkit.serve.routing), the decode worker by load. The router finds a backend by name
+(`router.BACKENDS`: "lab" here, "vllm" in labkit.vllm.pd_backend) or by `module:function`.
 """
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Protocol
+from typing import Any, Protocol
 
 import httpx
+from pydantic import ValidationError
 
+from labkit.serve.messages import DecodeRequest, GenerateRequest, PrefillRequest, PrefillResult, TokenEvent
 from labkit.serve.metrics import RouterMetrics
 from labkit.serve.prefix_index import PrefixIndex, block_hashes
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
+from labkit.serve.routing import DEFAULT_POLICY, PrefillCandidate, PrefillPolicy, choose, load_policy
 from labkit.serve.textstream import TextStream
 from labkit.serve.upstream import Upstream, UpstreamPool
 from labkit.sse import aiter_sse_lines
@@ -58,8 +64,11 @@ class DisaggBackend(Protocol):
 
     async def close(self) -> None: ...
 
+    def context_len(self) -> int | None:
+        """The context its upstreams serve (tokens), when they say; None: unknown."""
+
     def generate(self, req: CompletionRequest, prompt_ids: list[int] | None,
-                 request_id: str) -> AsyncIterator[Piece]: ...
+                 request_id: str) -> AsyncGenerator[Piece, None]: ...
 
 
 CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
@@ -95,6 +104,7 @@ class HttpBackend:
     uses_token_ids = True
 
     def __init__(self, pool: UpstreamPool, *, connect_timeout_s: float, read_timeout_s: float) -> None:
+        """The HTTP client uses the pool's `transport` too (tests: in-process ASGI apps)."""
         roles = pool.roles()
         if roles == {"mono"}:
             self.mode = "mono"
@@ -108,13 +118,17 @@ class HttpBackend:
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self._timeout, limits=httpx.Limits(max_connections=1000))
+        self._client = httpx.AsyncClient(timeout=self._timeout, limits=httpx.Limits(max_connections=1000),
+                                         transport=self.pool.transport)
         await self.pool.start()
 
     async def close(self) -> None:
         await self.pool.close()
         if self._client is not None:
             await self._client.aclose()
+
+    def context_len(self) -> int | None:
+        return None
 
     @contextmanager
     def calling(self, u: Upstream, path: str) -> Iterator[None]:
@@ -135,13 +149,15 @@ class HttpBackend:
 class LabBackend(HttpBackend):
     """The lab's workers behind a KV-aware choice: mono, or prefill + decode."""
 
-    def __init__(self, pool: UpstreamPool, tokenizer: Any, metrics: RouterMetrics, *, block_size: int = 16,
-                 connect_timeout_s: float = 2.0, read_timeout_s: float = 120.0,
-                 transfer_timeout_s: float = 30.0) -> None:
+    def __init__(self, pool: UpstreamPool, tokenizer: Any, metrics: RouterMetrics, *,
+                 policy: PrefillPolicy | None = None, connect_timeout_s: float = 2.0,
+                 read_timeout_s: float = 120.0, transfer_timeout_s: float = 30.0) -> None:
         super().__init__(pool, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.index = PrefixIndex(block_size)
+        self.policy = policy or load_policy(DEFAULT_POLICY)
+        self.index = PrefixIndex()
+        self.block_size: int | None = None   # the workers' own, from their first /health
         self.transfer_timeout_s = transfer_timeout_s
         pool.on_down = self._forget
         pool.on_up = self._sized
@@ -150,22 +166,41 @@ class LabBackend(HttpBackend):
         self.index.remove_instance(u.name)
 
     def _sized(self, u: Upstream) -> None:
-        if u.info.get("kv_blocks_total"):
-            self.index.set_capacity(u.name, int(u.info["kv_blocks_total"]))
+        """A worker came up: its block size keys the prefix index, its pool bounds what is remembered."""
+        if u.health is None:
+            return
+        if self.block_size is None:
+            self.block_size = u.health.block_size
+        elif u.health.block_size != self.block_size:
+            self.pool.mark_down(u, f"block_size {u.health.block_size} differs from the other workers' "
+                                   f"{self.block_size}: its prefix chains would never match")
+            return
+        self.index.set_capacity(u.name, u.health.kv_blocks_total)
+
+    def context_len(self) -> int | None:
+        lens = [u.health.max_model_len for u in self.pool.upstreams if u.up and u.health is not None]
+        return min(lens) if lens else None
 
     # --- routing -----------------------------------------------------------------------
     def pick_by_prefix(self, role: str, hashes: list[bytes], exclude: set[str]) -> tuple[Upstream, int]:
-        """The up instance with the longest cached prefix, ties broken by load; (it, matched blocks)."""
+        """The up instance the prefill policy chooses; (it, its matched leading blocks)."""
         cands = [u for u in self.pool.by_role(role) if u.name not in exclude]
         if not cands:
             raise unavailable(f"no {role} worker is up; check `GET /health` on the router", code="no_upstream")
         matched = self.index.match(hashes, [u.name for u in cands])
-        best = min(cands, key=lambda u: (-matched[u.name], *u.load_key()))
+        views = [PrefillCandidate(u.name, matched[u.name], u.load, u.health.kv_blocks_free if u.health else 0,
+                                  u.health.kv_blocks_total if u.health else 0) for u in cands]
+        try:
+            chosen = choose(self.policy, hashes, views)
+        except Exception as e:  # noqa: BLE001 - a learner's policy may fail any way: say so, per request
+            raise APIError(500, f"the prefill policy failed: {e.__class__.__name__}: {e}", type="server_error",
+                           code="routing_policy_error") from None
+        best = next(u for u in cands if u.name == chosen.name)
         n = matched[best.name]
         reason = "only" if len(cands) == 1 else ("prefix" if n > 0 and n > min(matched.values()) else "load")
         self.metrics.decisions.labels(role, best.name, reason).inc()
-        if n:
-            self.metrics.prefix_hit_tokens.labels(best.name).inc(n * self.index.block_size)
+        if n and self.block_size:
+            self.metrics.prefix_hit_tokens.labels(best.name).inc(n * self.block_size)
         return best, n
 
     def pick_by_load(self, role: str, exclude: set[str]) -> Upstream:
@@ -178,15 +213,12 @@ class LabBackend(HttpBackend):
 
     # --- generation ----------------------------------------------------------------------
     async def generate(self, req: CompletionRequest, prompt_ids: list[int] | None,
-                       request_id: str) -> AsyncIterator[Piece]:
+                       request_id: str) -> AsyncGenerator[Piece, None]:
         assert prompt_ids is not None and self._client is not None
         text = TextStream(self.tokenizer, req.stop)
-        hashes = block_hashes(prompt_ids, self.index.block_size)
-        sampling = req.sampling_dict()
-        if self.mode == "mono":
-            lines = self._mono_lines(prompt_ids, sampling, hashes, request_id)
-        else:
-            lines = self._disagg_lines(prompt_ids, sampling, hashes, request_id)
+        hashes = block_hashes(prompt_ids, self.block_size) if self.block_size else []
+        msg = GenerateRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=req.sampling())
+        lines = self._mono_lines(msg, hashes) if self.mode == "mono" else self._disagg_lines(msg, hashes)
         async with aclosing(lines):  # an early return (stop string) closes the upstream stream now
             async for token_id, finish in lines:
                 if token_id is not None:
@@ -203,38 +235,38 @@ class LabBackend(HttpBackend):
                     return
         raise unavailable("the worker closed the stream before the request finished")
 
-    async def _stream_lines(self, u: Upstream, path: str, payload: dict[str, Any],
-                            ) -> AsyncIterator[tuple[int | None, str | None]]:
-        """(token_id, finish_reason) from a worker's NDJSON stream; APIError on any failure."""
+    async def _stream_lines(self, u: Upstream, path: str, msg: GenerateRequest | DecodeRequest,
+                            ) -> AsyncGenerator[tuple[int | None, str | None], None]:
+        """(token_id, finish_reason) from a worker's TokenEvent lines; APIError on any failure."""
         assert self._client is not None
         with self.calling(u, path):
-            async with self._client.stream("POST", u.url + path, json=payload) as r:
+            async with self._client.stream("POST", u.url + path, json=msg.model_dump(mode="json")) as r:
                 if r.status_code != 200:
                     raise await error_from_response(r)
                 async for line in aiter_sse_lines(r):
                     if not line:
                         continue
-                    msg = json.loads(line)
-                    if "error" in msg:
-                        err = msg["error"]
-                        raise APIError(500, f"{u.role} worker {u.name}: {err.get('message')}",
-                                       type="server_error", code=err.get("code"))
-                    token_id = msg.get("token_id")
-                    finish = msg.get("finish_reason")
-                    yield (int(token_id) if token_id is not None else None), finish
-                    if finish is not None:
+                    try:
+                        ev = TokenEvent.model_validate_json(line)
+                    except ValidationError:
+                        raise APIError(502, f"{u.role} worker {u.name} sent a bad line: {line[:200]!r}",
+                                       type="server_error", code="bad_upstream_reply") from None
+                    if ev.error is not None:
+                        raise APIError(500, f"{u.role} worker {u.name}: {ev.error.message}", type="server_error",
+                                       code=ev.error.code)
+                    yield ev.token_id, ev.finish_reason
+                    if ev.finish_reason is not None:
                         return
 
-    async def _mono_lines(self, prompt_ids: list[int], sampling: dict[str, Any], hashes: list[bytes],
-                          request_id: str) -> AsyncIterator[tuple[int | None, str | None]]:
-        payload = {"request_id": request_id, "prompt_ids": prompt_ids, "sampling": sampling}
+    async def _mono_lines(self, msg: GenerateRequest, hashes: list[bytes],
+                          ) -> AsyncGenerator[tuple[int | None, str | None], None]:
         tried: set[str] = set()
         while True:
             u, _ = self.pick_by_prefix("mono", hashes, tried)
             tried.add(u.name)
             started = False
             try:
-                async with aclosing(self._stream_lines(u, "/internal/generate", payload)) as items:
+                async with aclosing(self._stream_lines(u, "/internal/generate", msg)) as items:
                     async for item in items:
                         if not started:
                             started = True
@@ -246,19 +278,20 @@ class LabBackend(HttpBackend):
                 if started or e.status != 503 or not self.pool.by_role("mono"):
                     raise
 
-    async def _disagg_lines(self, prompt_ids: list[int], sampling: dict[str, Any], hashes: list[bytes],
-                            request_id: str) -> AsyncIterator[tuple[int | None, str | None]]:
+    async def _disagg_lines(self, msg: GenerateRequest, hashes: list[bytes],
+                            ) -> AsyncGenerator[tuple[int | None, str | None], None]:
         assert self._client is not None
         tried: set[str] = set()
         while True:  # the prefill step is retried on another prefill worker if one is down
             p, _ = self.pick_by_prefix("prefill", hashes, tried)
             d = self.pick_by_load("decode", set())
+            if d.health is None or d.health.kv_endpoint is None:
+                raise unavailable(f"decode worker {d.name} announced no KV endpoint (is it a lab decode worker?)")
             tried.add(p.name)
-            payload = {"request_id": request_id, "prompt_ids": prompt_ids, "sampling": sampling,
-                       "kv_endpoint": d.info.get("kv_endpoint")}
+            pre = PrefillRequest(**dict(msg), kv_endpoint=d.health.kv_endpoint)
             p.in_flight += 1
             try:
-                r = await self._client.post(p.url + "/internal/prefill", json=payload)
+                r = await self._client.post(p.url + "/internal/prefill", json=pre.model_dump(mode="json"))
             except CONN_ERRORS as e:
                 self.pool.mark_down(p, f"/internal/prefill: {e.__class__.__name__}")
                 if self.pool.by_role("prefill") and not isinstance(e, httpx.ReadError):
@@ -270,13 +303,22 @@ class LabBackend(HttpBackend):
                 p.in_flight -= 1
             if r.status_code != 200:
                 raise await error_from_response(r)
+            try:
+                res = PrefillResult.model_validate_json(r.content)
+            except ValidationError:
+                raise APIError(502, f"prefill worker {p.name} sent a bad reply: {r.text[:200]!r}",
+                               type="server_error", code="bad_upstream_reply") from None
             self.index.insert(p.name, hashes)
-            res = r.json()
-            yield int(res["first_token_id"]), res.get("finish_reason")
-            if res.get("finish_reason"):
-                return
+            # With a finish reason (the engine's word: the first token ends it) generate() stops here.
+            yield res.first_token_id, res.finish_reason
             break
-        dec = {"request_id": request_id, "sampling": sampling, "timeout_s": self.transfer_timeout_s}
+        dec = DecodeRequest(request_id=msg.request_id, sampling=msg.sampling, timeout_s=self.transfer_timeout_s)
         async with aclosing(self._stream_lines(d, "/internal/decode", dec)) as items:
             async for item in items:
                 yield item
+
+
+def lab_backend(cfg: Any, pool: UpstreamPool, metrics: RouterMetrics, tokenizer: Any) -> LabBackend:
+    """The "lab" backend for a RouterConfig `cfg` (its prefill policy checked now)."""
+    return LabBackend(pool, tokenizer, metrics, policy=load_policy(cfg.prefill_policy),
+                      read_timeout_s=cfg.read_timeout_s, transfer_timeout_s=cfg.transfer_timeout_s)

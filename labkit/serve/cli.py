@@ -25,31 +25,35 @@ def _ints(s: str | None) -> list[int] | None:
 
 
 def register(parser: argparse.ArgumentParser) -> None:
+    from labkit.config import add_flags
+    from labkit.serve.config import WorkerConfig
+    from labkit.serve.routing import DEFAULT_POLICY
+
     parser.add_argument("--mode", choices=["mono", "disagg"], default="mono")
     parser.add_argument("--model", default="tiny", help="preset name or model directory (default: tiny)")
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--mono", type=int, default=1, help="mono engine processes (mode mono)")
     parser.add_argument("--prefill", type=int, default=1, help="prefill worker processes (mode disagg)")
     parser.add_argument("--decode", type=int, default=1, help="decode worker processes (mode disagg)")
-    parser.add_argument("--chunked-prefill", action="store_true", help="mono: mix prompt chunks into decode steps")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    parser.add_argument("--transfer", default="shm", help="KV transport between prefill and decode (shm, tcp)")
+    parser.add_argument("--prefill-policy", default=DEFAULT_POLICY,
+                        help="which prefill worker gets a request: a name, module:function or file.py:function")
     parser.add_argument("--mono-cpus", default=None, help="cores for mono workers, e.g. 0,1 or 0-3")
     parser.add_argument("--prefill-cpus", default=None, help="cores for prefill workers, e.g. 0")
     parser.add_argument("--decode-cpus", default=None, help="cores for decode workers, e.g. 1")
     parser.add_argument("--gpus", default=None, help="one GPU per worker in start order, e.g. 0,1")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--cuda-graphs", action="store_true", help="GPU workers replay decode steps as CUDA graphs")
-    parser.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
     parser.add_argument("--host", default=LOOPBACK, help="router address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
     parser.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    group = parser.add_argument_group("every worker's settings (labkit.serve.config.WorkerConfig)")
+    add_flags(group, WorkerConfig, skip=("role", "name", "host", "port", "model", "policy"))
     parser.set_defaults(func=run)
 
 
 def run(args: Any) -> int:
+    from labkit.config import flag_values
     from labkit.deployments import check_port_free, id_of
     from labkit.proc import PortInUseError
+    from labkit.serve.config import WorkerConfig
     from labkit.serve.launcher import launch
 
     try:  # launch() checks too; here the message comes without a traceback
@@ -60,11 +64,10 @@ def run(args: Any) -> int:
     t0 = time.perf_counter()
     print(f"labkit serve: starting {args.mode} on {args.model} ...", flush=True)
     srv = launch(args.mode, model=args.model, mono=args.mono, prefill=args.prefill, decode=args.decode,
-                 chunked_prefill=args.chunked_prefill, max_num_batched_tokens=args.max_num_batched_tokens,
-                 transfer=args.transfer, mono_cpus=_ints(args.mono_cpus), prefill_cpus=_ints(args.prefill_cpus),
+                 mono_cpus=_ints(args.mono_cpus), prefill_cpus=_ints(args.prefill_cpus),
                  decode_cpus=_ints(args.decode_cpus), gpus=_ints(args.gpus), port=args.port, host=args.host,
-                 kv_cache_bytes=args.kv_cache_bytes, dtype=args.dtype, served_model_name=args.served_model_name,
-                 cuda_graphs=args.cuda_graphs)
+                 served_model_name=args.served_model_name, prefill_policy=args.prefill_policy,
+                 settings=flag_values(args, WorkerConfig, nested=False))
     stop = {"now": False}
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -13,49 +13,52 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Literal
 
 log = logging.getLogger("labkit.serve.engine_loop")
 
+# What happens to a prefill-only request's KV once its prefill is done: exported (a KVExport for the
+# whole-KV transfer) or released (its layers already left through on_layer_kv, or nothing is sent).
+KVAfterPrefill = Literal["export", "release"]
+
 
 @dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """What a request's queue receives: a token, or the end (finish_reason), or an error."""
+class EngineEvent:
+    """What a request's queue receives: a token, or the end (finish_reason), or an error.
+
+    A prefill-only request gets one event: its first token and either the engine's finish reason
+    (the first token ends it) or None with the KV held (`kv`: the KVExport when exported). `t_s`:
+    `time.perf_counter()` on the engine thread when the step that produced it ended.
+    """
 
     token_id: int | None = None
-    finish_reason: str | None = None   # "stop" | "length" | "abort" | "prefilled"
+    finish_reason: str | None = None   # "stop" | "length" | "abort"
     error: str | None = None
-    kv: Any = None                     # KVExport, on the last event of a prefill-only request
+    kv: Any = None
+    t_s: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[TokenEvent]
-    export_kv: bool = False
-    t_added_s: float = field(default_factory=time.perf_counter)
-
-
-@dataclass(slots=True)
-class LoopStats:
-    """Counters the engine thread keeps (read by /health and /metrics; plain ints, no lock needed)."""
-
-    steps: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0, "mixed": 0})
-    step_seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0, "mixed": 0.0})
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    finished: int = 0
-    errors: int = 0
+    queue: asyncio.Queue[EngineEvent]
+    after_prefill: KVAfterPrefill | None = None   # None: a streaming request
 
 
 class EngineLoop:
-    """Owns `engine`; call `start()`, then `submit`/`submit_kv`/`abort` from the event loop."""
+    """Owns `engine`; call `start()`, then `submit`/`submit_kv`/`abort` from the event loop.
 
-    def __init__(self, engine: Any, *, on_step: Callable[[Any], None] | None = None) -> None:
+    `on_step(step_output)` runs on the engine thread after every step; `on_error()` after a step
+    that raised (its requests fail, the worker stays up).
+    """
+
+    def __init__(self, engine: Any, *, on_step: Callable[[Any], None] | None = None,
+                 on_error: Callable[[], None] | None = None) -> None:
         self.engine = engine
-        self.stats = LoopStats()
         self._on_step = on_step
+        self._on_error = on_error
         self._cmds: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._step_tokens: list[tuple[str, int]] = []
@@ -80,7 +83,7 @@ class EngineLoop:
         """Requests submitted and not finished (running or waiting in the engine)."""
         return len(self._streams)
 
-    def call(self, fn: Callable[[Any], Any], timeout_s: float = 60.0) -> concurrent.futures.Future[Any]:
+    def call(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future[Any]:
         """Runs `fn(engine)` on the engine thread between steps; returns a future of its result."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
@@ -95,36 +98,35 @@ class EngineLoop:
         return fut
 
     async def submit(self, prompt_ids: list[int], sampling: Any, request_id: str, *,
-                     export_kv: bool = False) -> asyncio.Queue[TokenEvent]:
-        """Adds a request; returns its event queue. Raises what `add_request` raises (ValueError)."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), export_kv=export_kv)
+                     after_prefill: KVAfterPrefill | None = None,
+                     on_layer_kv: Callable[..., None] | None = None) -> asyncio.Queue[EngineEvent]:
+        """Adds a request; returns its event queue. Raises what `add_request` raises (ValueError).
 
-        def add(eng: Any) -> None:
-            if request_id in self._streams:
-                raise ValueError(f"request_id {request_id!r} is already running")
-            self._streams[request_id] = stream
-            try:
-                eng.add_request(list(prompt_ids), sampling, request_id=request_id, on_token=self._on_token)
-            except BaseException:
-                self._streams.pop(request_id, None)
-                raise
-        await self._wait(self.call(add))
-        return stream.queue
+        `after_prefill`: the request is prefill-only (the engine's policy), and its KV is then
+        exported or released. `on_layer_kv`: the engine's per-layer hook (on the engine thread).
+        """
+        return await self._add(request_id, after_prefill, lambda eng, cb: eng.add_request(
+            list(prompt_ids), sampling, request_id=request_id, on_token=cb, on_layer_kv=on_layer_kv))
 
-    async def submit_kv(self, kv: Any, sampling: Any, request_id: str) -> asyncio.Queue[TokenEvent]:
+    async def submit_kv(self, kv: Any, sampling: Any, request_id: str) -> asyncio.Queue[EngineEvent]:
         """Adopts a received KVExport and decodes from it; returns its event queue."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        return await self._add(request_id, None, lambda eng, cb: eng.import_kv(
+            kv, sampling, request_id=request_id, on_token=cb))
 
-        def imp(eng: Any) -> None:
+    async def _add(self, request_id: str, after_prefill: KVAfterPrefill | None,
+                   add: Callable[[Any, Any], Any]) -> asyncio.Queue[EngineEvent]:
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), after_prefill)
+
+        def run(eng: Any) -> None:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already running")
             self._streams[request_id] = stream
             try:
-                eng.import_kv(kv, sampling, request_id=request_id, on_token=self._on_token)
+                add(eng, self._on_token)
             except BaseException:
                 self._streams.pop(request_id, None)
                 raise
-        await self._wait(self.call(imp))
+        await self._wait(self.call(run))
         return stream.queue
 
     async def _wait(self, fut: concurrent.futures.Future[Any], timeout_s: float = 60.0) -> Any:
@@ -133,7 +135,7 @@ class EngineLoop:
             raise RuntimeError("the engine thread is not running")
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             fut.cancel()
             raise TimeoutError(f"the engine thread did not take the request within {timeout_s:.0f} s") from None
 
@@ -146,11 +148,11 @@ class EngineLoop:
             except Exception as e:  # noqa: BLE001 - an unknown id is fine here
                 log.debug("abort %s: %s", request_id, e)
             if st is not None:
-                self._push(st, TokenEvent(finish_reason="abort"))
+                self._push(st, EngineEvent(finish_reason="abort"))
         self.call(ab)
 
     # --- engine-thread side -------------------------------------------------------------
-    def _push(self, st: _Stream, ev: TokenEvent) -> None:
+    def _push(self, st: _Stream, ev: EngineEvent) -> None:
         try:
             st.loop.call_soon_threadsafe(st.queue.put_nowait, ev)
         except RuntimeError:  # the event loop is closed: shutting down
@@ -175,25 +177,24 @@ class EngineLoop:
                 continue
             try:
                 out = eng.step()
-            except Exception as e:  # noqa: BLE001 - fail the requests, keep the worker up
+            except Exception as e:
                 log.exception("engine step failed")
-                self.stats.errors += 1
+                if self._on_error is not None:
+                    self._on_error()
                 self._fail_all(f"engine step failed: {e.__class__.__name__}: {e}")
                 continue
-            self._account(out)
             finished = {ro.request_id: ro for ro in out.finished}
             tokens, self._step_tokens = self._step_tokens, []
             last_index = {rid: i for i, (rid, _) in enumerate(tokens)}
             for i, (rid, tok) in enumerate(tokens):
                 st = self._streams.get(rid)
-                if st is None or st.export_kv:
+                if st is None or st.after_prefill is not None:
                     continue
                 ro = finished.get(rid) if last_index[rid] == i else None
                 if ro is not None:
                     del finished[rid]
                     self._streams.pop(rid, None)
-                    self.stats.finished += 1
-                self._push(st, TokenEvent(token_id=tok, finish_reason=ro.finish_reason if ro is not None else None))
+                self._push(st, EngineEvent(token_id=tok, finish_reason=ro.finish_reason if ro is not None else None))
             for ro in finished.values():
                 self._finish(ro)
             if self._on_step is not None:
@@ -203,38 +204,34 @@ class EngineLoop:
     def _has_work(self) -> bool:
         try:
             return bool(self.engine.has_unfinished())
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a broken engine has no work we can do
             return False
-
-    def _account(self, out: Any) -> None:
-        phase = getattr(out, "phase", "idle")
-        if phase in self.stats.steps:
-            self.stats.steps[phase] += 1
-            self.stats.step_seconds[phase] += float(getattr(out, "elapsed_s", 0.0) or 0.0)
-        self.stats.prefill_tokens += int(getattr(out, "num_prefill_tokens", 0) or 0)
-        self.stats.decode_tokens += int(getattr(out, "num_decode_seqs", 0) or 0)
 
     def _finish(self, ro: Any) -> None:
         st = self._streams.pop(ro.request_id, None)
         if st is None:
             return
-        self.stats.finished += 1
-        if st.export_kv:
-            try:
-                kv = self.engine.export_kv(ro.request_id)  # frees the prefill blocks at once
-            except Exception as e:  # noqa: BLE001
-                self._push(st, TokenEvent(error=f"export_kv failed: {e.__class__.__name__}: {e}"))
-                return
-            first = ro.output_token_ids[0] if ro.output_token_ids else kv.first_token_id
-            self._push(st, TokenEvent(token_id=int(first), finish_reason=ro.finish_reason, kv=kv))
-        else:
-            self._push(st, TokenEvent(finish_reason=ro.finish_reason))
+        if st.after_prefill is None:
+            self._push(st, EngineEvent(finish_reason=ro.finish_reason))
+            return
+        first = ro.output_token_ids[0] if ro.output_token_ids else None
+        if ro.finish_reason != "prefilled":   # the first token ended it (or an abort): no KV is held
+            self._push(st, EngineEvent(token_id=first, finish_reason=ro.finish_reason))
+            return
+        try:
+            kv = self.engine.export_kv(ro.request_id) if st.after_prefill == "export" else None  # frees the blocks
+            if kv is None:
+                self.engine.release(ro.request_id)
+        except Exception as e:  # noqa: BLE001 - the request fails, the worker stays up
+            self._push(st, EngineEvent(error=f"export_kv failed: {e.__class__.__name__}: {e}"))
+            return
+        self._push(st, EngineEvent(token_id=first, kv=kv))
 
     def _fail_all(self, message: str) -> None:
         for rid, st in list(self._streams.items()):
             self._streams.pop(rid, None)
             try:
                 self.engine.abort(rid)
-            except Exception:  # noqa: BLE001
-                pass
-            self._push(st, TokenEvent(error=message))
+            except Exception as e:  # noqa: BLE001 - failing everything anyway
+                log.debug("abort %s: %s", rid, e)
+            self._push(st, EngineEvent(error=message))

@@ -1,6 +1,7 @@
 """Fault injection for the reliability tests: `LABKIT_FAULT`, read once when a worker starts.
 
-Off unless the variable is set; a worker that has one logs a warning at start. Settings:
+Off unless the variable is set: only then does a worker wrap its KV senders in `FaultySender`
+(and log a warning at start); without it the real sender is used as it is. Settings:
 
     LABKIT_FAULT=transfer_cut_after_layers:N    the prefill worker sends N layers of every KV
                                                 transfer, then drops the connection (a cable cut)
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 ENV = "LABKIT_FAULT"
 KINDS = ("transfer_cut_after_layers", "transfer_stall_after_layers")
@@ -54,25 +55,66 @@ class Fault:
         return bool(self.kind)
 
 
-def send_kv(sender: Any, kv: Any, timeout_s: float, fault: Fault) -> Any:
-    """`sender.send(kv, timeout_s)` (returns its TransferStats), or the injected fault.
+class FaultySender:
+    """A Sender that passes `fault.after_layers` layers of every transfer (whole or layer-wise) and
+    drops the rest; at `finish` it cuts the connection (TransferError) or stays silent with it open
+    until the transfer's deadline (TransferTimeout), as a broken link would. The receiver sees the
+    cut or the silence and fails the request."""
 
-    With a fault it raises TransferError (cut) or TransferTimeout (stall, after `timeout_s`),
-    as a real broken link would; the receiver sees the cut or the silence and fails the request.
-    """
-    if not fault:
-        return sender.send(kv, timeout_s=timeout_s)
-    from labkit.transfer import TransferError, TransferTimeout
-    from labkit.transfer.wire import KVMeta
+    def __init__(self, sender: Any, fault: Fault) -> None:
+        self.sender = sender
+        self.fault = fault
 
-    n = min(fault.after_layers, int(kv.num_layers) - 1)
-    with sender.begin(KVMeta.from_export(kv), timeout_s=timeout_s) as stream:  # an exception inside aborts it
-        for i in range(n):
-            stream.send_layer(i, kv.k[i], kv.v[i])
-        if fault.kind == "transfer_cut_after_layers":
-            raise TransferError(f"fault injected ({ENV}): connection cut after {n} of {kv.num_layers} layers",
-                                request_id=kv.request_id)
-        while time.monotonic() < stream.deadline:  # silent, connection held open, until the deadline
-            time.sleep(min(0.05, max(0.0, stream.deadline - time.monotonic())))
-        raise TransferTimeout(f"fault injected ({ENV}): stalled after {n} of {kv.num_layers} layers "
-                              f"for {timeout_s:g} s", request_id=kv.request_id)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sender, name)
+
+    def begin(self, meta: Any, timeout_s: float = 30.0) -> _FaultyStream:
+        return _FaultyStream(self.sender.begin(meta, timeout_s=timeout_s), self.fault, meta.num_layers)
+
+    def send(self, kv: Any, timeout_s: float = 30.0) -> Any:
+        from labkit.transfer.wire import KVMeta
+
+        with self.begin(KVMeta.from_export(kv), timeout_s) as stream:
+            for i in range(kv.num_layers):
+                stream.send_layer(i, kv.k[i], kv.v[i])
+            return stream.finish(first_token_id=kv.first_token_id)
+
+
+class _FaultyStream:
+    def __init__(self, stream: Any, fault: Fault, num_layers: int) -> None:
+        self.stream = stream
+        self.fault = fault
+        self.num_layers = num_layers
+        self.passed = min(fault.after_layers, num_layers - 1)   # at least one layer never arrives
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:
+            self.stream.abort()
+
+    def send_layer(self, layer: int, k: Any, v: Any) -> None:
+        if layer < self.passed:
+            self.stream.send_layer(layer, k, v)
+
+    def finish(self, first_token_id: int | None = None, extra: Any = None) -> Any:
+        from labkit.transfer import TransferError, TransferTimeout
+
+        what = f"after {self.passed} of {self.num_layers} layers"
+        if self.fault.kind == "transfer_stall_after_layers":
+            while (left := self.stream.deadline - time.monotonic()) > 0:   # silent, the connection held open
+                time.sleep(min(0.05, left))
+            self.stream.abort()
+            raise TransferTimeout(f"fault injected ({ENV}): stalled {what} for {self.stream.timeout_s:g} s",
+                                  request_id=self.stream.meta.request_id)
+        self.stream.abort()
+        raise TransferError(f"fault injected ({ENV}): connection cut {what}", request_id=self.stream.meta.request_id)
+
+
+def wrap_sender(sender: Any, fault: Fault) -> Any:
+    """`sender` itself without a fault, else the FaultySender around it."""
+    return FaultySender(sender, fault) if fault else sender

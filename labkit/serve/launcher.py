@@ -11,29 +11,40 @@ started one by one too (`start_worker`, `start_router`), as notebook 04 does.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Self
 
 from labkit import deployments
 from labkit.config import labkit_home
-from labkit.proc import LOOPBACK, Child, StartupError, free_port, pid_alive, python_module_argv, start_process, wait_http_ok
+from labkit.proc import (
+    LOOPBACK,
+    Child,
+    StartupError,
+    free_port,
+    pid_alive,
+    python_module_argv,
+    start_process,
+    wait_http_ok,
+)
+from labkit.serve.config import ROLES, RouterConfig, to_json, worker_config
+from labkit.serve.routing import DEFAULT_POLICY
 
 MODES = ("mono", "disagg")
 
 # Every process started here, until stopped: stopped at interpreter exit too, so a notebook
 # kernel that ends mid-experiment leaves no server behind.
-_LIVE: dict[int, "ServerProcess"] = {}
+_LIVE: dict[int, ServerProcess] = {}
 
 
 def _stop_live_at_exit() -> None:
     for p in list(_LIVE.values()):
-        try:
+        with contextlib.suppress(Exception):   # exiting anyway: stop what can be stopped
             p.stop(timeout_s=3.0)
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
 
 
 atexit.register(_stop_live_at_exit)
@@ -89,37 +100,42 @@ def _cpu_env(cpus: Sequence[int] | None, gpu: int | None) -> dict[str, str]:
     return env
 
 
-def start_worker(role: str, *, model: str = "tiny", port: int | None = None, name: str = "",
-                 cpus: Sequence[int] | None = None, gpu: int | None = None, chunked_prefill: bool = False,
-                 max_num_batched_tokens: int = 2048, kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 64,
-                 transfer: str = "shm", kv_token: str | None = None, dtype: str = "float32",
-                 device: str | None = None, max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 cuda_graphs: bool = False, extra_args: Sequence[str] = (), startup_timeout_s: float = 120.0,
+def start_worker(role: str, *, model: str | None = None, port: int | None = None, name: str = "",
+                 cpus: Sequence[int] | None = None, gpu: int | None = None, chunked_prefill: bool | None = None,
+                 max_num_batched_tokens: int | None = None, kv_cache_bytes: int | None = None,
+                 max_num_seqs: int | None = None, transfer: str | None = None, kv_token: str | None = None,
+                 dtype: str | None = None, device: str | None = None, max_model_len: int | None = None,
+                 enable_prefix_caching: bool | None = None, cuda_graphs: bool | None = None,
+                 kv_stream: str | None = None, settings: Mapping[str, Any] | None = None,
+                 extra_args: Sequence[str] = (), startup_timeout_s: float = 120.0,
                  log_dir: Path | None = None) -> ServerProcess:
     """Starts one worker process (pinned to `cpus` or GPU `gpu`); returns once its /health answers.
 
-    Raises StartupError with the worker's log tail if it dies or is not healthy in time.
+    Settings left None take WorkerConfig's defaults (labkit.serve.config: written there once);
+    `settings` gives any other WorkerConfig setting by its flag name (e.g. `{"link_gbps": 10}`).
+    The worker gets its whole config as one JSON document, validated here first (ValueError
+    naming a bad setting); `extra_args`: more worker flags on top. Raises StartupError with the
+    worker's log tail if it dies or is not healthy in time.
     """
-    if role not in ("mono", "prefill", "decode"):
-        raise ValueError(f"role {role!r} not one of ('mono', 'prefill', 'decode')")
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} not one of {ROLES}")
     if role != "mono" and not kv_token:
         raise ValueError(f"a {role} worker needs kv_token (the same for its prefill and decode peers); "
                          "make one with labkit.serve.launcher.new_kv_token()")
     deployments.check_port_free(port or 0)
     port = port or free_port()
     name = name or f"{role}-{port}"
-    dev = device or ("cuda" if gpu is not None else "cpu")
-    argv = python_module_argv("labkit.serve.worker", "--role", role, "--model", str(model), "--port", str(port),
-                              "--name", name, "--dtype", dtype, "--device", dev,
-                              "--max-num-batched-tokens", str(max_num_batched_tokens),
-                              "--kv-cache-bytes", str(kv_cache_bytes), "--max-num-seqs", str(max_num_seqs),
-                              "--transfer", transfer, *(["--chunked-prefill"] if chunked_prefill else []),
-                              *(["--max-model-len", str(max_model_len)] if max_model_len else []),
-                              *([] if enable_prefix_caching else ["--no-prefix-caching"]),
-                              *(["--cuda-graphs"] if cuda_graphs else []), *extra_args)
+    given = {"model": model, "port": port, "name": name, "device": device or ("cuda" if gpu is not None else None),
+             "dtype": dtype, "chunked_prefill": chunked_prefill, "max_num_batched_tokens": max_num_batched_tokens,
+             "kv_cache_bytes": kv_cache_bytes, "max_num_seqs": max_num_seqs, "transfer": transfer,
+             "max_model_len": max_model_len, "enable_prefix_caching": enable_prefix_caching,
+             "cuda_graphs": cuda_graphs, "kv_stream": kv_stream}
+    cfg = worker_config(role, {**(settings or {}), **{k: v for k, v in given.items() if v is not None}})
+    model = cfg.engine.model   # what the worker runs (None took the config's default)
+    argv = python_module_argv("labkit.serve.worker", "--config", to_json(cfg), *extra_args)
     env = _cpu_env(cpus, gpu)
     if kv_token:
-        env["LABKIT_KV_TOKEN"] = kv_token
+        env["LABKIT_KV_TOKEN"] = kv_token   # the secret goes in the environment, never on argv
     log_path = (log_dir or _log_dir()) / f"{name}-{int(time.time())}.log"
     child = start_process(name, argv, env=env, log_path=log_path, cpus=cpus)
     url = f"http://{LOOPBACK}:{port}"
@@ -138,29 +154,33 @@ def start_worker(role: str, *, model: str = "tiny", port: int | None = None, nam
 def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (),
                  prefill: Sequence[ServerProcess | str] = (), decode: Sequence[ServerProcess | str] = (),
                  port: int | None = None, host: str = LOOPBACK, backend: str = "lab",
-                 served_model_name: str | None = None, cpus: Sequence[int] | None = None,
-                 health_interval_s: float = 0.5, read_timeout_s: float = 120.0, startup_timeout_s: float = 60.0,
-                 log_dir: Path | None = None) -> ServerProcess:
-    """Starts the router in front of the given workers (ServerProcess or URL); returns once it is healthy."""
+                 prefill_policy: str = DEFAULT_POLICY, served_model_name: str | None = None,
+                 cpus: Sequence[int] | None = None, health_interval_s: float = 0.5, read_timeout_s: float = 120.0,
+                 startup_timeout_s: float = 60.0, log_dir: Path | None = None) -> ServerProcess:
+    """Starts the router in front of the given workers (ServerProcess or URL); returns once it is healthy.
+
+    `backend`: "lab", "vllm" or module:factory; `prefill_policy`: which prefill worker gets a request
+    (labkit.serve.routing: a registered name, module:function or path/to/file.py:function). A spec
+    that does not load stops the router at start: StartupError with its log tail naming the problem.
+    """
     deployments.check_port_free(port or 0, host)
     port = port or free_port()
 
-    def urls(xs: Sequence[ServerProcess | str]) -> list[str]:
-        return [x.url if isinstance(x, ServerProcess) else str(x) for x in xs]
+    def urls(xs: Sequence[ServerProcess | str]) -> tuple[str, ...]:
+        return tuple(x.url if isinstance(x, ServerProcess) else str(x) for x in xs)
 
     def names(xs: Sequence[ServerProcess | str], role: str) -> list[str]:
         return [x.name if isinstance(x, ServerProcess) else f"{role}{i}" for i, x in enumerate(xs)]
 
-    argv = python_module_argv("labkit.serve.router", "--model", str(model), "--port", str(port), "--host", host,
-                              "--backend", backend, "--health-interval-s", str(health_interval_s),
-                              "--read-timeout-s", str(read_timeout_s))
-    for flag, xs in (("--mono", mono), ("--prefill", prefill), ("--decode", decode)):
-        if xs:
-            argv += [flag, *urls(xs)]
-    all_names = names(mono, "mono") + names(prefill, "prefill") + names(decode, "decode")
-    argv += ["--names", *all_names]
-    if served_model_name:
-        argv += ["--served-model-name", served_model_name]
+    policy = prefill_policy
+    path, sep, fn = policy.rpartition(":")
+    if sep and path.endswith(".py"):   # the router may run elsewhere than this cwd
+        policy = f"{Path(path).expanduser().resolve()}:{fn}"
+    cfg = RouterConfig(model=str(model), served_model_name=served_model_name, host=host, port=port,
+                       mono=urls(mono), prefill=urls(prefill), decode=urls(decode), backend=backend,
+                       prefill_policy=policy, health_interval_s=health_interval_s, read_timeout_s=read_timeout_s,
+                       names=tuple(names(mono, "mono") + names(prefill, "prefill") + names(decode, "decode")))
+    argv = python_module_argv("labkit.serve.router", "--config", to_json(cfg))
     name = f"router-{port}"
     child = start_process(name, argv, env=_cpu_env(cpus, None), cpus=cpus,
                           log_path=(log_dir or _log_dir()) / f"{name}-{int(time.time())}.log")
@@ -201,7 +221,7 @@ class Server:
         """Stops router then workers; raises RuntimeError if any PID survives."""
         stop_all([self.router, *self.workers], timeout_s=timeout_s)
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -218,19 +238,22 @@ def stop_all(procs: Sequence[ServerProcess], timeout_s: float = 10.0) -> None:
 
 
 def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode: int = 1, mono: int = 1,
-           chunked_prefill: bool = False, max_num_batched_tokens: int = 2048, transfer: str = "shm",
+           chunked_prefill: bool | None = None, max_num_batched_tokens: int | None = None, transfer: str | None = None,
            mono_cpus: Sequence[int] | None = None, prefill_cpus: Sequence[int] | None = None,
            decode_cpus: Sequence[int] | None = None, router_cpus: Sequence[int] | None = None,
            gpus: Sequence[int] | None = None, port: int | None = None, host: str = LOOPBACK,
-           kv_cache_bytes: int = 256 << 20, dtype: str = "float32", served_model_name: str | None = None,
-           cuda_graphs: bool = False, worker_args: Sequence[str] = (), startup_timeout_s: float = 120.0) -> Server:
+           kv_cache_bytes: int | None = None, dtype: str | None = None, served_model_name: str | None = None,
+           cuda_graphs: bool | None = None, kv_stream: str | None = None, settings: Mapping[str, Any] | None = None,
+           prefill_policy: str = DEFAULT_POLICY, worker_args: Sequence[str] = (),
+           startup_timeout_s: float = 120.0) -> Server:
     """Starts `mode` ("mono": `mono` engine processes; "disagg": `prefill` + `decode` processes) behind
     one router; returns the Server (a context manager that stops everything).
 
     CPU pinning: every process of a role gets that role's cores. `gpus`: one GPU per worker, in
     start order (mono..., or prefill... then decode...); `cuda_graphs`: their engines replay decode
-    steps as CUDA graphs. `worker_args`: more `labkit.serve.worker` flags for every worker (e.g.
-    `--step-log PATH`). Anything that fails to start is stopped.
+    steps as CUDA graphs. Settings left None take WorkerConfig's defaults; `settings`: any other
+    worker setting by its flag name; `worker_args`: more `labkit.serve.worker` flags for every worker
+    (e.g. `--step-log PATH`). Anything that fails to start is stopped.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not one of {MODES}")
@@ -253,13 +276,15 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
                 gi += 1
                 started.append(start_worker(
                     role, model=model, name=f"{role}{i}", cpus=cpus_of[role], gpu=gpu,
-                    chunked_prefill=chunked_prefill and role == "mono", max_num_batched_tokens=max_num_batched_tokens,
+                    chunked_prefill=chunked_prefill if role == "mono" else None,
+                    max_num_batched_tokens=max_num_batched_tokens,
                     kv_cache_bytes=kv_cache_bytes, transfer=transfer, kv_token=token, dtype=dtype,
-                    cuda_graphs=cuda_graphs, extra_args=worker_args, startup_timeout_s=startup_timeout_s))
+                    cuda_graphs=cuda_graphs, kv_stream=kv_stream, settings=settings, extra_args=worker_args,
+                    startup_timeout_s=startup_timeout_s))
         by_role = {r: [w for w in started if w.role == r] for r in ("mono", "prefill", "decode")}
         router = start_router(model=model, mono=by_role["mono"], prefill=by_role["prefill"],
                               decode=by_role["decode"], port=port, host=host, cpus=router_cpus,
-                              served_model_name=served_model_name)
+                              served_model_name=served_model_name, prefill_policy=prefill_policy)
     except BaseException:
         stop_all(started)
         raise

@@ -1,4 +1,4 @@
-"""Request-size limits and safe JSON decoding for the router and the workers' HTTP APIs.
+"""The HTTP edge the router and the workers share: size limits, safe decoding, OpenAI-style errors.
 
 Every HTTP body is read with a cap (413 over it) and decoded so that any malformed input
 (bad JSON, bad UTF-8, `[[[[...` nested past Python's recursion limit, a 5,000-digit number)
@@ -8,12 +8,20 @@ HTTP parser (httptools) has no limit of its own.
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
+from typing import Any, TypeVar
 
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from labkit.serve.protocol import APIError, bad_request
+from labkit.serve.protocol import APIError, bad_request, error_body
 
+log = logging.getLogger("labkit.serve")
+
+M = TypeVar("M", bound=BaseModel)
 MAX_BODY_BYTES = 8 << 20     # a 128k-token prompt as a JSON list of ids is ~1 MB; 8 MiB leaves room
 MAX_HEADER_BYTES = 64 << 10  # all header names and values together; browsers and proxies send < 8 KiB
 
@@ -60,3 +68,48 @@ async def read_json(request: Request, max_body_bytes: int = MAX_BODY_BYTES,
     """Header check, capped body read, safe decode: the request's JSON value, or APIError 4xx."""
     check_headers(request, max_header_bytes)
     return parse_json(await read_body(request, max_body_bytes))
+
+
+async def read_message(request: Request, cls: type[M]) -> M:
+    """The request body as message `cls` (labkit.serve.messages), size-capped and strictly validated;
+    APIError 4xx naming the first bad field (`param`) otherwise."""
+    check_headers(request)
+    raw = await read_body(request)
+    try:
+        return cls.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err["loc"]]
+        kind = err["type"]
+        code = ("invalid_json" if kind == "json_invalid" else "invalid_type" if kind.endswith("_type")
+                else "invalid_value")
+        where = f"'{'.'.join(loc)}': " if loc else "the request body: "
+        raise bad_request(f"{where}{err['msg']}", loc[0] if loc else None, code) from None
+
+
+def install_error_handlers(app: FastAPI, where: str, hint: str = "") -> None:
+    """Every error `app` answers is an OpenAI-style JSON body: APIError with its status, an unknown
+    route 404, a wrong method 405, anything unforeseen 500 (logged). `where` names the server."""
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(bad_request(str(e), None).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error in the {where}: {e.__class__.__name__}: {e}",
+                                       type="server_error", code="internal_error"), status_code=500)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"no route {request.method} {request.url.path} on this {where}{hint}",
+                                       type="not_found_error", code="not_found"), status_code=404)
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}",
+                                       code="method_not_allowed"), status_code=405)

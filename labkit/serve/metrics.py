@@ -7,11 +7,14 @@ upstream, so one scrape of the public URL shows the whole server.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from labkit.serve.messages import WorkerHealth
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -23,9 +26,10 @@ TRANSFER_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0
 
 
 class RouterMetrics:
-    """Everything the router's /metrics shows."""
+    """Everything the router's /metrics shows. `workers()`: (upstream name, role, last /health) of
+    each lab worker, re-exported as `labkit_worker_*` series."""
 
-    def __init__(self, worker_stats: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+    def __init__(self, workers: Callable[[], Iterable[tuple[str, str, WorkerHealth]]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("labkit_router_requests", "Completion requests by outcome", ["outcome"], registry=r)
@@ -45,50 +49,49 @@ class RouterMetrics:
                                          ["upstream"], registry=r)
         self.upstream_up = Gauge("labkit_router_upstream_up", "1 while an upstream answers /health",
                                  ["upstream", "role"], registry=r)
-        if worker_stats is not None:
-            r.register(_WorkerStatsCollector(worker_stats))
+        if workers is not None:
+            r.register(_WorkerCollector(workers))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _WorkerStatsCollector(Collector):
-    """Re-exports the last /health poll of every worker."""
+# (series, help, WorkerHealth field): what the router re-exports of each worker's last /health.
+_GAUGES = (("kv_blocks_used", "KV blocks in use", "kv_blocks_used"),
+           ("kv_blocks_total", "KV blocks in the pool", "kv_blocks_total"),
+           ("running_requests", "Requests running or waiting in the engine", "running_requests"))
+_COUNTERS = (("kv_transfer_bytes", "KV bytes sent (prefill) or received (decode)", "kv_transfer_bytes_total"),
+             ("kv_transfer_seconds", "Seconds of KV transfers, send start to ack (prefill side)",
+              "kv_transfer_seconds_total"),
+             ("prefill_tokens", "Prompt tokens prefilled", "prefill_tokens_total"),
+             ("decode_tokens", "Tokens decoded", "decode_tokens_total"))
 
-    def __init__(self, source: Callable[[], list[dict[str, Any]]]) -> None:
+
+class _WorkerCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[tuple[str, str, WorkerHealth]]]) -> None:
         self.source = source
 
     def collect(self) -> Iterable[Any]:
-        gauges = {k: GaugeMetricFamily(f"labkit_worker_{k}", h, labels=["upstream", "role"]) for k, h in (
-            ("kv_blocks_used", "KV blocks in use"), ("kv_blocks_total", "KV blocks in the pool"),
-            ("running_requests", "Requests running or waiting in the engine"))}
-        counters = {k: CounterMetricFamily(f"labkit_worker_{k}", h, labels=["upstream", "role"]) for k, h in (
-            ("kv_transfer_bytes", "KV bytes sent (prefill) or received (decode)"),
-            ("kv_transfer_seconds", "Seconds of KV transfers, send start to ack (prefill side)"),
-            ("prefill_tokens", "Prompt tokens prefilled"), ("decode_tokens", "Tokens decoded"))}
-        for s in self.source():
-            labels = [str(s.get("name", "?")), str(s.get("role", "?"))]
-            for k, fam in gauges.items():
-                if s.get(k) is not None:
-                    fam.add_metric(labels, float(s[k]))
-            for k, fam in counters.items():
-                if s.get(f"{k}_total") is not None:
-                    fam.add_metric(labels, float(s[f"{k}_total"]))
-        yield from gauges.values()
-        yield from counters.values()
+        fams: list[tuple[Any, str]] = [
+            *((GaugeMetricFamily(f"labkit_worker_{k}", h, labels=["upstream", "role"]), f) for k, h, f in _GAUGES),
+            *((CounterMetricFamily(f"labkit_worker_{k}", h, labels=["upstream", "role"]), f) for k, h, f in _COUNTERS)]
+        for name, role, health in self.source():
+            for fam, attr in fams:
+                fam.add_metric([name, role], float(getattr(health, attr)))
+        yield from (fam for fam, _ in fams)
 
 
 class WorkerMetrics:
-    """A worker's own /metrics."""
+    """A worker's statistics, kept once: its /metrics shows them and its /health reads them."""
 
-    def __init__(self, role: str) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.role = role
         self.requests = Counter("labkit_worker_requests", "Requests by outcome", ["outcome"], registry=r)
         self.step_s = Histogram("labkit_worker_step_seconds", "Engine step time by phase", ["phase"],
                                 buckets=ITL_BUCKETS_S, registry=r)
         self.tokens = Counter("labkit_worker_tokens", "Tokens processed by phase", ["phase"], registry=r)
+        self.engine_errors = Counter("labkit_worker_engine_errors", "Engine steps that raised", registry=r)
         self.kv_blocks_used = Gauge("labkit_worker_kv_blocks_used", "KV blocks in use", registry=r)
         self.kv_blocks_total = Gauge("labkit_worker_kv_blocks_total", "KV blocks in the pool", registry=r)
         self.running = Gauge("labkit_worker_running_requests", "Requests in the engine", registry=r)
@@ -102,17 +105,27 @@ class WorkerMetrics:
                                    buckets=TRANSFER_BUCKETS_S, registry=r)
 
     def on_step(self, out: Any) -> None:
-        """Called by the engine thread after each step."""
-        phase = getattr(out, "phase", "idle")
-        if phase == "idle":
+        """Called by the engine thread after each step (a StepOutput)."""
+        if out.phase == "idle":
             return
-        self.step_s.labels(phase).observe(float(getattr(out, "elapsed_s", 0.0) or 0.0))
-        n_pre = int(getattr(out, "num_prefill_tokens", 0) or 0)
-        n_dec = int(getattr(out, "num_decode_seqs", 0) or 0)
-        if n_pre:
-            self.tokens.labels("prefill").inc(n_pre)
-        if n_dec:
-            self.tokens.labels("decode").inc(n_dec)
+        self.step_s.labels(out.phase).observe(float(out.elapsed_s))
+        if out.num_prefill_tokens:
+            self.tokens.labels("prefill").inc(out.num_prefill_tokens)
+        if out.num_decode_seqs:
+            self.tokens.labels("decode").inc(out.num_decode_seqs)
+
+    def value(self, name: str, **labels: str) -> float:
+        """A series' current value from the registry (0 before its first observation)."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def totals(self) -> dict[str, Any]:
+        """The counters /health reports, read from the registry."""
+        return {"prefill_tokens_total": int(self.value("labkit_worker_tokens_total", phase="prefill")),
+                "decode_tokens_total": int(self.value("labkit_worker_tokens_total", phase="decode")),
+                "kv_transfer_bytes_total": int(sum(self.value("labkit_worker_kv_transfer_bytes_total", direction=d)
+                                                   for d in ("send", "recv"))),
+                "kv_transfer_seconds_total": self.value("labkit_worker_kv_transfer_seconds_sum", direction="send"),
+                "engine_errors_total": int(self.value("labkit_worker_engine_errors_total"))}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,13 +5,14 @@ workers what they cache. It hashes each prompt in blocks of `block_size` tokens,
 chained to the one before (so a block's hash names the whole prefix up to it), and records
 that the instance it picked now holds those blocks. The next prompt sharing a prefix goes to
 the instance that matches the most leading blocks. Each instance's record is LRU-bounded
-to roughly its KV capacity, since the real cache evicts too.
+to roughly its KV capacity, since the real cache evicts too. Block size and capacity come
+from the workers' /health, so the chains match the blocks the engines really hash.
 """
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
@@ -31,10 +32,9 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
 class PrefixIndex:
     """Block hash -> instances holding it, with an LRU of hashes per instance."""
 
-    def __init__(self, block_size: int = 16, capacity_blocks: int = 65536) -> None:
+    def __init__(self, capacity_blocks: int = 65536) -> None:
         if capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be >= 1, got {capacity_blocks}")
-        self.block_size = block_size
         self.default_capacity_blocks = capacity_blocks
         self._owners: dict[bytes, set[str]] = {}
         self._lru: dict[str, OrderedDict[bytes, None]] = {}

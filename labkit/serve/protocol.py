@@ -8,10 +8,13 @@ vLLM does, so vLLM-style extras (`repetition_penalty=1`, `min_p=0`...) do not br
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from labkit.engine.config import SamplingParams
 
 MAX_STOP_STRINGS = 4
 
@@ -72,11 +75,11 @@ class CompletionRequest:
         if (self.prompt_text is None) == (self.prompt_ids is None):
             raise ValueError("exactly one of prompt_text and prompt_ids must be set")
 
-    def sampling_dict(self) -> dict[str, Any]:
-        """The sampling fields a worker needs (JSON-ready), in the engine's SamplingParams words."""
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "seed": self.seed, "stop_token_ids": list(self.stop_token_ids),
-                "ignore_eos": self.ignore_eos}
+    def sampling(self) -> SamplingParams:
+        """What a worker's engine needs of this request (stop strings are the router's: TextStream)."""
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed, stop_token_ids=self.stop_token_ids,
+                              ignore_eos=self.ignore_eos)
 
 
 def _is_int(x: Any) -> bool:
@@ -91,7 +94,7 @@ def _num(body: dict[str, Any], name: str, default: float, lo: float, hi: float, 
     v = body.get(name)
     if v is None:
         return default
-    if not _is_num(v) or v != v:  # v != v: NaN
+    if not _is_num(v) or math.isnan(v):
         raise bad_request(f"'{name}' must be a number, got {json.dumps(v)}", name, "invalid_type")
     if v < lo or v > hi or (lo_open and v == lo):
         lo_s = f"> {lo}" if lo_open else f">= {lo}"

@@ -8,92 +8,57 @@ and turns the backend's pieces into a JSON response or SSE chunks, timing TTFT a
 client would. `/health` says which upstream is up; `/metrics` is Prometheus text.
 
 Plugging another server in: implement `labkit.serve.backend.DisaggBackend` (a pool of
-upstreams, `start`, `close`, and `generate(req, prompt_ids, request_id)` yielding `Piece`s),
-and pass it to `build_app`.
+upstreams, `start`, `close`, `context_len`, and `generate(req, prompt_ids, request_id)`
+yielding `Piece`s) and a factory `(cfg, pool, metrics, tokenizer) -> backend`, and start the
+router with `--backend module:factory` (or add its name to `BACKENDS`). Which prefill worker a
+request goes to is a policy (labkit.serve.routing, `--prefill-policy`).
 
 Run: `python -m labkit.serve.router --port 8000 --model tiny --prefill URL --decode URL`.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from labkit.proc import LOOPBACK
-from labkit.serve.backend import DisaggBackend, LabBackend, Piece
-from labkit.serve.limits import read_json
+from labkit.engine.config import RequestError, check_context
+from labkit.serve.backend import DisaggBackend, Piece
+from labkit.serve.config import BACKENDS, RouterConfig, parse_config
+from labkit.serve.limits import install_error_handlers, read_json
 from labkit.serve.metrics import CONTENT_TYPE, RouterMetrics
-from labkit.serve.protocol import (SSE_DONE, APIError, bad_request, completion_response, error_body,
-                                   models_response, new_completion_id, parse_completion_request, sse,
-                                   stream_chunk, usage, usage_chunk)
-from labkit.serve.upstream import Upstream, UpstreamPool
+from labkit.serve.protocol import (
+    SSE_DONE,
+    APIError,
+    bad_request,
+    completion_response,
+    error_body,
+    models_response,
+    new_completion_id,
+    parse_completion_request,
+    sse,
+    stream_chunk,
+    usage,
+    usage_chunk,
+)
+from labkit.serve.routing import load_spec
+from labkit.serve.upstream import UpstreamPool
 
 log = logging.getLogger("labkit.serve.router")
-BACKENDS = ("lab", "vllm")
+__all__ = ["BACKENDS", "Router", "RouterConfig", "build_app", "create", "make_backend", "parse_args"]
 
-
-@dataclass(frozen=True, slots=True)
-class RouterConfig:
-    """The router's settings. Upstream URLs by role: `mono`, or `prefill` and `decode`."""
-
-    model: str = "tiny"
-    served_model_name: str | None = None
-    host: str = LOOPBACK
-    port: int = 8000
-    mono: tuple[str, ...] = ()
-    prefill: tuple[str, ...] = ()
-    decode: tuple[str, ...] = ()
-    backend: str = "lab"
-    block_size: int = 16
-    max_model_len: int | None = None
-    health_interval_s: float = 0.5
-    read_timeout_s: float = 120.0
-    transfer_timeout_s: float = 30.0
-    names: tuple[str, ...] = field(default=())  # upstream names, in mono+prefill+decode order
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend {self.backend!r} not one of {BACKENDS}")
-        if bool(self.mono) == bool(self.prefill or self.decode):
-            raise ValueError("give mono upstreams, or prefill and decode upstreams (not both, not neither)")
-        if not self.mono and not (self.prefill and self.decode):
-            raise ValueError("disaggregated mode needs at least one prefill and one decode upstream")
-        if self.names and len(self.names) != len(self.mono) + len(self.prefill) + len(self.decode):
-            raise ValueError("names must give one name per upstream")
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or self.model
-
-    def upstreams(self) -> list[Upstream]:
-        out = []
-        for role, urls in (("mono", self.mono), ("prefill", self.prefill), ("decode", self.decode)):
-            for i, url in enumerate(urls):
-                out.append(Upstream(name=f"{role}{i}", url=url.rstrip("/"), role=role))
-        for u, n in zip(out, self.names):
-            u.name = n
-        return out
-
-
-def make_backend(cfg: RouterConfig, metrics: RouterMetrics) -> DisaggBackend:
-    """The backend `cfg.backend` names, over `cfg`'s upstreams."""
-    pool = UpstreamPool(cfg.upstreams(), health_interval_s=cfg.health_interval_s)
-    if cfg.backend == "vllm":
-        from labkit.serve.vllm_backend import VllmDisaggBackend
-
-        return VllmDisaggBackend(pool, read_timeout_s=cfg.read_timeout_s)
-    from labkit.models import load_tokenizer
-
-    return LabBackend(pool, load_tokenizer(cfg.model), metrics, block_size=cfg.block_size,
-                      read_timeout_s=cfg.read_timeout_s, transfer_timeout_s=cfg.transfer_timeout_s)
+def make_backend(cfg: RouterConfig, metrics: RouterMetrics, tokenizer: Any,
+                 transport: httpx.AsyncBaseTransport | None = None) -> DisaggBackend:
+    """The backend `cfg.backend` names, over `cfg`'s upstreams; ValueError naming what is wrong."""
+    factory = load_spec(cfg.backend, BACKENDS, "backend")
+    pool = UpstreamPool(cfg.upstreams(), health_interval_s=cfg.health_interval_s, transport=transport)
+    return factory(cfg, pool, metrics, tokenizer)  # type: ignore[no-any-return]  # a factory of any module
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -104,20 +69,26 @@ class Router:
     """Request handling, independent of FastAPI wiring (so tests can reach it)."""
 
     def __init__(self, cfg: RouterConfig, backend: DisaggBackend | None = None,
-                 metrics: RouterMetrics | None = None) -> None:
+                 metrics: RouterMetrics | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
         from labkit.models import load_config, load_tokenizer
 
         self.cfg = cfg
-        self.metrics = metrics or RouterMetrics()
-        self.backend = backend or make_backend(cfg, self.metrics)
+        self.metrics = metrics or RouterMetrics(workers=self.workers)  # workers' stats re-exported in /metrics
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.backend = backend or make_backend(cfg, self.metrics, self.tokenizer, transport)
         mcfg = load_config(cfg.model)
         self.vocab_size = int(mcfg["vocab_size"])
-        self.max_model_len = int(cfg.max_model_len or mcfg.get("max_position_embeddings") or 2048)
-        self.tokenizer = load_tokenizer(cfg.model) if self.backend.uses_token_ids else None
+        self.model_max_len = int(mcfg.get("max_position_embeddings") or 2048)
         self.served = (cfg.model_name,) if cfg.model_name == cfg.model else (cfg.model_name, cfg.model)
 
-    def worker_stats(self) -> list[dict[str, Any]]:
-        return [u.stats() for u in self.backend.pool.upstreams]
+    @property
+    def max_model_len(self) -> int:
+        """The context enforced at the edge: the config's, else the workers' (/health), else the model's."""
+        return self.cfg.max_model_len or self.backend.context_len() or self.model_max_len
+
+    def workers(self) -> list[tuple[str, str, Any]]:
+        """(name, role, last /health) of every upstream that is a lab worker (for /metrics)."""
+        return [(u.name, u.role, u.health) for u in self.backend.pool.upstreams if u.health is not None]
 
     async def completions(self, request: Request) -> Response:
         t0 = time.perf_counter()
@@ -125,12 +96,12 @@ class Router:
             body = await read_json(request)  # 413/431 over the size limits, 400 for any malformed JSON
             req = parse_completion_request(body, vocab_size=self.vocab_size, served_model_names=self.served)
             prompt_ids = list(req.prompt_ids) if req.prompt_ids is not None else (
-                self.tokenizer.encode(req.prompt_text) if self.tokenizer is not None else None)
-            if prompt_ids is not None and len(prompt_ids) + req.max_tokens > self.max_model_len:
-                raise bad_request(
-                    f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
-                    f"context length {self.max_model_len}; shorten the prompt or lower max_tokens",
-                    "max_tokens", "context_length_exceeded")
+                self.tokenizer.encode(req.prompt_text) if self.backend.uses_token_ids else None)
+            if prompt_ids is not None:
+                try:
+                    check_context(len(prompt_ids), req.max_tokens, self.max_model_len)   # the engine's own rule
+                except RequestError as e:
+                    raise bad_request(str(e), e.param, e.code) from None
         except APIError as e:
             self.metrics.requests.labels(f"http_{e.status}").inc()
             return _error(e)
@@ -169,7 +140,7 @@ class Router:
         self.metrics.requests.labels(outcome).inc()
         self.metrics.e2e_s.observe(time.perf_counter() - timer.t0)
 
-    async def _collect(self, req: Any, first: Piece, gen: AsyncIterator[Piece], timer: _Timer, cid: str,
+    async def _collect(self, req: Any, first: Piece, gen: AsyncGenerator[Piece, None], timer: _Timer, cid: str,
                        name: str, n_prompt: int, prompt_ids: list[int] | None) -> Response:
         pieces = [first]
         timer.saw(first)
@@ -194,7 +165,7 @@ class Router:
         return JSONResponse(completion_response(cid, name, "".join(p.text for p in pieces), pieces[-1].finish_reason,
                                                 n_prompt, n_out, token_ids=token_ids, prompt_token_ids=prompt_ids))
 
-    async def _sse(self, req: Any, first: Piece, gen: AsyncIterator[Piece], timer: _Timer, cid: str,
+    async def _sse(self, req: Any, first: Piece, gen: AsyncGenerator[Piece, None], timer: _Timer, cid: str,
                    created: int, name: str, n_prompt: int) -> AsyncIterator[bytes]:
         n_out = 0
         outcome = "aborted"  # until it ends well or badly on its own
@@ -233,7 +204,7 @@ class Router:
 class _Timer:
     """TTFT and ITL of one request, as the router sees tokens go out."""
 
-    __slots__ = ("metrics", "t0", "last")
+    __slots__ = ("last", "metrics", "t0")
 
     def __init__(self, metrics: RouterMetrics, t0: float) -> None:
         self.metrics = metrics
@@ -261,27 +232,7 @@ def build_app(router: Router) -> FastAPI:
         await router.backend.close()
 
     app = FastAPI(title="labkit router", lifespan=lifespan)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error(bad_request(str(e), None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        # Anything unforeseen still answers in the OpenAI error shape (and is logged), never a bare 500.
-        log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error in the router: {e.__class__.__name__}: {e}",
-                                       type="server_error", code="internal_error"), status_code=500)
-
-    @app.exception_handler(404)
-    async def _not_found(request: Request, e: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"no route {request.method} {request.url.path}; try POST /v1/completions",
-                                       type="not_found_error", code="not_found"), status_code=404)
-
-    @app.exception_handler(405)
-    async def _bad_method(request: Request, e: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}",
-                                       type="invalid_request_error", code="method_not_allowed"), status_code=405)
+    install_error_handlers(app, "router", "; try POST /v1/completions")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -313,36 +264,16 @@ def _mode(roles: list[str]) -> str:
     return "mono" if roles == ["mono"] else "disagg"
 
 
-def create(cfg: RouterConfig) -> tuple[Router, FastAPI]:
-    """A router and its app, with worker stats re-exported in /metrics."""
-    holder: list[Router] = []
-    metrics = RouterMetrics(worker_stats=lambda: holder[0].worker_stats() if holder else [])
-    router = Router(cfg, metrics=metrics)
-    holder.append(router)
+def create(cfg: RouterConfig, transport: httpx.AsyncBaseTransport | None = None) -> tuple[Router, FastAPI]:
+    """A router and its app. `transport`: how it reaches the upstreams (None: real sockets; tests
+    pass in-process ASGI apps)."""
+    router = Router(cfg, transport=transport)
     return router, build_app(router)
 
 
 def parse_args(argv: list[str] | None = None) -> RouterConfig:
-    p = argparse.ArgumentParser(prog="python -m labkit.serve.router", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="preset or model dir (tokenizer and context length)")
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--host", default=LOOPBACK)
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--mono", nargs="*", default=[], help="mono worker URLs")
-    p.add_argument("--prefill", nargs="*", default=[], help="prefill worker URLs")
-    p.add_argument("--decode", nargs="*", default=[], help="decode worker URLs")
-    p.add_argument("--names", nargs="*", default=[], help="upstream names (mono, prefill, decode order)")
-    p.add_argument("--backend", choices=BACKENDS, default="lab")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--health-interval-s", type=float, default=0.5)
-    p.add_argument("--read-timeout-s", type=float, default=120.0)
-    a = p.parse_args(argv)
-    return RouterConfig(model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port,
-                        mono=tuple(a.mono), prefill=tuple(a.prefill), decode=tuple(a.decode), backend=a.backend,
-                        block_size=a.block_size, max_model_len=a.max_model_len,
-                        health_interval_s=a.health_interval_s, read_timeout_s=a.read_timeout_s,
-                        names=tuple(a.names))
+    """The router's command line: `--config JSON` and/or one flag per RouterConfig field (flags win)."""
+    return parse_config(RouterConfig, argv, "python -m labkit.serve.router", (__doc__ or "").splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per health poll
     cfg = parse_args(argv)
-    _, app = create(cfg)
+    try:
+        _, app = create(cfg)
+    except ValueError as e:   # a backend or policy spec that does not load: say it, exit 2
+        log.error("%s", e)
+        return 2
     log.info("router on %s:%d (%s backend)", cfg.host, cfg.port, cfg.backend)
     uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                                   timeout_graceful_shutdown=3)).run()

@@ -4,17 +4,21 @@ A monitor task polls every upstream's `GET /health` on a short interval. A refus
 marks it down at once; timeouts mark it down after `max_failures` polls in a row. A request
 that fails to reach an upstream marks it down too, so the next request routes around it. An
 upstream that answers again is taken back; if its pid changed (a restart) its cache is gone,
-which `on_reset` tells the prefix index.
+which `on_down` tells the prefix index; `on_up` hands the backend the worker's first /health.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
+from pydantic import ValidationError
+
+from labkit.serve.messages import WorkerHealth
 
 log = logging.getLogger("labkit.serve.upstream")
 
@@ -27,23 +31,22 @@ class Upstream:
     url: str
     role: str                          # "mono" | "prefill" | "decode"
     up: bool = False
-    info: dict[str, Any] = field(default_factory=dict)  # the last /health JSON (lab workers)
+    health: WorkerHealth | None = None  # the last /health of a lab worker (None: another server, or none yet)
     in_flight: int = 0                 # requests the router has open to it now
     failures: int = 0
     last_error: str = ""
     last_ok_s: float = 0.0
     ups: int = 0                       # times it came up (1 on first contact)
+    pid: int | None = None             # the process that answered the last /health, when it says
+
+    @property
+    def load(self) -> int:
+        """Requests open to it or running in it, whichever is more (the router's count is fresher)."""
+        return max(self.in_flight, self.health.running_requests if self.health else 0)
 
     def load_key(self) -> tuple[float, float]:
         """Lower is less loaded: (requests open or running, -free KV blocks)."""
-        running = max(self.in_flight, int(self.info.get("running_requests", 0) or 0))
-        return (float(running), -float(self.info.get("kv_blocks_free", 0) or 0))
-
-    def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "url": self.url, "up": self.up, **{
-            k: self.info.get(k) for k in ("kv_blocks_used", "kv_blocks_total", "running_requests",
-                                          "kv_transfer_bytes_total", "kv_transfer_seconds_total",
-                                          "prefill_tokens_total", "decode_tokens_total")}}
+        return (float(self.load), -float(self.health.kv_blocks_free if self.health else 0))
 
 
 class UpstreamPool:
@@ -52,7 +55,8 @@ class UpstreamPool:
     def __init__(self, upstreams: list[Upstream], *, health_interval_s: float = 0.5,
                  health_timeout_s: float = 2.0, max_failures: int = 3,
                  on_down: Callable[[Upstream], None] | None = None,
-                 on_up: Callable[[Upstream], None] | None = None) -> None:
+                 on_up: Callable[[Upstream], None] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         names = [u.name for u in upstreams]
         if len(set(names)) != len(names):
             raise ValueError(f"upstream names must be unique, got {names}")
@@ -62,6 +66,7 @@ class UpstreamPool:
         self.max_failures = max_failures
         self.on_down = on_down
         self.on_up = on_up
+        self.transport = transport   # None: real sockets; tests pass an ASGI transport
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -72,7 +77,7 @@ class UpstreamPool:
         return {u.role for u in self.upstreams}
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.health_timeout_s))
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.health_timeout_s), transport=self.transport)
         await asyncio.gather(*(self.poll(u) for u in self.upstreams))
         self._task = asyncio.create_task(self._monitor(), name="upstream-monitor")
 
@@ -81,8 +86,8 @@ class UpstreamPool:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+            except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 - closing: how it ended does not matter
+                log.debug("monitor: %r", e)
         if self._client is not None:
             await self._client.aclose()
 
@@ -105,14 +110,15 @@ class UpstreamPool:
         if r.status_code != 200:
             self.mark_down(u, f"/health answered HTTP {r.status_code}")
             return
-        info: dict[str, Any] = {}
+        health = None
         if r.headers.get("content-type", "").startswith("application/json"):
             try:
-                info = r.json()
-            except ValueError:
-                info = {}
-        restarted = bool(u.info.get("pid")) and info.get("pid") not in (None, u.info.get("pid"))
-        u.info = info
+                health = WorkerHealth.model_validate_json(r.content)
+            except ValidationError:
+                health = None   # not a lab worker (a vLLM server answers with an empty body)
+        restarted = u.pid is not None and health is not None and health.pid != u.pid
+        u.health = health
+        u.pid = health.pid if health is not None else u.pid
         u.failures = 0
         u.last_ok_s = time.monotonic()
         if restarted and self.on_down is not None:

@@ -36,7 +36,6 @@ from labkit.transfer.errors import (
 )
 from labkit.transfer.receiver import Receiver
 from labkit.transfer.sender import OutboundStream, Sender
-from labkit.transfer.shaping import LinkShape
 from labkit.transfer.wire import KVMeta, KVSpec
 
 BACKENDS = ("shm", "tcp", "nixl", "cuda-ipc")
@@ -49,7 +48,6 @@ __all__ = [
     "KVMeta",
     "KVSpec",
     "Link",
-    "LinkShape",
     "OutboundStream",
     "PayloadError",
     "Receiver",

@@ -42,6 +42,7 @@ class OutboundStream(ABC):
         self.t0 = time.perf_counter()
         self.deadline = time.monotonic() + timeout_s
         self.sent: set[int] = set()
+        self.layer_sent_s: dict[int, float] = {}   # layer -> perf_counter() when its bytes were written out
         self._done = False
         self._dtype = getattr(torch, meta.dtype)
         self._queue: queue.Queue[tuple[int, torch.Tensor, torch.Tensor] | None] | None = None
@@ -71,11 +72,15 @@ class OutboundStream(ABC):
             self.sent.add(layer)
             return
         try:
-            self._write_layer(layer, k, v)
+            self._write(layer, k, v)
         except BaseException:
             self.abort()
             raise
         self.sent.add(layer)
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._write_layer(layer, k, v)
+        self.layer_sent_s[layer] = time.perf_counter()
 
     def _write_loop(self) -> None:
         assert self._queue is not None
@@ -83,7 +88,7 @@ class OutboundStream(ABC):
             if self._error is not None or self._done:
                 continue                          # drain: the stream failed or was aborted
             try:
-                self._write_layer(*item)
+                self._write(*item)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 self._error = e
 

@@ -11,18 +11,7 @@ import time
 
 from labkit.links import LINKS, Link
 
-__all__ = ["LINKS", "Link", "LinkShape", "TokenBucket", "chunk_bytes"]
-
-
-def LinkShape(gbps: float | None = None, latency_ms: float = 0.0, name: str = "") -> Link:
-    """The older constructor, kept for callers written against it: a line rate in Gbit/s (None:
-    unshaped) and a one-way latency in ms, which a transfer pays twice (there, and the ack back).
-    Returns the one `Link` type."""
-    if not latency_ms >= 0:
-        raise ValueError(f"latency_ms must be >= 0, got {latency_ms}")
-    if gbps is None:
-        return Link(float("inf"), 2 * latency_ms / 1e3, name or "unshaped")
-    return Link.from_gbps(gbps, 2 * latency_ms / 1e3, name)
+__all__ = ["LINKS", "Link", "TokenBucket", "chunk_bytes"]
 
 
 class TokenBucket:

@@ -13,20 +13,22 @@ vLLM's disaggregation protocol lives in one request field, `kv_transfer_params`:
 
 The router (labkit/serve/router.py) validates, tokenizes and times; this backend turns one
 request into `Piece`s streamed from vLLM. With only `mono` upstreams it forwards to one vLLM.
+The router finds it by the name "vllm" (`labkit.serve.router.BACKENDS` names `vllm_backend`
+below), so serve imports this module only when a router runs `--backend vllm`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import httpx
 
 from labkit.serve.backend import HttpBackend, Piece, error_from_response
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
 from labkit.serve.upstream import Upstream, UpstreamPool
-from labkit.sse import aiter_sse_lines
+from labkit.sse import aiter_sse_json
 
 log = logging.getLogger("labkit.vllm.pd_backend")
 
@@ -112,7 +114,7 @@ class VllmDisaggBackend(HttpBackend):
         return min(cands, key=lambda u: u.in_flight)
 
     async def generate(self, req: CompletionRequest, prompt_ids: list[int] | None,
-                       request_id: str) -> AsyncIterator[Piece]:
+                       request_id: str) -> AsyncGenerator[Piece, None]:
         assert self._client is not None
         if self.mode == "mono":
             u = self._pick("mono")
@@ -146,7 +148,7 @@ class VllmDisaggBackend(HttpBackend):
                            type="server_error", code="no_kv_transfer_params")
         return dict(params)
 
-    async def _stream(self, u: Upstream, body: dict[str, Any], request_id: str) -> AsyncIterator[Piece]:
+    async def _stream(self, u: Upstream, body: dict[str, Any], request_id: str) -> AsyncGenerator[Piece, None]:
         """Pieces from vLLM's SSE stream; the last one carries finish_reason and the usage totals."""
         assert self._client is not None
         held: Piece | None = None  # the finishing chunk, held until the usage chunk after it
@@ -155,13 +157,7 @@ class VllmDisaggBackend(HttpBackend):
                                            headers={"X-Request-Id": request_id}) as r:
                 if r.status_code != 200:
                     raise await error_from_response(r)
-                async for line in aiter_sse_lines(r):
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    msg = json.loads(data)
+                async for msg in aiter_sse_json(r):
                     if "error" in msg:
                         err = msg["error"]
                         raise APIError(int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500,
@@ -181,3 +177,8 @@ class VllmDisaggBackend(HttpBackend):
         if held is None:
             raise unavailable(f"vLLM {u.role} server {u.name} closed the stream before the request finished")
         yield held
+
+
+def vllm_backend(cfg: Any, pool: UpstreamPool, metrics: Any, tokenizer: Any) -> VllmDisaggBackend:
+    """The router's "vllm" backend for a RouterConfig `cfg` (metrics and tokenizer: the router's own)."""
+    return VllmDisaggBackend(pool, read_timeout_s=cfg.read_timeout_s)

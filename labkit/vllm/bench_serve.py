@@ -45,7 +45,7 @@ def run_vllm_bench(url: str, *, model: str, tokenizer: str, timeout_s: float = 6
     with tempfile.TemporaryDirectory(prefix="labkit-vllm-bench-") as d:
         argv = vllm_bench_argv(url, model=model, tokenizer=tokenizer, result_dir=d, **kw)
         try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired as e:
             raise RuntimeError(f"vllm bench serve did not finish within {timeout_s:.0f} s") from e
         out = Path(d) / kw.get("result_filename", "vllm_bench.json")

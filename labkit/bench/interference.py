@@ -8,23 +8,21 @@ them), so they cover the whole prefill however fast or slow this machine is. In 
 long prefill runs in the same engine step loop as the decodes, so every decode stream stalls
 for the length of that prefill; with chunked prefill the stall is cut into smaller ones; in a
 disaggregated server the prefill runs elsewhere and the decode gaps stay flat.
-`InterferenceResult.stats()` puts numbers on it, `labkit.plots.serving` draws it.
+`InterferenceResult.stats()` puts numbers on it, `labkit.plots.serving` draws it. Requests go
+through the benchmarks' one streaming client (labkit.bench.client).
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import json
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Coroutine, Literal, TypeVar
+from typing import Any, Literal
 
 import httpx
 
-from labkit.sse import aiter_sse_lines
-
-T = TypeVar("T")
+from labkit.bench.client import StreamedCompletion, run_sync, stream_completion
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +78,7 @@ class RequestTrace:
     @property
     def itl_s(self) -> list[float]:
         """Gaps between consecutive tokens, seconds."""
-        return [b - a for a, b in zip(self.token_s, self.token_s[1:])]
+        return [b - a for a, b in itertools.pairwise(self.token_s)]
 
 
 @dataclass
@@ -116,7 +114,7 @@ class InterferenceResult:
         w0, w1 = self.prefill_window_s
         out = []
         for t in self.decodes:
-            for a, b in zip(t.token_s, t.token_s[1:]):
+            for a, b in itertools.pairwise(t.token_s):
                 out.append((b, b - a, a < w1 and b > w0))
         return out
 
@@ -147,36 +145,30 @@ class InterferenceResult:
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], trace: RequestTrace, t0: float,
                   progress: asyncio.Event | None = None, need: int = 0, done: asyncio.Event | None = None,
-                  tail: int = 0) -> None:
+                  tail: int = 0, finished: asyncio.Event | None = None) -> None:
+    """Streams one request into `trace`: sets `progress` at its `need`-th token and `finished` at its
+    last; once `done` is set it reads `tail` more tokens, then closes the stream ("client_stopped")."""
     after_done = 0
+    out = StreamedCompletion()
+
+    def on_token(n: int) -> bool:
+        nonlocal after_done
+        if progress is not None and n == need:
+            progress.set()
+        if finished is not None and out.finish_reason is not None:
+            finished.set()   # the moment the last token arrived, not when the stream is closed
+        if done is not None and done.is_set():
+            after_done += 1
+            return after_done < tail
+        return True
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                trace.error = f"HTTP {r.status_code}: {(await r.aread())[:300].decode(errors='replace')}"
-                return
-            async for line in aiter_sse_lines(r):
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                now = time.perf_counter() - t0
-                msg = json.loads(line[6:])
-                if "error" in msg:
-                    trace.error = str(msg["error"].get("message"))
-                    return
-                if msg.get("choices"):
-                    trace.token_s.append(now)
-                    trace.finish_reason = msg["choices"][0].get("finish_reason") or trace.finish_reason
-                    if progress is not None and len(trace.token_s) == need:
-                        progress.set()
-                    if done is not None and done.is_set():
-                        after_done += 1
-                        if after_done >= tail and trace.finish_reason is None:
-                            trace.finish_reason = "client_stopped"  # leaving the block closes the stream
-                            return
-    except httpx.HTTPError as e:
-        trace.error = f"{e.__class__.__name__}: {e}"
+        await stream_completion(client, url + "/v1/completions", body, out, on_token)
     finally:
         if progress is not None:
             progress.set()  # never leave the experiment waiting on a failed stream
+    trace.token_s = [t - t0 for t in out.token_s]
+    trace.finish_reason = out.finish_reason or ("client_stopped" if out.closed_early else None)
+    trace.error = out.error
 
 
 async def run_interference_async(url: str, scenario: InterferenceScenario, label: str = "",
@@ -204,23 +196,13 @@ async def run_interference_async(url: str, scenario: InterferenceScenario, label
         long_tr = RequestTrace("long prompt", "long", time.perf_counter() - t0)
         traces.append(long_tr)
         body = {**common, "prompt": sc.prompt_ids("long"), "max_tokens": sc.long_max_tokens}
-        long_task = asyncio.create_task(_stream(client, url, body, long_tr, t0))
-        long_task.add_done_callback(lambda _: long_done.set())
+        long_task = asyncio.create_task(_stream(client, url, body, long_tr, t0, finished=long_done))
+        long_task.add_done_callback(lambda _: long_done.set())   # also when it failed
         await asyncio.wait_for(asyncio.gather(*tasks, long_task), timeout=sc.timeout_s)
     bad = [f"{t.name}: {t.error}" for t in traces if t.error]
     if bad:
         raise RuntimeError("the interference run had failed requests: " + "; ".join(bad))
     return InterferenceResult(label, sc, traces)
-
-
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Runs `coro` to completion, also from inside Jupyter (whose event loop is already running)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        return ex.submit(asyncio.run, coro).result()
 
 
 def run_interference(url: str, scenario: InterferenceScenario | None = None, label: str = "",
