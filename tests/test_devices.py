@@ -99,3 +99,18 @@ def test_describe_names_every_worker_and_the_transport():
     text = place("disagg", gpus=[0], cpus=range(4)).describe()
     assert "prefill0  GPU 0  45% of its memory  cores 0-1" in text
     assert "decode0" in text and "starts after prefill0" in text and "cuda-ipc" in text
+
+
+def test_profile_defaults_by_device_and_names_a_bad_value(monkeypatch):
+    from labkit import config
+
+    monkeypatch.delenv("LABKIT_PROFILE", raising=False)
+    monkeypatch.setattr(config, "cuda_available", lambda: False)
+    assert config.profile() == "full"
+    monkeypatch.setattr(config, "cuda_available", lambda: True)
+    assert config.profile() == "gpu"
+    monkeypatch.setenv("LABKIT_PROFILE", "ci")
+    assert config.profile() == "ci"          # an explicit choice wins on a GPU too
+    monkeypatch.setenv("LABKIT_PROFILE", "laptop")
+    with pytest.raises(ValueError, match="laptop"):
+        config.profile()
