@@ -208,3 +208,14 @@ def _ranges(cores: Sequence[int] | None) -> str:
         else:
             runs.append([c])
     return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+
+
+def visible_gpus() -> list[int]:
+    """Indices of the CUDA GPUs this process sees (empty without torch, CUDA or a GPU)."""
+    from labkit.config import cuda_available
+
+    if not cuda_available():
+        return []
+    import torch
+
+    return list(range(torch.cuda.device_count()))

@@ -114,3 +114,10 @@ def test_profile_defaults_by_device_and_names_a_bad_value(monkeypatch):
     monkeypatch.setenv("LABKIT_PROFILE", "laptop")
     with pytest.raises(ValueError, match="laptop"):
         config.profile()
+
+
+def test_visible_gpus_is_empty_without_cuda(monkeypatch):
+    from labkit import config, devices
+
+    monkeypatch.setattr(config, "cuda_available", lambda: False)
+    assert devices.visible_gpus() == []
