@@ -9,8 +9,8 @@ from dataclasses import MISSING, Field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-Profile = Literal["ci", "full"]
-_PROFILES = ("ci", "full")
+Profile = Literal["ci", "full", "gpu"]
+_PROFILES = ("ci", "full", "gpu")
 
 
 def labkit_home() -> Path:
@@ -20,11 +20,23 @@ def labkit_home() -> Path:
 
 
 def profile() -> Profile:
-    """`LABKIT_PROFILE`: "ci" (small and fast, what CI runs) or "full" (the real lesson; default)."""
-    value = os.environ.get("LABKIT_PROFILE", "full").strip().lower()
+    """`LABKIT_PROFILE`: "ci" (small and fast, what CI runs), "full" (the real lesson on a CPU) or
+    "gpu" (the real shapes on a CUDA GPU). Unset: "gpu" where CUDA works, else "full"."""
+    value = os.environ.get("LABKIT_PROFILE", "").strip().lower()
+    if not value:
+        return "gpu" if cuda_available() else "full"
     if value not in _PROFILES:
         raise ValueError(f"LABKIT_PROFILE={value!r} is not one of {_PROFILES}")
-    return value  # type: ignore[return-value]
+    return value  # type: ignore[return-value]  # checked against _PROFILES just above
+
+
+def cuda_available() -> bool:
+    """True when torch is installed with CUDA and sees a GPU (False without torch: nothing imported twice)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 _strict_override: bool | None = None

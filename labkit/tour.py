@@ -71,8 +71,8 @@ def run_tour(out_dir: str | Path = "report", profile: str | None = None, only: l
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="report", help="output directory (default: report/)")
-    parser.add_argument("--profile", choices=["ci", "full"], default=None,
-                        help="ci: minutes-long small run; full: the real lesson (default: $LABKIT_PROFILE or full)")
+    parser.add_argument("--profile", choices=["ci", "full", "gpu"], default=None,
+                        help="ci: minutes-long small run; full: the real lesson on a CPU; gpu: on a CUDA GPU (default: $LABKIT_PROFILE, else gpu where CUDA works, else full)")
     parser.add_argument("--only", nargs="*", help="run only sections whose title contains these words")
     parser.set_defaults(func=lambda a: 0 if not any(
         s.error for s in run_tour(a.out, a.profile, a.only).sections) else 1)

@@ -41,7 +41,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     except (ImportError, ValueError):
         has_vllm = False
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        # markers, not item.keywords: keywords also hold directory names (a checkout under .../gpu/)
+        if item.get_closest_marker("gpu") and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-        if "vllm" in item.keywords and not has_vllm:
+        if item.get_closest_marker("vllm") and not has_vllm:
             item.add_marker(pytest.mark.skip(reason="vLLM not installed (make vllm)"))

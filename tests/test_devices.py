@@ -1,0 +1,123 @@
+"""Placement of serving processes on 0, 1, 2 and 4 GPUs (a pure function: runs on a CPU)."""
+from __future__ import annotations
+
+import pytest
+
+from labkit.devices import DEFAULT_RESERVE_FRACTION, Slot, kv_cache_bytes_for, place
+
+
+def test_no_gpu_disagg_splits_cores_and_uses_shm():
+    p = place("disagg", cpus=[0, 1])
+    assert [(s.name, s.gpu, s.cpus) for s in p.slots] == [("prefill0", None, (0,)), ("decode0", None, (1,))]
+    assert p.transfer == "shm"
+    assert p.gpus_used == []
+
+
+def test_no_gpu_mono_gets_all_cores_and_replicas_split_them():
+    assert place("mono", cpus=range(4)).slots[0].cpus == (0, 1, 2, 3)
+    dp = place("mono", mono=2, cpus=range(4))
+    assert [s.cpus for s in dp.slots] == [(0, 1), (2, 3)]
+
+
+def test_one_gpu_disagg_shares_it_with_memory_split_and_ordered_start():
+    p = place("disagg", gpus=[0], cpus=range(16))
+    pre, dec = p.slots
+    assert pre.gpu == dec.gpu == 0
+    assert p.transfer == "cuda-ipc"
+    # both shares plus the reserve fit the card, and each gets about half
+    assert pre.memory_fraction + dec.memory_fraction <= 1.0 - DEFAULT_RESERVE_FRACTION + 1e-9
+    assert pre.memory_fraction == pytest.approx(0.45, abs=1e-3)
+    assert dec.start_after == ("prefill0",) and pre.start_after == ()
+    # host cores split, so the two processes' launch threads do not fight
+    assert set(pre.cpus).isdisjoint(dec.cpus) and len(pre.cpus) == len(dec.cpus) == 8
+
+
+def test_one_gpu_mono_has_the_card_less_the_reserve():
+    (s,) = place("mono", gpus=[0]).slots
+    assert s.gpu == 0 and s.memory_fraction == pytest.approx(1 - DEFAULT_RESERVE_FRACTION)
+
+
+def test_two_gpus_one_each_prefill_first():
+    p = place("disagg", gpus=[0, 1])
+    assert [(s.name, s.gpu, s.memory_fraction) for s in p.slots] == [
+        ("prefill0", 0, pytest.approx(0.9)), ("decode0", 1, pytest.approx(0.9))]
+    assert all(s.start_after == () for s in p.slots)
+
+
+def test_two_gpus_given_in_another_order_are_used_in_that_order():
+    p = place("disagg", gpus=[3, 1])
+    assert [s.gpu for s in p.slots] == [3, 1]
+
+
+def test_four_gpus_3p1d_and_fewer_gpus_than_workers():
+    p = place("disagg", prefill=3, decode=1, gpus=[0, 1, 2, 3])
+    assert [s.gpu for s in p.slots] == [0, 1, 2, 3]
+    # 2P2D on 2 GPUs: each role keeps a GPU of its own, the two prefill workers share theirs
+    q = place("disagg", prefill=2, decode=2, gpus=[0, 1])
+    assert [s.gpu for s in q.of("prefill")] == [0, 0] and [s.gpu for s in q.of("decode")] == [1, 1]
+    assert q.sharing(0)[1].start_after == ("prefill0",)
+    # 3P1D on 2 GPUs: prefill never takes the decode GPU
+    r = place("disagg", prefill=3, decode=1, gpus=[0, 1])
+    assert {s.gpu for s in r.of("prefill")} == {0} and r.of("decode")[0].gpu == 1
+    # 6P2D on 4 GPUs: three for prefill, one for decode (6:2)
+    s = place("disagg", prefill=6, decode=2, gpus=[0, 1, 2, 3])
+    assert {x.gpu for x in s.of("prefill")} == {0, 1, 2} and {x.gpu for x in s.of("decode")} == {3}
+
+
+def test_mono_replicas_over_gpus():
+    p = place("mono", mono=4, gpus=[0, 1])
+    assert [s.gpu for s in p.slots] == [0, 1, 0, 1]
+    assert all(s.memory_fraction == pytest.approx(0.45) for s in p.slots)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(mode="disagg", prefill=0), "at least one prefill"),
+    (dict(mode="mono", mono=0), "at least one mono"),
+    (dict(mode="disagg", gpus=[0, 0]), "twice"),
+    (dict(mode="disagg", gpus=[-1]), ">= 0"),
+    (dict(mode="disagg", reserve_fraction=0.9), "reserve_fraction"),
+    (dict(mode="both"), "mode"),
+])
+def test_bad_layouts_name_the_bad_value(kw, msg):
+    mode = kw.pop("mode")
+    with pytest.raises(ValueError, match=msg):
+        place(mode, **kw)
+
+
+def test_kv_cache_bytes_for_a_shared_gpu():
+    pre, _ = place("disagg", gpus=[0]).slots
+    total = 80 * 10**9
+    kv = kv_cache_bytes_for(pre, total, weight_bytes=16 * 10**9)
+    assert kv == int(total * pre.memory_fraction) - 16 * 10**9 - int(int(total * pre.memory_fraction) * 0.10)
+    with pytest.raises(ValueError, match="do not fit"):
+        kv_cache_bytes_for(pre, 24 * 10**9, weight_bytes=16 * 10**9)
+    with pytest.raises(ValueError, match="CPU"):
+        kv_cache_bytes_for(Slot("decode", 0, None, (1,)), total, 1)
+
+
+def test_describe_names_every_worker_and_the_transport():
+    text = place("disagg", gpus=[0], cpus=range(4)).describe()
+    assert "prefill0  GPU 0  45% of its memory  cores 0-1" in text
+    assert "decode0" in text and "starts after prefill0" in text and "cuda-ipc" in text
+
+
+def test_profile_defaults_by_device_and_names_a_bad_value(monkeypatch):
+    from labkit import config
+
+    monkeypatch.delenv("LABKIT_PROFILE", raising=False)
+    monkeypatch.setattr(config, "cuda_available", lambda: False)
+    assert config.profile() == "full"
+    monkeypatch.setattr(config, "cuda_available", lambda: True)
+    assert config.profile() == "gpu"
+    monkeypatch.setenv("LABKIT_PROFILE", "ci")
+    assert config.profile() == "ci"          # an explicit choice wins on a GPU too
+    monkeypatch.setenv("LABKIT_PROFILE", "laptop")
+    with pytest.raises(ValueError, match="laptop"):
+        config.profile()
+
+
+def test_visible_gpus_is_empty_without_cuda(monkeypatch):
+    from labkit import config, devices
+
+    monkeypatch.setattr(config, "cuda_available", lambda: False)
+    assert devices.visible_gpus() == []
