@@ -23,8 +23,9 @@ Nothing here touches a device: the tests run it for 0, 1, 2 and 4 GPUs on a CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 Role = Literal["mono", "prefill", "decode"]
 Mode = Literal["mono", "disagg"]

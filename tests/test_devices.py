@@ -71,12 +71,12 @@ def test_mono_replicas_over_gpus():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(mode="disagg", prefill=0), "at least one prefill"),
-    (dict(mode="mono", mono=0), "at least one mono"),
-    (dict(mode="disagg", gpus=[0, 0]), "twice"),
-    (dict(mode="disagg", gpus=[-1]), ">= 0"),
-    (dict(mode="disagg", reserve_fraction=0.9), "reserve_fraction"),
-    (dict(mode="both"), "mode"),
+    ({"mode": "disagg", "prefill": 0}, "at least one prefill"),
+    ({"mode": "mono", "mono": 0}, "at least one mono"),
+    ({"mode": "disagg", "gpus": [0, 0]}, "twice"),
+    ({"mode": "disagg", "gpus": [-1]}, ">= 0"),
+    ({"mode": "disagg", "reserve_fraction": 0.9}, "reserve_fraction"),
+    ({"mode": "both"}, "mode"),
 ])
 def test_bad_layouts_name_the_bad_value(kw, msg):
     mode = kw.pop("mode")
