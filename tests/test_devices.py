@@ -121,3 +121,48 @@ def test_visible_gpus_is_empty_without_cuda(monkeypatch):
 
     monkeypatch.setattr(config, "cuda_available", lambda: False)
     assert devices.visible_gpus() == []
+
+
+def test_launcher_places_disagg_on_one_gpu_with_cuda_ipc_and_split_cores(monkeypatch):
+    import os
+
+    from labkit.serve.launcher import place_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    p = place_workers("disagg", gpus=[0])
+    assert [(s.name, s.gpu) for s in p.slots] == [("prefill0", 0), ("decode0", 0)]
+    assert p.transfer == "cuda-ipc" and p.gpus_used == [0]
+    assert p.slots[0].cpus == tuple(range(8)) and p.slots[1].cpus == tuple(range(8, 16))
+    # cores given for a role win; a transfer given wins
+    q = place_workers("disagg", gpus=[0, 1], prefill_cpus=[3], transfer="tcp")
+    assert q.slots[0].cpus == (3,) and q.slots[1].gpu == 1 and q.transfer == "tcp"
+
+
+def test_launcher_places_on_cores_as_before():
+    from labkit.serve.launcher import place_workers
+
+    p = place_workers("disagg", prefill_cpus=[0], decode_cpus=[1])
+    assert [(s.gpu, s.cpus) for s in p.slots] == [(None, (0,)), (None, (1,))] and p.transfer == "shm"
+    assert [s.cpus for s in place_workers("disagg").slots] == [None, None]       # unpinned unless told
+    assert [s.cpus for s in place_workers("mono", mono=2, mono_cpus=[0, 1]).slots] == [(0,), (1,)]  # replicas split
+    assert place_workers("mono", mono_cpus=[0, 1]).slots[0].cpus == (0, 1)
+
+
+def test_a_gpu_worker_sees_the_deployments_gpus_in_one_order(monkeypatch):
+    from labkit.serve import launcher
+
+    seen = {}
+
+    def fake_start_process(name, argv, *, env=None, log_path=None, cpus=None):
+        seen["env"], seen["argv"] = env, argv
+        raise launcher.StartupError("stop here: no GPU on this machine")
+
+    monkeypatch.setattr(launcher, "start_process", fake_start_process)
+    with pytest.raises(launcher.StartupError):
+        launcher.start_worker("decode", model="tiny", gpu=3, visible_gpus=[1, 3], kv_token="t" * 32, transfer="cuda-ipc")
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "1,3"
+    import json
+
+    assert json.loads(seen["argv"][seen["argv"].index("--config") + 1])["engine"]["device"] == "cuda:1"
+    with pytest.raises(ValueError, match="not among"):
+        launcher.start_worker("decode", model="tiny", gpu=0, visible_gpus=[1], kv_token="t" * 32)

@@ -40,7 +40,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mono-cpus", default=None, help="cores for mono workers, e.g. 0,1 or 0-3")
     parser.add_argument("--prefill-cpus", default=None, help="cores for prefill workers, e.g. 0")
     parser.add_argument("--decode-cpus", default=None, help="cores for decode workers, e.g. 1")
-    parser.add_argument("--gpus", default=None, help="one GPU per worker in start order, e.g. 0,1")
+    parser.add_argument("--gpus", default=None,
+                        help="GPUs to use, e.g. 0 or 0,1: one per worker when enough, else shared (disagg on one GPU: "
+                             "prefill and decode share it, KV by cuda-ipc); see labkit.devices.place")
     parser.add_argument("--host", default=LOOPBACK, help="router address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
     parser.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
@@ -78,6 +80,8 @@ def run(args: Any) -> int:
         print(f"ready in {time.perf_counter() - t0:.1f} s: {srv.url}  (router pid {srv.router.pid})")
         for w in srv.workers:
             print(f"  {w.name:<10} {w.role:<8} {w.url}  pid {w.pid}")
+        if srv.placement is not None and srv.placement.gpus_used:
+            print(srv.placement.describe())
         dep_id = id_of(srv.router.pid)
         print(f"deployment {dep_id}: `labkit ps` lists it, `labkit stop {dep_id}` stops it from another shell")
         name = args.served_model_name or args.model

@@ -15,12 +15,13 @@ import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
 from labkit import deployments
 from labkit.config import labkit_home
+from labkit.devices import Mode, Placement, place
 from labkit.proc import (
     LOOPBACK,
     Child,
@@ -90,18 +91,19 @@ def new_kv_token() -> str:
         return secrets.token_hex(16)
 
 
-def _cpu_env(cpus: Sequence[int] | None, gpu: int | None) -> dict[str, str]:
+def _cpu_env(cpus: Sequence[int] | None, gpus: Sequence[int] | None) -> dict[str, str]:
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
     if cpus is not None:
         n = str(max(1, len(cpus)))
         env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     return env
 
 
 def start_worker(role: str, *, model: str | None = None, port: int | None = None, name: str = "",
-                 cpus: Sequence[int] | None = None, gpu: int | None = None, chunked_prefill: bool | None = None,
+                 cpus: Sequence[int] | None = None, gpu: int | None = None,
+                 visible_gpus: Sequence[int] | None = None, chunked_prefill: bool | None = None,
                  max_num_batched_tokens: int | None = None, kv_cache_bytes: int | None = None,
                  max_num_seqs: int | None = None, transfer: str | None = None, kv_token: str | None = None,
                  dtype: str | None = None, device: str | None = None, max_model_len: int | None = None,
@@ -109,7 +111,10 @@ def start_worker(role: str, *, model: str | None = None, port: int | None = None
                  kv_stream: str | None = None, settings: Mapping[str, Any] | None = None,
                  extra_args: Sequence[str] = (), startup_timeout_s: float = 120.0,
                  log_dir: Path | None = None) -> ServerProcess:
-    """Starts one worker process (pinned to `cpus` or GPU `gpu`); returns once its /health answers.
+    """Starts one worker process (pinned to `cpus`, on GPU `gpu`); returns once its /health answers.
+
+    `visible_gpus`: the GPUs the worker may see, in an order every worker of a deployment shares
+    (cuda-ipc names a GPU by its index there, so prefill and decode must agree); default: `gpu` only.
 
     Settings left None take WorkerConfig's defaults (labkit.serve.config: written there once);
     `settings` gives any other WorkerConfig setting by its flag name (e.g. `{"link_gbps": 10}`).
@@ -125,7 +130,12 @@ def start_worker(role: str, *, model: str | None = None, port: int | None = None
     deployments.check_port_free(port or 0)
     port = port or free_port()
     name = name or f"{role}-{port}"
-    given = {"model": model, "port": port, "name": name, "device": device or ("cuda" if gpu is not None else None),
+    if visible_gpus is not None and gpu not in visible_gpus:
+        raise ValueError(f"gpu {gpu} is not among visible_gpus {list(visible_gpus)}")
+    visible = list(visible_gpus) if visible_gpus is not None else ([gpu] if gpu is not None else None)
+    if device is None and gpu is not None:
+        device = f"cuda:{visible.index(gpu)}" if visible else "cuda"
+    given = {"model": model, "port": port, "name": name, "device": device,
              "dtype": dtype, "chunked_prefill": chunked_prefill, "max_num_batched_tokens": max_num_batched_tokens,
              "kv_cache_bytes": kv_cache_bytes, "max_num_seqs": max_num_seqs, "transfer": transfer,
              "max_model_len": max_model_len, "enable_prefix_caching": enable_prefix_caching,
@@ -133,7 +143,7 @@ def start_worker(role: str, *, model: str | None = None, port: int | None = None
     cfg = worker_config(role, {**(settings or {}), **{k: v for k, v in given.items() if v is not None}})
     model = cfg.engine.model   # what the worker runs (None took the config's default)
     argv = python_module_argv("labkit.serve.worker", "--config", to_json(cfg), *extra_args)
-    env = _cpu_env(cpus, gpu)
+    env = _cpu_env(cpus, visible)
     if kv_token:
         env["LABKIT_KV_TOKEN"] = kv_token   # the secret goes in the environment, never on argv
     log_path = (log_dir or _log_dir()) / f"{name}-{int(time.time())}.log"
@@ -205,6 +215,7 @@ class Server:
     router: ServerProcess
     workers: list[ServerProcess] = field(default_factory=list)
     model: str = "tiny"
+    placement: Placement | None = None   # where each worker runs (labkit.devices), for describe()
 
     @property
     def url(self) -> str:
@@ -249,38 +260,35 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
     """Starts `mode` ("mono": `mono` engine processes; "disagg": `prefill` + `decode` processes) behind
     one router; returns the Server (a context manager that stops everything).
 
-    CPU pinning: every process of a role gets that role's cores. `gpus`: one GPU per worker, in
-    start order (mono..., or prefill... then decode...); `cuda_graphs`: their engines replay decode
-    steps as CUDA graphs. Settings left None take WorkerConfig's defaults; `settings`: any other
-    worker setting by its flag name; `worker_args`: more `labkit.serve.worker` flags for every worker
-    (e.g. `--step-log PATH`). Anything that fails to start is stopped.
+    Where the workers run is `labkit.devices.place`'s decision. `gpus` (e.g. `[0]`, `[0, 1]`): one
+    GPU each when there are enough, else shared (1P1D on `[0]`: both on GPU 0, started one after
+    the other); the KV goes by cuda-ipc unless `transfer` says otherwise, and the host's cores are
+    split between the GPU workers. On the CPU every process of a role gets that role's cores
+    (`mono` replicas split `mono_cpus`). `cuda_graphs`: GPU engines replay decode steps as CUDA
+    graphs. Settings left None take WorkerConfig's defaults; `settings`: any other worker setting by
+    its flag name; `worker_args`: more `labkit.serve.worker` flags for every worker (e.g.
+    `--step-log PATH`). Anything that fails to start is stopped.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not one of {MODES}")
-    counts = {"mono": mono} if mode == "mono" else {"prefill": prefill, "decode": decode}
-    for role, n in counts.items():
-        if n < 1:
-            raise ValueError(f"{mode} needs at least one {role} worker, got {n}")
-    if gpus is not None and len(gpus) < sum(counts.values()):
-        raise ValueError(f"{sum(counts.values())} workers need {sum(counts.values())} GPUs, got {list(gpus)}")
-    cpus_of = {"mono": mono_cpus, "prefill": prefill_cpus, "decode": decode_cpus}
+    chosen = transfer or (settings or {}).get("transfer")   # else the placement's: cuda-ipc on GPUs, shm on cores
+    placement = place_workers(mode, mono=mono, prefill=prefill, decode=decode, gpus=gpus, transfer=chosen,
+                              mono_cpus=mono_cpus, prefill_cpus=prefill_cpus, decode_cpus=decode_cpus)
     deployments.check_port_free(port or 0, host)  # before minutes of worker start-up, not after
     token = new_kv_token() if mode == "disagg" else None
     started: list[ServerProcess] = []
     dep = deployments.begin(mode, str(model))  # the workers and the router below are one deployment
     try:
-        gi = 0
-        for role, n in counts.items():
-            for i in range(n):
-                gpu = gpus[gi] if gpus is not None else None
-                gi += 1
-                started.append(start_worker(
-                    role, model=model, name=f"{role}{i}", cpus=cpus_of[role], gpu=gpu,
-                    chunked_prefill=chunked_prefill if role == "mono" else None,
-                    max_num_batched_tokens=max_num_batched_tokens,
-                    kv_cache_bytes=kv_cache_bytes, transfer=transfer, kv_token=token, dtype=dtype,
-                    cuda_graphs=cuda_graphs, kv_stream=kv_stream, settings=settings, extra_args=worker_args,
-                    startup_timeout_s=startup_timeout_s))
+        for slot in placement.slots:   # in start order: a GPU's sharers start one after another
+            started.append(start_worker(
+                slot.role, model=model, name=slot.name, cpus=slot.cpus, gpu=slot.gpu,
+                visible_gpus=placement.gpus_used or None,
+                chunked_prefill=chunked_prefill if slot.role == "mono" else None,
+                max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
+                transfer=placement.transfer if mode == "disagg" and (chosen or gpus) else None, kv_token=token,
+                dtype=dtype,
+                cuda_graphs=cuda_graphs, kv_stream=kv_stream, settings=settings, extra_args=worker_args,
+                startup_timeout_s=startup_timeout_s))
         by_role = {r: [w for w in started if w.role == r] for r in ("mono", "prefill", "decode")}
         router = start_router(model=model, mono=by_role["mono"], prefill=by_role["prefill"],
                               decode=by_role["decode"], port=port, host=host, cpus=router_cpus,
@@ -290,7 +298,25 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
         raise
     finally:
         deployments.end(dep)
-    return Server(mode, router, started, model=model)
+    return Server(mode, router, started, model=model, placement=placement)
+
+
+def place_workers(mode: str, *, mono: int = 1, prefill: int = 1, decode: int = 1, gpus: Sequence[int] | None = None,
+                  transfer: str | None = None, mono_cpus: Sequence[int] | None = None,
+                  prefill_cpus: Sequence[int] | None = None, decode_cpus: Sequence[int] | None = None) -> Placement:
+    """Where `launch` puts each worker: `labkit.devices.place` on `gpus` (the host's cores split between
+    the GPU workers, KV by cuda-ipc) or on cores; cores given for a role win, except that `mono`
+    replicas on the CPU split `mono_cpus` between them. The KV transport is `transfer` when given."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} not one of {MODES}")
+    layout: Mode = "mono" if mode == "mono" else "disagg"
+    on_gpus = bool(gpus)
+    placed = place(layout, mono=mono, prefill=prefill, decode=decode, gpus=gpus or (),
+                   cpus=sorted(os.sched_getaffinity(0)) if on_gpus else (mono_cpus if mode == "mono" else None),
+                   transfer=transfer)
+    explicit = {"mono": None if not on_gpus else mono_cpus, "prefill": prefill_cpus, "decode": decode_cpus}
+    slots = tuple(replace(s, cpus=tuple(explicit[s.role] or ()) or s.cpus) for s in placed.slots)
+    return replace(placed, slots=slots)
 
 
 def default_cpu_split() -> dict[str, list[int] | None]:

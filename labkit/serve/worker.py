@@ -74,9 +74,11 @@ class Worker:
             from labkit.transfer import open_receiver
 
             pool_bytes = self.engine.num_total_blocks * cfg.engine.block_size * self.engine.kv_bytes_per_token
+            # cuda-ipc lands the KV on the engine's own GPU (cuda:N, numbered as the prefill side numbers it)
+            on_gpu = {"device": cfg.engine.device} if cfg.transfer.backend == "cuda-ipc" else {}
             self.receiver = open_receiver(cfg.transfer.backend, token=self.kv_token, host=cfg.host,
                                           stall_timeout_s=cfg.transfer.timeout_s,
-                                          max_request_bytes=pool_bytes)  # more could never be adopted
+                                          max_request_bytes=pool_bytes, **on_gpu)  # more could never be adopted
 
     def _on_step(self, out: Any) -> None:
         """Engine thread, after each step: metrics, and the step log when asked for."""
