@@ -96,7 +96,7 @@ def place(mode: Mode, *, mono: int = 1, prefill: int = 1, decode: int = 1, gpus:
 
     `cpus`: the host cores to use (default: none given, no pinning). `transfer`: the KV transport
     to use instead of the default (cuda-ipc on GPUs, shm on cores). Raises ValueError naming a bad
-    count, a repeated GPU or a reserve outside [0, 0.5].
+    count, a repeated GPU or a reserve outside [0, 0.95).
     """
     if mode not in ("mono", "disagg"):
         raise ValueError(f"mode {mode!r} not one of ('mono', 'disagg')")
@@ -109,8 +109,8 @@ def place(mode: Mode, *, mono: int = 1, prefill: int = 1, decode: int = 1, gpus:
         raise ValueError(f"gpus lists a GPU twice: {gpu_list}")
     if any(g < 0 for g in gpu_list):
         raise ValueError(f"GPU indices must be >= 0, got {gpu_list}")
-    if not 0.0 <= reserve_fraction <= 0.5:
-        raise ValueError(f"reserve_fraction={reserve_fraction} must be in [0, 0.5]")
+    if not 0.0 <= reserve_fraction < 0.95:
+        raise ValueError(f"reserve_fraction={reserve_fraction} must be in [0, 0.95)")
     core_list = sorted(int(c) for c in cpus) if cpus is not None else None
     roles = [(role, i) for role, n in counts.items() for i in range(int(n))]
     if gpu_list:

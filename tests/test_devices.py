@@ -75,7 +75,7 @@ def test_mono_replicas_over_gpus():
     ({"mode": "mono", "mono": 0}, "at least one mono"),
     ({"mode": "disagg", "gpus": [0, 0]}, "twice"),
     ({"mode": "disagg", "gpus": [-1]}, ">= 0"),
-    ({"mode": "disagg", "reserve_fraction": 0.9}, "reserve_fraction"),
+    ({"mode": "disagg", "reserve_fraction": 0.95}, "reserve_fraction"),
     ({"mode": "both"}, "mode"),
 ])
 def test_bad_layouts_name_the_bad_value(kw, msg):

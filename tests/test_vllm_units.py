@@ -76,6 +76,13 @@ def test_cpu_lists_and_splits() -> None:
     assert p.gpu_memory_utilization == d.gpu_memory_utilization == 0.85
     p, d = pd_configs(VllmServerConfig(device="cuda", gpu_memory_utilization=0.8), prefill_gpu=0, decode_gpu=0)
     assert p.gpu_memory_utilization == d.gpu_memory_utilization == pytest.approx(0.4)  # one card, two servers
+    # the device list decides, as for the lab's own servers: one GPU shared, two GPUs one each
+    p, d = pd_configs(VllmServerConfig(device="cuda", gpu_memory_utilization=0.9), gpus=[0])
+    assert (p.gpu, d.gpu) == (0, 0) and p.gpu_memory_utilization + d.gpu_memory_utilization <= 0.9
+    p, d = pd_configs(VllmServerConfig(device="cuda"), gpus=[1, 0])
+    assert (p.gpu, d.gpu, p.gpu_memory_utilization) == (1, 0, pytest.approx(0.85))
+    with pytest.raises(ValueError, match="both prefill_gpu and decode_gpu"):
+        pd_configs(VllmServerConfig(device="cuda"), prefill_gpu=0)
 
 
 def nixl_text(transfers: list[tuple[float, int]], failed: int = 0) -> str:
@@ -204,3 +211,30 @@ def test_procinfo_sees_a_process_group_and_its_cpu_time(tmp_path) -> None:
     finally:
         child.stop()
     assert group_pids(child.pid) == []
+
+
+def test_pd_on_one_gpu_starts_decode_after_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM checks free memory when it starts: on a shared card the decode server waits for the prefill one."""
+    from labkit.vllm import launch as vl
+
+    events: list[str] = []
+
+    class FakeServer:
+        def __init__(self, cfg: VllmServerConfig) -> None:
+            self.cfg, self.ready_s = cfg, None
+            events.append(f"start {cfg.role}")
+
+        def wait_ready(self) -> float:
+            events.append(f"ready {self.cfg.role}")
+            self.ready_s = 1.0
+            return 1.0
+
+        def stop(self) -> list[int]:
+            return []
+
+    monkeypatch.setattr(vl, "start_server", FakeServer)
+    vl.launch_pd(VllmServerConfig(device="cuda"), gpus=[0])
+    assert events == ["start prefill", "ready prefill", "start decode", "ready decode"]
+    events.clear()
+    vl.launch_pd(VllmServerConfig(device="cuda"), gpus=[0, 1])   # two cards: both load at once
+    assert events == ["start prefill", "start decode", "ready prefill", "ready decode"]

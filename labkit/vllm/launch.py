@@ -23,12 +23,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from labkit import deployments
 from labkit.config import labkit_home
+from labkit.devices import Slot, place, visible_gpus
 from labkit.proc import LOOPBACK, Child, StartupError, free_port, pid_alive, start_process, wait_http_ok
 from labkit.vllm.procinfo import cpu_list_str, cpu_seconds, group_pids, thread_ids, usable_cpus
 
@@ -349,34 +351,65 @@ def split_cpus(cpus: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], tu
 
 
 def pd_configs(base: VllmServerConfig, *, prefill_cpus: tuple[int, ...] | None = None,
-               decode_cpus: tuple[int, ...] | None = None, prefill_gpu: int | None = 0,
-               decode_gpu: int | None = 1) -> tuple[VllmServerConfig, VllmServerConfig]:
-    """The prefill and decode configs derived from `base`: own cores (CPU) or own GPU (CUDA).
+               decode_cpus: tuple[int, ...] | None = None, gpus: Sequence[int] | None = None,
+               prefill_gpu: int | None = None, decode_gpu: int | None = None
+               ) -> tuple[VllmServerConfig, VllmServerConfig]:
+    """The prefill and decode configs derived from `base`: own cores (CPU), or GPUs placed by
+    `labkit.devices.place` (CUDA): one each on two GPUs, both on one GPU with the card split.
 
-    Both on one GPU (prefill_gpu == decode_gpu) works too: each gets half of `base`'s
-    `gpu_memory_utilization`, as vLLM sizes its KV cache from that fraction of the whole card.
+    `gpus`: the GPUs to use (default: every visible one); `prefill_gpu`/`decode_gpu` name them
+    explicitly instead. vLLM sizes its cache from `gpu_memory_utilization` x the whole card and
+    refuses to start when less is free, so two servers on one card each get half of `base`'s
+    fraction, and the decode server must start after the prefill server took its share
+    (`launch_pd` does). Raises ValueError on a CUDA config with no GPU to place on.
     """
     if base.device == "cpu":
         p_cpus, d_cpus = split_cpus(base.cpus)
         p = replace(base, role="prefill", cpus=prefill_cpus or p_cpus, port=0, side_channel_port=0)
         d = replace(base, role="decode", cpus=decode_cpus or d_cpus, port=0, side_channel_port=0)
-    else:
-        util = base.gpu_memory_utilization / (2 if prefill_gpu == decode_gpu else 1)
-        p = replace(base, role="prefill", gpu=prefill_gpu, port=0, side_channel_port=0, gpu_memory_utilization=util)
-        d = replace(base, role="decode", gpu=decode_gpu, port=0, side_channel_port=0, gpu_memory_utilization=util)
+        return p, d
+    slots = gpu_slots(base, gpus=gpus, prefill_gpu=prefill_gpu, decode_gpu=decode_gpu)
+    p, d = (replace(base, role=s.role, gpu=s.gpu, port=0, side_channel_port=0, gpu_memory_utilization=s.memory_fraction)
+            for s in slots)
     return p, d
 
 
-def launch_pd(base: VllmServerConfig | None = None, **kw: object) -> VllmPD:
-    """Starts a prefill and a decode server side by side and waits for both (stops both on failure)."""
-    p_cfg, d_cfg = pd_configs(base or VllmServerConfig(), **kw)  # type: ignore[arg-type]
+def gpu_slots(base: VllmServerConfig, *, gpus: Sequence[int] | None = None, prefill_gpu: int | None = None,
+              decode_gpu: int | None = None) -> tuple[Slot, Slot]:
+    """Where the prefill and the decode server go on GPUs, and each one's share of its card."""
+    if prefill_gpu is not None or decode_gpu is not None:
+        if prefill_gpu is None or decode_gpu is None:
+            raise ValueError("give both prefill_gpu and decode_gpu, or neither (then `gpus` decides)")
+        if prefill_gpu == decode_gpu:
+            gpus = [prefill_gpu]
+        else:
+            gpus = [prefill_gpu, decode_gpu]
+    gpus = list(gpus) if gpus else visible_gpus()
+    if not gpus:
+        raise ValueError("a CUDA config needs a GPU: none is visible (give gpus=[...] or use device='cpu')")
+    placed = place("disagg", gpus=gpus[:2], reserve_fraction=1.0 - base.gpu_memory_utilization)
+    pre, dec = placed.slots
+    return pre, dec
+
+
+def launch_pd(base: VllmServerConfig | None = None, **kw: Any) -> VllmPD:
+    """Starts a prefill and a decode server and waits for both (stops both on failure).
+
+    On separate cores or GPUs both load at once; sharing one GPU, the decode server starts once the
+    prefill server is up (vLLM checks the card's free memory when it starts). Keywords: `pd_configs`'s.
+    """
+    p_cfg, d_cfg = pd_configs(base or VllmServerConfig(), **kw)
+    one_card = p_cfg.device == "cuda" and p_cfg.gpu == d_cfg.gpu
     started: list[VllmServer] = []
     dep = deployments.begin("vllm-pd", p_cfg.model)  # both servers are one deployment
     try:
         started.append(start_server(p_cfg))
+        if one_card:
+            started[0].wait_ready()
         started.append(start_server(d_cfg))
-        for s in started:  # both load at once; wait for each in turn
-            s.wait_ready()
+        for s in started:  # wait for each in turn
+            if s.ready_s is None:
+                s.wait_ready()
     except BaseException:
         for s in started:
             s.stop()
@@ -387,5 +420,5 @@ def launch_pd(base: VllmServerConfig | None = None, **kw: object) -> VllmPD:
 
 
 __all__ = ["VllmServerConfig", "VllmServer", "VllmPD", "StartupError", "build_command", "launch", "launch_pd",
-           "start_server", "pd_configs", "split_cpus", "cpu_list_str", "vllm_available", "vllm_version",
+           "start_server", "pd_configs", "gpu_slots", "split_cpus", "cpu_list_str", "vllm_available", "vllm_version",
            "install_hint", "default_device", "usable_cpus", "group_pids", "log_dir"]
