@@ -19,7 +19,7 @@ STAMP := $(VENV)
 endif
 PIP := $(PY) -m pip
 
-.PHONY: help venv install tour test lab doctor bench vllm clean gpu-check student
+.PHONY: help venv install tour test lab doctor bench vllm clean gpu-check gpu-wheels student
 help:
 	@echo "make tour    run the lab's main job headless, write report/index.html"
 	@echo "make test    install test deps and run pytest + nbmake (CI profile)"
@@ -94,6 +94,10 @@ bench: $(STAMP)/.installed
 
 gpu-check: $(STAMP)/.installed
 	$(PY) scripts/gpu_check.py
+
+# What a GPU machine with no package index lacks (FastAPI, nbmake, ...), as wheels in .whl/
+gpu-wheels: $(STAMP)/.installed-test
+	$(PY) scripts/gpu_wheels.py
 
 clean:
 	rm -rf report .pytest_cache build/student

@@ -439,6 +439,10 @@ def random_hf_model(name: str, dtype: str = "bfloat16", device: str = "cuda"):
 
     cfg = AutoConfig.for_model(**{k: v for k, v in get_preset(name).hf_config().items() if k != "architectures"})
     torch_dtype = getattr(torch, dtype)
-    with torch.device(device):
+    # Seeded, so a prefill and a decode process on one kind of device build the same weights (their
+    # KV then means the same thing to both), without touching the caller's random state.
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), dev:
+        torch.manual_seed(SEED)
         model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch_dtype)
     return model.eval()
