@@ -25,6 +25,9 @@ class EngineConfig:
       speed-up there, but the tests check the padding with it.
     random_weights: build the preset's shape with random weights directly on `device`, no files
       (the 8B shape on a GPU without writing 16 GB to disk first). Tokens are meaningless.
+    native_kernels: on a CPU, run small-batch matmuls and decode attention in the lab's AVX2
+      kernels (`labkit.engine.kernels`: batch-1 decode at the bandwidth roof, and bf16 on a CPU).
+      Where they cannot build or run, the engine says why once and uses its PyTorch paths.
     """
 
     model: str = "tiny"
@@ -41,6 +44,7 @@ class EngineConfig:
     compile_decode: bool = False
     cuda_graphs: bool = False
     random_weights: bool = False
+    native_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -1,0 +1,587 @@
+// The engine's CPU kernels (AVX2 + FMA, OpenMP), loaded through ctypes by labkit/engine/kernels.py.
+//
+// Why they exist: a batch-1 decode step is all matrix-vector products, and PyTorch's CPU paths
+// read the weights well below the memory bandwidth at M <= 4 (MKL's small-M sgemm, oneDNN's
+// kernels tuned for many rows). These kernels stream each weight once, at the bandwidth roof,
+// straight from the layout oneDNN packs for prefill ([N/64][K][64] fp32), so one copy of the
+// weights serves both paths. bf16 weights use the same blocking, two bytes per weight.
+//
+//   lk_gemm              y = epilogue(x @ W^T): any M, packed W (fp32, or bf16 pairs), fp32 accumulation
+//   lk_decode_attention  one-token queries over a paged KV cache: one pass over K and V, no gather copy
+//   lk_stream_read       sum of a buffer: the read-bandwidth roof, measured the way lk_gemm reads
+//   lk_pin_threads       pins the OpenMP pool (torch's, the same libgomp) one thread per allowed CPU
+//
+// Layouts. Packed weight: block j holds output columns [64j, 64j+64) for every k, row k of the
+// block at offset (j*K + k)*64 elements. fp32: column c of the block at c. bf16: in each group
+// of 16 columns the pair (c, c+8) shares a 32-bit word (c in the low half), so one 256-bit load
+// gives columns c..c+7 by a shift and c+8..c+15 by a mask. Activations are row-major fp32 or bf16.
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int kBlock = 64;  // output columns per packed block (oneDNN's choice for fp32 on AVX2)
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// 8 consecutive values (fp32 or bf16) as fp32.
+inline __m256 load8(const void* p, bool bf16) {
+  if (!bf16) return _mm256_loadu_ps(static_cast<const float*>(p));
+  __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline void store8(void* p, __m256 v, bool bf16) {
+  if (!bf16) {
+    _mm256_storeu_ps(static_cast<float*>(p), v);
+    return;
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  uint16_t* o = static_cast<uint16_t*>(p);
+  for (int i = 0; i < 8; ++i) o[i] = f32_to_bf16(t[i]);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for 8 floats (Cephes polynomial, relative error ~1e-7): the SiLU epilogue.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// --- the matmul ------------------------------------------------------------------------------
+
+struct Epilogue {
+  const void* bias;    // [N] or null
+  const void* other;   // [M, ldo] or null: multiplied (op 1) or added (op 2) after the activation
+  int64_t ldo;
+  int op;
+  int act;             // 0 none, 1 SiLU
+  bool bf16;           // bias, other and y are bf16 (else fp32)
+};
+
+// acc rows -> y[m, n0:n0+8*W] for the columns below N.
+template <int MR, int W>
+inline void finish(__m256 (&acc)[MR][W], int64_t m0, int64_t n0, int64_t N, void* y, int64_t ldy,
+                   const Epilogue& e) {
+  const int esz = e.bf16 ? 2 : 4;
+  for (int i = 0; i < MR; ++i) {
+    for (int w = 0; w < W; ++w) {
+      const int64_t n = n0 + 8 * w;
+      if (n >= N) break;
+      __m256 v = acc[i][w];
+      const bool full = n + 8 <= N;
+      alignas(32) float tmp[8];
+      if (!full) {  // a partial vector at the end of N: go through a scratch row
+        _mm256_store_ps(tmp, v);
+      }
+      auto ld = [&](const void* base, int64_t off) -> __m256 {
+        if (full) return load8(static_cast<const char*>(base) + off * esz, e.bf16);
+        alignas(32) float t[8] = {0};
+        for (int64_t c = 0; c < N - n; ++c)
+          t[c] = e.bf16 ? bf16_to_f32(static_cast<const uint16_t*>(base)[off + c])
+                        : static_cast<const float*>(base)[off + c];
+        return _mm256_load_ps(t);
+      };
+      if (!full) v = _mm256_load_ps(tmp);
+      if (e.bias) v = _mm256_add_ps(v, ld(e.bias, n));
+      if (e.act == 1) v = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+      if (e.op) {
+        __m256 o = ld(e.other, (m0 + i) * e.ldo + n);
+        v = e.op == 1 ? _mm256_mul_ps(v, o) : _mm256_add_ps(v, o);
+      }
+      char* dst = static_cast<char*>(y) + ((m0 + i) * ldy + n) * esz;
+      if (full) {
+        store8(dst, v, e.bf16);
+      } else {
+        _mm256_store_ps(tmp, v);
+        for (int64_t c = 0; c < N - n; ++c) {
+          if (e.bf16) reinterpret_cast<uint16_t*>(dst)[c] = f32_to_bf16(tmp[c]);
+          else reinterpret_cast<float*>(dst)[c] = tmp[c];
+        }
+      }
+    }
+  }
+}
+
+// MR rows of A (fp32, row stride lda) times W*8 columns of one packed block, starting at column c0.
+template <int MR, int W, bool WBF16>
+inline void micro(const float* A, int64_t lda, const void* blk, int64_t K, int c0, __m256 (&acc)[MR][W]) {
+  static_assert(!WBF16 || W % 2 == 0, "bf16 columns come in groups of 16");
+  // Local accumulators, copied out at the end: through the reference, the compiler would store
+  // them on every k (it cannot prove the output does not alias the weights).
+  __m256 c[MR][W];
+  for (int i = 0; i < MR; ++i)
+    for (int w = 0; w < W; ++w) c[i][w] = _mm256_setzero_ps();
+  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 b[W];
+    if (WBF16) {
+      const uint16_t* row = static_cast<const uint16_t*>(blk) + k * kBlock + c0;
+      if (W == 8) _mm_prefetch(reinterpret_cast<const char*>(row + 8 * kBlock), _MM_HINT_T0);
+      for (int w = 0; w < W; w += 2) {
+        __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8 * w));
+        b[w] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        b[w + 1] = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
+      }
+    } else {
+      const float* row = static_cast<const float*>(blk) + k * kBlock + c0;
+      if (W == 8) _mm_prefetch(reinterpret_cast<const char*>(row + 8 * kBlock), _MM_HINT_T0);
+      for (int w = 0; w < W; ++w) b[w] = _mm256_loadu_ps(row + 8 * w);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+      for (int w = 0; w < W; ++w) c[i][w] = _mm256_fmadd_ps(a, b[w], c[i][w]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int w = 0; w < W; ++w) acc[i][w] = c[i][w];
+}
+
+// All columns of block j for rows m0..m0+MR: W*8 columns at a time (W chosen so MR*W accumulators fit).
+template <int MR, int W, bool WBF16>
+void rows_of_block(const float* A, int64_t lda, int64_t m0, const char* w, int64_t j, int64_t K, int64_t N,
+                   void* y, int64_t ldy, const Epilogue& e) {
+  const void* blk = w + j * K * kBlock * (WBF16 ? 2 : 4);
+  for (int c0 = 0; c0 < kBlock; c0 += 8 * W) {
+    if (j * kBlock + c0 >= N) break;
+    __m256 acc[MR][W];
+    micro<MR, W, WBF16>(A + m0 * lda, lda, blk, K, c0, acc);
+    finish<MR, W>(acc, m0, j * kBlock + c0, N, y, ldy, e);
+  }
+}
+
+template <bool WBF16>
+void rows(int mr, const float* A, int64_t lda, int64_t m0, const char* w, int64_t j, int64_t K, int64_t N,
+          void* y, int64_t ldy, const Epilogue& e) {
+  // Register budget (16 ymm): MR*W accumulators + W weight vectors + one broadcast.
+  switch (mr) {
+    case 1: rows_of_block<1, 8, WBF16>(A, lda, m0, w, j, K, N, y, ldy, e); break;
+    case 2: rows_of_block<2, 4, WBF16>(A, lda, m0, w, j, K, N, y, ldy, e); break;
+    case 3: rows_of_block<3, 2, WBF16>(A, lda, m0, w, j, K, N, y, ldy, e); break;
+    case 4: rows_of_block<4, 2, WBF16>(A, lda, m0, w, j, K, N, y, ldy, e); break;
+    case 5: rows_of_block<5, 2, WBF16>(A, lda, m0, w, j, K, N, y, ldy, e); break;
+    default: rows_of_block<6, 2, WBF16>(A, lda, m0, w, j, K, N, y, ldy, e); break;
+  }
+}
+
+// --- few rows (M <= 4): each weight byte read once, from several places at a time -----------------
+//
+// Measured on an AMD EPYC VM: one sequential read stream per core leaves DRAM bandwidth unused (its
+// prefetcher keeps few lines in flight); reading a block from 4 places at once (the K range cut in
+// 4 sub-streams, interleaved row by row) reads 20-30% faster. Accumulators live in L1 (for 4 rows
+// they would not fit the 16 ymm registers), and the rows go in pairs over an L2-sized tile, so a
+// block is read once from DRAM whatever the row count.
+constexpr int kStreams = 4;
+constexpr int64_t kTile = 64;  // k-rows per sub-stream per tile: 4 x 64 rows x 256 B = 64 KB, in L2 for the next pair
+
+// One 64-column row of the block as 8 vectors of fp32.
+template <bool WBF16>
+inline void load_row(const void* blk, int64_t k, __m256 (&b)[8]) {
+  if (WBF16) {
+    const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    const uint16_t* row = static_cast<const uint16_t*>(blk) + k * kBlock;
+    for (int q = 0; q < 8; q += 2) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8 * q));
+      b[q] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      b[q + 1] = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
+    }
+  } else {
+    const float* row = static_cast<const float*>(blk) + k * kBlock;
+    for (int q = 0; q < 8; ++q) b[q] = _mm256_loadu_ps(row + 8 * q);
+  }
+}
+
+// acc[s][i][64] += A[i, kk] * W[kk, :] for the k-rows kk of each sub-stream s in [t0, t1) (MR = 1 or 2 rows).
+template <int MR, bool WBF16>
+inline void few_rows_tile(const float* A, int64_t lda, const void* blk, int64_t per, int64_t t0, int64_t t1,
+                          int streams, float* acc) {
+  for (int64_t k = t0; k < t1; ++k) {
+    for (int s = 0; s < streams; ++s) {
+      const int64_t kk = s * per + k;
+      __m256 b[8];
+      load_row<WBF16>(blk, kk, b);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 a = _mm256_broadcast_ss(A + i * lda + kk);
+        float* ac = acc + (s * MR + i) * kBlock;
+        for (int q = 0; q < 8; ++q) _mm256_store_ps(ac + 8 * q, _mm256_fmadd_ps(a, b[q], _mm256_load_ps(ac + 8 * q)));
+      }
+    }
+  }
+}
+
+// One row (batch-1 decode): the sub-streams' accumulators in registers (measured faster than in L1 here).
+template <bool WBF16>
+void one_row_block(const float* A, const char* w, int64_t j, int64_t K, int64_t N, void* y, int64_t ldy,
+                   const Epilogue& e) {
+  const void* blk = w + j * K * kBlock * (WBF16 ? 2 : 4);
+  const int64_t per = K / kStreams;
+  __m256 c[kStreams][8];
+  for (auto& cs : c)
+    for (auto& v : cs) v = _mm256_setzero_ps();
+  for (int64_t k = 0; k < per; ++k) {
+    for (int s = 0; s < kStreams; ++s) {
+      const int64_t kk = s * per + k;
+      __m256 b[8];
+      load_row<WBF16>(blk, kk, b);
+      const __m256 a = _mm256_broadcast_ss(A + kk);
+      for (int q = 0; q < 8; ++q) c[s][q] = _mm256_fmadd_ps(a, b[q], c[s][q]);
+    }
+  }
+  for (int64_t kk = per * kStreams; kk < K; ++kk) {  // the last K % 4 rows
+    __m256 b[8];
+    load_row<WBF16>(blk, kk, b);
+    const __m256 a = _mm256_broadcast_ss(A + kk);
+    for (int q = 0; q < 8; ++q) c[0][q] = _mm256_fmadd_ps(a, b[q], c[0][q]);
+  }
+  __m256 sum[1][8];
+  for (int q = 0; q < 8; ++q) {
+    sum[0][q] = c[0][q];
+    for (int s = 1; s < kStreams; ++s) sum[0][q] = _mm256_add_ps(sum[0][q], c[s][q]);
+  }
+  finish<1, 8>(sum, 0, j * kBlock, N, y, ldy, e);
+}
+
+template <bool WBF16>
+void few_rows_block(int64_t M, const float* A, int64_t lda, const char* w, int64_t j, int64_t K, int64_t N, void* y,
+                    int64_t ldy, const Epilogue& e) {
+  const void* blk = w + j * K * kBlock * (WBF16 ? 2 : 4);
+  alignas(32) float acc[2][kStreams][2][kBlock];  // [row pair][sub-stream][row][column]
+  memset(acc, 0, sizeof(acc));
+  const int64_t per = K / kStreams, pairs = (M + 1) / 2;
+  auto tile = [&](int64_t t0, int64_t t1, int64_t base, int streams) {
+    for (int64_t p = 0; p < pairs; ++p) {
+      const float* Ap = A + 2 * p * lda + base;
+      float* ap = &acc[p][0][0][0];
+      if (M - 2 * p >= 2) few_rows_tile<2, WBF16>(Ap, lda, static_cast<const char*>(blk) + base * kBlock * (WBF16 ? 2 : 4),
+                                                  per, t0, t1, streams, ap);
+      else few_rows_tile<1, WBF16>(Ap, lda, static_cast<const char*>(blk) + base * kBlock * (WBF16 ? 2 : 4),
+                                   per, t0, t1, streams, ap);
+    }
+  };
+  for (int64_t t0 = 0; t0 < per; t0 += kTile) tile(t0, std::min(t0 + kTile, per), 0, kStreams);
+  if (K > per * kStreams) tile(0, K - per * kStreams, per * kStreams, 1);  // the last K % 4 rows
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t p = m / 2, i = M - 2 * p >= 2 ? m % 2 : 0, mr = M - 2 * p >= 2 ? 2 : 1;
+    __m256 sum[1][8];
+    for (int q = 0; q < 8; ++q) {
+      __m256 v = _mm256_setzero_ps();
+      const float* base = &acc[p][0][0][0];
+      for (int s = 0; s < kStreams; ++s) v = _mm256_add_ps(v, _mm256_load_ps(base + (s * mr + i) * kBlock + 8 * q));
+      sum[0][q] = v;
+    }
+    finish<1, 8>(sum, m, j * kBlock, N, y, ldy, e);
+  }
+}
+
+thread_local bool t_pinned = false;
+bool g_pin = true;
+
+// Pins the calling thread's OpenMP team: thread t on the t-th CPU this process may use. Runs once
+// per calling thread (libgomp keeps one pool per thread that starts parallel regions).
+void pin_team() {
+  if (t_pinned || !g_pin) return;
+  t_pinned = true;
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  if (cpus.size() < 2) return;
+#pragma omp parallel
+  {
+    const int t = omp_get_thread_num();
+    // The calling thread (t == 0) stays free: processes it starts later inherit its mask.
+    if (t > 0) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(cpus[t % cpus.size()], &one);
+      pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int lk_version() { return 4; }
+
+// 1 when this CPU runs the kernels (AVX2 and FMA), else 0.
+int lk_cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+void lk_set_pinning(int on) { g_pin = on != 0; }
+
+// Threads of the team that runs these kernels (and torch's CPU ops) and how many are pinned.
+int lk_pin_threads() {
+  pin_team();
+  int pinned = 0;
+#pragma omp parallel reduction(+ : pinned)
+  {
+    cpu_set_t s;
+    if (pthread_getaffinity_np(pthread_self(), sizeof(s), &s) == 0 && CPU_COUNT(&s) == 1) pinned += 1;
+  }
+  return pinned;
+}
+
+// y[M, N] (row stride ldy) = epilogue(x[M, K] (row stride ldx) @ W^T), W packed as described above.
+// act_bf16: x, bias, other, y are bf16; w_bf16: W is bf16. Returns 0, or -1 on bad arguments.
+int lk_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx, int act_bf16, const void* w, int w_bf16,
+            const void* bias, const void* other, int64_t ldo, int op, int act, void* y, int64_t ldy) {
+  if (M < 1 || N < 1 || K < 1 || !x || !w || !y || (op && !other) || op < 0 || op > 2 || act < 0 || act > 1) return -1;
+  pin_team();
+  const float* A = static_cast<const float*>(x);
+  int64_t lda = ldx;
+  std::vector<float> ax;
+  if (act_bf16) {  // rows to fp32 once: the inner loop broadcasts each value N/8 times
+    ax.resize(static_cast<size_t>(M * K));
+    const uint16_t* xs = static_cast<const uint16_t*>(x);
+#pragma omp parallel for schedule(static) if (M * K > (1 << 16))
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) ax[m * K + k] = bf16_to_f32(xs[m * ldx + k]);
+    A = ax.data();
+    lda = K;
+  }
+  const Epilogue e{bias, other, ldo, op, act, act_bf16 != 0};
+  const int64_t nblocks = (N + kBlock - 1) / kBlock;
+  const char* wp = static_cast<const char*>(w);
+  if (M <= 4) {  // decode: reading the weights is the work
+    // Blocks handed out one at a time: a thread the OS takes away for a while (a shared machine)
+    // then delays the call by one block, not by half the matrix.
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t j = 0; j < nblocks; ++j) {
+      if (M == 1) {
+        if (w_bf16) one_row_block<true>(A, wp, j, K, N, y, ldy, e);
+        else one_row_block<false>(A, wp, j, K, N, y, ldy, e);
+      } else if (w_bf16) {
+        few_rows_block<true>(M, A, lda, wp, j, K, N, y, ldy, e);
+      } else {
+        few_rows_block<false>(M, A, lda, wp, j, K, N, y, ldy, e);
+      }
+    }
+    return 0;
+  }
+  // Many rows: register tiles of 6 rows x 16 columns (a remainder group is as good first as last).
+  const int64_t groups = (M + 5) / 6;
+#pragma omp parallel for schedule(static) collapse(2)
+  for (int64_t j = 0; j < nblocks; ++j) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t m0 = g * 6;
+      const int mr = static_cast<int>(std::min<int64_t>(6, M - m0));
+      if (w_bf16) rows<true>(mr, A, lda, m0, wp, j, K, N, y, ldy, e);
+      else rows<false>(mr, A, lda, m0, wp, j, K, N, y, ldy, e);
+    }
+  }
+  return 0;
+}
+
+// Attention of one-token queries over a paged KV cache, each sequence over its own context.
+// q: [nseq, heads, dim] with row stride q_row (elements); k/v cache: [slots, kv_heads, dim] of one
+// layer; tables: [nseq, max_blocks] block ids; ctx: [nseq] tokens to attend (the new one included);
+// out: [nseq, heads, dim] contiguous. bf16: q, cache and out are bf16 (else fp32). Query head h
+// reads kv head h / (heads / kv_heads), as Hugging Face's repeat_kv lays them out.
+int lk_decode_attention(int64_t nseq, int64_t heads, int64_t kv_heads, int64_t dim, const void* q, int64_t q_row,
+                        const void* kc, const void* vc, const int64_t* tables, int64_t max_blocks,
+                        const int64_t* ctx, int64_t block_size, float scale, void* out, int bf16) {
+  if (nseq < 1 || kv_heads < 1 || heads % kv_heads || dim % 8 || dim > 256 || block_size < 1) return -1;
+  pin_team();
+  const int64_t group = heads / kv_heads, esz = bf16 ? 2 : 4, dv = dim / 8;
+  const char* Q = static_cast<const char*>(q);
+  const char* Kc = static_cast<const char*>(kc);
+  const char* Vc = static_cast<const char*>(vc);
+  char* O = static_cast<char*>(out);
+  int bad = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : bad)
+  for (int64_t item = 0; item < nseq * kv_heads; ++item) {
+    const int64_t s = item / kv_heads, kvh = item % kv_heads, n = ctx[s];
+    if (n < 1 || n > max_blocks * block_size) {
+      bad = 1;
+      continue;
+    }
+    // The group's queries in fp32, pre-scaled.
+    std::vector<float> qf(static_cast<size_t>(group * dim)), p(static_cast<size_t>(group * n));
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t c = 0; c < dv; ++c) {
+        const char* src = Q + (s * q_row + (kvh * group + g) * dim + 8 * c) * esz;
+        _mm256_storeu_ps(&qf[g * dim + 8 * c], _mm256_mul_ps(load8(src, bf16), _mm256_set1_ps(scale)));
+      }
+    const int64_t* table = tables + s * max_blocks;
+    auto row = [&](const char* base, int64_t t) {
+      const int64_t slot = table[t / block_size] * block_size + t % block_size;
+      return base + ((slot * kv_heads + kvh) * dim) * esz;
+    };
+    // Pass 1 over K: scores, and each query's maximum.
+    std::vector<float> mx(static_cast<size_t>(group), -INFINITY);
+    for (int64_t t = 0; t < n; ++t) {
+      const char* kr = row(Kc, t);
+      __m256 kv[32];
+      for (int64_t c = 0; c < dv; ++c) kv[c] = load8(kr + 8 * c * esz, bf16);
+      for (int64_t g = 0; g < group; ++g) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t c = 0;
+        for (; c + 1 < dv; c += 2) {
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[g * dim + 8 * c]), kv[c], a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[g * dim + 8 * c + 8]), kv[c + 1], a1);
+        }
+        if (c < dv) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[g * dim + 8 * c]), kv[c], a0);
+        const float sc = hsum(_mm256_add_ps(a0, a1));
+        p[g * n + t] = sc;
+        mx[g] = std::max(mx[g], sc);
+      }
+    }
+    // Softmax weights.
+    std::vector<float> inv(static_cast<size_t>(group));
+    for (int64_t g = 0; g < group; ++g) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        const float e = expf(p[g * n + t] - mx[g]);
+        p[g * n + t] = e;
+        sum += e;
+      }
+      inv[g] = 1.0f / sum;
+    }
+    // Pass 2 over V: the weighted sum.
+    std::vector<float> acc(static_cast<size_t>(group * dim), 0.0f);
+    for (int64_t t = 0; t < n; ++t) {
+      const char* vr = row(Vc, t);
+      for (int64_t c = 0; c < dv; ++c) {
+        const __m256 vv = load8(vr + 8 * c * esz, bf16);
+        for (int64_t g = 0; g < group; ++g)
+          _mm256_storeu_ps(&acc[g * dim + 8 * c],
+                           _mm256_fmadd_ps(_mm256_set1_ps(p[g * n + t]), vv, _mm256_loadu_ps(&acc[g * dim + 8 * c])));
+      }
+    }
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t c = 0; c < dv; ++c)
+        store8(O + ((s * heads + kvh * group + g) * dim + 8 * c) * esz,
+               _mm256_mul_ps(_mm256_loadu_ps(&acc[g * dim + 8 * c]), _mm256_set1_ps(inv[g])), bf16);
+  }
+  return bad ? -2 : 0;
+}
+
+// out[r] = w * (x[r] / rms(x[r])), statistics in fp32; in bf16 the normalized row is rounded to bf16
+// before the weight multiplies it, as Hugging Face's LlamaRMSNorm does. x rows have stride ldx.
+int lk_rms_norm(int64_t rows, int64_t dim, const void* x, int64_t ldx, const void* w, float eps, void* out, int bf16) {
+  if (rows < 1 || dim < 1 || dim % 8) return -1;
+  const int64_t esz = bf16 ? 2 : 4;
+  const char* X = static_cast<const char*>(x);
+  const char* W = static_cast<const char*>(w);
+  char* O = static_cast<char*>(out);
+#pragma omp parallel for schedule(static) if (rows > 16)
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* xr = X + r * ldx * esz;
+    __m256 ss = _mm256_setzero_ps();
+    for (int64_t c = 0; c < dim; c += 8) {
+      const __m256 v = load8(xr + c * esz, bf16);
+      ss = _mm256_fmadd_ps(v, v, ss);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum(ss) / static_cast<float>(dim) + eps));
+    for (int64_t c = 0; c < dim; c += 8) {
+      __m256 n = _mm256_mul_ps(load8(xr + c * esz, bf16), inv);
+      if (bf16) {  // round the normalized row to bf16 first
+        alignas(32) uint16_t h[8];
+        store8(h, n, true);
+        n = load8(h, true);
+      }
+      store8(O + (r * dim + c) * esz, _mm256_mul_ps(n, load8(W + c * esz, bf16)), bf16);
+    }
+  }
+  return 0;
+}
+
+// Rotary embedding of q and k in place, then k and v into the cache: one call per layer instead of
+// a dozen small ops. qkv: [rows, heads + 2 * kv_heads, dim] (row stride ld), heads side by side;
+// cos, sin: [positions, dim] tables (Hugging Face's half-split layout, both halves equal);
+// k/v cache: [slots, kv_heads, dim] of one layer. Math in fp32, rounded once.
+int lk_rope_write(int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, void* qkv, int64_t ld, const void* cos,
+                  const void* sin, const int64_t* pos, void* kc, void* vc, const int64_t* slots, int bf16) {
+  if (rows < 1 || dim % 16 || dim > 512) return -1;
+  const int64_t esz = bf16 ? 2 : 4, half = dim / 2;
+  char* QKV = static_cast<char*>(qkv);
+  const char* C = static_cast<const char*>(cos);
+  const char* S = static_cast<const char*>(sin);
+#pragma omp parallel for schedule(static) if (rows > 16)
+  for (int64_t r = 0; r < rows; ++r) {
+    char* row = QKV + r * ld * esz;
+    const char* cr = C + pos[r] * dim * esz;
+    const char* sr = S + pos[r] * dim * esz;
+    for (int64_t h = 0; h < heads + kv_heads; ++h) {
+      char* x = row + h * dim * esz;
+      for (int64_t i = 0; i < half; i += 8) {
+        const __m256 x1 = load8(x + i * esz, bf16), x2 = load8(x + (i + half) * esz, bf16);
+        const __m256 c = load8(cr + i * esz, bf16), s = load8(sr + i * esz, bf16);
+        store8(x + i * esz, _mm256_fnmadd_ps(x2, s, _mm256_mul_ps(x1, c)), bf16);
+        store8(x + (i + half) * esz, _mm256_fmadd_ps(x1, s, _mm256_mul_ps(x2, c)), bf16);
+      }
+    }
+    const int64_t kvb = kv_heads * dim * esz;
+    memcpy(static_cast<char*>(kc) + slots[r] * kvb, row + heads * dim * esz, kvb);
+    memcpy(static_cast<char*>(vc) + slots[r] * kvb, row + (heads + kv_heads) * dim * esz, kvb);
+  }
+  return 0;
+}
+
+// Sum of n floats, read in 1 MiB chunks handed out one at a time, each chunk from kStreams places
+// at once: how lk_gemm reads its blocks, so how fast this thread team reads memory (the caller times it).
+double lk_stream_read(const float* buf, int64_t n) {
+  pin_team();
+  constexpr int64_t chunk = 1 << 18, sub = chunk / kStreams;  // floats
+  const int64_t chunks = n / chunk;
+  double total = 0.0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : total)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* p = buf + c * chunk;
+    __m256 a[8];
+    for (auto& v : a) v = _mm256_setzero_ps();
+    for (int64_t i = 0; i < sub; i += 64)
+      for (int s = 0; s < kStreams; ++s)
+        for (int u = 0; u < 8; ++u) a[u] = _mm256_add_ps(a[u], _mm256_loadu_ps(p + s * sub + i + 8 * u));
+    for (int u = 1; u < 8; ++u) a[0] = _mm256_add_ps(a[0], a[u]);
+    total += static_cast<double>(hsum(a[0]));
+  }
+  for (int64_t i = chunks * chunk; i < n; ++i) total += buf[i];
+  return total;
+}
+
+}  // extern "C"
