@@ -6,11 +6,13 @@ sgemm streams ~16 GB/s on an AMD EPYC; oneDNN's kernels are tuned for many rows)
 engine's batch-1 decode sat at ~0.6 of the read roof. `csrc/cpu_kernels.cpp` streams each
 weight once with AVX2 FMAs, straight from the layout oneDNN packs for prefill, so one copy of
 the weights serves both paths; bf16 weights (half the bytes) use the same blocking. Decode
-attention reads K and V once through the block table (no gathered copy).
+attention reads K and V once through the block table (no gathered copy). Decode-time calls run
+on the kernels' own pinned threads (csrc/pool.h), whose caller waits for the work, not for every
+thread: on a shared machine a descheduled thread then costs one block, not the whole call.
 
 The source is compiled at first use with the system C++ compiler (g++ or clang++, OpenMP) into
 LABKIT_HOME/kernels/, keyed by the source, the flags and the compiler, and loaded with ctypes
-after torch, so it shares torch's OpenMP thread pool. Where it cannot build or the CPU lacks
+after torch, so its OpenMP (prefill-size calls) is torch's thread team. Where it cannot build or the CPU lacks
 AVX2/FMA, `available()` is False, `unavailable_reason()` says why in one line, and the engine
 uses its PyTorch paths: same results, slower decode.
 
@@ -32,7 +34,7 @@ import torch
 
 from labkit.config import labkit_home
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"  # includes csrc/pool.h
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 BLOCK = 64           # output columns per packed block (matches oneDNN's fp32 packing on AVX2)
 SMALL_M = 4          # rows up to which fp32 matmuls take the native kernel; oneDNN's blocked kernels win above
@@ -51,7 +53,8 @@ def _compiler() -> str | None:
 def _build(cxx: str) -> Path:
     """The compiled library's path, compiled now unless the cache already has this exact build."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, version)).encode()).hexdigest()[:16]
+    sources = b"".join(f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]*")))
+    key = hashlib.sha256(sources + repr((FLAGS, version)).encode()).hexdigest()[:16]
     out = labkit_home() / "kernels" / f"cpu_kernels-{key}.so"
     if out.is_file():
         return out
@@ -90,13 +93,14 @@ def _lib() -> ctypes.CDLL | None:
         _reason = "this CPU lacks AVX2 or FMA"
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.lk_gemm.argtypes = [i64, i64, i64, ptr, i64, ctypes.c_int, ptr, ctypes.c_int, ptr, ptr, i64, ctypes.c_int,
-                            ctypes.c_int, ptr, i64]
+    c_int = ctypes.c_int
+    lib.lk_gemm.argtypes = [i64, i64, i64, ptr, i64, c_int, ptr, c_int, ptr, ptr, i64, c_int, c_int, ptr, i64, c_int]
     lib.lk_decode_attention.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float,
-                                        ptr, ctypes.c_int]
+                                        ptr, c_int, c_int]
     lib.lk_rms_norm.argtypes = [i64, i64, ptr, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
     lib.lk_rope_write.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
-    lib.lk_stream_read.argtypes = [ptr, i64]
+    lib.lk_stream_read.argtypes = [ptr, i64, c_int]
+    lib.lk_pin_threads.argtypes = [c_int]
     lib.lk_stream_read.restype = ctypes.c_double
     lib.lk_set_pinning.argtypes = [ctypes.c_int]
     lib.lk_set_pinning(int(os.environ.get("LABKIT_PIN_THREADS", "1") != "0"))
@@ -131,10 +135,10 @@ def cpu_has_bf16_matmul() -> bool:
 
 
 def pin_threads() -> int:
-    """Pins this thread's OpenMP team (torch's too: one pool), one thread per allowed CPU, the calling
-    thread excepted (processes it starts later inherit its mask); returns how many threads are pinned."""
+    """Starts the kernels' worker threads for torch's thread count, each pinned to one CPU this process may
+    use; returns how many are pinned. The calling thread stays free: processes it starts inherit its mask."""
     lib = _lib()
-    return int(lib.lk_pin_threads()) if lib is not None else 0
+    return int(lib.lk_pin_threads(torch.get_num_threads())) if lib is not None else 0
 
 
 # --- packed weights ------------------------------------------------------------------------
@@ -217,7 +221,7 @@ def gemm(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *, 
         bias = bias.to(x.dtype).contiguous()
     op = 1 if mul is not None else (2 if add is not None else 0)
     rc = lib.lk_gemm(m, w.n, w.k, x.data_ptr(), x.stride(0), int(x.dtype == torch.bfloat16), w.ptr, int(w.bf16),
-                     _ptr(bias), _ptr(other), w.n, op, int(act == "silu"), y.data_ptr(), w.n)
+                     _ptr(bias), _ptr(other), w.n, op, int(act == "silu"), y.data_ptr(), w.n, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"lk_gemm failed ({rc}) for x {tuple(x.shape)} and w [{w.n}, {w.k}]")
     return y
@@ -242,7 +246,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(seqs, heads, dim, dtype=q.dtype)
     rc = lib.lk_decode_attention(seqs, heads, kv_heads, dim, q.data_ptr(), q.stride(0), k_cache.data_ptr(),
                                  v_cache.data_ptr(), blocks.data_ptr(), blocks.shape[1], ctx_lens.data_ptr(),
-                                 block_size, dim ** -0.5, out.data_ptr(), int(q.dtype == torch.bfloat16))
+                                 block_size, dim ** -0.5, out.data_ptr(), int(q.dtype == torch.bfloat16),
+                                 torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"lk_decode_attention failed ({rc}): a context length outside its block table?")
     return out
@@ -287,4 +292,4 @@ def stream_read(buf: torch.Tensor) -> float:
     lib = _need()
     if buf.dtype != torch.float32 or not buf.is_contiguous() or buf.device.type != "cpu":
         raise ValueError("stream_read takes a contiguous fp32 CPU tensor")
-    return float(lib.lk_stream_read(buf.data_ptr(), buf.numel()))
+    return float(lib.lk_stream_read(buf.data_ptr(), buf.numel(), torch.get_num_threads()))

@@ -1,4 +1,4 @@
-// The engine's CPU kernels (AVX2 + FMA, OpenMP), loaded through ctypes by labkit/engine/kernels.py.
+// The engine's CPU kernels (AVX2 + FMA), loaded through ctypes by labkit/engine/kernels.py.
 //
 // Why they exist: a batch-1 decode step is all matrix-vector products, and PyTorch's CPU paths
 // read the weights well below the memory bandwidth at M <= 4 (MKL's small-M sgemm, oneDNN's
@@ -8,8 +8,12 @@
 //
 //   lk_gemm              y = epilogue(x @ W^T): any M, packed W (fp32, or bf16 pairs), fp32 accumulation
 //   lk_decode_attention  one-token queries over a paged KV cache: one pass over K and V, no gather copy
+//   lk_rms_norm, lk_rope_write  the small per-layer ops of decode, one call each
 //   lk_stream_read       sum of a buffer: the read-bandwidth roof, measured the way lk_gemm reads
-//   lk_pin_threads       pins the OpenMP pool (torch's, the same libgomp) one thread per allowed CPU
+//   lk_pin_threads       starts the pool's workers (pool.h), each pinned to one CPU
+//
+// Threads: decode-time work (M <= 4, attention, the roof) runs on the pool of pool.h, whose caller
+// waits for the work rather than for every thread; prefill-size work uses OpenMP (torch's team).
 //
 // Layouts. Packed weight: block j holds output columns [64j, 64j+64) for every k, row k of the
 // block at offset (j*K + k)*64 elements. fp32: column c of the block at c. bf16: in each group
@@ -25,6 +29,8 @@
 
 #include <algorithm>
 #include <vector>
+
+#include "pool.h"
 
 namespace {
 
@@ -207,9 +213,9 @@ void rows(int mr, const float* A, int64_t lda, int64_t m0, const char* w, int64_
 //
 // Measured on an AMD EPYC VM: one sequential read stream per core leaves DRAM bandwidth unused (its
 // prefetcher keeps few lines in flight); reading a block from 4 places at once (the K range cut in
-// 4 sub-streams, interleaved row by row) reads 20-30% faster. Accumulators live in L1 (for 4 rows
-// they would not fit the 16 ymm registers), and the rows go in pairs over an L2-sized tile, so a
-// block is read once from DRAM whatever the row count.
+// 4 sub-streams, interleaved row by row) reads 20-30% faster. One row keeps its sums in registers;
+// for 2-4 rows they live in L1 (they would not fit the 16 ymm registers), and the rows go in pairs
+// over an L2-sized tile, so a block is read once from DRAM whatever the row count.
 constexpr int kStreams = 4;
 constexpr int64_t kTile = 64;  // k-rows per sub-stream per tile: 4 x 64 rows x 256 B = 64 KB, in L2 for the next pair
 
@@ -230,6 +236,32 @@ inline void load_row(const void* blk, int64_t k, __m256 (&b)[8]) {
   }
 }
 
+// One row (batch-1 decode): the sub-streams are k ranges of the same 64 outputs, so they share one set
+// of 8 accumulators, all in registers.
+template <bool WBF16>
+void one_row_block(const float* A, const char* w, int64_t j, int64_t K, int64_t N, void* y, int64_t ldy,
+                   const Epilogue& e) {
+  const void* blk = w + j * K * kBlock * (WBF16 ? 2 : 4);
+  const int64_t per = K / kStreams;
+  __m256 c[8], b[8];  // locals, so they stay in registers (through an array reference they were stored every row)
+  for (auto& v : c) v = _mm256_setzero_ps();
+  for (int64_t k = 0; k < per; ++k) {
+    for (int s = 0; s < kStreams; ++s) {
+      load_row<WBF16>(blk, s * per + k, b);
+      const __m256 a = _mm256_broadcast_ss(A + s * per + k);
+      for (int q = 0; q < 8; ++q) c[q] = _mm256_fmadd_ps(a, b[q], c[q]);
+    }
+  }
+  for (int64_t kk = per * kStreams; kk < K; ++kk) {  // the last K % 4 rows
+    load_row<WBF16>(blk, kk, b);
+    const __m256 a = _mm256_broadcast_ss(A + kk);
+    for (int q = 0; q < 8; ++q) c[q] = _mm256_fmadd_ps(a, b[q], c[q]);
+  }
+  __m256 out[1][8];
+  for (int q = 0; q < 8; ++q) out[0][q] = c[q];
+  finish<1, 8>(out, 0, j * kBlock, N, y, ldy, e);
+}
+
 // acc[s][i][64] += A[i, kk] * W[kk, :] for the k-rows kk of each sub-stream s in [t0, t1) (MR = 1 or 2 rows).
 template <int MR, bool WBF16>
 inline void few_rows_tile(const float* A, int64_t lda, const void* blk, int64_t per, int64_t t0, int64_t t1,
@@ -246,38 +278,6 @@ inline void few_rows_tile(const float* A, int64_t lda, const void* blk, int64_t 
       }
     }
   }
-}
-
-// One row (batch-1 decode): the sub-streams' accumulators in registers (measured faster than in L1 here).
-template <bool WBF16>
-void one_row_block(const float* A, const char* w, int64_t j, int64_t K, int64_t N, void* y, int64_t ldy,
-                   const Epilogue& e) {
-  const void* blk = w + j * K * kBlock * (WBF16 ? 2 : 4);
-  const int64_t per = K / kStreams;
-  __m256 c[kStreams][8];
-  for (auto& cs : c)
-    for (auto& v : cs) v = _mm256_setzero_ps();
-  for (int64_t k = 0; k < per; ++k) {
-    for (int s = 0; s < kStreams; ++s) {
-      const int64_t kk = s * per + k;
-      __m256 b[8];
-      load_row<WBF16>(blk, kk, b);
-      const __m256 a = _mm256_broadcast_ss(A + kk);
-      for (int q = 0; q < 8; ++q) c[s][q] = _mm256_fmadd_ps(a, b[q], c[s][q]);
-    }
-  }
-  for (int64_t kk = per * kStreams; kk < K; ++kk) {  // the last K % 4 rows
-    __m256 b[8];
-    load_row<WBF16>(blk, kk, b);
-    const __m256 a = _mm256_broadcast_ss(A + kk);
-    for (int q = 0; q < 8; ++q) c[0][q] = _mm256_fmadd_ps(a, b[q], c[0][q]);
-  }
-  __m256 sum[1][8];
-  for (int q = 0; q < 8; ++q) {
-    sum[0][q] = c[0][q];
-    for (int s = 1; s < kStreams; ++s) sum[0][q] = _mm256_add_ps(sum[0][q], c[s][q]);
-  }
-  finish<1, 8>(sum, 0, j * kBlock, N, y, ldy, e);
 }
 
 template <bool WBF16>
@@ -312,38 +312,17 @@ void few_rows_block(int64_t M, const float* A, int64_t lda, const char* w, int64
   }
 }
 
-thread_local bool t_pinned = false;
-bool g_pin = true;
-
-// Pins the calling thread's OpenMP team: thread t on the t-th CPU this process may use. Runs once
-// per calling thread (libgomp keeps one pool per thread that starts parallel regions).
-void pin_team() {
-  if (t_pinned || !g_pin) return;
-  t_pinned = true;
-  cpu_set_t allowed;
-  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
-  std::vector<int> cpus;
-  for (int c = 0; c < CPU_SETSIZE; ++c)
-    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
-  if (cpus.size() < 2) return;
-#pragma omp parallel
-  {
-    const int t = omp_get_thread_num();
-    // The calling thread (t == 0) stays free: processes it starts later inherit its mask.
-    if (t > 0) {
-      cpu_set_t one;
-      CPU_ZERO(&one);
-      CPU_SET(cpus[t % cpus.size()], &one);
-      pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
-    }
-  }
+// Runs body(i) for i in [0, items) on `threads` threads of the pool (see pool.h).
+template <class Body>
+void parallel(int threads, int64_t items, Body&& body) {
+  lk::Pool::get().run(threads, items, [](void* ctx, int64_t i) { (*static_cast<Body*>(ctx))(i); }, &body);
 }
 
 }  // namespace
 
 extern "C" {
 
-int lk_version() { return 4; }
+int lk_version() { return 5; }
 
 // 1 when this CPU runs the kernels (AVX2 and FMA), else 0.
 int lk_cpu_supported() {
@@ -351,26 +330,24 @@ int lk_cpu_supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-void lk_set_pinning(int on) { g_pin = on != 0; }
+void lk_set_pinning(int on) { lk::Pool::get().set_pinning(on != 0); }
 
-// Threads of the team that runs these kernels (and torch's CPU ops) and how many are pinned.
-int lk_pin_threads() {
-  pin_team();
-  int pinned = 0;
-#pragma omp parallel reduction(+ : pinned)
-  {
-    cpu_set_t s;
-    if (pthread_getaffinity_np(pthread_self(), sizeof(s), &s) == 0 && CPU_COUNT(&s) == 1) pinned += 1;
-  }
-  return pinned;
+// Starts the pool's workers for `threads` threads (the caller is one) and returns how many workers
+// are pinned, one CPU each, after waiting up to 0.1 s for them to start.
+int lk_pin_threads(int threads) {
+  lk::Pool& pool = lk::Pool::get();
+  pool.grow(threads - 1);
+  for (int i = 0; i < 1000 && pool.started() < threads - 1; ++i)
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  return pool.pinned();
 }
 
 // y[M, N] (row stride ldy) = epilogue(x[M, K] (row stride ldx) @ W^T), W packed as described above.
 // act_bf16: x, bias, other, y are bf16; w_bf16: W is bf16. Returns 0, or -1 on bad arguments.
+// threads: how many threads share the work for M <= 4 (the pool); more rows use OpenMP's team.
 int lk_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx, int act_bf16, const void* w, int w_bf16,
-            const void* bias, const void* other, int64_t ldo, int op, int act, void* y, int64_t ldy) {
+            const void* bias, const void* other, int64_t ldo, int op, int act, void* y, int64_t ldy, int threads) {
   if (M < 1 || N < 1 || K < 1 || !x || !w || !y || (op && !other) || op < 0 || op > 2 || act < 0 || act > 1) return -1;
-  pin_team();
   const float* A = static_cast<const float*>(x);
   int64_t lda = ldx;
   std::vector<float> ax;
@@ -387,10 +364,9 @@ int lk_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx, int act
   const int64_t nblocks = (N + kBlock - 1) / kBlock;
   const char* wp = static_cast<const char*>(w);
   if (M <= 4) {  // decode: reading the weights is the work
-    // Blocks handed out one at a time: a thread the OS takes away for a while (a shared machine)
-    // then delays the call by one block, not by half the matrix.
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t j = 0; j < nblocks; ++j) {
+    // Blocks handed out one at a time by the pool: a thread the OS takes away for a while (a
+    // shared machine) then delays the call by one block, not by half the matrix.
+    parallel(threads, nblocks, [&](int64_t j) {
       if (M == 1) {
         if (w_bf16) one_row_block<true>(A, wp, j, K, N, y, ldy, e);
         else one_row_block<false>(A, wp, j, K, N, y, ldy, e);
@@ -399,7 +375,7 @@ int lk_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx, int act
       } else {
         few_rows_block<false>(M, A, lda, wp, j, K, N, y, ldy, e);
       }
-    }
+    });
     return 0;
   }
   // Many rows: register tiles of 6 rows x 16 columns (a remainder group is as good first as last).
@@ -423,21 +399,19 @@ int lk_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx, int act
 // reads kv head h / (heads / kv_heads), as Hugging Face's repeat_kv lays them out.
 int lk_decode_attention(int64_t nseq, int64_t heads, int64_t kv_heads, int64_t dim, const void* q, int64_t q_row,
                         const void* kc, const void* vc, const int64_t* tables, int64_t max_blocks,
-                        const int64_t* ctx, int64_t block_size, float scale, void* out, int bf16) {
+                        const int64_t* ctx, int64_t block_size, float scale, void* out, int bf16, int threads) {
   if (nseq < 1 || kv_heads < 1 || heads % kv_heads || dim % 8 || dim > 256 || block_size < 1) return -1;
-  pin_team();
   const int64_t group = heads / kv_heads, esz = bf16 ? 2 : 4, dv = dim / 8;
   const char* Q = static_cast<const char*>(q);
   const char* Kc = static_cast<const char*>(kc);
   const char* Vc = static_cast<const char*>(vc);
   char* O = static_cast<char*>(out);
-  int bad = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : bad)
-  for (int64_t item = 0; item < nseq * kv_heads; ++item) {
+  std::atomic<int> bad{0};
+  parallel(threads, nseq * kv_heads, [&](int64_t item) {
     const int64_t s = item / kv_heads, kvh = item % kv_heads, n = ctx[s];
     if (n < 1 || n > max_blocks * block_size) {
-      bad = 1;
-      continue;
+      bad.store(1);
+      return;
     }
     // The group's queries in fp32, pre-scaled.
     std::vector<float> qf(static_cast<size_t>(group * dim)), p(static_cast<size_t>(group * n));
@@ -496,8 +470,8 @@ int lk_decode_attention(int64_t nseq, int64_t heads, int64_t kv_heads, int64_t d
       for (int64_t c = 0; c < dv; ++c)
         store8(O + ((s * heads + kvh * group + g) * dim + 8 * c) * esz,
                _mm256_mul_ps(_mm256_loadu_ps(&acc[g * dim + 8 * c]), _mm256_set1_ps(inv[g])), bf16);
-  }
-  return bad ? -2 : 0;
+  });
+  return bad.load() ? -2 : 0;
 }
 
 // out[r] = w * (x[r] / rms(x[r])), statistics in fp32; in bf16 the normalized row is rounded to bf16
@@ -562,15 +536,14 @@ int lk_rope_write(int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, vo
   return 0;
 }
 
-// Sum of n floats, read in 1 MiB chunks handed out one at a time, each chunk from kStreams places
-// at once: how lk_gemm reads its blocks, so how fast this thread team reads memory (the caller times it).
-double lk_stream_read(const float* buf, int64_t n) {
-  pin_team();
+// Sum of n floats, read by `threads` threads of the pool in 1 MiB chunks handed out one at a time,
+// each chunk from kStreams places at once: how lk_gemm reads its blocks, so how fast the engine
+// can read memory (the caller times it).
+double lk_stream_read(const float* buf, int64_t n, int threads) {
   constexpr int64_t chunk = 1 << 18, sub = chunk / kStreams;  // floats
   const int64_t chunks = n / chunk;
-  double total = 0.0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : total)
-  for (int64_t c = 0; c < chunks; ++c) {
+  std::vector<double> part(static_cast<size_t>(chunks), 0.0);
+  parallel(threads, chunks, [&](int64_t c) {
     const float* p = buf + c * chunk;
     __m256 a[8];
     for (auto& v : a) v = _mm256_setzero_ps();
@@ -578,8 +551,10 @@ double lk_stream_read(const float* buf, int64_t n) {
       for (int s = 0; s < kStreams; ++s)
         for (int u = 0; u < 8; ++u) a[u] = _mm256_add_ps(a[u], _mm256_loadu_ps(p + s * sub + i + 8 * u));
     for (int u = 1; u < 8; ++u) a[0] = _mm256_add_ps(a[0], a[u]);
-    total += static_cast<double>(hsum(a[0]));
-  }
+    part[c] = static_cast<double>(hsum(a[0]));
+  });
+  double total = 0.0;
+  for (double v : part) total += v;
   for (int64_t i = chunks * chunk; i < n; ++i) total += buf[i];
   return total;
 }
