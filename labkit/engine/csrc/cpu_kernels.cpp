@@ -392,6 +392,98 @@ int lk_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx, int act
   return 0;
 }
 
+}  // extern "C"
+
+namespace {
+
+// Attention of one sequence's `group` queries (sharing kv head kvh) over its context: the work item
+// of lk_decode_attention. DV = head_dim / 8 when known at compile time (64, 128), else 0.
+struct AttnArgs {
+  int64_t heads, kv_heads, dim, q_row, max_blocks, block_size;
+  const char *Q, *Kc, *Vc;
+  const int64_t *tables, *ctx;
+  float scale;
+  bool bf16;
+  char* O;
+};
+
+template <int DV>
+void attend_item(const AttnArgs& a, int64_t item) {
+  const int64_t kv_heads = a.kv_heads, group = a.heads / kv_heads, esz = a.bf16 ? 2 : 4, heads = a.heads;
+  const int64_t q_row = a.q_row, block_size = a.block_size;
+  const char *Q = a.Q, *Kc = a.Kc, *Vc = a.Vc;
+  const int64_t* tables = a.tables;
+  const int64_t* ctx = a.ctx;
+  const float scale = a.scale;
+  const bool bf16 = a.bf16;
+  char* O = a.O;
+  const int64_t s = item / kv_heads, kvh = item % kv_heads, n = ctx[s];
+  const int64_t dv = DV ? DV : a.dim / 8, dim = 8 * dv;
+  // The group's queries in fp32, pre-scaled, padded with zero queries to a multiple of 4: scores
+  // are computed 4 queries at a time and reduced together.
+  const int64_t g4 = (group + 3) / 4 * 4;
+  std::vector<float> qf(static_cast<size_t>(g4 * dim), 0.0f), p(static_cast<size_t>(g4 * n));  // p[t][g]
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < dv; ++c) {
+      const char* src = Q + (s * q_row + (kvh * group + g) * dim + 8 * c) * esz;
+      _mm256_storeu_ps(&qf[g * dim + 8 * c], _mm256_mul_ps(load8(src, bf16), _mm256_set1_ps(scale)));
+    }
+  const int64_t* table = tables + s * a.max_blocks;
+  // Token t's row of K or V: walked block by block (a division per token cost more than the math).
+  auto for_rows = [&](const char* base, auto&& body) {
+    for (int64_t b = 0, t = 0; t < n; ++b) {
+      const char* r = base + ((table[b] * block_size * kv_heads + kvh) * dim) * esz;
+      for (int64_t i = 0; i < block_size && t < n; ++i, ++t) body(t, r + i * kv_heads * dim * esz);
+    }
+  };
+  // Pass 1 over K: scores, and each query's maximum (4 queries per __m128).
+  __m128 mx[16];  // group <= 64 (checked by the caller)
+  for (auto& m : mx) m = _mm_set1_ps(-INFINITY);
+  for_rows(Kc, [&](int64_t t, const char* kr) {
+    __m256 kv[DV ? DV : 32];
+    for (int64_t c = 0; c < dv; ++c) kv[c] = load8(kr + 8 * c * esz, bf16);
+    for (int64_t g0 = 0; g0 < g4; g0 += 4) {
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t c = 0; c < dv; ++c)
+        for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[(g0 + u) * dim + 8 * c]), kv[c], a[u]);
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+      const __m128 sc = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));  // 4 scores
+      _mm_storeu_ps(&p[t * g4 + g0], sc);
+      mx[g0 / 4] = _mm_max_ps(mx[g0 / 4], sc);
+    }
+  });
+  // Softmax weights, in place; 1 / sum per query.
+  std::vector<float> inv(static_cast<size_t>(g4));
+  for (int64_t g0 = 0; g0 < g4; g0 += 4) {
+    __m128 sum = _mm_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const __m128 e = _mm256_castps256_ps128(
+          exp8(_mm256_castps128_ps256(_mm_sub_ps(_mm_loadu_ps(&p[t * g4 + g0]), mx[g0 / 4]))));
+      _mm_storeu_ps(&p[t * g4 + g0], e);
+      sum = _mm_add_ps(sum, e);
+    }
+    _mm_storeu_ps(&inv[g0], _mm_div_ps(_mm_set1_ps(1.0f), sum));
+  }
+  // Pass 2 over V: the weighted sum.
+  std::vector<float> acc(static_cast<size_t>(group * dim), 0.0f);
+  for_rows(Vc, [&](int64_t t, const char* vr) {
+    for (int64_t c = 0; c < dv; ++c) {
+      const __m256 vv = load8(vr + 8 * c * esz, bf16);
+      for (int64_t g = 0; g < group; ++g)
+        _mm256_storeu_ps(&acc[g * dim + 8 * c],
+                         _mm256_fmadd_ps(_mm256_set1_ps(p[t * g4 + g]), vv, _mm256_loadu_ps(&acc[g * dim + 8 * c])));
+    }
+  });
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < dv; ++c)
+      store8(O + ((s * heads + kvh * group + g) * dim + 8 * c) * esz,
+             _mm256_mul_ps(_mm256_loadu_ps(&acc[g * dim + 8 * c]), _mm256_set1_ps(inv[g])), bf16);
+}
+
+}  // namespace
+
+extern "C" {
+
 // Attention of one-token queries over a paged KV cache, each sequence over its own context.
 // q: [nseq, heads, dim] with row stride q_row (elements); k/v cache: [slots, kv_heads, dim] of one
 // layer; tables: [nseq, max_blocks] block ids; ctx: [nseq] tokens to attend (the new one included);
@@ -400,78 +492,19 @@ int lk_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx, int act
 int lk_decode_attention(int64_t nseq, int64_t heads, int64_t kv_heads, int64_t dim, const void* q, int64_t q_row,
                         const void* kc, const void* vc, const int64_t* tables, int64_t max_blocks,
                         const int64_t* ctx, int64_t block_size, float scale, void* out, int bf16, int threads) {
-  if (nseq < 1 || kv_heads < 1 || heads % kv_heads || dim % 8 || dim > 256 || block_size < 1) return -1;
-  const int64_t group = heads / kv_heads, esz = bf16 ? 2 : 4, dv = dim / 8;
-  const char* Q = static_cast<const char*>(q);
-  const char* Kc = static_cast<const char*>(kc);
-  const char* Vc = static_cast<const char*>(vc);
-  char* O = static_cast<char*>(out);
-  std::atomic<int> bad{0};
+  if (nseq < 1 || kv_heads < 1 || heads % kv_heads || heads / kv_heads > 64 || dim % 8 || dim > 256 || block_size < 1)
+    return -1;
+  for (int64_t s = 0; s < nseq; ++s)
+    if (ctx[s] < 1 || ctx[s] > max_blocks * block_size) return -2;
+  const AttnArgs a{heads, kv_heads, dim, q_row, max_blocks, block_size, static_cast<const char*>(q),
+                   static_cast<const char*>(kc), static_cast<const char*>(vc), tables, ctx, scale, bf16 != 0,
+                   static_cast<char*>(out)};
   parallel(threads, nseq * kv_heads, [&](int64_t item) {
-    const int64_t s = item / kv_heads, kvh = item % kv_heads, n = ctx[s];
-    if (n < 1 || n > max_blocks * block_size) {
-      bad.store(1);
-      return;
-    }
-    // The group's queries in fp32, pre-scaled.
-    std::vector<float> qf(static_cast<size_t>(group * dim)), p(static_cast<size_t>(group * n));
-    for (int64_t g = 0; g < group; ++g)
-      for (int64_t c = 0; c < dv; ++c) {
-        const char* src = Q + (s * q_row + (kvh * group + g) * dim + 8 * c) * esz;
-        _mm256_storeu_ps(&qf[g * dim + 8 * c], _mm256_mul_ps(load8(src, bf16), _mm256_set1_ps(scale)));
-      }
-    const int64_t* table = tables + s * max_blocks;
-    auto row = [&](const char* base, int64_t t) {
-      const int64_t slot = table[t / block_size] * block_size + t % block_size;
-      return base + ((slot * kv_heads + kvh) * dim) * esz;
-    };
-    // Pass 1 over K: scores, and each query's maximum.
-    std::vector<float> mx(static_cast<size_t>(group), -INFINITY);
-    for (int64_t t = 0; t < n; ++t) {
-      const char* kr = row(Kc, t);
-      __m256 kv[32];
-      for (int64_t c = 0; c < dv; ++c) kv[c] = load8(kr + 8 * c * esz, bf16);
-      for (int64_t g = 0; g < group; ++g) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int64_t c = 0;
-        for (; c + 1 < dv; c += 2) {
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[g * dim + 8 * c]), kv[c], a0);
-          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[g * dim + 8 * c + 8]), kv[c + 1], a1);
-        }
-        if (c < dv) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[g * dim + 8 * c]), kv[c], a0);
-        const float sc = hsum(_mm256_add_ps(a0, a1));
-        p[g * n + t] = sc;
-        mx[g] = std::max(mx[g], sc);
-      }
-    }
-    // Softmax weights.
-    std::vector<float> inv(static_cast<size_t>(group));
-    for (int64_t g = 0; g < group; ++g) {
-      float sum = 0.0f;
-      for (int64_t t = 0; t < n; ++t) {
-        const float e = expf(p[g * n + t] - mx[g]);
-        p[g * n + t] = e;
-        sum += e;
-      }
-      inv[g] = 1.0f / sum;
-    }
-    // Pass 2 over V: the weighted sum.
-    std::vector<float> acc(static_cast<size_t>(group * dim), 0.0f);
-    for (int64_t t = 0; t < n; ++t) {
-      const char* vr = row(Vc, t);
-      for (int64_t c = 0; c < dv; ++c) {
-        const __m256 vv = load8(vr + 8 * c * esz, bf16);
-        for (int64_t g = 0; g < group; ++g)
-          _mm256_storeu_ps(&acc[g * dim + 8 * c],
-                           _mm256_fmadd_ps(_mm256_set1_ps(p[g * n + t]), vv, _mm256_loadu_ps(&acc[g * dim + 8 * c])));
-      }
-    }
-    for (int64_t g = 0; g < group; ++g)
-      for (int64_t c = 0; c < dv; ++c)
-        store8(O + ((s * heads + kvh * group + g) * dim + 8 * c) * esz,
-               _mm256_mul_ps(_mm256_loadu_ps(&acc[g * dim + 8 * c]), _mm256_set1_ps(inv[g])), bf16);
+    if (dim == 64) attend_item<8>(a, item);
+    else if (dim == 128) attend_item<16>(a, item);
+    else attend_item<0>(a, item);
   });
-  return bad.load() ? -2 : 0;
+  return 0;
 }
 
 // out[r] = w * (x[r] / rms(x[r])), statistics in fp32; in bf16 the normalized row is rounded to bf16
