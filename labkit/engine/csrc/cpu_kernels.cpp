@@ -396,8 +396,8 @@ int lk_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx, int act
 
 namespace {
 
-// Attention of one sequence's `group` queries (sharing kv head kvh) over its context: the work item
-// of lk_decode_attention. DV = head_dim / 8 when known at compile time (64, 128), else 0.
+// Attention of one sequence's queries of kv heads [h0, h1) over its context: the work item of
+// lk_decode_attention. DV = head_dim / 8 when known at compile time (64, 128), else 0.
 struct AttnArgs {
   int64_t heads, kv_heads, dim, q_row, max_blocks, block_size;
   const char *Q, *Kc, *Vc;
@@ -408,76 +408,97 @@ struct AttnArgs {
 };
 
 template <int DV>
-void attend_item(const AttnArgs& a, int64_t item) {
+void attend(const AttnArgs& a, int64_t s, int64_t h0, int64_t h1) {
   const int64_t kv_heads = a.kv_heads, group = a.heads / kv_heads, esz = a.bf16 ? 2 : 4, heads = a.heads;
-  const int64_t q_row = a.q_row, block_size = a.block_size;
-  const char *Q = a.Q, *Kc = a.Kc, *Vc = a.Vc;
-  const int64_t* tables = a.tables;
-  const int64_t* ctx = a.ctx;
-  const float scale = a.scale;
+  const int64_t n = a.ctx[s], nh = h1 - h0, dv = DV ? DV : a.dim / 8, dim = 8 * dv, bs = a.block_size;
   const bool bf16 = a.bf16;
-  char* O = a.O;
-  const int64_t s = item / kv_heads, kvh = item % kv_heads, n = ctx[s];
-  const int64_t dv = DV ? DV : a.dim / 8, dim = 8 * dv;
-  // The group's queries in fp32, pre-scaled, padded with zero queries to a multiple of 4: scores
-  // are computed 4 queries at a time and reduced together.
+  // The queries in fp32, pre-scaled, each head's group padded with zero queries to a multiple of 4:
+  // scores are computed 4 queries at a time and reduced together.
   const int64_t g4 = (group + 3) / 4 * 4;
-  std::vector<float> qf(static_cast<size_t>(g4 * dim), 0.0f), p(static_cast<size_t>(g4 * n));  // p[t][g]
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < dv; ++c) {
-      const char* src = Q + (s * q_row + (kvh * group + g) * dim + 8 * c) * esz;
-      _mm256_storeu_ps(&qf[g * dim + 8 * c], _mm256_mul_ps(load8(src, bf16), _mm256_set1_ps(scale)));
-    }
-  const int64_t* table = tables + s * a.max_blocks;
-  // Token t's row of K or V: walked block by block (a division per token cost more than the math).
-  auto for_rows = [&](const char* base, auto&& body) {
+  std::vector<float> qf(static_cast<size_t>(nh * g4 * dim), 0.0f);
+  std::vector<float> p(static_cast<size_t>(n * nh * g4));  // p[t][head][query]
+  for (int64_t hh = 0; hh < nh; ++hh)
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t c = 0; c < dv; ++c) {
+        const char* src = a.Q + (s * a.q_row + ((h0 + hh) * group + g) * dim + 8 * c) * esz;
+        _mm256_storeu_ps(&qf[(hh * g4 + g) * dim + 8 * c], _mm256_mul_ps(load8(src, bf16), _mm256_set1_ps(a.scale)));
+      }
+  const int64_t* table = a.tables + s * a.max_blocks;
+  const int64_t slot_bytes = kv_heads * dim * esz;
+  // Token t's slot (every kv head's row, contiguous), walked block by block: reading whole slots in
+  // order keeps the reads sequential, and a division per token cost more than the math.
+  auto for_slots = [&](const char* base, auto&& body) {
     for (int64_t b = 0, t = 0; t < n; ++b) {
-      const char* r = base + ((table[b] * block_size * kv_heads + kvh) * dim) * esz;
-      for (int64_t i = 0; i < block_size && t < n; ++i, ++t) body(t, r + i * kv_heads * dim * esz);
+      const char* r = base + table[b] * bs * slot_bytes + h0 * dim * esz;
+      for (int64_t i = 0; i < bs && t < n; ++i, ++t) body(t, r + i * slot_bytes);
     }
   };
-  // Pass 1 over K: scores, and each query's maximum (4 queries per __m128).
-  __m128 mx[16];  // group <= 64 (checked by the caller)
-  for (auto& m : mx) m = _mm_set1_ps(-INFINITY);
-  for_rows(Kc, [&](int64_t t, const char* kr) {
-    __m256 kv[DV ? DV : 32];
-    for (int64_t c = 0; c < dv; ++c) kv[c] = load8(kr + 8 * c * esz, bf16);
-    for (int64_t g0 = 0; g0 < g4; g0 += 4) {
-      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t c = 0; c < dv; ++c)
-        for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[(g0 + u) * dim + 8 * c]), kv[c], a[u]);
-      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-      const __m128 sc = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));  // 4 scores
-      _mm_storeu_ps(&p[t * g4 + g0], sc);
-      mx[g0 / 4] = _mm_max_ps(mx[g0 / 4], sc);
+  // Pass 1 over K: scores, and each query's maximum.
+  std::vector<float> mx(static_cast<size_t>(nh * g4), -INFINITY);
+  for_slots(a.Kc, [&](int64_t t, const char* slot) {
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      __m256 kv[DV ? DV : 32];
+      for (int64_t c = 0; c < dv; ++c) kv[c] = load8(slot + (hh * dim + 8 * c) * esz, bf16);
+      for (int64_t g0 = 0; g0 < g4; g0 += 4) {
+        const float* qg = &qf[(hh * g4 + g0) * dim];
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t c = 0; c < dv; ++c)
+          for (int u = 0; u < 4; ++u) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + u * dim + 8 * c), kv[c], acc[u]);
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        const __m128 sc = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));  // 4 scores
+        _mm_storeu_ps(&p[(t * nh + hh) * g4 + g0], sc);
+        float* m = &mx[hh * g4 + g0];
+        _mm_storeu_ps(m, _mm_max_ps(_mm_loadu_ps(m), sc));
+      }
     }
   });
   // Softmax weights, in place; 1 / sum per query.
-  std::vector<float> inv(static_cast<size_t>(g4));
-  for (int64_t g0 = 0; g0 < g4; g0 += 4) {
+  std::vector<float> inv(static_cast<size_t>(nh * g4));
+  for (int64_t q0 = 0; q0 < nh * g4; q0 += 4) {
+    const __m128 m = _mm_loadu_ps(&mx[q0]);
     __m128 sum = _mm_setzero_ps();
     for (int64_t t = 0; t < n; ++t) {
-      const __m128 e = _mm256_castps256_ps128(
-          exp8(_mm256_castps128_ps256(_mm_sub_ps(_mm_loadu_ps(&p[t * g4 + g0]), mx[g0 / 4]))));
-      _mm_storeu_ps(&p[t * g4 + g0], e);
+      float* pt = &p[t * nh * g4 + q0];
+      const __m128 e = _mm256_castps256_ps128(exp8(_mm256_castps128_ps256(_mm_sub_ps(_mm_loadu_ps(pt), m))));
+      _mm_storeu_ps(pt, e);
       sum = _mm_add_ps(sum, e);
     }
-    _mm_storeu_ps(&inv[g0], _mm_div_ps(_mm_set1_ps(1.0f), sum));
+    _mm_storeu_ps(&inv[q0], _mm_div_ps(_mm_set1_ps(1.0f), sum));
   }
-  // Pass 2 over V: the weighted sum.
-  std::vector<float> acc(static_cast<size_t>(group * dim), 0.0f);
-  for_rows(Vc, [&](int64_t t, const char* vr) {
-    for (int64_t c = 0; c < dv; ++c) {
-      const __m256 vv = load8(vr + 8 * c * esz, bf16);
-      for (int64_t g = 0; g < group; ++g)
-        _mm256_storeu_ps(&acc[g * dim + 8 * c],
-                         _mm256_fmadd_ps(_mm256_set1_ps(p[t * g4 + g]), vv, _mm256_loadu_ps(&acc[g * dim + 8 * c])));
-    }
+  // Pass 2 over V, 32 tokens at a time: for each 8-wide slice of the tile's rows (in L1 after the
+  // first slice), up to 8 queries' sums stay in registers.
+  std::vector<float> out(static_cast<size_t>(nh * group * dim), 0.0f);
+  const char* tile[32];
+  int64_t t0 = 0, nt = 0;
+  auto flush = [&] {
+    for (int64_t hh = 0; hh < nh; ++hh)
+      for (int64_t c = 0; c < dv; ++c)
+        for (int64_t g0 = 0; g0 < group; g0 += 8) {
+          const int64_t gm = std::min<int64_t>(8, group - g0);
+          float* o = &out[(hh * group + g0) * dim + 8 * c];
+          __m256 sum[8];
+          for (int64_t u = 0; u < gm; ++u) sum[u] = _mm256_loadu_ps(o + u * dim);
+          for (int64_t i = 0; i < nt; ++i) {
+            const __m256 vv = load8(tile[i] + (hh * dim + 8 * c) * esz, bf16);
+            const float* pw = &p[((t0 + i) * nh + hh) * g4 + g0];
+            for (int64_t u = 0; u < gm; ++u) sum[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(pw + u), vv, sum[u]);
+          }
+          for (int64_t u = 0; u < gm; ++u) _mm256_storeu_ps(o + u * dim, sum[u]);
+        }
+    t0 += nt;
+    nt = 0;
+  };
+  for_slots(a.Vc, [&](int64_t, const char* slot) {
+    tile[nt++] = slot;
+    if (nt == 32) flush();
   });
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < dv; ++c)
-      store8(O + ((s * heads + kvh * group + g) * dim + 8 * c) * esz,
-             _mm256_mul_ps(_mm256_loadu_ps(&acc[g * dim + 8 * c]), _mm256_set1_ps(inv[g])), bf16);
+  if (nt) flush();
+  for (int64_t hh = 0; hh < nh; ++hh)
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t c = 0; c < dv; ++c)
+        store8(a.O + ((s * heads + (h0 + hh) * group + g) * dim + 8 * c) * esz,
+               _mm256_mul_ps(_mm256_loadu_ps(&out[(hh * group + g) * dim + 8 * c]), _mm256_set1_ps(inv[hh * g4 + g])),
+               bf16);
 }
 
 }  // namespace
@@ -499,10 +520,14 @@ int lk_decode_attention(int64_t nseq, int64_t heads, int64_t kv_heads, int64_t d
   const AttnArgs a{heads, kv_heads, dim, q_row, max_blocks, block_size, static_cast<const char*>(q),
                    static_cast<const char*>(kc), static_cast<const char*>(vc), tables, ctx, scale, bf16 != 0,
                    static_cast<char*>(out)};
-  parallel(threads, nseq * kv_heads, [&](int64_t item) {
-    if (dim == 64) attend_item<8>(a, item);
-    else if (dim == 128) attend_item<16>(a, item);
-    else attend_item<0>(a, item);
+  // Work items: whole sequences when there are enough to share (each reads its slots in order), else
+  // one kv head of one sequence each (batch 1 still uses every thread).
+  const bool whole = nseq >= 2 * threads;
+  parallel(threads, whole ? nseq : nseq * kv_heads, [&](int64_t item) {
+    const int64_t s = whole ? item : item / kv_heads, h0 = whole ? 0 : item % kv_heads, h1 = whole ? kv_heads : h0 + 1;
+    if (dim == 64) attend<8>(a, s, h0, h1);
+    else if (dim == 128) attend<16>(a, s, h0, h1);
+    else attend<0>(a, s, h0, h1);
   });
   return 0;
 }
