@@ -74,6 +74,7 @@ def _build(cxx: str) -> Path:
 def _lib() -> ctypes.CDLL | None:
     """The loaded library, or None (and `_reason` says why)."""
     global _reason
+    _reason = ""
     if os.environ.get("LABKIT_NATIVE", "1") == "0":
         _reason = "LABKIT_NATIVE=0"
         return None
