@@ -283,8 +283,8 @@ def prefill_decode_section(report: Any, profile: str) -> None:
                                                 "mfu", "mbu", "runner", "noisy")} for r in recs + sweep]))
     fig = rplot.roofline_chart(p, label_runners(recs + sweep), dtype=dtype, datasheet=None)
     report.add_figure(s, fig, "roofline", "Roofline of this machine: the lab engine's points and transformers' beside them")
-    fig = rplot.utilization_bars(label_runners(recs), title="MFU and MBU per phase: lab engine, then transformers")
-    report.add_figure(s, fig, "mfu_mbu", "MFU and MBU per phase and runner")
+    fig = rplot.utilization_bars([pre, dec1], title=f"{model}: MFU in prefill, MBU in decode (lab engine)")
+    report.add_figure(s, fig, "mfu_mbu", "MFU and MBU per phase, lab engine (transformers' in the table)")
     fig = rplot.decode_batch_sweep([dec1] + sweep if sweep_ctx == ctx else sweep, crit,
                                    title=f"{model}: decode batch sweep, lab engine (context {sweep_ctx})")
     report.add_figure(s, fig, "decode_sweep", "Decode tokens/s, MFU and MBU against the batch size (lab engine)")

@@ -142,8 +142,8 @@ class EngineRunner:
         from labkit.models import load_config
 
         m = self.engine.model
-        pinned = ", threads pinned" if m.native_attention and kernels.pin_threads() else ""
-        self.detail = ("" if device != "cpu" else f"native CPU kernels{pinned}" if m.native_attention
+        pinned = ", threads pinned" if m.native and kernels.pin_threads() else ""
+        self.detail = ("" if device != "cpu" else f"native CPU kernels{pinned}" if m.native
                        else f"PyTorch paths ({m.native_note or 'native_kernels=False'})")
         self.shape = ModelShape.from_config(load_config(self.model))
         self.max_len: int | None = self.engine.max_model_len

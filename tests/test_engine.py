@@ -115,7 +115,7 @@ def test_fused_and_plain_linear_paths_match_transformers(monkeypatch, path: str)
     qkv = eng.model.layers[0].qkv
     assert isinstance(qkv, kernels.PackedWeight) == (path == "native")
     assert (qkv.onednn if path == "native" else qkv).is_mkldnn == (path != "plain")  # type: ignore[union-attr]
-    assert eng.model.native_attention == (path == "native")
+    assert eng.model.native == (path == "native")
     hf = hf_model(ensure_model("tiny-qwen2", quiet=True))
     p = prompt_of(40, salt=5)
     assert rel_err(eng.prompt_logits(p), hf_logits(hf, p)) < 1e-4

@@ -124,7 +124,7 @@ def test_native_and_reference_engines_agree_on_small_batches() -> None:
     outs = {}
     for native in (True, False):
         eng = Engine(EngineConfig(model="tiny", native_kernels=native))
-        assert eng.model.native_attention == native
+        assert eng.model.native == native
         outs[native] = [o.output_token_ids for o in eng.generate(prompts, sp)]
         outs[native, 1] = [o.output_token_ids for o in eng.generate(prompts[:1], sp)]
         assert eng.num_free_blocks == eng.num_total_blocks
@@ -153,7 +153,7 @@ def test_bf16_on_cpu_equals_fp32_within_bf16_tolerance() -> None:
     prompts = [[256] + [(31 * i + s) % 256 for i in range(n)] for s, n in enumerate((9, 40))]
     bf = Engine(EngineConfig(model="small", dtype="bfloat16", kv_cache_bytes=32 << 20))
     fp = Engine(EngineConfig(model="small", dtype="float32", kv_cache_bytes=32 << 20))
-    assert bf.model.native_attention and bf.model.layers[0].qkv.bf16  # type: ignore[union-attr]
+    assert bf.model.native and bf.model.layers[0].qkv.bf16  # type: ignore[union-attr]
     (pre_bf, dec_bf), first = _step_logits(bf, prompts)
     (pre_fp, _), _ = _step_logits(fp, prompts)
     assert 0 < rel_err(pre_bf, pre_fp) < 0.05   # really computed in bf16, and close
@@ -171,7 +171,7 @@ def test_without_kernels_the_engine_says_why_once_and_matches(monkeypatch) -> No
         assert not kernels.available() and kernels.unavailable_reason() == "LABKIT_NATIVE=0"
         with pytest.warns(RuntimeWarning, match=r"native CPU kernels not used \(LABKIT_NATIVE=0\)"):
             eng = Engine(EngineConfig(model="tiny"))
-        assert not eng.model.native_attention
+        assert not eng.model.native
         out = eng.generate([[256, 72, 105]], SamplingParams(max_tokens=6, ignore_eos=True))[0]
         assert len(out.output_token_ids) == 6
     finally:

@@ -68,7 +68,7 @@ class Engine:
         if self.model.native_note:
             warnings.warn(f"labkit engine: native CPU kernels not used ({self.model.native_note}); "
                           "PyTorch paths instead (same results, slower small-batch decode)", RuntimeWarning, stacklevel=2)
-        elif self.model.native_attention:
+        elif self.model.native:
             kernels.pin_threads()
         del weights
         self.kv_bytes_per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.dtype)

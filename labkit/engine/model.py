@@ -240,7 +240,8 @@ class CausalLM:
                 gate_up=torch.cat([put(m + "gate_proj.weight"), put(m + "up_proj.weight")]),
                 down=put(m + "down_proj.weight")))
         self.native_note = self._pack(device, dtype, rows_hint, native)
-        self.native_attention = native and not self.native_note and device.type == "cpu"
+        # True where the native kernels run: small matmuls and decode attention, norms, RoPE + KV writes.
+        self.native = native and not self.native_note and device.type == "cpu"
         freqs = torch.outer(torch.arange(max_model_len, dtype=torch.float32), rope_inv_freq(cfg))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
@@ -278,8 +279,8 @@ class CausalLM:
         x = F.embedding(input_ids, self.embed)
         # The native path rotates and stores q/k/v in one call per layer and norms in one call:
         # at batch 1 every small op left costs a visible share of a step at the bandwidth roof.
-        norm = kernels.rms_norm if self.native_attention else rms_norm
-        rope = None if self.native_attention else (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        norm = kernels.rms_norm if self.native else rms_norm
+        rope = None if self.native else (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
         for i, lw in enumerate(self.layers):
             h = norm(x, lw.input_norm, c.rms_norm_eps)
             q, k, v = self._rotate_and_store(i, linear(h, lw.qkv, lw.qkv_bias), positions, rope, meta, cache)
@@ -341,7 +342,7 @@ class CausalLM:
     def native_decode_attention(self, num_decode: int) -> bool:
         """Whether decode attention of `num_decode` rows runs in the native kernel: small batches. Big ones
         gather their blocks and use SDPA, whose blocked kernel was about twice as fast at batch 64 here."""
-        return self.native_attention and num_decode <= kernels.SMALL_M
+        return self.native and num_decode <= kernels.SMALL_M
 
     def _decode_attention(self, layer: int, q: torch.Tensor, meta: AttentionMeta, cache: KVCache) -> torch.Tensor:
         """Decode rows [nd, heads, dim] attending their paged contexts; returns [nd, heads, dim]."""
