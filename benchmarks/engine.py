@@ -1,6 +1,6 @@
 """The lab's engine vs transformers vs vLLM: offline throughput, batch-1 decode side by side, MFU/MBU.
 
-    python benchmarks/engine.py                       # ~15 min on a 2-core CPU: 3 rounds of everything
+    python benchmarks/engine.py                       # 3 rounds of everything (see RUNTIME below)
     python benchmarks/engine.py --rounds 1 --requests 16 --skip vllm      # a quick look
 
 What one run measures, each engine in its own child process (fresh threads and memory), in rounds
@@ -311,12 +311,18 @@ def main() -> int:
     t_start = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     runs["paired"] = []
-    for _ in range(max(1, a.rounds)):
+    partial = (Path(a.out) if a.out else ROOT / "docs" / "results" / f"engine-{dt.date.today()}-{a.machine}.json"
+               ).with_suffix(".partial.json")
+    for i in range(max(1, a.rounds)):
         for n in names:
             roof.sample()
             r = child(n, a)
             if r is not None:
                 runs[n].append(r)
+        # What a run that is stopped later still leaves behind (removed when the run completes).
+        partial.write_text(json.dumps({"rounds_done": i + 1, "roof_read_samples": roof.read_samples,
+                                       "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "steps"} for r in v]
+                                                for k, v in runs.items()}}, indent=1))
     if "paired" in a.parts and "paired" not in a.skip:  # once: it fills two batch-64 caches
         roof.sample()
         r = child("paired", a)
@@ -398,6 +404,7 @@ def main() -> int:
     path = Path(a.out) if a.out else ROOT / "docs" / "results" / f"engine-{doc['date']}-{a.machine}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
+    partial.unlink(missing_ok=True)
     print(f"run took {doc['wall_s'] / 60:.1f} min; load average {load_before:.1f} before, "
           f"{doc['loadavg_1min_after']:.1f} after; wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0
