@@ -7,13 +7,19 @@ what the hardware can really do:
 
 - matmul FLOP/s: a square matmul large enough to fill every core (2·n³ FLOPs);
 - read bandwidth: a sum over a buffer many times larger than the last-level cache, so every
-  byte really comes from DRAM (bytes counted = buffer size);
+  byte really comes from DRAM (bytes counted = buffer size), read the way decode reads weights:
+  on a CPU by the engine's own streaming loop (`labkit.engine.kernels`), with torch's thread
+  count, threads pinned; torch.sum on a GPU or where those kernels cannot run;
 - copy bandwidth: `dst.copy_(src)`, counting read + write bytes (2 × buffer size).
 
 Measured peaks are cached in LABKIT_HOME, keyed by machine, so notebooks do not remeasure:
 
     >>> p = peaks()                      # measures once, then reads the cache
     >>> p.ridge_flop_per_byte("float32")  # FLOP per byte where compute and memory roofs meet
+
+On a shared machine the read roof moves from minute to minute, so a benchmark does not take
+it once: a `Roof` is sampled between the measurements of a run and every ratio of the run is
+taken against its medians, with its spread reported (`Roof.noisy` above NOISY_SPREAD).
 """
 from __future__ import annotations
 
@@ -86,7 +92,7 @@ def time_fn(fn: Callable[[], Any], device: str, *, warmup: int = 1, repeats: int
     return times
 
 
-PEAKS_METHOD = 2  # bumped when the way peaks are measured changes, so cached peaks are measured again
+PEAKS_METHOD = 3  # bumped when the way peaks are measured changes, so cached peaks are measured again
 
 
 def machine_key(device: str) -> str:
@@ -257,16 +263,31 @@ def measure_matmul_flops(dtype: str = "float32", device: str | None = None, n: i
     def run() -> None:
         for _ in range(inner):
             torch.mm(a, b, out=out)
-    best = _pick(time_fn(run, device, warmup=2, repeats=repeats), stat)
+    best = float("inf")
+    from labkit.engine.kernels import cpu_has_bf16_matmul
+
+    if not (device == "cpu" and td == torch.bfloat16 and not cpu_has_bf16_matmul()):
+        best = _pick(time_fn(run, device, warmup=2, repeats=repeats), stat)
+    # PyTorch's CPU matmul goes to MKL, which is not the fastest kernel on every CPU (on AMD,
+    # oneDNN with a packed fp32 operand is faster; in bf16 without AMX the engine's own kernel
+    # is), and the lab's engine uses the faster one: the roof is the fastest, or MFU could pass 1.
     if device == "cpu" and td == torch.float32 and torch.backends.mkldnn.is_available():
-        # PyTorch's CPU matmul goes to MKL, which is not the fastest fp32 kernel on every CPU
-        # (on AMD, oneDNN with a packed operand is faster, and the lab's engine uses it): the
-        # roof is the faster of the two, or MFU could pass 1.
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
         lp = torch.ops.mkldnn._linear_pointwise
         best = min(best, _pick(time_fn(lambda: lp(a, packed, None, "none", [], ""), device, warmup=2,
                                        repeats=repeats), stat))
+    if device == "cpu" and td == torch.bfloat16:
+        from labkit.engine import kernels
+
+        if kernels.available():
+            pb = kernels.pack_bf16(b.t().contiguous())
+            best = min(best, _pick(time_fn(lambda: kernels.gemm(a, pb), device, warmup=2, repeats=repeats), stat))
+        elif best == float("inf"):  # torch's emulated bf16 matmul, on a size it finishes in seconds
+            m = min(n, 256)
+            best = _pick(time_fn(lambda: torch.mm(a[:m, :m], b[:m, :m]), device, warmup=1, repeats=repeats), stat)
+            return 2.0 * m ** 3 / best
     return 2.0 * n ** 3 * inner / best
+
 
 
 def _buffer(nbytes: int, device: str):
@@ -277,19 +298,48 @@ def _buffer(nbytes: int, device: str):
     return torch.ones(nbytes // 4, dtype=torch.float32, device=device)
 
 
+def llc_bytes() -> int:
+    """The CPU's last-level cache in bytes (from sysfs; 32 MiB where it cannot be read)."""
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (d / "size").read_text().strip()
+            best = max(best, int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1], 0))
+        except (OSError, ValueError):
+            continue
+    return best or (32 << 20)
+
+
 def default_buffer_bytes(device: str) -> int:
-    """Buffer size for bandwidth: 8x a 32 MB CPU last-level cache, or 2 GiB on a GPU (L2 is 50 MB)."""
-    return (2 << 30) if device.startswith("cuda") else (256 << 20)
+    """Buffer size for bandwidth: 8x the CPU's last-level cache (at least 256 MiB), or 2 GiB on a GPU (L2 is 50 MB)."""
+    return (2 << 30) if device.startswith("cuda") else max(256 << 20, 8 * llc_bytes())
+
+
+def _reader(x: Any, device: str) -> tuple[Callable[[], Any], str]:
+    """A call that reads all of `x` the way decode reads weights, and what it is (for the output)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        from labkit.engine import kernels
+
+        if kernels.available():
+            pinned = kernels.pin_threads()
+            return (lambda: kernels.stream_read(x)), (f"the engine's AVX2 streaming loop, {threads} threads"
+                                                      f"{f', {pinned} pinned' if pinned else ''}")
+        return (lambda: torch.sum(x)), f"torch.sum, {threads} threads ({kernels.unavailable_reason()})"
+    return (lambda: torch.sum(x)), "torch.sum"
 
 
 def measure_read_bandwidth(device: str | None = None, nbytes: int | None = None, repeats: int = 5,
                            stat: str = "median") -> float:
-    """Bytes/s of summing a buffer larger than the caches (bytes counted = buffer size), median run (or best)."""
-    import torch
+    """Bytes/s of streaming a buffer larger than the caches (bytes counted = buffer size), median run (or best).
 
+    Read as decode reads: on a CPU the engine's streaming loop with torch's threads, pinned (see `_reader`).
+    """
     device = device or default_device()
     x = _buffer(nbytes or default_buffer_bytes(device), device)
-    times = time_fn(lambda: torch.sum(x), device, warmup=2, repeats=repeats)
+    times = time_fn(_reader(x, device)[0], device, warmup=2, repeats=repeats)
     return x.numel() * x.element_size() / _pick(times, stat)
 
 
@@ -378,3 +428,137 @@ def peaks(device: str | None = None, *, refresh: bool = False, quick: bool = Fal
     tmp.write_text(json.dumps({"version": PEAKS_VERSION, **p.as_dict()}, indent=1))
     os.replace(tmp, path)
     return p
+
+
+# --- one roof for a whole run ----------------------------------------------------------------
+
+NOISY_SPREAD = 0.15  # a run's roof samples further apart than this (max - min over the median): a noisy machine
+
+
+class Roof:
+    """The roofs of one run, sampled between the measurements they are compared to.
+
+    On a shared machine the read roof moves from minute to minute (by up to 2x on shared VMs), so
+    a roof taken once makes every MBU after it unreliable. A Roof is sampled again and again
+    (`sample()`; `labkit.measure` samples it before each measurement it is given), its figures are
+    the medians of its samples, `rescore` takes every ratio of the run against the final medians,
+    and its spread says how much to trust them: above NOISY_SPREAD the run is `noisy`.
+
+        >>> roof = Roof("cpu", ("float32",))
+        >>> recs = [measure_decode(r, 1, 512, peaks=roof) for r in runners]   # one roof, every runner
+        >>> roof.sample(); roof.rescore(recs); print(roof.describe())
+    """
+
+    def __init__(self, device: str | None = None, dtypes: tuple[str, ...] | None = None, *,
+                 buffer_bytes: int | None = None, matmul_size: int | None = None, repeats: int = 3) -> None:
+        import torch
+
+        self.device = device or default_device()
+        gpu = self.device.startswith("cuda")
+        self.dtypes = tuple(dtypes or (("bfloat16",) if gpu else ("float32",)))
+        for dt in self.dtypes:
+            _torch_dtype(dt)
+        self.buffer_bytes = buffer_bytes or default_buffer_bytes(self.device)
+        self.matmul_size = matmul_size or (8192 if gpu else 2048)
+        self.repeats = repeats
+        self.threads = torch.get_num_threads()
+        self.read_samples: list[float] = []
+        self.flops_samples: dict[str, list[float]] = {dt: [] for dt in self.dtypes}
+        self.method = ""
+        self.id = f"roof-{_dt.datetime.now().strftime('%H%M%S')}-{os.getpid()}"
+        self._buf: Any = None
+
+    def sample(self, matmul: bool = True) -> float:
+        """Measures the read roof once (median of `repeats` passes) and, if `matmul`, each dtype's matmul
+        roof; returns this read sample in bytes/s."""
+        if self._buf is None:
+            self._buf = _buffer(self.buffer_bytes, self.device)
+        read, self.method = _reader(self._buf, self.device)
+        bps = self.buffer_bytes / statistics.median(time_fn(read, self.device, warmup=1, repeats=self.repeats))
+        self.read_samples.append(bps)
+        if matmul:
+            for dt in self.dtypes:
+                self.flops_samples[dt].append(measure_matmul_flops(dt, self.device, self.matmul_size, self.repeats))
+        return bps
+
+    def close(self) -> None:
+        """Frees the read buffer (the samples stay)."""
+        self._buf = None
+
+    @property
+    def read_bytes_per_s(self) -> float:
+        """Median of the read samples, bytes/s."""
+        if not self.read_samples:
+            raise ValueError("the roof has no sample yet: call sample() first")
+        return statistics.median(self.read_samples)
+
+    def peak_flops(self, dtype: str) -> float:
+        """Median of `dtype`'s matmul samples, FLOP/s."""
+        got = self.flops_samples.get(dtype) or []
+        if not got:
+            raise KeyError(f"no {dtype!r} matmul sample in this roof; sampled: "
+                           f"{[d for d, v in self.flops_samples.items() if v]}")
+        return statistics.median(got)
+
+    @staticmethod
+    def _spread(xs: list[float]) -> float:
+        return (max(xs) - min(xs)) / statistics.median(xs) if len(xs) > 1 else 0.0
+
+    @property
+    def read_spread(self) -> float:
+        """(max - min) / median of the read samples: 0.2 means they span 20% of the median."""
+        return self._spread(self.read_samples)
+
+    def flops_spread(self, dtype: str) -> float:
+        return self._spread(self.flops_samples.get(dtype) or [])
+
+    @property
+    def noisy(self) -> bool:
+        """True when a roof moved more than NOISY_SPREAD within this run: its ratios are not to be trusted."""
+        return self.read_spread > NOISY_SPREAD or any(self._spread(v) > NOISY_SPREAD for v in self.flops_samples.values())
+
+    def noise_note(self) -> str:
+        """"" on a steady machine; else one line to print next to every ratio taken against this roof."""
+        if not self.noisy:
+            return ""
+        worst = max([("read", self.read_spread)] + [(f"{d} matmul", self._spread(v)) for d, v in self.flops_samples.items()],
+                    key=lambda t: t[1])
+        return f"noisy machine: the {worst[0]} roof spread {worst[1]:.0%} (> {NOISY_SPREAD:.0%}) within this run"
+
+    def describe(self) -> str:
+        """One line: the medians, how many samples, their spread, how the read roof was measured."""
+        flops = ", ".join(f"{d} matmul {self.peak_flops(d) / 1e9:,.0f} GFLOP/s (spread {self.flops_spread(d):.0%})"
+                          for d, v in self.flops_samples.items() if v)
+        return (f"one roof for every runner ({self.id}): read {self.read_bytes_per_s / 1e9:.1f} GB/s, median of "
+                f"{len(self.read_samples)} samples, spread {self.read_spread:.0%} ({self.method}, "
+                f"{self.buffer_bytes >> 20} MiB){'; ' + flops if flops else ''}"
+                + (f" [{self.noise_note()}]" if self.noisy else ""))
+
+    def peaks(self) -> Peaks:
+        """The medians as Peaks (for charts and code that takes Peaks); copy bandwidth is not sampled: read's."""
+        flops = {d: self.peak_flops(d) for d, v in self.flops_samples.items() if v}
+        return Peaks(device=self.device, device_name=device_name(self.device), threads=self.threads,
+                     matmul_flops=flops or {self.dtypes[0]: float("inf")}, read_bytes_per_s=self.read_bytes_per_s,
+                     copy_bytes_per_s=self.read_bytes_per_s, matmul_size=self.matmul_size,
+                     buffer_bytes=self.buffer_bytes, measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(
+                         timespec="seconds"), machine_key=machine_key(self.device),
+                     notes=(self.describe(),))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "device": self.device, "device_name": device_name(self.device), "threads": self.threads,
+                "method": self.method, "buffer_bytes": self.buffer_bytes, "read_samples": self.read_samples,
+                "read_bytes_per_s": self.read_bytes_per_s, "read_spread": self.read_spread,
+                "flops_samples": self.flops_samples,
+                "peak_flops": {d: self.peak_flops(d) for d, v in self.flops_samples.items() if v},
+                "noisy": self.noisy, "noisy_spread": NOISY_SPREAD}
+
+    def rescore(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every record's MFU and MBU against this roof's final medians (in place); returns the records."""
+        for r in records:
+            dt = r.get("dtype")
+            peak = self.peak_flops(dt) if self.flops_samples.get(dt) else None
+            seconds = r["ms"] / 1e3
+            r.update(peak_flops=peak, peak_bytes_per_s=self.read_bytes_per_s,
+                     mfu=r["flops"] / seconds / peak if peak else None, mbu=r["bytes"] / seconds / self.read_bytes_per_s,
+                     roof=self.id, roof_read_spread=self.read_spread, noisy=self.noisy, roof_note=self.noise_note())
+        return records

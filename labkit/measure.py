@@ -9,6 +9,13 @@ Each record is a flat dict (a row of a pandas DataFrame): median ms, tokens/s, F
 bytes of the step (labkit.roofline), achieved FLOP/s and bytes/s, MFU against the measured
 matmul peak and MBU against the measured read bandwidth (labkit.hardware), and which runner
 produced it. Also here: the `labkit measure` command and the tour's two sections.
+
+To compare runners, give them all one `hardware.Roof`: it is sampled before each measurement,
+and `roof.rescore(records)` then takes every MFU and MBU against its final medians:
+
+    >>> roof = hardware.Roof("cpu")
+    >>> recs = [measure_decode(r, 1, 512, peaks=roof) for r in (engine, hf)]
+    >>> roof.sample(); roof.rescore(recs); print(roof.describe())
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import statistics
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from labkit.hardware import Peaks, sync, time_fn
+from labkit.hardware import Peaks, Roof, sync, time_fn
 from labkit.roofline import PhaseCost, decode_cost, prefill_cost
 
 if TYPE_CHECKING:
@@ -27,10 +34,14 @@ if TYPE_CHECKING:
     from labkit.telemetry import Sampler
 
 
-def _record(runner: Runner, cost: PhaseCost, times: list[float], peaks: Peaks | None) -> dict[str, Any]:
+RUNNER_LABELS = {"labkit-engine": "lab engine", "transformers": "transformers"}
+
+
+def _record(runner: Runner, cost: PhaseCost, times: list[float], peaks: Peaks | Roof | None) -> dict[str, Any]:
     median_s = statistics.median(times)
     rec: dict[str, Any] = {
-        "runner": runner.name, "model": runner.model, "device": runner.device, "dtype": runner.dtype,
+        "runner": runner.name, "runner_detail": getattr(runner, "detail", ""),
+        "model": runner.model, "device": runner.device, "dtype": runner.dtype,
         "phase": cost.phase, "batch": cost.batch,
         "prompt_len" if cost.phase == "prefill" else "context_len": cost.seq_len,
         "ms": median_s * 1e3, "ms_min": min(times) * 1e3, "repeats": len(times),
@@ -38,12 +49,20 @@ def _record(runner: Runner, cost: PhaseCost, times: list[float], peaks: Peaks | 
         "flops": cost.flops, "bytes": cost.bytes, "intensity_flop_per_byte": cost.intensity_flop_per_byte,
         "achieved_flops_per_s": cost.flops / median_s, "achieved_bytes_per_s": cost.bytes / median_s,
     }
-    if peaks is not None:
+    if isinstance(peaks, Roof):
+        peaks.rescore([rec])
+    elif peaks is not None:
         peak_flops = peaks.matmul_flops.get(runner.dtype)
         rec.update(peak_flops=peak_flops, peak_bytes_per_s=peaks.read_bytes_per_s,
                    mfu=cost.mfu(median_s, peak_flops) if peak_flops else None,
                    mbu=cost.mbu(median_s, peaks.read_bytes_per_s))
     return rec
+
+
+def _sample(roof: Peaks | Roof | None, dtype: str) -> None:
+    """A Roof is sampled before each measurement (its matmul roof too, the first time this dtype comes)."""
+    if isinstance(roof, Roof):
+        roof.sample(matmul=not roof.flops_samples.get(dtype))
 
 
 def _phase(sampler: Sampler | None, name: str):
@@ -63,21 +82,24 @@ def _timed(fn: Any, device: str, warmup: int, repeats: int, sampler: Sampler | N
 
 
 def measure_prefill(runner: Runner, batch: int = 1, prompt_len: int = 512, *, warmup: int = 1, repeats: int = 3,
-                    peaks: Peaks | None = None, sampler: Sampler | None = None) -> dict[str, Any]:
+                    peaks: Peaks | Roof | None = None, sampler: Sampler | None = None) -> dict[str, Any]:
     """Times `repeats` prefills (after `warmup`) of batch × prompt_len tokens; returns one record (median ms).
 
-    FLOPs count causal attention and last-token logits (labkit.roofline). peaks=None: no MFU/MBU.
+    FLOPs count causal attention and last-token logits (labkit.roofline). peaks=None: no MFU/MBU;
+    a Roof is sampled first, and the record names it (see the module's docstring).
     """
+    _sample(peaks, runner.dtype)
     times = _timed(runner.prefill_fn(batch, prompt_len), runner.device, warmup, repeats, sampler, "prefill")
     return _record(runner, prefill_cost(runner.shape, prompt_len, batch, runner.dtype), times, peaks)
 
 
 def measure_decode(runner: Runner, batch: int = 1, context_len: int = 512, *, warmup: int = 2, repeats: int = 5,
-                   peaks: Peaks | None = None, sampler: Sampler | None = None) -> dict[str, Any]:
+                   peaks: Peaks | Roof | None = None, sampler: Sampler | None = None) -> dict[str, Any]:
     """Times `repeats` decode steps of `batch` sequences at context_len; returns one record (median ms per step).
 
     tokens_per_s is output tokens per second (batch / step time); MBU counts weights + KV read.
     """
+    _sample(peaks, runner.dtype)
     times = _timed(runner.decode_fn(batch, context_len), runner.device, warmup, repeats, sampler, "decode")
     return _record(runner, decode_cost(runner.shape, batch, context_len, runner.dtype), times, peaks)
 
@@ -139,6 +161,12 @@ def _progress(items: list[Any], desc: str) -> Iterable[Any]:
         return items
 
 
+def label_runners(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies whose `model` names the runner ("lab engine", "transformers"): charts that label points by
+    model then tell the runners apart."""
+    return [dict(r, model=RUNNER_LABELS.get(r["runner"], r["runner"])) for r in records]
+
+
 def to_frame(records: list[dict[str, Any]]):
     """The records as a pandas DataFrame."""
     import pandas as pd
@@ -152,10 +180,11 @@ def format_records(records: list[dict[str, Any]]) -> str:
     lines = [head]
     for r in records:
         n = r.get("prompt_len", r.get("context_len"))
-        pct = lambda v: f"{v:7.0%}" if v is not None else "      -"
+        pct = lambda v: f"{v:7.0%}" if v is not None else "      -"  # noqa: E731
+        noisy = f"  ({r['roof_note']})" if r.get("roof_note") else ""
         lines.append(f"{r['phase']:<8}{r['batch']:>6}{n:>6}{r['ms']:>10.2f}{r['tokens_per_s']:>10.1f}"
                      f"{r['achieved_flops_per_s'] / 1e9:>10.1f}{r['achieved_bytes_per_s'] / 1e9:>8.2f}"
-                     f"{pct(r.get('mfu'))}{pct(r.get('mbu'))}  {r['runner']}")
+                     f"{pct(r.get('mfu'))}{pct(r.get('mbu'))}  {r['runner']}{noisy}")
     return "\n".join(lines)
 
 
@@ -224,11 +253,12 @@ def hardware_section(report: Any, profile: str) -> None:
 
 
 def prefill_decode_section(report: Any, profile: str) -> None:
-    """Tour: "Prefill vs decode on the default model" — roofline chart, MFU/MBU bars, summary rows."""
+    """Tour: "Prefill vs decode on the default model" — the lab engine and transformers against one roof:
+    roofline chart, MFU/MBU bars, the engine's decode batch sweep, summary rows."""
     from labkit import hardware
     from labkit.plots import roofline as rplot
     from labkit.roofline import critical_batch
-    from labkit.runners import TransformersRunner
+    from labkit.runners import EngineRunner, TransformersRunner
 
     s = report.sections[-1]
     ci = profile == "ci"
@@ -237,32 +267,49 @@ def prefill_decode_section(report: Any, profile: str) -> None:
     model, prompt_len, ctx = ("tiny", 128, 128) if ci else ("small", 512, 512)
     # The batch sweep uses a short context: filling 64 caches of 512 tokens would cost more than the tour allows.
     batches, sweep_ctx = ([4, 16], 32) if ci else ([4, 16, 64], 64)
-    # Peaks right before the workload, so both see the same load from other processes.
-    p = hardware.measure_peaks(device, quick=True) if ci else hardware.peaks(device)
-    runner = TransformersRunner(model, dtype, device)
-    recs = [measure_prefill(runner, 1, prompt_len, repeats=3, peaks=p)]
-    recs.append(measure_decode(runner, 1, ctx, repeats=5, peaks=p))
-    sweep = [measure_decode(runner, b, sweep_ctx, repeats=3, peaks=p) for b in batches]
-    runner.close()
-    pre, dec1 = recs
+    # One roof for both runners, sampled before each measurement: on a shared machine it moves.
+    roof = hardware.Roof(device, (dtype,), **({"buffer_bytes": 128 << 20, "matmul_size": 768} if ci else {}))
+    recs: list[dict[str, Any]] = []
+    sweep: list[dict[str, Any]] = []
+    for make in (EngineRunner, TransformersRunner):
+        runner = make(model, dtype, device)
+        recs += [measure_prefill(runner, 1, prompt_len, repeats=3, peaks=roof),
+                 measure_decode(runner, 1, ctx, repeats=5, peaks=roof)]
+        if make is EngineRunner:
+            sweep = [measure_decode(runner, b, sweep_ctx, repeats=3, peaks=roof) for b in batches]
+        shape = runner.shape
+        runner.close()
+    roof.sample()
+    roof.rescore(recs + sweep)
+    roof.close()
+    p = roof.peaks()
+    (pre, dec1), (hf_pre, hf_dec1) = recs[:2], recs[2:]
     ridge = p.ridge_flop_per_byte(dtype)
-    crit = critical_batch(runner.shape, ridge, dtype, sweep_ctx)
-    s.paragraphs.append(f"{model} ({runner.shape.parameter_count / 1e6:,.1f} M parameters, {dtype}) with the "
-                        f"transformers runner. Prefill of {prompt_len} tokens: {pre['intensity_flop_per_byte']:,.0f} "
-                        f"FLOP/byte, right of the ridge ({ridge:.1f}); batch-1 decode: "
-                        f"{dec1['intensity_flop_per_byte']:.2f} FLOP/byte, on the bandwidth slope. "
-                        f"At context {sweep_ctx}, decode turns compute-bound at batch "
-                        f"{crit or 'never (KV bytes grow with the batch)'}.")
+    crit = critical_batch(shape, ridge, dtype, sweep_ctx)
+    s.paragraphs.append(
+        f"{model} ({shape.parameter_count / 1e6:,.1f} M parameters, {dtype}), measured with the lab engine "
+        f"({pre['runner_detail'] or 'labkit.engine'}) and, beside it, the transformers loop. Prefill of "
+        f"{prompt_len} tokens: {pre['intensity_flop_per_byte']:,.0f} FLOP/byte, right of the ridge ({ridge:.1f}); "
+        f"batch-1 decode: {dec1['intensity_flop_per_byte']:.2f} FLOP/byte, on the bandwidth slope, where the "
+        f"engine reads its weights at {dec1['mbu']:.0%} of the read roof and transformers at {hf_dec1['mbu']:.0%}. "
+        f"At context {sweep_ctx}, decode turns compute-bound at batch "
+        f"{crit or 'never (KV bytes grow with the batch)'}.")
+    s.paragraphs.append(f"Roof: {roof.describe()}." + (f" {roof.noise_note()}: read the ratios with care."
+                                                        if roof.noisy else ""))
     s.tables.append(("Measurements", [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                                        if k in ("phase", "batch", "prompt_len", "context_len", "ms", "tokens_per_s",
-                                                "mfu", "mbu", "runner")} for r in recs + sweep]))
-    fig = rplot.roofline_chart(p, recs + sweep, dtype=dtype, datasheet=None)
-    report.add_figure(s, fig, "roofline", "Roofline of this machine with measured prefill and decode points")
-    fig = rplot.utilization_bars(recs)
-    report.add_figure(s, fig, "mfu_mbu", "MFU and MBU per phase")
+                                                "mfu", "mbu", "runner", "noisy")} for r in recs + sweep]))
+    fig = rplot.roofline_chart(p, label_runners(recs + sweep), dtype=dtype, datasheet=None)
+    report.add_figure(s, fig, "roofline", "Roofline of this machine: the lab engine's points and transformers' beside them")
+    fig = rplot.utilization_bars([pre, dec1], title=f"{model}: MFU in prefill, MBU in decode (lab engine)")
+    report.add_figure(s, fig, "mfu_mbu", "MFU and MBU per phase, lab engine (transformers' in the table)")
     fig = rplot.decode_batch_sweep([dec1] + sweep if sweep_ctx == ctx else sweep, crit,
-                                   title=f"{model}: decode batch sweep (context {sweep_ctx})")
-    report.add_figure(s, fig, "decode_sweep", "Decode tokens/s, MFU and MBU against the batch size")
-    report.add_summary(f"prefill MFU ({model}, {prompt_len} tok)", f"{pre['mfu']:.0%}", "transformers runner")
-    report.add_summary(f"decode MBU ({model}, batch 1)", f"{dec1['mbu']:.0%}", "transformers runner")
+                                   title=f"{model}: decode batch sweep, lab engine (context {sweep_ctx})")
+    report.add_figure(s, fig, "decode_sweep", "Decode tokens/s, MFU and MBU against the batch size (lab engine)")
+    noisy = " (noisy machine)" if roof.noisy else ""
+    for label, a, b in (("prefill MFU", pre, hf_pre), ("decode MBU", dec1, hf_dec1)):
+        key = "mfu" if label.startswith("prefill") else "mbu"
+        what = f"{model}, {prompt_len} tok" if key == "mfu" else f"{model}, batch 1"
+        report.add_summary(f"{label} ({what})", f"{a[key]:.0%}", f"lab engine; transformers {b[key]:.0%}{noisy}")
     report.data["prefill_vs_decode"] = recs + sweep
+    report.data["roof"] = roof.as_dict()

@@ -9,7 +9,8 @@ but the model's work:
     >>> step()          # one decode step; the cache is cut back, so every call sees 512 tokens
 
 Two runners: `TransformersRunner` (Hugging Face transformers, eager PyTorch with SDPA) and
-`EngineRunner` (the lab's own engine, `labkit.engine`). Measurements say which produced them.
+`EngineRunner` (the lab's own engine, `labkit.engine`: on a CPU its native kernels stream
+every weight once per decode step). Measurements say which produced them (`name`, `detail`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ StepFn = Callable[[], None]
 
 class Runner(Protocol):
     name: str            # "transformers" | "labkit-engine"
+    detail: str          # how it ran, in a few words ("" when there is nothing to add)
     model: str
     dtype: str
     device: str
@@ -54,6 +56,7 @@ class TransformersRunner:
     """A Hugging Face transformers causal LM: prefill with logits for the last token only, as serving does."""
 
     name = "transformers"
+    detail = ""
 
     def __init__(self, model: str = "small", dtype: str = "float32", device: str = "cpu", *,
                  random_weights: bool = False, hf_model: Any | None = None) -> None:
@@ -139,8 +142,13 @@ class EngineRunner:
                                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=256,
                                           policy="prefill_first",
                                           **{"enable_prefix_caching": False, **kv, **engine_kw}))
+        from labkit.engine import kernels
         from labkit.models import load_config
 
+        m = self.engine.model
+        pinned = ", threads pinned" if m.native and kernels.pin_threads() else ""
+        self.detail = ("" if device != "cpu" else f"native CPU kernels{pinned}" if m.native
+                       else f"PyTorch paths ({m.native_note or 'native_kernels=False'})")
         self.shape = ModelShape.from_config(load_config(self.model))
         self.max_len: int | None = self.engine.max_model_len
         self._live: list[str] = []

@@ -98,16 +98,24 @@ def test_decode_in_gather_pieces_matches_transformers(pair, monkeypatch) -> None
     assert_pool_full(eng)
 
 
-@pytest.mark.parametrize("onednn", ["1", "0"])
-def test_fused_and_plain_linear_paths_match_transformers(monkeypatch, onednn: str) -> None:
-    """The oneDNN path (packed weights, SiLU/gate*up/residual fused) and plain F.linear agree with transformers."""
+@pytest.mark.parametrize("path", ["native", "onednn", "plain"])
+def test_fused_and_plain_linear_paths_match_transformers(monkeypatch, path: str) -> None:
+    """The native kernels (on oneDNN's packed bytes), the oneDNN path (packed weights, SiLU/gate*up/residual
+    fused) and plain F.linear agree with transformers."""
+    from labkit.engine import kernels
     from labkit.engine.model import onednn_enabled
 
-    monkeypatch.setenv("LABKIT_ONEDNN", onednn)
-    if onednn == "1" and not onednn_enabled(torch.device("cpu"), torch.float32):
+    monkeypatch.setenv("LABKIT_ONEDNN", "0" if path == "plain" else "1")
+    if path != "plain" and not onednn_enabled(torch.device("cpu"), torch.float32):
         pytest.skip("this PyTorch build has no oneDNN")
-    eng = Engine(EngineConfig(model="tiny-qwen2"))  # qkv bias and tied embeddings: every fused call has work
-    assert eng.model.layers[0].qkv.is_mkldnn == (onednn == "1")
+    if path == "native" and not kernels.available():
+        pytest.skip(f"native kernels unavailable: {kernels.unavailable_reason()}")
+    # qkv bias and tied embeddings: every fused call has work
+    eng = Engine(EngineConfig(model="tiny-qwen2", native_kernels=path == "native"))
+    qkv = eng.model.layers[0].qkv
+    assert isinstance(qkv, kernels.PackedWeight) == (path == "native")
+    assert (qkv.onednn if path == "native" else qkv).is_mkldnn == (path != "plain")  # type: ignore[union-attr]
+    assert eng.model.native == (path == "native")
     hf = hf_model(ensure_model("tiny-qwen2", quiet=True))
     p = prompt_of(40, salt=5)
     assert rel_err(eng.prompt_logits(p), hf_logits(hf, p)) < 1e-4

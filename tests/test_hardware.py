@@ -88,3 +88,62 @@ def test_bad_input():
         hardware.measure_read_bandwidth("cpu", nbytes=2 << 20, stat="mean")
     with pytest.raises(ValueError, match="repeats"):
         hardware.time_fn(lambda: None, "cpu", repeats=0)
+
+
+def _roof_with(read: list[float], flops: list[float]) -> hardware.Roof:
+    """A Roof holding given samples (measuring them is the other tests' job)."""
+    roof = hardware.Roof("cpu", ("float32",), buffer_bytes=2 << 20, matmul_size=64)
+    roof.read_samples, roof.flops_samples = list(read), {"float32": list(flops)}
+    return roof
+
+
+def test_roof_reports_median_and_spread_and_says_when_the_machine_is_noisy():
+    steady = _roof_with([30e9, 31e9, 32e9], [200e9, 210e9, 205e9])
+    assert steady.read_bytes_per_s == 31e9 and steady.peak_flops("float32") == 205e9
+    assert steady.read_spread == pytest.approx(2 / 31) and not steady.noisy and steady.noise_note() == ""
+    moving = _roof_with([31e9, 44e9, 59e9, 61e9], [200e9, 205e9])   # the rounds issue 19 saw on this VM
+    assert moving.read_bytes_per_s == 51.5e9 and moving.read_spread == pytest.approx(30 / 51.5)
+    assert moving.noisy and "noisy machine: the read roof spread 58%" in moving.noise_note()
+    assert "noisy machine" in moving.describe() and "median of 4 samples" in moving.describe()
+    assert _roof_with([30e9, 30e9], [100e9, 200e9]).noise_note().startswith("noisy machine: the float32 matmul roof")
+    p = steady.peaks()  # the medians, as Peaks, for charts and code that takes Peaks
+    assert p.read_bytes_per_s == 31e9 and p.peak_flops("float32") == 205e9 and steady.id in p.notes[0]
+
+
+def test_roof_rescores_every_record_against_its_final_medians():
+    roof = _roof_with([20e9], [100e9])
+    recs = [{"dtype": "float32", "ms": 10.0, "flops": 1e9, "bytes": 1e8},
+            {"dtype": "bfloat16", "ms": 5.0, "flops": 1e9, "bytes": 1e8}]
+    roof.rescore(recs)
+    assert recs[0]["mbu"] == pytest.approx(1e8 / 0.01 / 20e9) and recs[0]["mfu"] == pytest.approx(1e9 / 0.01 / 100e9)
+    roof.read_samples += [40e9, 40e9]   # later samples move the median: every record follows it
+    roof.rescore(recs)
+    assert recs[0]["mbu"] == pytest.approx(1e8 / 0.01 / 40e9) and recs[0]["noisy"] and recs[0]["roof"] == roof.id
+    assert recs[1]["mfu"] is None and recs[1]["mbu"] == pytest.approx(1e8 / 0.005 / 40e9)  # no bf16 matmul sample
+
+
+def test_roof_samples_read_and_matmul_on_this_machine():
+    roof = hardware.Roof("cpu", ("float32",), buffer_bytes=64 << 20, matmul_size=128, repeats=2)
+    with pytest.raises(ValueError, match="no sample"):
+        _ = roof.read_bytes_per_s
+    first = roof.sample()
+    roof.sample(matmul=False)
+    assert len(roof.read_samples) == 2 and len(roof.flops_samples["float32"]) == 1
+    assert roof.read_samples[0] == first and 0.5e9 < roof.read_bytes_per_s < 2e12
+    assert roof.method and roof.as_dict()["read_samples"] == roof.read_samples
+    roof.close()
+    with pytest.raises(KeyError, match="bfloat16"):
+        roof.peak_flops("bfloat16")
+
+
+def test_read_roof_is_read_the_way_decode_reads():
+    """On a CPU with the native kernels, the roof is their streaming loop (threads pinned), not torch.sum."""
+    from labkit.engine import kernels
+
+    x = hardware._buffer(2 << 20, "cpu")
+    _, how = hardware._reader(x, "cpu")
+    if kernels.available():
+        assert how.startswith("the engine's AVX2 streaming loop")
+    else:
+        assert how.startswith("torch.sum") and kernels.unavailable_reason() in how
+    assert hardware.default_buffer_bytes("cpu") >= 8 * hardware.llc_bytes() >= 8 << 20

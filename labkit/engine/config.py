@@ -45,6 +45,9 @@ class EngineConfig:
         "on a GPU, replay decode-only steps as CUDA graphs, one per (batch, context) bucket (labkit.engine.cuda_graphs)"))
     random_weights: bool = field(default=False, metadata=doc(
         "build the preset's shape with random weights directly on the device, no files (tokens are meaningless)"))
+    native_kernels: bool = field(default=True, metadata=doc(
+        "on a CPU, run small-batch matmuls and decode attention in the lab's AVX2 kernels (labkit.engine.kernels); "
+        "where they cannot build or run, the engine says why once and uses its PyTorch paths"))
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -101,7 +101,7 @@ class DecodeGraphs:
         slots = g.blocks.gather(1, (pos // self.bs)[:, None])[:, 0] * self.bs + pos % self.bs
         width = g.blocks.shape[1] * self.bs
         mask = (torch.arange(width, device=self.device)[None, :] < g.ctx[:, None]).view(g.ctx.shape[0], 1, 1, width)
-        meta = AttentionMeta(slots, g.ctx.shape[0], g.blocks, mask, [])
+        meta = AttentionMeta(slots, g.ctx.shape[0], g.blocks, mask, [], g.ctx)
         return self.forward(g.ids, pos, meta, self.cache, None)
 
     def _pad(self, g: _Graph) -> None:

@@ -13,11 +13,13 @@ import hashlib
 import itertools
 import json
 import time
+import warnings
 from collections.abc import Sequence as Seq
 from dataclasses import asdict
 
 import torch
 
+from labkit.engine import kernels
 from labkit.engine.config import EngineConfig, RequestError, SamplingParams, check_context
 from labkit.engine.cuda_graphs import DecodeGraphs
 from labkit.engine.kv_cache import BlockPool, KVCache
@@ -62,7 +64,12 @@ class Engine:
         self.model_config = mc = ModelConfig.from_hf(hf)
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         self.model = CausalLM(mc, weights, self.dtype, self.device, self.max_model_len,
-                              rows_hint=cfg.max_num_batched_tokens)
+                              rows_hint=cfg.max_num_batched_tokens, native=cfg.native_kernels)
+        if self.model.native_note:
+            warnings.warn(f"labkit engine: native CPU kernels not used ({self.model.native_note}); "
+                          "PyTorch paths instead (same results, slower small-batch decode)", RuntimeWarning, stacklevel=2)
+        elif self.model.native:
+            kernels.pin_threads()
         del weights
         self.kv_bytes_per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.dtype)
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // (cfg.block_size * self.kv_bytes_per_token))
@@ -230,13 +237,14 @@ class Engine:
         nd = len(batch.decodes)
         if self._graphs is not None and not batch.chunks and self._graphs.fits(batch.decodes):
             return self._finish_run(batch, self._graphs.run(batch.decodes), list(batch.decodes), None)
-        decode_blocks = decode_mask = None
+        decode_blocks = decode_mask = decode_ctx = None
         if nd:
             width = max(len(s.block_table) for s in batch.decodes)
             tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.decodes]
             decode_blocks = torch.tensor(tables, dtype=torch.int64, device=dev)
-            ctx = torch.tensor([len(s.token_ids) for s in batch.decodes], device=dev)
-            decode_mask = (torch.arange(width * bs, device=dev)[None, :] < ctx[:, None]).view(nd, 1, 1, -1)
+            decode_ctx = ctx = torch.tensor([len(s.token_ids) for s in batch.decodes], device=dev)
+            if not self.model.native_decode_attention(nd):  # the native kernel reads the context lengths instead
+                decode_mask = (torch.arange(width * bs, device=dev)[None, :] < ctx[:, None]).view(nd, 1, 1, -1)
             for i, s in enumerate(batch.decodes):
                 p = len(s.token_ids) - 1
                 ids.append(s.token_ids[-1])
@@ -257,7 +265,7 @@ class Engine:
             if ctx_len == len(s.token_ids):
                 sample_rows.append(row + n - 1)
                 sample_seqs.append(s)
-        meta = AttentionMeta(torch.cat(slots), nd, decode_blocks, decode_mask, chunks)
+        meta = AttentionMeta(torch.cat(slots), nd, decode_blocks, decode_mask, chunks, decode_ctx)
         hook = self._layer_kv_hook(batch)
         # The compiled forward (GPU) only sees decode-only batches: their shapes repeat, chunk loops do not.
         fwd = self._forward if not chunks else self.model.forward

@@ -3,7 +3,13 @@
 One `forward` serves every step: the tokens of all scheduled sequences are flattened into one
 row-per-token batch, so every weight is read once per step (one matmul per weight). Only
 attention looks at sequences one by one: decode rows go through one batched SDPA call over
-their gathered blocks; prompt chunks go through SDPA one sequence each (causal).
+their gathered blocks (small batches on a CPU with the native kernels: one pass through the
+block tables, `labkit.engine.kernels`); prompt chunks go through SDPA one sequence each (causal).
+
+Where the weights live on a CPU: fp32 weights are packed once in oneDNN's layout, and the same
+bytes serve oneDNN (many rows: prefill, big decode batches) and the native kernel (up to
+`kernels.SMALL_M` rows: small decode batches, at the bandwidth roof). bf16 weights are packed
+once for the native kernel, which serves every row count.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from labkit.engine import kernels
+from labkit.engine.kernels import PackedWeight
 from labkit.engine.kv_cache import KVCache
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -108,19 +116,23 @@ class AttentionMeta:
     decode_blocks: torch.Tensor | None         # [num_decode, max_blocks] int64
     decode_mask: torch.Tensor | None           # [num_decode, 1, 1, max_blocks * block_size] bool
     chunks: list[tuple[int, int, int, torch.Tensor | None]]
+    decode_ctx: torch.Tensor | None = None     # [num_decode] int64: tokens each decode row attends
+
+
+Weight = torch.Tensor | PackedWeight  # dense, oneDNN-packed, or packed for the native kernels
 
 
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor              # q, k, v projections stacked: one matmul instead of three
+    qkv: Weight                    # q, k, v projections stacked: one matmul instead of three
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: Weight
     post_norm: torch.Tensor
-    gate_up: torch.Tensor | None   # gate and up stacked (None when packed for oneDNN: see `mlp`)
-    down: torch.Tensor
-    gate: torch.Tensor | None = None
-    up: torch.Tensor | None = None
+    gate_up: torch.Tensor | None   # gate and up stacked (None when packed: see `mlp`)
+    down: Weight
+    gate: Weight | None = None
+    up: Weight | None = None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -149,9 +161,13 @@ def pack(w: torch.Tensor, rows_hint: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, act: str = "none",
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, *, act: str = "none",
            mul: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
-    """act(x @ w.T + b), then `* mul` or `+ add` if given: one oneDNN call when `w` is packed (see `pack`)."""
+    """act(x @ w.T + b), then `* mul` or `+ add` if given: one native or oneDNN call when `w` is packed."""
+    if isinstance(w, PackedWeight):
+        if w.onednn is None or x.shape[0] <= kernels.SMALL_M:
+            return kernels.gemm(x, w, b, act=act, mul=mul, add=add)
+        w = w.onednn
     if w.is_mkldnn:
         lp = torch.ops.mkldnn._linear_pointwise
         x = x.contiguous()
@@ -160,7 +176,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, a
             other, op = (mul, "mul") if mul is not None else (add, "add")
             return lp.binary(x, other.contiguous(), w, b, op)
         return lp(x, w, b, "swish" if act == "silu" else act, [], "")
-    y = F.linear(x, w, b)
+    if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not kernels.cpu_has_bf16_matmul():
+        # torch's bf16 matmul is emulated on such CPUs (~0.1 GFLOP/s): fp32 math on the bf16 values,
+        # as the native kernel does, when the native kernels cannot run.
+        y = F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+    else:
+        y = F.linear(x, w, b)
     if act == "silu":
         y = F.silu(y)
     elif act != "none":
@@ -200,7 +221,8 @@ class CausalLM:
     """Weights plus the forward pass. Holds no per-request state: the KV cache is passed in."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, max_model_len: int, rows_hint: int = 2048) -> None:
+                 device: torch.device, max_model_len: int, rows_hint: int = 2048, native: bool = False) -> None:
+        """native: on a CPU, use `labkit.engine.kernels` where they can run (see `native_note`)."""
         self.cfg = cfg
         put = lambda name: weights[name].to(device=device, dtype=dtype).contiguous()  # noqa: E731
         self.embed = put("model.embed_tokens.weight")
@@ -217,38 +239,74 @@ class CausalLM:
                 o=put(a + "o_proj.weight"), post_norm=put(p + "post_attention_layernorm.weight"),
                 gate_up=torch.cat([put(m + "gate_proj.weight"), put(m + "up_proj.weight")]),
                 down=put(m + "down_proj.weight")))
-        if onednn_enabled(device, dtype):
-            p = lambda w: pack(w, rows_hint)  # noqa: E731
-            self.lm_head = p(self.lm_head)  # a packed copy: the embedding lookup keeps the dense one
-            for lw in self.layers:
-                gate, up = lw.gate_up.chunk(2)
-                lw.qkv, lw.o, lw.down, lw.gate, lw.up, lw.gate_up = p(lw.qkv), p(lw.o), p(lw.down), p(gate), p(up), None
+        self.native_note = self._pack(device, dtype, rows_hint, native)
+        # True where the native kernels run: small matmuls and decode attention, norms, RoPE + KV writes.
+        self.native = native and not self.native_note and device.type == "cpu"
         freqs = torch.outer(torch.arange(max_model_len, dtype=torch.float32), rope_inv_freq(cfg))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
         self.sin = emb.sin().to(device=device, dtype=dtype)
+
+    def _pack(self, device: torch.device, dtype: torch.dtype, rows_hint: int, native: bool) -> str:
+        """Packs the matmul weights once for this device; returns why the native kernels are not used ("": used)."""
+        want = native and device.type == "cpu"
+        why = "" if not want else kernels.unavailable_reason()
+        use = want and not why
+        if onednn_enabled(device, dtype):
+            def p(w: torch.Tensor) -> Weight:
+                packed = pack(w, rows_hint)
+                return (kernels.adopt_onednn(packed, w) or packed) if use else packed
+        elif use and dtype == torch.bfloat16:
+            p = kernels.pack_bf16
+        else:
+            return why or ("" if not want else f"the native kernels take oneDNN-packed fp32 or bf16 weights, not {dtype}"
+                           + (" (LABKIT_ONEDNN=0)" if dtype == torch.float32 else ""))
+        self.lm_head = p(self.lm_head)  # a packed copy: the embedding lookup keeps the dense one
+        for lw in self.layers:
+            gate, up = lw.gate_up.chunk(2)
+            lw.qkv, lw.o, lw.down, lw.gate, lw.up, lw.gate_up = p(lw.qkv), p(lw.o), p(lw.down), p(gate), p(up), None
+        weights = [self.lm_head] + [w for lw in self.layers for w in (lw.qkv, lw.o, lw.down, lw.gate, lw.up)]
+        if use and not all(isinstance(w, PackedWeight) for w in weights):
+            return "oneDNN packed some weights in a layout the native kernel does not read"
+        return why
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, cache: KVCache,
                 layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
         """Final hidden states [rows, hidden] after writing every row's K/V into `cache`."""
         c = self.cfg
         rows = input_ids.shape[0]
-        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q_dim = c.num_heads * c.head_dim
         x = F.embedding(input_ids, self.embed)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        # The native path rotates and stores q/k/v in one call per layer and norms in one call:
+        # at batch 1 every small op left costs a visible share of a step at the bandwidth roof.
+        norm = kernels.rms_norm if self.native else rms_norm
+        rope = None if self.native else (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
         for i, lw in enumerate(self.layers):
-            h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
-            qk, v = linear(h, lw.qkv, lw.qkv_bias).split([q_dim + kv_dim, kv_dim], dim=-1)
-            # q and k heads side by side: one rotation for both.
-            q, k = apply_rope(qk.unflatten(-1, (-1, c.head_dim)), cos, sin).split([c.num_heads, c.num_kv_heads], dim=1)
-            v = v.unflatten(-1, (c.num_kv_heads, c.head_dim))
-            cache.write(i, meta.slot_mapping, k, v)
+            h = norm(x, lw.input_norm, c.rms_norm_eps)
+            q, k, v = self._rotate_and_store(i, linear(h, lw.qkv, lw.qkv_bias), positions, rope, meta, cache)
             attn = self._attention(i, q, k, v, meta, cache)
             x = linear(attn.reshape(rows, q_dim), lw.o, add=x)
-            x = mlp(x, rms_norm(x, lw.post_norm, c.rms_norm_eps), lw)
+            x = mlp(x, norm(x, lw.post_norm, c.rms_norm_eps), lw)
             if layer_hook is not None:
                 layer_hook(i)
-        return rms_norm(x, self.norm, c.rms_norm_eps)
+        return norm(x, self.norm, c.rms_norm_eps)
+
+    def _rotate_and_store(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor,
+                          rope: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMeta,
+                          cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q and k rotated, and v, each [rows, heads, head_dim], from one layer's projections; k and v written
+        into the cache."""
+        c = self.cfg
+        heads = qkv.unflatten(-1, (-1, c.head_dim))   # [rows, heads + 2 kv_heads, head_dim]
+        if rope is None:  # native: rotated in place, stored in the same call
+            kernels.rope_write(qkv, c.num_heads, c.num_kv_heads, self.cos, self.sin, positions, cache.k[layer],
+                               cache.v[layer], meta.slot_mapping)
+            q, k, v = heads.split([c.num_heads, c.num_kv_heads, c.num_kv_heads], dim=1)
+            return q, k, v
+        qk, v = heads.split([c.num_heads + c.num_kv_heads, c.num_kv_heads], dim=1)
+        q, k = apply_rope(qk, *rope).split([c.num_heads, c.num_kv_heads], dim=1)  # q and k side by side: one rotation
+        cache.write(layer, meta.slot_mapping, k, v)
+        return q, k, v
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [rows, vocab] of the given final hidden rows."""
@@ -260,25 +318,12 @@ class CausalLM:
         group = c.num_heads // c.num_kv_heads
         nd = meta.num_decode
         if nd:
-            # Decode: each kv head serves `group` query heads, so queries are laid out
-            # [seq, kv_head, group, dim] and attend without repeating K/V. On a CPU the blocks
-            # are gathered a few sequences at a time, so the copy is still in cache when SDPA
-            # reads it (one DRAM pass over the KV instead of three); a GPU takes all at once.
-            qd = q[:nd].reshape(nd, c.num_kv_heads, group, c.head_dim)
-            assert meta.decode_blocks is not None
-            per_seq = cache.block_bytes * meta.decode_blocks.shape[1] * 2
-            step = nd if q.device.type != "cpu" else max(1, min(nd, CPU_GATHER_BYTES // per_seq))
-            parts = []
-            for s in range(0, nd, step):
-                kb, vb = cache.gather(layer, meta.decode_blocks[s:s + step])   # [n, kv_heads, ctx, dim]
-                mask = meta.decode_mask[s:s + step] if meta.decode_mask is not None else None
-                parts.append(F.scaled_dot_product_attention(qd[s:s + step], kb, vb, attn_mask=mask))
-            o = parts[0] if len(parts) == 1 else torch.cat(parts)
+            o = self._decode_attention(layer, q[:nd], meta, cache)
             if not meta.chunks:
-                return o.reshape(nd, c.num_heads, c.head_dim)
+                return o
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = o.reshape(nd, c.num_heads, c.head_dim)
+            out[:nd] = o
         for start, n, ctx, blocks in meta.chunks:
             qs = q[start:start + n].transpose(0, 1).unsqueeze(0)   # [1, heads, n, dim]
             if ctx == n:  # the whole context is in this chunk: causal attention over fresh K/V
@@ -293,3 +338,31 @@ class CausalLM:
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=group > 1)
             out[start:start + n] = o[0].transpose(0, 1)
         return out
+
+    def native_decode_attention(self, num_decode: int) -> bool:
+        """Whether decode attention of `num_decode` rows runs in the native kernel: small batches. Big ones
+        gather their blocks and use SDPA, whose blocked kernel was about twice as fast at batch 64 here."""
+        return self.native and num_decode <= kernels.SMALL_M
+
+    def _decode_attention(self, layer: int, q: torch.Tensor, meta: AttentionMeta, cache: KVCache) -> torch.Tensor:
+        """Decode rows [nd, heads, dim] attending their paged contexts; returns [nd, heads, dim]."""
+        c = self.cfg
+        nd, group = q.shape[0], c.num_heads // c.num_kv_heads
+        assert meta.decode_blocks is not None
+        if self.native_decode_attention(nd) and meta.decode_ctx is not None:  # one pass over K and V, no copy
+            return kernels.decode_attention(q, cache.k[layer], cache.v[layer], meta.decode_blocks, meta.decode_ctx,
+                                            cache.block_size)
+        # Each kv head serves `group` query heads, so queries are laid out [seq, kv_head, group, dim]
+        # and attend without repeating K/V. On a CPU the blocks are gathered a few sequences at a
+        # time, so the copy is still in cache when SDPA reads it (one DRAM pass over the KV instead
+        # of three); a GPU takes all at once.
+        qd = q.reshape(nd, c.num_kv_heads, group, c.head_dim)
+        per_seq = cache.block_bytes * meta.decode_blocks.shape[1] * 2
+        step = nd if q.device.type != "cpu" else max(1, min(nd, CPU_GATHER_BYTES // per_seq))
+        parts = []
+        for s in range(0, nd, step):
+            kb, vb = cache.gather(layer, meta.decode_blocks[s:s + step])   # [n, kv_heads, ctx, dim]
+            mask = meta.decode_mask[s:s + step] if meta.decode_mask is not None else None
+            parts.append(F.scaled_dot_product_attention(qd[s:s + step], kb, vb, attn_mask=mask))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return o.reshape(nd, c.num_heads, c.head_dim)
