@@ -104,14 +104,7 @@ def bandwidth_with_references(rows: Sequence[Mapping[str, Any]], reference_rows:
     for link in computed:
         ax.plot(sizes, [n / link.seconds(n) / 1e9 for n in sizes], linestyle=":", linewidth=2.6,
                 label=f"{link.label} (computed from the datasheet)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("payload (bytes, log scale)")
-    ax.set_ylabel("GB/s (1e9 bytes per second, log scale)")
-    ax.set_title(title)
-    ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    return fig, ax
+    return _log_log(fig, ax, "payload (bytes, log scale)", "GB/s (1e9 bytes per second, log scale)", title)
 
 
 def layerwise_measured_vs_predicted(rows: Sequence[Mapping[str, Any]], predicted_s: Sequence[float]):
@@ -148,10 +141,15 @@ def exposed_transfer_vs_prompt(prompt_lens: Sequence[int], curves: Sequence[Mapp
                           label=f"{c['label']}: layer by layer")
         ax.plot(prompt_lens, [max(s, 1e-7) * 1e3 for s in c["at_end_s"]], linestyle="--", color=line.get_color(),
                 label=f"{c['label']}: after the prefill")
+    return _log_log(fig, ax, "prompt length (tokens)", "wait for the KV after the prefill (ms, log)", title)
+
+
+def _log_log(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str) -> tuple[Any, Any]:
+    """Both axes log (x in powers of two), labels, title, the legend right of the plot; returns (fig, ax)."""
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("wait for the KV after the prefill (ms, log)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

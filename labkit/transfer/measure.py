@@ -70,6 +70,14 @@ def _bench_kv(request_id: str, endpoint: str, nbytes: int, **kw: Any) -> Any:
     return kv
 
 
+def _reserver(tx: Any, endpoint: str) -> Any:
+    """shm: pre-fault a segment before each timed send, as a registered buffer would be; others: nothing
+    (cuda-ipc's sender is an shm sender whose bytes stay on the GPU: no host segment to fault)."""
+    if hasattr(tx, "reserve") and kv_device_for(endpoint) == "cpu":
+        return tx.reserve
+    return lambda nbytes: None
+
+
 @dataclass
 class ReceiverProcess:
     """A sink receiver in its own process: accepts transfers and drops them after the ack."""
@@ -125,11 +133,11 @@ def time_sends(endpoint: str, token: str, nbytes: int, repeats: int = 3, link: L
         dst_t.fill_(1)
         dst = tensor_bytes(dst_t)
     with open_sender(endpoint, token=token, link=link) as tx:
+        reserve = _reserver(tx, endpoint)
         secs: list[float] = []
         copy_secs: list[float] = []
         for i in range(repeats + 1):
-            if hasattr(tx, "reserve"):
-                tx.reserve(kv.nbytes)
+            reserve(kv.nbytes)
             if src is not None and dst is not None:
                 t0 = time.perf_counter()
                 half = kv.nbytes // 2
@@ -160,13 +168,12 @@ def layerwise_vs_at_end(endpoint: str, token: str, nbytes: int, compute_s: float
     kv = _bench_kv("lw", endpoint, nbytes, num_layers=layers)
     per_layer = compute_s / kv.num_layers
     with open_sender(endpoint, token=token, link=link) as tx:
-        if hasattr(tx, "reserve"):
-            tx.reserve(kv.nbytes)
+        reserve = _reserver(tx, endpoint)
+        reserve(kv.nbytes)
         kv.request_id = "alone"
         transfer_only = tx.send(kv, timeout_s=600).seconds
 
-        if hasattr(tx, "reserve"):
-            tx.reserve(kv.nbytes)
+        reserve(kv.nbytes)
         t0 = time.perf_counter()
         for _ in range(kv.num_layers):
             time.sleep(per_layer)
@@ -174,8 +181,7 @@ def layerwise_vs_at_end(endpoint: str, token: str, nbytes: int, compute_s: float
         tx.send(kv, timeout_s=600)
         at_end = time.perf_counter() - t0
 
-        if hasattr(tx, "reserve"):
-            tx.reserve(kv.nbytes)
+        reserve(kv.nbytes)
         kv.request_id = "layerwise"
         t0 = time.perf_counter()
         with tx.begin(KVMeta.from_export(kv), timeout_s=600) as s:
