@@ -7,6 +7,7 @@ from typing import Any
 from labkit.plots.style import PHASE_COLORS, new_figure
 
 BACKEND_COLORS = {"memcpy": "#000000", "memcpy (GPU)": "#555555", "shm": "#2ca02c", "tcp": "#1f77b4", "nixl": "#9467bd", "cuda-ipc": "#d62728"}
+COMPUTED_COLORS = ("#bcbd22", "#e377c2", "#8c564b")   # computed links: colours no backend uses
 _HOW_STYLE = {"measured": "-", "emulated": "--", "computed": ":"}
 
 
@@ -101,8 +102,8 @@ def bandwidth_with_references(rows: Sequence[Mapping[str, Any]], reference_rows:
                 linestyle=(0, (5, 3)), alpha=0.75, color=BACKEND_COLORS.get(backend),
                 label=f"{backend}, {reference_label}")
     sizes = sorted({r["nbytes"] for r in [*rows, *reference_rows]})
-    for link in computed:
-        ax.plot(sizes, [n / link.seconds(n) / 1e9 for n in sizes], linestyle=":", linewidth=2.6,
+    for link, color in zip(computed, COMPUTED_COLORS):
+        ax.plot(sizes, [n / link.seconds(n) / 1e9 for n in sizes], linestyle=":", linewidth=2.8, color=color,
                 label=f"{link.label} (computed from the datasheet)")
     return _log_log(fig, ax, "payload (bytes, log scale)", "GB/s (1e9 bytes per second, log scale)", title)
 
@@ -153,4 +154,20 @@ def _log_log(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str) -> tuple[A
     ax.set_title(title)
     ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
+    return fig, ax
+
+
+def break_even_links(gbps_by_gpus: Mapping[int, float], links: Sequence[Any], title: str):
+    """Per tensor-parallel size, the link speed (Gbit/s) at which shipping the KV matches recomputing it
+    (bars), with datacenter links (labkit.links.Link, dotted) across them. Log x; returns (fig, ax)."""
+    fig, ax = new_figure(figsize=(11, 5))
+    ax.barh([f"recompute on {g} GPUs (TP {g})" for g in gbps_by_gpus], list(gbps_by_gpus.values()), left=1.0,
+            color=PHASE_COLORS["prefill"], alpha=0.8)
+    for link in links:
+        ax.axvline(link.gbps, color="#555555", ls=":", lw=1.5)
+        ax.annotate(link.label, (link.gbps, -0.45), rotation=90, va="bottom", ha="right", fontsize=10)
+    ax.set_xscale("log")
+    ax.set_xlim(1.0, max(max(gbps_by_gpus.values()), *(link.gbps for link in links)) * 1.5)
+    ax.set_xlabel("Gbit/s (log): a link right of a bar ships the KV sooner than those GPUs recompute it")
+    ax.set_title(title)
     return fig, ax
