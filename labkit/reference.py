@@ -282,6 +282,7 @@ class TransferRun:
     bandwidth: tuple[Mapping[str, Any], ...]   # {backend, nbytes, gb_per_s, ...}
     links: tuple[Link, ...]
     layerwise: tuple[Mapping[str, Any], ...]
+    emulated: tuple[Mapping[str, Any], ...] = ()   # sends over an emulated link: {nbytes, seconds_median, link, ...}
 
 
 @_guard
@@ -289,7 +290,7 @@ def _transfer(f: ResultFile, d: dict[str, Any]) -> TransferRun:
     """The newest KV transfer benchmark, or None."""
     return TransferRun(f, tuple(d["bandwidth"]),
                        tuple(Link(x["label"], float(x["gb_per_s"]), float(x["fixed_s"]), x["how"]) for x in d["links"]),
-                       tuple(d.get("layerwise", ())))
+                       tuple(d.get("layerwise", ())), tuple(d.get("emulated", ())))
 
 
 @dataclass(frozen=True)

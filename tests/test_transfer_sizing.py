@@ -109,3 +109,56 @@ def test_cli_measures_with_real_processes(capsys: pytest.CaptureFixture[str]) ->
     assert {(r["backend"], r["nbytes"]) for r in rows} >= {("memcpy", 1 << 20), ("shm", 1 << 20), ("tcp", 1 << 20)}
     assert all(r["gb_per_s"] > 0 for r in rows)
     assert all(0 < r["vs_memcpy_median"] for r in rows if r["backend"] == "shm")
+
+
+def test_layerwise_arrivals_event_by_event() -> None:
+    from labkit.transfer.sizing import layerwise_arrivals
+
+    # link-bound: layers wait for the link; compute-bound: each layer leaves as it is computed
+    flat = lambda pairs: [t for pair in pairs for t in pair]
+    assert flat(layerwise_arrivals([0.1] * 4, [0.2] * 4)) == pytest.approx([0.1, 0.3, 0.2, 0.5, 0.3, 0.7, 0.4, 0.9])
+    assert flat(layerwise_arrivals([0.2] * 3, [0.05] * 3)) == pytest.approx([0.2, 0.25, 0.4, 0.45, 0.6, 0.65])
+    assert layerwise_arrivals([0.3], [0.1])[-1][1] == pytest.approx(0.4)             # one layer: at the end
+    assert layerwise_arrivals([0.0, 0.5], [0.4, 0.0])[-1][1] == pytest.approx(0.5)   # uneven layers
+    for bad in (([], []), ([0.1], [0.1, 0.1]), ([-0.1], [0.1])):
+        with pytest.raises(ValueError):
+            layerwise_arrivals(*bad)
+
+
+def test_fit_prefill_seconds_recovers_a_quadratic_and_never_goes_negative() -> None:
+    from labkit.transfer.sizing import fit_prefill_seconds
+
+    lens = [128, 256, 512, 1024, 2048]
+    f = fit_prefill_seconds(lens, [0.01 + 1e-4 * n + 2e-8 * n * n for n in lens])
+    assert f(4096) == pytest.approx(0.01 + 1e-4 * 4096 + 2e-8 * 4096 ** 2, rel=1e-6)
+    # a concave set of points would fit a negative n² term: it is dropped, the rest refitted, all >= 0
+    g = fit_prefill_seconds(lens, [0.05, 0.08, 0.12, 0.16, 0.19])
+    assert all(g(n) >= 0 for n in (0, 1, 10_000, 100_000)) and g(100_000) > g(2048)
+    assert fit_prefill_seconds([32, 64], [0.01, 0.02])(128) == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="two different"):
+        fit_prefill_seconds([64, 64], [0.01, 0.02])
+
+
+def test_benchmark_kv_lives_where_its_transport_reads_it() -> None:
+    from labkit.transfer.measure import kv_device_for
+
+    assert kv_device_for("cuda-ipc://@labkit-kv-1-abc") == "cuda"
+    assert [kv_device_for(e) for e in ("shm://@x", "tcp://127.0.0.1:5", "nixl://127.0.0.1:6")] == ["cpu"] * 3
+
+
+def test_transfer_charts_draw_references_computed_links_and_predictions() -> None:
+    from labkit.links import LINKS
+    from labkit.plots import transfer as pt
+
+    rows = [{"backend": b, "nbytes": n, "gb_per_s": g} for b, g in (("memcpy", 8.0), ("shm", 2.0)) for n in (1 << 20, 1 << 25)]
+    ref = [{"backend": "shm", "nbytes": n, "gb_per_s": 1.5} for n in (1 << 20, 1 << 25)]
+    _, ax = pt.bandwidth_with_references(rows, ref, [LINKS["nvlink"]], reference_label="2-core CPU (reference)")
+    labels = [ln.get_label() for ln in ax.get_lines()]
+    assert "shm, 2-core CPU (reference)" in labels and "NVLink 4 (H100) (computed from the datasheet)" in labels
+    assert ax.get_yscale() == "log" and max(ax.get_lines()[-1].get_ydata()) < 450.0   # fixed cost: below line rate
+    lw = [{"label": "a", "compute_s": 0.1, "transfer_s": 0.2, "at_end_s": 0.3, "layerwise_s": 0.21}]
+    _, ax = pt.layerwise_measured_vs_predicted(lw, [0.2125])
+    assert len(ax.patches) == 5 and "ms" in ax.get_ylabel()
+    _, ax = pt.exposed_transfer_vs_prompt([512, 1024], [{"label": "25 GbE", "at_end_s": [0.05, 0.1],
+                                                           "layerwise_s": [0.0, 0.001]}], "t")
+    assert len(ax.get_lines()) == 2 and ax.get_yscale() == "log"

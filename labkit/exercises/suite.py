@@ -50,6 +50,24 @@ def close(got: Any, case: Case) -> tuple[bool, str]:
     return False, f"{fmt(g, case.unit)}, expected {fmt(e, case.unit)}{ratio}"
 
 
+def band_judge(ratio: Callable[[float], float], band: tuple[float, float], describe: Callable[[float, float], str],
+               *, below: str, above: str) -> Judge:
+    """A judge for a positive number (seconds, say) held to a measurement: `ratio(got)` must land in `band`.
+
+    describe(got, r) writes the verdict's detail; `below`/`above` are added when r falls under or over the band.
+    """
+    def judge(got: Any, case: Case) -> tuple[bool, str]:
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or not got > 0:
+            return False, f"returned {got!r}, expected seconds (a positive number)"
+        r = ratio(float(got))
+        text = describe(float(got), r)
+        lo, hi = band
+        if lo <= r <= hi:
+            return True, text
+        return False, text + (below if r < lo else above)
+    return judge
+
+
 def run_suite(fn_name: str, fn: Any, cases: Iterable[Case], *, hint: str = "") -> CheckResult:
     """Calls `fn` on every case, prints one line per case, returns the suite's verdict.
 

@@ -72,27 +72,107 @@ def interference_figure(result: Any) -> Any:
 
 def stall_comparison(results: Sequence[Any], ax: Any = None) -> Any:
     """Per run: mean decode ITL outside the prefill and the worst stall during it (ms); returns the Axes."""
-    import numpy as np
-
     if ax is None:
         _, ax = new_figure(figsize=(10, 5.5))
-    labels = [r.label for r in results]
-    stats = [r.stats() for r in results]
-    x = np.arange(len(results))
-    colors = [MODE_COLORS.get(lbl, "#555555") for lbl in labels]
+    _stall_bars(ax, [r.label for r in results], [r.stats() for r in results])
+    ax.set_title("A long prefill stalls the decodes that share its engine")
+    return ax
+
+
+def _stall_bars(ax: Any, labels: Sequence[str], stats: Sequence[Mapping[str, float]]) -> None:
+    import numpy as np
+
+    x = np.arange(len(labels))
+    colors = [MODE_COLORS.get(lbl.split()[0], "#555555") for lbl in labels]
     ax.bar(x - 0.2, [s["decode_itl_mean_ms"] for s in stats], 0.4, color=colors, alpha=0.45,
            label="mean decode gap, outside the prefill")
     bars = ax.bar(x + 0.2, [s["decode_stall_max_ms"] for s in stats], 0.4, color=colors,
                   label="worst decode gap, during the prefill")
     for b, s in zip(bars, stats):
-        ax.annotate(f"{s['decode_stall_max_ms']:.0f} ms\n({s['stall_ratio']:.0f}x)", (b.get_x() + b.get_width() / 2,
+        ratio = s["decode_stall_max_ms"] / s["decode_itl_mean_ms"] if s["decode_itl_mean_ms"] else float("nan")
+        ax.annotate(f"{s['decode_stall_max_ms']:,.0f} ms\n({ratio:.0f}x)", (b.get_x() + b.get_width() / 2,
                     b.get_height()), ha="center", va="bottom", fontsize=11)
     ax.set_xticks(x, labels)
     ax.set_ylabel("inter-token gap (ms)")
-    ax.set_title("A long prefill stalls the decodes that share its engine")
     ax.margins(y=0.2)
     ax.legend(fontsize=10)
+
+
+def stall_comparison_with_reference(results: Sequence[Any], reference: Any = None) -> Any:
+    """`stall_comparison` of this machine's runs (left) beside the committed reference run (right:
+    `labkit.reference.serve_interference()`, its modes' median stats), each on its own scale;
+    returns the Figure (one panel without a reference)."""
+    if reference is None:
+        fig, ax = new_figure(figsize=(10, 5.5))
+        stall_comparison(results, ax)
+        return fig
+    fig, (a, b) = new_figure(1, 2, figsize=(16, 6.2))
+    _stall_bars(a, [r.label for r in results], [r.stats() for r in results])
+    a.set_title("this machine")
+    modes = list(reference.stats)
+    _stall_bars(b, modes, [reference.stats[m] for m in modes])
+    b.set_title(f"reference: {reference.model}, {reference.long_prompt_tokens:,}-token prompt,\n"
+                f"chunks of {reference.chunk_tokens} ({reference.file.tag}, {reference.file.date})", fontsize=14)
+    fig.suptitle("A long prefill stalls the decodes that share its engine", fontsize=17, fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def chunk_tradeoff(rows: Sequence[Mapping[str, Any]], ax: Any = None, title: str | None = None) -> Any:
+    """The chunk-size trade-off (rows of `labkit.bench.chunking.tradeoff_rows`): the long prompt's TTFT
+    against the decodes' p99 inter-token gap, one point per run; the chunked runs joined in chunk
+    order, mono and 1P1D as single points, the Pareto front circled. Log axes, ms; returns the Axes."""
+    if ax is None:
+        _, ax = new_figure(figsize=(11, 7))
+    chunked = sorted((r for r in rows if r["mode"] == "mono-chunked"), key=lambda r: r["chunk_tokens"])
+    if chunked:
+        ax.plot([r["long_ttft_ms"] for r in chunked], [r["itl_p99_ms"] for r in chunked], marker="o",
+                color=MODE_COLORS["mono-chunked"], label="mono, chunked prefill (chunk size beside each point)")
+        for r in chunked:
+            ax.annotate(f"{r['chunk_tokens']}", (r["long_ttft_ms"], r["itl_p99_ms"]), xytext=(7, 5),
+                        textcoords="offset points", fontsize=12, color=MODE_COLORS["mono-chunked"])
+    for mode, marker, text in (("mono", "s", "mono, one prefill step"), ("1p1d", "*", "1P1D (disaggregated)")):
+        for r in (r for r in rows if r["mode"] == mode):
+            ax.plot([r["long_ttft_ms"]], [r["itl_p99_ms"]], marker=marker, markersize=16 if marker == "*" else 11,
+                    linestyle="none", color=MODE_COLORS[mode], label=text)
+    front = [r for r in rows if r.get("pareto")]
+    ax.plot([r["long_ttft_ms"] for r in front], [r["itl_p99_ms"] for r in front], linestyle="none", marker="o",
+            markersize=24, markerfacecolor="none", markeredgecolor="#333333", markeredgewidth=1.2,
+            label="Pareto front (nothing beats it on both)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("long prompt's TTFT: time to first token (ms, log)")
+    ax.set_ylabel("decodes' p99 inter-token gap (ms, log)")
+    ax.set_title(title or "Chunk size trades the long prompt's TTFT against every decode's ITL")
+    ax.legend(fontsize=10, loc="best")
     return ax
+
+
+def chunk_plan_vs_log(predicted: Sequence[int], logged: Sequence[Mapping[str, Any]], decode_step_ms: float | None = None,
+                      title: str | None = None) -> Any:
+    """The long prompt's steps: prompt tokens per step as predicted (bars) and as the engine's step log
+    recorded them (dots), above each logged step's time (ms) beside a decode-only step's; returns the Figure."""
+    import numpy as np
+
+    fig, (a, b) = new_figure(2, 1, figsize=(11, 7.5), sharex=True)
+    n = max(len(predicted), len(logged))
+    a.bar(np.arange(1, len(predicted) + 1), predicted, color=PHASE_COLORS["prefill"], alpha=0.35,
+          label="your chunked_step, step after step")
+    a.plot(np.arange(1, len(logged) + 1), [s["prefill_tokens"] for s in logged], linestyle="none", marker="o",
+           color=PHASE_COLORS["prefill"], label="the engine's step log")
+    a.set_ylabel("prompt tokens in the step")
+    a.set_title(title or "The long prompt, step by step: predicted and logged")
+    a.legend(fontsize=10, loc="lower left")
+    b.bar(np.arange(1, len(logged) + 1), [1e3 * s["seconds"] for s in logged], color=PHASE_COLORS["mixed"],
+          label="a step with a prompt chunk (logged)")
+    if decode_step_ms:
+        b.axhline(decode_step_ms, color=PHASE_COLORS["decode"], ls="--", label=f"a decode-only step: {decode_step_ms:,.0f} ms")
+    b.set_xlabel("step of the long prompt")
+    b.set_ylabel("step time (ms)")
+    b.set_xlim(0.4, n + 0.6)
+    b.legend(fontsize=10, loc="lower left")
+    fig.tight_layout()
+    return fig
 
 
 def kv_stream_timeline(results: Mapping[str, Mapping[str, Any]], ax: Any = None, title: str | None = None) -> Any:

@@ -24,9 +24,12 @@ from labkit.transfer.base import tensor_bytes
 from labkit.transfer.synthetic import make_kv_fast
 
 
-def memcpy_gb_per_s(nbytes: int, repeats: int = 5) -> float:
+def memcpy_gb_per_s(nbytes: int, repeats: int = 5, device: str = "cpu") -> float:
     """Best GB/s (1e9 B/s) of copying `nbytes` between two warm buffers: the higher of torch.copy_
-    (multi-threaded) and one memcpy (a memoryview assignment, which shm uses)."""
+    (multi-threaded) and one memcpy (a memoryview assignment, which shm uses). device "cuda": a
+    device-to-device copy on the GPU (what cuda-ipc's receiver does), timed to its completion."""
+    if device != "cpu":
+        return _device_copy_gb_per_s(nbytes, repeats, device)
     src = torch.arange(max(1, nbytes // 4), dtype=torch.int32).view(torch.uint8)
     dst = torch.empty_like(src)
     dst.copy_(src)                               # fault the pages in
@@ -38,6 +41,41 @@ def memcpy_gb_per_s(nbytes: int, repeats: int = 5) -> float:
             copy()
             best = min(best, time.perf_counter() - t0)
     return src.numel() / best / 1e9
+
+
+def _device_copy_gb_per_s(nbytes: int, repeats: int, device: str) -> float:
+    src = torch.arange(max(1, nbytes // 4), dtype=torch.int32, device=device).view(torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return src.numel() / best / 1e9
+
+
+def kv_device_for(endpoint: str) -> str:
+    """Where a benchmark's KV must live to go to `endpoint`: "cuda" for cuda-ipc (GPU memory), else "cpu"."""
+    return "cuda" if endpoint.startswith("cuda-ipc://") else "cpu"
+
+
+def _bench_kv(request_id: str, endpoint: str, nbytes: int, **kw: Any) -> Any:
+    kv = make_kv_fast(request_id, nbytes, **kw)
+    device = kv_device_for(endpoint)
+    if device != "cpu":
+        kv.k, kv.v = kv.k.to(device), kv.v.to(device)
+    return kv
+
+
+def _reserver(tx: Any, endpoint: str) -> Any:
+    """shm: pre-fault a segment before each timed send, as a registered buffer would be; others: nothing
+    (cuda-ipc's sender is an shm sender whose bytes stay on the GPU: no host segment to fault)."""
+    if hasattr(tx, "reserve") and kv_device_for(endpoint) == "cpu":
+        return tx.reserve
+    return lambda nbytes: None
 
 
 @dataclass
@@ -86,8 +124,8 @@ def time_sends(endpoint: str, token: str, nbytes: int, repeats: int = 3, link: L
     paired_memcpy: also time a memcpy of the same size right before each send, so the ratio
     send/memcpy compares the two under the same load (others share this machine's cores).
     """
-    kv = make_kv_fast("bench", nbytes, num_layers=layers if nbytes >= layers * 8192 else 1, num_kv_heads=8,
-                      head_dim=128)
+    kv = _bench_kv("bench", endpoint, nbytes, num_layers=layers if nbytes >= layers * 8192 else 1, num_kv_heads=8,
+                   head_dim=128)
     src = dst = None
     if paired_memcpy:
         src = tensor_bytes(kv.k.reshape(-1).view(torch.uint8)), tensor_bytes(kv.v.reshape(-1).view(torch.uint8))
@@ -95,11 +133,11 @@ def time_sends(endpoint: str, token: str, nbytes: int, repeats: int = 3, link: L
         dst_t.fill_(1)
         dst = tensor_bytes(dst_t)
     with open_sender(endpoint, token=token, link=link) as tx:
+        reserve = _reserver(tx, endpoint)
         secs: list[float] = []
         copy_secs: list[float] = []
         for i in range(repeats + 1):
-            if hasattr(tx, "reserve"):
-                tx.reserve(kv.nbytes)
+            reserve(kv.nbytes)
             if src is not None and dst is not None:
                 t0 = time.perf_counter()
                 half = kv.nbytes // 2
@@ -127,16 +165,15 @@ def layerwise_vs_at_end(endpoint: str, token: str, nbytes: int, compute_s: float
     """Prefill of `layers` layers taking `compute_s` in all (simulated: the worker sleeps per layer),
     then the KV sent at the end, vs sent layer by layer as each finishes. Returns seconds of each
     (from prefill start to the receiver's ack) and of the transfer alone."""
-    kv = make_kv_fast("lw", nbytes, num_layers=layers)
+    kv = _bench_kv("lw", endpoint, nbytes, num_layers=layers)
     per_layer = compute_s / kv.num_layers
     with open_sender(endpoint, token=token, link=link) as tx:
-        if hasattr(tx, "reserve"):
-            tx.reserve(kv.nbytes)
+        reserve = _reserver(tx, endpoint)
+        reserve(kv.nbytes)
         kv.request_id = "alone"
         transfer_only = tx.send(kv, timeout_s=600).seconds
 
-        if hasattr(tx, "reserve"):
-            tx.reserve(kv.nbytes)
+        reserve(kv.nbytes)
         t0 = time.perf_counter()
         for _ in range(kv.num_layers):
             time.sleep(per_layer)
@@ -144,8 +181,7 @@ def layerwise_vs_at_end(endpoint: str, token: str, nbytes: int, compute_s: float
         tx.send(kv, timeout_s=600)
         at_end = time.perf_counter() - t0
 
-        if hasattr(tx, "reserve"):
-            tx.reserve(kv.nbytes)
+        reserve(kv.nbytes)
         kv.request_id = "layerwise"
         t0 = time.perf_counter()
         with tx.begin(KVMeta.from_export(kv), timeout_s=600) as s:
@@ -164,14 +200,18 @@ def bandwidth_sweep(backends: Iterable[str], sizes: Iterable[int], repeats: int 
     """memcpy and each backend (receiver in its own process) at each payload size.
 
     Returns rows {backend, nbytes, gb_per_s (best), gb_per_s_median, seconds_median, ...};
-    shm rows carry `vs_memcpy_median`, the ratio to a memcpy timed beside each send.
+    shm rows carry `vs_memcpy_median`, the ratio to a memcpy timed beside each send. With cuda-ipc
+    among the backends, "memcpy (GPU)" rows give the GPU's own device-to-device copy speed.
     """
     import tempfile
 
-    sizes = list(sizes)
+    sizes, backends = list(sizes), list(backends)
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kv-sweep-"))
     rows: list[dict[str, Any]] = [{"backend": "memcpy", "nbytes": n, "gb_per_s": memcpy_gb_per_s(n),
                                    "seconds_median": None} for n in sizes]
+    if "cuda-ipc" in backends:
+        rows += [{"backend": "memcpy (GPU)", "nbytes": n, "gb_per_s": memcpy_gb_per_s(n, device="cuda"),
+                  "seconds_median": None} for n in sizes]
     jobs = [(b, n) for b in backends for n in sizes]
     bar = None
     if progress:
@@ -202,7 +242,7 @@ def measured_links(rows: list[dict[str, Any]]) -> list[Link]:
     from labkit.transfer.sizing import fit_link
 
     links = []
-    for b in dict.fromkeys(r["backend"] for r in rows if r["backend"] != "memcpy"):
+    for b in dict.fromkeys(r["backend"] for r in rows if not r["backend"].startswith("memcpy")):
         pts = [(r["nbytes"], r["seconds_median"]) for r in rows if r["backend"] == b]
         name = f"{b} (this machine)"
         try:

@@ -116,3 +116,40 @@ def request_table(shapes: Sequence[KVShape], prompt_lens: Sequence[int], links: 
                 rows.append({"model": shape.name, "prompt_tokens": n, "kv_bytes": nbytes, "link": link.label,
                              "how": link.how, "seconds": link.seconds(nbytes)})
     return rows
+
+
+def layerwise_arrivals(layer_compute_s: Sequence[float], layer_transfer_s: Sequence[float]) -> list[tuple[float, float]]:
+    """Layer-wise streaming, event by event: layer i is computed after the layers before it, then
+    crosses a link that carries one layer at a time. Returns (computed at, arrived at) per layer,
+    in seconds from the prefill's start; the last arrival is when the decode side holds the whole KV."""
+    if len(layer_compute_s) != len(layer_transfer_s) or not layer_compute_s:
+        raise ValueError("need one compute time and one transfer time per layer (at least one layer)")
+    if min(*layer_compute_s, *layer_transfer_s) < 0:
+        raise ValueError("times must be >= 0")
+    out: list[tuple[float, float]] = []
+    computed = link_free = 0.0
+    for c, t in zip(layer_compute_s, layer_transfer_s):
+        computed += c
+        link_free = max(computed, link_free) + t   # it leaves once computed and once the link is free
+        out.append((computed, link_free))
+    return out
+
+
+def fit_prefill_seconds(prompt_lens: Sequence[int], seconds: Sequence[float]) -> Callable[[float], float]:
+    """Prefill time as a function of prompt length, `a + b·n + c·n²` (the n² is attention) fitted by least
+    squares to measured points, each coefficient >= 0 (a term that fits negative is dropped); returns
+    n -> seconds. Two points fit `a + b·n` only."""
+    import numpy as np
+
+    if len(prompt_lens) != len(seconds) or len(set(prompt_lens)) < 2:
+        raise ValueError("need at least two different prompt lengths, one time each")
+    n = np.asarray(prompt_lens, dtype=float)
+    y = np.asarray(seconds, dtype=float)
+    terms = [0, 1, 2] if len(set(prompt_lens)) > 2 else [0, 1]
+    while True:
+        coef, *_ = np.linalg.lstsq(np.stack([n ** k for k in terms], axis=1), y, rcond=None)
+        if (coef >= 0).all() or len(terms) == 1:
+            break
+        terms.pop(int(np.argmin(coef)))
+    fitted = {k: max(0.0, float(c)) for k, c in zip(terms, coef)}
+    return lambda x: sum(c * float(x) ** k for k, c in fitted.items())

@@ -1,0 +1,84 @@
+"""Each notebook's parameters cell under LABKIT_PROFILE=gpu, ci and full, executed without a GPU: the
+models, sizes and devices each profile asks for (issue 16's gpu profile is checked here, where no GPU is)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from labkit.config import repo_root
+from labkit.models import PRESETS
+
+
+def parameters(name: str, profile: str, monkeypatch: pytest.MonkeyPatch, gpus: list[int] | None = None) -> dict[str, Any]:
+    """The names a notebook's `parameters` cell defines under `profile`; `gpus`: what visible_gpus() returns."""
+    nb = json.loads((repo_root() / "notebooks" / f"{name}.ipynb").read_text())
+    (cell,) = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    monkeypatch.setenv("LABKIT_PROFILE", profile)
+    if gpus is not None:
+        monkeypatch.setattr("labkit.devices.visible_gpus", lambda: list(gpus))
+    ns: dict[str, Any] = {}
+    exec(compile("".join(cell["source"]), f"{name} parameters", "exec"), ns)  # noqa: S102 - the cell, as a kernel runs it
+    assert ns["PROFILE"] == profile
+    return ns
+
+
+# --- 02 · the KV cache --------------------------------------------------------------------
+
+def test_02_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    ci, full = parameters("02_kv_cache", "ci", monkeypatch), parameters("02_kv_cache", "full", monkeypatch)
+    gpu = parameters("02_kv_cache", "gpu", monkeypatch)
+    assert (ci["PREFILL_MODEL"], full["PREFILL_MODEL"], gpu["PREFILL_MODEL"]) == ("tiny", "small", "llama-3.2-1b")
+    assert ci["DEVICE"] == full["DEVICE"] == "cpu" and gpu["DEVICE"] == "cuda"
+    for p in (ci, full, gpu):
+        assert p["PREFILL_MODEL"] in PRESETS and p["PREFILL_LENS"] == sorted(p["PREFILL_LENS"])
+        assert p["SIZES_MIB"] == sorted(p["SIZES_MIB"]) and len(p["SIZES_MIB"]) >= 2   # a link is fitted to them
+        assert p["EMULATED_MIB"] >= 64, "smaller payloads: a busy machine's fixed costs swamp the line rate"
+        assert p["LAYERS"] >= 2 and p["REPEATS"] >= 2
+    assert max(ci["SIZES_MIB"]) < max(full["SIZES_MIB"]) < max(gpu["SIZES_MIB"])
+    assert max(ci["PREFILL_LENS"]) <= PRESETS["tiny"].max_position_embeddings
+    assert max(gpu["PREFILL_LENS"]) <= PRESETS["llama-3.2-1b"].max_position_embeddings
+
+
+# --- 03 · monolithic server and interference ----------------------------------------------
+
+def test_03_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    ci = parameters("03_monolithic_and_interference", "ci", monkeypatch)
+    full = parameters("03_monolithic_and_interference", "full", monkeypatch)
+    gpu = parameters("03_monolithic_and_interference", "gpu", monkeypatch, gpus=[0])
+    assert (ci["MODEL"], full["MODEL"], gpu["MODEL"]) == ("tiny", "small", "llama-3.2-1b")
+    assert ci["GPUS"] is None and full["GPUS"] is None and gpu["GPUS"] == [0]
+    assert gpu["DTYPE"] == "bfloat16" and gpu["ENGINE_SETTINGS"] == {"random_weights": True}
+    for p in (ci, full, gpu):
+        preset = PRESETS[p["MODEL"]]
+        assert p["LONG_PROMPT_TOKENS"] + 4 <= preset.max_position_embeddings
+        assert p["CHUNK_TOKENS"] in p["CHUNK_SWEEP"], "the chunked run of section 4 is one point of the sweep"
+        assert all(c > p["NUM_DECODES"] for c in p["CHUNK_SWEEP"]), "a budget must leave room for prompt tokens"
+        assert max(p["CHUNK_SWEEP"]) < p["LONG_PROMPT_TOKENS"], "every swept budget cuts the long prompt"
+        assert len(p["CHUNK_SWEEP"]) >= 2
+    assert len(ci["CHUNK_SWEEP"]) < len(full["CHUNK_SWEEP"])
+    # the gpu profile's KV cache holds the long prompt and every decode at its cap, in bf16
+    from labkit.roofline import ModelShape
+
+    per_token = ModelShape.from_config(gpu["MODEL"]).kv_bytes_per_token("bfloat16")
+    assert gpu["KV_CACHE_BYTES"] >= per_token * (gpu["LONG_PROMPT_TOKENS"] + gpu["NUM_DECODES"] * 1100)
+
+
+def test_03_gpu_profile_places_the_servers_on_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notebook's ServerSpec hands `gpus=` to the launcher on the gpu profile, and pins cores otherwise."""
+    from labkit.bench import chunking
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr("labkit.serve.launcher.launch", lambda mode, **kw: seen.append({"mode": mode, **kw}))
+    for profile, gpus in (("gpu", [0]), ("ci", None)):
+        p = parameters("03_monolithic_and_interference", profile, monkeypatch, gpus=gpus)
+        spec = chunking.ServerSpec(p["MODEL"], p["DTYPE"], tuple(p["GPUS"]) if p["GPUS"] is not None else None,
+                                   p["KV_CACHE_BYTES"], p["ENGINE_SETTINGS"])
+        spec.launch("mono-chunked", chunk_tokens=p["CHUNK_TOKENS"])
+        spec.launch("1p1d")
+    gpu_mono, gpu_1p1d, cpu_mono, cpu_1p1d = seen
+    assert gpu_mono["gpus"] == [0] and gpu_mono["mono_cpus"] is None and gpu_mono["settings"] == {"random_weights": True}
+    assert gpu_1p1d["mode"] == "disagg" and gpu_1p1d["gpus"] == [0]
+    assert cpu_mono["gpus"] is None and cpu_mono["chunked_prefill"] and cpu_mono["max_num_batched_tokens"] == 256
+    assert cpu_1p1d["gpus"] is None and cpu_1p1d["mode"] == "disagg"
