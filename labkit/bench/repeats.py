@@ -170,6 +170,21 @@ class RepeatedSweep:
         """Every request of every repeat at (mode, rate)."""
         return [rec for res in self.runs(mode, rate) for rec in res.records]
 
+    def pooled_runs(self, slo: SLO | None = None) -> dict[tuple[str, float], BenchResult]:
+        """Per (mode, rate), one BenchResult holding every repeat's requests (durations summed), for the
+        charts that take runs (latency CDFs)."""
+        from labkit.bench.metrics import summarize
+
+        out = {}
+        for mode in self.modes:
+            for rate in self.rates:
+                runs = self.runs(mode, rate)
+                dur = sum(r.summary.duration_s for r in runs)
+                recs = [rec for r in runs for rec in r.records]
+                out[(mode, rate)] = BenchResult(recs, summarize(recs, dur, slo or self.config.slo),
+                                                {"mode": mode, "repeats": len(runs)})
+        return out
+
     def interval(self, mode: str, rate: float, stat: str, *, slo: SLO | None = None,
                  goodput_fn: GoodputFn | None = None, confidence: float = 0.95, n_boot: int = 1000,
                  seed: int = 0) -> Interval:

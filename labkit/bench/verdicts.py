@@ -138,3 +138,22 @@ def claims_text(rows: Sequence[Mapping[str, Any]], *, throughput_gain: tuple[flo
                      f"{min(saving):+.0f}% to {max(saving):+.0f}% saved ({n_in} of {len(saving)} rates inside the "
                      f"claimed {s_lo:g}-{s_hi:g}%).")
     return " ".join(parts)
+
+
+def per_load_text(stats: Mapping[float, Mapping[str, Mapping[str, float]]], *, baseline: str = "mono",
+                  contender: str = "1p1d", unit: str = "x") -> str:
+    """Sentences, load by load, from `stats[load][mode]` = {"goodput_rps", "tpot_p50_ms", "itl_p99_ms"}: which
+    mode served more within the SLO, and both modes' p50 TPOT and p99 ITL; then the loads each one won."""
+    parts, won = [], {baseline: [], contender: []}
+    for load in sorted(stats):
+        b, c = stats[load][baseline], stats[load][contender]
+        better = contender if c["goodput_rps"] > b["goodput_rps"] else baseline if b["goodput_rps"] > c["goodput_rps"] else None
+        if better:
+            won[better].append(load)
+        who = (f"{better} served more within the SLO" if better else "both served the same within the SLO")
+        parts.append(f"At {load:g}{unit}: {who} ({baseline} {b['goodput_rps']:.3g}, {contender} {c['goodput_rps']:.3g} "
+                     f"req/s); p50 TPOT {baseline} {_fmt_ms(b['tpot_p50_ms'])}, {contender} {_fmt_ms(c['tpot_p50_ms'])}; "
+                     f"p99 ITL {baseline} {_fmt_ms(b['itl_p99_ms'])}, {contender} {_fmt_ms(c['itl_p99_ms'])}.")
+    loads = lambda xs: ", ".join(f"{x:g}{unit}" for x in xs) or "no load"
+    parts.append(f"{baseline} won at {loads(won[baseline])}; {contender} at {loads(won[contender])}.")
+    return " ".join(parts)

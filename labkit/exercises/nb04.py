@@ -130,7 +130,7 @@ def check_choose_prefill(fn: Callable[[Sequence[bytes], Sequence[PrefillCandidat
 # --- Exercise 3 · the worst decode stall, disaggregated (multiple choice) --------------------
 
 STALL_OPTIONS = {
-    "a": "about as long as mono's (within 2x either way): the decode worker still waits for the long prompt",
+    "a": "about as long as mono's (within a factor of two either way): the decode worker still waits for the long prompt",
     "b": "less than half of mono's: the long prompt is computed elsewhere",
     "c": "more than twice mono's: adopting the long prompt's KV blocks the decode loop longer than the prefill did",
 }

@@ -95,6 +95,22 @@ def stall_comparison(results: Sequence[Any], ax: Any = None) -> Any:
     return ax
 
 
+def one_request_bars(parts: Sequence[tuple[str, float, str]], title: str, ax: Any = None) -> Any:
+    """One request's phases end to end, one bar: `parts` are (label, seconds, PHASE_COLORS key) in order,
+    each labelled with its ms in the legend; returns the Axes."""
+    if ax is None:
+        _, ax = new_figure(figsize=(10, 2.8))
+    left = 0.0
+    for name, sec, phase in parts:
+        ax.barh([0], [1e3 * sec], left=left, color=PHASE_COLORS[phase], label=f"{name}: {1e3 * sec:,.1f} ms")
+        left += 1e3 * sec
+    ax.set_yticks([])
+    ax.set_xlabel("time (ms)")
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=len(parts), fontsize=10)
+    return ax
+
+
 def kv_stream_timeline(results: Mapping[str, Mapping[str, Any]], ax: Any = None, title: str | None = None) -> Any:
     """One row per KV streaming mode of one request's prefill answer (a PrefillResult as a dict, by
     mode: "whole", "layers"): the prefill, when each layer's KV left (layer-wise), and the transfer
@@ -161,7 +177,7 @@ def prefix_routing_chart(runs: Sequence[Any]) -> Any:
     b.set_xticks(x, labels)
     b.set_ylabel("requests routed")
     b.set_title("Prefill decisions per worker, by the router's reason")
-    b.margins(y=0.15)
-    b.legend(fontsize=10)
+    b.margins(y=0.3)
+    b.legend(fontsize=10, loc="upper center", ncol=len(reasons))
     fig.tight_layout()
     return fig
