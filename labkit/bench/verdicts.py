@@ -134,9 +134,10 @@ def claims_text(rows: Sequence[Mapping[str, Any]], *, throughput_gain: tuple[flo
     if saving:
         s_lo, s_hi = cost_saving_pct
         n_in = sum(1 for s in saving if s_lo <= s <= s_hi)
+        change = sorted(100 * (c - 1) for c in cost if not math.isnan(c))
         parts.append(f"Cost per output token of {contender} against {baseline} on the same devices: "
-                     f"{min(saving):+.0f}% to {max(saving):+.0f}% saved ({n_in} of {len(saving)} rates inside the "
-                     f"claimed {s_lo:g}-{s_hi:g}%).")
+                     f"{change[0]:+.0f}% to {change[-1]:+.0f}% (negative: cheaper; {n_in} of {len(saving)} rates "
+                     f"inside the claimed {s_lo:g}-{s_hi:g}% saving).")
     return " ".join(parts)
 
 
@@ -151,9 +152,9 @@ def per_load_text(stats: Mapping[float, Mapping[str, Mapping[str, float]]], *, b
         if better:
             won[better].append(load)
         who = (f"{better} served more within the SLO" if better else "both served the same within the SLO")
-        parts.append(f"At {load:g}{unit}: {who} ({baseline} {b['goodput_rps']:.3g}, {contender} {c['goodput_rps']:.3g} "
+        parts.append(f"At {load:.2g}{unit}: {who} ({baseline} {b['goodput_rps']:.3g}, {contender} {c['goodput_rps']:.3g} "
                      f"req/s); p50 TPOT {baseline} {_fmt_ms(b['tpot_p50_ms'])}, {contender} {_fmt_ms(c['tpot_p50_ms'])}; "
                      f"p99 ITL {baseline} {_fmt_ms(b['itl_p99_ms'])}, {contender} {_fmt_ms(c['itl_p99_ms'])}.")
-    loads = lambda xs: ", ".join(f"{x:g}{unit}" for x in xs) or "no load"
+    loads = lambda xs: ", ".join(f"{x:.2g}{unit}" for x in xs) or "no load"
     parts.append(f"{baseline} won at {loads(won[baseline])}; {contender} at {loads(won[contender])}.")
     return " ".join(parts)
