@@ -69,8 +69,8 @@ def slo_flip_text(rs: RepeatedSweep, slos: Mapping[str, SLO], *, goodput_fn: Goo
     per_rate = "; ".join(f"{r:g} req/s: {win[(na, r)] or 'tie'} under {na}, {win[(nb, r)] or 'tie'} under {nb}"
                          for r in rs.rates)
     if not flips:
-        return (f"On this run the winner does not flip between the SLOs (a tie: the goodput intervals overlap). "
-                f"Winners per rate: {per_rate}.")
+        return (f"On this run the winner does not flip between the SLOs at any rate: where one SLO names a winner, "
+                f"the other names the same mode or a tie (overlapping goodput intervals). Winners per rate: {per_rate}.")
     rate = flips[0]
     parts = [f"The winner flips at {', '.join(f'{r:g}' for r in flips)} req/s. Winners per rate: {per_rate}."]
     for name, slo in ((na, sa), (nb, sb)):

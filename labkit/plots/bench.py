@@ -212,8 +212,9 @@ def plot_intervals(points: Sequence[Mapping[str, Any]], stat: str, *, x: str = "
         lo = np.array([p.get(f"{stat}_lo", v) for p, v in zip(rows, val)], dtype=float)
         hi = np.array([p.get(f"{stat}_hi", v) for p, v in zip(rows, val)], dtype=float)
         c = mode_color(mode, i)
+        with_iv = any(f"{stat}_lo" in p for p in rows)
         ax.errorbar(xs, val, yerr=[np.clip(val - lo, 0, None), np.clip(hi - val, 0, None)], marker="o", color=c,
-                    capsize=6, label=f"{mode} (all repeats, 95% interval)")
+                    capsize=6, label=f"{mode} (every repeat pooled, 95% interval)" if with_iv else mode)
         for p in rows:
             reps = p.get(f"{stat}_repeats") or ()
             ax.plot([p[x]] * len(reps), reps, linestyle="none", marker=".", markersize=9, alpha=0.45, color=c)
