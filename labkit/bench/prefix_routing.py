@@ -36,7 +36,7 @@ def shared_document_requests(docs: int, questions: int, doc_tokens: int, questio
     question q; `prefix_group` = d. Requests are listed document by document; the same seed, the same tokens."""
     if min(docs, questions, doc_tokens, question_tokens, output_tokens) < 1:
         raise ValueError("docs, questions, doc_tokens, question_tokens and output_tokens must all be >= 1")
-    out = []
+    out: list[BenchRequest] = []
     for d in range(docs):
         doc = np.random.default_rng([seed, 1, d]).integers(0, vocab, doc_tokens)
         for q in range(questions):
@@ -107,7 +107,7 @@ def run_prefix_routing(url: str, requests: Sequence[BenchRequest], *, label: str
     `settle_s`: the router re-exports each worker's counters from its /health, polled every 0.5 s by
     default; waiting this long before each scrape lets the counters catch up.
     """
-    first = {}
+    first: dict[int, BenchRequest] = {}
     for r in requests:
         first.setdefault(r.prefix_group, r)
     waves = [list(first.values()), [r for r in requests if first[r.prefix_group] is not r]]

@@ -145,7 +145,8 @@ def per_load_text(stats: Mapping[float, Mapping[str, Mapping[str, float]]], *, b
                   contender: str = "1p1d", unit: str = "x") -> str:
     """Sentences, load by load, from `stats[load][mode]` = {"goodput_rps", "tpot_p50_ms", "itl_p99_ms"}: which
     mode served more within the SLO, and both modes' p50 TPOT and p99 ITL; then the loads each one won."""
-    parts, won = [], {baseline: [], contender: []}
+    parts: list[str] = []
+    won: dict[str, list[float]] = {baseline: [], contender: []}
     for load in sorted(stats):
         b, c = stats[load][baseline], stats[load][contender]
         better = contender if c["goodput_rps"] > b["goodput_rps"] else baseline if b["goodput_rps"] > c["goodput_rps"] else None
