@@ -359,6 +359,7 @@ class GainsRun:
     requests_per_rate: int
     slo_rule: str
     workloads: Mapping[str, GainsWorkload]    # "conversation", "short_prompt"
+    rate_fractions: tuple[float, ...] = ()    # the swept rates, as multiples of mono's one-at-a-time rate
 
 
 @_guard
@@ -367,7 +368,8 @@ def _gains(f: ResultFile, d: dict[str, Any]) -> GainsRun:
     wl = {k: GainsWorkload(v["workload"], v["slo"], tuple(_row(r) for r in v["rows"]), tuple(v["gains"]),
                            dict(v["capacity_rps"]))
           for k, v in d.items() if isinstance(v, dict) and "rows" in v and "gains" in v}
-    return GainsRun(f, d["model"], int(d["requests_per_rate"]), d.get("slo_rule", ""), wl)
+    return GainsRun(f, d["model"], int(d["requests_per_rate"]), d.get("slo_rule", ""), wl,
+                    tuple(float(x) for x in d.get("rate_fractions_of_mono_sequential", ())))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import pytest
 from labkit.config import repo_root
 
 # Notebooks whose prose follows the rule (the others join as they are converted).
-CONVERTED = ("00_welcome", "01_prefill_vs_decode", "02_kv_cache", "03_monolithic_and_interference")
+CONVERTED = ("00_welcome", "01_prefill_vs_decode", "02_kv_cache", "03_monolithic_and_interference",
+             "04_disaggregated_server", "05_charting_the_gains")
 # A number followed by a unit of measurement (model sizes such as "8B" are names, not measurements).
 MEASUREMENT = re.compile(r"(?<![\w.-])\d[\d,.]*\s?(?:%|ms\b|s\b|[GMT]B\b|[GMK]iB\b|[GT]B/s|[GT]FLOP|FLOP|x\b|×|"
                          r"bytes?\b|tokens?\b|parameters\b)")
@@ -42,6 +43,16 @@ def test_notebook_01_shows_the_options_its_mfu_check_grades() -> None:
     text = "\n".join(_markdown("01_prefill_vs_decode"))
     for key, option in MFU_OPTIONS.items():
         assert f"({key}) {option}" in text
+
+
+def test_notebooks_04_and_05_show_the_options_their_checks_grade() -> None:
+    from labkit.exercises.nb04 import STALL_OPTIONS
+    from labkit.exercises.nb05 import FLIP_OPTIONS
+
+    for name, options in (("04_disaggregated_server", STALL_OPTIONS), ("05_charting_the_gains", FLIP_OPTIONS)):
+        text = "\n".join(_markdown(name))
+        for key, option in options.items():
+            assert f"({key}) {option}" in text, (name, key)
 
 
 def test_instructor_guide_critical_batch_facts() -> None:

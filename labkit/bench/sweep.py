@@ -305,14 +305,16 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ("mode", "rat
 def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None] | None = None,
                        chunk_tokens: int = 256, max_num_batched_tokens: int = 2048, transfer: str = "shm",
                        kv_cache_bytes: int | None = None, startup_timeout_s: float = 180.0,
-                       worker_args: Sequence[str] = (), step_log_dir: str | Path | None = None) -> ServerFactory:
+                       worker_args: Sequence[str] = (), step_log_dir: str | Path | None = None,
+                       gpus: Sequence[int] | None = None) -> ServerFactory:
     """Starts the lab's own server (`labkit.serve.launcher.launch`) for each mode.
 
     `cpus` maps roles to cores (default `default_cpu_split()`: on 2 cores prefill on core 0, decode
     on core 1, mono on both). Mono with chunked prefill uses `chunk_tokens` as the step's token
     budget, so no step holds more than that many prompt tokens. `kv_cache_bytes`: None keeps the
     workers' default (EngineConfig's). `worker_args`: more worker flags.
-    `step_log_dir`: every worker of a mode logs its steps to `<dir>/<mode name>.jsonl`.
+    `step_log_dir`: every worker of a mode logs its steps to `<dir>/<mode name>.jsonl`. `gpus`: serve on
+    these GPUs instead of cores (the launcher places the workers; `cpus` is then unused).
     """
     @contextlib.contextmanager
     def factory(spec: ModeSpec) -> Iterator[str]:
@@ -325,7 +327,7 @@ def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None]
                      max_num_batched_tokens=chunk_tokens if spec.chunked_prefill else max_num_batched_tokens,
                      transfer=transfer, mono_cpus=split.get("mono"), prefill_cpus=split.get("prefill"),
                      decode_cpus=split.get("decode"), kv_cache_bytes=kv_cache_bytes, worker_args=extra,
-                     startup_timeout_s=startup_timeout_s)
+                     startup_timeout_s=startup_timeout_s, gpus=list(gpus) if gpus else None)
         try:
             yield srv.url
         finally:

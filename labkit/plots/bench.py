@@ -6,7 +6,8 @@ Rows are the dicts `labkit.bench.sweep.summary_row` builds (`mode`, `rate_rps`,
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -169,5 +170,131 @@ def plot_lengths(samples: Mapping[str, tuple[Sequence[int], Sequence[int]]], *, 
         ax.set_title(f"{_cap(what)} tokens")
         ax.legend(fontsize=10)
     fig.suptitle(title, fontsize=17, fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+# --- repeated sweeps: intervals, the reference machine, why the SLO decides, claims ---------
+
+_BOUNDS = (("error", "failed"), ("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "a gap (ITL)"), ("e2e", "E2E"))
+
+
+def reference_series(rows: Sequence[Any], stat: str, fractions: Sequence[float]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per mode, (load, value) of a committed run's serving rows (`labkit.reference.ServingRow`s): its
+    rates, in order, are the loads `fractions` (multiples of mono's one-at-a-time rate)."""
+    rates = sorted({r.rate_rps for r in rows})
+    if len(rates) != len(fractions):
+        raise ValueError(f"{len(rates)} rates but {len(fractions)} load fractions")
+    load = dict(zip(rates, sorted(fractions)))
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for r in sorted(rows, key=lambda r: r.rate_rps):
+        xs, ys = out.setdefault(r.mode, ([], []))
+        xs.append(load[r.rate_rps])
+        ys.append(float(getattr(r, stat, r.raw.get(stat, np.nan))))
+    return out
+
+
+def plot_intervals(points: Sequence[Mapping[str, Any]], stat: str, *, x: str = "rate_rps", xlabel: str | None = None,
+                   ylabel: str = "", title: str = "", slo_ms: float | None = None, log_y: bool = False,
+                   reference: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                   reference_label: str = "reference", ax: Any = None):
+    """`stat` per mode against `x` (`rate_rps` or `load_x`), from `RepeatedSweep.points` rows: the pooled
+    value with its interval as an error bar, each repeat as a small dot; `reference`: a committed run's
+    (x, y) per mode, dashed with hollow markers. Returns the Figure."""
+    if ax is None:
+        fig, ax = new_figure()
+    else:
+        fig = ax.figure
+    for i, mode in enumerate(_modes(points)):
+        rows = sorted((p for p in points if p["mode"] == mode), key=lambda p: p[x])
+        xs = np.array([p[x] for p in rows], dtype=float)
+        val = np.array([p[stat] for p in rows], dtype=float)
+        lo = np.array([p.get(f"{stat}_lo", v) for p, v in zip(rows, val)], dtype=float)
+        hi = np.array([p.get(f"{stat}_hi", v) for p, v in zip(rows, val)], dtype=float)
+        c = mode_color(mode, i)
+        with_iv = any(f"{stat}_lo" in p for p in rows)
+        ax.errorbar(xs, val, yerr=[np.clip(val - lo, 0, None), np.clip(hi - val, 0, None)], marker="o", color=c,
+                    capsize=6, label=f"{mode} (every repeat pooled, 95% interval)" if with_iv else mode)
+        for p in rows:
+            reps = p.get(f"{stat}_repeats") or ()
+            ax.plot([p[x]] * len(reps), reps, linestyle="none", marker=".", markersize=9, alpha=0.45, color=c)
+    for i, (mode, (rx, ry)) in enumerate((reference or {}).items()):
+        ax.plot(rx, ry, ls="--", marker="o", mfc="none", color=mode_color(mode, i), alpha=0.7,
+                label=f"{mode}: {reference_label}")
+    if slo_ms:
+        ax.axhline(slo_ms, color="black", ls=":", lw=1.5, label=f"SLO {slo_ms:g} ms")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel or ("load (x mono's one-at-a-time rate)" if x == "load_x" else "request rate (req/s)"))
+    ax.set_ylabel(ylabel or stat)
+    ax.set_title(title or f"{stat} against load")
+    ax.legend(fontsize=10)
+    return fig
+
+
+def plot_slo_misses(misses_by_slo: Mapping[str, Mapping[str, Mapping[str, int]]], *, title: str = ""):
+    """One panel per SLO: per bound (failed, TTFT, TPOT, a gap, E2E), the share of each mode's requests
+    that broke it (`labkit.bench.repeats.misses` per SLO name and mode). Bounds an SLO does not set are left out."""
+    names = list(misses_by_slo)
+    fig, axes = new_figure(1, len(names), figsize=(7.5 * len(names), 5.5), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, names):
+        by_mode = misses_by_slo[name]
+        modes = list(by_mode)
+        bounds = [(k, lbl) for k, lbl in _BOUNDS if any(by_mode[m][k] for m in modes) or k in ("error",)]
+        xs = np.arange(len(bounds))
+        w = 0.8 / max(1, len(modes))
+        for i, mode in enumerate(modes):
+            n = max(1, by_mode[mode]["requests"])
+            ax.bar(xs + (i - (len(modes) - 1) / 2) * w, [by_mode[mode][k] / n for k, _ in bounds], w,
+                   color=mode_color(mode, i), label=mode)
+        ax.set_xticks(xs, [lbl for _, lbl in bounds])
+        ax.set_ylim(0, 1.05)
+        ax.set_title(name, fontsize=14)
+        ax.set_xlabel("bound broken")
+    axes[0].set_ylabel("share of requests")
+    axes[0].legend()
+    fig.suptitle(title or "Which bound each mode's requests broke", fontsize=17, fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def plot_versus_claims(rows: Sequence[Mapping[str, Any]], *, throughput_gain: tuple[float, float],
+                       cost_saving_pct: tuple[float, float], x: str = "rate_rps", xlabel: str | None = None,
+                       claim_label: str = "the article's claim", contender: str = "1p1d", baseline: str = "mono"):
+    """Two panels from `labkit.bench.verdicts.versus` rows: the throughput and goodput ratios against the
+    claimed gain (a shaded band, log axis; a goodput ratio with no baseline goodput is drawn at the top
+    as ▲), and the cost saved per output token against the claimed saving."""
+    fig, (a, b) = new_figure(1, 2, figsize=(15, 6))
+    xs = [r[x] for r in rows]
+    series = [("throughput_ratio", "raw output throughput")] + [(k, f"goodput, {k.split(' ', 1)[1]}")
+                                                                for k in (rows[0] if rows else {}) if k.startswith("goodput_ratio")]
+    finite = [r[k] for r in rows for k, _ in series if np.isfinite(r[k]) and r[k] > 0]
+    top = max([throughput_gain[1] * 2, *finite]) * 1.5
+    bottom = min([0.5, *finite]) / 1.5
+    a.axhspan(*throughput_gain, color="#bbbbbb", alpha=0.5, label=f"{claim_label}: {throughput_gain[0]:g}-{throughput_gain[1]:g}x")
+    a.axhline(1.0, color="black", lw=1)
+    for i, (k, label) in enumerate(series):
+        ys = np.array([r[k] for r in rows], dtype=float)
+        color = _EXTRA_COLORS[i % len(_EXTRA_COLORS)]
+        shown = np.where(np.isinf(ys), top / 1.2, np.where(ys > 0, ys, bottom * 1.2))
+        a.plot(xs, shown, marker="o", color=color, label=label)
+        up = np.isinf(ys)
+        if up.any():
+            a.plot(np.asarray(xs)[up], shown[up], linestyle="none", marker="^", markersize=16, color=color)
+    a.set_yscale("log")
+    a.set_ylim(bottom, top)
+    a.set_ylabel(f"{contender} / {baseline}")
+    a.set_title("Gain: ratios on the same devices")
+    a.legend(fontsize=10)
+    saved = [100 * (1 - r["cost_ratio"]) for r in rows]
+    b.axhspan(*cost_saving_pct, color="#bbbbbb", alpha=0.5, label=f"{claim_label}: {cost_saving_pct[0]:g}-{cost_saving_pct[1]:g}% saved")
+    b.axhline(0, color="black", lw=1)
+    b.plot(xs, saved, marker="o", color=mode_color(contender), label=f"{contender} against {baseline}")
+    b.set_ylabel("cost per output token saved (%)")
+    b.set_title("Cost: saved per output token")
+    b.legend(fontsize=10)
+    for ax in (a, b):
+        ax.set_xlabel(xlabel or ("load (x mono's one-at-a-time rate)" if x == "load_x" else "request rate (req/s)"))
     fig.tight_layout()
     return fig

@@ -175,6 +175,22 @@ def chunk_plan_vs_log(predicted: Sequence[int], logged: Sequence[Mapping[str, An
     return fig
 
 
+def one_request_bars(parts: Sequence[tuple[str, float, str]], title: str, ax: Any = None) -> Any:
+    """One request's phases end to end, one bar: `parts` are (label, seconds, PHASE_COLORS key) in order,
+    each labelled with its ms in the legend; returns the Axes."""
+    if ax is None:
+        _, ax = new_figure(figsize=(10, 2.8))
+    left = 0.0
+    for name, sec, phase in parts:
+        ax.barh([0], [1e3 * sec], left=left, color=PHASE_COLORS[phase], label=f"{name}: {1e3 * sec:,.1f} ms")
+        left += 1e3 * sec
+    ax.set_yticks([])
+    ax.set_xlabel("time (ms)")
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=len(parts), fontsize=10)
+    return ax
+
+
 def kv_stream_timeline(results: Mapping[str, Mapping[str, Any]], ax: Any = None, title: str | None = None) -> Any:
     """One row per KV streaming mode of one request's prefill answer (a PrefillResult as a dict, by
     mode: "whole", "layers"): the prefill, when each layer's KV left (layer-wise), and the transfer
@@ -203,3 +219,45 @@ def kv_stream_timeline(results: Mapping[str, Mapping[str, Any]], ax: Any = None,
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=10)
     ax.margins(x=0.12)
     return ax
+
+
+def prefix_routing_chart(runs: Sequence[Any]) -> Any:
+    """Per router run (`labkit.bench.prefix_routing.PrefixRoutingRun`): the prompt tokens the prefill
+    workers' caches served against those they computed, and each worker's prefill decisions by reason.
+    Returns the Figure."""
+    import numpy as np
+
+    fig, (a, b) = new_figure(1, 2, figsize=(15, 5.5))
+    labels = [r.label for r in runs]
+    x = np.arange(len(runs))
+    cached = [r.cached_tokens for r in runs]
+    computed = [r.prompt_tokens - c for r, c in zip(runs, cached)]
+    a.bar(x, cached, color=PHASE_COLORS["transfer"], label="served from a prefill worker's prefix cache")
+    a.bar(x, computed, bottom=cached, color=PHASE_COLORS["prefill"], label="computed by a prefill worker")
+    for i, r in enumerate(runs):
+        a.annotate(f"{r.cached_share:.0%} cached", (i, r.prompt_tokens), ha="center", va="bottom", fontsize=12)
+    a.set_xticks(x, labels)
+    a.set_ylabel("prompt tokens")
+    a.set_title("Where the prompts' tokens came from")
+    a.margins(y=0.15)
+    a.legend(fontsize=10, loc="lower center")
+    workers = sorted({w for r in runs for w in r.decisions})
+    reasons = sorted({k for r in runs for d in r.decisions.values() for k in d})
+    shades = {"prefix": PHASE_COLORS["transfer"], "load": PHASE_COLORS["decode"], "only": PHASE_COLORS["idle"]}
+    w = 0.8 / max(1, len(workers))
+    for j, worker in enumerate(workers):
+        base = np.zeros(len(runs))
+        for reason in reasons:
+            vals = np.array([r.decisions.get(worker, {}).get(reason, 0.0) for r in runs])
+            b.bar(x + (j - (len(workers) - 1) / 2) * w, vals, w * 0.95, bottom=base, color=shades.get(reason, "#555555"),
+                  edgecolor="black", lw=0.6, label=f"chosen by {reason}" if j == 0 else None)
+            base += vals
+        for i in range(len(runs)):
+            b.annotate(worker, (i + (j - (len(workers) - 1) / 2) * w, base[i]), ha="center", va="bottom", fontsize=10)
+    b.set_xticks(x, labels)
+    b.set_ylabel("requests routed")
+    b.set_title("Prefill decisions per worker, by the router's reason")
+    b.margins(y=0.3)
+    b.legend(fontsize=10, loc="upper center", ncol=len(reasons))
+    fig.tight_layout()
+    return fig
