@@ -67,12 +67,20 @@ def _diff(got: dict[str, Any], want: dict[str, Any]) -> str:
 
 # --- Exercise 1 · the prefill request (build-it) ---------------------------------------------
 
-def _prefill_judge(got: Any, case: Case) -> tuple[bool, str]:
+def _new_dict(got: tuple[Any, bool]) -> tuple[dict[str, Any] | None, str]:
+    """The request a builder returned (from `_call_on_copies`), or None and what is wrong with it."""
     out, mutated = got
     if mutated:
-        return False, "changed the body it was given: build a new dict (the router sends the body again to decode)"
+        return None, "changed what it was given: build a new dict (the router sends the body again to decode)"
     if not isinstance(out, dict):
-        return False, f"returned {type(out).__name__}, expected the request as a dict"
+        return None, f"returned {type(out).__name__}, expected the request as a dict"
+    return out, ""
+
+
+def _prefill_judge(got: Any, case: Case) -> tuple[bool, str]:
+    out, problem = _new_dict(got)
+    if out is None:
+        return False, problem
     want = _normal(case.expected)
     mine = _normal(out)
     params = mine.pop("kv_transfer_params", None)
@@ -139,11 +147,9 @@ def check_prefill_request(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Che
 # --- Exercise 2 · the decode request (build-it, then live) -------------------------------------
 
 def _decode_judge(got: Any, case: Case) -> tuple[bool, str]:
-    out, mutated = got
-    if mutated:
-        return False, "changed the body or the prefill answer it was given: build a new dict"
-    if not isinstance(out, dict):
-        return False, f"returned {type(out).__name__}, expected the request as a dict"
+    out, problem = _new_dict(got)
+    if out is None:
+        return False, problem
     mine, want = _normal(out), _normal(case.expected)
     if mine != want:
         return False, _diff(mine, want)

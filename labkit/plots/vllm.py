@@ -26,15 +26,16 @@ def greedy_gaps(greedy: Sequence[Any], rel_tol: float = 1e-4, title: str = "How 
 def mode_bars(rows: Sequence[Mapping[str, Any]], reference: Sequence[Any] = (), *, reference_label: str = "",
               keys: Sequence[tuple[str, str]] = (("tpot_p50_ms", "TPOT p50 (ms)"),
                                                   ("output_tps_per_device", "output tokens/s per device"))):
-    """One panel per key: a bar per mode at the highest rate of `rows` (this machine), and hollow
-    bars of the committed run's rows (`reference`: labkit.reference ServingRows) at its own highest
-    rate, when given."""
+    """One panel per key: a bar per mode at the highest rate of `rows` (this machine), and hatched
+    bars of the committed run's rows (`reference`: labkit.reference ServingRows) at the same rate
+    (at its own highest when it never ran that one), when given."""
     import numpy as np
 
     fig, axes = new_figure(1, len(keys), squeeze=False)
     top = max(r["rate_rps"] for r in rows)
     mine = {r["mode"]: r for r in rows if r["rate_rps"] == top}
-    ref_top = max((r.rate_rps for r in reference), default=None)
+    rates = {r.rate_rps for r in reference}
+    ref_top = top if top in rates else max(rates, default=None)     # the same rate as this machine's when it ran
     ref = {r.mode: r.raw for r in reference if r.rate_rps == ref_top}
     modes = list(dict.fromkeys([*mine, *ref]))
     x = np.arange(len(modes))

@@ -137,7 +137,7 @@ def transfer_paths(nbytes: int, nixl: NixlStats | None = None, *, repeats: int =
 
     from labkit.transfer.measure import ReceiverProcess, memcpy_gb_per_s, time_sends
 
-    rows = [{"path": "memcpy (one process)", "GB/s": memcpy_gb_per_s(nbytes)}]
+    rows: list[dict[str, Any]] = [{"path": "memcpy (one process)", "GB/s": memcpy_gb_per_s(nbytes)}]
     rx = ReceiverProcess.start("shm", tempfile.mkdtemp(prefix="labkit-07-"))
     try:
         lab = time_sends(rx.endpoint, rx.token, nbytes, repeats=repeats, layers=layers)
