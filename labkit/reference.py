@@ -418,3 +418,60 @@ class ArticleClaims:
 ARTICLE = ArticleClaims(prefill_utilization_pct=92.0, decode_utilization_pct=(28.0, 30.0), throughput_gain=(2.0, 6.4),
                         cost_saving_pct=(15.0, 40.0),
                         source="the seed article on prefill/decode disaggregation (quoted in DESIGN.md)")
+
+
+@dataclass(frozen=True, slots=True)
+class ArticleConditions:
+    """Where the seed article says disaggregation pays: long prompts, low prefix reuse, more than
+    `min_devices` GPUs and links faster than `min_link_gbps` (RDMA)."""
+
+    min_devices: int
+    min_link_gbps: float
+    source: str
+
+
+ARTICLE_CONDITIONS = ArticleConditions(min_devices=16, min_link_gbps=100.0,
+                                       source="the seed article (quoted in DESIGN.md): long prompts, low prefix "
+                                              "reuse, many GPUs (>16), fast links (RDMA, >100 Gbps)")
+
+
+@dataclass(frozen=True, slots=True)
+class SourcedRange:
+    """A range a cited source gives (low to high, in `unit`), to print beside the lab's own figure."""
+
+    what: str
+    low: float
+    high: float
+    unit: str
+    source: str
+
+    def text(self) -> str:
+        """E.g. "20-30%"."""
+        return f"{self.low:g}-{self.high:g}{self.unit}"
+
+
+# BentoML's LLM inference handbook, as DESIGN.md quotes it ("Facts worth citing").
+HANDBOOK_SMALL_SETUP_LOSS = SourcedRange("throughput lost by disaggregating a small setup", 20.0, 30.0, "%",
+                                         "BentoML, LLM inference handbook (quoted in DESIGN.md)")
+
+
+@dataclass(frozen=True)
+class VllmCompareRun:
+    """`benchmarks/vllm_compare.py`: lab mono and 1P1D, vLLM mono and P/D on one workload (a CPU run)."""
+
+    file: ResultFile
+    machine: str
+    model: str
+    vllm: str
+    rows: tuple[ServingRow, ...]            # modes "mono", "1p1d", "vllm-mono", "vllm-pd"
+    nixl: Mapping[str, Mapping[str, float]]  # "vllm-pd" -> transfers, bytes_transferred, mean_bytes, ...
+
+
+@_guard
+def _vllm_compare(f: ResultFile, d: dict[str, Any]) -> VllmCompareRun:
+    """The newest four-way comparison of the lab's servers and vLLM's, or None."""
+    return VllmCompareRun(f, str(d.get("machine", f.tag)), d["model"], str(d.get("vllm", "")),
+                          tuple(_row(r) for r in d["rows"]), {k: dict(v) for k, v in d.get("nixl", {}).items()})
+
+
+vllm_compare = _vllm_compare

@@ -11,7 +11,8 @@ from labkit.config import repo_root
 
 # Notebooks whose prose follows the rule (the others join as they are converted).
 CONVERTED = ("00_welcome", "01_prefill_vs_decode", "02_kv_cache", "03_monolithic_and_interference",
-             "04_disaggregated_server", "05_charting_the_gains")
+             "04_disaggregated_server", "05_charting_the_gains", "06_should_you_disaggregate",
+             "07_vllm_native_disaggregation")
 # A number followed by a unit of measurement (model sizes such as "8B" are names, not measurements).
 MEASUREMENT = re.compile(r"(?<![\w.-])\d[\d,.]*\s?(?:%|ms\b|s\b|[GMT]B\b|[GMK]iB\b|[GT]B/s|[GT]FLOP|FLOP|x\b|×|"
                          r"bytes?\b|tokens?\b|parameters\b)")

@@ -7,7 +7,9 @@ A real HTTP server in its own process (no vLLM needed), for the router's vLLM ba
 - `--role decode`: a request must carry `kv_transfer_params.do_remote_prefill` (else HTTP 400,
   as vLLM would fail it); it streams `max_tokens` tokens: the block id it was given, then
   `(sum(prompt) + i) % 256`. Non-stream answers carry `token_ids` too.
-`GET /debug/requests` lists the bodies that arrived.
+`GET /debug/requests` lists the bodies that arrived. `GET /metrics` says the KV cache's block size
+(`vllm:cache_config_info`, BLOCK_TOKENS) and, on the decode server, NIXL counters as vLLM names them:
+one transfer per handed-over request, its prompt in whole blocks of KV_BYTES_PER_TOKEN.
 
     python tests/vllm_fake.py --role prefill --port 8100
 """
@@ -15,11 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+BLOCK_TOKENS = 16
+KV_BYTES_PER_TOKEN = 4096
+
+
+def expected_nixl_bytes(prompt_len: int) -> int:
+    """What the fake decode server counts as moved for one handed-over prompt."""
+    return -(-prompt_len // BLOCK_TOKENS) * BLOCK_TOKENS * KV_BYTES_PER_TOKEN
 
 
 def expected_tokens(prompt: list[int], max_tokens: int, block_id: int) -> list[int]:
@@ -30,6 +41,7 @@ def expected_tokens(prompt: list[int], max_tokens: int, block_id: int) -> list[i
 def make_app(role: str, broken: bool) -> FastAPI:
     app = FastAPI()
     seen: list[dict[str, Any]] = []
+    nixl = {"transfers": 0, "bytes": 0}
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": None,
@@ -46,6 +58,16 @@ def make_app(role: str, broken: bool) -> FastAPI:
     @app.get("/debug/requests")
     async def debug() -> list[dict[str, Any]]:
         return seen
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        n, b = nixl["transfers"], nixl["bytes"]
+        lines = ["# TYPE vllm:cache_config_info gauge",
+                 f'vllm:cache_config_info{{block_size="{BLOCK_TOKENS}",engine="0"}} 1.0']
+        for name, total in (("vllm:nixl_xfer_time_seconds", 0.001 * n), ("vllm:nixl_bytes_transferred", b)):
+            lines += [f"# TYPE {name} histogram", f'{name}_bucket{{engine="0",le="+Inf"}} {n}',
+                      f'{name}_count{{engine="0"}} {n}', f'{name}_sum{{engine="0"}} {total}']
+        return PlainTextResponse("\n".join(lines) + "\n")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -68,6 +90,8 @@ def make_app(role: str, broken: bool) -> FastAPI:
         if not params.get("do_remote_prefill"):
             return error(400, "decode server got no kv_transfer_params from a prefill")
         ids = expected_tokens(prompt, int(body["max_tokens"]), int(params["remote_block_ids"][0][0]))
+        nixl["transfers"] += 1
+        nixl["bytes"] += expected_nixl_bytes(len(prompt))
         if not body.get("stream"):
             return {"id": "cmpl-d", "object": "text_completion", "model": "tiny",
                     "choices": [{"index": 0, "text": "".join(chr(t) for t in ids), "token_ids": ids,

@@ -47,9 +47,12 @@ class CalibrationPoints:
 
     @classmethod
     def for_profile(cls, profile: str) -> CalibrationPoints:
-        """Small and quick in ci; spread wide enough for the quadratic term in full."""
+        """Small and quick in ci; spread wide enough for the quadratic term in full; on a GPU the
+        1B shape's range (prompts to 4,096 tokens, batches to 128: a GPU step barely grows below that)."""
         if profile == "ci":
             return cls((16, 64, 128, 256), (1, 4, 8), (32, 128), repeats=3, decode_steps=3)
+        if profile == "gpu":
+            return cls((128, 256, 512, 1024, 2048, 4096), (1, 8, 32, 64, 128), (512, 2048), repeats=3, decode_steps=4)
         return cls((32, 128, 256, 512, 1024, 1536, 2048), (1, 4, 8, 16, 32), (64, 512, 1024), repeats=3, decode_steps=4)
 
 
@@ -148,9 +151,16 @@ def calibrate(model: Any = "tiny", profile: str | None = None, *, points: Calibr
     fitted = fit_latency_model(prefill, decode, kv_bytes_per_token=_kv_bytes_per_token(cfg.model, cfg.dtype),
                                model=str(cfg.model), device=device_name(cfg.device), note="measured")
     meta = {"engine_config": {k: getattr(cfg, k) for k in cfg.__slots__},  # type: ignore[attr-defined]
-            "profile": prof, "repeats": pts.repeats, "seconds": time.perf_counter() - t0,
+            "profile": prof, "points": _points_meta(pts), "repeats": pts.repeats, "seconds": time.perf_counter() - t0,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return Calibration(fitted, tuple(prefill), tuple(decode), meta)
+
+
+def _points_meta(pts: CalibrationPoints) -> dict[str, Any]:
+    """The points as JSON stores them (tuples become lists), to compare with a saved calibration's."""
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(pts)))
 
 
 def serving_overhead(engine_model: Any, sequential: Any, concurrent: Any = (), *, layout: Any = None,
@@ -263,6 +273,28 @@ def fit_server_steps(engine_model: Any, steps: Sequence[dict[str, Any]], *, max_
     return replace(out, note=(out.note + "; " if out.note else "") + "moved to the server's steps")
 
 
+def engine_for_profile(model: str, profile: str) -> Any:
+    """The EngineConfig a profile calibrates on: on a GPU the preset's shape in bf16 with random
+    weights built on the device and CUDA graphs (the lab engine's fastest decode); else the CPU
+    engine in float32 (EngineConfig's defaults)."""
+    from labkit.engine import EngineConfig
+
+    if profile == "gpu":
+        return EngineConfig(model=model, dtype="bfloat16", device="cuda", cuda_graphs=True, random_weights=True)
+    return EngineConfig(model=model)
+
+
+def split_decode_samples(samples: Sequence[DecodeSample]) -> tuple[list[DecodeSample], list[DecodeSample]]:
+    """(fit, held out): the samples of every other batch size, counted from the smallest, are held
+    out (batches 1, 4, 8, 16, 32 -> fit on 1, 8, 32; hold out 4 and 16), so a fit is judged on steps
+    between the ones it saw. Raises ValueError with fewer than 3 batch sizes."""
+    batches = sorted({s.batch_size for s in samples})
+    if len(batches) < 3:
+        raise ValueError(f"holding out a batch size needs >= 3 of them, got {batches}")
+    held = set(batches[1::2])
+    return [s for s in samples if s.batch_size not in held], [s for s in samples if s.batch_size in held]
+
+
 def calibration_path(model: str, profile: str) -> Path:
     """Where `load_or_calibrate` keeps a model's calibration (under LABKIT_HOME)."""
     from labkit.config import labkit_home
@@ -271,18 +303,22 @@ def calibration_path(model: str, profile: str) -> Path:
     return labkit_home() / "plan" / f"calibration-{safe}-{profile}.json"
 
 
-def load_or_calibrate(model: str = "tiny", profile: str | None = None, *, refresh: bool = False,
+def load_or_calibrate(model: Any = "tiny", profile: str | None = None, *, refresh: bool = False,
                       points: CalibrationPoints | None = None, progress: bool = False) -> Calibration:
-    """The saved calibration of `model` on this machine, measuring (and saving) it when missing."""
+    """The saved calibration of `model` (a preset name, or an EngineConfig: see `engine_for_profile`)
+    on this machine, measuring (and saving) it when missing, or when `points` are given and the
+    saved one was measured at others."""
     from labkit.config import profile as current_profile
 
     prof = profile or current_profile()
-    path = calibration_path(model, prof)
+    path = calibration_path(getattr(model, "model", model), prof)
     if path.is_file() and not refresh:
         try:
-            return Calibration.load(path)
+            saved = Calibration.load(path)
         except (ValueError, KeyError, TypeError):
-            pass  # an old or broken file: measure again
+            saved = None  # an old or broken file: measure again
+        if saved is not None and (points is None or saved.meta.get("points") == _points_meta(points)):
+            return saved
     cal = calibrate(model, prof, points=points, progress=progress)
     cal.save(path)
     return cal
@@ -294,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m labkit.plan.calibrate", description=main.__doc__)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--profile", choices=["ci", "full"], default=None)
+    p.add_argument("--profile", choices=["ci", "full", "gpu"], default=None)
     p.add_argument("--out", default=None, help="JSON path (default: under LABKIT_HOME/plan/)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = p.parse_args(argv)
@@ -305,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     from labkit.config import profile as current_profile
 
     prof = a.profile or current_profile()
-    cal = calibrate(a.model, prof, progress=True)
+    cal = calibrate(engine_for_profile(a.model, prof), prof, progress=True)
     path = cal.save(a.out or calibration_path(a.model, prof))
     print(cal.model.describe())
     print(f"saved {path}")

@@ -25,8 +25,9 @@ Verdict = Literal["favours", "neutral", "against"]
 FACTS = (
     "DistServe (OSDI'24): 7.4x more requests or 12.6x tighter SLO than colocated serving, at >= 90% SLO attainment.",
     "Splitwise (ISCA'24): 1.4x throughput at 20% lower cost, or 2.35x throughput at the same cost and power.",
-    ("Counter-evidence: measured 20-30% slower on small setups; it pays with long prompts, low prefix reuse, "
-     "many GPUs (>16) and fast links (RDMA, >100 Gbps)."),
+    "Counter-evidence: BentoML's LLM inference handbook says disaggregation can lose 20-30% on small setups.",
+    ("The seed article: it pays with long prompts, low prefix reuse, many GPUs (>16) and fast links "
+     "(RDMA, >100 Gbps); notebook 06 holds its figures against the planner."),
 )
 
 

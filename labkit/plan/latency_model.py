@@ -231,12 +231,17 @@ def fit_latency_model(prefill: Sequence[PrefillSample], decode: Sequence[DecodeS
     yp = np.array([s.elapsed_s for s in prefill])
     xp = np.stack([np.ones_like(t), t, t * t], axis=1)
     cp = _nonneg_lstsq(xp, yp)
+    cd, r2_decode = fit_decode_steps(decode)
+    return LatencyModel(float(cp[0]), float(cp[1]), float(cp[2]), *cd, kv_bytes_per_token=int(kv_bytes_per_token),
+                        r2_prefill=_r2(yp, xp @ cp), r2_decode=r2_decode, model=model, device=device, note=note)
+
+
+def fit_decode_steps(decode: Sequence[DecodeSample]) -> tuple[tuple[float, float, float], float]:
+    """The decode formula a + b·S + c·B fitted to `decode` by non-negative least squares on relative
+    residuals: ((a in s, b in s per KV token, c in s per sequence), R²)."""
     b = np.array([s.batch_size for s in decode], dtype=float)
     ctx = np.array([s.context_tokens for s in decode], dtype=float)
     yd = np.array([s.elapsed_s for s in decode])
     xd = np.stack([np.ones_like(b), ctx, b], axis=1)
     cd = _nonneg_lstsq(xd, yd, relative=True)
-    return LatencyModel(float(cp[0]), float(cp[1]), float(cp[2]), float(cd[0]), float(cd[1]), float(cd[2]),
-                        kv_bytes_per_token=int(kv_bytes_per_token),
-                        r2_prefill=_r2(yp, xp @ cp), r2_decode=_r2(yd, xd @ cd),
-                        model=model, device=device, note=note)
+    return (float(cd[0]), float(cd[1]), float(cd[2])), _r2(yd, xd @ cd)

@@ -143,5 +143,28 @@ def efficiencies_from(model: LatencyModel, shape: ModelShape, hw: HardwareSpec) 
     return Efficiency(min(max(mfu, 1e-4), 1.0), min(max(mbu, 1e-4), 1.0), 0.0)
 
 
+def efficiency_of_steps(prefill: Any, decode: Any, read_bytes_per_s: float, hw: HardwareSpec) -> Efficiency:
+    """The MFU and MBU of two measured steps as fractions of `hw`'s peaks (its datasheet, say).
+
+    `prefill` and `decode` are measured points with `achieved_flops_per_s` and `mbu` (as
+    `labkit.reference` loads them): prefill's FLOP/s over hw.flops_per_s; decode's bytes/s (its
+    MBU times `read_bytes_per_s`, the read roof it was measured against) over hw's bandwidth.
+    """
+    mfu = float(prefill.achieved_flops_per_s) / hw.flops_per_s
+    mbu = float(decode.mbu) * read_bytes_per_s / hw.bandwidth_bytes_per_s
+    return Efficiency(min(mfu, 1.0), min(mbu, 1.0), 0.0)
+
+
+def reference_efficiency(run: Any, hw: HardwareSpec, *, model: str = "llama-3.1-8b",
+                         runner: str = "engine graphs") -> Efficiency:
+    """The efficiencies a committed GPU run (`labkit.reference.gpu_check()`) measured for `model`
+    with `runner` (the lab engine with CUDA graphs: 2,048-token prefill, batch-1 decode at context
+    2,048), as fractions of `hw`'s peaks. Raises KeyError naming what the run lacks."""
+    pre, dec = run.point(model, runner, "prefill"), run.point(model, runner, "decode")
+    if pre is None or dec is None:
+        raise KeyError(f"{run.machine} run has no {model} prefill and decode measured by {runner!r}")
+    return efficiency_of_steps(pre, dec, run.roofs.read_bytes_per_s, hw)
+
+
 def is_estimate(model: LatencyModel) -> bool:
     return model.note.startswith("estimate")

@@ -18,8 +18,13 @@ def _mode_color(label: str) -> str:
     return MODE_COLORS["disagg"]
 
 
-def plot_fit(cal: Any, title: str = "The latency model, fitted on your measurements") -> Any:
-    """Two panels: prefill time against prompt tokens, decode step time against context, fit and points."""
+def plot_fit(cal: Any, title: str = "The latency model, fitted on your measurements", *, other: Any = None,
+             other_label: str = "your fit", held_out: Sequence[Any] = ()) -> Any:
+    """Two panels: prefill time against prompt tokens, decode step time against context, fit and points.
+
+    `other`: a second LatencyModel whose decode formula is drawn dashed beside the lab's fit;
+    `held_out`: decode samples to mark hollow (the steps a fit did not see).
+    """
     fig, (ax1, ax2) = new_figure(1, 2)
     m = cal.model
     t = np.array([s.num_tokens for s in cal.prefill_samples])
@@ -36,9 +41,17 @@ def plot_fit(cal: Any, title: str = "The latency model, fitted on your measureme
         c = np.array([s.context_tokens for s in pts])
         yy = np.array([s.elapsed_s for s in pts]) * 1e3
         col = cmap(0.4 + 0.6 * i / max(1, len(batches) - 1))
-        ax2.plot(c, yy, "o", color=col, label=f"batch {b}")
+        held = np.array([s in held_out for s in pts], dtype=bool)
+        if (~held).any():
+            ax2.plot(c[~held], yy[~held], "o", color=col, label=f"batch {b}")
+        if held.any():
+            ax2.plot(c[held], yy[held], "o", color=col, mfc="none", mew=2, label=f"batch {b} (held out)")
         cg = np.linspace(c.min(), c.max(), 20)
         ax2.plot(cg, m.decode_step_s(b, cg) * 1e3, "-", color=col, lw=1.4)
+        if other is not None:
+            ax2.plot(cg, other.decode_step_s(b, cg) * 1e3, "--", color=col, lw=1.6)
+    if other is not None:
+        ax2.plot([], [], "--", color="gray", label=other_label)
     ax2.set(xlabel="KV tokens in the batch S", ylabel="decode step time (ms)",
             title=f"Decode: a + b·S + c·B  (R² {m.r2_decode:.3f})")
     ax2.legend(fontsize=10)
@@ -196,5 +209,56 @@ def plot_gain_map(xs: Sequence[float], ys: Sequence[float], gain: np.ndarray, xl
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(False)
     fig.colorbar(im, ax=ax, label="gain (x)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_transfer_vs_prefill(latency: Any, prompt_tokens: int, gbps: Sequence[float], *,
+                             mark_gbps: float | None = None, links: Mapping[str, float] | None = None,
+                             title: str = "KV transfer against the prefill it follows") -> Any:
+    """Transfer time of one prompt's KV against link speed (log-log), the prefill time as a line,
+    `mark_gbps` (e.g. the learner's break-even) and named `links` (label -> Gbit/s) as dots."""
+    from labkit.links import Link
+
+    fig, ax = new_figure(figsize=(10, 5))
+    nbytes = prompt_tokens * latency.kv_bytes_per_token
+    g = np.asarray(gbps, dtype=float)
+    ax.plot(g, [Link.from_gbps(x).seconds(nbytes) * 1e3 for x in g], "-", color=MODE_COLORS["disagg"], lw=2,
+            label=f"KV of {prompt_tokens:,} tokens ({nbytes / 1e6:,.0f} MB)")
+    pre_ms = float(latency.prefill_s(prompt_tokens)) * 1e3
+    ax.axhline(pre_ms, color=PHASE_COLORS["prefill"], ls="--", lw=1.8, label=f"its prefill: {pre_ms:,.0f} ms")
+    for name, x in (links or {}).items():
+        ax.plot([x], [Link.from_gbps(x).seconds(nbytes) * 1e3], "o", ms=9, color="black")
+        ax.annotate(name, (x, Link.from_gbps(x).seconds(nbytes) * 1e3), textcoords="offset points", xytext=(6, 6))
+    if mark_gbps is not None and mark_gbps > 0:
+        ax.axvline(mark_gbps, color="gray", ls=":", lw=1.6, label=f"your break-even: {mark_gbps:,.3g} Gbit/s")
+    ax.set(xscale="log", yscale="log", xlabel="link speed (Gbit/s)", ylabel="ms", title=title)
+    ax.legend(fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_claims(rows: Sequence[Any], article: Any, title: str = "The article's figures against the planner") -> Any:
+    """Two panels, one bar per planned scenario (`labkit.plan.claims.ClaimRow`): the goodput gain and
+    the cost saving, each with the article's claimed range shaded (`article`: labkit.reference.ARTICLE)."""
+    fig, (ax1, ax2) = new_figure(1, 2, figsize=(15, 5))
+    names = [r.scenario for r in rows]
+    x = np.arange(len(rows))
+    for ax, vals, (lo, hi), unit, label in (
+            (ax1, [r.gain for r in rows], article.throughput_gain, "x", "goodput, best disaggregated / mono-dp (x)"),
+            (ax2, [100 * r.cost_saving for r in rows], article.cost_saving_pct, "%",
+             "lower cost per output token (%)")):
+        ax.axhspan(lo, hi, color="gray", alpha=0.25, label=f"the article: {lo:g}-{hi:g}{unit}")
+        ax.bar(x, vals, color=MODE_COLORS["disagg"], width=0.5, label="the planner")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.2f}{unit}" if unit == "x" else f"{v:.0f}{unit}", ha="center", va="bottom", fontsize=12)
+        ax.set_xticks(x, names, rotation=10)
+        ax.set(ylabel=label)
+        ax.set_ylim(bottom=min(0.0, *vals) if unit == "%" else 0.0)
+        ax.legend(fontsize=10)
+    ax1.axhline(1.0, color="black", lw=1)
+    ax1.set_title("Throughput (goodput)")
+    ax2.set_title("Cost")
+    fig.suptitle(title, fontsize=16, fontweight="bold")
     fig.tight_layout()
     return fig
