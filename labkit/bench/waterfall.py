@@ -40,8 +40,8 @@ def waterfall_stacks(records: Sequence[Any], bands: dict[str, tuple[float, float
         return out
     n = len(recs)
     for name, (lo, hi) in (bands or BANDS).items():
-        a = min(n - 1, int(np.floor(lo * n)))
-        b = max(a + 1, min(n, int(np.ceil(hi * n))))
+        a = min(n - 1, int(lo * n + 1e-9))                      # 1e-9: 0.45 * 100 is 45.00000000000001
+        b = max(a + 1, min(n, int(np.ceil(hi * n - 1e-9))))
         band = recs[a:b]
         row = {f"{p.removesuffix('_s')}_ms": 1e3 * float(np.mean([r.waterfall[p] for r in band])) for p in PARTS}
         row["ttft_ms"] = 1e3 * float(np.mean([r.waterfall["ttft_s"] for r in band]))

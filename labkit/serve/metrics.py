@@ -91,6 +91,8 @@ _GAUGES = (("kv_blocks_used", "KV blocks in use", "kv_blocks_used"),
 _COUNTERS = (("kv_transfer_bytes", "KV bytes sent (prefill) or received (decode)", "kv_transfer_bytes_total"),
              ("kv_transfer_seconds", "Seconds of KV transfers, send start to ack (prefill side)",
               "kv_transfer_seconds_total"),
+             ("kv_slow_transfers", "KV transfers far below this host's measured figure (prefill side)",
+              "kv_slow_transfers_total"),
              ("prefill_tokens", "Prompt tokens prefilled", "prefill_tokens_total"),
              ("decode_tokens", "Tokens decoded", "decode_tokens_total"))
 
