@@ -44,7 +44,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="16 requests, three policies")
     p.add_argument("--policies", nargs="+", default=None, help="policy specs (labkit.serve.routing)")
     p.add_argument("--requests", type=int, default=None)
-    p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
+    p.add_argument("--rate", type=float, default=3.0, help="Poisson arrivals per second")
     p.add_argument("--groups", type=int, default=16, help="distinct shared prefixes")
     p.add_argument("--max-model-len", type=int, default=1024, help="lengths are scaled to fit this context")
     p.add_argument("--kv-mb", type=float, default=8.0, help="each prefill worker's KV pool, MB")

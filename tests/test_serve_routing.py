@@ -384,6 +384,10 @@ def test_sglang_cache_aware_thresholds() -> None:
     c = [cand("a", matched=4, cached=900), cand("b", cached=300), cand("c", cached=10)]
     assert load_policy("sglang-cache-aware:cache_threshold=0.5")([], c).name == "c"
     assert pol([], c).name == "a"
+    # no match, both trees full (the index is bounded by the KV pool): the less loaded of equal trees
+    assert pol([], [cand("a", cached=122, in_flight=3), cand("b", cached=122, in_flight=1)]).name == "b"
+    # a request still prefilling is in SGLang's tree already (added when routed): 100 + 30 > 120 + 0
+    assert pol([], [cand("a", cached=100, active=30), cand("b", cached=120)]).name == "b"
     # imbalanced only when both spreads exceed: 70 vs 3 (67 > 64 and 70 > 4.5): shortest queue
     c = [cand("a", matched=10, in_flight=70), cand("b", in_flight=3)]
     assert pol.imbalanced(c) and pol([], c).name == "b"

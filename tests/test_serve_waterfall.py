@@ -24,7 +24,6 @@ from labkit.serve.launcher import ServerProcess, launch, new_kv_token, start_rou
 from labkit.serve.waterfall import PARTS
 from labkit.transfer.reference import HostReference, load_reference, slow_transfer_flag
 
-
 # --- the flag's arithmetic --------------------------------------------------------------------------
 
 def test_a_transfer_is_flagged_only_when_far_and_clearly_below_the_hosts_figure() -> None:

@@ -185,7 +185,8 @@ def plot_router_policies(rows: Sequence[Mapping[str, Any]], title: str | None = 
     for i, r in enumerate(rows):
         a.annotate(f"{100 * r['prefix_hit_rate']:.0f}%", (i, 100 * r["prefix_hit_rate"]), ha="center", va="bottom",
                    fontsize=11)
-    a.set_ylabel("prompt tokens served by a prefix cache (%)")
+    a.set_ylabel("prompt tokens from a cache (%)")
+    a.margins(y=0.15)
     a.set_title("Prefix-cache hits")
     b.bar(x - 0.2, [r["ttft_p50_ms"] for r in rows], 0.4, color=PHASE_COLORS["prefill"], alpha=0.5, label="p50")
     b.bar(x + 0.2, [r["ttft_p99_ms"] for r in rows], 0.4, color=PHASE_COLORS["prefill"], label="p99")
@@ -199,8 +200,9 @@ def plot_router_policies(rows: Sequence[Mapping[str, Any]], title: str | None = 
         c.bar(x, n, bottom=bottom, color=["#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78"][j % 4], label=w)
         bottom += n
     c.set_ylabel("requests")
-    c.set_title("Load balance: requests per prefill worker")
-    c.legend(fontsize=10)
+    c.set_title("Requests per prefill worker")
+    c.set_ylim(0, 1.25 * max(bottom.max(), 1))
+    c.legend(fontsize=10, ncol=len(workers), loc="upper center")
     for ax in (a, b, c):
         ax.set_xticks(x, names, rotation=25, ha="right")
     fig.suptitle(title or "Router policies on one prefix-heavy trace", fontsize=17, fontweight="bold")

@@ -18,8 +18,9 @@ or while streaming; the router turns it into an HTTP error or an SSE error event
 (the KV moves worker to worker over the transport; the router carries only the control
 messages of labkit.serve.messages). The prefill (or mono) worker is chosen by a policy
 (labkit.serve.routing), the decode worker by load. It times each request on the way
-(labkit.serve.waterfall: the first Piece carries a RequestTiming that the router reports). The router finds a backend by name
-(`router.BACKENDS`: "lab" here, "vllm" in labkit.vllm.pd_backend) or by `module:function`.
+(labkit.serve.waterfall: the first Piece carries a RequestTiming that the router reports).
+The router finds a backend by name (`router.BACKENDS`: "lab" here, "vllm" in
+labkit.vllm.pd_backend) or by `module:function`.
 """
 from __future__ import annotations
 

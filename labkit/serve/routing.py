@@ -180,8 +180,11 @@ class SGLangCacheAware:
     (`sgl-router/src/policies/mod.rs`) has 0.5, 32 and 1.1.
 
     Here the match counts tokens of whole cached blocks (SGLang matches characters in a radix tree of
-    request text), the tree size is the blocks the router's index holds for the worker, and ties
-    between equal matches go to the less loaded, then the first listed.
+    request text), and the tree size is the blocks the router's index holds for the worker plus those of
+    the requests open on it (`tree_blocks`). The index is bounded by the worker's KV pool (SGLang's tree
+    by max_tree_size, 2^26 characters by default, so it keeps growing with what was routed), so once
+    both are full the sizes can tie: ties between equal trees, and between equal matches, go to the
+    less loaded, then the first listed.
     """
 
     cache_threshold: float = 0.3
@@ -206,7 +209,13 @@ class SGLangCacheAware:
         best = min(candidates, key=lambda c: (-c.matched_blocks, c.in_flight))
         if best.match_ratio > self.cache_threshold:
             return best
-        return min(candidates, key=lambda c: c.cached_blocks)
+        return min(candidates, key=lambda c: (self.tree_blocks(c), c.in_flight))
+
+    @staticmethod
+    def tree_blocks(c: PrefillCandidate) -> int:
+        """SGLang's tree size, in blocks: SGLang adds a request to its tree when it routes it; the router's
+        index takes a request's blocks once its prefill is done, so the requests still open count too."""
+        return c.cached_blocks + c.active_blocks
 
 
 # Registered policies by name: "module:attr" specs, imported when named. A class is a policy with
