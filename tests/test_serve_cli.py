@@ -41,3 +41,12 @@ def test_labkit_serve_disagg_starts_serves_and_leaves_no_orphans(tiny_model_dir,
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def test_labkit_serve_refuses_a_bad_policy_before_starting_anything() -> None:
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "labkit.cli", "serve", "--mode", "disagg", "--prefill", "2",
+                          "--port", str(port), "--prefill-policy", "dynamo-cost:temperature=-1"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2 and "starting" not in out.stdout
+    assert "prefill policy 'dynamo-cost:temperature=-1': temperature must be a finite number >= 0" in out.stderr

@@ -311,3 +311,148 @@ def test_backends_resolve_by_name_and_serve_imports_no_vllm() -> None:
 
     with pytest.raises(ValueError, match="backend 'sglang'"):
         make_backend(RouterConfig(mono=("http://m",), backend="sglang"), RouterMetrics(), None)
+
+
+# --- the named policies, with numbers -------------------------------------------------------------
+
+def cand(name: str, matched: int = 0, in_flight: int = 0, *, free: int = 100, active: int = 0, cached: int = 0,
+         prompt: int = 160, bs: int = 16) -> PrefillCandidate:
+    return PrefillCandidate(name, matched, in_flight, free, 100, active_blocks=active, cached_blocks=cached,
+                            prompt_tokens=prompt, block_size=bs)
+
+
+def test_round_robin_takes_each_worker_in_turn_and_starts_fresh_per_router() -> None:
+    c = [cand("a", matched=9), cand("b"), cand("c")]
+    rr = load_policy("round-robin")
+    assert [rr([], c).name for _ in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
+    assert load_policy("round-robin")([], c).name == "a"      # a new router, a new cycle
+
+
+def test_least_load_ignores_the_cache() -> None:
+    c = [cand("a", matched=10, in_flight=3), cand("b", in_flight=1, free=2), cand("c", in_flight=1, free=9)]
+    assert load_policy("least-load")([], c).name == "c"       # fewest in flight, then most free blocks
+
+
+def test_dynamo_cost_is_overlap_weight_times_prefill_blocks_plus_active_blocks() -> None:
+    from labkit.serve.routing import DynamoCost
+
+    # Dynamo's documented example (docs/router/kv_cache_routing.md): prefill blocks 8, 5, 2 and decode
+    # blocks 10, 5, 9 give costs 18, 10, 11. A 160-token prompt is 10 blocks of 16: matched 2, 5, 8.
+    c = [cand("w1", matched=2, active=10), cand("w2", matched=5, active=5), cand("w3", matched=8, active=9)]
+    pol = load_policy("dynamo-cost")
+    assert isinstance(pol, DynamoCost) and (pol.overlap_weight, pol.temperature) == (1.0, 0.0)
+    assert [pol.cost(x) for x in c] == [18.0, 10.0, 11.0] and pol([], c).name == "w2"
+    heavy = load_policy("dynamo-cost:overlap_weight=2")           # the cache counts double: 26, 15, 13
+    assert [heavy.cost(x) for x in c] == [26.0, 15.0, 13.0] and heavy([], c).name == "w3"  # type: ignore[attr-defined]
+    blind = load_policy("dynamo-cost:overlap_weight=0")           # load only: 10, 5, 9
+    assert blind([], c).name == "w2"
+    # a partial block counts by its share: 170 tokens, 5 cached blocks -> 90 / 16 = 5.625 blocks to prefill
+    assert pol.cost(cand("p", matched=5, prompt=170)) == 5.625    # type: ignore[attr-defined]
+    # equal costs: the smaller cache tree wins (Dynamo's tie-break)
+    assert pol([], [cand("x", active=3, cached=40), cand("y", active=3, cached=7)]).name == "y"
+
+
+def test_dynamo_temperature_samples_the_softmax_of_range_scaled_negated_costs() -> None:
+    import math
+
+    c = [cand("w1", matched=2, active=10), cand("w2", matched=5, active=5), cand("w3", matched=8, active=9)]
+    pol = load_policy("dynamo-cost:temperature=1,seed=7")
+    # costs 18, 10, 11 over their range 8: weights e^-1, e^0, e^-1/8
+    w = [math.exp(-1.0), 1.0, math.exp(-0.125)]
+    want = [x / sum(w) for x in w]
+    got = pol.probabilities(c)   # type: ignore[attr-defined]
+    assert all(abs(a - b) < 1e-12 for a, b in zip(got, want)) and abs(want[1] - 0.4444) < 1e-3
+    picks = [pol([], c).name for _ in range(6000)]
+    for name, p in zip(("w1", "w2", "w3"), want):
+        assert abs(picks.count(name) / len(picks) - p) < 0.03
+    cold = load_policy("dynamo-cost:temperature=100,seed=1")   # very hot: nearly uniform
+    assert max(cold.probabilities(c)) - min(cold.probabilities(c)) < 0.01   # type: ignore[attr-defined]
+    same = [cand("a", active=4), cand("b", active=4)]
+    assert pol.probabilities(same) == [0.5, 0.5]   # type: ignore[attr-defined]
+
+
+def test_sglang_cache_aware_thresholds() -> None:
+    from labkit.serve.routing import SGLangCacheAware
+
+    pol = load_policy("sglang-cache-aware")
+    assert isinstance(pol, SGLangCacheAware)
+    assert (pol.cache_threshold, pol.balance_abs_threshold, pol.balance_rel_threshold) == (0.3, 64, 1.5)
+    # balanced, a match of 5 blocks of 16 in a 160-token prompt: ratio 0.5 > 0.3, the match wins
+    c = [cand("a", matched=5, in_flight=50, cached=900), cand("b", in_flight=10, cached=10)]
+    assert not pol.imbalanced(c) and pol([], c).name == "a"
+    # a match of 4 blocks: ratio 0.4; at threshold 0.5 it is too short: the smallest tree wins
+    c = [cand("a", matched=4, cached=900), cand("b", cached=300), cand("c", cached=10)]
+    assert load_policy("sglang-cache-aware:cache_threshold=0.5")([], c).name == "c"
+    assert pol([], c).name == "a"
+    # no match, both trees full (the index is bounded by the KV pool): the less loaded of equal trees
+    assert pol([], [cand("a", cached=122, in_flight=3), cand("b", cached=122, in_flight=1)]).name == "b"
+    # a request still prefilling is in SGLang's tree already (added when routed): 100 + 30 > 120 + 0
+    assert pol([], [cand("a", cached=100, active=30), cand("b", cached=120)]).name == "b"
+    # imbalanced only when both spreads exceed: 70 vs 3 (67 > 64 and 70 > 4.5): shortest queue
+    c = [cand("a", matched=10, in_flight=70), cand("b", in_flight=3)]
+    assert pol.imbalanced(c) and pol([], c).name == "b"
+    # 200 vs 135: 65 > 64 but 200 < 202.5: balanced, so the cache still wins
+    c = [cand("a", matched=10, in_flight=200), cand("b", in_flight=135)]
+    assert not pol.imbalanced(c) and pol([], c).name == "a"
+    tight = load_policy("sglang-cache-aware:balance_abs_threshold=2,balance_rel_threshold=1.1")
+    c = [cand("a", matched=10, in_flight=4), cand("b", in_flight=1)]
+    assert tight([], c).name == "b" and pol([], c).name == "a"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("dynamo-cost:overlap_weight=-1", "overlap_weight must be a finite number >= 0"),
+    ("dynamo-cost:temperature=nan", "temperature must be a finite number >= 0"),
+    ("dynamo-cost:weight=1", "no parameter 'weight'; it takes overlap_weight, seed, temperature"),
+    ("dynamo-cost:overlap_weight=abc", "overlap_weight='abc' is not a number"),
+    ("dynamo-cost:overlap_weight", "parameter 'overlap_weight' is not key=value"),
+    ("sglang-cache-aware:cache_threshold=2", r"cache_threshold must be in \[0, 1\], got 2.0"),
+    ("sglang-cache-aware:balance_abs_threshold=1.5", "balance_abs_threshold='1.5' is not an integer"),
+    ("least-load:x=1", "'least-load' takes no parameters"),
+])
+def test_a_bad_policy_parameter_says_which_and_why(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_policy(spec)
+
+
+def test_every_registered_policy_serves_through_the_router() -> None:
+    from labkit.serve.routing import POLICIES
+
+    for name in POLICIES:
+        fakes = [FakeWorker("prefill", "p0"), FakeWorker("prefill", "p1"), FakeWorker("decode", "d")]
+        out = serve(fakes, [{"prompt": "hi there", "max_tokens": 2}] * 4, policy=name)
+        assert [r.status_code for r in out] == [200] * 4, name
+        assert len(fakes[0].seen) + len(fakes[1].seen) == 4
+    rr = [FakeWorker("prefill", "p0"), FakeWorker("prefill", "p1"), FakeWorker("decode", "d")]
+    serve(rr, [{"prompt": "hi there", "max_tokens": 2}] * 4, policy="round-robin")
+    assert (len(rr[0].seen), len(rr[1].seen)) == (2, 2)
+
+
+def test_the_policy_sees_the_request_and_the_routers_bookkeeping(tmp_path: Path) -> None:
+    log = tmp_path / "cands.jsonl"
+    (tmp_path / "pol.py").write_text(
+        "import dataclasses, json\n"
+        f"def first(hashes, cands):\n    open({str(log)!r}, 'a').write(json.dumps("
+        "[dataclasses.asdict(c) for c in cands]) + '\\n')\n    return cands[0]\n")
+    fakes = [FakeWorker("prefill", "p0"), FakeWorker("prefill", "p1"), FakeWorker("decode", "d")]
+    prompt = [256] + list(range(1, 40))                    # 40 tokens: 2 full blocks of 16 and a partial one
+    serve(fakes, [{"prompt": prompt, "max_tokens": 2}] * 2, policy=f"{tmp_path / 'pol.py'}:first")
+    first, second = (json.loads(x) for x in log.read_text().splitlines())
+    assert [c["prompt_tokens"] for c in first] == [40, 40] and {c["block_size"] for c in first} == {16}
+    assert [(c["matched_blocks"], c["cached_blocks"], c["active_blocks"]) for c in first] == [(0, 0, 0), (0, 0, 0)]
+    # after the first request p0 caches its 2 full blocks; nothing is open any more
+    assert [(c["matched_blocks"], c["cached_blocks"], c["active_blocks"]) for c in second] == [(2, 2, 0), (0, 0, 0)]
+
+
+def test_active_blocks_count_a_shared_prefix_once() -> None:
+    from labkit.serve.prefix_index import ActiveBlocks, block_hashes
+
+    a = ActiveBlocks()
+    shared = list(range(32))
+    h1, h2 = block_hashes(shared + [1] * 20, 16), block_hashes(shared + [2] * 20, 16)   # 3 full blocks each, 2 shared
+    a.add("w", h1, partial=True)
+    a.add("w", h2, partial=True)
+    assert a.count("w") == 2 + 1 + 1 + 2 and a.count("other") == 0    # shared 2, own 1 each, a partial block each
+    a.remove("w", h1, partial=True)
+    assert a.count("w") == 3 + 1
+    a.remove("w", h2, partial=True)
+    assert a.count("w") == 0

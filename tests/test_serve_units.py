@@ -275,5 +275,5 @@ def test_launcher_settings_and_arguments_meet_in_one_config(monkeypatch: pytest.
     doc = json.loads(argvs[0][argvs[0].index("--config") + 1])
     assert doc["engine"]["max_model_len"] == 8200 and doc["engine"]["kv_cache_bytes"] == 1 << 20
     assert doc["transfer"] == {"backend": "tcp", "timeout_s": 30.0, "kv_stream": "layers", "link_gbps": 10.0,
-                               "link_latency_ms": 0.0}
+                               "link_latency_ms": 0.0, "kv_flag_factor": 10.0}
     assert "t" * 16 not in " ".join(argvs[0])     # the KV token travels in the environment only

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from labkit.bench.metrics import SLO, Summary
 
@@ -24,7 +25,7 @@ def _slo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _slo(a: argparse.Namespace) -> SLO:
-    ms = lambda v: None if v is None else v / 1000.0  # noqa: E731
+    ms = lambda v: None if v is None else v / 1000.0
     return SLO(ms(a.slo_ttft_ms), ms(a.slo_tpot_ms), ms(a.slo_itl_ms), ms(a.slo_e2e_ms))
 
 
@@ -39,13 +40,15 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
 def format_summary(s: Summary) -> str:
     """A few lines a person reads after a run: counts, throughput, goodput, latency percentiles."""
     lines = [f"requests: {s.sent} sent, {s.ok} ok, {s.errors} errors in {s.duration_s:.1f} s",
-             f"throughput: {s.request_throughput_rps:.3g} req/s, {s.output_throughput_tps:,.1f} output tok/s, "
-             f"{s.total_token_throughput_tps:,.1f} total tok/s",
+             (f"throughput: {s.request_throughput_rps:.3g} req/s, {s.output_throughput_tps:,.1f} output tok/s, "
+              f"{s.total_token_throughput_tps:,.1f} total tok/s"),
              f"goodput: {s.goodput_rps:.3g} req/s ({s.slo_attainment:.0%} of requests within {s.slo})",
              f"{'ms':<5}" + "".join(f"{k:>10}" for k in ("mean", "p50", "p90", "p99", "max"))]
     for metric, st in s.latency_ms.items():
         lines.append(f"{metric:<5}" + "".join(f"{st.get(k, float('nan')):>10,.1f}"
                                               for k in ("mean", "p50", "p90", "p99", "max")))
+    if s.kv_flagged:
+        lines.append(f"KV flagged on {s.kv_flagged} request(s): {s.kv_flag}")
     return "\n".join(lines)
 
 

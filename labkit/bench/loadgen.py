@@ -44,6 +44,7 @@ class LoadConfig:
     slo: SLO = field(default_factory=SLO)
     progress: bool = True
     label: str = ""
+    waterfall: bool = True          # ask for the lab server's per-request TTFT waterfall (others ignore the field)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -98,7 +99,7 @@ def resolve_model(config: LoadConfig, timeout_s: float = 10.0) -> str:
                            "is the server up? Pass model=... to skip this") from None
 
 
-def _payload(req: BenchRequest, model: str, prompt_as: str) -> dict[str, Any]:
+def _payload(req: BenchRequest, model: str, prompt_as: str, waterfall: bool = False) -> dict[str, Any]:
     if prompt_as == "text":
         if any(not 32 <= t < 127 for t in req.prompt_token_ids):
             raise ValueError("prompt_as='text' needs printable-ASCII token ids (TokenSpace(32, 127)) "
@@ -106,8 +107,11 @@ def _payload(req: BenchRequest, model: str, prompt_as: str) -> dict[str, Any]:
         prompt: Any = bytes(req.prompt_token_ids).decode("ascii")
     else:
         prompt = list(req.prompt_token_ids)
-    return {"model": model, "prompt": prompt, "max_tokens": req.output_tokens, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
+    out = {"model": model, "prompt": prompt, "max_tokens": req.output_tokens, "stream": True,
+           "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
+    if waterfall:   # an extra body field, as vLLM's return_token_ids: vLLM ignores it (labkit.serve.waterfall)
+        out["return_waterfall"] = True
+    return out
 
 
 async def _send_one(client: httpx.AsyncClient, url: str, payload: dict[str, Any], rec: RequestRecord,
@@ -134,6 +138,8 @@ async def _send_one(client: httpx.AsyncClient, url: str, payload: dict[str, Any]
     rec.output_tokens = int(usage.get("completion_tokens") or len(ts))
     if usage.get("prompt_tokens") is not None:
         rec.prompt_tokens = int(usage["prompt_tokens"])
+    if isinstance(usage.get("waterfall"), dict):
+        rec.waterfall = usage["waterfall"]
     rec.ok = True
 
 
@@ -145,7 +151,7 @@ async def arun_load(config: LoadConfig, requests: Sequence[BenchRequest], *,
     if not requests:
         raise ValueError("no requests to send")
     model = await asyncio.to_thread(resolve_model, config)
-    payloads = [_payload(r, model, config.prompt_as) for r in requests]  # bad input fails before sending
+    payloads = [_payload(r, model, config.prompt_as, config.waterfall) for r in requests]  # bad input fails before sending
     times = config.arrivals.times_s(len(requests), config.seed, [r.arrival_s for r in requests])
     records = [RequestRecord(r.index, r.prompt_tokens, r.output_tokens, scheduled_s=float(t))
                for r, t in zip(requests, times)]

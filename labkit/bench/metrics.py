@@ -5,6 +5,9 @@
 - TPOT: (E2E - TTFT) / (output tokens - 1), per request; 0 for one-token outputs (as vLLM).
 - E2E: send time to the last chunk with a choice.
 - Goodput (DistServe, OSDI'24): completed requests per second that meet every given SLO.
+- Waterfall (the lab's server only): where each request's TTFT went, as the router measured it
+  (labkit.serve.waterfall), kept per record; `kv_flagged` counts transfers the server flagged as far
+  below this host's measured KV speed, `kv_flag` quotes the first.
 
 Throughput divides by the benchmark's duration: first send to last completion.
 """
@@ -12,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +41,7 @@ class RequestRecord:
     output_tokens: int = 0
     http_status: int | None = None
     error: str = ""
+    waterfall: dict[str, Any] = field(default_factory=dict)   # the server's `usage.waterfall`, when it sends one
 
     @property
     def tpot_s(self) -> float:
@@ -53,6 +58,7 @@ class RequestRecord:
         """A flat row for CSV/Parquet (ITLs as a JSON list)."""
         d = asdict(self)
         d["itl_s"] = json.dumps([round(x, 7) for x in self.itl_s])
+        d["waterfall"] = json.dumps(self.waterfall) if self.waterfall else ""
         d["tpot_s"] = self.tpot_s
         d["max_itl_s"] = self.max_itl_s
         return d
@@ -113,6 +119,8 @@ class Summary:
     mean_prompt_tokens: float
     mean_output_tokens: float
     latency_ms: dict[str, dict[str, float]]
+    kv_flagged: int = 0            # requests whose KV transfer the server flagged as far below this host's figure
+    kv_flag: str = ""              # the first such flag, in the server's words
 
     def flat(self) -> dict[str, Any]:
         """One flat dict: `ttft_p99_ms`, `itl_p50_ms`, ... plus the counters (a table row)."""
@@ -141,6 +149,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO | No
         stats.update({f"p{q:g}": _pct(vals, q) * 1000 for q in percentiles})
         stats["max"] = float(np.max(vals)) * 1000 if vals else math.nan
         latency[name] = stats
+    flagged = [r.waterfall["kv_flag"] for r in done if r.waterfall.get("kv_flag")]
     out_tokens = sum(r.output_tokens for r in done)
     in_tokens = sum(r.prompt_tokens for r in done)
     good = sum(slo.met(r) for r in done)
@@ -150,7 +159,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO | No
         total_token_throughput_tps=(out_tokens + in_tokens) / dur, goodput_rps=good / dur,
         slo_attainment=good / len(records) if records else math.nan, slo=slo.describe(),
         mean_prompt_tokens=in_tokens / len(done) if done else math.nan,
-        mean_output_tokens=out_tokens / len(done) if done else math.nan, latency_ms=latency)
+        mean_output_tokens=out_tokens / len(done) if done else math.nan, latency_ms=latency,
+        kv_flagged=len(flagged), kv_flag=flagged[0] if flagged else "")
 
 
 def jsonable(x: Any) -> Any:
@@ -210,5 +220,6 @@ def load_records(path: str | Path) -> list[RequestRecord]:
             e2e_s=float(row["e2e_s"]) if row["e2e_s"] != "" else math.nan,
             itl_s=list(json.loads(row["itl_s"])), output_tokens=int(row["output_tokens"]),
             http_status=None if status in (None, "") or (isinstance(status, float) and math.isnan(status)) else int(status),
-            error=str(row.get("error") or "")))
+            error=str(row.get("error") or ""),
+            waterfall=json.loads(row["waterfall"]) if isinstance(row.get("waterfall"), str) and row["waterfall"] else {}))
     return out

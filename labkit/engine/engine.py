@@ -200,6 +200,11 @@ class Engine:
                 seq.on_token(seq.request_id, tok, True)
         batch = self.scheduler.schedule()
         context_tokens = sum(len(s.token_ids) for s in batch.decodes)
+        started: dict[str, int] = {}
+        for seq, _ in batch.chunks:
+            if seq.prefill_start_s is None:   # a recompute after preemption keeps its first start
+                seq.prefill_start_s = t0
+                started[seq.request_id] = seq.num_cached_tokens
         self.num_preemptions += len(batch.preempted)
         new_tokens: dict[str, int] = {}
         if batch.phase != "idle":
@@ -224,7 +229,7 @@ class Engine:
                 if seq.on_token is not None:
                     seq.on_token(seq.request_id, tok, reason is not None)
         return StepOutput(batch.phase, batch.num_prefill_tokens, len(batch.decodes), new_tokens, finished,
-                          time.perf_counter() - t0, context_tokens)
+                          time.perf_counter() - t0, context_tokens, started)
 
     def _run(self, batch: Batch) -> list[tuple[Sequence, int]]:
         """Builds the flat batch, runs the model, samples; returns (sequence, token) for each sampled sequence."""

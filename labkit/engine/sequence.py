@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -38,6 +39,7 @@ class Sequence:
     num_preemptions: int = 0
     num_cached_tokens: int = 0                           # prompt tokens served by the prefix cache
     arrival_s: float = field(default_factory=time.perf_counter)
+    prefill_start_s: float | None = None                 # perf_counter at the start of the step that ran its first chunk
     first_token_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -77,3 +79,5 @@ class StepOutput:
     finished: list[RequestOutput]
     elapsed_s: float
     context_tokens: int = 0    # summed context of the step's decode sequences (what their attention reads)
+    prefill_started: dict[str, int] = field(default_factory=dict)  # request id -> prompt tokens the prefix
+                                                                    # cache served, for prompts first run this step

@@ -261,3 +261,88 @@ def prefix_routing_chart(runs: Sequence[Any]) -> Any:
     b.legend(fontsize=10, loc="upper center", ncol=len(reasons))
     fig.tight_layout()
     return fig
+
+
+# The TTFT's parts in the order they happen, with their colours (labkit.serve.waterfall.PARTS).
+WATERFALL_PARTS = (("router", "router", "#7f7f7f"), ("http", "control hops (http)", "#c7c7c7"),
+                   ("queue", "queue at the worker", "#ff7f0e"), ("prefill", "prefill", PHASE_COLORS["prefill"]),
+                   ("kv_transfer", "KV transfer", PHASE_COLORS["transfer"]),
+                   ("first_token_out", "first token out", "#9467bd"))
+
+
+def plot_ttft_waterfall(runs: Mapping[str, Any], ax: Any = None, title: str | None = None) -> Any:
+    """Where the TTFT went, per mode: a median and a p99 stack each (labkit.bench.waterfall.waterfall_stacks:
+    the mean of each part over the requests around that TTFT percentile, so a stack adds up to its band's
+    TTFT). `runs`: mode -> a BenchResult or its records. Decode admission, which follows the first token,
+    is drawn hatched after the stack. Returns the Axes."""
+    import numpy as np
+
+    from labkit.bench.waterfall import waterfall_stacks
+
+    if ax is None:
+        _, ax = new_figure(figsize=(11, 1.2 + 1.1 * 2 * max(1, len(runs))))
+    rows: list[tuple[str, dict[str, float]]] = []
+    for mode, run in runs.items():
+        stacks = waterfall_stacks(getattr(run, "records", run))
+        rows += [(f"{mode} {band}", st) for band, st in stacks.items()]
+    if not rows:
+        raise ValueError("no record carries a waterfall: run the load generator against the lab's router "
+                         "(LoadConfig(waterfall=True), the default)")
+    for y, (_, st) in enumerate(rows):
+        left = 0.0
+        for key, label, color in WATERFALL_PARTS:
+            w = st[f"{key}_ms"]
+            ax.barh(y, w, left=left, height=0.6, color=color, label=label if y == 0 else None)
+            left += w
+        if st["decode_admit_ms"] > 0:
+            ax.barh(y, st["decode_admit_ms"], left=left, height=0.6, color="white", edgecolor=PHASE_COLORS["decode"],
+                    hatch="//", label="decode admission (after the first token)" if y == 0 else None)
+        gbps = st["kv_gb_per_s"]
+        note = f"TTFT {st['ttft_ms']:,.0f} ms" + (f", KV {gbps:.2g} GB/s" if np.isfinite(gbps) else "")
+        ax.annotate(note, (left + st["decode_admit_ms"], y), xytext=(6, 0), textcoords="offset points", va="center",
+                    fontsize=11)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("time since the router took the request (ms)")
+    ax.set_title(title or "Where the time to first token went (median and p99 requests)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.25 / max(1, len(rows))), ncol=3, fontsize=10)
+    ax.margins(x=0.25)
+    return ax
+
+
+def plot_router_policies(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> Any:
+    """Router policies side by side on one trace (benchmarks/router_policies.py rows: `policy`,
+    `prefix_hit_rate`, `ttft_p50_ms`, `ttft_p99_ms`, `requests_per_worker` {worker: n}): prefix-cache hit
+    rate, TTFT p50/p99 and requests per prefill worker. Returns the Figure."""
+    import numpy as np
+
+    fig, (a, b, c) = new_figure(1, 3, figsize=(17, 5.4))
+    names = [r["policy"] for r in rows]
+    x = np.arange(len(rows))
+    a.bar(x, [100 * r["prefix_hit_rate"] for r in rows], color=PHASE_COLORS["transfer"])
+    for i, r in enumerate(rows):
+        a.annotate(f"{100 * r['prefix_hit_rate']:.0f}%", (i, 100 * r["prefix_hit_rate"]), ha="center", va="bottom",
+                   fontsize=11)
+    a.set_ylabel("prompt tokens from a cache (%)")
+    a.margins(y=0.15)
+    a.set_title("Prefix-cache hits")
+    b.bar(x - 0.2, [r["ttft_p50_ms"] for r in rows], 0.4, color=PHASE_COLORS["prefill"], alpha=0.5, label="p50")
+    b.bar(x + 0.2, [r["ttft_p99_ms"] for r in rows], 0.4, color=PHASE_COLORS["prefill"], label="p99")
+    b.set_ylabel("TTFT (ms)")
+    b.set_title("Time to first token")
+    b.legend(fontsize=10)
+    workers = sorted({w for r in rows for w in r["requests_per_worker"]})
+    bottom = np.zeros(len(rows))
+    for j, w in enumerate(workers):
+        n = np.array([r["requests_per_worker"].get(w, 0) for r in rows], dtype=float)
+        c.bar(x, n, bottom=bottom, color=["#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78"][j % 4], label=w)
+        bottom += n
+    c.set_ylabel("requests")
+    c.set_title("Requests per prefill worker")
+    c.set_ylim(0, 1.25 * max(bottom.max(), 1))
+    c.legend(fontsize=10, ncol=len(workers), loc="upper center")
+    for ax in (a, b, c):
+        ax.set_xticks(x, names, rotation=25, ha="right")
+    fig.suptitle(title or "Router policies on one prefix-heavy trace", fontsize=17, fontweight="bold")
+    fig.tight_layout()
+    return fig

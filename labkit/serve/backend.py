@@ -17,14 +17,17 @@ or while streaming; the router turns it into an HTTP error or an SSE error event
 `LabBackend` fronts the lab's own workers: `mono` workers, or `prefill` + `decode` workers
 (the KV moves worker to worker over the transport; the router carries only the control
 messages of labkit.serve.messages). The prefill (or mono) worker is chosen by a policy
-(labkit.serve.routing), the decode worker by load. The router finds a backend by name
-(`router.BACKENDS`: "lab" here, "vllm" in labkit.vllm.pd_backend) or by `module:function`.
+(labkit.serve.routing), the decode worker by load. It times each request on the way
+(labkit.serve.waterfall: the first Piece carries a RequestTiming that the router reports).
+The router finds a backend by name (`router.BACKENDS`: "lab" here, "vllm" in
+labkit.vllm.pd_backend) or by `module:function`.
 """
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, Iterator
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,13 +35,21 @@ from typing import Any, Protocol
 import httpx
 from pydantic import ValidationError
 
-from labkit.serve.messages import DecodeRequest, GenerateRequest, PrefillRequest, PrefillResult, TokenEvent
+from labkit.serve.messages import (
+    DecodeRequest,
+    GenerateRequest,
+    PrefillRequest,
+    PrefillResult,
+    StreamTiming,
+    TokenEvent,
+)
 from labkit.serve.metrics import RouterMetrics
-from labkit.serve.prefix_index import PrefixIndex, block_hashes
+from labkit.serve.prefix_index import ActiveBlocks, PrefixIndex, block_hashes
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
 from labkit.serve.routing import DEFAULT_POLICY, PrefillCandidate, PrefillPolicy, choose, load_policy
 from labkit.serve.textstream import TextStream
 from labkit.serve.upstream import Upstream, UpstreamPool
+from labkit.serve.waterfall import RequestTiming
 from labkit.sse import aiter_sse_lines
 
 log = logging.getLogger("labkit.serve.backend")
@@ -54,6 +65,7 @@ class Piece:
     finish_reason: str | None = None          # set on the last piece: "stop" | "length" | "abort"
     completion_tokens: int | None = None      # a backend that knows the exact total says so at the end
     prompt_tokens: int | None = None
+    timing: RequestTiming | None = None       # on the first piece: where the TTFT went (filled as it goes)
 
 
 class DisaggBackend(Protocol):
@@ -157,7 +169,9 @@ class LabBackend(HttpBackend):
         self.metrics = metrics
         self.policy = policy or load_policy(DEFAULT_POLICY)
         self.index = PrefixIndex()
+        self.active = ActiveBlocks()         # blocks of the requests open on each worker (a policy's load)
         self.block_size: int | None = None   # the workers' own, from their first /health
+        self._flag_logged_s: dict[str, float] = {}
         self.transfer_timeout_s = transfer_timeout_s
         pool.on_down = self._forget
         pool.on_up = self._sized
@@ -182,14 +196,17 @@ class LabBackend(HttpBackend):
         return min(lens) if lens else None
 
     # --- routing -----------------------------------------------------------------------
-    def pick_by_prefix(self, role: str, hashes: list[bytes], exclude: set[str]) -> tuple[Upstream, int]:
+    def pick_by_prefix(self, role: str, hashes: list[bytes], exclude: set[str],
+                       prompt_tokens: int = 0) -> tuple[Upstream, int]:
         """The up instance the prefill policy chooses; (it, its matched leading blocks)."""
         cands = [u for u in self.pool.by_role(role) if u.name not in exclude]
         if not cands:
             raise unavailable(f"no {role} worker is up; check `GET /health` on the router", code="no_upstream")
         matched = self.index.match(hashes, [u.name for u in cands])
         views = [PrefillCandidate(u.name, matched[u.name], u.load, u.health.kv_blocks_free if u.health else 0,
-                                  u.health.kv_blocks_total if u.health else 0) for u in cands]
+                                  u.health.kv_blocks_total if u.health else 0, active_blocks=self.active.count(u.name),
+                                  cached_blocks=self.index.num_blocks(u.name), prompt_tokens=prompt_tokens,
+                                  block_size=self.block_size or 0) for u in cands]
         try:
             chosen = choose(self.policy, hashes, views)
         except Exception as e:  # noqa: BLE001 - a learner's policy may fail any way: say so, per request
@@ -202,6 +219,23 @@ class LabBackend(HttpBackend):
         if n and self.block_size:
             self.metrics.prefix_hit_tokens.labels(best.name).inc(n * self.block_size)
         return best, n
+
+    @contextmanager
+    def opened(self, u: Upstream, hashes: list[bytes], prompt_tokens: int) -> Iterator[None]:
+        """Counts the request's blocks as active on `u` while it is open there (Dynamo's decode-blocks load)."""
+        partial = bool(self.block_size) and prompt_tokens % (self.block_size or 1) != 0
+        self.active.add(u.name, hashes, partial)
+        try:
+            yield
+        finally:
+            self.active.remove(u.name, hashes, partial)
+
+    def _flagged(self, u: Upstream, flag: str) -> None:
+        """A prefill worker flagged its KV transfer as far below this host's figure: counted, logged every 30 s."""
+        self.metrics.kv_slow.labels(u.name).inc()
+        if time.monotonic() - self._flag_logged_s.get(u.name, -1e9) > 30.0:
+            self._flag_logged_s[u.name] = time.monotonic()
+            log.warning("%s: %s", u.name, flag)
 
     def pick_by_load(self, role: str, exclude: set[str]) -> Upstream:
         cands = [u for u in self.pool.by_role(role) if u.name not in exclude]
@@ -218,28 +252,35 @@ class LabBackend(HttpBackend):
         text = TextStream(self.tokenizer, req.stop)
         hashes = block_hashes(prompt_ids, self.block_size) if self.block_size else []
         msg = GenerateRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=req.sampling())
-        lines = self._mono_lines(msg, hashes) if self.mode == "mono" else self._disagg_lines(msg, hashes)
+        timing = RequestTiming(self.mode, prompt_tokens=len(prompt_ids))
+        lines = self._mono_lines(msg, hashes, timing) if self.mode == "mono" else self._disagg_lines(msg, hashes, timing)
+        tm: RequestTiming | None = timing
         async with aclosing(lines):  # an early return (stop string) closes the upstream stream now
             async for token_id, finish in lines:
                 if token_id is not None:
                     delta = text.push(token_id)
                     if text.stopped:
-                        yield Piece(delta, 1, (token_id,), finish_reason="stop")
+                        yield Piece(delta, 1, (token_id,), finish_reason="stop", timing=tm)
                         return
                     if finish is not None:
-                        yield Piece(delta + text.flush(), 1, (token_id,), finish_reason=finish)
+                        yield Piece(delta + text.flush(), 1, (token_id,), finish_reason=finish, timing=tm)
                         return
-                    yield Piece(delta, 1, (token_id,))
+                    yield Piece(delta, 1, (token_id,), timing=tm)
+                    tm = None
                 elif finish is not None:
-                    yield Piece(text.flush(), 0, (), finish_reason=finish)
+                    yield Piece(text.flush(), 0, (), finish_reason=finish, timing=tm)
                     return
         raise unavailable("the worker closed the stream before the request finished")
 
     async def _stream_lines(self, u: Upstream, path: str, msg: GenerateRequest | DecodeRequest,
+                            on_timing: Callable[[StreamTiming, float, float], None] | None = None,
                             ) -> AsyncGenerator[tuple[int | None, str | None], None]:
-        """(token_id, finish_reason) from a worker's TokenEvent lines; APIError on any failure."""
+        """(token_id, finish_reason) from a worker's TokenEvent lines; APIError on any failure.
+        `on_timing(timing, sent_at, got_at)`: the first line's StreamTiming, with when the request
+        left and that line arrived (perf_counter)."""
         assert self._client is not None
         with self.calling(u, path):
+            sent_at = time.perf_counter()
             async with self._client.stream("POST", u.url + path, json=msg.model_dump(mode="json")) as r:
                 if r.status_code != 200:
                     raise await error_from_response(r)
@@ -254,44 +295,54 @@ class LabBackend(HttpBackend):
                     if ev.error is not None:
                         raise APIError(500, f"{u.role} worker {u.name}: {ev.error.message}", type="server_error",
                                        code=ev.error.code)
+                    if ev.timing is not None and on_timing is not None:
+                        on_timing(ev.timing, sent_at, time.perf_counter())
                     yield ev.token_id, ev.finish_reason
                     if ev.finish_reason is not None:
                         return
 
-    async def _mono_lines(self, msg: GenerateRequest, hashes: list[bytes],
+    async def _mono_lines(self, msg: GenerateRequest, hashes: list[bytes], timing: RequestTiming,
                           ) -> AsyncGenerator[tuple[int | None, str | None], None]:
         tried: set[str] = set()
+        n = len(msg.prompt_ids)
         while True:
-            u, _ = self.pick_by_prefix("mono", hashes, tried)
+            u, _ = self.pick_by_prefix("mono", hashes, tried, n)
             tried.add(u.name)
             started = False
+
+            def first_line(t: StreamTiming, sent_at: float, got_at: float, name: str = u.name) -> None:
+                timing.mono_first_line(t, name, sent_at, got_at)
             try:
-                async with aclosing(self._stream_lines(u, "/internal/generate", msg)) as items:
-                    async for item in items:
-                        if not started:
-                            started = True
-                            self.index.insert(u.name, hashes)
-                        yield item
+                with self.opened(u, hashes, n):
+                    async with aclosing(self._stream_lines(u, "/internal/generate", msg, first_line)) as items:
+                        async for item in items:
+                            if not started:
+                                started = True
+                                self.index.insert(u.name, hashes)
+                            yield item
                 return
             except APIError as e:
                 # Nothing reached the client yet and the worker is down: try another one.
                 if started or e.status != 503 or not self.pool.by_role("mono"):
                     raise
 
-    async def _disagg_lines(self, msg: GenerateRequest, hashes: list[bytes],
+    async def _disagg_lines(self, msg: GenerateRequest, hashes: list[bytes], timing: RequestTiming,
                             ) -> AsyncGenerator[tuple[int | None, str | None], None]:
         assert self._client is not None
         tried: set[str] = set()
+        n = len(msg.prompt_ids)
         while True:  # the prefill step is retried on another prefill worker if one is down
-            p, _ = self.pick_by_prefix("prefill", hashes, tried)
+            p, _ = self.pick_by_prefix("prefill", hashes, tried, n)
             d = self.pick_by_load("decode", set())
             if d.health is None or d.health.kv_endpoint is None:
                 raise unavailable(f"decode worker {d.name} announced no KV endpoint (is it a lab decode worker?)")
             tried.add(p.name)
             pre = PrefillRequest(**dict(msg), kv_endpoint=d.health.kv_endpoint)
             p.in_flight += 1
+            sent_at = time.perf_counter()
             try:
-                r = await self._client.post(p.url + "/internal/prefill", json=pre.model_dump(mode="json"))
+                with self.opened(p, hashes, n):
+                    r = await self._client.post(p.url + "/internal/prefill", json=pre.model_dump(mode="json"))
             except CONN_ERRORS as e:
                 self.pool.mark_down(p, f"/internal/prefill: {e.__class__.__name__}")
                 if self.pool.by_role("prefill") and not isinstance(e, httpx.ReadError):
@@ -301,6 +352,7 @@ class LabBackend(HttpBackend):
                 raise upstream_error(p, e) from None
             finally:
                 p.in_flight -= 1
+            reply_at = time.perf_counter()
             if r.status_code != 200:
                 raise await error_from_response(r)
             try:
@@ -308,12 +360,18 @@ class LabBackend(HttpBackend):
             except ValidationError:
                 raise APIError(502, f"prefill worker {p.name} sent a bad reply: {r.text[:200]!r}",
                                type="server_error", code="bad_upstream_reply") from None
+            timing.prefill_reply(res, p.name, sent_at, reply_at)
+            if res.kv_flag:
+                self._flagged(p, res.kv_flag)
             self.index.insert(p.name, hashes)
             # With a finish reason (the engine's word: the first token ends it) generate() stops here.
             yield res.first_token_id, res.finish_reason
             break
         dec = DecodeRequest(request_id=msg.request_id, sampling=msg.sampling, timeout_s=self.transfer_timeout_s)
-        async with aclosing(self._stream_lines(d, "/internal/decode", dec)) as items:
+
+        def admitted(t: StreamTiming, sent_at: float, got_at: float) -> None:
+            timing.decode_upstream, timing.decode_admit_s = d.name, t.ready_s
+        async with aclosing(self._stream_lines(d, "/internal/decode", dec, admitted)) as items:
             async for item in items:
                 yield item
 

@@ -27,7 +27,7 @@ def _ints(s: str | None) -> list[int] | None:
 def register(parser: argparse.ArgumentParser) -> None:
     from labkit.config import add_flags
     from labkit.serve.config import WorkerConfig
-    from labkit.serve.routing import DEFAULT_POLICY
+    from labkit.serve.routing import DEFAULT_POLICY, POLICIES
 
     parser.add_argument("--mode", choices=["mono", "disagg"], default="mono")
     parser.add_argument("--model", default="tiny", help="preset name or model directory (default: tiny)")
@@ -36,7 +36,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=1, help="prefill worker processes (mode disagg)")
     parser.add_argument("--decode", type=int, default=1, help="decode worker processes (mode disagg)")
     parser.add_argument("--prefill-policy", default=DEFAULT_POLICY,
-                        help="which prefill worker gets a request: a name, module:function or file.py:function")
+                        help=f"which prefill worker gets a request: one of {', '.join(POLICIES)} (parameters after a "
+                             "colon, e.g. dynamo-cost:overlap_weight=2,temperature=0.5), module:function or "
+                             "file.py:function")
     parser.add_argument("--mono-cpus", default=None, help="cores for mono workers, e.g. 0,1 or 0-3")
     parser.add_argument("--prefill-cpus", default=None, help="cores for prefill workers, e.g. 0")
     parser.add_argument("--decode-cpus", default=None, help="cores for decode workers, e.g. 1")
@@ -63,6 +65,13 @@ def run(args: Any) -> int:
     except PortInUseError as e:
         print(f"labkit serve: {e}", file=sys.stderr)
         return 1
+    from labkit.serve.routing import load_policy
+
+    try:  # the router checks it too, but only after every worker started: say it now
+        load_policy(args.prefill_policy)
+    except ValueError as e:
+        print(f"labkit serve: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     print(f"labkit serve: starting {args.mode} on {args.model} ...", flush=True)
     srv = launch(args.mode, model=args.model, mono=args.mono, prefill=args.prefill, decode=args.decode,

@@ -47,6 +47,9 @@ class TransferConfig:
     link_gbps: float | None = field(default=None, metadata=doc(
         "tcp: emulate a link of this many Gbit/s (labkit.transfer.shaping)"))
     link_latency_ms: float = field(default=0.0, metadata=doc("tcp: one-way latency of the emulated link, ms"))
+    kv_flag_factor: float = field(default=10.0, metadata=doc(
+        "flag a KV transfer that took over this many times what labkit.transfer measured for its transport and "
+        "size on this host (labkit.transfer.reference: cached under LABKIT_HOME, measured once when missing); 0: off"))
 
     def __post_init__(self) -> None:
         if self.backend not in TRANSFERS:
@@ -55,6 +58,8 @@ class TransferConfig:
             raise ValueError(f"transfer_timeout_s must be > 0, got {self.timeout_s}")
         if self.kv_stream not in ("whole", "layers"):
             raise ValueError(f"kv_stream {self.kv_stream!r} not one of ('whole', 'layers')")
+        if not self.kv_flag_factor >= 0:
+            raise ValueError(f"kv_flag_factor must be >= 0 (0: off), got {self.kv_flag_factor}")
         if self.link_gbps is not None and self.backend != "tcp":
             raise ValueError("link_gbps emulates a network link: it needs transfer 'tcp', not "
                              f"{self.backend!r}")

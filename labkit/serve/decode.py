@@ -2,7 +2,7 @@
 
     kv = await receive(worker, req)        # from the transport's inbox (504 / 502 when it fails)
     q = await adopt(worker, req, kv)       # Engine.import_kv, on the engine thread
-    token_lines(worker, q, request_id)     # TokenEvent lines until the request ends
+    token_lines(worker, q, request_id, t0, ready_s)   # TokenEvent lines until the request ends
 
 A mono worker's request streams through `token_lines` too.
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from labkit.engine.config import RequestError
 from labkit.serve.engine_loop import EngineEvent
-from labkit.serve.messages import DecodeRequest, ErrorInfo, FinishReason, TokenEvent
+from labkit.serve.messages import DecodeRequest, ErrorInfo, FinishReason, StreamTiming, TokenEvent
 from labkit.serve.protocol import APIError, bad_request
 
 if TYPE_CHECKING:
@@ -50,9 +50,15 @@ async def adopt(w: Worker, req: DecodeRequest, kv: Any) -> asyncio.Queue[EngineE
         raise bad_request(f"the KV does not fit this decode worker: {e}", None, "kv_mismatch") from None
 
 
-async def token_lines(w: Worker, q: asyncio.Queue[EngineEvent], request_id: str) -> AsyncIterator[bytes]:
-    """TokenEvent lines (NDJSON) until the request ends; aborts it in the engine if the client goes away."""
+async def token_lines(w: Worker, q: asyncio.Queue[EngineEvent], request_id: str, t0: float,
+                      ready_s: float | None = None) -> AsyncIterator[bytes]:
+    """TokenEvent lines (NDJSON) until the request ends; aborts it in the engine if the client goes away.
+
+    The first line carries StreamTiming, seconds from `t0` (when the worker took the request):
+    `ready_s` given (decode: its KV adopted), or the engine's prefill marks (mono).
+    """
     done = False
+    first = True
     try:
         while not done:
             ev = await w.next_event(q, request_id)
@@ -62,7 +68,16 @@ async def token_lines(w: Worker, q: asyncio.Queue[EngineEvent], request_id: str)
                 w.metrics.requests.labels(outcome).inc()
             error = None if ev.error is None else ErrorInfo(message=ev.error, code="engine_error")
             reason = cast("FinishReason | None", ev.finish_reason)   # a streaming request never ends "prefilled"
-            yield TokenEvent(token_id=ev.token_id, finish_reason=reason, error=error).line()
+            timing = None
+            if first and ev.token_id is not None:
+                first = False
+                if ready_s is not None:
+                    timing = StreamTiming(ready_s=ready_s, sent_s=time.perf_counter() - t0)
+                else:
+                    start = ev.prefill_start_s if ev.prefill_start_s is not None else ev.t_s
+                    timing = StreamTiming(ready_s=start - t0, first_token_s=ev.t_s - t0, cached_tokens=ev.cached_tokens,
+                                          sent_s=time.perf_counter() - t0)
+            yield TokenEvent(token_id=ev.token_id, finish_reason=reason, error=error, timing=timing).line()
     finally:
         if not done:
             w.loop.abort(request_id)

@@ -30,7 +30,10 @@ class EngineEvent:
 
     A prefill-only request gets one event: its first token and either the engine's finish reason
     (the first token ends it) or None with the KV held (`kv`: the KVExport when exported). `t_s`:
-    `time.perf_counter()` on the engine thread when the step that produced it ended.
+    `time.perf_counter()` on the engine thread when the step that produced it ended (an exported
+    KV is gathered after that). A request's first token also says when its prefill began
+    (`prefill_start_s`: perf_counter at the start of the step that ran its first prompt chunk)
+    and how many prompt tokens the prefix cache served (`cached_tokens`).
     """
 
     token_id: int | None = None
@@ -38,6 +41,8 @@ class EngineEvent:
     error: str | None = None
     kv: Any = None
     t_s: float = field(default_factory=time.perf_counter)
+    prefill_start_s: float | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -45,6 +50,16 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[EngineEvent]
     after_prefill: KVAfterPrefill | None = None   # None: a streaming request
+    prefill_start_s: float | None = None          # handed out with the first token, then cleared
+    cached_tokens: int = 0
+    sent_first: bool = False
+
+    def first_marks(self) -> dict[str, Any]:
+        """The first token's prefill marks (once per stream; {} after)."""
+        if self.sent_first:
+            return {}
+        self.sent_first = True
+        return {"prefill_start_s": self.prefill_start_s, "cached_tokens": self.cached_tokens}
 
 
 class EngineLoop:
@@ -175,6 +190,7 @@ class EngineLoop:
                 pass
             if self._stop.is_set() or not self._has_work():
                 continue
+            t_step = time.perf_counter()
             try:
                 out = eng.step()
             except Exception as e:
@@ -183,6 +199,10 @@ class EngineLoop:
                     self._on_error()
                 self._fail_all(f"engine step failed: {e.__class__.__name__}: {e}")
                 continue
+            t_end = time.perf_counter()
+            for rid, cached in out.prefill_started.items():
+                if (st0 := self._streams.get(rid)) is not None:
+                    st0.prefill_start_s, st0.cached_tokens = t_step, cached
             finished = {ro.request_id: ro for ro in out.finished}
             tokens, self._step_tokens = self._step_tokens, []
             last_index = {rid: i for i, (rid, _) in enumerate(tokens)}
@@ -194,9 +214,10 @@ class EngineLoop:
                 if ro is not None:
                     del finished[rid]
                     self._streams.pop(rid, None)
-                self._push(st, EngineEvent(token_id=tok, finish_reason=ro.finish_reason if ro is not None else None))
+                self._push(st, EngineEvent(token_id=tok, finish_reason=ro.finish_reason if ro is not None else None,
+                                           t_s=t_end, **st.first_marks()))
             for ro in finished.values():
-                self._finish(ro)
+                self._finish(ro, t_end)
             if self._on_step is not None:
                 self._on_step(out)
         self._fail_all("worker shutting down")
@@ -207,7 +228,7 @@ class EngineLoop:
         except Exception:  # noqa: BLE001 - a broken engine has no work we can do
             return False
 
-    def _finish(self, ro: Any) -> None:
+    def _finish(self, ro: Any, t_end: float) -> None:
         st = self._streams.pop(ro.request_id, None)
         if st is None:
             return
@@ -216,7 +237,7 @@ class EngineLoop:
             return
         first = ro.output_token_ids[0] if ro.output_token_ids else None
         if ro.finish_reason != "prefilled":   # the first token ended it (or an abort): no KV is held
-            self._push(st, EngineEvent(token_id=first, finish_reason=ro.finish_reason))
+            self._push(st, EngineEvent(token_id=first, finish_reason=ro.finish_reason, t_s=t_end, **st.first_marks()))
             return
         try:
             kv = self.engine.export_kv(ro.request_id) if st.after_prefill == "export" else None  # frees the blocks
@@ -225,7 +246,7 @@ class EngineLoop:
         except Exception as e:  # noqa: BLE001 - the request fails, the worker stays up
             self._push(st, EngineEvent(error=f"export_kv failed: {e.__class__.__name__}: {e}"))
             return
-        self._push(st, EngineEvent(token_id=first, kv=kv))
+        self._push(st, EngineEvent(token_id=first, kv=kv, t_s=t_end, **st.first_marks()))
 
     def _fail_all(self, message: str) -> None:
         for rid, st in list(self._streams.items()):

@@ -3,6 +3,7 @@
     router  --GenerateRequest-->  mono worker     --TokenEvent lines-->  router
     router  --PrefillRequest-->   prefill worker  --PrefillResult-->     router
     router  --DecodeRequest-->    decode worker   --TokenEvent lines-->  router
+    (the first TokenEvent line of a stream carries StreamTiming: where the worker's time went)
     router  --GET /health-->      any worker      --WorkerHealth-->      router (upstream, metrics)
 
 Both sides import these classes; nothing is a dict built in one file and read by string keys
@@ -59,21 +60,34 @@ class PrefillRequest(GenerateRequest):
 class PrefillResult(Message):
     """Prefill worker -> router: the first token, whether it already ends the request, and timings.
 
-    Times are seconds from the moment the worker took the request: the prefill ended at
-    `prefill_s` (first token sampled), the decode worker acked the whole KV at `kv_acked_s`
-    (0 when nothing was sent), so `kv_acked_s - prefill_s` is the transfer time the request
-    waited for. `layer_sent_s[i]`: when layer i's KV left the sender (layer-wise only, else empty).
+    Times are seconds from the moment the worker took the request: its prefill began at
+    `prefill_start_s` (the engine step that ran its first prompt chunk; before it, the request
+    queued), ended at `prefill_s` (first token sampled), the decode worker acked the whole KV at
+    `kv_acked_s` (0 when nothing was sent), so `kv_acked_s - prefill_s` is the transfer time the
+    request waited for, and the reply left at `reply_s`. `layer_sent_s[i]`: when layer i's KV left
+    the sender (layer-wise only, else empty).
+
+    `kv_bytes` moved in `kv_window_s` (whole: from the first token to the ack, so the KV's export
+    is in it; layers: from the first layer handed over to the ack, which overlaps the prefill).
+    `kv_flag` says so when that was far slower than this host's measured figure for `kv_transport`
+    (labkit.transfer.reference).
     """
 
     request_id: RequestId
     first_token_id: TokenId
     finish_reason: FinishReason | None     # None: the decode worker goes on from the first token
     num_prompt_tokens: int
+    cached_tokens: int = 0                 # prompt tokens the prefix cache served
     kv_bytes: int = 0
     kv_stream: KVStream = "whole"
+    kv_transport: str = ""
+    prefill_start_s: float = 0.0
     prefill_s: float
     transfer_s: float = 0.0                # the transport's clock: send start to the receiver's ack
     kv_acked_s: float = 0.0
+    kv_window_s: float = 0.0
+    kv_flag: str | None = None
+    reply_s: float = 0.0
     layer_sent_s: list[float] = Field(default_factory=list)
 
 
@@ -95,12 +109,27 @@ class ErrorInfo(Message):
     code: str | None = None
 
 
+class StreamTiming(Message):
+    """Rides a token stream's first line: seconds from the moment the worker took the request.
+
+    mono: its prefill began at `ready_s`, its first token was sampled at `first_token_s`.
+    decode: its KV was received and adopted by the engine at `ready_s` (decode admission).
+    `sent_s`: this line left the worker.
+    """
+
+    ready_s: float
+    first_token_s: float | None = None
+    sent_s: float
+    cached_tokens: int = 0
+
+
 class TokenEvent(Message):
     """One line of a worker's NDJSON token stream: a token, the end (finish_reason), or an error."""
 
     token_id: TokenId | None = None
     finish_reason: FinishReason | None = None
     error: ErrorInfo | None = None
+    timing: StreamTiming | None = None     # on the first line only
 
     def line(self) -> bytes:
         return (self.model_dump_json(exclude_none=True) + "\n").encode()
@@ -134,3 +163,5 @@ class WorkerHealth(Message):
     kv_transfer_bytes_total: int    # sent (prefill) or received (decode)
     kv_transfer_seconds_total: float
     engine_errors_total: int
+    kv_slow_transfers_total: int = 0
+    kv_flag: str | None = None      # the last transfer flagged as far slower than this host's measured figure

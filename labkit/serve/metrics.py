@@ -1,13 +1,14 @@
 """Prometheus metrics of the router and the workers (prometheus_client, one registry each).
 
 The router measures what clients see (TTFT, ITL, end-to-end latency, queue depth, routing
-decisions, predicted prefix-cache hits) and re-exports what it polls from each worker's
+decisions, predicted prefix-cache hits, the TTFT's parts and the KV's achieved speed per request)
+and re-exports what it polls from each worker's
 /health (KV blocks in use, running requests, KV transfer bytes and seconds), labelled by
 upstream, so one scrape of the public URL shows the whole server.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -23,6 +24,8 @@ TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 6
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5)
 E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TRANSFER_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
+PART_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+GB_PER_S_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300)
 
 
 class RouterMetrics:
@@ -49,8 +52,33 @@ class RouterMetrics:
                                          ["upstream"], registry=r)
         self.upstream_up = Gauge("labkit_router_upstream_up", "1 while an upstream answers /health",
                                  ["upstream", "role"], registry=r)
+        # The per-request waterfall (labkit.serve.waterfall): the TTFT's parts, the KV's achieved speed.
+        self.ttft_part_s = Histogram("labkit_router_ttft_part_seconds",
+                                     "Time to first token by part: router, http, queue, prefill, kv_transfer, "
+                                     "first_token_out (they sum to the TTFT)", ["part"], buckets=PART_BUCKETS_S,
+                                     registry=r)
+        self.decode_admit_s = Histogram("labkit_router_decode_admit_seconds",
+                                        "Decode worker: request taken to its KV received and adopted",
+                                        buckets=PART_BUCKETS_S, registry=r)
+        self.kv_gb_per_s = Histogram("labkit_router_kv_transfer_gb_per_s",
+                                     "KV bytes over the transfer's window, per request (1e9 B/s)", ["transport"],
+                                     buckets=GB_PER_S_BUCKETS, registry=r)
+        self.kv_slow = Counter("labkit_router_kv_slow_transfers",
+                               "KV transfers a prefill worker flagged as far below this host's measured figure",
+                               ["upstream"], registry=r)
         if workers is not None:
             r.register(_WorkerCollector(workers))
+
+    def observe_waterfall(self, report: Mapping[str, Any]) -> None:
+        """One request's waterfall (labkit.serve.waterfall.RequestTiming.report) into the histograms."""
+        from labkit.serve.waterfall import PARTS
+
+        for part in PARTS:
+            self.ttft_part_s.labels(part.removesuffix("_s")).observe(max(0.0, float(report[part])))
+        if report.get("decode_admit_s") is not None:
+            self.decode_admit_s.observe(float(report["decode_admit_s"]))
+        if report.get("kv_gb_per_s") is not None:
+            self.kv_gb_per_s.labels(report.get("kv_transport") or "?").observe(float(report["kv_gb_per_s"]))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -63,6 +91,8 @@ _GAUGES = (("kv_blocks_used", "KV blocks in use", "kv_blocks_used"),
 _COUNTERS = (("kv_transfer_bytes", "KV bytes sent (prefill) or received (decode)", "kv_transfer_bytes_total"),
              ("kv_transfer_seconds", "Seconds of KV transfers, send start to ack (prefill side)",
               "kv_transfer_seconds_total"),
+             ("kv_slow_transfers", "KV transfers far below this host's measured figure (prefill side)",
+              "kv_slow_transfers_total"),
              ("prefill_tokens", "Prompt tokens prefilled", "prefill_tokens_total"),
              ("decode_tokens", "Tokens decoded", "decode_tokens_total"))
 
@@ -100,6 +130,9 @@ class WorkerMetrics:
         self.transfer_s = Histogram("labkit_worker_kv_transfer_seconds",
                                     "One request's KV transfer, send start to the receiver's ack (sender side)",
                                     ["direction"], buckets=TRANSFER_BUCKETS_S, registry=r)
+        self.kv_slow = Counter("labkit_worker_kv_slow_transfers",
+                               "KV transfers far slower than this host's measured figure for their transport",
+                               ["transport"], registry=r)
         self.kv_wait_s = Histogram("labkit_worker_kv_wait_seconds",
                                    "Decode side: how long a request waited for its KV to be there",
                                    buckets=TRANSFER_BUCKETS_S, registry=r)
@@ -125,7 +158,9 @@ class WorkerMetrics:
                 "kv_transfer_bytes_total": int(sum(self.value("labkit_worker_kv_transfer_bytes_total", direction=d)
                                                    for d in ("send", "recv"))),
                 "kv_transfer_seconds_total": self.value("labkit_worker_kv_transfer_seconds_sum", direction="send"),
-                "engine_errors_total": int(self.value("labkit_worker_engine_errors_total"))}
+                "engine_errors_total": int(self.value("labkit_worker_engine_errors_total")),
+                "kv_slow_transfers_total": int(sum(s.value for m in self.kv_slow.collect() for s in m.samples
+                                                   if s.name.endswith("_total")))}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

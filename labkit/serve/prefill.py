@@ -27,9 +27,10 @@ if TYPE_CHECKING:
     from labkit.serve.worker import Worker
 
 
-async def prefill(w: Worker, req: PrefillRequest) -> PrefillResult:
-    """Runs `req`'s prompt and sends its KV to `req.kv_endpoint`; returns the first token and timings."""
-    t0 = time.perf_counter()
+async def prefill(w: Worker, req: PrefillRequest, t0: float | None = None) -> PrefillResult:
+    """Runs `req`'s prompt and sends its KV to `req.kv_endpoint`; returns the first token and timings
+    (seconds from `t0`, when the worker took the request; default: now)."""
+    t0 = time.perf_counter() if t0 is None else t0
     sender = open_sender(w, req.kv_endpoint) if req.kv_endpoint else None
     kv_stream = req.kv_stream or w.cfg.transfer.kv_stream
     feed = LayerFeed(w, sender, req) if sender is not None and kv_stream == "layers" else None
@@ -41,18 +42,30 @@ async def prefill(w: Worker, req: PrefillRequest) -> PrefillResult:
         raise
     assert ev.token_id is not None   # submit() raised otherwise
     stats = None
+    acked = window = 0.0
+    flag = None
     if ev.finish_reason is not None or sender is None:   # the first token ended it, or nowhere to send
         if feed is not None:
             await asyncio.to_thread(feed.abort)
     else:
         stats = await send(w, sender, req, feed, ev)
+        t_ack = time.perf_counter()
+        acked = t_ack - t0
+        # Bytes and seconds over one window. Whole: first token to ack (the export, the hop to the
+        # sender's thread, the send). Layers: first layer handed over to ack, which overlaps the
+        # prefill's compute, so it is no measure of the link and is not flagged.
+        window = t_ack - (ev.t_s if feed is None else feed.began_s or ev.t_s)
+        flag = w.check_transfer(stats.nbytes, window) if feed is None else None
     w.metrics.requests.labels("prefilled").inc()
+    start = ev.prefill_start_s if ev.prefill_start_s is not None else ev.t_s
     return PrefillResult(request_id=req.request_id, first_token_id=ev.token_id, num_prompt_tokens=len(req.prompt_ids),
-                         finish_reason=cast("FinishReason | None", ev.finish_reason), prefill_s=ev.t_s - t0,
+                         finish_reason=cast("FinishReason | None", ev.finish_reason), cached_tokens=ev.cached_tokens,
+                         prefill_start_s=start - t0, prefill_s=ev.t_s - t0,
                          kv_stream=kv_stream, kv_bytes=stats.nbytes if stats else 0,
-                         transfer_s=stats.seconds if stats else 0.0,
-                         kv_acked_s=time.perf_counter() - t0 if stats else 0.0,
-                         layer_sent_s=feed.sent_s(t0) if feed is not None and stats else [])
+                         kv_transport=w.cfg.transfer.backend if stats else "",
+                         transfer_s=stats.seconds if stats else 0.0, kv_acked_s=acked, kv_window_s=window,
+                         kv_flag=flag, layer_sent_s=feed.sent_s(t0) if feed is not None and stats else [],
+                         reply_s=time.perf_counter() - t0)
 
 
 async def send(w: Worker, sender: Any, req: PrefillRequest, feed: LayerFeed | None, ev: EngineEvent) -> Any:
@@ -120,6 +133,7 @@ class LayerFeed:
         # prefill (bounded by the token timeout) plus the transfer's own bound.
         self.timeout_s = w.cfg.token_timeout_s + w.cfg.transfer.timeout_s
         self.stream: Any = None
+        self.began_s: float | None = None      # perf_counter when the engine handed over the first layer
         self.error: BaseException | None = None
         self._layers: queue.Queue[tuple[int, Any, Any] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -127,6 +141,7 @@ class LayerFeed:
     def __call__(self, request_id: str, layer: int, k: Any, v: Any) -> None:
         self._layers.put((layer, k, v))
         if self._thread is None:
+            self.began_s = time.perf_counter()
             self._thread = threading.Thread(target=self._run, name="kv-layer-feed", daemon=True)
             self._thread.start()
 

@@ -11,7 +11,7 @@ from the workers' /health, so the chains match the blocks the engines really has
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 
 
@@ -94,3 +94,33 @@ class PrefixIndex:
                 owners.discard(instance)
                 if not owners:
                     del self._owners[h]
+
+
+class ActiveBlocks:
+    """KV blocks of the requests the router has open on each instance (Dynamo's "active blocks").
+
+    A block that two open requests share (the same chained hash: a shared prefix) counts once, as
+    the engine holds it once; a request's partial last block counts for that request alone.
+    """
+
+    def __init__(self) -> None:
+        self._refs: dict[str, Counter[bytes]] = {}
+        self._partial: Counter[str] = Counter()
+
+    def add(self, instance: str, hashes: Sequence[bytes], partial: bool) -> None:
+        """A request with these full blocks (and a partial last one when `partial`) is open on `instance`."""
+        self._refs.setdefault(instance, Counter()).update(hashes)
+        self._partial[instance] += int(partial)
+
+    def remove(self, instance: str, hashes: Sequence[bytes], partial: bool) -> None:
+        """That request ended (or failed) on `instance`."""
+        refs = self._refs.get(instance)
+        if refs is not None:
+            refs.subtract(hashes)
+            for h in [h for h in hashes if refs[h] <= 0]:
+                del refs[h]
+        self._partial[instance] = max(0, self._partial[instance] - int(partial))
+
+    def count(self, instance: str) -> int:
+        """Distinct blocks of the requests open on `instance`."""
+        return len(self._refs.get(instance, ())) + self._partial[instance]

@@ -69,6 +69,7 @@ class CompletionRequest:
     include_usage: bool = False
     continuous_usage_stats: bool = False
     return_token_ids: bool = False     # vLLM extra: choices[0].token_ids and prompt_token_ids
+    return_waterfall: bool = False     # lab extra: usage.waterfall, where the TTFT went (labkit.serve.waterfall)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -217,32 +218,37 @@ def parse_completion_request(body: Any, *, vocab_size: int, served_model_names: 
         temperature=temperature, top_p=top_p, top_k=max(0, int(top_k or 0)), seed=seed, stop=stop,
         stop_token_ids=stop_token_ids, ignore_eos=_bool(body, "ignore_eos"), stream=stream,
         include_usage=include_usage, continuous_usage_stats=continuous,
-        return_token_ids=_bool(body, "return_token_ids"), raw=body)
+        return_token_ids=_bool(body, "return_token_ids"), return_waterfall=_bool(body, "return_waterfall"), raw=body)
 
 
 def new_completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, waterfall: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAI usage block; `waterfall` (when asked for) rides in it as an extra field."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    if waterfall is not None:
+        out["waterfall"] = waterfall
+    return out
 
 
 def completion_response(cid: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
                         completion_tokens: int, *, token_ids: list[int] | None = None,
-                        prompt_token_ids: list[int] | None = None, created: int | None = None) -> dict[str, Any]:
+                        prompt_token_ids: list[int] | None = None, created: int | None = None,
+                        waterfall: dict[str, Any] | None = None) -> dict[str, Any]:
     """The non-streaming `text_completion` body."""
     choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
         choice["prompt_token_ids"] = prompt_token_ids
     return {"id": cid, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens, waterfall)}
 
 
 def stream_chunk(cid: str, model: str, created: int, text: str, finish_reason: str | None = None, *,
-                 token_ids: list[int] | None = None, usage_: dict[str, int] | None = None) -> dict[str, Any]:
+                 token_ids: list[int] | None = None, usage_: dict[str, Any] | None = None) -> dict[str, Any]:
     """One SSE `text_completion` chunk with one choice."""
     choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     if token_ids is not None:
@@ -254,7 +260,7 @@ def stream_chunk(cid: str, model: str, created: int, text: str, finish_reason: s
     return out
 
 
-def usage_chunk(cid: str, model: str, created: int, usage_: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(cid: str, model: str, created: int, usage_: dict[str, Any]) -> dict[str, Any]:
     """The last chunk when `stream_options.include_usage`: no choices, the usage."""
     return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
             "usage": usage_}

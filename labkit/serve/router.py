@@ -5,7 +5,9 @@ mode, so every benchmark hits one URL. The router validates the request (4xx Ope
 tokenizes it when the backend routes on token ids, hands it to the backend (backend.py: the
 lab's mono or prefill+decode workers; vllm_backend.py: vLLM's prefill and decode servers),
 and turns the backend's pieces into a JSON response or SSE chunks, timing TTFT and ITL as a
-client would. `/health` says which upstream is up; `/metrics` is Prometheus text.
+client would, and the TTFT's parts (labkit.serve.waterfall: in the usage block when the request
+says `"return_waterfall": true`, and in /metrics). `/health` says which upstream is up and which
+prefill worker flagged a slow KV transfer; `/metrics` is Prometheus text.
 
 Plugging another server in: implement `labkit.serve.backend.DisaggBackend` (a pool of
 upstreams, `start`, `close`, `context_len`, and `generate(req, prompt_ids, request_id)`
@@ -49,6 +51,7 @@ from labkit.serve.protocol import (
 )
 from labkit.serve.routing import load_spec
 from labkit.serve.upstream import UpstreamPool
+from labkit.serve.waterfall import RequestTiming
 
 log = logging.getLogger("labkit.serve.router")
 __all__ = ["BACKENDS", "Router", "RouterConfig", "build_app", "create", "make_backend", "parse_args"]
@@ -139,6 +142,9 @@ class Router:
         self.metrics.queue_depth.dec()
         self.metrics.requests.labels(outcome).inc()
         self.metrics.e2e_s.observe(time.perf_counter() - timer.t0)
+        report = timer.waterfall()
+        if report is not None:
+            self.metrics.observe_waterfall(report)
 
     async def _collect(self, req: Any, first: Piece, gen: AsyncGenerator[Piece, None], timer: _Timer, cid: str,
                        name: str, n_prompt: int, prompt_ids: list[int] | None) -> Response:
@@ -163,7 +169,8 @@ class Router:
         self.metrics.generation_tokens.inc(n_out)
         token_ids = [t for p in pieces for t in p.token_ids] if req.return_token_ids else None
         return JSONResponse(completion_response(cid, name, "".join(p.text for p in pieces), pieces[-1].finish_reason,
-                                                n_prompt, n_out, token_ids=token_ids, prompt_token_ids=prompt_ids))
+                                                n_prompt, n_out, token_ids=token_ids, prompt_token_ids=prompt_ids,
+                                                waterfall=timer.waterfall() if req.return_waterfall else None))
 
     async def _sse(self, req: Any, first: Piece, gen: AsyncGenerator[Piece, None], timer: _Timer, cid: str,
                    created: int, name: str, n_prompt: int) -> AsyncIterator[bytes]:
@@ -184,7 +191,8 @@ class Router:
                     break
                 p = await anext(gen)
             if req.include_usage:
-                yield sse(usage_chunk(cid, name, created, usage(n_prompt, n_out)))
+                yield sse(usage_chunk(cid, name, created, usage(n_prompt, n_out, timer.waterfall()
+                                                                if req.return_waterfall else None)))
             yield SSE_DONE
             outcome = "ok"
         except APIError as e:
@@ -202,24 +210,36 @@ class Router:
 
 
 class _Timer:
-    """TTFT and ITL of one request, as the router sees tokens go out."""
+    """TTFT and ITL of one request, as the router sees tokens go out, and the backend's RequestTiming."""
 
-    __slots__ = ("last", "metrics", "t0")
+    __slots__ = ("first", "last", "metrics", "t0", "timing")
 
     def __init__(self, metrics: RouterMetrics, t0: float) -> None:
         self.metrics = metrics
         self.t0 = t0
+        self.first: float | None = None
         self.last: float | None = None
+        self.timing: RequestTiming | None = None
 
     def saw(self, p: Piece) -> None:
+        if p.timing is not None and self.timing is None:
+            self.timing = p.timing
         if not p.num_tokens:
             return
         now = time.perf_counter()
         if self.last is None:
+            self.first = now
             self.metrics.ttft_s.observe(now - self.t0)
         else:
             self.metrics.itl_s.observe(now - self.last)
         self.last = now
+
+    def waterfall(self) -> dict[str, Any] | None:
+        """Where this request's TTFT went (labkit.serve.waterfall), once its first token is out; None
+        before, or when the backend reports no timing."""
+        if self.timing is None or self.first is None or not self.timing.complete:
+            return None
+        return self.timing.report(self.t0, self.first)
 
 
 def build_app(router: Router) -> FastAPI:
@@ -247,9 +267,11 @@ def build_app(router: Router) -> FastAPI:
         pool = router.backend.pool
         roles = sorted(pool.roles())
         ok = all(pool.by_role(r) for r in roles)
+        # A slow KV path is a warning, not an outage: the status stays "ok" and says it beside.
+        kv_flags = {u.name: u.health.kv_flag for u in pool.upstreams if u.health is not None and u.health.kv_flag}
         return JSONResponse({"status": "ok" if ok else "degraded", "mode": _mode(roles),
                              "backend": router.cfg.backend, "model": router.cfg.model_name,
-                             "upstreams": pool.health()}, status_code=200 if ok else 503)
+                             "upstreams": pool.health(), "kv_flags": kv_flags}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

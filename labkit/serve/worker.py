@@ -67,6 +67,14 @@ class Worker:
         self._senders: dict[str, Any] = {}
         self._senders_lock = threading.Lock()   # guards the dict, not the sends
         self.receiver: Any = None
+        # What the KV transfers are held against (prefill workers send): this host's measured figure.
+        self.kv_reference: Any = None
+        self.kv_flag: str | None = None        # the last flagged transfer, for /health
+        self._kv_flag_logged_s = -1e9
+        if cfg.role == "prefill" and cfg.transfer.kv_flag_factor > 0:
+            from labkit.transfer.reference import host_reference
+
+            self.kv_reference = host_reference(timeout_s=90.0)   # within the launcher's start-up wait
         if cfg.role != "mono" and not self.kv_token:
             raise ValueError(f"a {cfg.role} worker needs the deployment's KV token: set LABKIT_KV_TOKEN "
                              "(labkit.serve.launcher sets it for you)")
@@ -111,7 +119,22 @@ class Worker:
             block_size=self.cfg.engine.block_size, max_model_len=int(self.engine.max_model_len),
             policy=self.cfg.engine.policy, transfer=self.cfg.transfer.backend, kv_stream=self.cfg.transfer.kv_stream,
             kv_endpoint=getattr(self.receiver, "endpoint", None), kv_blocks_total=total, kv_blocks_used=total - free,
-            kv_blocks_free=free, running_requests=self.loop.num_running, **self.metrics.totals())
+            kv_blocks_free=free, running_requests=self.loop.num_running, kv_flag=self.kv_flag, **self.metrics.totals())
+
+    def check_transfer(self, nbytes: int, seconds: float) -> str | None:
+        """A sentence when moving `nbytes` in `seconds` was far below this host's figure for the worker's
+        transport (labkit.transfer.reference), counted and logged (at most every 30 s); else None."""
+        from labkit.transfer.reference import slow_transfer_flag
+
+        backend = self.cfg.transfer.backend
+        flag = slow_transfer_flag(self.kv_reference, backend, nbytes, seconds, self.cfg.transfer.kv_flag_factor)
+        if flag is not None:
+            self.kv_flag = flag
+            self.metrics.kv_slow.labels(backend).inc()
+            if time.monotonic() - self._kv_flag_logged_s > 30.0:
+                self._kv_flag_logged_s = time.monotonic()
+                log.warning("%s", flag)
+        return flag
 
     def sender(self, endpoint: str) -> Any:
         """The Sender for a decode worker's endpoint (opened once); ValueError for an unknown scheme."""
@@ -177,22 +200,26 @@ def build_app(worker: Worker) -> FastAPI:
     if role == "mono":
         @app.post("/internal/generate")
         async def generate(request: Request) -> StreamingResponse:
+            t0 = time.perf_counter()
             req = await read_message(request, GenerateRequest)
             q = await worker.submit(req)
-            return StreamingResponse(decode.token_lines(worker, q, req.request_id), media_type=NDJSON)
+            return StreamingResponse(decode.token_lines(worker, q, req.request_id, t0), media_type=NDJSON)
 
     if role == "prefill":
         @app.post("/internal/prefill")
         async def prefill_(request: Request) -> Response:
-            res = await prefill.prefill(worker, await read_message(request, PrefillRequest))
+            t0 = time.perf_counter()
+            res = await prefill.prefill(worker, await read_message(request, PrefillRequest), t0)
             return Response(res.model_dump_json(), media_type="application/json")
 
     if role == "decode":
         @app.post("/internal/decode")
         async def decode_(request: Request) -> StreamingResponse:
+            t0 = time.perf_counter()
             req = await read_message(request, DecodeRequest)
             q = await decode.adopt(worker, req, await decode.receive(worker, req))
-            return StreamingResponse(decode.token_lines(worker, q, req.request_id), media_type=NDJSON)
+            return StreamingResponse(decode.token_lines(worker, q, req.request_id, t0, time.perf_counter() - t0),
+                                     media_type=NDJSON)
 
     return app
 
