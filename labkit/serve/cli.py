@@ -37,6 +37,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", type=int, default=1, help="decode worker processes (mode disagg)")
     parser.add_argument("--prefill-policy", default=DEFAULT_POLICY,
                         help="which prefill worker gets a request: a name, module:function or file.py:function")
+    parser.add_argument("--prefill-threshold", type=int, default=0, metavar="TOKENS",
+                        help="mode disagg: prompts whose uncached suffix is shorter than this are prefilled on the "
+                             "decode worker itself (selective disaggregation, llm-d's decider); 0: off (default)")
     parser.add_argument("--mono-cpus", default=None, help="cores for mono workers, e.g. 0,1 or 0-3")
     parser.add_argument("--prefill-cpus", default=None, help="cores for prefill workers, e.g. 0")
     parser.add_argument("--decode-cpus", default=None, help="cores for decode workers, e.g. 1")
@@ -47,7 +50,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
     parser.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     group = parser.add_argument_group("every worker's settings (labkit.serve.config.WorkerConfig)")
-    add_flags(group, WorkerConfig, skip=("role", "name", "host", "port", "model", "policy"))
+    # local_prefill follows from --prefill-threshold (the launcher sets it on the decode workers)
+    add_flags(group, WorkerConfig, skip=("role", "name", "host", "port", "model", "policy", "local_prefill"))
     parser.set_defaults(func=run)
 
 
@@ -55,21 +59,25 @@ def run(args: Any) -> int:
     from labkit.config import flag_values
     from labkit.deployments import check_port_free, id_of
     from labkit.proc import PortInUseError
-    from labkit.serve.config import WorkerConfig
+    from labkit.serve.config import WorkerConfig, check_prefill_threshold
     from labkit.serve.launcher import launch
 
     try:  # launch() checks too; here the message comes without a traceback
         check_port_free(args.port, args.host)
+        check_prefill_threshold(args.prefill_threshold, args.mode)
     except PortInUseError as e:
         print(f"labkit serve: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:
+        print(f"labkit serve: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     print(f"labkit serve: starting {args.mode} on {args.model} ...", flush=True)
     srv = launch(args.mode, model=args.model, mono=args.mono, prefill=args.prefill, decode=args.decode,
                  mono_cpus=_ints(args.mono_cpus), prefill_cpus=_ints(args.prefill_cpus),
                  decode_cpus=_ints(args.decode_cpus), gpus=_ints(args.gpus), port=args.port, host=args.host,
                  served_model_name=args.served_model_name, prefill_policy=args.prefill_policy,
-                 settings=flag_values(args, WorkerConfig, nested=False))
+                 prefill_threshold=args.prefill_threshold, settings=flag_values(args, WorkerConfig, nested=False))
     stop = {"now": False}
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -4,10 +4,11 @@
 - `prefill`: runs the prompt, samples the first token and sends the KV over the transport
   straight to the decode worker's receiver (labkit.serve.prefill). KV bytes never pass the router.
 - `decode`: takes a request id, receives its KV, adopts it and streams the following tokens
-  (labkit.serve.decode).
+  (labkit.serve.decode). With `--local-prefill` it also runs whole requests as a mono worker does
+  (the router's selective disaggregation sends it the prompts it should prefill itself).
 
-Internal API, typed by labkit.serve.messages: `POST /internal/generate` (mono: GenerateRequest
-in, TokenEvent lines out), `POST /internal/prefill` (PrefillRequest in, PrefillResult out),
+Internal API, typed by labkit.serve.messages: `POST /internal/generate` (mono, and decode with
+local_prefill: GenerateRequest in, TokenEvent lines out), `POST /internal/prefill` (PrefillRequest in, PrefillResult out),
 `POST /internal/decode` (DecodeRequest in, TokenEvent lines out), `GET /health` (WorkerHealth),
 `GET /metrics` (Prometheus). Errors are OpenAI-style JSON.
 
@@ -174,7 +175,7 @@ def build_app(worker: Worker) -> FastAPI:
         worker.metrics.running.set(h.running_requests)
         return Response(worker.metrics.render(), media_type=CONTENT_TYPE)
 
-    if role == "mono":
+    if role == "mono" or worker.cfg.local_prefill:   # a decode worker with local_prefill runs short prompts whole
         @app.post("/internal/generate")
         async def generate(request: Request) -> StreamingResponse:
             req = await read_message(request, GenerateRequest)
