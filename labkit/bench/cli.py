@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from labkit.bench.metrics import SLO, Summary
+from labkit.bench.sweep import DEFAULT_MODES, MODE_FORMS
 
 
 def _slo_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +26,7 @@ def _slo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _slo(a: argparse.Namespace) -> SLO:
-    ms = lambda v: None if v is None else v / 1000.0  # noqa: E731
+    ms = lambda v: None if v is None else v / 1000.0
     return SLO(ms(a.slo_ttft_ms), ms(a.slo_tpot_ms), ms(a.slo_itl_ms), ms(a.slo_e2e_ms))
 
 
@@ -39,8 +41,8 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
 def format_summary(s: Summary) -> str:
     """A few lines a person reads after a run: counts, throughput, goodput, latency percentiles."""
     lines = [f"requests: {s.sent} sent, {s.ok} ok, {s.errors} errors in {s.duration_s:.1f} s",
-             f"throughput: {s.request_throughput_rps:.3g} req/s, {s.output_throughput_tps:,.1f} output tok/s, "
-             f"{s.total_token_throughput_tps:,.1f} total tok/s",
+             (f"throughput: {s.request_throughput_rps:.3g} req/s, {s.output_throughput_tps:,.1f} output tok/s, "
+             f"{s.total_token_throughput_tps:,.1f} total tok/s"),
              f"goodput: {s.goodput_rps:.3g} req/s ({s.slo_attainment:.0%} of requests within {s.slo})",
              f"{'ms':<5}" + "".join(f"{k:>10}" for k in ("mean", "p50", "p90", "p99", "max"))]
     for metric, st in s.latency_ms.items():
@@ -134,6 +136,8 @@ def _charts(res: Any, out: Path, name: str) -> None:
             "itl_vs_rate": pb.plot_percentiles_vs_rate(res.rows, "itl"),
             "ttft_vs_rate": pb.plot_percentiles_vs_rate(res.rows, "ttft"),
             "goodput": pb.plot_goodput_vs_rate(res.rows, slo_text=slo.describe()),
+            "ttft_itl_plane": pb.plot_ttft_itl_plane(res.rows, slo_ttft_ms=slo.ttft_s and slo.ttft_s * 1000,
+                                                     slo_itl_ms=slo.itl_s and slo.itl_s * 1000),
             "throughput_per_device": pb.plot_per_device(res.rows),
             "cost": pb.plot_cost(res.rows, price_per_device_hour=res.config.price_per_device_hour)}
     for key, fig in figs.items():
@@ -182,7 +186,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="model the lab's servers load (default tiny)")
     _workload_args(p)
     p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="requests per second")
-    p.add_argument("--modes", nargs="+", default=["mono", "1p1d"], help="mono, mono-chunked, 1p1d, 2p1d, ...")
+    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), help=f"{MODE_FORMS} (default: %(default)s)")
     p.add_argument("--burstiness", type=float, default=1.0)
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--timeout-s", type=float, default=120.0)

@@ -14,6 +14,7 @@ PHASE_COLORS = {
 MODE_COLORS = {
     "mono": "#ff7f0e",
     "mono-chunked": "#8c564b",
+    "mono-dp": "#1f77b4",
     "1p1d": "#2ca02c",
     "disagg": "#2ca02c",
     "vllm-mono": "#e377c2",
