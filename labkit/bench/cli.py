@@ -72,7 +72,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from labkit.bench.arrivals import Arrivals
+    from labkit.bench.arrivals import ArrivalKind, Arrivals
     from labkit.bench.loadgen import LoadConfig, run_load
     from labkit.bench.workloads import sample_requests
 
@@ -86,7 +86,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     else:
         sampled = sample_requests(a.workload, a.n, seed=a.seed, max_model_len=a.max_model_len, scale=a.scale)
         requests, scaling, workload = sampled.requests, sampled.scaling, a.workload
-        kind = a.arrivals or ("burst" if a.rate is None else "poisson")
+        kind: ArrivalKind = a.arrivals or ("burst" if a.rate is None else "poisson")   # argparse checked the choice
         arrivals = Arrivals(kind, a.rate or 1.0, a.burstiness)
     cfg = LoadConfig(a.url, arrivals=arrivals, max_concurrency=a.max_concurrency, model=a.model,
                      request_timeout_s=a.timeout_s, seed=a.seed, slo=_slo(a))

@@ -66,6 +66,7 @@ class ModeSpec:
 # The fair baselines beside 1P1D on the lab's 2 devices (issue 18): one engine on both, two
 # one-device replicas behind the router (data parallel), and chunked prefill at two budgets.
 DEFAULT_MODES: tuple[str, ...] = ("mono", "mono-dp", "mono-chunked-256", "mono-chunked-512", "1p1d")
+DEFAULT_CHUNK_TOKENS = 256   # a `mono-chunked` mode's step budget when its name gives none
 MODE_FORMS = "mono, mono-dp, mono-chunked[-TOKENS], xPyD such as 1p1d, or xPyD-selective-TOKENS"
 
 
@@ -334,7 +335,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ("mode", "rat
 
 
 def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None] | None = None,
-                       chunk_tokens: int = 256, max_num_batched_tokens: int = 2048, transfer: str = "shm",
+                       chunk_tokens: int = DEFAULT_CHUNK_TOKENS, max_num_batched_tokens: int = 2048, transfer: str = "shm",
                        kv_cache_bytes: int | None = None, startup_timeout_s: float = 180.0,
                        worker_args: Sequence[str] = (), step_log_dir: str | Path | None = None) -> ServerFactory:
     """Starts the lab's own server (`labkit.serve.launcher.launch`) for each mode.

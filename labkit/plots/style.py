@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 PHASE_COLORS = {
     "prefill": "#d62728",   # red: compute-bound
@@ -46,7 +46,7 @@ def apply() -> None:
     """Sets the lab's matplotlib style (idempotent)."""
     import matplotlib
 
-    matplotlib.rcParams.update(_RC)
+    cast(Any, matplotlib.rcParams).update(_RC)   # the stubs type its keys as literals; these are valid names
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kw: Any):

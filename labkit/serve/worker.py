@@ -76,7 +76,7 @@ class Worker:
 
             pool_bytes = self.engine.num_total_blocks * cfg.engine.block_size * self.engine.kv_bytes_per_token
             # cuda-ipc lands the KV on the engine's own GPU (cuda:N, numbered as the prefill side numbers it)
-            on_gpu = {"device": cfg.engine.device} if cfg.transfer.backend == "cuda-ipc" else {}
+            on_gpu: dict[str, Any] = {"device": cfg.engine.device} if cfg.transfer.backend == "cuda-ipc" else {}
             self.receiver = open_receiver(cfg.transfer.backend, token=self.kv_token, host=cfg.host,
                                           stall_timeout_s=cfg.transfer.timeout_s,
                                           max_request_bytes=pool_bytes, **on_gpu)  # more could never be adopted
@@ -85,7 +85,8 @@ class Worker:
         """Engine thread, after each step: metrics, and the step log when asked for."""
         self.metrics.on_step(out)
         if self._step_log is not None and not self._step_log.closed and out.phase != "idle":
-            self._step_log.write(json.dumps({"t_end": time.time(), "role": self.cfg.role, "phase": out.phase,
+            self._step_log.write(json.dumps({"t_end": time.time(), "role": self.cfg.role, "worker": self.name,
+                                             "phase": out.phase,
                                              "prefill_tokens": out.num_prefill_tokens,
                                              "decode_seqs": out.num_decode_seqs,
                                              "context_tokens": out.context_tokens, "seconds": out.elapsed_s}) + "\n")
