@@ -128,7 +128,8 @@ def main() -> int:
 
     date = dt.date.today().isoformat()
     machine = f"cpu-{len(cores)}core"
-    out = Path(a.out) if a.out else repo_root() / "docs" / "results" / f"plan_validation-{date}-{machine}.json"
+    suffix = "-quick" if a.quick else ""   # a smoke run: never the card notebook 06 shows (latest_result skips it)
+    out = Path(a.out) if a.out else repo_root() / "docs" / "results" / f"plan_validation-{date}-{machine}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"what": "simulator vs measured: p50/p99 TTFT, TPOT and ITL, output tokens/s, per mode; the report card",
            "date": date, "machine": machine, "cpu": platform.processor() or platform.machine(),

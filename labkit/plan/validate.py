@@ -24,7 +24,7 @@ from labkit.plan.workload import requests_from_records
 
 __all__ = ["METRICS", "MODES", "ReportCard", "ValidationRow", "compare", "latest_result", "load_rows",
            "measure_and_compare", "measured_metrics", "mode_layout", "mode_limits", "predicted_metrics", "report_card",
-           "requests_from_records", "server_mode", "table", "within"]
+           "requests_from_records", "served_model", "server_mode", "table", "within"]
 
 
 def measured_metrics(records: Sequence[Any]) -> dict[str, float]:
@@ -99,11 +99,34 @@ def report_card(source: str | Path | Sequence[ValidationRow] | None = None) -> R
 
 
 def latest_result(pattern: str = "plan_validation-*.json") -> Path | None:
-    """The newest validation JSON under docs/results/, if any."""
+    """The newest validation JSON under docs/results/, if any (quick smoke runs, `-quick`, left out)."""
     from labkit.config import repo_root
 
-    found = sorted((repo_root() / "docs" / "results").glob(pattern))
+    found = sorted(p for p in (repo_root() / "docs" / "results").glob(pattern) if not p.stem.endswith("-quick"))
     return found[-1] if found else None
+
+
+def served_model(mode: str = "1p1d", model: str = "small", path: str | Path | None = None) -> tuple[Any, Path]:
+    """The latency model a validation run fitted to the lab's servers on this machine: the engine model
+    moved to the steps mode `mode`'s server ran, plus that server's costs per request and per step
+    (benchmarks/plan_validation.py writes both). `path`: that JSON (default: the newest under
+    docs/results/ for `model` that has `mode`). Returns (LatencyModel, the file it came from);
+    FileNotFoundError when no such run was committed."""
+    from labkit.config import repo_root
+    from labkit.plan.latency_model import LatencyModel
+
+    files = [Path(path)] if path else sorted((p for p in (repo_root() / "docs" / "results").glob("plan_validation-*.json")
+                                              if not p.stem.endswith("-quick")), reverse=True)
+    for f in files:
+        doc = json.loads(f.read_text())
+        fitted, costs = doc.get("latency_model_in_server", {}), doc.get("serving_overhead_s", {})
+        if doc.get("model") == model and mode in fitted and mode in costs:
+            c = costs[mode]
+            lat = LatencyModel.from_dict(fitted[mode]).with_serving(c["per_request"], c["per_decode_step"],
+                                                                    c.get("per_sequence_per_step", 0.0))
+            return lat, f
+    raise FileNotFoundError(f"no plan_validation JSON for {model} with a fitted {mode} server under docs/results/: "
+                            f"run benchmarks/plan_validation.py")
 
 
 def mode_layout(mode: str, *, link: Any = None, replicas: int = 2, prefill_threshold: int = 0

@@ -207,6 +207,42 @@ def plot_ttft_itl_plane(rows: Sequence[Mapping[str, Any]], *, rate_rps: float | 
     return fig
 
 
+def plot_threshold_sweep(workloads: Mapping[str, Mapping[str, Any]], *, measured_key: str = "goodput_tpot_rps",
+                         predicted_key: str = "predicted_goodput_rps", slo_text: str = "TTFT <= 2 s, TPOT <= 200 ms",
+                         title: str | None = None):
+    """Goodput against the prefill threshold of selective 1P1D, one panel per workload: measured (solid)
+    and the planner's prediction (dashed), the best of each marked (star: measured, triangle: predicted).
+    `workloads`: name -> a dict with `rows` (each with `threshold` in tokens and the two goodput keys,
+    req/s) and `rate_rps`, as benchmarks/selective.py writes them. Threshold 0 is plain 1P1D."""
+    names = list(workloads)
+    if not names:
+        raise ValueError("no workloads to draw")
+    fig, axes = new_figure(1, len(names), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = sorted(workloads[name]["rows"], key=lambda r: r["threshold"])
+        x = [r["threshold"] for r in rows]
+        measured = [r[measured_key] for r in rows]
+        predicted = [r[predicted_key] for r in rows]
+        ax.plot(x, measured, "-o", color=mode_color("1p1d"), label="measured")
+        ax.plot(x, predicted, "--s", color="grey", label="planner")
+        bm = max(range(len(rows)), key=lambda i: (measured[i], -x[i]))
+        bp = max(range(len(rows)), key=lambda i: (predicted[i], -x[i]))
+        ax.scatter([x[bm]], [measured[bm]], marker="*", s=420, color=mode_color("1p1d"), edgecolor="black", zorder=3,
+                   label=f"best measured: {x[bm]:,}")
+        ax.scatter([x[bp]], [predicted[bp]], marker="^", s=200, color="grey", edgecolor="black", zorder=3,
+                   label=f"best predicted: {x[bp]:,}")
+        ax.set_xlabel("prefill threshold (tokens; 0 = plain 1P1D)")
+        ax.set_ylabel("goodput (req/s within SLO)")
+        rate = workloads[name].get("rate_rps")
+        ax.set_title(name + (f" at {rate:g} req/s" if rate else ""), fontsize=15)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=10)
+    fig.suptitle(title or f"Selective 1P1D: goodput against the prefill threshold ({slo_text})", fontsize=16,
+                 fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
 def _short(key: str) -> str:
     """'itl_p99_ms' -> 'ITL p99'."""
     parts = key.removesuffix("_ms").split("_")
