@@ -1,14 +1,17 @@
-"""The gains of 1P1D over mono on this machine: p99 ITL and goodput at three request rates.
+"""The gains of 1P1D over mono and the fair baselines on this machine: p99 ITL and goodput at three rates.
 
 On a 2-core CPU: the prefill worker on core 0, the decode worker on core 1, mono on both (the
-lab's launcher default split). Two workloads, same seed and requests in both modes:
+lab's launcher default split); beside them the fair baselines (`labkit.bench.sweep.DEFAULT_MODES`):
+mono-dp (one engine per core behind the router, which sends each request to the least loaded) and
+mono-chunked-256/-512 (chunked prefill). The quick profile keeps mono, mono-dp and 1P1D. Two
+workloads, same seed and requests in every mode:
 - conversation: the Azure 2023 conversation preset, lengths scaled for the `small` model on a CPU;
 - short prompts: 16-64 prompt tokens, where there is no prefill to take off the decode path.
 
 Prints a table and the ratios, writes JSON (docs/results/gains-<date>-<machine>.json by default).
 
-    python benchmarks/gains.py            # small model, ~10 minutes on 2 idle cores
-    python benchmarks/gains.py --quick    # tiny model, fewer requests, a few minutes
+    python benchmarks/gains.py            # small model, five modes (mono and 1P1D alone took ~10 minutes)
+    python benchmarks/gains.py --quick    # tiny model, fewer requests and modes, a few minutes
 """
 from __future__ import annotations
 
@@ -22,10 +25,19 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from labkit.bench import get_workload
 from labkit.bench.metrics import jsonable
-from labkit.bench.sweep import SweepConfig, SweepResult, calibrate, lab_server_factory, run_sweeps, table
+from labkit.bench.sweep import (
+    DEFAULT_MODES,
+    SweepConfig,
+    SweepResult,
+    calibrate,
+    lab_server_factory,
+    run_sweeps,
+    table,
+)
 from labkit.config import repo_root
 from labkit.models import get_preset
 
@@ -34,9 +46,9 @@ from labkit.models import get_preset
 # (mono, unloaded, one request at a time), so the benchmark means the same on a laptop and on a
 # busy 2-core VM: rates are multiples of mono's one-at-a-time capacity, SLOs multiples of what
 # mono delivers at the lowest rate.
-PROFILES = {
-    "full": dict(model="small", n=10, conv_scale=0.25, short_output_scale=0.25),
-    "quick": dict(model="tiny", n=10, conv_scale=0.25, short_output_scale=0.25),
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {"model": "small", "n": 10, "conv_scale": 0.25, "short_output_scale": 0.25, "modes": DEFAULT_MODES},
+    "quick": {"model": "tiny", "n": 10, "conv_scale": 0.25, "short_output_scale": 0.25, "modes": ("mono", "mono-dp", "1p1d")},
 }
 RATE_FRACTIONS = (0.5, 1.0, 1.5)   # low, moderate, high: x mono's one-at-a-time request rate
 SLO_TTFT_X, SLO_TPOT_X = 3.0, 2.0  # SLO = these x mono's p50 TTFT and TPOT at the lowest rate
@@ -46,18 +58,23 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) and not math.isnan(a) else math.nan
 
 
-def gains(res: SweepResult) -> list[dict[str, float]]:
-    """Per rate: p99 ITL mono / 1P1D (>1: 1P1D better) and goodput 1P1D / mono (>1: 1P1D better)."""
+def gains(res: SweepResult) -> list[dict[str, Any]]:
+    """Per rate: p99 ITL mono / 1P1D (>1: 1P1D better), goodput 1P1D / mono (>1: 1P1D better), and
+    goodput 1P1D / the best baseline at that rate (mono, mono-dp or mono-chunked-N, whichever has most)."""
     by = {(r["mode"], r["rate_rps"]): r for r in res.rows}
     out = []
     for rate in res.config.rates_rps:
         m, d = by[("mono", rate)], by[("1p1d", rate)]
+        base = max((r for r in res.rows if r["rate_rps"] == rate and r["mode"] != "1p1d"),
+                   key=lambda r: r["goodput_rps"])
         out.append({"rate_rps": rate, "itl_p99_mono_ms": m["itl_p99_ms"], "itl_p99_1p1d_ms": d["itl_p99_ms"],
                     "itl_p99_mono_over_1p1d": ratio(m["itl_p99_ms"], d["itl_p99_ms"]),
                     "goodput_mono_rps": m["goodput_rps"], "goodput_1p1d_rps": d["goodput_rps"],
                     "goodput_1p1d_over_mono": ratio(d["goodput_rps"], m["goodput_rps"]),
                     "ttft_p50_mono_ms": m["ttft_p50_ms"], "ttft_p50_1p1d_ms": d["ttft_p50_ms"],
-                    "tpot_p50_mono_ms": m["tpot_p50_ms"], "tpot_p50_1p1d_ms": d["tpot_p50_ms"]})
+                    "tpot_p50_mono_ms": m["tpot_p50_ms"], "tpot_p50_1p1d_ms": d["tpot_p50_ms"],
+                    "best_baseline": base["mode"], "goodput_best_baseline_rps": base["goodput_rps"],
+                    "goodput_1p1d_over_best_baseline": ratio(d["goodput_rps"], base["goodput_rps"])})
     return out
 
 
@@ -71,8 +88,8 @@ def main() -> int:
     conv = get_workload("azure-conv-2023").scaled(prof["conv_scale"])
     short = get_workload("short-prompt").scaled(1.0, prof["short_output_scale"])
     max_model_len = get_preset(prof["model"]).max_position_embeddings
-    common = dict(modes=("mono", "1p1d"), n_requests=prof["n"], seed=7, warmup_requests=2,
-                  request_timeout_s=600.0, max_model_len=max_model_len)
+    common = {"modes": tuple(prof["modes"]), "n_requests": prof["n"], "seed": 7, "warmup_requests": 2,
+                  "request_timeout_s": 600.0, "max_model_len": max_model_len}
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
     factory = lab_server_factory(prof["model"])
@@ -91,7 +108,9 @@ def main() -> int:
     report: dict[str, object] = {
         "benchmark": "gains", "date": dt.date.today().isoformat(), "machine": a.machine,
         "cpu": platform.processor() or platform.machine(), "model": prof["model"], "quick": a.quick,
-        "placement": "1p1d: prefill worker core 0, decode worker core 1; mono: one engine on cores 0-1",
+        "placement": "1p1d: prefill worker core 0, decode worker core 1; mono and mono-chunked-N: one engine on "
+                     "cores 0-1; mono-dp: one engine on each core behind the router (least loaded first)",
+        "modes": list(prof["modes"]),
         "rate_fractions_of_mono_sequential": RATE_FRACTIONS, "slo_rule": f"TTFT <= {SLO_TTFT_X:g}x and TPOT <= "
         f"{SLO_TPOT_X:g}x mono's p50 at the lowest rate", "calibration": [asdict(c) for c in cal],
         "requests_per_rate": prof["n"], "wall_s": round(wall_s, 1),
@@ -105,7 +124,8 @@ def main() -> int:
         for row in g:
             print(f"   {row['rate_rps']:>5g} req/s: p99 ITL mono/1P1D = {row['itl_p99_mono_over_1p1d']:.2f}x, "
                   f"goodput 1P1D/mono = {row['goodput_1p1d_over_mono']:.2f}x "
-                  f"({row['goodput_1p1d_rps']:.3g} vs {row['goodput_mono_rps']:.3g} req/s)")
+                  f"({row['goodput_1p1d_rps']:.3g} vs {row['goodput_mono_rps']:.3g} req/s), 1P1D/best baseline "
+                  f"({row['best_baseline']}) = {row['goodput_1p1d_over_best_baseline']:.2f}x")
         report[name] = {"workload": w.describe(), "slo": res.config.slo.describe(), "rows": res.rows, "gains": g,
                         "capacity_rps": res.capacity_rps()}
     print(f"\nwall time {wall_s:.0f} s")

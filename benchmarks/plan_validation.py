@@ -15,12 +15,16 @@
    (`labkit.plan.card`). Targets: every p50 within 10%, every p99 within 20%, throughput within 10%.
 
 Prints the card, writes JSON (docs/results/plan_validation-<date>-<machine>.json by default) with
-the rows and the card, which notebook 06 shows. Modes beyond mono and 1P1D (`--modes`) run when
-the lab's servers offer them (see `labkit.plan.validate.mode_layout`).
+the rows and the card, which notebook 06 shows. `--modes` takes any mode the lab's servers run
+(`labkit.bench.sweep.parse_mode`; the simulator's layout for each: `labkit.plan.validate.mode_layout`):
+mono-dp (one engine per core behind the router; the simulator spreads requests by load, as the router
+does) and selective 1P1D (`1p1d-selective` with `--prefill-threshold N`, or `1p1d-selective-N`) fill
+the card's slots of those names.
 
     python benchmarks/plan_validation.py --requests 24   # small model (the committed run: 1,469 s on 2 cores)
     python benchmarks/plan_validation.py --requests 4 --out /tmp/pv.json   # end to end, fewer requests: a smoke run
     python benchmarks/plan_validation.py --quick         # tiny model
+    python benchmarks/plan_validation.py --quick --modes mono,mono-dp,1p1d,1p1d-selective --prefill-threshold 64
 """
 from __future__ import annotations
 
@@ -38,10 +42,11 @@ from typing import Any
 
 from labkit.bench import SLO
 from labkit.bench.metrics import jsonable
+from labkit.bench.sweep import parse_mode
 from labkit.config import repo_root
 from labkit.links import Link
 from labkit.plan.latency_model import Calibration
-from labkit.plan.validate import measure_and_compare, report_card
+from labkit.plan.validate import measure_and_compare, mode_layout, report_card, server_mode
 from labkit.proc import owned_preexec
 
 PROFILES = {
@@ -87,7 +92,13 @@ def main() -> int:
         return 2
     t0 = time.perf_counter()
     link = Link.from_gbps(a.link_gbps, a.link_latency_ms / 1e3)
-    modes = [m for m in a.modes.split(",") if m]
+    try:   # the names the servers run under ("1p1d-selective" takes the threshold into its name)
+        modes = [server_mode(m, a.prefill_threshold) for m in a.modes.split(",") if m]
+        for m in modes:
+            mode_layout(m)
+    except ValueError as e:
+        print(f"plan_validation: {e}", file=sys.stderr)
+        return 2
     rows, cals = [], {}
     serving: dict[str, tuple[float, float, float]] = {}   # mode -> the server's costs (serving_overhead)
     fitted: dict[str, Any] = {}                            # mode -> the model refitted to the server's steps
@@ -95,7 +106,8 @@ def main() -> int:
     # from one minute to the next, and the model must describe the machine the servers ran on.
     for mode in modes:
         # one engine on every core (mono), or one engine per core (each 1P1D worker, each mono-dp replica)
-        cpus = cores if mode in ("mono", "mono-chunked") else cores[:1]
+        spec = parse_mode(mode)
+        cpus = cores if spec.mode == "mono" and spec.replicas == 1 else cores[:1]
         print(f"== calibrating {prof['model']} on cores {cpus} (each {mode} engine)")
         with tempfile.TemporaryDirectory() as tmp:
             cals[mode] = calibrate_pinned(prof["model"], prof["profile"], cpus, Path(tmp) / "cal.json",
@@ -116,7 +128,8 @@ def main() -> int:
 
     date = dt.date.today().isoformat()
     machine = f"cpu-{len(cores)}core"
-    out = Path(a.out) if a.out else repo_root() / "docs" / "results" / f"plan_validation-{date}-{machine}.json"
+    suffix = "-quick" if a.quick else ""   # a smoke run: never the card notebook 06 shows (latest_result skips it)
+    out = Path(a.out) if a.out else repo_root() / "docs" / "results" / f"plan_validation-{date}-{machine}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"what": "simulator vs measured: p50/p99 TTFT, TPOT and ITL, output tokens/s, per mode; the report card",
            "date": date, "machine": machine, "cpu": platform.processor() or platform.machine(),

@@ -3,8 +3,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -23,6 +23,23 @@ def test_parse_mode() -> None:
     assert parse_mode("mono-chunked").chunked_prefill
     assert parse_mode("2P1D") == ModeSpec("2p1d", "disagg", 2, 1, devices=3)
     assert parse_mode("mono", devices=8).devices == 8
+    # the fair baselines: two one-device replicas behind the router, chunked prefill with its chunk in the name
+    assert parse_mode("mono-dp") == ModeSpec("mono-dp", "mono", devices=2, replicas=2)
+    assert parse_mode("mono-dp", devices=4).replicas == 4
+    assert parse_mode("mono-chunked-512") == ModeSpec("mono-chunked-512", "mono", chunked_prefill=True, devices=2,
+                                                      chunk_tokens=512)
+    assert parse_mode("mono-chunked").chunk_tokens is None
+    assert parse_mode("1p1d-selective-256") == ModeSpec("1p1d-selective-256", "disagg", 1, 1, devices=2,
+                                                        prefill_threshold=256)
+    assert all(parse_mode(m) for m in SweepConfig("short-prompt").modes)
+    assert {"mono", "mono-dp", "1p1d"} <= set(SweepConfig("short-prompt").modes)
+    assert any(parse_mode(m).chunked_prefill for m in SweepConfig("short-prompt").modes)
+    for bad, message in (("1p1d-selective-0", "threshold >= 1"), ("mono-chunked-x", "mono-chunked-x"),
+                         ("1p1d-selective", "1p1d-selective")):
+        with pytest.raises(ValueError, match=message):
+            parse_mode(bad)
+    with pytest.raises(ValueError, match="replicas"):
+        ModeSpec("x", "disagg", 1, 1, replicas=2)
     with pytest.raises(ValueError, match="'pd'"):
         parse_mode("pd")
     with pytest.raises(ValueError, match="rates_rps"):
@@ -67,7 +84,7 @@ def test_sweep_same_requests_every_mode(tmp_path: Path) -> None:
     assert all(r["sent"] == 8 == r["ok"] for r in res.rows)
     # both modes saw the very same prompts (warm-up + 2 rates), rates saw different ones
     seen = {m: json.loads(v) for m, v in urls.items()}
-    key = lambda g: (g["prompt_tokens"], tuple(g["first"]), g["max_tokens"])  # noqa: E731
+    key = lambda g: (g["prompt_tokens"], tuple(g["first"]), g["max_tokens"])
     assert sorted(map(key, seen["mono"])) == sorted(map(key, seen["1p1d"]))
     assert len(seen["mono"]) == 1 + 8 + 8 + 4
     r20, r40 = res.runs[("mono", 20.0)], res.runs[("mono", 40.0)]
@@ -126,10 +143,34 @@ def test_bench_charts_have_one_line_per_mode(tmp_path: Path) -> None:
     assert list(lines["1p1d"].get_ydata()) == [10.0, 10.0] and list(lines["mono"].get_ydata()) == [0.0, 0.0]
     pb.plot_cost(rows, price_per_device_hour=2.0).savefig(tmp_path / "c.png")
     fig = pb.plot_ratio_bars({"1 req/s": 5.0, "2 req/s": 0.5}, ylabel="x", title="t")
-    assert [p.get_facecolor()[:3] for p in fig.axes[0].patches][0] != [p.get_facecolor()[:3]
+    assert next(p.get_facecolor()[:3] for p in fig.axes[0].patches) != [p.get_facecolor()[:3]
                                                                        for p in fig.axes[0].patches][1]
     with pytest.raises(ValueError, match="'foo'"):
         pb.latency_values_ms(runs[("mono", 1.0)], "foo")
+
+
+def test_the_ttft_itl_plane_joins_the_chunked_points_into_a_curve() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from labkit.plots import bench as pb
+
+    def row(mode: str, ttft: float, itl: float, rate: float = 2.0) -> dict[str, object]:
+        return {"mode": mode, "rate_rps": rate, "ttft_p50_ms": ttft, "itl_p99_ms": itl}
+
+    rows = [row("mono", 100, 900), row("mono-chunked-512", 150, 400), row("mono-chunked-256", 250, 200),
+            row("mono-dp", 300, 800), row("1p1d", 180, 60), row("1p1d", 90, 50, rate=1.0)]
+    fig = pb.plot_ttft_itl_plane(rows, slo_ttft_ms=1000, slo_itl_ms=200)
+    ax = fig.axes[0]
+    curve, = [ln for ln in ax.lines if ln.get_label().startswith("mono-chunked")]
+    # smallest chunk first, then the larger one, then plain mono (no chunking) at the end of the curve
+    assert list(curve.get_xdata()) == [200, 400, 900] and list(curve.get_ydata()) == [250, 150, 100]
+    points = {c.get_label(): c.get_offsets().tolist() for c in ax.collections}
+    assert points == {"mono": [[900.0, 100.0]], "mono-dp": [[800.0, 300.0]], "1p1d": [[60.0, 180.0]]}
+    assert sorted(t.get_text() for t in ax.texts) == ["256", "512"] and "2 req/s" in ax.get_title()
+    assert ax.get_xlabel() == "ITL p99 (ms)" and ax.get_ylabel() == "TTFT p50 (ms)"
+    with pytest.raises(ValueError, match="no row at 3 req/s"):
+        pb.plot_ttft_itl_plane(rows, rate_rps=3.0)
 
 
 def test_calibrate_measures_unloaded_latency(tmp_path: Path) -> None:

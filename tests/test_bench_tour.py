@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -19,7 +19,7 @@ FAKE = str(Path(__file__).with_name("fake_openai_server.py"))
 def test_tour_section_adds_table_charts_and_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pids: list[int] = []
 
-    def factory(model: str):  # noqa: ANN202
+    def factory(model: str):
         assert model == "tiny"  # the ci profile uses the CI model
 
         @contextlib.contextmanager
@@ -40,14 +40,17 @@ def test_tour_section_adds_table_charts_and_summary(tmp_path: Path, monkeypatch:
     report = Report(tmp_path / "report")
     report.section("Mono vs 1P1D")
     tour.tour_section(report, "ci")
-    assert len(pids) == 2 and not any(pid_alive(p) for p in pids)  # mono (calibrated on), 1p1d
+    assert len(pids) == 3 and not any(pid_alive(p) for p in pids)  # mono (calibrated on), mono-dp, 1p1d
     sec = report.sections[-1]
-    (caption, rows), = sec.tables
-    assert [r["mode"] for r in rows] == ["mono", "1p1d"] and all(r["ok"] == tour.PLANS["ci"].n_requests for r in rows)
-    assert len(sec.figures) == 2 and all(p.is_file() for _, p in sec.figures)
+    (_caption, rows), = sec.tables
+    assert [r["mode"] for r in rows] == ["mono", "mono-dp", "1p1d"]
+    assert all(r["ok"] == tour.PLANS["ci"].n_requests for r in rows)
+    assert len(sec.figures) == 3 and all(p.is_file() for _, p in sec.figures)   # ITL and TTFT CDFs, the plane
     summary = {r.what: r for r in report.summary}
     itl = summary["p99 ITL mono vs 1P1D"]
-    assert itl.note.startswith(f"{rows[0]['itl_p99_ms'] / rows[1]['itl_p99_ms']:.1f}x")
+    by = {r["mode"]: r for r in rows}
+    assert itl.note.startswith(f"{by['mono']['itl_p99_ms'] / by['1p1d']['itl_p99_ms']:.1f}x")
     assert "goodput mono vs 1P1D" in summary
+    assert summary["goodput per mode"].value.startswith(f"mono {rows[0]['goodput_rps']:.2f}, mono-dp ")
     assert report.data["mono_vs_1p1d"]["plan"]["model"] == "tiny"
     assert report.write().is_file()

@@ -1,6 +1,8 @@
 """The serving simulator: exact single-request times, interference, links, prefix hits, limits, goodput."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -142,8 +144,9 @@ def _same_times(a, b) -> None:
 def test_mono_dp_with_one_replica_is_mono_and_with_two_is_two_monos() -> None:
     req = sample_requests(WorkloadShape("w", 600, 80, 0.5, 0.5), 80, 6.0, seed=5)
     _same_times(simulate(req, LAT, Layout.mono_dp(1)), simulate(req, LAT, Layout.mono()))
-    two = simulate(req, LAT, Layout.mono_dp(2))
-    assert two.layout.label == "mono-dp x2" and two.layout.num_devices == 2
+    two = simulate(req, LAT, Layout.mono_dp(2, dispatch="round-robin"))
+    assert two.layout.label == "mono-dp x2 round-robin" and two.layout.num_devices == 2
+    assert Layout.mono_dp(2).label == "mono-dp x2"
     for rep in (0, 1):       # round-robin: replica k serves requests k, k+2, ... as a mono engine alone would
         half = Requests(req.arrival_s[rep::2], req.prompt_tokens[rep::2], req.output_tokens[rep::2])
         alone = simulate(half, LAT, Layout.mono())
@@ -151,6 +154,42 @@ def test_mono_dp_with_one_replica_is_mono_and_with_two_is_two_monos() -> None:
         np.testing.assert_allclose(two.finish_s[rep::2], alone.finish_s, rtol=1e-12)
     assert simulate(req.at_rate(30.0), LAT, Layout.mono_dp(2)).summary()["ttft_p50_s"] < \
         simulate(req.at_rate(30.0), LAT, Layout.mono()).summary()["ttft_p50_s"]
+
+
+def test_mono_dp_sends_each_request_to_the_replica_with_the_fewest_in_flight() -> None:
+    """A long request (0), a short one (1) that is done before the third (2) arrives: by load, 2 joins the idle
+    replica of 1; round-robin puts it beside 0. Each replica then runs as a mono engine alone would."""
+    req = Requests(np.array([0.0, 0.01, 2.0]), np.array([300, 50, 400]), np.array([2000, 3, 30]))
+    assert float(simulate(one(50, 3), LAT, Layout.mono()).finish_s[0]) < 2.0 - 0.01   # 1 is over before 2 comes
+    assert float(simulate(one(300, 2000), LAT, Layout.mono()).finish_s[0]) > 2.5      # 0 is still running
+
+    def alone(rows: list[int]) -> Requests:
+        return Requests(req.arrival_s[rows], req.prompt_tokens[rows], req.output_tokens[rows])
+
+    by_load = simulate(req, LAT, Layout.mono_dp(2))
+    np.testing.assert_allclose(by_load.finish_s[[0]], simulate(alone([0]), LAT, Layout.mono()).finish_s, rtol=1e-12)
+    np.testing.assert_allclose(by_load.finish_s[[1, 2]], simulate(alone([1, 2]), LAT, Layout.mono()).finish_s,
+                               rtol=1e-12)
+    in_turn = simulate(req, LAT, Layout.mono_dp(2, dispatch="round-robin"))
+    np.testing.assert_allclose(in_turn.finish_s[[0, 2]], simulate(alone([0, 2]), LAT, Layout.mono()).finish_s,
+                               rtol=1e-12)
+    assert by_load.ttft_s[2] < in_turn.ttft_s[2]      # beside the long request its prefill waits for a step
+    # A busy trace: whenever fewer requests are in flight than there are replicas, one replica is idle and a
+    # request sent by load starts its prefill on arrival (TTFT = its prefill alone); in turn, some wait.
+    busy = sample_requests(WorkloadShape("w", 600, 80, 0.8, 0.8), 300, 6.0, seed=9)
+
+    def unhindered(res: Any) -> tuple[np.ndarray, np.ndarray]:
+        a, f = res.arrival_s, res.finish_s
+        in_flight = np.array([np.count_nonzero((a < a[i]) & (f > a[i])) for i in range(len(a))])
+        free = in_flight < 3
+        return free, np.isclose(res.ttft_s, LAT.prefill_s(busy.prompt_tokens), rtol=1e-9)
+
+    free, alone_ttft = unhindered(simulate(busy, LAT, Layout.mono_dp(3)))
+    assert free.sum() > 100 and alone_ttft[free].all()
+    free, alone_ttft = unhindered(simulate(busy, LAT, Layout.mono_dp(3, dispatch="round-robin")))
+    assert not alone_ttft[free].all()
+    with pytest.raises(ValueError, match="dispatch"):
+        Layout.mono_dp(2, dispatch="random")  # type: ignore[arg-type]
 
 
 def test_selective_threshold_zero_is_plain_xpyd_and_above_every_prompt_is_mono_on_decode() -> None:

@@ -183,6 +183,25 @@ def test_mode_layouts_for_the_lab_modes() -> None:
         validate.mode_layout("1p1d-selective")
     with pytest.raises(ValueError, match="no simulator layout"):
         validate.mode_layout("mono-pipeline")
+    # the names the sweep's servers run under: the threshold and the chunk travel in them
+    assert validate.mode_layout("1p1d-selective-128", link=link)[0] == Layout.disagg(1, 1, 128)
+    assert validate.server_mode("1p1d-selective", 128) == "1p1d-selective-128" == validate.server_mode("1P1D-selective-128")
+    assert validate.mode_layout("mono-chunked-512")[0] == Layout.mono(policy="chunked")
+    assert validate.mode_limits("mono-chunked-512").max_num_batched_tokens == 512
+    assert validate.mode_limits("mono-chunked").max_num_batched_tokens == 256      # the factory's default chunk
+    assert validate.mode_limits("mono-dp").max_num_batched_tokens == 2048
+    # the simulator spreads mono-dp's requests by load, as the lab's router does
+    assert validate.mode_layout("mono-dp")[0].dispatch == "least-loaded"
+
+
+def test_a_selective_run_fills_the_cards_selective_slot() -> None:
+    rows = [validate.ValidationRow("1p1d-selective-256", 1.0, "ttft_p50_ms", 110.0, 100.0),
+            validate.ValidationRow("mono-dp", 1.0, "ttft_p50_ms", 100.0, 100.0),
+            validate.ValidationRow("mono", 1.0, "ttft_p50_ms", 100.0, 100.0)]
+    card = validate.report_card(rows)
+    assert "1p1d-selective" not in card.missing_modes and "mono-dp" not in card.missing_modes
+    assert [m for m, _ in card.runs] == ["mono", "mono-dp", "1p1d-selective-256"]      # the card's mode order
+    assert "1p1d-selective-256" in card.table()
 
 
 def test_measured_itl_comes_from_every_gap() -> None:

@@ -109,15 +109,15 @@ class Net(httpx.AsyncBaseTransport):
 
 
 def serve(fakes: list[FakeWorker], body: Any, *, policy: str = "prefix-then-load",
-          down: dict[str, type[httpx.HTTPError]] | None = None, after: Any = None) -> Any:
+          down: dict[str, type[httpx.HTTPError]] | None = None, after: Any = None, **settings: Any) -> Any:
     """Starts a router over `fakes` in this process, posts `body` (or each of a list) to /v1/completions;
     returns the responses (and `after(router)`'s value, when given). A list item that is an async
-    function runs with the router, between two requests."""
+    function runs with the router, between two requests. `settings`: more RouterConfig fields."""
     from labkit.serve.router import create
 
     roles = {r: tuple(f.url for f in fakes if f.role == r) for r in ("mono", "prefill", "decode")}
     cfg = RouterConfig(model="tiny", names=tuple(f.name for r in roles for f in fakes if f.role == r),
-                       prefill_policy=policy, health_interval_s=3600, **roles)
+                       prefill_policy=policy, health_interval_s=3600, **roles, **settings)
     net = Net(fakes)
 
     async def go() -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.bench.metrics import SLO, Summary
+from labkit.bench.sweep import DEFAULT_MODES, MODE_FORMS
 
 
 def _slo_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +74,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from labkit.bench.arrivals import Arrivals
+    from labkit.bench.arrivals import ArrivalKind, Arrivals
     from labkit.bench.loadgen import LoadConfig, run_load
     from labkit.bench.workloads import sample_requests
 
@@ -87,7 +88,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     else:
         sampled = sample_requests(a.workload, a.n, seed=a.seed, max_model_len=a.max_model_len, scale=a.scale)
         requests, scaling, workload = sampled.requests, sampled.scaling, a.workload
-        kind = a.arrivals or ("burst" if a.rate is None else "poisson")
+        kind: ArrivalKind = a.arrivals or ("burst" if a.rate is None else "poisson")   # argparse checked the choice
         arrivals = Arrivals(kind, a.rate or 1.0, a.burstiness)
     cfg = LoadConfig(a.url, arrivals=arrivals, max_concurrency=a.max_concurrency, model=a.model,
                      request_timeout_s=a.timeout_s, seed=a.seed, slo=_slo(a))
@@ -137,6 +138,8 @@ def _charts(res: Any, out: Path, name: str) -> None:
             "itl_vs_rate": pb.plot_percentiles_vs_rate(res.rows, "itl"),
             "ttft_vs_rate": pb.plot_percentiles_vs_rate(res.rows, "ttft"),
             "goodput": pb.plot_goodput_vs_rate(res.rows, slo_text=slo.describe()),
+            "ttft_itl_plane": pb.plot_ttft_itl_plane(res.rows, slo_ttft_ms=slo.ttft_s and slo.ttft_s * 1000,
+                                                     slo_itl_ms=slo.itl_s and slo.itl_s * 1000),
             "throughput_per_device": pb.plot_per_device(res.rows),
             "cost": pb.plot_cost(res.rows, price_per_device_hour=res.config.price_per_device_hour)}
     for key, fig in figs.items():
@@ -185,7 +188,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="model the lab's servers load (default tiny)")
     _workload_args(p)
     p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="requests per second")
-    p.add_argument("--modes", nargs="+", default=["mono", "1p1d"], help="mono, mono-chunked, 1p1d, 2p1d, ...")
+    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), help=f"{MODE_FORMS} (default: %(default)s)")
     p.add_argument("--burstiness", type=float, default=1.0)
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--timeout-s", type=float, default=120.0)

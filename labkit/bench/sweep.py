@@ -5,6 +5,9 @@ launcher, or a test server), warmed up, measured at each request rate in increas
 stopped. Each rate uses its own prompts (seed, rate index), identical across modes, so no
 prefix cache is warmed by an earlier rate and every mode sees exactly the same requests.
 
+Modes (`parse_mode`): `mono`, the fair baselines `mono-dp` and `mono-chunked-N` (DEFAULT_MODES
+sweeps them beside `1p1d`), any `xPyD`, and selective `xPyD-selective-N`.
+
     >>> cfg = SweepConfig("azure-conv-2023", rates_rps=(0.5, 1, 2), modes=("mono", "1p1d"),
     ...                   n_requests=40, slo=SLO(ttft_s=2, tpot_s=0.1), max_model_len=2048)
     >>> result = run_sweep(cfg, lab_server_factory("tiny"))
@@ -31,7 +34,9 @@ from labkit.bench.workloads import SampledWorkload, TokenSpace, Workload, get_wo
 @dataclass(frozen=True, slots=True)
 class ModeSpec:
     """A serving topology. `devices`: how many devices (cores on a CPU, GPUs) it occupies,
-    for throughput per device and cost."""
+    for throughput per device and cost. `replicas`: mono engines behind the one router (mono-dp:
+    one per device, the router spreading requests by load). `chunk_tokens`: a chunked mono's step
+    budget (None: the server factory's default). `prefill_threshold`: selective xPyD (tokens)."""
 
     name: str
     mode: Literal["mono", "disagg"]
@@ -39,6 +44,9 @@ class ModeSpec:
     decode: int = 0
     chunked_prefill: bool = False
     devices: int = 1
+    replicas: int = 1
+    chunk_tokens: int | None = None
+    prefill_threshold: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("mono", "disagg"):
@@ -47,19 +55,43 @@ class ModeSpec:
             raise ValueError(f"{self.name}: disagg needs >= 1 prefill and >= 1 decode worker")
         if self.devices < 1:
             raise ValueError(f"{self.name}: devices must be >= 1, got {self.devices}")
+        if self.replicas < 1 or (self.replicas > 1 and self.mode != "mono"):
+            raise ValueError(f"{self.name}: replicas must be >= 1 (more than one only for mono), got {self.replicas}")
+        if self.chunk_tokens is not None and (self.chunk_tokens < 1 or not self.chunked_prefill):
+            raise ValueError(f"{self.name}: chunk_tokens needs chunked_prefill and >= 1 token, got {self.chunk_tokens}")
+        if self.prefill_threshold < 0 or (self.prefill_threshold and self.mode != "disagg"):
+            raise ValueError(f"{self.name}: prefill_threshold is for disagg modes, >= 0 tokens")
+
+
+# The fair baselines beside 1P1D on the lab's 2 devices (issue 18): one engine on both, two
+# one-device replicas behind the router (data parallel), and chunked prefill at two budgets.
+DEFAULT_MODES: tuple[str, ...] = ("mono", "mono-dp", "mono-chunked-256", "mono-chunked-512", "1p1d")
+DEFAULT_CHUNK_TOKENS = 256   # a `mono-chunked` mode's step budget when its name gives none
+MODE_FORMS = "mono, mono-dp, mono-chunked[-TOKENS], xPyD such as 1p1d, or xPyD-selective-TOKENS"
 
 
 def parse_mode(name: str, devices: int | None = None) -> ModeSpec:
-    """`mono`, `mono-chunked`, or `xPyD` (e.g. `1p1d`, `2p1d`). Mono occupies `devices`
-    (default 2: both cores of the lab machine, as many as 1P1D), xPyD occupies x + y."""
+    """A mode by name: `mono` (one engine on `devices`, default 2: both cores of the lab machine, as
+    many as 1P1D), `mono-dp` (`devices` one-device replicas behind the router), `mono-chunked` or
+    `mono-chunked-N` (chunked prefill, N tokens per step), `xPyD` (e.g. `1p1d`, `2p1d`: x + y devices)
+    or `xPyD-selective-N` (prompts whose uncached suffix is under N tokens prefilled on the decode side)."""
     n = name.strip().lower()
-    if n in ("mono", "mono-chunked"):
-        return ModeSpec(n, "mono", chunked_prefill=n.endswith("chunked"), devices=devices or 2)
-    m = re.fullmatch(r"(\d+)p(\d+)d", n)
+    if n == "mono":
+        return ModeSpec(n, "mono", devices=devices or 2)
+    if n == "mono-dp":
+        return ModeSpec(n, "mono", devices=devices or 2, replicas=devices or 2)
+    m = re.fullmatch(r"mono-chunked(?:-(\d+))?", n)
+    if m:
+        return ModeSpec(n, "mono", chunked_prefill=True, devices=devices or 2,
+                        chunk_tokens=int(m[1]) if m[1] else None)
+    m = re.fullmatch(r"(\d+)p(\d+)d(?:-selective-(\d+))?", n)
     if not m:
-        raise ValueError(f"unknown serving mode {name!r}; use mono, mono-chunked or xPyD such as 1p1d")
+        raise ValueError(f"unknown serving mode {name!r}; use {MODE_FORMS}")
     p, d = int(m.group(1)), int(m.group(2))
-    return ModeSpec(n, "disagg", p, d, devices=devices or p + d)
+    threshold = int(m[3]) if m[3] else 0
+    if m[3] is not None and threshold < 1:
+        raise ValueError(f"{name!r}: a selective mode needs a threshold >= 1 token (xPyD is threshold 0)")
+    return ModeSpec(n, "disagg", p, d, devices=devices or p + d, prefill_threshold=threshold)
 
 
 ServerFactory = Callable[[ModeSpec], AbstractContextManager[str]]
@@ -73,7 +105,7 @@ class SweepConfig:
 
     workload: str | Workload
     rates_rps: tuple[float, ...] = (0.5, 1.0, 2.0)
-    modes: tuple[str, ...] = ("mono", "1p1d")
+    modes: tuple[str, ...] = DEFAULT_MODES
     n_requests: int = 40
     seed: int = 0
     slo: SLO = field(default_factory=SLO)
@@ -303,16 +335,18 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ("mode", "rat
 
 
 def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None] | None = None,
-                       chunk_tokens: int = 256, max_num_batched_tokens: int = 2048, transfer: str = "shm",
+                       chunk_tokens: int = DEFAULT_CHUNK_TOKENS, max_num_batched_tokens: int = 2048, transfer: str = "shm",
                        kv_cache_bytes: int | None = None, startup_timeout_s: float = 180.0,
                        worker_args: Sequence[str] = (), step_log_dir: str | Path | None = None,
                        gpus: Sequence[int] | None = None) -> ServerFactory:
     """Starts the lab's own server (`labkit.serve.launcher.launch`) for each mode.
 
     `cpus` maps roles to cores (default `default_cpu_split()`: on 2 cores prefill on core 0, decode
-    on core 1, mono on both). Mono with chunked prefill uses `chunk_tokens` as the step's token
-    budget, so no step holds more than that many prompt tokens. `kv_cache_bytes`: None keeps the
-    workers' default (EngineConfig's). `worker_args`: more worker flags.
+    on core 1, mono on both; mono-dp's replicas split the mono cores, one each). Mono with chunked
+    prefill uses the mode's chunk (`mono-chunked-N`) or `chunk_tokens` as the step's token budget,
+    so no step holds more than that many prompt tokens. Selective modes (`1p1d-selective-N`) start
+    the router with that prefill threshold. `kv_cache_bytes`: None keeps the workers' default
+    (EngineConfig's). `worker_args`: more worker flags.
     `step_log_dir`: every worker of a mode logs its steps to `<dir>/<mode name>.jsonl`. `gpus`: serve on
     these GPUs instead of cores (the launcher places the workers; `cpus` is then unused).
     """
@@ -322,9 +356,10 @@ def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None]
 
         split = cpus or default_cpu_split()
         extra = [*worker_args, *(["--step-log", str(Path(step_log_dir) / f"{spec.name}.jsonl")] if step_log_dir else [])]
-        srv = launch(spec.mode, model=model, prefill=max(1, spec.prefill), decode=max(1, spec.decode),
-                     chunked_prefill=spec.chunked_prefill,
-                     max_num_batched_tokens=chunk_tokens if spec.chunked_prefill else max_num_batched_tokens,
+        budget = (spec.chunk_tokens or chunk_tokens) if spec.chunked_prefill else max_num_batched_tokens
+        srv = launch(spec.mode, model=model, mono=spec.replicas, prefill=max(1, spec.prefill),
+                     decode=max(1, spec.decode), chunked_prefill=spec.chunked_prefill,
+                     max_num_batched_tokens=budget, prefill_threshold=spec.prefill_threshold,
                      transfer=transfer, mono_cpus=split.get("mono"), prefill_cpus=split.get("prefill"),
                      decode_cpus=split.get("decode"), kv_cache_bytes=kv_cache_bytes, worker_args=extra,
                      startup_timeout_s=startup_timeout_s, gpus=list(gpus) if gpus else None)

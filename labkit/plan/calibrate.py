@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -91,7 +91,7 @@ def calibrate(model: Any = "tiny", profile: str | None = None, *, points: Calibr
                   kv_cache_bytes=max(cfg.kv_cache_bytes, int(need_kv * 1.25)), num_blocks=None)
     eng = Engine(cfg)
     rng = np.random.default_rng(seed)
-    prompt = lambda n: [int(x) for x in rng.integers(0, 256, n)]
+    prompt = lambda n: np.asarray(rng.integers(0, 256, size=int(n))).tolist()
     greedy = lambda k: SamplingParams(max_tokens=k, ignore_eos=True)
 
     def run_until_idle(limit: int = 100_000) -> None:
@@ -164,7 +164,7 @@ def _points_meta(pts: CalibrationPoints) -> dict[str, Any]:
 
 
 def serving_overhead(engine_model: Any, sequential: Any, concurrent: Any = (), *, layout: Any = None,
-                     link: Any = None, limits: Any = None, first_token_at: str = "adopted",
+                     link: Any = None, limits: Any = None, first_token_at: Literal["adopted", "landed"] = "adopted",
                      delta_s: float = 1e-3) -> tuple[float, float, float]:
     """What a server adds to its engine's steps: (per request, per decode step, per running
     sequence per decode step), in seconds, never below 0.
@@ -250,12 +250,13 @@ def fit_server_steps(engine_model: Any, steps: Sequence[dict[str, Any]], *, max_
     from dataclasses import replace
 
     base = engine_model.engine_only
-    steps = sorted(steps, key=lambda s: (str(s.get("role", "")), float(s["t_end"])))
+    # One engine's steps in order: by worker (mono-dp's replicas share a log), else by role (older logs).
+    steps = sorted(steps, key=lambda s: (str(s.get("worker", s.get("role", ""))), float(s["t_end"])))
     pre_ratio: list[float] = []
     extra: list[float] = []
     prev: dict[str, float] = {}
     for s in steps:
-        role, end, secs = str(s.get("role", "")), float(s["t_end"]), float(s["seconds"])
+        role, end, secs = str(s.get("worker", s.get("role", ""))), float(s["t_end"]), float(s["seconds"])
         gap = end - secs - prev.get(role, -1e9)
         prev[role] = end
         cycle = secs + gap if 0 <= gap < max_gap_s else secs

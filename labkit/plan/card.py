@@ -11,6 +11,7 @@ which figures are missing.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,12 @@ TARGETS = {"p50": 0.10, "p99": 0.20, "throughput": 0.10}
 MODES = {"mono": "mono (one engine, all cores)", "mono-dp": "mono-dp (one engine per core, one router)",
          "1p1d": "1P1D", "1p1d-selective": "selective 1P1D (short prompts prefilled on decode)",
          "vllm-pd": "vLLM P/D (NixlConnector)"}
+
+
+def slot(mode: str) -> str:
+    """The card's name for a run's mode: a selective run carries its threshold ("1p1d-selective-256"),
+    its slot is "1p1d-selective"; every other name is its own slot."""
+    return re.sub(r"^(\d+p\d+d-selective)-\d+$", r"\1", mode)
 
 
 def target_for(metric: str) -> float:
@@ -73,7 +80,7 @@ class ReportCard:
         """(mode, rate) of every run, in the card's mode order, then by rate."""
         order = {m: i for i, m in enumerate(MODES)}
         keys = {(r.mode, r.rate_rps) for r in self.rows}
-        return sorted(keys, key=lambda k: (order.get(k[0], len(order)), k[0], k[1]))
+        return sorted(keys, key=lambda k: (order.get(slot(k[0]), len(order)), k[0], k[1]))
 
     def cell(self, mode: str, rate_rps: float, metric: str) -> ValidationRow | None:
         return next((r for r in self.rows if (r.mode, r.rate_rps, r.metric) == (mode, rate_rps, metric)), None)
@@ -87,7 +94,7 @@ class ReportCard:
     @property
     def missing_modes(self) -> list[str]:
         """Modes the card knows that have no run here yet."""
-        have = {r.mode for r in self.rows}
+        have = {slot(r.mode) for r in self.rows}
         return [m for m in MODES if m not in have]
 
     def scored(self, kind: str | None = None) -> list[ValidationRow]:
@@ -121,7 +128,7 @@ class ReportCard:
         """A fixed-width table: one line per run, one column per figure (error, and x where it misses
         its target; - where the file has no such figure), then the summary."""
         cols = [m for m in METRICS if m not in self.missing_metrics] + self.missing_metrics
-        head = f"{'mode':>15} {'rate':>6} " + " ".join(f"{NAMES[m]:>13}" for m in cols)
+        head = f"{'mode':>18} {'rate':>6} " + " ".join(f"{NAMES[m]:>13}" for m in cols)
         lines = [head, "-" * len(head)]
         for mode, rate in self.runs:
             cells = []
@@ -129,7 +136,7 @@ class ReportCard:
                 r = self.cell(mode, rate, m)
                 cells.append(f"{'-':>13}" if r is None or math.isnan(r.error)
                              else f"{r.error:+11.1%}{'  ' if r.met else ' x'}")
-            lines.append(f"{mode:>15} {rate:6.3g} " + " ".join(cells))
+            lines.append(f"{mode:>18} {rate:6.3g} " + " ".join(cells))
         lines.append(f"targets: p50 within {TARGETS['p50']:.0%}, p99 within {TARGETS['p99']:.0%}, "
                      f"throughput within {TARGETS['throughput']:.0%}; x: missed")
         return "\n".join(lines + self.summary())

@@ -5,12 +5,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 Policy = Literal["prefill_first", "chunked"]
+Dispatch = Literal["least-loaded", "round-robin"]
 
 
 @dataclass(frozen=True, slots=True)
 class Layout:
     """How devices serve: `mono` (replicas doing both phases) or `disagg` (P prefill + D decode;
-    with `prefill_threshold` > 0, prompts with fewer uncached tokens are prefilled on the decode side)."""
+    with `prefill_threshold` > 0, prompts with fewer uncached tokens are prefilled on the decode side).
+    `dispatch`: how the router spreads requests over mono replicas: to the one with the fewest in
+    flight (the lab's router, by load) or in turn."""
 
     kind: Literal["mono", "disagg"]
     num_replicas: int = 1
@@ -18,6 +21,7 @@ class Layout:
     num_decode: int = 0
     policy: Policy = "prefill_first"
     prefill_threshold: int = 0      # tokens; selective disaggregation when > 0
+    dispatch: Dispatch = "least-loaded"
 
     def __post_init__(self) -> None:
         if self.kind == "mono":
@@ -35,16 +39,21 @@ class Layout:
             raise ValueError(f"layout kind {self.kind!r} is not 'mono' or 'disagg'")
         if self.policy not in ("prefill_first", "chunked"):
             raise ValueError(f"policy {self.policy!r} is not 'prefill_first' or 'chunked'")
+        if self.dispatch not in ("least-loaded", "round-robin"):
+            raise ValueError(f"dispatch {self.dispatch!r} is not 'least-loaded' or 'round-robin'")
 
     @classmethod
-    def mono(cls, num_replicas: int = 1, policy: Policy = "prefill_first") -> Layout:
+    def mono(cls, num_replicas: int = 1, policy: Policy = "prefill_first", dispatch: Dispatch = "least-loaded"
+             ) -> Layout:
         """One engine doing both phases; with num_replicas > 1, that many behind one router (mono-dp)."""
-        return cls("mono", num_replicas=num_replicas, policy=policy)
+        return cls("mono", num_replicas=num_replicas, policy=policy, dispatch=dispatch)
 
     @classmethod
-    def mono_dp(cls, num_replicas: int, policy: Policy = "prefill_first") -> Layout:
-        """Data parallel: `num_replicas` one-device engines behind one router (requests round-robin)."""
-        return cls.mono(num_replicas, policy)
+    def mono_dp(cls, num_replicas: int, policy: Policy = "prefill_first", dispatch: Dispatch = "least-loaded"
+                ) -> Layout:
+        """Data parallel: `num_replicas` one-device engines behind one router (each request to the least
+        loaded replica, as the lab's router sends it; or round-robin)."""
+        return cls.mono(num_replicas, policy, dispatch)
 
     @classmethod
     def disagg(cls, num_prefill: int, num_decode: int, prefill_threshold: int = 0) -> Layout:
@@ -61,7 +70,8 @@ class Layout:
             base = f"{self.num_prefill}P{self.num_decode}D"
             return f"{base} sel<{self.prefill_threshold}" if self.prefill_threshold else base
         name = "mono" if self.policy == "prefill_first" else "mono-chunked"
-        return name if self.num_replicas == 1 else f"{name}-dp x{self.num_replicas}"
+        rr = " round-robin" if self.dispatch == "round-robin" else ""
+        return name if self.num_replicas == 1 else f"{name}-dp x{self.num_replicas}{rr}"
 
 
 @dataclass(frozen=True, slots=True)

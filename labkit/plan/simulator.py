@@ -10,8 +10,10 @@ go: with a fixed batch the step time grows linearly with context, so k steps hav
   running decode for the whole prefill (the ITL spike of notebook 04).
 - mono, chunked: each step carries all running decodes plus up to `max_num_batched_tokens`
   prompt tokens (vLLM's chunked prefill): smaller stalls, slower prefills.
-- mono-dp (`Layout.mono(n)`): n replicas of one device each behind one router, requests
-  round-robin (data parallel: the baseline of llm-d and DistServe).
+- mono-dp (`Layout.mono(n)`): n replicas of one device each behind one router (data parallel: the
+  baseline of llm-d and DistServe). The router sends each request to the replica with the fewest
+  requests in flight when it arrives (ties: the first), as the lab's router does (its load, with no
+  prefix to follow); `dispatch="round-robin"` deals them out in turn instead.
 - disagg (xPyD): P prefill instances (round-robin), the KV of each prompt crosses a link
   (fixed cost + bytes / bandwidth; one transfer at a time leaves each prefill instance and one
   at a time enters each decode instance, so seven prefills feeding one decode device share its
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -79,9 +82,20 @@ def _steps_until(base: float, inc: float, dt: float) -> int:
 
 def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, policy: Policy,
                    local: np.ndarray, first_at_adoption: bool = True) -> None:
+    """One instance's loop over requests `idx` (sorted by `tr.ready`), all known in advance."""
+    for _ in _colocated(idx, tr, lat, lim, policy, local, first_at_adoption, [math.inf]):
+        raise RuntimeError("simulator: an instance waited for a dispatch with none to come")  # pragma: no cover
+
+
+def _colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, policy: Policy,
+               local: np.ndarray, first_at_adoption: bool, horizon: list[float]) -> Iterator[None]:
     """One instance's loop over requests `idx` (sorted by `tr.ready`). `local[r]`: request r is
     prefilled here (mono, or a short prompt under selective disaggregation); otherwise its KV
     arrived from a prefill instance at `tr.ready[r]` and adopting it costs nothing.
+
+    `idx` may grow while the loop runs: `horizon[0]` is when the next request not yet given to any
+    instance arrives (inf: none is left). The loop never runs past it without knowing whether that
+    request comes here: it yields, the dispatcher appends it to some instance's `idx`, and it goes on.
 
     The running decodes live packed at the front of numpy arrays, so a run of k decode steps is
     a handful of vector operations whatever the batch size.
@@ -97,7 +111,7 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
     ctx = np.zeros(cap, dtype=np.int64)       # KV tokens each holds
     last = np.zeros(cap)                      # time of its latest token
     nrun = 0
-    n, i_next, t = len(idx), 0, 0.0
+    i_next, t = 0, 0.0
     waiting: deque[int] = deque()             # prompts to prefill here
     landed: deque[int] = deque()              # KV from a prefill instance, waiting for a slot
     done: dict[int, int] = {}                 # chunked: prompt tokens prefilled so far
@@ -120,9 +134,11 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
         stalled = v > first_step_s * (1 + 1e-9) + 1e-12
         ns = int(stalled.sum())
         if ns:
-            itl_v.extend(v[stalled].tolist()), itl_w.extend([1.0] * ns)
+            itl_v.extend(v[stalled].tolist())
+            itl_w.extend([1.0] * ns)
         if m - ns:
-            itl_v.append(first_step_s), itl_w.append(float(m - ns))
+            itl_v.append(first_step_s)
+            itl_w.append(float(m - ns))
         rem[:m] -= k
         ctx[:m] += k
         lst[:] = now
@@ -136,6 +152,10 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
 
     run_start = [0.0]    # when the current run of steps began (advance reads it)
     while True:
+        if t >= horizon[0]:   # a request not yet dispatched has arrived: it may come here
+            yield
+            continue
+        n = len(idx)
         while i_next < n and ready[idx[i_next]] <= t:
             (waiting if local[idx[i_next]] else landed).append(idx[i_next])
             i_next += 1
@@ -186,8 +206,8 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
                         done[r] = off + k
                 continue
         if not nrun:
-            if i_next < n:
-                t = max(t, ready[idx[i_next]])
+            if i_next < n or horizon[0] < math.inf:   # idle until the next arrival, here or to be dispatched
+                t = max(t, min(ready[idx[i_next]] if i_next < n else math.inf, horizon[0]))
                 continue
             if waiting or landed:  # cannot happen with max_num_seqs >= 1; guard against an endless loop
                 raise RuntimeError("simulator: requests waiting with nothing running")
@@ -197,11 +217,13 @@ def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, p
         base = a_d + c_d * B + b_d * float(ctx[:B].sum())
         inc = b_d * B
         k = int(rem[:B].min())
-        if i_next < n and B < cap:
-            k = min(k, _steps_until(base, inc, ready[idx[i_next]] - t))
+        next_s = min(ready[idx[i_next]] if i_next < n else math.inf, horizon[0])
+        if next_s < math.inf and B < cap:
+            k = min(k, _steps_until(base, inc, next_s - t))
         seg = k * base + inc * k * (k - 1) / 2
         if k > 1:
-            itl_v.append(base + inc * k / 2), itl_w.append(float((k - 1) * B))
+            itl_v.append(base + inc * k / 2)
+            itl_w.append(float((k - 1) * B))
         run_start[0] = t
         t += seg
         advance(k, base, t)
@@ -212,7 +234,8 @@ def _run_prefill_instance(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Li
     t, i, n = 0.0, 0, len(idx)
     while i < n:
         t = max(t, tr.ready[idx[i]])
-        batch, budget = [], lim.max_num_batched_tokens
+        batch: list[int] = []
+        budget = lim.max_num_batched_tokens
         while i < n and tr.ready[idx[i]] <= t:
             r = idx[i]
             todo = int(tr.prompt[r] - tr.cached[r])
@@ -240,6 +263,27 @@ def _run_links(remote: list[int], sender: dict[int, int], receiver: dict[int, in
         tr.first[r] = tr.ready[r] = end
         if tr.out[r] == 1:
             tr.finish[r] = end
+
+
+def _run_least_loaded(num_replicas: int, tr: _Trace, lat: LatencyModel, lim: Limits, policy: Policy,
+                      local: np.ndarray) -> None:
+    """Replicas behind a router that sends each request, when it arrives, to the replica with the fewest
+    requests in flight (dispatched, not finished; ties: the lowest index). The replicas run in step:
+    each goes up to the next arrival, the router looks at their loads then, and the request joins one."""
+    order = np.argsort(tr.ready, kind="stable").tolist()
+    horizon = [tr.ready[order[0]] if order else math.inf]
+    idx: list[list[int]] = [[] for _ in range(num_replicas)]
+    loops = [_colocated(idx[k], tr, lat, lim, policy, local, True, horizon) for k in range(num_replicas)]
+    for r in order:
+        horizon[0] = tr.ready[r]
+        for loop in loops:
+            next(loop, None)       # each replica runs up to the arrival (or past it, inside one step)
+        in_flight = [int(np.count_nonzero(~(tr.finish[mine] <= horizon[0]))) if mine else 0 for mine in idx]
+        idx[int(np.argmin(in_flight))].append(r)
+    horizon[0] = math.inf
+    for loop in loops:
+        for _ in loop:             # nothing is left to dispatch: each replica runs to its end
+            raise RuntimeError("simulator: a replica waited for a dispatch with none to come")  # pragma: no cover
 
 
 def prefilled_on_decode(prompt_tokens: np.ndarray, cached_tokens: np.ndarray, threshold: int) -> np.ndarray:
@@ -272,8 +316,11 @@ def simulate(requests: Requests, latency: LatencyModel, layout: Layout, *, link:
     n = len(requests)
     if layout.kind == "mono":
         everything = np.ones(n, dtype=bool)
-        for rep in range(layout.num_replicas):
-            _run_colocated(list(range(rep, n, layout.num_replicas)), tr, latency, lim, layout.policy, everything)
+        if layout.dispatch == "round-robin" or layout.num_replicas == 1:
+            for rep in range(layout.num_replicas):
+                _run_colocated(list(range(rep, n, layout.num_replicas)), tr, latency, lim, layout.policy, everything)
+        else:
+            _run_least_loaded(layout.num_replicas, tr, latency, lim, layout.policy, everything)
     else:
         local = prefilled_on_decode(tr.prompt, tr.cached, layout.prefill_threshold)
         remote = np.flatnonzero(~local).tolist()

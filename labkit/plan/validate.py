@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,8 +23,8 @@ from labkit.plan.simulator import SimResult
 from labkit.plan.workload import requests_from_records
 
 __all__ = ["METRICS", "MODES", "ReportCard", "ValidationRow", "compare", "latest_result", "load_rows",
-           "measure_and_compare", "measured_metrics", "mode_layout", "predicted_metrics", "report_card",
-           "requests_from_records", "table", "within"]
+           "measure_and_compare", "measured_metrics", "mode_layout", "mode_limits", "predicted_metrics", "report_card",
+           "requests_from_records", "served_model", "server_mode", "table", "within"]
 
 
 def measured_metrics(records: Sequence[Any]) -> dict[str, float]:
@@ -99,36 +99,77 @@ def report_card(source: str | Path | Sequence[ValidationRow] | None = None) -> R
 
 
 def latest_result(pattern: str = "plan_validation-*.json") -> Path | None:
-    """The newest validation JSON under docs/results/, if any."""
+    """The newest validation JSON under docs/results/, if any (quick smoke runs, `-quick`, left out)."""
     from labkit.config import repo_root
 
-    found = sorted((repo_root() / "docs" / "results").glob(pattern))
+    found = sorted(p for p in (repo_root() / "docs" / "results").glob(pattern) if not p.stem.endswith("-quick"))
     return found[-1] if found else None
 
 
-def mode_layout(mode: str, *, link: Any = None, replicas: int = 2, prefill_threshold: int = 0) -> tuple[Any, Any, str]:
-    """How the simulator models a lab serving mode: (Layout, the KV link or None, when the client
-    sees the first token). "mono" and "mono-chunked" (one engine), "mono-dp" (`replicas` engines
-    behind one router, round-robin), "XpYd" (e.g. "1p1d": the lab's router forwards the prefill
-    worker's first token, so TTFT ends when the KV has left), "1p1d-selective" (1P1D with
-    `prefill_threshold`)."""
-    import re
+def served_model(mode: str = "1p1d", model: str = "small", path: str | Path | None = None) -> tuple[Any, Path]:
+    """The latency model a validation run fitted to the lab's servers on this machine: the engine model
+    moved to the steps mode `mode`'s server ran, plus that server's costs per request and per step
+    (benchmarks/plan_validation.py writes both). `path`: that JSON (default: the newest under
+    docs/results/ for `model` that has `mode`). Returns (LatencyModel, the file it came from);
+    FileNotFoundError when no such run was committed."""
+    from labkit.config import repo_root
+    from labkit.plan.latency_model import LatencyModel
 
+    files = [Path(path)] if path else sorted((p for p in (repo_root() / "docs" / "results").glob("plan_validation-*.json")
+                                              if not p.stem.endswith("-quick")), reverse=True)
+    for f in files:
+        doc = json.loads(f.read_text())
+        fitted, costs = doc.get("latency_model_in_server", {}), doc.get("serving_overhead_s", {})
+        if doc.get("model") == model and mode in fitted and mode in costs:
+            c = costs[mode]
+            lat = LatencyModel.from_dict(fitted[mode]).with_serving(c["per_request"], c["per_decode_step"],
+                                                                    c.get("per_sequence_per_step", 0.0))
+            return lat, f
+    raise FileNotFoundError(f"no plan_validation JSON for {model} with a fitted {mode} server under docs/results/: "
+                            f"run benchmarks/plan_validation.py")
+
+
+def mode_layout(mode: str, *, link: Any = None, replicas: int = 2, prefill_threshold: int = 0
+                ) -> tuple[Any, Any, Literal["adopted", "landed"]]:
+    """How the simulator models a lab serving mode (`labkit.bench.sweep.parse_mode`'s names): (Layout,
+    the KV link or None, when the client sees the first token). "mono" and "mono-chunked[-N]" (one
+    engine), "mono-dp" (`replicas` engines behind one router, each request to the least loaded, as the
+    lab's router sends it), "XpYd" (e.g. "1p1d": the lab's router forwards the prefill worker's first
+    token, so TTFT ends when the KV has left), "XpYd-selective-N" (threshold N tokens) or
+    "1p1d-selective" with `prefill_threshold`."""
+    from labkit.bench.sweep import parse_mode
     from labkit.plan.simulator import Layout
 
-    m = mode.lower()
-    if m in ("mono", "mono-chunked"):
-        return Layout.mono(policy="chunked" if m.endswith("chunked") else "prefill_first"), None, "adopted"
-    if m == "mono-dp":
-        return Layout.mono_dp(replicas), None, "adopted"
-    if m == "1p1d-selective":
-        if prefill_threshold < 1:
-            raise ValueError("mode 1p1d-selective needs prefill_threshold >= 1 token")
-        return Layout.disagg(1, 1, prefill_threshold), link, "landed"
-    xy = re.fullmatch(r"(\d+)p(\d+)d", m)
-    if xy:
-        return Layout.disagg(int(xy[1]), int(xy[2])), link, "landed"
-    raise ValueError(f"no simulator layout for mode {mode!r}; known: mono, mono-chunked, mono-dp, XpYd, 1p1d-selective")
+    m = server_mode(mode, prefill_threshold)   # "1p1d-selective": the threshold given apart
+    try:
+        spec = parse_mode(m, devices=replicas if m == "mono-dp" else None)
+    except ValueError as e:
+        raise ValueError(f"no simulator layout for mode {mode!r}: {e}") from None
+    if spec.mode == "mono":
+        return Layout.mono(spec.replicas, "chunked" if spec.chunked_prefill else "prefill_first"), None, "adopted"
+    return Layout.disagg(spec.prefill, spec.decode, spec.prefill_threshold), link, "landed"
+
+
+def server_mode(mode: str, prefill_threshold: int = 0) -> str:
+    """The name the lab's servers run `mode` under: "1p1d-selective" takes its threshold into its name
+    ("1p1d-selective-256"); every other name stays. ValueError for a selective mode without one."""
+    m = mode.strip().lower()
+    if m != "1p1d-selective":
+        return m
+    if prefill_threshold < 1:
+        raise ValueError("mode 1p1d-selective needs prefill_threshold >= 1 token")
+    return f"{m}-{prefill_threshold}"
+
+
+def mode_limits(mode: str) -> Any:
+    """The scheduler limits the lab's workers run a mode with (`lab_server_factory`'s): 64 sequences, and
+    2,048 tokens a step, or the chunk of a chunked mode."""
+    from labkit.bench.sweep import DEFAULT_CHUNK_TOKENS, parse_mode
+    from labkit.plan.simulator import Limits
+
+    spec = parse_mode(mode)
+    chunk = (spec.chunk_tokens or DEFAULT_CHUNK_TOKENS) if spec.chunked_prefill else None
+    return Limits(max_num_seqs=64, max_num_batched_tokens=chunk or 2048)
 
 
 def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rates_rps: Sequence[float],
@@ -161,9 +202,10 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     )
     from labkit.links import Link
     from labkit.plan.calibrate import fit_server_steps, read_step_log, serving_overhead
-    from labkit.plan.simulator import Limits, simulate
+    from labkit.plan.simulator import simulate
 
-    cfg = SweepConfig(workload, rates_rps=tuple(rates_rps), modes=tuple(modes), n_requests=n_requests,
+    modes = tuple(server_mode(m, prefill_threshold) for m in modes)   # the rows carry these names
+    cfg = SweepConfig(workload, rates_rps=tuple(rates_rps), modes=modes, n_requests=n_requests,
                       seed=seed, slo=slo or BenchSLO(), scale=scale, progress=progress)
     lk = link or Link.from_gbps(20.0, 1e-3)
     layouts = {m: mode_layout(m, link=lk, prefill_threshold=prefill_threshold) for m in modes}
@@ -175,7 +217,7 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     tmp = tempfile.TemporaryDirectory(prefix="plan-steps-")
     step_logs = Path(tmp.name)
 
-    limits = Limits(max_num_seqs=64, max_num_batched_tokens=2048)   # the lab workers' defaults
+    limits = {m: mode_limits(m) for m in modes}   # the lab workers' (a chunked mode's step budget: its chunk)
 
     def probe(spec: Any, url: str) -> None:
         if probe_requests < 1:
@@ -184,8 +226,8 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
                                  model=model, concurrency=1)
         layout, link_, first = layouts[spec.name]
         refits[spec.name] = fit_server_steps(engine_model[spec.name], read_step_log(step_logs / f"{spec.name}.jsonl"))
-        overheads[spec.name] = serving_overhead(refits[spec.name], one, layout=layout, link=link_, limits=limits,
-                                                first_token_at=first)
+        overheads[spec.name] = serving_overhead(refits[spec.name], one, layout=layout, link=link_,
+                                                limits=limits[spec.name], first_token_at=first)
         served[spec.name] = refits[spec.name].with_serving(*overheads[spec.name])
 
     with tmp:  # the step logs are read by the probes, then dropped
@@ -194,7 +236,7 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     rows: list[ValidationRow] = []
     for (mode, rate), run in sorted(res.runs.items(), key=lambda kv: (order.get(kv[0][0], 0), kv[0][1])):
         layout, link_, first = layouts[mode]
-        sim = simulate(requests_from_records(run.records), served[mode], layout, link=link_, limits=limits,
+        sim = simulate(requests_from_records(run.records), served[mode], layout, link=link_, limits=limits[mode],
                        first_token_at=first)
         rows += compare(mode, rate, predicted_metrics(sim), measured_metrics(run.records))
     return rows

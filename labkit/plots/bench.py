@@ -152,6 +152,103 @@ def plot_ratio_bars(ratios: Mapping[str, float], *, ylabel: str, title: str, bet
     return fig
 
 
+def _at_rate(rows: Sequence[Mapping[str, Any]], rate_rps: float | None) -> tuple[float, list[Mapping[str, Any]]]:
+    """The rows at `rate_rps` (default: the highest rate every mode ran); (rate, rows)."""
+    modes = _modes(rows)
+    if rate_rps is None:
+        common = set.intersection(*({r["rate_rps"] for r in rows if r["mode"] == m} for m in modes)) if modes else set()
+        if not common:
+            raise ValueError("no rate that every mode ran; pass rate_rps")
+        rate_rps = max(common)
+    at = [r for r in rows if r["rate_rps"] == rate_rps]
+    if not at:
+        raise ValueError(f"no row at {rate_rps:g} req/s")
+    return float(rate_rps), at
+
+
+def plot_ttft_itl_plane(rows: Sequence[Mapping[str, Any]], *, rate_rps: float | None = None,
+                        ttft_key: str = "ttft_p50_ms", itl_key: str = "itl_p99_ms", slo_ttft_ms: float | None = None,
+                        slo_itl_ms: float | None = None, title: str | None = None):
+    """Every mode as one point on the TTFT vs p99-ITL plane at one rate (default: the highest rate
+    every mode ran); lower left is better. Chunked prefill's points (`mono-chunked-N`) are joined
+    into its Pareto curve, ordered by chunk and ending at plain mono (no chunking), each labelled
+    with its chunk; mono-dp, 1P1D and the others stand as single points. Dashed lines: the SLOs."""
+    from labkit.bench.sweep import parse_mode
+
+    rate, at = _at_rate(rows, rate_rps)
+    fig, ax = new_figure()
+    chunked = sorted((r for r in at if parse_mode(r["mode"]).chunked_prefill),
+                     key=lambda r: parse_mode(r["mode"]).chunk_tokens or 0)
+    mono = [r for r in at if r["mode"] == "mono"]
+    curve = chunked + mono
+    if chunked:
+        ax.plot([r[itl_key] for r in curve], [r[ttft_key] for r in curve], "-o", color=mode_color("mono-chunked"),
+                label="mono-chunked (Pareto curve over chunks)" + (" to mono" if mono else ""), zorder=2)
+        for r in chunked:
+            chunk = parse_mode(r["mode"]).chunk_tokens
+            ax.annotate(f"{chunk:,}" if chunk else "chunked", (r[itl_key], r[ttft_key]), textcoords="offset points",
+                        xytext=(6, 6), fontsize=12, color=mode_color("mono-chunked"))
+    singles = [r for r in at if r not in chunked]
+    markers = {"mono": "s", "mono-dp": "D", "1p1d": "*"}
+    for i, r in enumerate(singles):
+        m = r["mode"]
+        ax.scatter([r[itl_key]], [r[ttft_key]], s=260 if m == "1p1d" else 130, marker=markers.get(m, "^"),
+                   color=mode_color(m, i), edgecolor="black", zorder=3, label=m)
+    if slo_itl_ms:
+        ax.axvline(slo_itl_ms, color="black", ls="--", lw=1.5, label=f"SLO: every gap <= {slo_itl_ms:g} ms")
+    if slo_ttft_ms:
+        ax.axhline(slo_ttft_ms, color="grey", ls="--", lw=1.5, label=f"SLO TTFT {slo_ttft_ms:g} ms")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"{_short(itl_key)} (ms)")
+    ax.set_ylabel(f"{_short(ttft_key)} (ms)")
+    ax.set_title(title or f"TTFT against tail inter-token latency at {rate:g} req/s (lower left is better)")
+    ax.legend(fontsize=11)
+    return fig
+
+
+def plot_threshold_sweep(workloads: Mapping[str, Mapping[str, Any]], *, measured_key: str = "goodput_tpot_rps",
+                         predicted_key: str = "predicted_goodput_rps", slo_text: str = "TTFT <= 2 s, TPOT <= 200 ms",
+                         title: str | None = None):
+    """Goodput against the prefill threshold of selective 1P1D, one panel per workload: measured (solid)
+    and the planner's prediction (dashed), the best of each marked (star: measured, triangle: predicted).
+    `workloads`: name -> a dict with `rows` (each with `threshold` in tokens and the two goodput keys,
+    req/s) and `rate_rps`, as benchmarks/selective.py writes them. Threshold 0 is plain 1P1D."""
+    names = list(workloads)
+    if not names:
+        raise ValueError("no workloads to draw")
+    fig, axes = new_figure(1, len(names), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = sorted(workloads[name]["rows"], key=lambda r: r["threshold"])
+        x = [r["threshold"] for r in rows]
+        measured = [r[measured_key] for r in rows]
+        predicted = [r[predicted_key] for r in rows]
+        ax.plot(x, measured, "-o", color=mode_color("1p1d"), label="measured")
+        ax.plot(x, predicted, "--s", color="grey", label="planner")
+        bm = max(range(len(rows)), key=lambda i: (measured[i], -x[i]))
+        bp = max(range(len(rows)), key=lambda i: (predicted[i], -x[i]))
+        ax.scatter([x[bm]], [measured[bm]], marker="*", s=420, color=mode_color("1p1d"), edgecolor="black", zorder=3,
+                   label=f"best measured: {x[bm]:,}")
+        ax.scatter([x[bp]], [predicted[bp]], marker="^", s=200, color="grey", edgecolor="black", zorder=3,
+                   label=f"best predicted: {x[bp]:,}")
+        ax.set_xlabel("prefill threshold (tokens; 0 = plain 1P1D)")
+        ax.set_ylabel("goodput (req/s within SLO)")
+        rate = workloads[name].get("rate_rps")
+        ax.set_title(name + (f" at {rate:g} req/s" if rate else ""), fontsize=15)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=10)
+    fig.suptitle(title or f"Selective 1P1D: goodput against the prefill threshold ({slo_text})", fontsize=16,
+                 fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def _short(key: str) -> str:
+    """'itl_p99_ms' -> 'ITL p99'."""
+    parts = key.removesuffix("_ms").split("_")
+    return " ".join([parts[0].upper(), *parts[1:]])
+
+
 def plot_lengths(samples: Mapping[str, tuple[Sequence[int], Sequence[int]]], *, bins: int = 40,
                  title: str = "Prompt and output lengths"):
     """Histograms (log-spaced bins) of prompt and output tokens, one step line per named (prompts, outputs)."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 PHASE_COLORS = {
     "prefill": "#d62728",   # red: compute-bound
@@ -14,6 +14,7 @@ PHASE_COLORS = {
 MODE_COLORS = {
     "mono": "#ff7f0e",
     "mono-chunked": "#8c564b",
+    "mono-dp": "#1f77b4",
     "1p1d": "#2ca02c",
     "disagg": "#2ca02c",
     "vllm-mono": "#e377c2",
@@ -45,7 +46,7 @@ def apply() -> None:
     """Sets the lab's matplotlib style (idempotent)."""
     import matplotlib
 
-    matplotlib.rcParams.update(_RC)
+    cast(Any, matplotlib.rcParams).update(_RC)   # the stubs type its keys as literals; these are valid names
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kw: Any):

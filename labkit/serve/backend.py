@@ -17,7 +17,9 @@ or while streaming; the router turns it into an HTTP error or an SSE error event
 `LabBackend` fronts the lab's own workers: `mono` workers, or `prefill` + `decode` workers
 (the KV moves worker to worker over the transport; the router carries only the control
 messages of labkit.serve.messages). The prefill (or mono) worker is chosen by a policy
-(labkit.serve.routing), the decode worker by load. It times each request on the way
+(labkit.serve.routing), the decode worker by load. With a `prefill_threshold` (selective
+disaggregation), a prompt the decode worker would have to prefill less than that much of is
+prefilled there instead (`LabBackend.prefills_on_decode`). It times each request on the way
 (labkit.serve.waterfall: the first Piece carries a RequestTiming that the router reports).
 The router finds a backend by name (`router.BACKENDS`: "lab" here, "vllm" in
 labkit.vllm.pd_backend) or by `module:function`.
@@ -35,6 +37,7 @@ from typing import Any, Protocol
 import httpx
 from pydantic import ValidationError
 
+from labkit.serve.config import check_prefill_threshold
 from labkit.serve.messages import (
     DecodeRequest,
     GenerateRequest,
@@ -163,8 +166,9 @@ class LabBackend(HttpBackend):
 
     def __init__(self, pool: UpstreamPool, tokenizer: Any, metrics: RouterMetrics, *,
                  policy: PrefillPolicy | None = None, connect_timeout_s: float = 2.0,
-                 read_timeout_s: float = 120.0, transfer_timeout_s: float = 30.0) -> None:
+                 read_timeout_s: float = 120.0, transfer_timeout_s: float = 30.0, prefill_threshold: int = 0) -> None:
         super().__init__(pool, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
+        self.prefill_threshold = check_prefill_threshold(prefill_threshold, self.mode)
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.policy = policy or load_policy(DEFAULT_POLICY)
@@ -182,6 +186,10 @@ class LabBackend(HttpBackend):
     def _sized(self, u: Upstream) -> None:
         """A worker came up: its block size keys the prefix index, its pool bounds what is remembered."""
         if u.health is None:
+            return
+        if self.prefill_threshold and u.role == "decode" and u.health.policy == "decode_only":
+            self.pool.mark_down(u, f"prefill_threshold is {self.prefill_threshold} tokens but this decode worker "
+                                   "cannot prefill (start it with local_prefill, as launch(prefill_threshold=...) does)")
             return
         if self.block_size is None:
             self.block_size = u.health.block_size
@@ -319,6 +327,7 @@ class LabBackend(HttpBackend):
                             if not started:
                                 started = True
                                 self.index.insert(u.name, hashes)
+                                self.metrics.prefills.labels("mono", u.name).inc()
                             yield item
                 return
             except APIError as e:
@@ -329,11 +338,21 @@ class LabBackend(HttpBackend):
     async def _disagg_lines(self, msg: GenerateRequest, hashes: list[bytes], timing: RequestTiming,
                             ) -> AsyncGenerator[tuple[int | None, str | None], None]:
         assert self._client is not None
+        d = self.pick_by_load("decode", set())
+        if self.prefills_on_decode(d, len(msg.prompt_ids), hashes):
+            def local_first_line(t: StreamTiming, sent_at: float, got_at: float) -> None:
+                timing.mono_first_line(t, d.name, sent_at, got_at)   # prefilled where it decodes: no KV transfer
+            async with aclosing(self._stream_lines(d, "/internal/generate", msg, local_first_line)) as items:
+                async for item in items:
+                    if item[0] is not None and hashes:   # the decode worker caches the prompt from now on
+                        self.index.insert(d.name, hashes)
+                        hashes = []
+                    yield item
+            return
         tried: set[str] = set()
         n = len(msg.prompt_ids)
         while True:  # the prefill step is retried on another prefill worker if one is down
             p, _ = self.pick_by_prefix("prefill", hashes, tried, n)
-            d = self.pick_by_load("decode", set())
             if d.health is None or d.health.kv_endpoint is None:
                 raise unavailable(f"decode worker {d.name} announced no KV endpoint (is it a lab decode worker?)")
             tried.add(p.name)
@@ -364,6 +383,7 @@ class LabBackend(HttpBackend):
             if res.kv_flag:
                 self._flagged(p, res.kv_flag)
             self.index.insert(p.name, hashes)
+            self.metrics.prefills.labels("prefill", p.name).inc()
             # With a finish reason (the engine's word: the first token ends it) generate() stops here.
             yield res.first_token_id, res.finish_reason
             break
@@ -373,10 +393,28 @@ class LabBackend(HttpBackend):
             timing.decode_upstream, timing.decode_admit_s = d.name, t.ready_s
         async with aclosing(self._stream_lines(d, "/internal/decode", dec, admitted)) as items:
             async for item in items:
+                if hashes:   # it adopted the KV: its engine caches the prompt's blocks from now on
+                    self.index.insert(d.name, hashes)
+                    hashes = []
                 yield item
+
+    def prefills_on_decode(self, d: Upstream, num_prompt: int, hashes: list[bytes]) -> bool:
+        """Selective disaggregation, llm-d's decider and the one place it is decided: True when the part of
+        the prompt decode worker `d` does not cache (the prefix index's matched blocks) is shorter than
+        `prefill_threshold` tokens, so `d` prefills it itself (no prefill worker, no KV transfer).
+        Counts the prompt under `labkit_router_prefills{where="decode"}` when it does."""
+        if self.prefill_threshold <= 0:
+            return False
+        cached = self.index.match(hashes, [d.name])[d.name] * (self.block_size or 0)
+        uncached = num_prompt - min(cached, num_prompt - 1)   # the engine recomputes the last token anyway
+        if uncached >= self.prefill_threshold:
+            return False
+        self.metrics.prefills.labels("decode", d.name).inc()
+        return True
 
 
 def lab_backend(cfg: Any, pool: UpstreamPool, metrics: RouterMetrics, tokenizer: Any) -> LabBackend:
     """The "lab" backend for a RouterConfig `cfg` (its prefill policy checked now)."""
     return LabBackend(pool, tokenizer, metrics, policy=load_policy(cfg.prefill_policy),
-                      read_timeout_s=cfg.read_timeout_s, transfer_timeout_s=cfg.transfer_timeout_s)
+                      read_timeout_s=cfg.read_timeout_s, transfer_timeout_s=cfg.transfer_timeout_s,
+                      prefill_threshold=cfg.prefill_threshold)

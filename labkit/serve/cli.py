@@ -39,6 +39,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help=f"which prefill worker gets a request: one of {', '.join(POLICIES)} (parameters after a "
                              "colon, e.g. dynamo-cost:overlap_weight=2,temperature=0.5), module:function or "
                              "file.py:function")
+    parser.add_argument("--prefill-threshold", type=int, default=0, metavar="TOKENS",
+                        help="mode disagg: prompts whose uncached suffix is shorter than this are prefilled on the "
+                             "decode worker itself (selective disaggregation, llm-d's decider); 0: off (default)")
     parser.add_argument("--mono-cpus", default=None, help="cores for mono workers, e.g. 0,1 or 0-3")
     parser.add_argument("--prefill-cpus", default=None, help="cores for prefill workers, e.g. 0")
     parser.add_argument("--decode-cpus", default=None, help="cores for decode workers, e.g. 1")
@@ -49,7 +52,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
     parser.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     group = parser.add_argument_group("every worker's settings (labkit.serve.config.WorkerConfig)")
-    add_flags(group, WorkerConfig, skip=("role", "name", "host", "port", "model", "policy"))
+    # local_prefill follows from --prefill-threshold (the launcher sets it on the decode workers)
+    add_flags(group, WorkerConfig, skip=("role", "name", "host", "port", "model", "policy", "local_prefill"))
     parser.set_defaults(func=run)
 
 
@@ -57,18 +61,17 @@ def run(args: Any) -> int:
     from labkit.config import flag_values
     from labkit.deployments import check_port_free, id_of
     from labkit.proc import PortInUseError
-    from labkit.serve.config import WorkerConfig
+    from labkit.serve.config import WorkerConfig, check_prefill_threshold
     from labkit.serve.launcher import launch
+    from labkit.serve.routing import load_policy
 
-    try:  # launch() checks too; here the message comes without a traceback
+    try:  # launch() and the router check these too (the router only after every worker started): say it now
         check_port_free(args.port, args.host)
+        check_prefill_threshold(args.prefill_threshold, args.mode)
+        load_policy(args.prefill_policy)
     except PortInUseError as e:
         print(f"labkit serve: {e}", file=sys.stderr)
         return 1
-    from labkit.serve.routing import load_policy
-
-    try:  # the router checks it too, but only after every worker started: say it now
-        load_policy(args.prefill_policy)
     except ValueError as e:
         print(f"labkit serve: {e}", file=sys.stderr)
         return 2
@@ -78,7 +81,7 @@ def run(args: Any) -> int:
                  mono_cpus=_ints(args.mono_cpus), prefill_cpus=_ints(args.prefill_cpus),
                  decode_cpus=_ints(args.decode_cpus), gpus=_ints(args.gpus), port=args.port, host=args.host,
                  served_model_name=args.served_model_name, prefill_policy=args.prefill_policy,
-                 settings=flag_values(args, WorkerConfig, nested=False))
+                 prefill_threshold=args.prefill_threshold, settings=flag_values(args, WorkerConfig, nested=False))
     stop = {"now": False}
 
     def on_signal(signum: int, frame: Any) -> None:

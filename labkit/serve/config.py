@@ -83,6 +83,9 @@ class WorkerConfig:
     host: str = field(default=LOOPBACK, metadata=doc("address the worker's HTTP API (and a tcp KV receiver) listens on"))
     port: int = field(default=8101, metadata=doc("the worker's HTTP port"))
     chunked_prefill: bool = field(default=False, metadata=doc("mono: mix prompt chunks into decode steps (policy 'chunked')"))
+    local_prefill: bool = field(default=False, metadata=doc(
+        "decode: also run whole requests (prompt and all) that the router sends it, prefilled before the running "
+        "decodes (policy 'prefill_first'): selective disaggregation, the router's --prefill-threshold"))
     token_timeout_s: float = field(default=120.0, metadata=doc("bound on every wait for the engine's next token, s"))
     step_log: str | None = field(default=None, metadata=doc(
         "append one JSON line per engine step to this file (time, phase, sizes, seconds)"))
@@ -95,7 +98,13 @@ class WorkerConfig:
             raise ValueError(f"port {self.port} out of range")
         if not self.token_timeout_s > 0:
             raise ValueError(f"token_timeout_s must be > 0, got {self.token_timeout_s}")
-        policy: Policy = ("prefill_only" if self.role == "prefill" else "decode_only" if self.role == "decode"
+        if self.local_prefill and self.role != "decode":
+            raise ValueError(f"local_prefill is for decode workers (it lets them prefill short prompts); "
+                             f"a {self.role} worker prefills what it gets anyway")
+        # A decode worker that prefills too schedules as a mono engine does (prompts before decodes),
+        # as the simulator's selective layout assumes (labkit.plan.simulator).
+        decode: Policy = "prefill_first" if self.local_prefill else "decode_only"
+        policy: Policy = ("prefill_only" if self.role == "prefill" else decode if self.role == "decode"
                           else "chunked" if self.chunked_prefill else "prefill_first")
         # The one place a role becomes an engine policy (frozen: set once, here).
         object.__setattr__(self, "engine", replace(self.engine, policy=policy))
@@ -123,6 +132,10 @@ class RouterConfig:
     prefill_policy: str = field(default=DEFAULT_POLICY, metadata=doc(
         "which prefill worker gets a request (labkit.serve.routing): a registered name, module:function or "
         "path/to/file.py:function"))
+    prefill_threshold: int = field(default=0, metadata=doc(
+        "selective disaggregation (llm-d's decider): a prompt whose suffix not cached on the chosen decode worker "
+        "is shorter than this many tokens is prefilled on that decode worker (started with local_prefill); "
+        "0: every prompt goes to a prefill worker"))
     max_model_len: int | None = field(default=None, metadata=doc(
         "context length to enforce; unset: the workers' (their /health), else the model's positions"))
     health_interval_s: float = field(default=0.5, metadata=doc("seconds between two polls of every upstream's /health"))
@@ -136,6 +149,10 @@ class RouterConfig:
             raise ValueError("disaggregated mode needs at least one prefill and one decode upstream")
         if self.names and len(self.names) != len(self.mono) + len(self.prefill) + len(self.decode):
             raise ValueError("names must give one name per upstream")
+        check_prefill_threshold(self.prefill_threshold, "mono" if self.mono else "disagg")
+        if self.prefill_threshold and self.backend != "lab":
+            raise ValueError(f"prefill_threshold needs the lab backend (its decode workers can prefill); "
+                             f"backend is {self.backend!r}")
 
     @property
     def model_name(self) -> str:
@@ -151,6 +168,17 @@ class RouterConfig:
         for u, n in zip(out, self.names):
             u.name = n
         return out
+
+
+def check_prefill_threshold(threshold: Any, mode: str) -> int:
+    """`threshold` as tokens (an int >= 0), or ValueError saying what is wrong: a mono server has
+    no prefill worker to skip, so only 0 fits it."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ValueError(f"prefill_threshold must be a whole number of tokens >= 0 (0: off), got {threshold!r}")
+    if threshold and mode != "disagg":
+        raise ValueError(f"prefill_threshold={threshold} needs mode 'disagg' (prefill and decode workers); "
+                         f"a {mode} server prefills every prompt where it decodes")
+    return threshold
 
 
 def to_json(cfg: Any) -> str:

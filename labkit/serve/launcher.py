@@ -32,7 +32,7 @@ from labkit.proc import (
     start_process,
     wait_http_ok,
 )
-from labkit.serve.config import ROLES, RouterConfig, to_json, worker_config
+from labkit.serve.config import ROLES, RouterConfig, check_prefill_threshold, to_json, worker_config
 from labkit.serve.routing import DEFAULT_POLICY
 
 MODES = ("mono", "disagg")
@@ -164,7 +164,7 @@ def start_worker(role: str, *, model: str | None = None, port: int | None = None
 def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (),
                  prefill: Sequence[ServerProcess | str] = (), decode: Sequence[ServerProcess | str] = (),
                  port: int | None = None, host: str = LOOPBACK, backend: str = "lab",
-                 prefill_policy: str = DEFAULT_POLICY, served_model_name: str | None = None,
+                 prefill_policy: str = DEFAULT_POLICY, prefill_threshold: int = 0, served_model_name: str | None = None,
                  cpus: Sequence[int] | None = None, health_interval_s: float = 0.5, read_timeout_s: float = 120.0,
                  startup_timeout_s: float = 60.0, log_dir: Path | None = None) -> ServerProcess:
     """Starts the router in front of the given workers (ServerProcess or URL); returns once it is healthy.
@@ -172,6 +172,7 @@ def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (
     `backend`: "lab", "vllm" or module:factory; `prefill_policy`: which prefill worker gets a request
     (labkit.serve.routing: a registered name, module:function or path/to/file.py:function). A spec
     that does not load stops the router at start: StartupError with its log tail naming the problem.
+    `prefill_threshold`: selective disaggregation (RouterConfig's doc); its decode workers need local_prefill.
     """
     deployments.check_port_free(port or 0, host)
     port = port or free_port()
@@ -188,7 +189,8 @@ def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (
         policy = f"{Path(path).expanduser().resolve()}:{fn}"
     cfg = RouterConfig(model=str(model), served_model_name=served_model_name, host=host, port=port,
                        mono=urls(mono), prefill=urls(prefill), decode=urls(decode), backend=backend,
-                       prefill_policy=policy, health_interval_s=health_interval_s, read_timeout_s=read_timeout_s,
+                       prefill_policy=policy, prefill_threshold=prefill_threshold,
+                       health_interval_s=health_interval_s, read_timeout_s=read_timeout_s,
                        names=tuple(names(mono, "mono") + names(prefill, "prefill") + names(decode, "decode")))
     argv = python_module_argv("labkit.serve.router", "--config", to_json(cfg))
     name = f"router-{port}"
@@ -255,7 +257,7 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
            gpus: Sequence[int] | None = None, port: int | None = None, host: str = LOOPBACK,
            kv_cache_bytes: int | None = None, dtype: str | None = None, served_model_name: str | None = None,
            cuda_graphs: bool | None = None, kv_stream: str | None = None, settings: Mapping[str, Any] | None = None,
-           prefill_policy: str = DEFAULT_POLICY, worker_args: Sequence[str] = (),
+           prefill_policy: str = DEFAULT_POLICY, prefill_threshold: int = 0, worker_args: Sequence[str] = (),
            startup_timeout_s: float = 120.0) -> Server:
     """Starts `mode` ("mono": `mono` engine processes; "disagg": `prefill` + `decode` processes) behind
     one router; returns the Server (a context manager that stops everything).
@@ -267,10 +269,14 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
     (`mono` replicas split `mono_cpus`). `cuda_graphs`: GPU engines replay decode steps as CUDA
     graphs. Settings left None take WorkerConfig's defaults; `settings`: any other worker setting by
     its flag name; `worker_args`: more `labkit.serve.worker` flags for every worker (e.g.
-    `--step-log PATH`). Anything that fails to start is stopped.
+    `--step-log PATH`). `prefill_threshold` (disagg; tokens, 0: off): selective disaggregation, a
+    prompt whose uncached suffix is shorter is prefilled on its decode worker (started with
+    local_prefill), the rest on the prefill workers. Anything that fails to start is stopped.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not one of {MODES}")
+    check_prefill_threshold(prefill_threshold, mode)   # before minutes of worker start-up
+    local = {"local_prefill": True} if prefill_threshold else {}
     chosen = transfer or (settings or {}).get("transfer")   # else the placement's: cuda-ipc on GPUs, shm on cores
     placement = place_workers(mode, mono=mono, prefill=prefill, decode=decode, gpus=gpus, transfer=chosen,
                               mono_cpus=mono_cpus, prefill_cpus=prefill_cpus, decode_cpus=decode_cpus)
@@ -287,12 +293,14 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
                 max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
                 transfer=placement.transfer if mode == "disagg" and (chosen or gpus) else None, kv_token=token,
                 dtype=dtype,
-                cuda_graphs=cuda_graphs, kv_stream=kv_stream, settings=settings, extra_args=worker_args,
+                cuda_graphs=cuda_graphs, kv_stream=kv_stream,
+                settings={**(settings or {}), **local} if slot.role == "decode" else settings, extra_args=worker_args,
                 startup_timeout_s=startup_timeout_s))
         by_role = {r: [w for w in started if w.role == r] for r in ("mono", "prefill", "decode")}
         router = start_router(model=model, mono=by_role["mono"], prefill=by_role["prefill"],
                               decode=by_role["decode"], port=port, host=host, cpus=router_cpus,
-                              served_model_name=served_model_name, prefill_policy=prefill_policy)
+                              served_model_name=served_model_name, prefill_policy=prefill_policy,
+                              prefill_threshold=prefill_threshold)
     except BaseException:
         stop_all(started)
         raise

@@ -3,6 +3,8 @@
     router  --GenerateRequest-->  mono worker     --TokenEvent lines-->  router
     router  --PrefillRequest-->   prefill worker  --PrefillResult-->     router
     router  --DecodeRequest-->    decode worker   --TokenEvent lines-->  router
+    router  --GenerateRequest-->  decode worker   --TokenEvent lines-->  router   (selective: a short
+                                  prompt prefilled where it decodes; the worker runs with local_prefill)
     (the first TokenEvent line of a stream carries StreamTiming: where the worker's time went)
     router  --GET /health-->      any worker      --WorkerHealth-->      router (upstream, metrics)
 
@@ -41,7 +43,8 @@ class Message(BaseModel):
 
 
 class GenerateRequest(Message):
-    """Router -> mono worker, `POST /internal/generate`: run the prompt and stream every token."""
+    """Router -> mono worker (or a decode worker with local_prefill), `POST /internal/generate`: run the
+    prompt and stream every token."""
 
     request_id: RequestId = Field(default_factory=new_request_id)
     prompt_ids: list[TokenId] = Field(min_length=1)

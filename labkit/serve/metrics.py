@@ -47,6 +47,9 @@ class RouterMetrics:
         self.generation_tokens = Counter("labkit_router_generation_tokens", "Tokens sent to clients", registry=r)
         self.decisions = Counter("labkit_router_decisions", "Routing decisions",
                                  ["role", "upstream", "reason"], registry=r)
+        self.prefills = Counter("labkit_router_prefills",
+                                "Prompts by where they were prefilled: a mono worker, a prefill worker, or the "
+                                "decode worker itself (selective disaggregation)", ["where", "upstream"], registry=r)
         self.prefix_hit_tokens = Counter("labkit_router_prefix_hit_tokens",
                                          "Prompt tokens routed to an instance that already caches them",
                                          ["upstream"], registry=r)

@@ -4,10 +4,11 @@
 - `prefill`: runs the prompt, samples the first token and sends the KV over the transport
   straight to the decode worker's receiver (labkit.serve.prefill). KV bytes never pass the router.
 - `decode`: takes a request id, receives its KV, adopts it and streams the following tokens
-  (labkit.serve.decode).
+  (labkit.serve.decode). With `--local-prefill` it also runs whole requests as a mono worker does
+  (the router's selective disaggregation sends it the prompts it should prefill itself).
 
-Internal API, typed by labkit.serve.messages: `POST /internal/generate` (mono: GenerateRequest
-in, TokenEvent lines out), `POST /internal/prefill` (PrefillRequest in, PrefillResult out),
+Internal API, typed by labkit.serve.messages: `POST /internal/generate` (mono, and decode with
+local_prefill: GenerateRequest in, TokenEvent lines out), `POST /internal/prefill` (PrefillRequest in, PrefillResult out),
 `POST /internal/decode` (DecodeRequest in, TokenEvent lines out), `GET /health` (WorkerHealth),
 `GET /metrics` (Prometheus). Errors are OpenAI-style JSON.
 
@@ -83,7 +84,7 @@ class Worker:
 
             pool_bytes = self.engine.num_total_blocks * cfg.engine.block_size * self.engine.kv_bytes_per_token
             # cuda-ipc lands the KV on the engine's own GPU (cuda:N, numbered as the prefill side numbers it)
-            on_gpu = {"device": cfg.engine.device} if cfg.transfer.backend == "cuda-ipc" else {}
+            on_gpu: dict[str, Any] = {"device": cfg.engine.device} if cfg.transfer.backend == "cuda-ipc" else {}
             self.receiver = open_receiver(cfg.transfer.backend, token=self.kv_token, host=cfg.host,
                                           stall_timeout_s=cfg.transfer.timeout_s,
                                           max_request_bytes=pool_bytes, **on_gpu)  # more could never be adopted
@@ -92,7 +93,8 @@ class Worker:
         """Engine thread, after each step: metrics, and the step log when asked for."""
         self.metrics.on_step(out)
         if self._step_log is not None and not self._step_log.closed and out.phase != "idle":
-            self._step_log.write(json.dumps({"t_end": time.time(), "role": self.cfg.role, "phase": out.phase,
+            self._step_log.write(json.dumps({"t_end": time.time(), "role": self.cfg.role, "worker": self.name,
+                                             "phase": out.phase,
                                              "prefill_tokens": out.num_prefill_tokens,
                                              "decode_seqs": out.num_decode_seqs,
                                              "context_tokens": out.context_tokens, "seconds": out.elapsed_s}) + "\n")
@@ -197,7 +199,7 @@ def build_app(worker: Worker) -> FastAPI:
         worker.metrics.running.set(h.running_requests)
         return Response(worker.metrics.render(), media_type=CONTENT_TYPE)
 
-    if role == "mono":
+    if role == "mono" or worker.cfg.local_prefill:   # a decode worker with local_prefill runs short prompts whole
         @app.post("/internal/generate")
         async def generate(request: Request) -> StreamingResponse:
             t0 = time.perf_counter()
