@@ -26,7 +26,7 @@ from labkit.bench.repeats import (
     statistic,
 )
 from labkit.bench.sweep import ModeSpec, SweepConfig, SweepResult
-from labkit.bench.verdicts import claims_text, goodput_winners, slo_flip_text, versus
+from labkit.bench.verdicts import claims_text, goodput_winners, plane_text, slo_flip_text, versus, waterfall_text
 from labkit.proc import free_port, pid_alive, start_process, wait_http_ok
 
 FAKE = str(Path(__file__).with_name("fake_openai_server.py"))
@@ -155,6 +155,39 @@ def test_versus_and_claims_text() -> None:
     assert "Goodput ratio under ITL: unbounded (the baseline served none within the SLO) (1 of 1 rates at or above 2x)" in text
     assert "Goodput ratio under TTFT: 0x (0 of 1" in text
     assert "+0% to +0% (negative: cheaper; 0 of 1 rates inside the claimed 15-40% saving)" in text
+
+
+def test_plane_text_places_the_contender_against_the_best_baseline() -> None:
+    rs = repeated()
+    text = plane_text(rs, 1.0, n_boot=100)
+    # mono: TTFT ~0.52 s, one 2-2.2 s stall per request; 1p1d: TTFT ~3.04 s, smooth gaps of 0.100-0.103 s
+    assert "1p1d's p99 inter-token latency is 103 ms against the best baseline's 2,200 ms" in text
+    assert "(mono); its median TTFT is 3,0" in text and "against the lowest baseline's 52" in text
+    assert text.endswith("the choice is a trade-off.")
+    # a baseline faster on both axes beats it, and the sentence says so
+    fast = [rec(i, 0.2, [0.05] * 9) for i in range(20)]
+    cfg = SweepConfig(synthetic("t", 10, 10), rates_rps=(1.0,), modes=("mono-dp", "1p1d"), n_requests=20, progress=False)
+    rs2 = RepeatedSweep([SweepResult(cfg, [], {("mono-dp", 1.0): run(fast), ("1p1d", 1.0): run(disagg_records(k))})
+                         for k in range(3)])
+    assert "mono-dp beats 1p1d on both axes" in plane_text(rs2, 1.0, n_boot=100)
+    with pytest.raises(ValueError, match="'2p1d'"):
+        plane_text(rs, 1.0, contender="2p1d")
+
+
+def test_waterfall_text_names_the_largest_part_and_the_kv_share() -> None:
+    from labkit.serve.waterfall import PARTS
+
+    def with_wf(i: int, ttft: float, shares: tuple[float, ...]) -> RequestRecord:
+        r = rec(i, ttft, [0.1] * 3)
+        r.waterfall = {**{p: s * ttft for p, s in zip(PARTS, shares)}, "ttft_s": ttft, "kv_gb_per_s": 2.5}
+        return r
+    disagg = [with_wf(i, 1.0, (0.05, 0.05, 0.1, 0.5, 0.25, 0.05)) for i in range(20)]
+    mono = [with_wf(i, 0.4, (0.05, 0.05, 0.6, 0.25, 0.0, 0.05)) for i in range(20)]
+    text = waterfall_text({"mono": mono, "1p1d": disagg, "x": [rec(0, 0.1, [0.1])]})
+    assert "mono's median request waited 400 ms for its first token, most of it in queue (240 ms)." in text
+    assert "1p1d's median request waited 1,000 ms for its first token, most of it in prefill (500 ms)." in text
+    assert "Its KV transfer took 250.0 ms at 2.50 GB/s, 25% of that TTFT." in text
+    assert "x: no request carries a waterfall." in text
 
 
 def test_run_repeats_reseeds_each_repeat_and_restarts_servers(tmp_path: Path) -> None:

@@ -159,3 +159,48 @@ def per_load_text(stats: Mapping[float, Mapping[str, Mapping[str, float]]], *, b
     loads = lambda xs: ", ".join(f"{x:.2g}{unit}" for x in xs) or "no load"
     parts.append(f"{baseline} won at {loads(won[baseline])}; {contender} at {loads(won[contender])}.")
     return " ".join(parts)
+
+
+def plane_text(rs: RepeatedSweep, rate: float, *, contender: str = "1p1d", n_boot: int = 1000) -> str:
+    """One sentence per axis of the TTFT vs p99-ITL plane at `rate` (every repeat pooled): where `contender`
+    stands against the best of the other modes (the baselines), and which baselines beat it on both axes."""
+    others = [m for m in rs.modes if m != contender]
+    if contender not in rs.modes or not others:
+        raise ValueError(f"need {contender!r} and at least one other mode, got {list(rs.modes)}")
+    ttft = {m: rs.interval(m, rate, "ttft_p50_ms", n_boot=n_boot) for m in rs.modes}
+    itl = {m: rs.interval(m, rate, "itl_p99_ms", n_boot=n_boot) for m in rs.modes}
+    best_itl = min(others, key=lambda m: itl[m].value)
+    best_ttft = min(others, key=lambda m: ttft[m].value)
+    dominated_by = [m for m in others if itl[m].hi < itl[contender].lo and ttft[m].hi < ttft[contender].lo]
+    c_itl, c_ttft = itl[contender].value, ttft[contender].value
+    text = (f"At {rate:g} req/s (every repeat pooled), {contender}'s p99 inter-token latency is {_fmt_ms(c_itl)} "
+            f"against the best baseline's {_fmt_ms(itl[best_itl].value)} ({best_itl}); its median TTFT is "
+            f"{_fmt_ms(c_ttft)} against the lowest baseline's {_fmt_ms(ttft[best_ttft].value)} ({best_ttft}). ")
+    if dominated_by:
+        return text + (f"{', '.join(dominated_by)} beat{'s' if len(dominated_by) == 1 else ''} {contender} on both axes "
+                       f"(intervals apart): at this load disaggregation buys nothing over {dominated_by[0]}.")
+    return text + f"No baseline beats {contender} on both axes with intervals apart: the choice is a trade-off."
+
+
+def waterfall_text(runs: Mapping[str, Sequence[Any]], *, contender: str = "1p1d") -> str:
+    """Sentences on where the median request's TTFT went, per mode (its largest part), and for `contender`
+    what its KV transfer cost: ms, share of the TTFT and the achieved GB/s. `runs`: mode -> records."""
+    from labkit.bench.waterfall import waterfall_stacks
+    from labkit.serve.waterfall import PARTS
+
+    parts = [p.removesuffix("_s") for p in PARTS]
+    out = []
+    for mode, records in runs.items():
+        st = waterfall_stacks(records).get("p50")
+        if st is None:
+            out.append(f"{mode}: no request carries a waterfall.")
+            continue
+        big = max(parts, key=lambda p: st[f"{p}_ms"])
+        out.append(f"{mode}'s median request waited {st['ttft_ms']:,.0f} ms for its first token, most of it in "
+                   f"{big.replace('_', ' ')} ({st[f'{big}_ms']:,.0f} ms).")
+        if mode == contender and st["ttft_ms"] > 0:
+            gbps = st["kv_gb_per_s"]
+            speed = "" if math.isnan(gbps) else f" at {gbps:,.2f} GB/s"
+            out.append(f"Its KV transfer took {st['kv_transfer_ms']:,.1f} ms{speed}, "
+                       f"{st['kv_transfer_ms'] / st['ttft_ms']:.0%} of that TTFT.")
+    return " ".join(out)
