@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 MODEL = "fake-model"
 
 
-def make_app(ttft_s: float, itl_s: float, prefill_s_per_token: float) -> FastAPI:
+def make_app(ttft_s: float, itl_s: float, prefill_s_per_token: float, waterfall: bool = False) -> FastAPI:
     app = FastAPI()
     seen: list[dict[str, Any]] = []
 
@@ -86,6 +86,10 @@ def make_app(ttft_s: float, itl_s: float, prefill_s_per_token: float) -> FastAPI
                 yield chunk("x", "length" if i == max_tokens - 1 else None)
             usage = {"prompt_tokens": len(ids), "completion_tokens": max_tokens,
                      "total_tokens": len(ids) + max_tokens}
+            if waterfall and body.get("return_waterfall"):   # as the lab's router: the wait was all prefill
+                wait = ttft_s + prefill_s_per_token * len(ids)
+                usage["waterfall"] = {"router_s": 0.0, "http_s": 0.0, "queue_s": 0.0, "prefill_s": wait,
+                                      "kv_transfer_s": 0.0, "first_token_out_s": 0.0, "ttft_s": wait}
             yield "data: " + json.dumps({"id": "cmpl-fake", "object": "text_completion", "created": created,
                                          "model": MODEL, "choices": [], "usage": usage}) + "\n\n"
             yield "data: [DONE]\n\n"
@@ -101,8 +105,9 @@ def main() -> None:
     p.add_argument("--ttft-s", type=float, default=0.02)
     p.add_argument("--itl-s", type=float, default=0.005)
     p.add_argument("--prefill-s-per-token", type=float, default=0.0)
+    p.add_argument("--waterfall", action="store_true", help="answer return_waterfall as the lab's router does")
     a = p.parse_args()
-    uvicorn.run(make_app(a.ttft_s, a.itl_s, a.prefill_s_per_token), host="127.0.0.1", port=a.port,
+    uvicorn.run(make_app(a.ttft_s, a.itl_s, a.prefill_s_per_token, a.waterfall), host="127.0.0.1", port=a.port,
                 log_level="warning")
 
 

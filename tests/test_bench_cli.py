@@ -16,8 +16,8 @@ FAKE = str(Path(__file__).with_name("fake_openai_server.py"))
 @pytest.fixture(scope="module")
 def fake_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    child = start_process("fake-openai", [sys.executable, FAKE, "--port", str(port), "--itl-s", "0.002"],
-                          log_path=tmp_path_factory.mktemp("fake") / "server.log")
+    child = start_process("fake-openai", [sys.executable, FAKE, "--port", str(port), "--itl-s", "0.002",
+                                         "--waterfall"], log_path=tmp_path_factory.mktemp("fake") / "server.log")
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=30, child=child)
         yield f"http://127.0.0.1:{port}"
@@ -71,5 +71,6 @@ def test_bench_sweep_against_running_servers_writes_charts(fake_url: str, tmp_pa
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert [(r["mode"], r["rate_rps"]) for r in saved["rows"]] == [("mono", 20.0), ("mono", 40.0), ("1p1d", 20.0),
                                                                   ("1p1d", 40.0)]
-    for chart in ("ttft_cdf", "itl_cdf", "itl_vs_rate", "ttft_vs_rate", "goodput", "throughput_per_device", "cost"):
+    for chart in ("ttft_cdf", "itl_cdf", "itl_vs_rate", "ttft_vs_rate", "goodput", "throughput_per_device", "cost",
+                  "ttft_waterfall"):
         assert (tmp_path / f"sweep_{chart}.png").stat().st_size > 10_000

@@ -26,7 +26,7 @@ def test_tour_section_adds_table_charts_and_summary(tmp_path: Path, monkeypatch:
         def start(spec: ModeSpec) -> Iterator[str]:
             port = free_port()
             itl = "0.01" if spec.name == "mono" else "0.002"
-            child = start_process(spec.name, [sys.executable, FAKE, "--port", str(port), "--itl-s", itl],
+            child = start_process(spec.name, [sys.executable, FAKE, "--port", str(port), "--itl-s", itl, "--waterfall"],
                                   log_path=tmp_path / f"{spec.name}.log")
             pids.append(child.pid)
             try:
@@ -45,7 +45,8 @@ def test_tour_section_adds_table_charts_and_summary(tmp_path: Path, monkeypatch:
     (_caption, rows), = sec.tables
     assert [r["mode"] for r in rows] == ["mono", "mono-dp", "1p1d"]
     assert all(r["ok"] == tour.PLANS["ci"].n_requests for r in rows)
-    assert len(sec.figures) == 3 and all(p.is_file() for _, p in sec.figures)   # ITL and TTFT CDFs, the plane
+    assert len(sec.figures) == 4 and all(p.is_file() for _, p in sec.figures)   # ITL and TTFT CDFs, plane, waterfall
+    assert sec.figures[-1][1].name.startswith("bench_ttft_waterfall")
     summary = {r.what: r for r in report.summary}
     itl = summary["p99 ITL mono vs 1P1D"]
     by = {r["mode"]: r for r in rows}

@@ -142,6 +142,13 @@ def _charts(res: Any, out: Path, name: str) -> None:
                                                      slo_itl_ms=slo.itl_s and slo.itl_s * 1000),
             "throughput_per_device": pb.plot_per_device(res.rows),
             "cost": pb.plot_cost(res.rows, price_per_device_hour=res.config.price_per_device_hour)}
+    from labkit.bench.waterfall import with_waterfall
+    from labkit.plots.serving import plot_ttft_waterfall
+
+    top = max(r["rate_rps"] for r in res.rows)
+    at_top = {m: res.runs[(m, top)] for m in res.config.modes if (m, top) in res.runs}
+    if any(with_waterfall(run.records) for run in at_top.values()):   # the lab's router times each request
+        figs["ttft_waterfall"] = plot_ttft_waterfall(at_top, title=f"Where the TTFT went at {top:g} req/s").figure
     for key, fig in figs.items():
         print("  ", save(fig, out / f"{name}_{key}.png"))
         plt.close(fig)

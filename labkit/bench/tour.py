@@ -107,6 +107,13 @@ def tour_section(report: Any, profile: str) -> None:
                       "bench_ttft_cdf", "Time to first token CDF")
     report.add_figure(s, pb.plot_ttft_itl_plane(res.rows, slo_ttft_ms=slo.ttft_s * 1000 if slo.ttft_s else None),
                       "bench_ttft_itl_plane", "Every mode on the TTFT vs p99-ITL plane (lower left is better)")
+    from labkit.bench.waterfall import with_waterfall
+    from labkit.plots.serving import plot_ttft_waterfall
+
+    at_rate = {mode: res.runs[(mode, rate)] for mode in plan.modes}
+    if any(with_waterfall(run.records) for run in at_rate.values()):   # the lab's router times each request
+        report.add_figure(s, plot_ttft_waterfall(at_rate).figure, "bench_ttft_waterfall",
+                          "Where the TTFT went: median and p99 requests per mode")
     ratio = m["itl_p99_ms"] / d["itl_p99_ms"] if d["itl_p99_ms"] else math.nan
     report.add_summary("p99 ITL mono vs 1P1D", f"{_fmt_ms(m['itl_p99_ms'])} vs {_fmt_ms(d['itl_p99_ms'])}",
                        f"{ratio:.1f}x, {plan.model}, {rate:g} req/s")
