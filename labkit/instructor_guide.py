@@ -125,13 +125,21 @@ def _md_code(text: str) -> str:
 
 
 def long_cells(notebook: str, runs: Sequence[TimingRun], top: int = 3) -> str:
-    """The `top` slowest cells of `notebook` over every run (the threshold the run used), or "none measured"."""
-    cells = [(c.seconds, c.index, c.first_line, f"{r.machine} {r.profile}")
-             for r in runs if notebook in r.notebooks for c in r.notebooks[notebook].slow_cells]
-    if not cells:
-        return "none over the threshold" if any(notebook in r.notebooks for r in runs) else "not measured yet"
-    cells.sort(reverse=True)
-    return "<br>".join(f"cell {i} {_md_code(line)}: {fmt_duration(s)} ({where})" for s, i, line, where in cells[:top])
+    """The `top` slowest cells of `notebook` (each cell once, at its longest over the newest run of every
+    machine and profile), or why there are none."""
+    newest: dict[tuple[str, str], TimingRun] = {}
+    for r in sorted(runs, key=lambda r: r.date):
+        if notebook in r.notebooks:
+            newest[(r.machine, r.profile)] = r
+    worst: dict[int, tuple[float, str, str]] = {}
+    for r in newest.values():
+        for c in r.notebooks[notebook].slow_cells:
+            if c.seconds > worst.get(c.index, (-1.0, "", ""))[0]:
+                worst[c.index] = (c.seconds, c.first_line, f"{r.machine} {r.profile}")
+    if not worst:
+        return "none over the threshold" if newest else "not measured yet"
+    ranked = sorted(worst.items(), key=lambda kv: -kv[1][0])[:top]
+    return "<br>".join(f"cell {i} {_md_code(line)}: {fmt_duration(s)} ({where})" for i, (s, line, where) in ranked)
 
 
 # --- key figures -----------------------------------------------------------------------------
@@ -310,11 +318,11 @@ def render_timing(notebooks: Sequence[tuple[str, str]], runs: Sequence[TimingRun
         cells = [_cell_text(name, c, runs) for c in CLASSES]
         lines.append(f"| {name[:2]} {title.replace('|', '/')} | " + " | ".join(cells) + f" | {long_cells(name, runs)} |")
     lines += ["",
-              "Wall time runs from kernel start to the last cell (`labkit notebooks time`, nbclient, outputs "
+              ("Wall time runs from kernel start to the last cell (`labkit notebooks time`, nbclient, outputs "
               "discarded); the load average is the machine's 1-minute load when the notebook began, since a busy "
               "machine stretches every figure. Measure a gap with the command in its cell, then "
               f"`labkit notebooks guide` (or `python {GENERATOR}`) rewrites this section. The 8+ core class needs a "
-              "machine with at least 8 cores: `taskset` pins a run to 8 of them, it cannot add cores to a smaller one.",
+              "machine with at least 8 cores: `taskset` pins a run to 8 of them, it cannot add cores to a smaller one."),
               "", "### Key figures the room should see", ""]
     by_nb: dict[str, list[Figure]] = {}
     for f in figures:

@@ -171,9 +171,11 @@ def time_notebook(path: str | Path, profile: str, *, cell_timeout_s: int = CELL_
     with _env({"LABKIT_PROFILE": profile, "MPLBACKEND": "Agg"}):
         try:
             client.execute()
-        except Exception as e:          # a cell error or timeout: record it, keep timing the other notebooks
+        except Exception as e:  # noqa: BLE001 - a cell error, timeout or dead kernel: record it, time the rest
             ok, failed = False, (current[0] if current else None)
-            error = f"{type(e).__name__}: {first_line(str(e)) or '(no message)'}"
+            # CellExecutionError carries the cell's own exception (ename, evalue); a timeout only its message
+            ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
+            error = f"{ename}: {first_line(str(evalue)) or '(no message)'}"
     seconds = time.perf_counter() - t0
     code_cells = sum(1 for c in nb.cells if c.cell_type == "code")
     return NotebookTime(path.name, round(seconds, 2), ok, code_cells, tuple(slow), error, failed, before, _loadavg())
