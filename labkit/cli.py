@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vllm": ("labkit.vllm.cli", "start vLLM monolithic or prefill/decode disaggregated (NixlConnector)"),
     "ps": ("labkit.deployments_cli:register_ps", "the lab's running servers: id, mode, model, user, URL, PIDs"),
     "stop": ("labkit.deployments_cli:register_stop", "stop a running deployment by id, or --all-mine"),
-    "notebooks": ("labkit.exercises.edition", "write the learner's edition of the notebooks: notebooks student OUT"),
+    "notebooks": ("labkit.exercises.edition", "the learner's edition (student OUT); time the notebooks (time); the guide's table (guide)"),
 }
 
 

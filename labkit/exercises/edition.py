@@ -184,6 +184,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     st.add_argument("notebooks", nargs="*", help="only these notebooks (names or numbers like 01); default: all")
     st.add_argument("--src", default=None, help="the instructor notebooks (default: this checkout's notebooks/)")
     st.set_defaults(func=_cli_student)
+    from labkit.notebook_times import register_actions  # `time` and `guide`: the instructor guide's numbers
+
+    register_actions(sub)
 
 
 def _cli_student(args: argparse.Namespace) -> int:
