@@ -34,11 +34,9 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from labkit.bench import SLO, get_workload
-from labkit.bench.metrics import jsonable
 from labkit.bench.selective import candidates, predict, shared_1p1d, threshold_modes
 from labkit.bench.sweep import (
     ModeSpec,
@@ -56,6 +54,7 @@ from labkit.config import repo_root
 from labkit.links import Link
 from labkit.models import get_preset
 from labkit.plan.simulator import SLO as PlanSLO
+from labkit.reference import write_result
 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {"model": "small", "requests": 20, "probe_requests": 10},
@@ -230,10 +229,7 @@ def main() -> int:
                      "selective: prefill worker core 0, decode worker core 1 (one pair, a router per threshold)",
         "load_note": "other jobs may share the 2 cores: compare modes within this run", "wall_s": round(wall_s, 1),
         "loadavg_1m_start_end": [round(load_start, 1), round(os.getloadavg()[0], 1)]}
-    suffix = "-quick" if a.quick else ""
-    out = Path(a.out) if a.out else repo_root() / "docs" / "results" / f"baselines-{report['date']}-{a.machine}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(jsonable(report), indent=1, default=str))
+    out = write_result("baselines", f"{a.machine}{'-quick' if a.quick else ''}", report, out=a.out)
     print(f"wrote {out}")
     return 0
 

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import platform
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from labkit.bench import get_workload
-from labkit.bench.metrics import jsonable
 from labkit.bench.sweep import (
     DEFAULT_MODES,
     SweepConfig,
@@ -38,8 +35,8 @@ from labkit.bench.sweep import (
     run_sweeps,
     table,
 )
-from labkit.config import repo_root
 from labkit.models import get_preset
+from labkit.reference import write_result
 
 # Per profile: model, requests per rate, the conversation preset's length scale, the short-prompt
 # output scale. Rates and SLOs are not fixed numbers: they come from a calibration on this machine
@@ -129,10 +126,7 @@ def main() -> int:
         report[name] = {"workload": w.describe(), "slo": res.config.slo.describe(), "rows": res.rows, "gains": g,
                         "capacity_rps": res.capacity_rps()}
     print(f"\nwall time {wall_s:.0f} s")
-    suffix = "-quick" if a.quick else ""
-    out = Path(a.out) if a.out else repo_root() / "docs" / "results" / f"gains-{report['date']}-{a.machine}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(jsonable(report), indent=1, default=str))
+    out = write_result("gains", f"{a.machine}{'-quick' if a.quick else ''}", report, out=a.out)
     print(f"wrote {out}")
     return 0
 

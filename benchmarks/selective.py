@@ -26,24 +26,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from labkit.bench import SLO, get_workload
-from labkit.bench.metrics import jsonable
 from labkit.bench.selective import candidates, predict, shared_1p1d, threshold_modes, threshold_of
 from labkit.bench.sweep import SweepConfig, parse_mode, run_sweeps, sequential_records
-from labkit.config import repo_root
 from labkit.links import Link
 from labkit.models import get_preset
 from labkit.plan.simulator import SLO as PlanSLO
 from labkit.plan.validate import served_model
+from labkit.reference import write_result
 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {"model": "small", "n": 24, "scale": 0.25},
@@ -139,9 +136,7 @@ def main() -> int:
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     report["loadavg_1m_start_end"] = [round(load_start, 1), round(os.getloadavg()[0], 1)]
     suffix = "-quick" if a.quick else ""
-    out = Path(a.out) if a.out else repo_root() / "docs" / "results" / f"selective-{report['date']}-{a.machine}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(jsonable(report), indent=1, default=str))
+    out = write_result("selective", f"{a.machine}{suffix}", report, out=a.out)
     print(f"wall time {report['wall_s']:.0f} s; wrote {out}")
     return 0
 

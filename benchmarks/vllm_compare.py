@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import random
 import sys
 import time
-from pathlib import Path
 
 from labkit.bench import SLO, get_workload
-from labkit.bench.metrics import jsonable
 from labkit.bench.sweep import SweepConfig, table
-from labkit.config import repo_root
+from labkit.reference import write_result
 from labkit.vllm.bench import compare_modes
 from labkit.vllm.launch import VllmServerConfig, install_hint, launch, vllm_available, vllm_version
 
@@ -79,10 +76,7 @@ def main() -> int:
               "workload": cfg.workload_obj.describe(), "slo": {"ttft_s": cfg.slo.ttft_s, "tpot_s": cfg.slo.tpot_s},
               "cores": {"mono": "all", "1p1d": "prefill core 0, decode core 1"},
               "rows": cmp.rows, "nixl": {m: s.as_dict() for m, s in cmp.nixl.items()}, "greedy": greedy}
-    out = Path(a.out) if a.out else (repo_root() / "docs" / "results" /
-                                     f"vllm_compare-{report['date']}-{a.machine}{'-quick' if a.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(jsonable(report), indent=1, default=str))
+    out = write_result("vllm_compare", f"{a.machine}{'-quick' if a.quick else ''}", report, out=a.out)
     print(f"wrote {out}")
     return 0
 

@@ -32,6 +32,22 @@ def results_dir() -> Path:
     return repo_root() / "docs" / "results"
 
 
+def write_result(kind: str, tag: str, doc: Mapping[str, Any], *, date: str | None = None,
+                 out: str | Path | None = None) -> Path:
+    """Writes a benchmark's result where the loaders here find it: `out` when given, else
+    docs/results/<kind>-<date>-<tag>.json (date: `doc["date"]`, else today; tag: the machine and any
+    variant, e.g. "cpu-2core-quick"). Numpy values and dataclasses are made JSON-able. Returns the path."""
+    import datetime as dt
+
+    from labkit.bench.metrics import jsonable
+
+    day = date or str(doc.get("date") or dt.date.today().isoformat())
+    path = Path(out) if out else results_dir() / f"{kind}-{day}-{tag}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(jsonable(dict(doc)), indent=1, default=str))
+    return path
+
+
 @dataclass(frozen=True, slots=True)
 class ResultFile:
     """One committed result: its kind ("roofline", "gpu_check", ...), date, machine tag and JSON path."""

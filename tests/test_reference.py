@@ -87,3 +87,18 @@ def test_a_newer_file_wins(tmp_path: Path) -> None:
     data["threads"] = 8
     (tmp_path / "roofline-2027-02-02-laptop-8core.json").write_text(json.dumps(data))
     assert R.roofline(directory=tmp_path).threads == 8
+
+
+def test_write_result_names_the_file_as_the_loaders_read_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from labkit import reference
+
+    monkeypatch.setattr(reference, "results_dir", lambda: tmp_path / "results")
+    path = reference.write_result("gains", "cpu-2core-quick", {"date": "2026-01-02", "x": np.float64(1.5)})
+    assert path == tmp_path / "results" / "gains-2026-01-02-cpu-2core-quick.json"
+    assert json.loads(path.read_text()) == {"date": "2026-01-02", "x": 1.5}
+    (f,) = reference.result_files("gains", tmp_path / "results")
+    assert (f.date, f.tag) == ("2026-01-02", "cpu-2core-quick")
+    mine = reference.write_result("gains", "cpu-2core", {"y": 1}, out=tmp_path / "elsewhere" / "g.json")
+    assert mine == tmp_path / "elsewhere" / "g.json" and json.loads(mine.read_text()) == {"y": 1}
