@@ -8,9 +8,10 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass

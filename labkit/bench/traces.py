@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labkit.bench.workloads import (BenchRequest, LengthScaling, TokenSpace, build_requests, fit_to_context)
+from labkit.bench.workloads import BenchRequest, LengthScaling, TokenSpace, build_requests, fit_to_context
 
 MOONCAKE_BLOCK_TOKENS = 512
 

@@ -21,8 +21,9 @@ Presets come from published figures (no trace is needed to use them):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -86,7 +87,7 @@ class LengthDist:
 
     def scaled(self, factor: float) -> LengthDist:
         """The same shape with every length multiplied by `factor` (at least 1 token)."""
-        s = lambda v: max(1, round(v * factor))  # noqa: E731
+        s = lambda v: max(1, round(v * factor))
         if self.kind == "fixed":
             return LengthDist.fixed(s(self.value))
         if self.kind == "uniform":

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -224,7 +225,7 @@ class CausalLM:
                  device: torch.device, max_model_len: int, rows_hint: int = 2048, native: bool = False) -> None:
         """native: on a CPU, use `labkit.engine.kernels` where they can run (see `native_note`)."""
         self.cfg = cfg
-        put = lambda name: weights[name].to(device=device, dtype=dtype).contiguous()  # noqa: E731
+        put = lambda name: weights[name].to(device=device, dtype=dtype).contiguous()
         self.embed = put("model.embed_tokens.weight")
         self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in weights else put("lm_head.weight")
         self.norm = put("model.norm.weight")

@@ -22,9 +22,9 @@ import torch
 
 from labkit.transfer import wire
 from labkit.transfer.base import TransferStats, tensor_bytes
+from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
 from labkit.transfer.receiver import InboundStream
 from labkit.transfer.sender import OutboundStream
-from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
 from labkit.transfer.tcp import TcpReceiver, TcpSender
 
 MAX_METADATA_BYTES = 1 << 20

@@ -154,7 +154,7 @@ class Receiver(ABC):
     def __enter__(self) -> Receiver:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # for backends ----------------------------------------------------------------------
@@ -182,7 +182,7 @@ class Receiver(ABC):
         while not self._closed:
             try:
                 conn, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break

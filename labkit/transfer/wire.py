@@ -88,7 +88,7 @@ def recv_exact_into(sock: socket.socket, view: memoryview, deadline: float | Non
         _set_deadline(sock, deadline, what)
         try:
             k = sock.recv_into(view[got:], min(n - got, 8 << 20))
-        except socket.timeout:
+        except TimeoutError:
             raise TransferTimeout(f"{what}: stalled after {got:,} of {n:,} bytes") from None
         if k == 0:
             raise PayloadError(f"{what}: truncated, peer closed after {got:,} of {n:,} bytes")
@@ -110,7 +110,7 @@ def read_frame(sock: socket.socket, deadline: float | None, what: str = "frame")
     _set_deadline(sock, deadline, what)
     try:
         first = sock.recv(PREFIX.size)
-    except socket.timeout:
+    except TimeoutError:
         raise TransferTimeout(f"{what}: no reply within the timeout") from None
     if not first:
         raise ConnectionResetError("peer closed the connection")

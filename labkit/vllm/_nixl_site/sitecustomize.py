@@ -13,8 +13,9 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
 
 _TARGETS = {"nixl_cu12._api", "nixl_cu13._api", "nixl_rocm._api"}
 
