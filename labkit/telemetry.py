@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +186,7 @@ class Sampler:
                 self.notes.append(f"sampling stopped: {e.__class__.__name__}: {e}")
                 return
 
-    def start(self) -> Sampler:
+    def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("sampler already started")
         self._stop.clear()
@@ -202,7 +202,7 @@ class Sampler:
             self._thread = None
         self._src.close()
 
-    def __enter__(self) -> Sampler:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -94,7 +94,7 @@ class Trace:
         return out
 
     def to_requests(self, *, max_model_len: int | None = None, scale: float | None = None, seed: int = 0,
-                    space: TokenSpace = TokenSpace()) -> tuple[list[BenchRequest], LengthScaling]:
+                    space: TokenSpace | None = None) -> tuple[list[BenchRequest], LengthScaling]:
         """Requests with the trace's arrival times and lengths fitted into `max_model_len`.
 
         Mooncake blocks scale with the lengths, so requests that shared blocks still share them.
@@ -102,7 +102,7 @@ class Trace:
         p, o, info = fit_to_context(self.prompt_tokens, self.output_tokens, max_model_len or 1 << 40,
                                     scale=scale if (max_model_len or scale) else 1.0)
         block = max(1, round(self.block_tokens * info.factor))
-        reqs = build_requests(p, o, seed=seed, arrivals_s=self.arrival_s, space=space,
+        reqs = build_requests(p, o, seed=seed, arrivals_s=self.arrival_s, space=space if space is not None else TokenSpace(),
                               block_hashes=self.hash_ids, block_tokens=block)
         return reqs, info
 

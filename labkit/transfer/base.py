@@ -69,7 +69,7 @@ def _still_open(conn: socket.socket) -> bool:
     try:
         conn.setblocking(False)
         try:
-            data = conn.recv(1, socket.MSG_PEEK)
+            conn.recv(1, socket.MSG_PEEK)
         finally:
             conn.setblocking(True)
         return False   # EOF, or bytes nobody asked for: either way not reusable

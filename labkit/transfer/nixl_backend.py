@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from labkit.transfer import wire
-from labkit.transfer.base import TransferStats, tensor_bytes
+from labkit.transfer.base import TransferStats, log, tensor_bytes
 from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
 from labkit.transfer.receiver import InboundStream
 from labkit.transfer.sender import OutboundStream
@@ -89,8 +89,8 @@ class NixlInbound(InboundStream):
             with self.rx._nixl_lock:
                 try:
                     handle.release()
-                except Exception:  # noqa: BLE001 - still in flight: NIXL keeps it and frees it later
-                    pass
+                except Exception as e:  # noqa: BLE001 - still in flight: NIXL keeps it and frees it later
+                    log.debug("layer %d: NIXL handle not released now (%s); NIXL frees it when done", layer, e)
         wire.verify_layer(self.view[layer * n:(layer + 1) * n], self.view[half + layer * n:half + (layer + 1) * n],
                           checksum, m, layer)
 

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -151,7 +151,7 @@ class Receiver(ABC):
             t.join(timeout=5.0)
         self._cleanup()
 
-    def __enter__(self) -> Receiver:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

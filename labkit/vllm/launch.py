@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from labkit import deployments
 from labkit.config import labkit_home
@@ -334,7 +334,7 @@ class VllmPD:
         """Stops both; returns PIDs still alive (should be [])."""
         return self.prefill.stop() + self.decode.stop()
 
-    def __enter__(self) -> VllmPD:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
