@@ -102,7 +102,8 @@ class Trace:
         p, o, info = fit_to_context(self.prompt_tokens, self.output_tokens, max_model_len or 1 << 40,
                                     scale=scale if (max_model_len or scale) else 1.0)
         block = max(1, round(self.block_tokens * info.factor))
-        reqs = build_requests(p, o, seed=seed, arrivals_s=self.arrival_s, space=space if space is not None else TokenSpace(),
+        space = space if space is not None else TokenSpace()
+        reqs = build_requests(p, o, seed=seed, arrivals_s=self.arrival_s, space=space,
                               block_hashes=self.hash_ids, block_tokens=block)
         return reqs, info
 
