@@ -43,7 +43,8 @@ class TransferStats:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A flat byte view of a contiguous CPU tensor (no copy)."""
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    # ndarray.data is memoryview(arr); numpy's stubs give ndarray the buffer protocol only on Python 3.12+
+    return t.view(torch.uint8).reshape(-1).numpy().data
 
 
 def check_token(token: str) -> str:

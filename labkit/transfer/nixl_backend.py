@@ -52,7 +52,7 @@ class NixlInbound(InboundStream):
         self.buf = torch.empty(meta.nbytes, dtype=torch.uint8)
         with receiver._nixl_lock:
             self.reg = receiver.agent.register_memory(self.buf)
-        self.view = memoryview(self.buf.numpy())
+        self.view = self.buf.numpy().data
 
     def add_layer(self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket,
                   deadline: float | None) -> None:
@@ -152,7 +152,7 @@ class NixlOutbound(OutboundStream):
                  layerwise: bool, staging: torch.Tensor) -> None:
         super().__init__(sender, conn, meta, timeout_s, layerwise)
         self.staging = staging
-        self.view = memoryview(staging.numpy())
+        self.view = staging.numpy().data
 
     def _write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n, half = self.meta.layer_nbytes, self.meta.nbytes // 2
