@@ -557,7 +557,7 @@ class Roof:
         """Every record's MFU and MBU against this roof's final medians (in place); returns the records."""
         for r in records:
             dt = r.get("dtype")
-            peak = self.peak_flops(dt) if self.flops_samples.get(dt) else None
+            peak = self.peak_flops(dt) if isinstance(dt, str) and self.flops_samples.get(dt) else None
             seconds = r["ms"] / 1e3
             r.update(peak_flops=peak, peak_bytes_per_s=self.read_bytes_per_s,
                      mfu=r["flops"] / seconds / peak if peak else None, mbu=r["bytes"] / seconds / self.read_bytes_per_s,

@@ -162,7 +162,10 @@ def load_mooncake_jsonl(path: str | Path, *, limit: int | None = None,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no trace file at {path}")
-    ts, p, o, hashes = [], [], [], []
+    ts: list[float] = []
+    p: list[int] = []
+    o: list[int] = []
+    hashes: list[list[int]] = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

@@ -282,7 +282,7 @@ def _block_tokens(key: Sequence[int], n: int, space: TokenSpace) -> np.ndarray:
 
 def build_requests(prompt_lens: Sequence[int] | np.ndarray, output_lens: Sequence[int] | np.ndarray, *,
                    seed: int = 0, prefix_hit_rate: float = 0.0, prefix_groups: int = 1,
-                   arrivals_s: Sequence[float] | None = None, space: TokenSpace = TokenSpace(),
+                   arrivals_s: Sequence[float] | np.ndarray | None = None, space: TokenSpace = TokenSpace(),
                    block_hashes: Sequence[Sequence[int]] | None = None, block_tokens: int = 512
                    ) -> list[BenchRequest]:
     """Concrete requests with exact prompt lengths.

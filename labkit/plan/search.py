@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from labkit.links import LINKS, Link
 from labkit.plan.goodput import (
@@ -266,8 +267,9 @@ class UnitTable:
             optimistic = simulated + [Item(u, u.num_devices, self.bound(u), True) for u in cands if u not in self.scores]
             packs = best_packings(simulated, budgets, self.network.devices_per_node)
             hopes = best_packings(optimistic, budgets, self.network.devices_per_node)
-            todo = {key for n, h in hopes.items() if h is not None
-                    and (packs[n] is None or packs[n].rate < (1 - tol) * h.rate)   # type: ignore[union-attr]
+            # the packings' keys are the Layouts given as Item keys above
+            todo = {cast(Layout, key) for n, h in hopes.items() if h is not None
+                    and ((got := packs[n]) is None or got.rate < (1 - tol) * h.rate)
                     for key, _ in h.counts if key not in self.scores}
             if not todo:
                 break
