@@ -51,7 +51,7 @@ class _NixlFinder(importlib.abc.MetaPathFinder):
             exec_module(module)
             _patch(module)
 
-        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]  # patching this one loader, on purpose
         return spec
 
 
