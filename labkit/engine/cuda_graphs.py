@@ -115,8 +115,8 @@ class DecodeGraphs:
         dev = self.device
         z = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=dev)
         pin = self.capture
-        host = tuple(torch.zeros(s, dtype=torch.int64, pin_memory=pin) for s in ((batch,), (batch,), (batch, width)))
-        g = _Graph(z(batch), z(batch), z(batch, width), host)  # type: ignore[arg-type]
+        h = lambda *shape: torch.zeros(shape, dtype=torch.int64, pin_memory=pin)
+        g = _Graph(z(batch), z(batch), z(batch, width), (h(batch), h(batch), h(batch, width)))
         self._pad(g)
         if not self.capture:
             return g
