@@ -19,10 +19,11 @@ STAMP := $(VENV)
 endif
 PIP := $(PY) -m pip
 
-.PHONY: help venv install tour test lab doctor bench vllm clean gpu-check gpu-wheels student
+.PHONY: help venv install tour test lint lab doctor bench vllm clean gpu-check gpu-wheels student
 help:
 	@echo "make tour    run the lab's main job headless, write report/index.html"
-	@echo "make test    install test deps and run pytest + nbmake (CI profile)"
+	@echo "make test    install test deps, lint (ruff, mypy), run pytest + nbmake (CI profile)"
+	@echo "make lint    ruff check, ruff format --check and mypy on labkit/"
 	@echo "make lab     install JupyterLab and open notebooks/"
 	@echo "make student write the learner's edition (answers blanked, checks strict) to build/student/"
 	@echo "make doctor  what this machine has, and how to add what is missing"
@@ -79,8 +80,15 @@ tour: $(STAMP)/.installed
 doctor: $(STAMP)/.installed
 	$(PY) -m labkit.cli doctor
 
+# Lint and types first: under 2 min on 2 cores (mypy cold ~90 s), and cheaper to read than a notebook failure.
+# Versions and rules are pinned in pyproject.toml (the test extra, [tool.ruff.lint], [tool.mypy]).
+lint: $(STAMP)/.installed-test
+	$(PY) -m ruff check labkit
+	$(PY) -m ruff format --check labkit
+	$(PY) -m mypy labkit
+
 # LABKIT_STRICT=1: a wrong solution or a drifted expectation in a notebook's exercise fails CI.
-test: $(STAMP)/.installed-test
+test: $(STAMP)/.installed-test lint
 	LABKIT_PROFILE=$(PROFILE) LABKIT_STRICT=1 MPLBACKEND=Agg $(PY) -m pytest -q -p no:cacheprovider tests notebooks --nbmake --nbmake-timeout=900 $(PYTEST_ARGS)
 
 lab: $(STAMP)/.installed-lab

@@ -7,6 +7,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from labkit.config import data_dir, labkit_home, profile, repo_root  # noqa: E402
+from labkit.config import data_dir, labkit_home, profile, repo_root
 
 __all__ = ["__version__", "data_dir", "labkit_home", "profile", "repo_root"]

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import MISSING, Field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, cast, get_args, get_origin, get_type_hints
 
 Profile = Literal["ci", "full", "gpu"]
 _PROFILES = ("ci", "full", "gpu")
@@ -27,7 +27,7 @@ def profile() -> Profile:
         return "gpu" if cuda_available() else "full"
     if value not in _PROFILES:
         raise ValueError(f"LABKIT_PROFILE={value!r} is not one of {_PROFILES}")
-    return value  # type: ignore[return-value]  # checked against _PROFILES just above
+    return cast(Profile, value)  # checked against _PROFILES just above
 
 
 def cuda_available() -> bool:
@@ -101,8 +101,8 @@ def _flat_fields(cls: type, skip: Iterable[str] = ()) -> Iterator[tuple[tuple[st
         if f.name in skip:
             continue
         tp = hints[f.name]
-        if is_dataclass(tp):
-            for path, sub, sub_tp in _flat_fields(tp, skip):  # type: ignore[arg-type]  # a dataclass class
+        if isinstance(tp, type) and is_dataclass(tp):
+            for path, sub, sub_tp in _flat_fields(tp, skip):
                 yield (f.name, *path), sub, sub_tp
         else:
             yield (f.name,), f, tp

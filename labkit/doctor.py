@@ -82,7 +82,7 @@ def gpu_info() -> list[dict[str, Any]]:
             p = torch.cuda.get_device_properties(i)
             gpus.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                          "compute_capability": f"{p.major}.{p.minor}", "driver": None})
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a CUDA that fails in any way means no usable GPU: []
         return []
     try:
         import pynvml

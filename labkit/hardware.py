@@ -30,9 +30,10 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from labkit.config import data_dir, labkit_home
 
@@ -154,7 +155,7 @@ def datasheets(path: str | Path | None = None) -> dict[str, Datasheet]:
 
 def lookup_datasheet(name: str) -> Datasheet | None:
     """The datasheet whose name or alias matches a device name (as torch or NVML report it), or None."""
-    norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())  # noqa: E731
+    norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())
     target = norm(name)
     sheets = datasheets()
     for sheet in sheets.values():  # exact first, so "H100 PCIe" never matches "H100 SXM"
@@ -396,7 +397,7 @@ def measure_peaks(device: str | None = None, dtypes: tuple[str, ...] | None = No
         bar.close()
     return Peaks(device=device, device_name=device_name(device), threads=torch.get_num_threads(),
                  matmul_flops=flops, read_bytes_per_s=read, copy_bytes_per_s=copy, matmul_size=n,
-                 buffer_bytes=nbytes, measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 buffer_bytes=nbytes, measured_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                  machine_key=machine_key(device), notes=tuple(notes))
 
 
@@ -540,7 +541,7 @@ class Roof:
         return Peaks(device=self.device, device_name=device_name(self.device), threads=self.threads,
                      matmul_flops=flops or {self.dtypes[0]: float("inf")}, read_bytes_per_s=self.read_bytes_per_s,
                      copy_bytes_per_s=self.read_bytes_per_s, matmul_size=self.matmul_size,
-                     buffer_bytes=self.buffer_bytes, measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(
+                     buffer_bytes=self.buffer_bytes, measured_at=_dt.datetime.now(_dt.UTC).isoformat(
                          timespec="seconds"), machine_key=machine_key(self.device),
                      notes=(self.describe(),))
 
@@ -556,7 +557,7 @@ class Roof:
         """Every record's MFU and MBU against this roof's final medians (in place); returns the records."""
         for r in records:
             dt = r.get("dtype")
-            peak = self.peak_flops(dt) if self.flops_samples.get(dt) else None
+            peak = self.peak_flops(dt) if isinstance(dt, str) and self.flops_samples.get(dt) else None
             seconds = r["ms"] / 1e3
             r.update(peak_flops=peak, peak_bytes_per_s=self.read_bytes_per_s,
                      mfu=r["flops"] / seconds / peak if peak else None, mbu=r["bytes"] / seconds / self.read_bytes_per_s,

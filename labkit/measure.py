@@ -180,7 +180,7 @@ def format_records(records: list[dict[str, Any]]) -> str:
     lines = [head]
     for r in records:
         n = r.get("prompt_len", r.get("context_len"))
-        pct = lambda v: f"{v:7.0%}" if v is not None else "      -"  # noqa: E731
+        pct = lambda v: f"{v:7.0%}" if v is not None else "      -"
         noisy = f"  ({r['roof_note']})" if r.get("roof_note") else ""
         lines.append(f"{r['phase']:<8}{r['batch']:>6}{n:>6}{r['ms']:>10.2f}{r['tokens_per_s']:>10.1f}"
                      f"{r['achieved_flops_per_s'] / 1e9:>10.1f}{r['achieved_bytes_per_s'] / 1e9:>8.2f}"

@@ -213,7 +213,7 @@ def _write_weights(p: Preset, out: Path, shard_bytes: int = 2 << 30) -> list[str
     # Tied embeddings are also the output layer: keep them small, or every logit row is
     # dominated by the input token itself.
     embed_std = 0.01 if p.tie_word_embeddings else 1.0
-    init = lambda n, s: _init_tensor(rng, n, s, embed_std)  # noqa: E731
+    init = lambda n, s: _init_tensor(rng, n, s, embed_std)
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = sum(int(np.prod(s)) for s in shapes.values()) * itemsize
     meta = {"format": "pt"}

@@ -8,9 +8,10 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass
@@ -71,11 +72,11 @@ class Report:
     def write(self) -> Path:
         """Writes index.html (and data.json with the raw figures); returns index.html's path."""
         parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
-                 "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-                 "line-height:1.45}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-                 "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child"
-                 "{text-align:left}img{max-width:100%;border:1px solid #eee}.err{color:#b00}"
-                 "figcaption{color:#555;margin-bottom:1.5em}</style></head><body>",
+                 ("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+                  "line-height:1.45}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+                  "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child"
+                  "{text-align:left}img{max-width:100%;border:1px solid #eee}.err{color:#b00}"
+                  "figcaption{color:#555;margin-bottom:1.5em}</style></head><body>"),
                  f"<h1>{html.escape(self.title)}</h1>",
                  f"<p>Written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"]
         if self.summary:

@@ -211,7 +211,7 @@ class EngineRunner:
     def close(self) -> None:
         """Ends what is running and lets the engine go (its weights and KV cache are freed with it)."""
         self._drain()
-        self.engine = None  # type: ignore[assignment]
+        self.engine = None  # type: ignore[assignment]  # closed: a later use fails loudly instead of running
 
 
 def make_runner(kind: str = "transformers", model: str = "small", dtype: str = "float32",

@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Self
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +186,7 @@ class Sampler:
                 self.notes.append(f"sampling stopped: {e.__class__.__name__}: {e}")
                 return
 
-    def start(self) -> Sampler:
+    def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("sampler already started")
         self._stop.clear()
@@ -201,10 +202,10 @@ class Sampler:
             self._thread = None
         self._src.close()
 
-    def __enter__(self) -> Sampler:
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     @contextlib.contextmanager

@@ -8,10 +8,38 @@ from __future__ import annotations
 
 from labkit.bench.arrivals import Arrivals
 from labkit.bench.metrics import SLO, RequestRecord, Summary, cost_per_million_tokens, summarize
-from labkit.bench.workloads import (WORKLOADS, BenchRequest, LengthDist, LengthScaling, SampledWorkload, TokenSpace,
-                                    Workload, build_requests, fit_to_context, get_workload, sample_requests,
-                                    synthetic)
+from labkit.bench.workloads import (
+    WORKLOADS,
+    BenchRequest,
+    LengthDist,
+    LengthScaling,
+    SampledWorkload,
+    TokenSpace,
+    Workload,
+    build_requests,
+    fit_to_context,
+    get_workload,
+    sample_requests,
+    synthetic,
+)
 
-__all__ = ["Arrivals", "BenchRequest", "LengthDist", "LengthScaling", "RequestRecord", "SLO", "SampledWorkload",
-           "Summary", "TokenSpace", "WORKLOADS", "Workload", "build_requests", "cost_per_million_tokens",
-           "fit_to_context", "get_workload", "sample_requests", "summarize", "synthetic"]
+__all__ = [
+    "SLO",
+    "WORKLOADS",
+    "Arrivals",
+    "BenchRequest",
+    "LengthDist",
+    "LengthScaling",
+    "RequestRecord",
+    "SampledWorkload",
+    "Summary",
+    "TokenSpace",
+    "Workload",
+    "build_requests",
+    "cost_per_million_tokens",
+    "fit_to_context",
+    "get_workload",
+    "sample_requests",
+    "summarize",
+    "synthetic",
+]

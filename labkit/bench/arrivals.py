@@ -7,8 +7,9 @@ more even. "burst" sends everything at t=0 (throughput runs, usually with max co
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 

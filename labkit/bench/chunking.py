@@ -131,7 +131,7 @@ def sweep_chunk_sizes(spec: ServerSpec, scenario: InterferenceScenario, chunk_si
     time; a progress bar counts the runs.
     """
     have = {(r.mode, r.chunk_tokens) for r in done}
-    todo = [("mono-chunked", c) for c in sorted(set(chunk_sizes)) if ("mono-chunked", c) not in have]
+    todo: list[tuple[str, int | None]] = [("mono-chunked", c) for c in sorted(set(chunk_sizes)) if ("mono-chunked", c) not in have]
     if include_1p1d and ("1p1d", None) not in have:
         todo.append(("1p1d", None))
     runs = list(done)
@@ -186,7 +186,8 @@ def plan_long_prompt(step_budget: StepBudget, num_decodes: int, prompt_tokens: i
     if prompt_tokens < 1 or budget < 1 or num_decodes < 0:
         raise ValueError(f"need prompt_tokens >= 1, budget >= 1, num_decodes >= 0; got {prompt_tokens}, {budget}, "
                          f"{num_decodes}")
-    left, chunks = prompt_tokens, []
+    left = prompt_tokens
+    chunks: list[int] = []
     while left > 0:
         if len(chunks) >= max_steps:
             raise ValueError(f"the prompt is not done after {max_steps} steps")

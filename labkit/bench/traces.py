@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labkit.bench.workloads import (BenchRequest, LengthScaling, TokenSpace, build_requests, fit_to_context)
+from labkit.bench.workloads import BenchRequest, LengthScaling, TokenSpace, build_requests, fit_to_context
 
 MOONCAKE_BLOCK_TOKENS = 512
 
@@ -94,7 +94,7 @@ class Trace:
         return out
 
     def to_requests(self, *, max_model_len: int | None = None, scale: float | None = None, seed: int = 0,
-                    space: TokenSpace = TokenSpace()) -> tuple[list[BenchRequest], LengthScaling]:
+                    space: TokenSpace | None = None) -> tuple[list[BenchRequest], LengthScaling]:
         """Requests with the trace's arrival times and lengths fitted into `max_model_len`.
 
         Mooncake blocks scale with the lengths, so requests that shared blocks still share them.
@@ -102,6 +102,7 @@ class Trace:
         p, o, info = fit_to_context(self.prompt_tokens, self.output_tokens, max_model_len or 1 << 40,
                                     scale=scale if (max_model_len or scale) else 1.0)
         block = max(1, round(self.block_tokens * info.factor))
+        space = space if space is not None else TokenSpace()
         reqs = build_requests(p, o, seed=seed, arrivals_s=self.arrival_s, space=space,
                               block_hashes=self.hash_ids, block_tokens=block)
         return reqs, info
@@ -161,7 +162,10 @@ def load_mooncake_jsonl(path: str | Path, *, limit: int | None = None,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no trace file at {path}")
-    ts, p, o, hashes = [], [], [], []
+    ts: list[float] = []
+    p: list[int] = []
+    o: list[int] = []
+    hashes: list[list[int]] = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

@@ -21,8 +21,9 @@ Presets come from published figures (no trace is needed to use them):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -86,7 +87,7 @@ class LengthDist:
 
     def scaled(self, factor: float) -> LengthDist:
         """The same shape with every length multiplied by `factor` (at least 1 token)."""
-        s = lambda v: max(1, round(v * factor))  # noqa: E731
+        s = lambda v: max(1, round(v * factor))
         if self.kind == "fixed":
             return LengthDist.fixed(s(self.value))
         if self.kind == "uniform":
@@ -281,7 +282,7 @@ def _block_tokens(key: Sequence[int], n: int, space: TokenSpace) -> np.ndarray:
 
 def build_requests(prompt_lens: Sequence[int] | np.ndarray, output_lens: Sequence[int] | np.ndarray, *,
                    seed: int = 0, prefix_hit_rate: float = 0.0, prefix_groups: int = 1,
-                   arrivals_s: Sequence[float] | None = None, space: TokenSpace = TokenSpace(),
+                   arrivals_s: Sequence[float] | np.ndarray | None = None, space: TokenSpace = TokenSpace(),
                    block_hashes: Sequence[Sequence[int]] | None = None, block_tokens: int = 512
                    ) -> list[BenchRequest]:
     """Concrete requests with exact prompt lengths.

@@ -21,8 +21,9 @@ On a CPU the same padded path runs without capture (`capture=False`): the tests 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -112,10 +113,10 @@ class DecodeGraphs:
 
     def _build(self, batch: int, width: int) -> _Graph:
         dev = self.device
-        z = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=dev)  # noqa: E731
+        z = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=dev)
         pin = self.capture
-        host = tuple(torch.zeros(s, dtype=torch.int64, pin_memory=pin) for s in ((batch,), (batch,), (batch, width)))
-        g = _Graph(z(batch), z(batch), z(batch, width), host)  # type: ignore[arg-type]
+        h = lambda *shape: torch.zeros(shape, dtype=torch.int64, pin_memory=pin)
+        g = _Graph(z(batch), z(batch), z(batch, width), (h(batch), h(batch), h(batch, width)))
         self._pad(g)
         if not self.capture:
             return g

@@ -26,7 +26,15 @@ from labkit.engine.kv_cache import BlockPool, KVCache
 from labkit.engine.model import AttentionMeta, CausalLM, ModelConfig, load_safetensors
 from labkit.engine.sampling import sample
 from labkit.engine.scheduler import Batch, Scheduler
-from labkit.engine.sequence import LayerKVCallback, RequestOutput, Sequence, Status, StepOutput, TokenCallback
+from labkit.engine.sequence import (
+    FinishReason,
+    LayerKVCallback,
+    RequestOutput,
+    Sequence,
+    Status,
+    StepOutput,
+    TokenCallback,
+)
 from labkit.kv import KVExport, kv_bytes_per_token
 from labkit.models import MANIFEST, ensure_model
 
@@ -165,8 +173,8 @@ class Engine:
         seq.status = Status.FINISHED
         return True
 
-    def _finish(self, seq: Sequence, reason: str, hold_blocks: bool = False) -> RequestOutput:
-        seq.finish_reason = reason  # type: ignore[assignment]
+    def _finish(self, seq: Sequence, reason: FinishReason, hold_blocks: bool = False) -> RequestOutput:
+        seq.finish_reason = reason
         self.scheduler.remove(seq)
         if hold_blocks:
             seq.status = Status.PREFILLED
@@ -174,14 +182,14 @@ class Engine:
             seq.status = Status.FINISHED
             self.pool.release(seq)
             self._seqs.pop(seq.request_id, None)
-        out = RequestOutput(seq.request_id, list(seq.prompt_ids), seq.output_ids, reason,  # type: ignore[arg-type]
+        out = RequestOutput(seq.request_id, list(seq.prompt_ids), seq.output_ids, reason,
                             seq.num_cached_tokens, seq.num_preemptions,
                             None if seq.first_token_s is None else seq.first_token_s - seq.arrival_s)
         if reason == "abort":
             self._done.append(out)
         return out
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         sp = seq.sp
         if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.model_config.eos_token_ids):
             return "stop"
@@ -297,15 +305,15 @@ class Engine:
 
     def _layer_kv_hook(self, batch: Batch):
         """Calls on_layer_kv(request_id, layer, k, v) for prompts whose prefill completes in this batch."""
-        done = [s for s, n in batch.chunks if s.on_layer_kv is not None and not s.output_ids
+        done = [(s, cb) for s, n in batch.chunks if (cb := s.on_layer_kv) is not None and not s.output_ids
                 and s.num_computed_tokens + n == len(s.token_ids)]
         if not done:
             return None
 
         def hook(layer: int) -> None:
-            for s in done:
+            for s, cb in done:
                 k, v = self.cache.read(s.block_table, len(s.prompt_ids), layer)
-                s.on_layer_kv(s.request_id, layer, k, v)  # type: ignore[misc]
+                cb(s.request_id, layer, k, v)
         return hook
 
     def generate(self, prompts: Seq[Seq[int]], sp: SamplingParams | Seq[SamplingParams] | None = None,

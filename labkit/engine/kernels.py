@@ -52,7 +52,8 @@ def _compiler() -> str | None:
 
 def _build(cxx: str) -> Path:
     """The compiled library's path, compiled now unless the cache already has this exact build."""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30,
+                             check=False).stdout.splitlines()[:1]
     sources = b"".join(f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]*")))
     key = hashlib.sha256(sources + repr((FLAGS, version)).encode()).hexdigest()[:16]
     out = labkit_home() / "kernels" / f"cpu_kernels-{key}.so"
@@ -61,7 +62,7 @@ def _build(cxx: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.so")  # several processes may build at once
     r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
-                       timeout=BUILD_TIMEOUT_S)
+                       timeout=BUILD_TIMEOUT_S, check=False)  # the returncode is read below, with the error
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])

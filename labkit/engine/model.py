@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,12 @@ class LayerWeights:
     up: Weight | None = None
 
 
+def _dense(w: Weight | None) -> torch.Tensor:
+    """`w`, which must still be the dense tensor it was loaded as (weights are packed once)."""
+    assert isinstance(w, torch.Tensor), f"expected a dense weight, got {type(w).__name__}"
+    return w
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight, with the statistics in fp32 (as Hugging Face does)."""
     if x.dtype == torch.float32:  # one fused op instead of six small ones
@@ -171,9 +178,9 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, *, act: st
     if w.is_mkldnn:
         lp = torch.ops.mkldnn._linear_pointwise
         x = x.contiguous()
-        if mul is not None or add is not None:
+        other, op = (mul, "mul") if mul is not None else (add, "add")
+        if other is not None:
             assert act == "none", "oneDNN fuses one post-op: an activation or a binary op"
-            other, op = (mul, "mul") if mul is not None else (add, "add")
             return lp.binary(x, other.contiguous(), w, b, op)
         return lp(x, w, b, "swish" if act == "silu" else act, [], "")
     if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not kernels.cpu_has_bf16_matmul():
@@ -192,6 +199,7 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, *, act: st
 def mlp(x: torch.Tensor, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
     """x + down(silu(gate(h)) * up(h)): the SwiGLU MLP and its residual."""
     if lw.gate_up is None:  # packed: three oneDNN calls, the elementwise work fused into them
+        assert lw.gate is not None and lw.up is not None, "packed layers hold gate and up separately"
         g = linear(h, lw.gate, act="silu")
         return linear(linear(h, lw.up, mul=g), lw.down, add=x)
     gate, up = linear(h, lw.gate_up).chunk(2, dim=-1)
@@ -224,9 +232,9 @@ class CausalLM:
                  device: torch.device, max_model_len: int, rows_hint: int = 2048, native: bool = False) -> None:
         """native: on a CPU, use `labkit.engine.kernels` where they can run (see `native_note`)."""
         self.cfg = cfg
-        put = lambda name: weights[name].to(device=device, dtype=dtype).contiguous()  # noqa: E731
+        put = lambda name: weights[name].to(device=device, dtype=dtype).contiguous()
         self.embed = put("model.embed_tokens.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in weights else put("lm_head.weight")
+        self.lm_head: Weight = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in weights else put("lm_head.weight")
         self.norm = put("model.norm.weight")
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
@@ -261,10 +269,11 @@ class CausalLM:
         else:
             return why or ("" if not want else f"the native kernels take oneDNN-packed fp32 or bf16 weights, not {dtype}"
                            + (" (LABKIT_ONEDNN=0)" if dtype == torch.float32 else ""))
-        self.lm_head = p(self.lm_head)  # a packed copy: the embedding lookup keeps the dense one
+        self.lm_head = p(_dense(self.lm_head))  # a packed copy: the embedding lookup keeps the dense one
         for lw in self.layers:
-            gate, up = lw.gate_up.chunk(2)
-            lw.qkv, lw.o, lw.down, lw.gate, lw.up, lw.gate_up = p(lw.qkv), p(lw.o), p(lw.down), p(gate), p(up), None
+            gate, up = _dense(lw.gate_up).chunk(2)
+            lw.qkv, lw.o, lw.down, lw.gate, lw.up, lw.gate_up = (p(_dense(lw.qkv)), p(_dense(lw.o)),
+                                                                 p(_dense(lw.down)), p(gate), p(up), None)
         weights = [self.lm_head] + [w for lw in self.layers for w in (lw.qkv, lw.o, lw.down, lw.gate, lw.up)]
         if use and not all(isinstance(w, PackedWeight) for w in weights):
             return "oneDNN packed some weights in a layout the native kernel does not read"

@@ -198,8 +198,9 @@ def model_with_decode(model: LatencyModel, coef: Any, who: str = "your fit") -> 
         raise ValueError(f"expected three numbers (a_s, b_s_per_ctx_token, c_s_per_seq), got {coef!r}")
     names = ("decode_a_s", "decode_b_s_per_ctx_token", "decode_c_s_per_seq")
     clipped = [n for n, v in zip(names, vals) if v < 0]
-    out = replace(model, **{n: max(0.0, v) for n, v in zip(names, vals)},  # type: ignore[arg-type]
-                  note=f"{model.note}; decode from {who}" if model.note else f"decode from {who}")
+    changes: dict[str, Any] = {n: max(0.0, v) for n, v in zip(names, vals)}
+    changes["note"] = f"{model.note}; decode from {who}" if model.note else f"decode from {who}"
+    out = replace(model, **changes)
     return out, clipped
 
 

@@ -31,10 +31,10 @@ def check_engine(ctx: Ctx) -> None:
              "compiled+graphs": {"cuda_graphs": True, "compile_decode": gpu}}
     picked = ctx.engine_variants or [f"{big}:eager", f"{big}:graphs", f"{small}:graphs", f"{small}:compiled+graphs"]
     variants = []
-    for v in picked:
-        model, _, form = v.partition(":")
+    for spec in picked:
+        model, _, form = spec.partition(":")
         if form not in forms:
-            raise ValueError(f"engine variant {v!r}: form must be one of {sorted(forms)}")
+            raise ValueError(f"engine variant {spec!r}: form must be one of {sorted(forms)}")
         variants.append((model, form, forms[form]))
     out: dict[str, Any] = {"runner": "labkit-engine", "variants": {}, "errors": {}}
     ctx.results["engine"] = out

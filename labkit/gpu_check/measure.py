@@ -61,8 +61,8 @@ def _model_check(ctx: Ctx, model: str, key: str, *, prompt_len: int, context_len
     runner = TransformersRunner(model, ctx.dtype, ctx.device, random_weights=True)
     ctx.log(f"{key}: built {model} ({runner.shape.parameter_count / 1e9:.2f} B params) in {time.monotonic() - t0:.1f} s")
     sampler = Sampler(ctx.device if ctx.device.startswith("cuda") else "cpu", verbose=False) if telemetry else None
-    for n in (sampler.notes if sampler else []):
-        ctx.log(f"{key}: telemetry: {n}")
+    for note in (sampler.notes if sampler else []):
+        ctx.log(f"{key}: telemetry: {note}")
     recs: list[dict[str, Any]] = []
     try:
         if sampler:

@@ -150,7 +150,7 @@ def calibrate(model: Any = "tiny", profile: str | None = None, *, points: Calibr
 
     fitted = fit_latency_model(prefill, decode, kv_bytes_per_token=_kv_bytes_per_token(cfg.model, cfg.dtype),
                                model=str(cfg.model), device=device_name(cfg.device), note="measured")
-    meta = {"engine_config": {k: getattr(cfg, k) for k in cfg.__slots__},  # type: ignore[attr-defined]
+    meta = {"engine_config": {k: getattr(cfg, k) for k in cfg.__slots__},
             "profile": prof, "points": _points_meta(pts), "repeats": pts.repeats, "seconds": time.perf_counter() - t0,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return Calibration(fitted, tuple(prefill), tuple(decode), meta)

@@ -17,6 +17,7 @@ from labkit.plan.simulator import (
     SLO,
     Layout,
     Limits,
+    Policy,
     SimResult,
     prefilled_on_decode,
     simulate,
@@ -32,7 +33,7 @@ class SearchSettings:
     bisection_steps: int = 7
     rate_tolerance: float = 0.02            # stop bisecting when the bracket is this narrow (relative)
     max_unit_devices: int | None = None     # None: units up to two nodes (2 x devices_per_node)
-    policies: tuple[str, ...] = ("prefill_first", "chunked")
+    policies: tuple[Policy, ...] = ("prefill_first", "chunked")
     # A short trace at a high rate is one burst a fast unit drains within the TTFT SLO, and would
     # look "sustainable". So each run lasts `horizon_factor` x the slowest SLO-meeting request
     # (TTFT + output x TPOT), taking more requests at higher rates (at least `min_requests`; the

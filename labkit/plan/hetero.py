@@ -156,7 +156,7 @@ def compare_parts(requests: Requests, slo: SLO, prefill: Part, decode: Part, *, 
     st = settings or SearchSettings()
     top = max_unit_devices or net.devices_per_node
     xpyd = [u for u in candidate_layouts(top, replace(st, max_unit_devices=top)) if u.kind == "disagg"]
-    monos = [Layout.mono(1, p) for p in st.policies]  # type: ignore[arg-type]
+    monos = [Layout.mono(1, p) for p in st.policies]
     mean_out = float(requests.output_tokens.mean())
     groups: list[tuple[Sequence[Layout], Part, Part, Callable[[Layout], Any]]] = [
         (monos, prefill, prefill, lambda u: None), (monos, decode, decode, lambda u: None),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from labkit.links import LINKS, Link
 from labkit.plan.goodput import (
@@ -197,7 +198,7 @@ def candidate_layouts(devices: int, settings: SearchSettings | None = None, devi
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
     s = settings or SearchSettings()
-    out = [Layout.mono(1, p) for p in s.policies]  # type: ignore[arg-type]
+    out = [Layout.mono(1, p) for p in s.policies]
     top = min(devices, s.max_unit_devices or 2 * devices_per_node)
     out += [Layout.disagg(p, total - p) for total in range(2, top + 1) for p in range(1, total)
             if math.gcd(p, total - p) == 1]
@@ -266,8 +267,9 @@ class UnitTable:
             optimistic = simulated + [Item(u, u.num_devices, self.bound(u), True) for u in cands if u not in self.scores]
             packs = best_packings(simulated, budgets, self.network.devices_per_node)
             hopes = best_packings(optimistic, budgets, self.network.devices_per_node)
-            todo = {key for n, h in hopes.items() if h is not None
-                    and (packs[n] is None or packs[n].rate < (1 - tol) * h.rate)   # type: ignore[union-attr]
+            # the packings' keys are the Layouts given as Item keys above
+            todo = {cast(Layout, key) for n, h in hopes.items() if h is not None
+                    and ((got := packs[n]) is None or got.rate < (1 - tol) * h.rate)
                     for key, _ in h.counts if key not in self.scores}
             if not todo:
                 break
@@ -283,7 +285,10 @@ class UnitTable:
         for n, p in packs.items():
             mono = (self._deployment(((best_mono.unit, n),), n, tuple((i, best_mono.unit) for i in range(n)))
                     if best_mono else self._deployment((), n))
-            disagg = self._deployment(p.counts, n, p.placement) if p is not None else None  # type: ignore[arg-type]
+            # the packings' keys are the Layouts given as Item keys above
+            disagg = (self._deployment(cast("tuple[tuple[Layout, int], ...]", p.counts), n,
+                                       cast("tuple[tuple[int, Layout], ...]", p.placement))
+                      if p is not None else None)
             best = disagg if disagg is not None and disagg.goodput_rps > mono.goodput_rps else mono
             out[n] = (best, mono, disagg)
         return out

@@ -305,7 +305,7 @@ def load_policy(spec: str = DEFAULT_POLICY) -> PrefillPolicy:
                          f"got {fn!r}") from None
     except ValueError:   # no signature to inspect (a builtin): trust it, the first request will tell
         pass
-    return fn  # type: ignore[no-any-return]  # load_spec returns what the module holds
+    return fn
 
 
 def choose(policy: PrefillPolicy, block_hashes: Sequence[bytes],

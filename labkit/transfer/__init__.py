@@ -118,13 +118,13 @@ def available_backends() -> dict[str, str]:
     """Backend name -> "" if usable here, else why not (for the notebook, the CLI and tests)."""
     out = {"shm": "", "tcp": ""}
     try:
-        import nixl._api  # noqa: F401
+        import nixl._api  # noqa: F401 - imported only to see that it loads
         out["nixl"] = ""
     except Exception as e:  # noqa: BLE001 - any import failure means "not here"
         out["nixl"] = f"nixl not importable ({e.__class__.__name__}); pip install nixl"
     try:
         import torch
         out["cuda-ipc"] = "" if torch.cuda.is_available() else "no CUDA GPU"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any failure means "not here", named in the reply
         out["cuda-ipc"] = f"torch.cuda unusable ({e.__class__.__name__})"
     return out

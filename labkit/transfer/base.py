@@ -43,7 +43,8 @@ class TransferStats:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A flat byte view of a contiguous CPU tensor (no copy)."""
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    # ndarray.data is memoryview(arr); numpy's stubs give ndarray the buffer protocol only on Python 3.12+
+    return t.view(torch.uint8).reshape(-1).numpy().data
 
 
 def check_token(token: str) -> str:
@@ -69,7 +70,7 @@ def _still_open(conn: socket.socket) -> bool:
     try:
         conn.setblocking(False)
         try:
-            data = conn.recv(1, socket.MSG_PEEK)
+            conn.recv(1, socket.MSG_PEEK)
         finally:
             conn.setblocking(True)
         return False   # EOF, or bytes nobody asked for: either way not reusable

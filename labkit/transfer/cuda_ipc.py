@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from labkit.transfer import wire
+from labkit.transfer.errors import HeaderError, PayloadError, TransferError
 from labkit.transfer.receiver import InboundStream
 from labkit.transfer.sender import OutboundStream
-from labkit.transfer.errors import HeaderError, PayloadError, TransferError
 from labkit.transfer.shm import ShmReceiver, ShmSender, parse_endpoint
 
 CHECKSUM_ALGO = "sum64x2"       # xxh3 would need the bytes on the host; this runs where they are
@@ -76,7 +76,7 @@ def _share(t: torch.Tensor) -> dict[str, Any]:
     storage = t.untyped_storage()
     (device, handle, size_bytes, offset_bytes, ref_handle, ref_offset, event_handle,
      event_sync) = storage._share_cuda_()
-    b64 = lambda x: base64.b64encode(x).decode() if x else ""  # noqa: E731
+    b64 = lambda x: base64.b64encode(x).decode() if x else ""
     return {"device": int(device), "handle": b64(handle), "storage_size_bytes": int(size_bytes),
             "storage_offset_bytes": int(offset_bytes), "ref_counter_handle": b64(ref_handle),
             "ref_counter_offset": int(ref_offset), "event_handle": b64(event_handle),

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from labkit.transfer import wire
-from labkit.transfer.base import TransferStats, tensor_bytes
+from labkit.transfer.base import TransferStats, log, tensor_bytes
+from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
 from labkit.transfer.receiver import InboundStream
 from labkit.transfer.sender import OutboundStream
-from labkit.transfer.errors import HeaderError, PayloadError, TransferError, TransferTimeout
 from labkit.transfer.tcp import TcpReceiver, TcpSender
 
 MAX_METADATA_BYTES = 1 << 20
@@ -52,7 +52,7 @@ class NixlInbound(InboundStream):
         self.buf = torch.empty(meta.nbytes, dtype=torch.uint8)
         with receiver._nixl_lock:
             self.reg = receiver.agent.register_memory(self.buf)
-        self.view = memoryview(self.buf.numpy())
+        self.view = self.buf.numpy().data
 
     def add_layer(self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket,
                   deadline: float | None) -> None:
@@ -89,8 +89,8 @@ class NixlInbound(InboundStream):
             with self.rx._nixl_lock:
                 try:
                     handle.release()
-                except Exception:  # noqa: BLE001 - still in flight: NIXL keeps it and frees it later
-                    pass
+                except Exception as e:  # noqa: BLE001 - still in flight: NIXL keeps it and frees it later
+                    log.debug("layer %d: NIXL handle not released now (%s); NIXL frees it when done", layer, e)
         wire.verify_layer(self.view[layer * n:(layer + 1) * n], self.view[half + layer * n:half + (layer + 1) * n],
                           checksum, m, layer)
 
@@ -137,7 +137,7 @@ class NixlReceiver(TcpReceiver):
         with self._nixl_lock:
             try:
                 name = self.agent.add_remote_agent(md)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - NIXL raises its own error types; re-raised as HeaderError
                 raise HeaderError(f"NIXL cannot load the sender's metadata ({e.__class__.__name__})", field="nixl",
                                   request_id=meta.request_id) from None
         name = name.decode() if isinstance(name, bytes) else str(name)
@@ -152,7 +152,7 @@ class NixlOutbound(OutboundStream):
                  layerwise: bool, staging: torch.Tensor) -> None:
         super().__init__(sender, conn, meta, timeout_s, layerwise)
         self.staging = staging
-        self.view = memoryview(staging.numpy())
+        self.view = staging.numpy().data
 
     def _write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n, half = self.meta.layer_nbytes, self.meta.nbytes // 2
@@ -229,8 +229,8 @@ class NixlSender(TcpSender):
 
 def nixl_available() -> bool:
     try:
-        import nixl._api  # noqa: F401
+        import nixl._api  # noqa: F401 - imported only to see that it loads
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - any import failure means "not here"
         return False
 

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -151,10 +151,10 @@ class Receiver(ABC):
             t.join(timeout=5.0)
         self._cleanup()
 
-    def __enter__(self) -> Receiver:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # for backends ----------------------------------------------------------------------
@@ -182,7 +182,7 @@ class Receiver(ABC):
         while not self._closed:
             try:
                 conn, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break

@@ -222,10 +222,11 @@ class ShmReceiver(Receiver):
                 maps[seg_id] = mm
         else:
             with self._maps_lock:
-                mm = maps.get(seg_id)       # type: ignore[assignment]
-            if mm is None:
+                known = maps.get(seg_id)
+            if known is None:
                 raise HeaderError(f"shm segment {seg_id} was never sent on this connection", field="shm",
                                   request_id=rid)
+            mm = known
         if len(mm) - DATA_OFFSET < meta.nbytes:
             raise PayloadError(f"shm segment {seg_id} holds {len(mm) - DATA_OFFSET:,} bytes, the request needs "
                                f"{meta.nbytes:,} (truncated)", field="nbytes", request_id=rid)

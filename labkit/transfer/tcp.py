@@ -35,7 +35,7 @@ class TcpInbound(InboundStream):
     def __init__(self, meta: wire.KVMeta) -> None:
         super().__init__(meta)
         self.buf = torch.empty(meta.nbytes, dtype=torch.uint8)
-        self.view = memoryview(self.buf.numpy())
+        self.view = self.buf.numpy().data
 
     def add_layer(self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket,
                   deadline: float | None) -> None:

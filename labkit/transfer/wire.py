@@ -25,7 +25,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import xxhash
 
@@ -88,7 +88,7 @@ def recv_exact_into(sock: socket.socket, view: memoryview, deadline: float | Non
         _set_deadline(sock, deadline, what)
         try:
             k = sock.recv_into(view[got:], min(n - got, 8 << 20))
-        except socket.timeout:
+        except TimeoutError:
             raise TransferTimeout(f"{what}: stalled after {got:,} of {n:,} bytes") from None
         if k == 0:
             raise PayloadError(f"{what}: truncated, peer closed after {got:,} of {n:,} bytes")
@@ -110,7 +110,7 @@ def read_frame(sock: socket.socket, deadline: float | None, what: str = "frame")
     _set_deadline(sock, deadline, what)
     try:
         first = sock.recv(PREFIX.size)
-    except socket.timeout:
+    except TimeoutError:
         raise TransferTimeout(f"{what}: no reply within the timeout") from None
     if not first:
         raise ConnectionResetError("peer closed the connection")
@@ -237,7 +237,7 @@ def _check_meta(m: KVMeta) -> None:
         raise HeaderError(f"extra must be a JSON object, got {type(m.extra).__name__}", field="extra", request_id=rid)
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -262,12 +262,12 @@ def parse_begin(header: dict[str, Any], *, token: str, expect: KVSpec | None,
         raise HeaderError(f"layout {header.get('layout')!r} != 'k_then_v'", field="layout", request_id=rid)
     ids = header.get("prompt_ids")
     try:
-        meta = KVMeta(request_id=header.get("request_id"), model_fingerprint=header.get("model_fingerprint"),
-                      prompt_ids=tuple(ids) if isinstance(ids, list) else ids,  # type: ignore[arg-type]
-                      num_layers=header.get("num_layers"), num_kv_heads=header.get("num_kv_heads"),  # type: ignore[arg-type]
-                      head_dim=header.get("head_dim"), dtype=header.get("dtype"),  # type: ignore[arg-type]
-                      block_size=header.get("block_size"), first_token_id=header.get("first_token_id"),  # type: ignore[arg-type]
-                      extra=header.get("extra", {}))
+        # Untyped JSON values go in as they came: KVMeta.__post_init__ checks every field's type and range.
+        fields: dict[str, Any] = {k: header.get(k) for k in ("request_id", "model_fingerprint", "num_layers",
+                                                             "num_kv_heads", "head_dim", "dtype", "block_size",
+                                                             "first_token_id")}
+        fields["prompt_ids"] = tuple(ids) if isinstance(ids, list) else ids
+        meta = KVMeta(**fields, extra=header.get("extra", {}))
     except HeaderError:
         raise
     except (TypeError, ValueError) as e:

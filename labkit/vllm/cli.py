@@ -40,8 +40,9 @@ def _serve(a: argparse.Namespace) -> int:
     try:
         for s in servers:
             print(f"  vLLM {s.cfg.role:7s} {s.url}  pid {s.pid}  cores {s.cfg.cpus or 'all'}  log {s.log_path}")
-        kw = {"prefill": [servers[0].url], "decode": [servers[1].url]} if a.mode == "pd" else {"mono": [servers[0].url]}
-        router = start_router(model=a.model, backend="vllm", port=a.port or None, **kw)  # type: ignore[arg-type]
+        pd = a.mode == "pd"
+        router = start_router(model=a.model, backend="vllm", port=a.port or None, mono=[] if pd else [servers[0].url],
+                              prefill=[servers[0].url] if pd else [], decode=[servers[1].url] if pd else [])
         print(f"router (the URL to use): {router.url}  pid {router.pid}\nCtrl-C stops everything.", flush=True)
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))

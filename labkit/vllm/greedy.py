@@ -8,8 +8,9 @@ positions are reported, and a disagreement before any of them is a real bug.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 

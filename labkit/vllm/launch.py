@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from labkit import deployments
 from labkit.config import labkit_home
@@ -334,7 +334,7 @@ class VllmPD:
         """Stops both; returns PIDs still alive (should be [])."""
         return self.prefill.stop() + self.decode.stop()
 
-    def __enter__(self) -> VllmPD:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -419,6 +419,24 @@ def launch_pd(base: VllmServerConfig | None = None, **kw: Any) -> VllmPD:
     return VllmPD(prefill=started[0], decode=started[1])
 
 
-__all__ = ["VllmServerConfig", "VllmServer", "VllmPD", "StartupError", "build_command", "launch", "launch_pd",
-           "start_server", "pd_configs", "gpu_slots", "split_cpus", "cpu_list_str", "vllm_available", "vllm_version",
-           "install_hint", "default_device", "usable_cpus", "group_pids", "log_dir"]
+__all__ = [
+    "StartupError",
+    "VllmPD",
+    "VllmServer",
+    "VllmServerConfig",
+    "build_command",
+    "cpu_list_str",
+    "default_device",
+    "gpu_slots",
+    "group_pids",
+    "install_hint",
+    "launch",
+    "launch_pd",
+    "log_dir",
+    "pd_configs",
+    "split_cpus",
+    "start_server",
+    "usable_cpus",
+    "vllm_available",
+    "vllm_version",
+]

@@ -9,8 +9,8 @@ so a snapshot before and after a run gives transfers, bytes and seconds of that 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Iterable
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families

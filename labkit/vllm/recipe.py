@@ -94,12 +94,13 @@ def recipe_text(plan: XPyDPlan) -> str:
     """The recipe as a shell script, one commented block per host and role."""
     n_p = len(plan.prefill_hosts) * plan.instances_per_node("prefill")
     n_d = len(plan.decode_hosts) * plan.instances_per_node("decode")
-    lines = [f"# {n_p}P{n_d}D: {n_p} prefill instances (TP={plan.prefill_tp}) on {len(plan.prefill_hosts)} node(s), "
-             f"{n_d} decode instances (TP={plan.decode_tp}) on {len(plan.decode_hosts)} node(s)"]
+    lines = [(f"# {n_p}P{n_d}D: {n_p} prefill instances (TP={plan.prefill_tp}) on {len(plan.prefill_hosts)} node(s), "
+              f"{n_d} decode instances (TP={plan.decode_tp}) on {len(plan.decode_hosts)} node(s)")]
     for s in xpyd_recipe(plan):
         lines += [f"# [{s.role} @ {s.host}]", s.command]
-    lines.append("# Then: labkit bench --url http://<router>:%d ... and read vllm:nixl_bytes_transferred_sum / "
-                 "vllm:nixl_xfer_time_seconds_sum on each decode instance (GB/s of KV moved)." % plan.router_port)
+    lines.append(f"# Then: labkit bench --url http://<router>:{plan.router_port} ... and read "
+                 "vllm:nixl_bytes_transferred_sum / vllm:nixl_xfer_time_seconds_sum on each decode instance "
+                 "(GB/s of KV moved).")
     return "\n".join(lines)
 
 

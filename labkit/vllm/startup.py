@@ -23,12 +23,22 @@ from pathlib import Path
 from typing import TypeVar
 
 from labkit.devices import place
-from labkit.vllm.launch import VllmPD, VllmServer, VllmServerConfig, launch, launch_pd, log_dir, pd_configs, usable_cpus
+from labkit.vllm.launch import (
+    Device,
+    VllmPD,
+    VllmServer,
+    VllmServerConfig,
+    launch,
+    launch_pd,
+    log_dir,
+    pd_configs,
+    usable_cpus,
+)
 
 T = TypeVar("T")
 
 
-def device_for(gpus: Sequence[int]) -> str:
+def device_for(gpus: Sequence[int]) -> Device:
     """'cuda' with GPUs, else 'cpu'."""
     return "cuda" if list(gpus) else "cpu"
 
@@ -62,7 +72,7 @@ def launch_pd_on(base: VllmServerConfig, gpus: Sequence[int]) -> VllmPD:
     """`launch_pd(base, gpus=gpus)`: the pair placed for these GPUs (none: the cores split in two)."""
     gpu_list = [int(g) for g in gpus]
     if "gpus" in inspect.signature(pd_configs).parameters:
-        return launch_pd(replace(base, device=device_for(gpu_list)), gpus=gpu_list)  # type: ignore[arg-type]
+        return launch_pd(replace(base, device=device_for(gpu_list)), gpus=gpu_list)
     # launch.py before `gpus=` (its pd_configs took prefill_gpu / decode_gpu): the same placement
     # spelled the old way, both servers started at once. Remove once launch_pd takes gpus.
     if not gpu_list:
@@ -97,13 +107,14 @@ def with_progress(start: Callable[[], T], desc: str, *, poll_s: float = 1.0) -> 
     the newest vLLM log line beside it; returns its result or raises its exception."""
     from tqdm.auto import tqdm
 
-    box: dict[str, object] = {}
+    value: list[T] = []
+    error: list[BaseException] = []
 
     def run() -> None:
         try:
-            box["value"] = start()
+            value.append(start())
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
-            box["error"] = e
+            error.append(e)
 
     t0, wall0 = time.monotonic(), time.time()
     worker = threading.Thread(target=run, name=f"start: {desc}", daemon=True)
@@ -114,9 +125,9 @@ def with_progress(start: Callable[[], T], desc: str, *, poll_s: float = 1.0) -> 
             bar.set_postfix_str(_newest_log_line(wall0), refresh=False)
             bar.update(0)
         bar.set_postfix_str(f"ready in {time.monotonic() - t0:.0f} s")
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
+    if error:
+        raise error[0]
+    return value[0]
 
 
 def start_pd(base: VllmServerConfig, gpus: Sequence[int], *, progress: bool = True) -> VllmPD:

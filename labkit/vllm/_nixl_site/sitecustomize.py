@@ -13,8 +13,9 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
 
 _TARGETS = {"nixl_cu12._api", "nixl_cu13._api", "nixl_rocm._api"}
 
@@ -50,7 +51,7 @@ class _NixlFinder(importlib.abc.MetaPathFinder):
             exec_module(module)
             _patch(module)
 
-        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]  # patching this one loader, on purpose
         return spec
 
 
