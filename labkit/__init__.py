@@ -3,6 +3,7 @@
 Notebooks import labkit, never the other way round. Heavy modules (torch, transformers)
 are imported by the submodules that need them, so `import labkit` stays cheap.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ They never raise: whether a failed check stops the notebook is the exercise's bu
 (`labkit.exercises`), which raises `ExerciseIncomplete` in strict mode (the student edition,
 or `LABKIT_STRICT=1`).
 """
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,9 @@ def missing(name: str, hint: str = "", *, todo: str = MISSING_HINT) -> CheckResu
     return verdict(False, f"❌ {name}: no answer yet; {todo}." + _hint(hint), missing=True)
 
 
-def check_close(name: str, got: Any, expected: float, *, rtol: float = 0.02, hint: str = "", unit: str = "") -> CheckResult:
+def check_close(
+    name: str, got: Any, expected: float, *, rtol: float = 0.02, hint: str = "", unit: str = ""
+) -> CheckResult:
     """Passes when `got` is a number within `rtol` (relative) of `expected`."""
     g = _number(name, got, hint)
     if isinstance(g, CheckResult):
@@ -70,8 +73,9 @@ def check_close(name: str, got: Any, expected: float, *, rtol: float = 0.02, hin
     return verdict(False, f"❌ {name}: {fmt(g, unit)} is {direction} ({ratio:.3g}x the expected value)." + _hint(hint))
 
 
-def check_ratio(name: str, got: Any, reference: float, *, lo: float, hi: float, what: str = "ratio",
-                hint: str = "", unit: str = "") -> CheckResult:
+def check_ratio(
+    name: str, got: Any, reference: float, *, lo: float, hi: float, what: str = "ratio", hint: str = "", unit: str = ""
+) -> CheckResult:
     """Passes when lo <= got / reference <= hi: for bounds (a prediction below a measurement) and
     for readings off a chart. `what` names the ratio in the verdict (e.g. "MBU")."""
     g = _number(name, got, hint)

@@ -4,6 +4,7 @@ A command module defines `register(parser: argparse.ArgumentParser) -> None` (or
 named after a colon, `module:function`), which adds its arguments and sets `func` (called
 with the parsed args; returns an exit code).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vllm": ("labkit.vllm.cli", "start vLLM monolithic or prefill/decode disaggregated (NixlConnector)"),
     "ps": ("labkit.deployments_cli:register_ps", "the lab's running servers: id, mode, model, user, URL, PIDs"),
     "stop": ("labkit.deployments_cli:register_stop", "stop a running deployment by id, or --all-mine"),
-    "notebooks": ("labkit.exercises.edition", "the learner's edition (student OUT); time the notebooks (time); the guide's table (guide)"),
+    "notebooks": (
+        "labkit.exercises.edition",
+        "the learner's edition (student OUT); time the notebooks (time); the guide's table (guide)",
+    ),
 }
 
 

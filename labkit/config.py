@@ -1,5 +1,6 @@
 """Where things live and which profile runs (one place for environment variables), and how a settings
 dataclass becomes command-line flags (`doc`, `add_flags`), so a default is written once."""
+
 from __future__ import annotations
 
 import argparse
@@ -83,6 +84,7 @@ def shared_data_dir() -> Path | None:
 
 # --- settings as dataclasses: one default, its doc and its command-line flag, written once -----------
 
+
 def doc(help: str, flag: str | None = None) -> dict[str, str]:
     """A settings field's metadata: its help text (and its flag's name, when the field's would not do).
 
@@ -120,8 +122,11 @@ def add_flags(parser: argparse._ActionsContainer, cls: type, *, skip: Iterable[s
     for _, f, tp in _flat_fields(cls, skip):
         default = f.default_factory() if f.default is MISSING and callable(f.default_factory) else f.default
         shown = "" if default is None else f" (default: {default})"
-        kw: dict[str, Any] = {"dest": _key(f), "default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')}{shown}".strip()}
+        kw: dict[str, Any] = {
+            "dest": _key(f),
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata.get('help', '')}{shown}".strip(),
+        }
         args = get_args(tp)
         if tp is bool:
             parser.add_argument("--" + _key(f).replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
@@ -132,7 +137,7 @@ def add_flags(parser: argparse._ActionsContainer, cls: type, *, skip: Iterable[s
         if get_origin(tp) is tuple:
             kw.update(nargs="+", type=args[0])
         else:
-            kw["type"] = next((a for a in args if a is not type(None)), tp)   # X | None -> X
+            kw["type"] = next((a for a in args if a is not type(None)), tp)  # X | None -> X
         parser.add_argument("--" + _key(f).replace("_", "-"), metavar=f.name.upper(), **kw)
 
 

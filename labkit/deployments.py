@@ -12,6 +12,7 @@ same start time, so a reused PID does not count) is deleted when listed.
 the caller's own; `check_port_free` turns "address already in use" into a message that names
 the deployment holding the port and the command that stops it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,13 +54,13 @@ class Deployment:
     """A running deployment as recorded in its JSON file."""
 
     id: str
-    mode: str              # "mono" | "disagg" | "vllm-pd" | "vllm-mono" | "<role> worker" | "router"
+    mode: str  # "mono" | "disagg" | "vllm-pd" | "vllm-mono" | "<role> worker" | "router"
     model: str
     owner_pid: int
     owner_cmd: str
     user: str
     uid: int
-    started_at: float      # Unix time, s
+    started_at: float  # Unix time, s
     procs: list[ProcEntry] = field(default_factory=list)
 
     @property
@@ -129,7 +130,7 @@ def _user() -> str:
 
 _LOCK = threading.Lock()
 _MINE: dict[str, Deployment] = {}
-_BUILDING = threading.local()   # the deployment that begin() opened on this thread, and its depth
+_BUILDING = threading.local()  # the deployment that begin() opened on this thread, and its depth
 
 
 def _new(mode: str, model: str) -> Deployment:
@@ -142,9 +143,16 @@ def _new(mode: str, model: str) -> Deployment:
             taken = False  # an unreadable registry: track() will say so
         if not taken:
             break
-    return Deployment(id=dep_id, mode=mode, model=model, owner_pid=os.getpid(),
-                      owner_cmd=_owner_cmd(), user=_user(), uid=os.getuid(),
-                      started_at=time.time())
+    return Deployment(
+        id=dep_id,
+        mode=mode,
+        model=model,
+        owner_pid=os.getpid(),
+        owner_cmd=_owner_cmd(),
+        user=_user(),
+        uid=os.getuid(),
+        started_at=time.time(),
+    )
 
 
 def begin(mode: str, model: str) -> Deployment:
@@ -207,6 +215,7 @@ def id_of(pid: int) -> str | None:
 
 # --- everyone's side: list, find, stop -------------------------------------------------------
 
+
 def listing(prune: bool = True) -> list[Deployment]:
     """Every recorded deployment with a live process, oldest first; `prune` deletes the others' files."""
     out: list[Deployment] = []
@@ -241,14 +250,18 @@ def check_port_free(port: int, host: str = LOOPBACK) -> None:
     dep = holder_of_port(port)
     if dep is not None:
         whose = "yours" if dep.uid == os.getuid() else f"user {dep.user}'s"
-        how = (f"stop it with `labkit stop {dep.id}`" if dep.uid == os.getuid()
-               else f"ask {dep.user} to stop it")
-        raise PortInUseError(f"port {port} is already in use by lab deployment {dep.id} ({dep.mode}, model "
-                             f"{dep.model}, {whose}, owner pid {dep.owner_pid}): {how}, or choose another port",
-                             port)
-    raise PortInUseError(f"port {port} on {host} is already in use by another program (not a lab deployment "
-                         f"of this LABKIT_HOME): choose another port, or free it (`ss -ltnp 'sport = :{port}'` "
-                         "shows who holds it)", port)
+        how = f"stop it with `labkit stop {dep.id}`" if dep.uid == os.getuid() else f"ask {dep.user} to stop it"
+        raise PortInUseError(
+            f"port {port} is already in use by lab deployment {dep.id} ({dep.mode}, model "
+            f"{dep.model}, {whose}, owner pid {dep.owner_pid}): {how}, or choose another port",
+            port,
+        )
+    raise PortInUseError(
+        f"port {port} on {host} is already in use by another program (not a lab deployment "
+        f"of this LABKIT_HOME): choose another port, or free it (`ss -ltnp 'sport = :{port}'` "
+        "shows who holds it)",
+        port,
+    )
 
 
 class NotYours(PermissionError):

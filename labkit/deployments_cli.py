@@ -1,4 +1,5 @@
 """`labkit ps` (what the lab is running, whose it is) and `labkit stop ID|--all-mine`."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,21 @@ def _ps(args: argparse.Namespace) -> int:
 
     deps = listing()
     if args.json:
-        print(json.dumps([{**d.to_json(), "url": d.url, "ports": d.ports, "owner_alive": d.owner_alive(),
-                           "live_pids": [p.pid for p in d.live_procs()]} for d in deps], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        **d.to_json(),
+                        "url": d.url,
+                        "ports": d.ports,
+                        "owner_alive": d.owner_alive(),
+                        "live_pids": [p.pid for p in d.live_procs()],
+                    }
+                    for d in deps
+                ],
+                indent=1,
+            )
+        )
         return 0
     if not deps:
         print(f"no lab deployment is running (registry: {registry_dir()})")
@@ -52,8 +66,10 @@ def _stop(args: argparse.Namespace) -> int:
         unknown = [i for i in args.ids if i not in by_id]
         if unknown:
             known = ", ".join(by_id) or "none"
-            print(f"labkit stop: no running deployment {', '.join(unknown)} (running: {known}; see `labkit ps`)",
-                  file=sys.stderr)
+            print(
+                f"labkit stop: no running deployment {', '.join(unknown)} (running: {known}; see `labkit ps`)",
+                file=sys.stderr,
+            )
             return 2
         chosen = [by_id[i] for i in args.ids]
     else:

@@ -20,6 +20,7 @@ so their Python threads (which launch the kernels) do not fight.
 
 Nothing here touches a device: the tests run it for 0, 1, 2 and 4 GPUs on a CPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,7 @@ from typing import Literal
 
 Role = Literal["mono", "prefill", "decode"]
 Mode = Literal["mono", "disagg"]
-DEFAULT_RESERVE_FRACTION = 0.10   # of each GPU's memory left to CUDA contexts and other programs
+DEFAULT_RESERVE_FRACTION = 0.10  # of each GPU's memory left to CUDA contexts and other programs
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +90,17 @@ class Placement:
         return "\n".join(lines)
 
 
-def place(mode: Mode, *, mono: int = 1, prefill: int = 1, decode: int = 1, gpus: Sequence[int] = (),
-          cpus: Sequence[int] | None = None, reserve_fraction: float = DEFAULT_RESERVE_FRACTION,
-          transfer: str | None = None) -> Placement:
+def place(
+    mode: Mode,
+    *,
+    mono: int = 1,
+    prefill: int = 1,
+    decode: int = 1,
+    gpus: Sequence[int] = (),
+    cpus: Sequence[int] | None = None,
+    reserve_fraction: float = DEFAULT_RESERVE_FRACTION,
+    transfer: str | None = None,
+) -> Placement:
     """Places `mono` replicas, or `prefill` + `decode` workers, on `gpus` (may be empty) and `cpus`.
 
     `cpus`: the host cores to use (default: none given, no pinning). `transfer`: the KV transport
@@ -138,19 +147,24 @@ def _assign_gpus(counts: dict[Role, int], gpus: list[int]) -> dict[tuple[Role, i
     return {(role, i): groups[role][i % len(groups[role])] for role, i in workers}
 
 
-def _split_cores_for_gpu_workers(roles: list[tuple[Role, int]], cores: list[int] | None
-                                 ) -> dict[tuple[Role, int], tuple[int, ...] | None]:
+def _split_cores_for_gpu_workers(
+    roles: list[tuple[Role, int]], cores: list[int] | None
+) -> dict[tuple[Role, int], tuple[int, ...] | None]:
     """Disjoint host cores per GPU worker (it launches kernels from Python threads); none when unpinned."""
     if not cores:
         return {w: None for w in roles}
     if len(cores) < len(roles):  # fewer cores than workers: they share all of them
         return {w: tuple(cores) for w in roles}
     per = len(cores) // len(roles)
-    return {w: tuple(cores[k * per:(k + 1) * per]) for k, w in enumerate(roles)}
+    return {w: tuple(cores[k * per : (k + 1) * per]) for k, w in enumerate(roles)}
 
 
-def _gpu_slots(roles: list[tuple[Role, int]], gpu_of: dict[tuple[Role, int], int],
-               cores_of: dict[tuple[Role, int], tuple[int, ...] | None], reserve: float) -> list[Slot]:
+def _gpu_slots(
+    roles: list[tuple[Role, int]],
+    gpu_of: dict[tuple[Role, int], int],
+    cores_of: dict[tuple[Role, int], tuple[int, ...] | None],
+    reserve: float,
+) -> list[Slot]:
     sharing: dict[int, int] = {}
     for w in roles:
         sharing[gpu_of[w]] = sharing.get(gpu_of[w], 0) + 1
@@ -175,7 +189,7 @@ def _cpu_slots(mode: Mode, roles: list[tuple[Role, int]], cores: list[int] | Non
         if len(cores) < n:
             return [Slot(role, i, None, tuple(cores)) for role, i in roles]
         per = len(cores) // n
-        return [Slot(role, i, None, tuple(cores[k * per:(k + 1) * per])) for k, (role, i) in enumerate(roles)]
+        return [Slot(role, i, None, tuple(cores[k * per : (k + 1) * per])) for k, (role, i) in enumerate(roles)]
     if len(cores) < 2:
         return [Slot(role, i, None, tuple(cores)) for role, i in roles]
     half = len(cores) // 2
@@ -183,8 +197,9 @@ def _cpu_slots(mode: Mode, roles: list[tuple[Role, int]], cores: list[int] | Non
     return [Slot(role, i, None, by_role[role]) for role, i in roles]
 
 
-def kv_cache_bytes_for(slot: Slot, gpu_total_bytes: int, weight_bytes: int, *,
-                       activation_fraction: float = 0.10) -> int:
+def kv_cache_bytes_for(
+    slot: Slot, gpu_total_bytes: int, weight_bytes: int, *, activation_fraction: float = 0.10
+) -> int:
     """KV-cache bytes a GPU worker may allocate: its memory share, less weights and activation room.
 
     Raises ValueError when the weights alone do not fit the share (say which and by how much).
@@ -194,9 +209,11 @@ def kv_cache_bytes_for(slot: Slot, gpu_total_bytes: int, weight_bytes: int, *,
     share = int(gpu_total_bytes * slot.memory_fraction)
     room = share - int(weight_bytes) - int(share * activation_fraction)
     if room <= 0:
-        raise ValueError(f"{slot.name}: {weight_bytes / 1e9:.1f} GB of weights do not fit its "
-                         f"{slot.memory_fraction:.0%} share of GPU {slot.gpu} ({share / 1e9:.1f} GB) with "
-                         f"{activation_fraction:.0%} kept for activations; give it a GPU of its own")
+        raise ValueError(
+            f"{slot.name}: {weight_bytes / 1e9:.1f} GB of weights do not fit its "
+            f"{slot.memory_fraction:.0%} share of GPU {slot.gpu} ({share / 1e9:.1f} GB) with "
+            f"{activation_fraction:.0%} kept for activations; give it a GPU of its own"
+        )
     return room
 
 

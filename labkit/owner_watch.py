@@ -17,6 +17,7 @@ and exits. Signalling the *group* reaches grandchildren (vLLM's engine-core proc
 no parent-death signal does. Groups that no longer exist are dropped at each poll, so a
 process-group id the kernel hands out again later is never signalled.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-POLL_S = 0.25     # how often the guard checks its parent PID and drops vanished groups
-GRACE_S = 2.0     # SIGTERM -> SIGKILL: under 5 s from the owner's death to every process gone
+POLL_S = 0.25  # how often the guard checks its parent PID and drops vanished groups
+GRACE_S = 2.0  # SIGTERM -> SIGKILL: under 5 s from the owner's death to every process gone
 
 
 def group_exists(pgid: int) -> bool:
@@ -86,13 +87,17 @@ def guard_main(owner_pid: int) -> int:
     if groups:
         t0 = time.monotonic()
         left = stop_groups(groups)
-        print(f"{time.strftime('%H:%M:%S')} owner {owner_pid} gone ({why}): stopped process groups "
-              f"{sorted(groups)} in {time.monotonic() - t0:.1f} s" + (f"; still there: {left}" if left else ""),
-              file=sys.stderr, flush=True)
+        print(
+            f"{time.strftime('%H:%M:%S')} owner {owner_pid} gone ({why}): stopped process groups "
+            f"{sorted(groups)} in {time.monotonic() - t0:.1f} s" + (f"; still there: {left}" if left else ""),
+            file=sys.stderr,
+            flush=True,
+        )
     return 0
 
 
 # --- the owner's side -------------------------------------------------------------------------
+
 
 class _Guard:
     """This process's guard: started on first use, restarted (with every group) if it died or we forked."""
@@ -116,9 +121,13 @@ class _Guard:
                 self.log = None  # a read-only LABKIT_HOME: the guard works, it only keeps no notes
         self.owner_pid = os.getpid()
         # The write end of this pipe is non-inheritable, so other children never hold it.
-        self.popen = subprocess.Popen([sys.executable, "-I", "-S", __file__, str(self.owner_pid)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                      stderr=self.log or subprocess.DEVNULL, start_new_session=True)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-I", "-S", __file__, str(self.owner_pid)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log or subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self._send("".join(f"+{g}\n" for g in self.groups))
 
     def _send(self, text: str) -> bool:

@@ -20,6 +20,7 @@ signal, SIGKILL included, which no `atexit` hook survives:
    SIGTERM, SIGKILL 2 s later. It covers what the signal misses: children started from other
    threads, grandchildren (vLLM's engine core), platforms without prctl (macOS).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -100,9 +101,11 @@ def popen_owned(argv: Sequence[str], *, cpus: Sequence[int] | None = None, **pop
     Returns the Popen; the group is registered with this process's guard until `stop_pid`.
     """
     popen: subprocess.Popen[Any] = subprocess.Popen(
-        list(argv), start_new_session=True,
+        list(argv),
+        start_new_session=True,
         preexec_fn=owned_preexec(cpus),  # noqa: PLW1509 - it takes no lock and imports nothing
-        **popen_kw)
+        **popen_kw,
+    )
     try:
         owner_watch.watch(popen.pid, labkit_home() / "logs" / "owner-watch.log")
     except BaseException:  # no guard could start: do not leave a child nobody watches
@@ -157,9 +160,15 @@ class Child:
         return self.popen.returncode
 
 
-def start_process(name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-                  log_path: str | os.PathLike[str] | None = None, cwd: str | None = None,
-                  cpus: Sequence[int] | None = None) -> Child:
+def start_process(
+    name: str,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    cwd: str | None = None,
+    cpus: Sequence[int] | None = None,
+) -> Child:
     """Starts `argv` in its own process group (so stop() takes its children too), tied to this
     process (it ends when this process dies; see the module docstring).
 
@@ -173,8 +182,15 @@ def start_process(name: str, argv: Sequence[str], *, env: Mapping[str, str] | No
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")  # noqa: SIM115 - the Child closes it when stopped
-    popen = popen_owned(argv, cpus=cpus, env=full_env, cwd=cwd, stdout=log or None,
-                        stderr=subprocess.STDOUT if log else None, stdin=subprocess.DEVNULL)
+    popen = popen_owned(
+        argv,
+        cpus=cpus,
+        env=full_env,
+        cwd=cwd,
+        stdout=log or None,
+        stderr=subprocess.STDOUT if log else None,
+        stdin=subprocess.DEVNULL,
+    )
     return Child(name=name, popen=popen, log_path=Path(log_path) if log_path else None, _log=log)
 
 
@@ -261,8 +277,10 @@ def wait_http_ok(url: str, *, timeout_s: float, child: Child | None = None, inte
     last = "no answer"
     while time.monotonic() < deadline:
         if child is not None and not child.alive():
-            raise StartupError(f"{child.name} (pid {child.pid}) exited with {child.popen.returncode} "
-                               f"before {url} answered. Log tail:\n{child.log_tail()}")
+            raise StartupError(
+                f"{child.name} (pid {child.pid}) exited with {child.popen.returncode} "
+                f"before {url} answered. Log tail:\n{child.log_tail()}"
+            )
         try:
             r = httpx.get(url, timeout=min(2.0, interval_s * 10))
             if 200 <= r.status_code < 300:

@@ -8,6 +8,7 @@ Names are sample names as exposed (a counter `x` shows as `x_total`, a histogram
 `x_count`, `x_sum`). Parsing is prometheus_client's own parser, so escaping and exponents are
 read as Prometheus writes them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -12,6 +12,7 @@ variant like `-quick` or `-1t`, unless `variant=` asks for one):
 Every loader returns None when its file is missing or unreadable (a notebook then draws the
 learner's numbers alone), never raises.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def results_dir() -> Path:
     return repo_root() / "docs" / "results"
 
 
-def write_result(kind: str, tag: str, doc: Mapping[str, Any], *, date: str | None = None,
-                 out: str | Path | None = None) -> Path:
+def write_result(
+    kind: str, tag: str, doc: Mapping[str, Any], *, date: str | None = None, out: str | Path | None = None
+) -> Path:
     """Writes a benchmark's result where the loaders here find it: `out` when given, else
     docs/results/<kind>-<date>-<tag>.json (date: `doc["date"]`, else today; tag: the machine and any
     variant, e.g. "cpu-2core-quick"). Numpy values and dataclasses are made JSON-able. Returns the path."""
@@ -54,7 +56,7 @@ class ResultFile:
 
     kind: str
     date: str
-    tag: str            # machine and variant: "cpu-2core", "cpu-2core-quick", "h100-sxm"
+    tag: str  # machine and variant: "cpu-2core", "cpu-2core-quick", "h100-sxm"
     path: Path
 
 
@@ -99,6 +101,7 @@ T = TypeVar("T")
 
 def _guard(build: Callable[[ResultFile, dict[str, Any]], T]) -> Callable[..., T | None]:
     """Loaders turn a file whose fields do not match into None (with a warning), never an exception."""
+
     def loader(*, variant: str | None = None, directory: Path | None = None) -> T | None:
         got = _load(build.__name__.removeprefix("_"), variant, directory)
         if got is None:
@@ -108,12 +111,14 @@ def _guard(build: Callable[[ResultFile, dict[str, Any]], T]) -> Callable[..., T 
         except (KeyError, TypeError, ValueError, IndexError) as e:
             warnings.warn(f"reference result {got[0].path} does not have the fields expected ({e!r})", stacklevel=2)
             return None
+
     loader.__name__ = build.__name__.removeprefix("_")
     loader.__doc__ = build.__doc__
     return loader
 
 
 # --- records --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Roofs:
@@ -134,12 +139,12 @@ class PhasePoint:
     """One measured prefill or decode step of a reference machine, as a roofline point."""
 
     machine: str
-    runner: str                 # "transformers", "labkit-engine", "engine eager", "engine graphs", ...
+    runner: str  # "transformers", "labkit-engine", "engine eager", "engine graphs", ...
     model: str
     dtype: str
-    phase: str                  # "prefill" | "decode"
+    phase: str  # "prefill" | "decode"
     batch: int
-    seq_len: int                # prompt length (prefill) or context length (decode)
+    seq_len: int  # prompt length (prefill) or context length (decode)
     ms: float
     intensity_flop_per_byte: float
     achieved_flops_per_s: float
@@ -153,9 +158,20 @@ class PhasePoint:
 
 def _point(machine: str, r: Mapping[str, Any]) -> PhasePoint:
     seq = r.get("prompt_len", r.get("context_len"))
-    return PhasePoint(machine, str(r["runner"]), str(r["model"]), str(r["dtype"]), str(r["phase"]), int(r["batch"]),
-                      int(seq), float(r["ms"]), float(r["intensity_flop_per_byte"]), float(r["achieved_flops_per_s"]),
-                      r.get("mfu"), r.get("mbu"))
+    return PhasePoint(
+        machine,
+        str(r["runner"]),
+        str(r["model"]),
+        str(r["dtype"]),
+        str(r["phase"]),
+        int(r["batch"]),
+        int(seq),
+        float(r["ms"]),
+        float(r["intensity_flop_per_byte"]),
+        float(r["achieved_flops_per_s"]),
+        r.get("mfu"),
+        r.get("mbu"),
+    )
 
 
 @dataclass(frozen=True)
@@ -166,9 +182,9 @@ class RooflineRun:
     machine: str
     model: str
     threads: int
-    roofs: Roofs                          # median of the runners' rounds
-    points: tuple[PhasePoint, ...]        # prefill and decode, per runner
-    mfu_range: Mapping[str, tuple[float, float]]   # runner -> (min, max) over rounds
+    roofs: Roofs  # median of the runners' rounds
+    points: tuple[PhasePoint, ...]  # prefill and decode, per runner
+    mfu_range: Mapping[str, tuple[float, float]]  # runner -> (min, max) over rounds
     mbu_range: Mapping[str, tuple[float, float]]
 
 
@@ -183,14 +199,34 @@ def _roofline(f: ResultFile, d: dict[str, Any]) -> RooflineRun:
     points, mfu_r, mbu_r = [], {}, {}
     for r in d["results"]:
         for cost, ms, key in ((pre_c, r["prefill_ms"], "mfu"), (dec_c, r["decode_ms"], "mbu")):
-            points.append(PhasePoint(machine, r["runner"], d["model"], dtype, cost.phase, 1, cost.seq_len, ms,
-                                     cost.intensity_flop_per_byte, cost.flops / (ms / 1e3),
-                                     r["mfu"] if key == "mfu" else cost.mfu(ms / 1e3, r["peak_flops"]),
-                                     r["mbu"] if key == "mbu" else cost.mbu(ms / 1e3, r["read_bytes_per_s"])))
+            points.append(
+                PhasePoint(
+                    machine,
+                    r["runner"],
+                    d["model"],
+                    dtype,
+                    cost.phase,
+                    1,
+                    cost.seq_len,
+                    ms,
+                    cost.intensity_flop_per_byte,
+                    cost.flops / (ms / 1e3),
+                    r["mfu"] if key == "mfu" else cost.mfu(ms / 1e3, r["peak_flops"]),
+                    r["mbu"] if key == "mbu" else cost.mbu(ms / 1e3, r["read_bytes_per_s"]),
+                )
+            )
         mfu_r[r["runner"]], mbu_r[r["runner"]] = tuple(r["mfu_range"]), tuple(r["mbu_range"])
     med = lambda k: sorted(r[k] for r in d["results"])[len(d["results"]) // 2]
-    return RooflineRun(f, machine, d["model"], int(d["threads"]),
-                       Roofs(machine, dtype, med("peak_flops"), med("read_bytes_per_s")), tuple(points), mfu_r, mbu_r)
+    return RooflineRun(
+        f,
+        machine,
+        d["model"],
+        int(d["threads"]),
+        Roofs(machine, dtype, med("peak_flops"), med("read_bytes_per_s")),
+        tuple(points),
+        mfu_r,
+        mbu_r,
+    )
 
 
 @dataclass(frozen=True)
@@ -198,16 +234,16 @@ class GpuCheckRun:
     """`scripts/gpu_check.py` on a GPU: roofs, 8B and 1B prefill/decode points, sweeps, telemetry, engine forms."""
 
     file: ResultFile
-    machine: str                          # "H100 SXM"
+    machine: str  # "H100 SXM"
     device_name: str
     dtype: str
     roofs: Roofs
     datasheet: str
-    points: tuple[PhasePoint, ...]        # headline points of every runner and model
-    decode_sweeps: Mapping[str, tuple[PhasePoint, ...]]   # "llama-3.1-8b transformers", "llama-3.1-8b engine graphs"
+    points: tuple[PhasePoint, ...]  # headline points of every runner and model
+    decode_sweeps: Mapping[str, tuple[PhasePoint, ...]]  # "llama-3.1-8b transformers", "llama-3.1-8b engine graphs"
     prefill_sweeps: Mapping[str, tuple[PhasePoint, ...]]
-    telemetry_means: Mapping[str, Mapping[str, float]]    # 8B run: phase -> metric -> mean %
-    critical_batch: Mapping[str, int | None]              # "measured", "datasheet" (8B, context of the sweep)
+    telemetry_means: Mapping[str, Mapping[str, float]]  # 8B run: phase -> metric -> mean %
+    critical_batch: Mapping[str, int | None]  # "measured", "datasheet" (8B, context of the sweep)
     images: Mapping[str, Path] = field(default_factory=dict)
 
     def point(self, model: str, runner: str, phase: str) -> PhasePoint | None:
@@ -252,12 +288,20 @@ def _gpu_check(f: ResultFile, d: dict[str, Any]) -> GpuCheckRun:
             decode_sweeps[f"{v['model']} engine {v['form']}"] = tuple(_point(machine, r) for r in v["decode_sweep"])
     eight = d.get("8b") or {}
     images = {p.stem: p for p in f.path.parent.glob("*.png")}
-    return GpuCheckRun(f, machine, env["device_name"], dtype,
-                       Roofs(machine, dtype, float(pk["matmul_flops"][dtype]), float(pk["read_bytes_per_s"])),
-                       env.get("datasheet", ""), tuple(pts), decode_sweeps, prefill_sweeps,
-                       eight.get("telemetry_means", {}),
-                       {"measured": eight.get("critical_batch_measured"), "datasheet": eight.get("critical_batch_datasheet")},
-                       images)
+    return GpuCheckRun(
+        f,
+        machine,
+        env["device_name"],
+        dtype,
+        Roofs(machine, dtype, float(pk["matmul_flops"][dtype]), float(pk["read_bytes_per_s"])),
+        env.get("datasheet", ""),
+        tuple(pts),
+        decode_sweeps,
+        prefill_sweeps,
+        eight.get("telemetry_means", {}),
+        {"measured": eight.get("critical_batch_measured"), "datasheet": eight.get("critical_batch_datasheet")},
+        images,
+    )
 
 
 @dataclass(frozen=True)
@@ -269,15 +313,22 @@ class EngineRun:
     requests: int
     prompt_len: int
     output_len: int
-    output_tok_per_s: Mapping[str, float]      # engine name -> output tokens/s
-    efficiency: Mapping[str, float]            # the lab engine's prefill MFU, decode MBU, step times
+    output_tok_per_s: Mapping[str, float]  # engine name -> output tokens/s
+    efficiency: Mapping[str, float]  # the lab engine's prefill MFU, decode MBU, step times
 
 
 @_guard
 def _engine(f: ResultFile, d: dict[str, Any]) -> EngineRun:
     """The newest engine throughput benchmark, or None."""
-    return EngineRun(f, d["model"], int(d["requests"]), int(d["prompt_len"]), int(d["output_len"]),
-                     {r["engine"]: float(r["output_tok_per_s"]) for r in d["rows"]}, dict(d.get("labkit_efficiency", {})))
+    return EngineRun(
+        f,
+        d["model"],
+        int(d["requests"]),
+        int(d["prompt_len"]),
+        int(d["output_len"]),
+        {r["engine"]: float(r["output_tok_per_s"]) for r in d["rows"]},
+        dict(d.get("labkit_efficiency", {})),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,18 +346,22 @@ class TransferRun:
     """`benchmarks/transfer.py`: bandwidth per backend and size, the fitted links, layer-wise overlap."""
 
     file: ResultFile
-    bandwidth: tuple[Mapping[str, Any], ...]   # {backend, nbytes, gb_per_s, ...}
+    bandwidth: tuple[Mapping[str, Any], ...]  # {backend, nbytes, gb_per_s, ...}
     links: tuple[Link, ...]
     layerwise: tuple[Mapping[str, Any], ...]
-    emulated: tuple[Mapping[str, Any], ...] = ()   # sends over an emulated link: {nbytes, seconds_median, link, ...}
+    emulated: tuple[Mapping[str, Any], ...] = ()  # sends over an emulated link: {nbytes, seconds_median, link, ...}
 
 
 @_guard
 def _transfer(f: ResultFile, d: dict[str, Any]) -> TransferRun:
     """The newest KV transfer benchmark, or None."""
-    return TransferRun(f, tuple(d["bandwidth"]),
-                       tuple(Link(x["label"], float(x["gb_per_s"]), float(x["fixed_s"]), x["how"]) for x in d["links"]),
-                       tuple(d.get("layerwise", ())), tuple(d.get("emulated", ())))
+    return TransferRun(
+        f,
+        tuple(d["bandwidth"]),
+        tuple(Link(x["label"], float(x["gb_per_s"]), float(x["fixed_s"]), x["how"]) for x in d["links"]),
+        tuple(d.get("layerwise", ())),
+        tuple(d.get("emulated", ())),
+    )
 
 
 @dataclass(frozen=True)
@@ -318,14 +373,22 @@ class InterferenceRun:
     long_prompt_tokens: int
     num_decodes: int
     chunk_tokens: int
-    stats: Mapping[str, Mapping[str, float]]   # mode -> decode_itl_mean_ms, decode_stall_max_ms, stall_ratio, long_ttft_ms
+    stats: Mapping[
+        str, Mapping[str, float]
+    ]  # mode -> decode_itl_mean_ms, decode_stall_max_ms, stall_ratio, long_ttft_ms
 
 
 @_guard
 def _serve_interference(f: ResultFile, d: dict[str, Any]) -> InterferenceRun:
     """The newest interference run (mono, mono-chunked, 1p1d), or None."""
-    return InterferenceRun(f, d["model"], int(d["long_prompt_tokens"]), int(d["num_decodes"]), int(d["chunk_tokens"]),
-                           {m: dict(v) for m, v in d["median"].items()})
+    return InterferenceRun(
+        f,
+        d["model"],
+        int(d["long_prompt_tokens"]),
+        int(d["num_decodes"]),
+        int(d["chunk_tokens"]),
+        {m: dict(v) for m, v in d["median"].items()},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,10 +412,22 @@ class ServingRow:
 
 
 def _row(r: Mapping[str, Any]) -> ServingRow:
-    return ServingRow(r["workload"], r["mode"], float(r["rate_rps"]), int(r["ok"]), int(r["errors"]),
-                      float(r["goodput_rps"]), float(r["slo_attainment"]), float(r["ttft_p50_ms"]),
-                      float(r["ttft_p99_ms"]), float(r["itl_p50_ms"]), float(r["itl_p99_ms"]), float(r["tpot_p50_ms"]),
-                      float(r["output_throughput_tps"]), dict(r))
+    return ServingRow(
+        r["workload"],
+        r["mode"],
+        float(r["rate_rps"]),
+        int(r["ok"]),
+        int(r["errors"]),
+        float(r["goodput_rps"]),
+        float(r["slo_attainment"]),
+        float(r["ttft_p50_ms"]),
+        float(r["ttft_p99_ms"]),
+        float(r["itl_p50_ms"]),
+        float(r["itl_p99_ms"]),
+        float(r["tpot_p50_ms"]),
+        float(r["output_throughput_tps"]),
+        dict(r),
+    )
 
 
 @dataclass(frozen=True)
@@ -374,18 +449,28 @@ class GainsRun:
     model: str
     requests_per_rate: int
     slo_rule: str
-    workloads: Mapping[str, GainsWorkload]    # "conversation", "short_prompt"
-    rate_fractions: tuple[float, ...] = ()    # the swept rates, as multiples of mono's one-at-a-time rate
+    workloads: Mapping[str, GainsWorkload]  # "conversation", "short_prompt"
+    rate_fractions: tuple[float, ...] = ()  # the swept rates, as multiples of mono's one-at-a-time rate
 
 
 @_guard
 def _gains(f: ResultFile, d: dict[str, Any]) -> GainsRun:
     """The newest gains sweep, or None."""
-    wl = {k: GainsWorkload(v["workload"], v["slo"], tuple(_row(r) for r in v["rows"]), tuple(v["gains"]),
-                           dict(v["capacity_rps"]))
-          for k, v in d.items() if isinstance(v, dict) and "rows" in v and "gains" in v}
-    return GainsRun(f, d["model"], int(d["requests_per_rate"]), d.get("slo_rule", ""), wl,
-                    tuple(float(x) for x in d.get("rate_fractions_of_mono_sequential", ())))
+    wl = {
+        k: GainsWorkload(
+            v["workload"], v["slo"], tuple(_row(r) for r in v["rows"]), tuple(v["gains"]), dict(v["capacity_rps"])
+        )
+        for k, v in d.items()
+        if isinstance(v, dict) and "rows" in v and "gains" in v
+    }
+    return GainsRun(
+        f,
+        d["model"],
+        int(d["requests_per_rate"]),
+        d.get("slo_rule", ""),
+        wl,
+        tuple(float(x) for x in d.get("rate_fractions_of_mono_sequential", ())),
+    )
 
 
 @dataclass(frozen=True)
@@ -395,7 +480,7 @@ class PlanValidationRun:
     file: ResultFile
     model: str
     requests_per_rate: int
-    rows: tuple[Any, ...]            # labkit.plan.validate.ValidationRow (mode, rate_rps, metric, predicted, measured, .error)
+    rows: tuple[Any, ...]  # labkit.plan.validate.ValidationRow (mode, rate_rps, metric, predicted, measured, .error)
     share_within_15pct: float
 
 
@@ -404,8 +489,10 @@ def _plan_validation(f: ResultFile, d: dict[str, Any]) -> PlanValidationRun:
     """The newest planner validation, or None."""
     from labkit.plan.validate import ValidationRow
 
-    rows = tuple(ValidationRow(r["mode"], float(r["rate_rps"]), r["metric"], float(r["predicted"]), float(r["measured"]))
-                 for r in d["rows"])
+    rows = tuple(
+        ValidationRow(r["mode"], float(r["rate_rps"]), r["metric"], float(r["predicted"]), float(r["measured"]))
+        for r in d["rows"]
+    )
     return PlanValidationRun(f, d["model"], int(d["requests_per_rate"]), rows, float(d["share_within_15pct"]))
 
 
@@ -431,9 +518,13 @@ class ArticleClaims:
 
 
 # As the project's DESIGN.md quotes them ("Facts worth citing": the seed article).
-ARTICLE = ArticleClaims(prefill_utilization_pct=92.0, decode_utilization_pct=(28.0, 30.0), throughput_gain=(2.0, 6.4),
-                        cost_saving_pct=(15.0, 40.0),
-                        source="the seed article on prefill/decode disaggregation (quoted in DESIGN.md)")
+ARTICLE = ArticleClaims(
+    prefill_utilization_pct=92.0,
+    decode_utilization_pct=(28.0, 30.0),
+    throughput_gain=(2.0, 6.4),
+    cost_saving_pct=(15.0, 40.0),
+    source="the seed article on prefill/decode disaggregation (quoted in DESIGN.md)",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,9 +537,12 @@ class ArticleConditions:
     source: str
 
 
-ARTICLE_CONDITIONS = ArticleConditions(min_devices=16, min_link_gbps=100.0,
-                                       source="the seed article (quoted in DESIGN.md): long prompts, low prefix "
-                                              "reuse, many GPUs (>16), fast links (RDMA, >100 Gbps)")
+ARTICLE_CONDITIONS = ArticleConditions(
+    min_devices=16,
+    min_link_gbps=100.0,
+    source="the seed article (quoted in DESIGN.md): long prompts, low prefix "
+    "reuse, many GPUs (>16), fast links (RDMA, >100 Gbps)",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,8 +561,13 @@ class SourcedRange:
 
 
 # BentoML's LLM inference handbook, as DESIGN.md quotes it ("Facts worth citing").
-HANDBOOK_SMALL_SETUP_LOSS = SourcedRange("throughput lost by disaggregating a small setup", 20.0, 30.0, "%",
-                                         "BentoML, LLM inference handbook (quoted in DESIGN.md)")
+HANDBOOK_SMALL_SETUP_LOSS = SourcedRange(
+    "throughput lost by disaggregating a small setup",
+    20.0,
+    30.0,
+    "%",
+    "BentoML, LLM inference handbook (quoted in DESIGN.md)",
+)
 
 
 @dataclass(frozen=True)
@@ -479,15 +578,21 @@ class VllmCompareRun:
     machine: str
     model: str
     vllm: str
-    rows: tuple[ServingRow, ...]            # modes "mono", "1p1d", "vllm-mono", "vllm-pd"
+    rows: tuple[ServingRow, ...]  # modes "mono", "1p1d", "vllm-mono", "vllm-pd"
     nixl: Mapping[str, Mapping[str, float]]  # "vllm-pd" -> transfers, bytes_transferred, mean_bytes, ...
 
 
 @_guard
 def _vllm_compare(f: ResultFile, d: dict[str, Any]) -> VllmCompareRun:
     """The newest four-way comparison of the lab's servers and vLLM's, or None."""
-    return VllmCompareRun(f, str(d.get("machine", f.tag)), d["model"], str(d.get("vllm", "")),
-                          tuple(_row(r) for r in d["rows"]), {k: dict(v) for k, v in d.get("nixl", {}).items()})
+    return VllmCompareRun(
+        f,
+        str(d.get("machine", f.tag)),
+        d["model"],
+        str(d.get("vllm", "")),
+        tuple(_row(r) for r in d["rows"]),
+        {k: dict(v) for k, v in d.get("nixl", {}).items()},
+    )
 
 
 vllm_compare = _vllm_compare

@@ -3,6 +3,7 @@
 Each part of the lab contributes a section through `tour_section(report, profile)`; the
 report also keeps a summary table (one row per headline figure) printed at the end.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -71,17 +72,23 @@ class Report:
 
     def write(self) -> Path:
         """Writes index.html (and data.json with the raw figures); returns index.html's path."""
-        parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
-                 ("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-                  "line-height:1.45}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-                  "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child"
-                  "{text-align:left}img{max-width:100%;border:1px solid #eee}.err{color:#b00}"
-                  "figcaption{color:#555;margin-bottom:1.5em}</style></head><body>"),
-                 f"<h1>{html.escape(self.title)}</h1>",
-                 f"<p>Written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"]
+        parts = [
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
+            (
+                "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+                "line-height:1.45}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+                "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child"
+                "{text-align:left}img{max-width:100%;border:1px solid #eee}.err{color:#b00}"
+                "figcaption{color:#555;margin-bottom:1.5em}</style></head><body>"
+            ),
+            f"<h1>{html.escape(self.title)}</h1>",
+            f"<p>Written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>",
+        ]
         if self.summary:
-            parts.append("<h2>Summary</h2>" + _html_table([{"what": r.what, "value": r.value, "note": r.note}
-                                                           for r in self.summary]))
+            parts.append(
+                "<h2>Summary</h2>"
+                + _html_table([{"what": r.what, "value": r.value, "note": r.note} for r in self.summary])
+            )
         for s in self.sections:
             parts.append(f"<h2>{html.escape(s.title)}</h2>")
             if s.error:
@@ -91,8 +98,10 @@ class Report:
                 parts.append(f"<h3>{html.escape(caption)}</h3>" + _html_table(rows))
             for caption, path in s.figures:
                 rel = path.relative_to(self.out_dir).as_posix()
-                parts.append(f"<figure><img src='{rel}' alt='{html.escape(caption)}'>"
-                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+                parts.append(
+                    f"<figure><img src='{rel}' alt='{html.escape(caption)}'>"
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                )
             parts.append(f"<p><small>{s.seconds:.1f} s</small></p>")
         parts.append("</body></html>")
         index = self.out_dir / "index.html"
@@ -112,6 +121,7 @@ def _html_table(rows: Sequence[dict[str, Any]]) -> str:
         return "<p>(no rows)</p>"
     cols = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in cols) + "</tr>"
-                   for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"

@@ -18,6 +18,7 @@ Counting rules (stated once, used everywhere):
     >>> s = ModelShape.from_config("small")
     >>> decode_cost(s, batch=1, context_len=512, dtype="float32").intensity_flop_per_byte  # ≈ 0.5
 """
+
 from __future__ import annotations
 
 import os
@@ -46,7 +47,15 @@ class ModelShape:
     name: str = ""
 
     def __post_init__(self) -> None:
-        for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size"):
+        for f in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+        ):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
         if self.num_heads % self.num_kv_heads:
@@ -69,13 +78,18 @@ class ModelShape:
             raise ValueError(f"model_type {mt!r} not supported; the lab counts llama, qwen2 and mistral")
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
-        return cls(num_layers=int(config["num_hidden_layers"]), hidden_size=hidden, num_heads=heads,
-                   num_kv_heads=int(config.get("num_key_value_heads") or heads),
-                   head_dim=int(config.get("head_dim") or hidden // heads),
-                   intermediate_size=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
-                   tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                   qkv_bias=mt == "qwen2" or bool(config.get("attention_bias", False)),
-                   name=name or str(config.get("_name_or_path", "")))
+        return cls(
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            intermediate_size=int(config["intermediate_size"]),
+            vocab_size=int(config["vocab_size"]),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=mt == "qwen2" or bool(config.get("attention_bias", False)),
+            name=name or str(config.get("_name_or_path", "")),
+        )
 
     # --- parameters ------------------------------------------------------------------
     @property
@@ -110,8 +124,12 @@ class ModelShape:
     def parameter_count(self) -> int:
         """Every parameter, counting a tied embedding/lm_head once."""
         lm = 0 if self.tie_word_embeddings else self.lm_head_params
-        return (self.num_layers * (self.layer_matmul_params + self.layer_other_params)
-                + self.embedding_params + lm + self.hidden_size)
+        return (
+            self.num_layers * (self.layer_matmul_params + self.layer_other_params)
+            + self.embedding_params
+            + lm
+            + self.hidden_size
+        )
 
     def parameter_bytes(self, dtype: str = "bfloat16") -> int:
         """Bytes of all parameters in `dtype`."""
@@ -136,10 +154,10 @@ class PhaseCost:
     phase: Literal["prefill", "decode"]
     flops: float
     bytes: float
-    tokens: int                # tokens processed (prefill: batch·prompt_len; decode: batch)
+    tokens: int  # tokens processed (prefill: batch·prompt_len; decode: batch)
     batch: int
-    seq_len: int               # prefill: prompt length; decode: context length before the step
-    matmul_flops: float        # the weight matmuls and lm_head
+    seq_len: int  # prefill: prompt length; decode: context length before the step
+    matmul_flops: float  # the weight matmuls and lm_head
     attention_flops: float
 
     @property
@@ -157,7 +175,10 @@ class PhaseCost:
 
     def roofline_time_s(self, peak_flops: float, peak_bytes_per_s: float) -> float:
         """The fastest this step can run: max(FLOPs / peak FLOP/s, bytes / bandwidth), in seconds."""
-        return max(self.flops / _positive(peak_flops, "peak_flops"), self.bytes / _positive(peak_bytes_per_s, "peak_bytes_per_s"))
+        return max(
+            self.flops / _positive(peak_flops, "peak_flops"),
+            self.bytes / _positive(peak_bytes_per_s, "peak_bytes_per_s"),
+        )
 
     def bound(self, ridge_flop_per_byte: float) -> Literal["compute", "memory"]:
         """Which roof limits this step on a device with that ridge point."""
@@ -193,8 +214,15 @@ def _attn_pairs(q_len: int, past_len: int, attention: Attention) -> int:
     raise ValueError(f"attention must be 'causal' or 'full', got {attention!r}")
 
 
-def forward_flops(shape: ModelShape, batch: int, q_len: int, past_len: int = 0, *,
-                  attention: Attention = "causal", logits: Logits = "last") -> tuple[float, float]:
+def forward_flops(
+    shape: ModelShape,
+    batch: int,
+    q_len: int,
+    past_len: int = 0,
+    *,
+    attention: Attention = "causal",
+    logits: Logits = "last",
+) -> tuple[float, float]:
     """(matmul FLOPs, attention FLOPs) of one forward over q_len new tokens per sequence."""
     if logits not in ("last", "all"):
         raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
@@ -205,17 +233,27 @@ def forward_flops(shape: ModelShape, batch: int, q_len: int, past_len: int = 0, 
     return matmul, attn
 
 
-def prefill_cost(shape: ModelShape, prompt_len: int, batch: int = 1, dtype: str = "bfloat16", *,
-                 attention: Attention = "causal", logits: Logits = "last") -> PhaseCost:
+def prefill_cost(
+    shape: ModelShape,
+    prompt_len: int,
+    batch: int = 1,
+    dtype: str = "bfloat16",
+    *,
+    attention: Attention = "causal",
+    logits: Logits = "last",
+) -> PhaseCost:
     """FLOPs and minimum bytes (weights read once, KV written) to prefill `batch` prompts of prompt_len tokens."""
     _check(batch, prompt_len, "prompt_len")
     mm, attn = forward_flops(shape, batch, prompt_len, 0, attention=attention, logits=logits)
-    nbytes = shape.weight_bytes_per_step(dtype, batch * prompt_len) + batch * prompt_len * shape.kv_bytes_per_token(dtype)
+    nbytes = shape.weight_bytes_per_step(dtype, batch * prompt_len) + batch * prompt_len * shape.kv_bytes_per_token(
+        dtype
+    )
     return PhaseCost("prefill", mm + attn, float(nbytes), batch * prompt_len, batch, prompt_len, mm, attn)
 
 
-def decode_cost(shape: ModelShape, batch: int = 1, context_len: int = 0, dtype: str = "bfloat16", *,
-                attention: Attention = "causal") -> PhaseCost:
+def decode_cost(
+    shape: ModelShape, batch: int = 1, context_len: int = 0, dtype: str = "bfloat16", *, attention: Attention = "causal"
+) -> PhaseCost:
     """FLOPs and minimum bytes of one decode step: `batch` sequences with context_len cached tokens each.
 
     Bytes: weights once, every cached KV read, one new KV row written per sequence.
@@ -227,16 +265,23 @@ def decode_cost(shape: ModelShape, batch: int = 1, context_len: int = 0, dtype: 
     return PhaseCost("decode", mm + attn, float(nbytes), batch, batch, context_len, mm, attn)
 
 
-def critical_batch(shape: ModelShape, ridge_flop_per_byte: float, dtype: str = "bfloat16",
-                   context_len: int = 0, max_batch: int = 1 << 16) -> int | None:
+def critical_batch(
+    shape: ModelShape,
+    ridge_flop_per_byte: float,
+    dtype: str = "bfloat16",
+    context_len: int = 0,
+    max_batch: int = 1 << 16,
+) -> int | None:
     """Smallest decode batch whose intensity reaches the ridge (decode turns compute-bound), or None.
 
     With context_len = 0 this is ≈ ridge · dtype_bytes / 2 (H100 bf16: 989e12 / 3.35e12 ≈ 295).
     Long contexts add KV bytes that grow with the batch, so the ridge may never be reached: None.
     """
     _positive(ridge_flop_per_byte, "ridge_flop_per_byte")
+
     def reaches(b: int) -> bool:
         return decode_cost(shape, b, context_len, dtype).intensity_flop_per_byte >= ridge_flop_per_byte
+
     if not reaches(max_batch):
         return None
     lo, hi = 1, max_batch  # intensity grows with batch: bisect
@@ -251,6 +296,13 @@ def critical_batch(shape: ModelShape, ridge_flop_per_byte: float, dtype: str = "
 
 def summary(shape: ModelShape, dtype: str = "bfloat16") -> dict[str, Any]:
     """The headline numbers of a model shape: parameters, bytes, KV bytes per token."""
-    return {"model": shape.name, "parameters": shape.parameter_count, "parameter_bytes": shape.parameter_bytes(dtype),
-            "kv_bytes_per_token": shape.kv_bytes_per_token(dtype), "layers": shape.num_layers,
-            "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim, "dtype": dtype}
+    return {
+        "model": shape.name,
+        "parameters": shape.parameter_count,
+        "parameter_bytes": shape.parameter_bytes(dtype),
+        "kv_bytes_per_token": shape.kv_bytes_per_token(dtype),
+        "layers": shape.num_layers,
+        "kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
+        "dtype": dtype,
+    }

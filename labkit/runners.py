@@ -12,6 +12,7 @@ Two runners: `TransformersRunner` (Hugging Face transformers, eager PyTorch with
 `EngineRunner` (the lab's own engine, `labkit.engine`: on a CPU its native kernels stream
 every weight once per decode step). Measurements say which produced them (`name`, `detail`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,8 +24,8 @@ StepFn = Callable[[], None]
 
 
 class Runner(Protocol):
-    name: str            # "transformers" | "labkit-engine"
-    detail: str          # how it ran, in a few words ("" when there is nothing to add)
+    name: str  # "transformers" | "labkit-engine"
+    detail: str  # how it ran, in a few words ("" when there is nothing to add)
     model: str
     dtype: str
     device: str
@@ -58,8 +59,15 @@ class TransformersRunner:
     name = "transformers"
     detail = ""
 
-    def __init__(self, model: str = "small", dtype: str = "float32", device: str = "cpu", *,
-                 random_weights: bool = False, hf_model: Any | None = None) -> None:
+    def __init__(
+        self,
+        model: str = "small",
+        dtype: str = "float32",
+        device: str = "cpu",
+        *,
+        random_weights: bool = False,
+        hf_model: Any | None = None,
+    ) -> None:
         """random_weights: build the preset's shape directly on `device` (no disk; for GPUs)."""
         import torch
 
@@ -98,6 +106,7 @@ class TransformersRunner:
         def step() -> None:
             with torch.inference_mode():
                 self.hf(ids, use_cache=True, logits_to_keep=1)
+
         return step
 
     def decode_fn(self, batch: int, context_len: int) -> StepFn:
@@ -119,6 +128,7 @@ class TransformersRunner:
             extra = cache.get_seq_length() - context_len
             if extra > 0:
                 cache.crop(-extra)
+
         return step
 
     def close(self) -> None:
@@ -130,25 +140,44 @@ class EngineRunner:
 
     name = "labkit-engine"
 
-    def __init__(self, model: str = "small", dtype: str = "float32", device: str = "cpu",
-                 kv_cache_bytes: int | None = None, max_num_batched_tokens: int = 8192, **engine_kw: Any) -> None:
+    def __init__(
+        self,
+        model: str = "small",
+        dtype: str = "float32",
+        device: str = "cpu",
+        kv_cache_bytes: int | None = None,
+        max_num_batched_tokens: int = 8192,
+        **engine_kw: Any,
+    ) -> None:
         """kv_cache_bytes: None keeps EngineConfig's default; engine_kw: more EngineConfig fields (e.g.
         compile_decode=True on a GPU)."""
         from labkit.engine import Engine, EngineConfig
 
         self.model, self.dtype, self.device = str(model), dtype, device
         kv = {} if kv_cache_bytes is None else {"kv_cache_bytes": kv_cache_bytes}
-        self.engine = Engine(EngineConfig(model=self.model, dtype=dtype, device=device,
-                                          max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=256,
-                                          policy="prefill_first",
-                                          **{"enable_prefix_caching": False, **kv, **engine_kw}))
+        self.engine = Engine(
+            EngineConfig(
+                model=self.model,
+                dtype=dtype,
+                device=device,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=256,
+                policy="prefill_first",
+                **{"enable_prefix_caching": False, **kv, **engine_kw},
+            )
+        )
         from labkit.engine import kernels
         from labkit.models import load_config
 
         m = self.engine.model
         pinned = ", threads pinned" if m.native and kernels.pin_threads() else ""
-        self.detail = ("" if device != "cpu" else f"native CPU kernels{pinned}" if m.native
-                       else f"PyTorch paths ({m.native_note or 'native_kernels=False'})")
+        self.detail = (
+            ""
+            if device != "cpu"
+            else f"native CPU kernels{pinned}"
+            if m.native
+            else f"PyTorch paths ({m.native_note or 'native_kernels=False'})"
+        )
         self.shape = ModelShape.from_config(load_config(self.model))
         self.max_len: int | None = self.engine.max_model_len
         self._live: list[str] = []
@@ -181,6 +210,7 @@ class EngineRunner:
                     return
                 self.engine.step()
             raise RuntimeError("engine did not finish the prefill batch")
+
         return step
 
     def decode_fn(self, batch: int, context_len: int) -> StepFn:
@@ -204,8 +234,10 @@ class EngineRunner:
         def step() -> None:
             out = self.engine.step()
             if out.phase != "decode" or out.num_decode_seqs != batch:
-                raise RuntimeError(f"expected a decode step of {batch} sequences, got {out.phase} "
-                                   f"with {out.num_decode_seqs}")
+                raise RuntimeError(
+                    f"expected a decode step of {batch} sequences, got {out.phase} with {out.num_decode_seqs}"
+                )
+
         return step
 
     def close(self) -> None:
@@ -214,8 +246,9 @@ class EngineRunner:
         self.engine = None  # type: ignore[assignment]  # closed: a later use fails loudly instead of running
 
 
-def make_runner(kind: str = "transformers", model: str = "small", dtype: str = "float32",
-                device: str = "cpu", **kw: Any) -> Runner:
+def make_runner(
+    kind: str = "transformers", model: str = "small", dtype: str = "float32", device: str = "cpu", **kw: Any
+) -> Runner:
     """A runner by name: "transformers" or "engine" (the lab's engine)."""
     if kind == "transformers":
         return TransformersRunner(model, dtype, device, **kw)

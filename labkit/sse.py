@@ -7,6 +7,7 @@ tokens broke into half-lines. Here lines end only at LF (a CR before it is dropp
 always escapes, so splitting the bytes there is exact. (Lone-CR line endings, allowed by the SSE
 spec, are not used by vLLM, SGLang or uvicorn-based servers, and are not handled.)
 """
+
 from __future__ import annotations
 
 import json

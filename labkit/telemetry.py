@@ -13,6 +13,7 @@ the driver lets us read them: `sm_active_pct`, `tensor_active_pct` and `dram_bw_
 On a CPU, psutil gives per-core utilization (`cpu{i}_pct`, and the mean `cpu_util_pct`).
 Whatever is not available is said once, in `Sampler.notes`, and printed as one line.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,11 @@ class _NvmlSource:
         """GPM metrics are rates over the interval between two samples: the previous and this one."""
         nv = self.nv
         cur = nv.nvmlGpmSampleGet(self.handle, nv.nvmlGpmSampleAlloc())
-        ids = {"sm_active_pct": nv.NVML_GPM_METRIC_SM_UTIL, "tensor_active_pct": nv.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
-               "dram_bw_util_pct": nv.NVML_GPM_METRIC_DRAM_BW_UTIL}
+        ids = {
+            "sm_active_pct": nv.NVML_GPM_METRIC_SM_UTIL,
+            "tensor_active_pct": nv.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
+            "dram_bw_util_pct": nv.NVML_GPM_METRIC_DRAM_BW_UTIL,
+        }
         req = nv.c_nvmlGpmMetricsGet_t()
         req.version = nv.NVML_GPM_METRICS_GET_VERSION
         req.numMetrics = len(ids)
@@ -136,8 +140,10 @@ def _open_source(device: str, notes: list[str]) -> tuple[str, Any]:
         except ModuleNotFoundError:
             notes.append("NVML not available: pynvml is not installed (pip install nvidia-ml-py); sampling CPU cores")
         except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
-            notes.append(f"NVML not available ({e.__class__.__name__}: {e}): no NVIDIA driver/GPU here; "
-                         "sampling CPU cores with psutil instead")
+            notes.append(
+                f"NVML not available ({e.__class__.__name__}: {e}): no NVIDIA driver/GPU here; "
+                "sampling CPU cores with psutil instead"
+            )
     return "cpu", _CpuSource()
 
 

@@ -4,6 +4,7 @@ The tour runs the sections in `SECTIONS`, the one registry of them, in order. A 
 function `(report: Report, profile: str) -> None` in the module of the lab it measures; it
 adds prose, tables, charts and summary rows. A failing section is reported, and the tour goes on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,15 @@ def doctor_section(report: Report, profile: str) -> None:
 
     s = report.sections[-1]
     findings = doctor.run_checks()
-    s.tables.append(("What the lab found", [{"what": f.name, "ok": "yes" if f.ok else "no", "value": f.value,
-                                             "how to add": f.advice} for f in findings]))
+    s.tables.append(
+        (
+            "What the lab found",
+            [
+                {"what": f.name, "ok": "yes" if f.ok else "no", "value": f.value, "how to add": f.advice}
+                for f in findings
+            ],
+        )
+    )
     s.paragraphs.append("The lab can run here." if doctor.lab_can_run(findings) else "Required pieces are missing.")
     cpu = doctor.cpu_info()
     report.add_summary("machine", f"{cpu['model']}", f"{cpu['usable_cores']} cores, {cpu['ram_gib']} GiB")
@@ -71,8 +79,13 @@ def run_tour(out_dir: str | Path = "report", profile: str | None = None, only: l
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="report", help="output directory (default: report/)")
-    parser.add_argument("--profile", choices=["ci", "full", "gpu"], default=None,
-                        help="ci: minutes-long small run; full: the real lesson on a CPU; gpu: on a CUDA GPU (default: $LABKIT_PROFILE, else gpu where CUDA works, else full)")
+    parser.add_argument(
+        "--profile",
+        choices=["ci", "full", "gpu"],
+        default=None,
+        help="ci: minutes-long small run; full: the real lesson on a CPU; gpu: on a CUDA GPU (default: $LABKIT_PROFILE, else gpu where CUDA works, else full)",
+    )
     parser.add_argument("--only", nargs="*", help="run only sections whose title contains these words")
-    parser.set_defaults(func=lambda a: 0 if not any(
-        s.error for s in run_tour(a.out, a.profile, a.only).sections) else 1)
+    parser.set_defaults(
+        func=lambda a: 0 if not any(s.error for s in run_tour(a.out, a.profile, a.only).sections) else 1
+    )

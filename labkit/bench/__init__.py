@@ -4,6 +4,7 @@ The pieces a planner or notebook needs without a server are importable from here
 
     >>> from labkit.bench import get_workload, sample_requests, SLO
 """
+
 from __future__ import annotations
 
 from labkit.bench.arrivals import Arrivals

@@ -4,6 +4,7 @@ Gamma follows `vllm bench serve`: gaps ~ Gamma(shape=burstiness, scale=1 / (rate
 so the mean rate is `rate` for every burstiness; burstiness 1 is Poisson, < 1 burstier, > 1
 more even. "burst" sends everything at t=0 (throughput runs, usually with max concurrency).
 """
+
 from __future__ import annotations
 
 import math

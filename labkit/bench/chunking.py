@@ -11,6 +11,7 @@ the client saw (`labkit.bench.interference`). `plan_long_prompt` runs a step-bud
 (the engine's decision, or a learner's) step after step over the same prompt, to compare a
 prediction with the log. Notebook 03 draws the results with `labkit.plots.serving`.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,19 +50,30 @@ class ServerSpec:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} not one of {MODES}")
         if (mode == "mono-chunked") != (chunk_tokens is not None):
-            raise ValueError(f"chunk_tokens goes with mode 'mono-chunked' only (mode {mode!r}, chunk_tokens "
-                             f"{chunk_tokens!r})")
+            raise ValueError(
+                f"chunk_tokens goes with mode 'mono-chunked' only (mode {mode!r}, chunk_tokens {chunk_tokens!r})"
+            )
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         cpus = default_cpu_split() if self.gpus is None else {"mono": None, "prefill": None, "decode": None}
         gpus = list(self.gpus) if self.gpus is not None else None
-        common: dict[str, Any] = {"model": self.model, "dtype": self.dtype, "gpus": gpus,
-                                  "kv_cache_bytes": self.kv_cache_bytes, "settings": dict(self.settings),
-                                  "worker_args": ["--step-log", str(step_log)] if step_log else []}
+        common: dict[str, Any] = {
+            "model": self.model,
+            "dtype": self.dtype,
+            "gpus": gpus,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "settings": dict(self.settings),
+            "worker_args": ["--step-log", str(step_log)] if step_log else [],
+        }
         if mode == "1p1d":
             return launch("disagg", prefill_cpus=cpus["prefill"], decode_cpus=cpus["decode"], **common)
-        return launch("mono", mono_cpus=cpus["mono"], chunked_prefill=chunk_tokens is not None,
-                      max_num_batched_tokens=chunk_tokens, **common)
+        return launch(
+            "mono",
+            mono_cpus=cpus["mono"],
+            chunked_prefill=chunk_tokens is not None,
+            max_num_batched_tokens=chunk_tokens,
+            **common,
+        )
 
 
 MODES = ("mono", "mono-chunked", "1p1d")
@@ -88,20 +100,32 @@ class Run:
     def point(self) -> dict[str, Any]:
         """The run as one point of the trade-off: long-prompt TTFT, p99 and mean decode ITL, worst stall (ms)."""
         st = self.result.stats()
-        return {"label": self.label, "mode": self.mode, "chunk_tokens": self.chunk_tokens,
-                "long_ttft_ms": st["long_ttft_ms"], "itl_p99_ms": itl_percentile_ms(self.result, 99),
-                "decode_itl_mean_ms": st["decode_itl_mean_ms"], "stall_max_ms": st["decode_stall_max_ms"],
-                "prefill_steps": len(self.long_steps) if self.steps else None}
+        return {
+            "label": self.label,
+            "mode": self.mode,
+            "chunk_tokens": self.chunk_tokens,
+            "long_ttft_ms": st["long_ttft_ms"],
+            "itl_p99_ms": itl_percentile_ms(self.result, 99),
+            "decode_itl_mean_ms": st["decode_itl_mean_ms"],
+            "stall_max_ms": st["decode_stall_max_ms"],
+            "prefill_steps": len(self.long_steps) if self.steps else None,
+        }
 
 
 def label_for(mode: str, chunk_tokens: int | None) -> str:
-    """"mono", "mono-chunked 256", "1p1d": how runs are named in tables and charts."""
+    """ "mono", "mono-chunked 256", "1p1d": how runs are named in tables and charts."""
     return f"{mode} {chunk_tokens}" if chunk_tokens is not None else mode
 
 
-def run_experiment(spec: ServerSpec, scenario: InterferenceScenario, *, mode: str = "mono",
-                   chunk_tokens: int | None = None, log_dir: str | Path | None = None,
-                   on_server: Callable[[Any], None] | None = None) -> Run:
+def run_experiment(
+    spec: ServerSpec,
+    scenario: InterferenceScenario,
+    *,
+    mode: str = "mono",
+    chunk_tokens: int | None = None,
+    log_dir: str | Path | None = None,
+    on_server: Callable[[Any], None] | None = None,
+) -> Run:
     """Starts the server, runs the interference experiment once, stops the server; returns the Run.
 
     Mono workers log their steps to `<log_dir>/<label>.jsonl` (a temporary directory by default).
@@ -121,9 +145,16 @@ def run_experiment(spec: ServerSpec, scenario: InterferenceScenario, *, mode: st
     return Run(mode, chunk_tokens, result, read_steps(log) if mode != "1p1d" else [])
 
 
-def sweep_chunk_sizes(spec: ServerSpec, scenario: InterferenceScenario, chunk_sizes: Sequence[int], *,
-                      done: Sequence[Run] = (), include_1p1d: bool = True, log_dir: str | Path | None = None,
-                      progress: bool = True) -> list[Run]:
+def sweep_chunk_sizes(
+    spec: ServerSpec,
+    scenario: InterferenceScenario,
+    chunk_sizes: Sequence[int],
+    *,
+    done: Sequence[Run] = (),
+    include_1p1d: bool = True,
+    log_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[Run]:
     """The experiment once per chunk size (mode "mono-chunked"), and once on 1P1D; returns every run,
     `done` first (runs already made with the same scenario's sizes are not repeated).
 
@@ -131,21 +162,27 @@ def sweep_chunk_sizes(spec: ServerSpec, scenario: InterferenceScenario, chunk_si
     time; a progress bar counts the runs.
     """
     have = {(r.mode, r.chunk_tokens) for r in done}
-    todo: list[tuple[str, int | None]] = [("mono-chunked", c) for c in sorted(set(chunk_sizes)) if ("mono-chunked", c) not in have]
+    todo: list[tuple[str, int | None]] = [
+        ("mono-chunked", c) for c in sorted(set(chunk_sizes)) if ("mono-chunked", c) not in have
+    ]
     if include_1p1d and ("1p1d", None) not in have:
         todo.append(("1p1d", None))
     runs = list(done)
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=len(todo), desc="chunk-size sweep")
     base = max([r.result.scenario.variant for r in done] + [scenario.variant])
     try:
         for i, (mode, chunk) in enumerate(todo, start=1):
             if bar is not None:
                 bar.set_postfix_str(label_for(mode, chunk))
-            runs.append(run_experiment(spec, replace(scenario, variant=base + i), mode=mode, chunk_tokens=chunk,
-                                       log_dir=log_dir))
+            runs.append(
+                run_experiment(
+                    spec, replace(scenario, variant=base + i), mode=mode, chunk_tokens=chunk, log_dir=log_dir
+                )
+            )
             if bar is not None:
                 bar.update(1)
     finally:
@@ -172,11 +209,12 @@ def long_prompt_steps(steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     start = end
     while start > 0 and steps[start - 1]["prefill_tokens"] > 0:
         start -= 1
-    return [dict(s) for s in steps[start:end + 1]]
+    return [dict(s) for s in steps[start : end + 1]]
 
 
-def plan_long_prompt(step_budget: StepBudget, num_decodes: int, prompt_tokens: int, budget: int,
-                     max_steps: int = 100_000) -> list[int]:
+def plan_long_prompt(
+    step_budget: StepBudget, num_decodes: int, prompt_tokens: int, budget: int, max_steps: int = 100_000
+) -> list[int]:
     """Tokens of a `prompt_tokens` prompt that each step computes while `num_decodes` requests decode,
     as `step_budget` decides step after step; returns one chunk size per step.
 
@@ -184,8 +222,9 @@ def plan_long_prompt(step_budget: StepBudget, num_decodes: int, prompt_tokens: i
     prompt is not done after `max_steps` steps (a budget function that never finishes it).
     """
     if prompt_tokens < 1 or budget < 1 or num_decodes < 0:
-        raise ValueError(f"need prompt_tokens >= 1, budget >= 1, num_decodes >= 0; got {prompt_tokens}, {budget}, "
-                         f"{num_decodes}")
+        raise ValueError(
+            f"need prompt_tokens >= 1, budget >= 1, num_decodes >= 0; got {prompt_tokens}, {budget}, {num_decodes}"
+        )
     left = prompt_tokens
     chunks: list[int] = []
     while left > 0:
@@ -194,8 +233,10 @@ def plan_long_prompt(step_budget: StepBudget, num_decodes: int, prompt_tokens: i
         got = list(step_budget(num_decodes, [left], budget))
         n = int(got[0]) if got else 0
         if not 0 < n <= left:
-            raise ValueError(f"step {len(chunks) + 1} gave the prompt {n} tokens with {left} left "
-                             f"({num_decodes} decodes, budget {budget}): it would never finish")
+            raise ValueError(
+                f"step {len(chunks) + 1} gave the prompt {n} tokens with {left} left "
+                f"({num_decodes} decodes, budget {budget}): it would never finish"
+            )
         chunks.append(n)
         left -= n
     return chunks

@@ -4,6 +4,7 @@ The load generator (loadgen.py) and the interference experiment (interference.py
 requests through `stream_completion`, so a token is timed the same way in every benchmark
 (as `vllm bench serve` times it: when a chunk carrying a choice arrives).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,7 +32,7 @@ class StreamedCompletion:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     error: str = ""
-    closed_early: bool = False       # the caller's `on_token` stopped reading
+    closed_early: bool = False  # the caller's `on_token` stopped reading
 
 
 def error_text(status: int, body: bytes) -> str:
@@ -43,8 +44,13 @@ def error_text(status: int, body: bytes) -> str:
         return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
 
 
-async def stream_completion(client: httpx.AsyncClient, url: str, payload: dict[str, Any], out: StreamedCompletion,
-                            on_token: Callable[[int], bool] | None = None) -> None:
+async def stream_completion(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any],
+    out: StreamedCompletion,
+    on_token: Callable[[int], bool] | None = None,
+) -> None:
     """POSTs `payload` (with `"stream": true`) to the completions `url` and fills `out` as chunks come.
 
     Never raises for an HTTP error, an SSE error event, a dropped connection or bad data: each
@@ -69,7 +75,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, payload: dict[s
                     out.finish_reason = obj["choices"][0].get("finish_reason") or out.finish_reason
                     if on_token is not None and not on_token(len(out.token_s)):
                         out.closed_early = True
-                        return   # leaving the block closes the stream
+                        return  # leaving the block closes the stream
     except httpx.HTTPError as e:
         out.error = f"{e.__class__.__name__}: {e}"
     except (ValueError, KeyError, TypeError) as e:

@@ -11,6 +11,7 @@ disaggregated server the prefill runs elsewhere and the decode gaps stay flat.
 `InterferenceResult.stats()` puts numbers on it, `labkit.plots.serving` draws it. Requests go
 through the benchmarks' one streaming client (labkit.bench.client).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +33,7 @@ class InterferenceScenario:
 
     num_decodes: int = 4
     decode_prompt_tokens: int = 16
-    decode_max_tokens: int = 1024        # a cap: decodes normally stop tail_tokens after the long prompt
+    decode_max_tokens: int = 1024  # a cap: decodes normally stop tail_tokens after the long prompt
     long_prompt_tokens: int = 1536
     long_max_tokens: int = 4
     long_after_tokens: int = 12
@@ -41,13 +42,20 @@ class InterferenceScenario:
     timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
-        for name in ("num_decodes", "decode_prompt_tokens", "decode_max_tokens", "long_prompt_tokens",
-                     "long_max_tokens"):
+        for name in (
+            "num_decodes",
+            "decode_prompt_tokens",
+            "decode_max_tokens",
+            "long_prompt_tokens",
+            "long_max_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.long_after_tokens < self.decode_max_tokens:
-            raise ValueError(f"long_after_tokens ({self.long_after_tokens}) must be in [0, decode_max_tokens "
-                             f"= {self.decode_max_tokens}): the long prompt must land while the decodes run")
+            raise ValueError(
+                f"long_after_tokens ({self.long_after_tokens}) must be in [0, decode_max_tokens "
+                f"= {self.decode_max_tokens}): the long prompt must land while the decodes run"
+            )
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         if self.tail_tokens < 1:
@@ -130,22 +138,45 @@ class InterferenceResult:
         inside = [g for _, g, ins in gaps if ins]
         mean = statistics.fmean(outside) if outside else float("nan")
         worst_in = max(inside) if inside else 0.0
-        return {"decode_itl_mean_ms": 1e3 * mean,
-                "decode_itl_p50_ms": 1e3 * (statistics.median(outside) if outside else float("nan")),
-                "decode_stall_max_ms": 1e3 * worst_in,
-                "stall_ratio": worst_in / mean if mean > 0 else float("nan"),
-                "long_ttft_ms": 1e3 * self.long.ttft_s,
-                "prefill_window_ms": 1e3 * (self.prefill_window_s[1] - self.prefill_window_s[0])}
+        return {
+            "decode_itl_mean_ms": 1e3 * mean,
+            "decode_itl_p50_ms": 1e3 * (statistics.median(outside) if outside else float("nan")),
+            "decode_stall_max_ms": 1e3 * worst_in,
+            "stall_ratio": worst_in / mean if mean > 0 else float("nan"),
+            "long_ttft_ms": 1e3 * self.long.ttft_s,
+            "prefill_window_ms": 1e3 * (self.prefill_window_s[1] - self.prefill_window_s[0]),
+        }
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "stats": self.stats(),
-                "traces": [{"name": t.name, "kind": t.kind, "sent_s": t.sent_s, "token_s": t.token_s,
-                            "finish_reason": t.finish_reason, "error": t.error} for t in self.traces]}
+        return {
+            "label": self.label,
+            "stats": self.stats(),
+            "traces": [
+                {
+                    "name": t.name,
+                    "kind": t.kind,
+                    "sent_s": t.sent_s,
+                    "token_s": t.token_s,
+                    "finish_reason": t.finish_reason,
+                    "error": t.error,
+                }
+                for t in self.traces
+            ],
+        }
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], trace: RequestTrace, t0: float,
-                  progress: asyncio.Event | None = None, need: int = 0, done: asyncio.Event | None = None,
-                  tail: int = 0, finished: asyncio.Event | None = None) -> None:
+async def _stream(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    trace: RequestTrace,
+    t0: float,
+    progress: asyncio.Event | None = None,
+    need: int = 0,
+    done: asyncio.Event | None = None,
+    tail: int = 0,
+    finished: asyncio.Event | None = None,
+) -> None:
     """Streams one request into `trace`: sets `progress` at its `need`-th token and `finished` at its
     last; once `done` is set it reads `tail` more tokens, then closes the stream ("client_stopped")."""
     after_done = 0
@@ -156,11 +187,12 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], tra
         if progress is not None and n == need:
             progress.set()
         if finished is not None and out.finish_reason is not None:
-            finished.set()   # the moment the last token arrived, not when the stream is closed
+            finished.set()  # the moment the last token arrived, not when the stream is closed
         if done is not None and done.is_set():
             after_done += 1
             return after_done < tail
         return True
+
     try:
         await stream_completion(client, url + "/v1/completions", body, out, on_token)
     finally:
@@ -171,8 +203,9 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], tra
     trace.error = out.error
 
 
-async def run_interference_async(url: str, scenario: InterferenceScenario, label: str = "",
-                                 model: str | None = None) -> InterferenceResult:
+async def run_interference_async(
+    url: str, scenario: InterferenceScenario, label: str = "", model: str | None = None
+) -> InterferenceResult:
     """The experiment against an OpenAI-compatible `url` (a running router); see the module doc."""
     sc = scenario
     t0 = time.perf_counter()
@@ -189,15 +222,18 @@ async def run_interference_async(url: str, scenario: InterferenceScenario, label
             tr = RequestTrace(f"decode {i}", "decode", time.perf_counter() - t0)
             traces.append(tr)
             body = {**common, "prompt": sc.prompt_ids("decode", i), "max_tokens": sc.decode_max_tokens}
-            tasks.append(asyncio.create_task(_stream(client, url, body, tr, t0, events[i], sc.long_after_tokens,
-                                                     long_done, sc.tail_tokens)))
+            tasks.append(
+                asyncio.create_task(
+                    _stream(client, url, body, tr, t0, events[i], sc.long_after_tokens, long_done, sc.tail_tokens)
+                )
+            )
         if sc.long_after_tokens:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=sc.timeout_s)
         long_tr = RequestTrace("long prompt", "long", time.perf_counter() - t0)
         traces.append(long_tr)
         body = {**common, "prompt": sc.prompt_ids("long"), "max_tokens": sc.long_max_tokens}
         long_task = asyncio.create_task(_stream(client, url, body, long_tr, t0, finished=long_done))
-        long_task.add_done_callback(lambda _: long_done.set())   # also when it failed
+        long_task.add_done_callback(lambda _: long_done.set())  # also when it failed
         await asyncio.wait_for(asyncio.gather(*tasks, long_task), timeout=sc.timeout_s)
     bad = [f"{t.name}: {t.error}" for t in traces if t.error]
     if bad:
@@ -205,8 +241,9 @@ async def run_interference_async(url: str, scenario: InterferenceScenario, label
     return InterferenceResult(label, sc, traces)
 
 
-def run_interference(url: str, scenario: InterferenceScenario | None = None, label: str = "",
-                     model: str | None = None) -> InterferenceResult:
+def run_interference(
+    url: str, scenario: InterferenceScenario | None = None, label: str = "", model: str | None = None
+) -> InterferenceResult:
     """Blocking version of `run_interference_async`; returns the traces of one run."""
     return run_sync(run_interference_async(url, scenario or InterferenceScenario(), label, model))
 
@@ -214,8 +251,15 @@ def run_interference(url: str, scenario: InterferenceScenario | None = None, lab
 INTERFERENCE_MODES = ("mono", "mono-chunked", "1p1d")
 
 
-def run_modes(model: str, scenario: InterferenceScenario, modes: tuple[str, ...] = INTERFERENCE_MODES, *,
-              chunk_tokens: int = 256, transfer: str = "shm", progress: bool = False) -> list[InterferenceResult]:
+def run_modes(
+    model: str,
+    scenario: InterferenceScenario,
+    modes: tuple[str, ...] = INTERFERENCE_MODES,
+    *,
+    chunk_tokens: int = 256,
+    transfer: str = "shm",
+    progress: bool = False,
+) -> list[InterferenceResult]:
     """The experiment on each mode, one server at a time, pinned as the lessons pin them
     (`labkit.serve.launcher.default_cpu_split`: mono on all cores; prefill and decode on one half each).
 
@@ -235,15 +279,22 @@ def run_modes(model: str, scenario: InterferenceScenario, modes: tuple[str, ...]
         if progress:
             print(f"interference: {mode} ...", flush=True)
         if mode == "1p1d":
-            srv = launch("disagg", model=model, prefill_cpus=cpus["prefill"], decode_cpus=cpus["decode"],
-                         transfer=transfer)
+            srv = launch(
+                "disagg", model=model, prefill_cpus=cpus["prefill"], decode_cpus=cpus["decode"], transfer=transfer
+            )
         else:
             chunked = mode == "mono-chunked"
-            srv = launch("mono", model=model, mono_cpus=cpus["mono"], chunked_prefill=chunked,
-                         max_num_batched_tokens=chunk_tokens if chunked else 2048)
+            srv = launch(
+                "mono",
+                model=model,
+                mono_cpus=cpus["mono"],
+                chunked_prefill=chunked,
+                max_num_batched_tokens=chunk_tokens if chunked else 2048,
+            )
         try:
-            out.append(run_interference(srv.url, replace(scenario, variant=scenario.variant + i), label=mode,
-                                        model=model))
+            out.append(
+                run_interference(srv.url, replace(scenario, variant=scenario.variant + i), label=mode, model=model)
+            )
         finally:
             srv.stop()
     return out

@@ -10,6 +10,7 @@ connection error, or timeout), so sent = ok + errors always.
     ...                   sampled.requests)
     >>> result.summary.flat()["ttft_p99_ms"]
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,7 +45,7 @@ class LoadConfig:
     slo: SLO = field(default_factory=SLO)
     progress: bool = True
     label: str = ""
-    waterfall: bool = True          # ask for the lab server's per-request TTFT waterfall (others ignore the field)
+    waterfall: bool = True  # ask for the lab server's per-request TTFT waterfall (others ignore the field)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -81,8 +82,13 @@ class BenchResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         js = out / f"{name}.json"
-        js.write_text(json.dumps(jsonable({"meta": self.meta, "summary": self.summary.flat(),
-                                           "latency_ms": self.summary.latency_ms}), indent=1, default=str))
+        js.write_text(
+            json.dumps(
+                jsonable({"meta": self.meta, "summary": self.summary.flat(), "latency_ms": self.summary.latency_ms}),
+                indent=1,
+                default=str,
+            )
+        )
         return [js, *save_records(self.records, out / name)]
 
 
@@ -95,27 +101,39 @@ def resolve_model(config: LoadConfig, timeout_s: float = 10.0) -> str:
         r.raise_for_status()
         return str(r.json()["data"][0]["id"])
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-        raise RuntimeError(f"could not read the model name from {config.models_url} ({e.__class__.__name__}: {e}); "
-                           "is the server up? Pass model=... to skip this") from None
+        raise RuntimeError(
+            f"could not read the model name from {config.models_url} ({e.__class__.__name__}: {e}); "
+            "is the server up? Pass model=... to skip this"
+        ) from None
 
 
 def _payload(req: BenchRequest, model: str, prompt_as: str, waterfall: bool = False) -> dict[str, Any]:
     if prompt_as == "text":
         if any(not 32 <= t < 127 for t in req.prompt_token_ids):
-            raise ValueError("prompt_as='text' needs printable-ASCII token ids (TokenSpace(32, 127)) "
-                             "so that text and byte-level tokens match one to one")
+            raise ValueError(
+                "prompt_as='text' needs printable-ASCII token ids (TokenSpace(32, 127)) "
+                "so that text and byte-level tokens match one to one"
+            )
         prompt: Any = bytes(req.prompt_token_ids).decode("ascii")
     else:
         prompt = list(req.prompt_token_ids)
-    out = {"model": model, "prompt": prompt, "max_tokens": req.output_tokens, "stream": True,
-           "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
-    if waterfall:   # an extra body field, as vLLM's return_token_ids: vLLM ignores it (labkit.serve.waterfall)
+    out = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": req.output_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
+    if waterfall:  # an extra body field, as vLLM's return_token_ids: vLLM ignores it (labkit.serve.waterfall)
         out["return_waterfall"] = True
     return out
 
 
-async def _send_one(client: httpx.AsyncClient, url: str, payload: dict[str, Any], rec: RequestRecord,
-                    t0: float, timeout_s: float) -> None:
+async def _send_one(
+    client: httpx.AsyncClient, url: str, payload: dict[str, Any], rec: RequestRecord, t0: float, timeout_s: float
+) -> None:
     """Streams one request, filling `rec` (timestamps as `vllm bench serve` takes them)."""
     st = time.perf_counter()
     rec.start_s = st - t0
@@ -143,24 +161,29 @@ async def _send_one(client: httpx.AsyncClient, url: str, payload: dict[str, Any]
     rec.ok = True
 
 
-async def arun_load(config: LoadConfig, requests: Sequence[BenchRequest], *,
-                    scaling: LengthScaling | None = None, workload: str = "") -> BenchResult:
+async def arun_load(
+    config: LoadConfig, requests: Sequence[BenchRequest], *, scaling: LengthScaling | None = None, workload: str = ""
+) -> BenchResult:
     """Sends `requests` on the configured arrival schedule; returns the BenchResult."""
     from tqdm.auto import tqdm
 
     if not requests:
         raise ValueError("no requests to send")
     model = await asyncio.to_thread(resolve_model, config)
-    payloads = [_payload(r, model, config.prompt_as, config.waterfall) for r in requests]  # bad input fails before sending
+    payloads = [
+        _payload(r, model, config.prompt_as, config.waterfall) for r in requests
+    ]  # bad input fails before sending
     times = config.arrivals.times_s(len(requests), config.seed, [r.arrival_s for r in requests])
-    records = [RequestRecord(r.index, r.prompt_tokens, r.output_tokens, scheduled_s=float(t))
-               for r, t in zip(requests, times)]
+    records = [
+        RequestRecord(r.index, r.prompt_tokens, r.output_tokens, scheduled_s=float(t)) for r, t in zip(requests, times)
+    ]
     limit = config.max_concurrency or len(requests)
     sem = asyncio.Semaphore(limit)
     bar = tqdm(total=len(requests), desc=config.label or "requests", disable=not config.progress, leave=False)
     timeout = httpx.Timeout(config.request_timeout_s, connect=min(10.0, config.request_timeout_s))
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False,
-                                 limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)) as client:
+    async with httpx.AsyncClient(
+        timeout=timeout, trust_env=False, limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    ) as client:
         t0 = time.perf_counter()
 
         async def task(i: int) -> None:
@@ -176,16 +199,26 @@ async def arun_load(config: LoadConfig, requests: Sequence[BenchRequest], *,
     bar.close()
     summary = summarize(records, duration_s, config.slo)
     assert summary.sent == summary.ok + summary.errors == len(requests)
-    meta = {"url": config.completions_url, "model": model, "arrivals": asdict(config.arrivals),
-            "arrivals_text": config.arrivals.describe(), "max_concurrency": config.max_concurrency,
-            "seed": config.seed, "slo": config.slo.as_dict(), "label": config.label, "workload": workload,
-            "requests": len(requests), "scaling": asdict(scaling) if scaling else None,
-            "scaling_text": scaling.describe() if scaling else "",
-            "first_errors": sorted({r.error for r in records if not r.ok})[:5]}
+    meta = {
+        "url": config.completions_url,
+        "model": model,
+        "arrivals": asdict(config.arrivals),
+        "arrivals_text": config.arrivals.describe(),
+        "max_concurrency": config.max_concurrency,
+        "seed": config.seed,
+        "slo": config.slo.as_dict(),
+        "label": config.label,
+        "workload": workload,
+        "requests": len(requests),
+        "scaling": asdict(scaling) if scaling else None,
+        "scaling_text": scaling.describe() if scaling else "",
+        "first_errors": sorted({r.error for r in records if not r.ok})[:5],
+    }
     return BenchResult(records, summary, meta)
 
 
-def run_load(config: LoadConfig, requests: Sequence[BenchRequest], *, scaling: LengthScaling | None = None,
-             workload: str = "") -> BenchResult:
+def run_load(
+    config: LoadConfig, requests: Sequence[BenchRequest], *, scaling: LengthScaling | None = None, workload: str = ""
+) -> BenchResult:
     """Blocking `arun_load`; safe inside Jupyter (where an event loop already runs): `client.run_sync`."""
     return run_sync(arun_load(config, requests, scaling=scaling, workload=workload))

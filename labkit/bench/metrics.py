@@ -11,6 +11,7 @@
 
 Throughput divides by the benchmark's duration: first send to last completion.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,7 @@ class RequestRecord:
     output_tokens: int = 0
     http_status: int | None = None
     error: str = ""
-    waterfall: dict[str, Any] = field(default_factory=dict)   # the server's `usage.waterfall`, when it sends one
+    waterfall: dict[str, Any] = field(default_factory=dict)  # the server's `usage.waterfall`, when it sends one
 
     @property
     def tpot_s(self) -> float:
@@ -83,15 +84,19 @@ class SLO:
         """True when `r` completed and meets every SLO that is set."""
         if not r.ok:
             return False
-        return ((self.ttft_s is None or r.ttft_s <= self.ttft_s)
-                and (self.tpot_s is None or r.tpot_s <= self.tpot_s)
-                and (self.itl_s is None or r.max_itl_s <= self.itl_s)
-                and (self.e2e_s is None or r.e2e_s <= self.e2e_s))
+        return (
+            (self.ttft_s is None or r.ttft_s <= self.ttft_s)
+            and (self.tpot_s is None or r.tpot_s <= self.tpot_s)
+            and (self.itl_s is None or r.max_itl_s <= self.itl_s)
+            and (self.e2e_s is None or r.e2e_s <= self.e2e_s)
+        )
 
     def describe(self) -> str:
-        parts = [f"{n[:-2].upper()} <= {v * 1000:g} ms" for n, v in
-                 (("ttft_s", self.ttft_s), ("tpot_s", self.tpot_s), ("itl_s", self.itl_s), ("e2e_s", self.e2e_s))
-                 if v is not None]
+        parts = [
+            f"{n[:-2].upper()} <= {v * 1000:g} ms"
+            for n, v in (("ttft_s", self.ttft_s), ("tpot_s", self.tpot_s), ("itl_s", self.itl_s), ("e2e_s", self.e2e_s))
+            if v is not None
+        ]
         return ", ".join(parts) or "no SLO"
 
     def as_dict(self) -> dict[str, float | None]:
@@ -119,8 +124,8 @@ class Summary:
     mean_prompt_tokens: float
     mean_output_tokens: float
     latency_ms: dict[str, dict[str, float]]
-    kv_flagged: int = 0            # requests whose KV transfer the server flagged as far below this host's figure
-    kv_flag: str = ""              # the first such flag, in the server's words
+    kv_flagged: int = 0  # requests whose KV transfer the server flagged as far below this host's figure
+    kv_flag: str = ""  # the first such flag, in the server's words
 
     def flat(self) -> dict[str, Any]:
         """One flat dict: `ttft_p99_ms`, `itl_p50_ms`, ... plus the counters (a table row)."""
@@ -131,8 +136,12 @@ class Summary:
         return d
 
 
-def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO | None = None,
-              percentiles: Sequence[float] = PERCENTILES) -> Summary:
+def summarize(
+    records: Sequence[RequestRecord],
+    duration_s: float,
+    slo: SLO | None = None,
+    percentiles: Sequence[float] = PERCENTILES,
+) -> Summary:
     """Percentiles, throughput and goodput over `records` (a run of `duration_s` seconds)."""
     slo = slo or SLO()
     done = [r for r in records if r.ok]
@@ -154,13 +163,22 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO | No
     in_tokens = sum(r.prompt_tokens for r in done)
     good = sum(slo.met(r) for r in done)
     return Summary(
-        sent=len(records), ok=len(done), errors=len(records) - len(done), duration_s=duration_s,
-        request_throughput_rps=len(done) / dur, output_throughput_tps=out_tokens / dur,
-        total_token_throughput_tps=(out_tokens + in_tokens) / dur, goodput_rps=good / dur,
-        slo_attainment=good / len(records) if records else math.nan, slo=slo.describe(),
+        sent=len(records),
+        ok=len(done),
+        errors=len(records) - len(done),
+        duration_s=duration_s,
+        request_throughput_rps=len(done) / dur,
+        output_throughput_tps=out_tokens / dur,
+        total_token_throughput_tps=(out_tokens + in_tokens) / dur,
+        goodput_rps=good / dur,
+        slo_attainment=good / len(records) if records else math.nan,
+        slo=slo.describe(),
         mean_prompt_tokens=in_tokens / len(done) if done else math.nan,
-        mean_output_tokens=out_tokens / len(done) if done else math.nan, latency_ms=latency,
-        kv_flagged=len(flagged), kv_flag=flagged[0] if flagged else "")
+        mean_output_tokens=out_tokens / len(done) if done else math.nan,
+        latency_ms=latency,
+        kv_flagged=len(flagged),
+        kv_flag=flagged[0] if flagged else "",
+    )
 
 
 def jsonable(x: Any) -> Any:
@@ -212,14 +230,25 @@ def load_records(path: str | Path) -> list[RequestRecord]:
     out = []
     for row in df.to_dict("records"):
         status = row.get("http_status")
-        out.append(RequestRecord(
-            index=int(row["index"]), prompt_tokens=int(row["prompt_tokens"]),
-            expected_output_tokens=int(row["expected_output_tokens"]), scheduled_s=float(row["scheduled_s"]),
-            start_s=float(row["start_s"]), ok=bool(row["ok"]) if not isinstance(row["ok"], str) else row["ok"] == "True",
-            ttft_s=float(row["ttft_s"]) if row["ttft_s"] != "" else math.nan,
-            e2e_s=float(row["e2e_s"]) if row["e2e_s"] != "" else math.nan,
-            itl_s=list(json.loads(row["itl_s"])), output_tokens=int(row["output_tokens"]),
-            http_status=None if status in (None, "") or (isinstance(status, float) and math.isnan(status)) else int(status),
-            error=str(row.get("error") or ""),
-            waterfall=json.loads(row["waterfall"]) if isinstance(row.get("waterfall"), str) and row["waterfall"] else {}))
+        out.append(
+            RequestRecord(
+                index=int(row["index"]),
+                prompt_tokens=int(row["prompt_tokens"]),
+                expected_output_tokens=int(row["expected_output_tokens"]),
+                scheduled_s=float(row["scheduled_s"]),
+                start_s=float(row["start_s"]),
+                ok=bool(row["ok"]) if not isinstance(row["ok"], str) else row["ok"] == "True",
+                ttft_s=float(row["ttft_s"]) if row["ttft_s"] != "" else math.nan,
+                e2e_s=float(row["e2e_s"]) if row["e2e_s"] != "" else math.nan,
+                itl_s=list(json.loads(row["itl_s"])),
+                output_tokens=int(row["output_tokens"]),
+                http_status=None
+                if status in (None, "") or (isinstance(status, float) and math.isnan(status))
+                else int(status),
+                error=str(row.get("error") or ""),
+                waterfall=json.loads(row["waterfall"])
+                if isinstance(row.get("waterfall"), str) and row["waterfall"]
+                else {},
+            )
+        )
     return out

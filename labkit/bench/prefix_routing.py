@@ -10,6 +10,7 @@ prefix-aware router sends each to the worker whose cache holds its document). Fr
 tokens the router expected each worker to have cached, and the prompt tokens each prefill
 worker's engine really computed (what its prefix cache did not serve).
 """
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,16 @@ HIT_TOKENS = "labkit_router_prefix_hit_tokens_total"
 COMPUTED = "labkit_worker_prefill_tokens_total"
 
 
-def shared_document_requests(docs: int, questions: int, doc_tokens: int, question_tokens: int, *,
-                             output_tokens: int = 4, seed: int = 0, vocab: int = 256) -> list[BenchRequest]:
+def shared_document_requests(
+    docs: int,
+    questions: int,
+    doc_tokens: int,
+    question_tokens: int,
+    *,
+    output_tokens: int = 4,
+    seed: int = 0,
+    vocab: int = 256,
+) -> list[BenchRequest]:
     """`docs` x `questions` requests: document d's `doc_tokens` tokens, then `question_tokens` tokens of
     question q; `prefix_group` = d. Requests are listed document by document; the same seed, the same tokens."""
     if min(docs, questions, doc_tokens, question_tokens, output_tokens) < 1:
@@ -65,10 +74,10 @@ class PrefixRoutingRun:
     """What one router did with a set of shared-document requests (counts are deltas over the run)."""
 
     label: str
-    prompt_tokens: int                               # sent
-    computed_tokens: Mapping[str, float]             # per prefill worker: prompt tokens its engine computed
-    predicted_hit_tokens: Mapping[str, float]        # per worker: tokens the router expected it to cache
-    decisions: Mapping[str, Mapping[str, float]]     # per worker: reason ("prefix", "load", "only") -> count
+    prompt_tokens: int  # sent
+    computed_tokens: Mapping[str, float]  # per prefill worker: prompt tokens its engine computed
+    predicted_hit_tokens: Mapping[str, float]  # per worker: tokens the router expected it to cache
+    decisions: Mapping[str, Mapping[str, float]]  # per worker: reason ("prefix", "load", "only") -> count
     ok: int
     errors: int
 
@@ -82,10 +91,14 @@ class PrefixRoutingRun:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def describe(self) -> str:
-        per = ", ".join(f"{w}: {sum(r.values()):.0f} requests ({self.computed_tokens.get(w, 0):,.0f} tokens computed)"
-                        for w, r in self.decisions.items())
-        return (f"{self.label}: {self.prompt_tokens:,} prompt tokens sent, {self.cached_tokens:,.0f} "
-                f"({self.cached_share:.0%}) served from the prefill workers' caches; {per}")
+        per = ", ".join(
+            f"{w}: {sum(r.values()):.0f} requests ({self.computed_tokens.get(w, 0):,.0f} tokens computed)"
+            for w, r in self.decisions.items()
+        )
+        return (
+            f"{self.label}: {self.prompt_tokens:,} prompt tokens sent, {self.cached_tokens:,.0f} "
+            f"({self.cached_share:.0%}) served from the prefill workers' caches; {per}"
+        )
 
 
 def _decisions(text: str) -> dict[str, dict[str, float]]:
@@ -99,8 +112,15 @@ def _minus(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
     return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in {**b, **a}}
 
 
-def run_prefix_routing(url: str, requests: Sequence[BenchRequest], *, label: str, model: str | None = None,
-                       settle_s: float = 1.5, request_timeout_s: float = 600.0) -> PrefixRoutingRun:
+def run_prefix_routing(
+    url: str,
+    requests: Sequence[BenchRequest],
+    *,
+    label: str,
+    model: str | None = None,
+    settle_s: float = 1.5,
+    request_timeout_s: float = 600.0,
+) -> PrefixRoutingRun:
     """Sends `requests` through the router at `url` in two waves (the first request of each
     `prefix_group`, then the rest; each wave all at once) and reads what happened from its /metrics.
 
@@ -115,18 +135,31 @@ def run_prefix_routing(url: str, requests: Sequence[BenchRequest], *, label: str
     before = scrape(url)
     ok = errors = 0
     for i, wave in enumerate(w for w in waves if w):
-        cfg = LoadConfig(url, Arrivals("burst"), model=model, progress=False, request_timeout_s=request_timeout_s,
-                         label=f"{label}: wave {i + 1}")
+        cfg = LoadConfig(
+            url,
+            Arrivals("burst"),
+            model=model,
+            progress=False,
+            request_timeout_s=request_timeout_s,
+            label=f"{label}: wave {i + 1}",
+        )
         res = run_load(cfg, wave)
         ok, errors = ok + res.summary.ok, errors + res.summary.errors
     time.sleep(settle_s)
     after = scrape(url)
     dec_b, dec_a = _decisions(before), _decisions(after)
     return PrefixRoutingRun(
-        label, sum(r.prompt_tokens for r in requests),
-        _minus(totals_by(after, COMPUTED, "upstream", role="prefill"), totals_by(before, COMPUTED, "upstream", role="prefill")),
+        label,
+        sum(r.prompt_tokens for r in requests),
+        _minus(
+            totals_by(after, COMPUTED, "upstream", role="prefill"),
+            totals_by(before, COMPUTED, "upstream", role="prefill"),
+        ),
         _minus(totals_by(after, HIT_TOKENS, "upstream"), totals_by(before, HIT_TOKENS, "upstream")),
-        {w: _minus(dec_a.get(w, {}), dec_b.get(w, {})) for w in {**dec_b, **dec_a}}, ok, errors)
+        {w: _minus(dec_a.get(w, {}), dec_b.get(w, {})) for w in {**dec_b, **dec_a}},
+        ok,
+        errors,
+    )
 
 
 class RoundRobin:

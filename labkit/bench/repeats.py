@@ -16,6 +16,7 @@ Two modes whose intervals overlap are not told apart by the run: `winner` says s
     >>> reps = run_repeats([SweepConfig(conv, rates_rps=(0.4, 0.8), n_requests=17)], factory, repeats=3)
     >>> reps[0].interval("1p1d", 0.4, "itl_p99_ms")          # Interval(value=..., lo=..., hi=...)
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,13 @@ def _latencies_ms(records: Sequence[RequestRecord], metric: str) -> list[float]:
     return [1e3 * getattr(r, f"{metric}_s") for r in ok]
 
 
-def statistic(stat: str, runs: Sequence[tuple[Sequence[RequestRecord], float]], *, slo: SLO | None = None,
-              goodput_fn: GoodputFn | None = None) -> float:
+def statistic(
+    stat: str,
+    runs: Sequence[tuple[Sequence[RequestRecord], float]],
+    *,
+    slo: SLO | None = None,
+    goodput_fn: GoodputFn | None = None,
+) -> float:
     """`stat` over several runs pooled, each given as (records, duration_s).
 
     `stat`: "goodput_rps" (needs `slo`; counted by `goodput_fn`, default `goodput_rps`), "slo_attainment"
@@ -116,9 +122,16 @@ class Interval:
         return not (self.hi < other.lo or other.hi < self.lo)
 
 
-def bootstrap(stat: str, runs: Sequence[tuple[Sequence[RequestRecord], float]], *, slo: SLO | None = None,
-              goodput_fn: GoodputFn | None = None, confidence: float = 0.95, n_boot: int = 1000,
-              seed: int = 0) -> Interval:
+def bootstrap(
+    stat: str,
+    runs: Sequence[tuple[Sequence[RequestRecord], float]],
+    *,
+    slo: SLO | None = None,
+    goodput_fn: GoodputFn | None = None,
+    confidence: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> Interval:
     """`stat` over the pooled runs, with a percentile bootstrap interval (requests resampled within each run)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -129,7 +142,7 @@ def bootstrap(stat: str, runs: Sequence[tuple[Sequence[RequestRecord], float]], 
     per = tuple(statistic(stat, [run], **kw) for run in runs)
     rng = np.random.default_rng(seed)
     m = _LATENCY.fullmatch(stat)
-    if m:   # latencies: each request's values as one array, so a draw is a concatenation, not a Python loop
+    if m:  # latencies: each request's values as one array, so a draw is a concatenation, not a Python loop
         q = float(m.group(2))
         per_rec = [[np.asarray(_latencies_ms([r], m.group(1)), dtype=float) for r in recs] for recs, _ in runs]
         draws = []
@@ -200,49 +213,84 @@ class RepeatedSweep:
                 runs = self.runs(mode, rate)
                 dur = sum(r.summary.duration_s for r in runs)
                 recs = [rec for r in runs for rec in r.records]
-                out[(mode, rate)] = BenchResult(recs, summarize(recs, dur, slo or self.config.slo),
-                                                {"mode": mode, "repeats": len(runs)})
+                out[(mode, rate)] = BenchResult(
+                    recs, summarize(recs, dur, slo or self.config.slo), {"mode": mode, "repeats": len(runs)}
+                )
         return out
 
-    def interval(self, mode: str, rate: float, stat: str, *, slo: SLO | None = None,
-                 goodput_fn: GoodputFn | None = None, confidence: float = 0.95, n_boot: int = 1000,
-                 seed: int = 0) -> Interval:
+    def interval(
+        self,
+        mode: str,
+        rate: float,
+        stat: str,
+        *,
+        slo: SLO | None = None,
+        goodput_fn: GoodputFn | None = None,
+        confidence: float = 0.95,
+        n_boot: int = 1000,
+        seed: int = 0,
+    ) -> Interval:
         """`stat` at (mode, rate) over all repeats, with its bootstrap interval (SLO default: the sweep's)."""
         slo = slo or self.config.slo
         key = (mode, rate, stat, slo, id(goodput_fn), confidence, n_boot, seed)
-        if key not in self._cache:   # charts, winners and sentences ask for the same intervals
+        if key not in self._cache:  # charts, winners and sentences ask for the same intervals
             runs = [(res.records, res.summary.duration_s) for res in self.runs(mode, rate)]
-            self._cache[key] = bootstrap(stat, runs, slo=slo, goodput_fn=goodput_fn, confidence=confidence,
-                                         n_boot=n_boot, seed=seed)
+            self._cache[key] = bootstrap(
+                stat, runs, slo=slo, goodput_fn=goodput_fn, confidence=confidence, n_boot=n_boot, seed=seed
+            )
         return self._cache[key]
 
-    def points(self, stats: Sequence[str] = ("goodput_rps", "ttft_p99_ms", "itl_p99_ms"), *, slo: SLO | None = None,
-               goodput_fn: GoodputFn | None = None, unit_rps: float | None = None, confidence: float = 0.95,
-               n_boot: int = 1000) -> list[dict[str, Any]]:
+    def points(
+        self,
+        stats: Sequence[str] = ("goodput_rps", "ttft_p99_ms", "itl_p99_ms"),
+        *,
+        slo: SLO | None = None,
+        goodput_fn: GoodputFn | None = None,
+        unit_rps: float | None = None,
+        confidence: float = 0.95,
+        n_boot: int = 1000,
+    ) -> list[dict[str, Any]]:
         """One row per (mode, rate): `mode`, `rate_rps`, `requests`, `repeats`, and per statistic `<stat>`,
         `<stat>_lo`, `<stat>_hi`, `<stat>_repeats`. `unit_rps`: also `load_x` = rate / unit_rps (e.g. the
         rate mono serves one request at a time)."""
         rows = []
         for mode in self.modes:
             for rate in self.rates:
-                row: dict[str, Any] = {"workload": self.workload, "mode": mode, "rate_rps": rate,
-                                       "requests": len(self.records(mode, rate)), "repeats": len(self.results)}
+                row: dict[str, Any] = {
+                    "workload": self.workload,
+                    "mode": mode,
+                    "rate_rps": rate,
+                    "requests": len(self.records(mode, rate)),
+                    "repeats": len(self.results),
+                }
                 if unit_rps:
                     row["load_x"] = rate / unit_rps
                 for stat in stats:
-                    iv = self.interval(mode, rate, stat, slo=slo, goodput_fn=goodput_fn, confidence=confidence,
-                                       n_boot=n_boot)
-                    row.update({stat: iv.value, f"{stat}_lo": iv.lo, f"{stat}_hi": iv.hi, f"{stat}_repeats": iv.per_repeat})
+                    iv = self.interval(
+                        mode, rate, stat, slo=slo, goodput_fn=goodput_fn, confidence=confidence, n_boot=n_boot
+                    )
+                    row.update(
+                        {stat: iv.value, f"{stat}_lo": iv.lo, f"{stat}_hi": iv.hi, f"{stat}_repeats": iv.per_repeat}
+                    )
                 rows.append(row)
         return rows
 
-    def winner(self, rate: float, stat: str = "goodput_rps", *, slo: SLO | None = None,
-               goodput_fn: GoodputFn | None = None, modes: Sequence[str] | None = None,
-               n_boot: int = 1000) -> str | None:
+    def winner(
+        self,
+        rate: float,
+        stat: str = "goodput_rps",
+        *,
+        slo: SLO | None = None,
+        goodput_fn: GoodputFn | None = None,
+        modes: Sequence[str] | None = None,
+        n_boot: int = 1000,
+    ) -> str | None:
         """The mode whose interval of `stat` at `rate` lies wholly on the better side of every other's
         (higher for goodput and throughput, lower for latencies); None when intervals overlap (a tie)."""
-        ivs = {m: self.interval(m, rate, stat, slo=slo, goodput_fn=goodput_fn, n_boot=n_boot)
-               for m in (modes or self.modes)}
+        ivs = {
+            m: self.interval(m, rate, stat, slo=slo, goodput_fn=goodput_fn, n_boot=n_boot)
+            for m in (modes or self.modes)
+        }
         return best_separated(ivs, higher_is_better=stat in HIGHER_IS_BETTER)
 
 
@@ -259,8 +307,14 @@ def best_separated(intervals: dict[str, Interval], *, higher_is_better: bool) ->
     return best
 
 
-def run_repeats(cfgs: Sequence[SweepConfig], start_server: ServerFactory, repeats: int = 3, *,
-                model: str | None = None, seed_step: int = 1) -> list[RepeatedSweep]:
+def run_repeats(
+    cfgs: Sequence[SweepConfig],
+    start_server: ServerFactory,
+    repeats: int = 3,
+    *,
+    model: str | None = None,
+    seed_step: int = 1,
+) -> list[RepeatedSweep]:
     """Runs the sweeps `repeats` times (repeat k with each config's seed + k x `seed_step`: new prompts and
     arrival times; fresh servers each time); returns one RepeatedSweep per config, in order."""
     from tqdm.auto import tqdm

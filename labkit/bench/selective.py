@@ -14,6 +14,7 @@ starts empty: a prompt's uncached suffix is its whole length.
 `predict` asks the planner (`labkit.plan.selective.best_prefill_threshold`) the same question on
 the same workload, lengths and rate.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,9 +53,14 @@ def router_prefills(metrics_text: str) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def shared_1p1d(model: str, *, cpus: dict[str, list[int] | None] | None = None, transfer: str = "shm",
-                kv_cache_bytes: int | None = None, startup_timeout_s: float = 180.0
-                ) -> Iterator[tuple[ServerFactory, dict[str, dict[str, float]]]]:
+def shared_1p1d(
+    model: str,
+    *,
+    cpus: dict[str, list[int] | None] | None = None,
+    transfer: str = "shm",
+    kv_cache_bytes: int | None = None,
+    startup_timeout_s: float = 180.0,
+) -> Iterator[tuple[ServerFactory, dict[str, dict[str, float]]]]:
     """A prefill worker and a decode worker (local_prefill, prefix caching off), started once; yields
     (a ServerFactory that puts a router with the mode's threshold in front of them, and a dict that
     receives, per mode, where its router saw prompts prefilled, warm-up included). Stops every
@@ -65,21 +71,29 @@ def shared_1p1d(model: str, *, cpus: dict[str, list[int] | None] | None = None, 
 
     split = cpus or default_cpu_split()
     token = new_kv_token()
-    common: dict[str, Any] = {"model": model, "kv_token": token, "transfer": transfer, "kv_cache_bytes": kv_cache_bytes,
-                              "startup_timeout_s": startup_timeout_s, "enable_prefix_caching": False}
+    common: dict[str, Any] = {
+        "model": model,
+        "kv_token": token,
+        "transfer": transfer,
+        "kv_cache_bytes": kv_cache_bytes,
+        "startup_timeout_s": startup_timeout_s,
+        "enable_prefix_caching": False,
+    }
     workers = []
     placed: dict[str, dict[str, float]] = {}
     try:
         workers.append(start_worker("prefill", name="prefill0", cpus=split.get("prefill"), **common))
-        workers.append(start_worker("decode", name="decode0", cpus=split.get("decode"),
-                                    settings={"local_prefill": True}, **common))
+        workers.append(
+            start_worker("decode", name="decode0", cpus=split.get("decode"), settings={"local_prefill": True}, **common)
+        )
 
         @contextlib.contextmanager
         def factory(spec: ModeSpec) -> Iterator[str]:
             if spec.mode != "disagg" or (spec.prefill, spec.decode) != (1, 1):
                 raise ValueError(f"shared_1p1d serves 1p1d and 1p1d-selective-N only, not {spec.name!r}")
-            router = start_router(model=model, prefill=workers[:1], decode=workers[1:],
-                                  prefill_threshold=spec.prefill_threshold)
+            router = start_router(
+                model=model, prefill=workers[:1], decode=workers[1:], prefill_threshold=spec.prefill_threshold
+            )
             try:
                 yield router.url
                 placed[spec.name] = router_prefills(httpx.get(router.url + "/metrics", timeout=10).text)
@@ -91,9 +105,19 @@ def shared_1p1d(model: str, *, cpus: dict[str, list[int] | None] | None = None, 
         stop_all(workers)
 
 
-def predict(workload: Workload, thresholds: Sequence[int], rate_rps: float, latency: Any, slo: Any, *,
-            max_model_len: int | None = None, scale: float | None = None, n: int = 400, seed: int = 0,
-            link: Any = None) -> Any:
+def predict(
+    workload: Workload,
+    thresholds: Sequence[int],
+    rate_rps: float,
+    latency: Any,
+    slo: Any,
+    *,
+    max_model_len: int | None = None,
+    scale: float | None = None,
+    n: int = 400,
+    seed: int = 0,
+    link: Any = None,
+) -> Any:
     """The planner's goodput at each threshold for `workload` (its lengths fitted as the sweep fits
     them) arriving as Poisson at `rate_rps` on one 1P1D unit with `latency` (a LatencyModel) and
     `slo` (labkit.plan's: TTFT and TPOT); the lab's router forwards the prefill worker's first token
@@ -103,14 +127,25 @@ def predict(workload: Workload, thresholds: Sequence[int], rate_rps: float, late
 
     s = sample_requests(workload, n, seed=seed, max_model_len=max_model_len, scale=scale)
     arrival = Arrivals("poisson", rate_rps).times_s(n, seed)
-    req = Requests(np.asarray(arrival, dtype=float), np.array([r.prompt_tokens for r in s.requests]),
-                   np.array([r.output_tokens for r in s.requests]))
-    return best_prefill_threshold(req, latency, slo, thresholds=thresholds, rate_rps=rate_rps, link=link,
-                                  first_token_at="landed")
+    req = Requests(
+        np.asarray(arrival, dtype=float),
+        np.array([r.prompt_tokens for r in s.requests]),
+        np.array([r.output_tokens for r in s.requests]),
+    )
+    return best_prefill_threshold(
+        req, latency, slo, thresholds=thresholds, rate_rps=rate_rps, link=link, first_token_at="landed"
+    )
 
 
-def candidates(workload: Workload, *, max_model_len: int | None = None, scale: float | None = None,
-               count: int = 4, n: int = 400, seed: int = 0) -> list[int]:
+def candidates(
+    workload: Workload,
+    *,
+    max_model_len: int | None = None,
+    scale: float | None = None,
+    count: int = 4,
+    n: int = 400,
+    seed: int = 0,
+) -> list[int]:
     """Thresholds worth measuring (the planner's rule, `threshold_candidates`): 0, one past the prompt
     length at `count` - 1 evenly spaced quantiles, and one past the longest (everything on decode)."""
     from labkit.plan.selective import threshold_candidates

@@ -13,6 +13,7 @@ sweeps them beside `1p1d`), any `xPyD`, and selective `xPyD-selective-N`.
     >>> result = run_sweep(cfg, lab_server_factory("tiny"))
     >>> result.frame()[["mode", "rate_rps", "itl_p99_ms", "goodput_rps"]]
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,7 +67,7 @@ class ModeSpec:
 # The fair baselines beside 1P1D on the lab's 2 devices (issue 18): one engine on both, two
 # one-device replicas behind the router (data parallel), and chunked prefill at two budgets.
 DEFAULT_MODES: tuple[str, ...] = ("mono", "mono-dp", "mono-chunked-256", "mono-chunked-512", "1p1d")
-DEFAULT_CHUNK_TOKENS = 256   # a `mono-chunked` mode's step budget when its name gives none
+DEFAULT_CHUNK_TOKENS = 256  # a `mono-chunked` mode's step budget when its name gives none
 MODE_FORMS = "mono, mono-dp, mono-chunked[-TOKENS], xPyD such as 1p1d, or xPyD-selective-TOKENS"
 
 
@@ -82,8 +83,7 @@ def parse_mode(name: str, devices: int | None = None) -> ModeSpec:
         return ModeSpec(n, "mono", devices=devices or 2, replicas=devices or 2)
     m = re.fullmatch(r"mono-chunked(?:-(\d+))?", n)
     if m:
-        return ModeSpec(n, "mono", chunked_prefill=True, devices=devices or 2,
-                        chunk_tokens=int(m[1]) if m[1] else None)
+        return ModeSpec(n, "mono", chunked_prefill=True, devices=devices or 2, chunk_tokens=int(m[1]) if m[1] else None)
     m = re.fullmatch(r"(\d+)p(\d+)d(?:-selective-(\d+))?", n)
     if not m:
         raise ValueError(f"unknown serving mode {name!r}; use {MODE_FORMS}")
@@ -127,8 +127,9 @@ class SweepConfig:
         for m in self.modes:
             parse_mode(m)
         if self.n_requests < 1 or self.warmup_requests < 0:
-            raise ValueError(f"need n_requests >= 1 and warmup_requests >= 0, got {self.n_requests}, "
-                             f"{self.warmup_requests}")
+            raise ValueError(
+                f"need n_requests >= 1 and warmup_requests >= 0, got {self.n_requests}, {self.warmup_requests}"
+            )
         object.__setattr__(self, "rates_rps", tuple(sorted(float(r) for r in self.rates_rps)))
 
     @property
@@ -181,15 +182,17 @@ class SweepResult:
         devices = {r["mode"]: r["devices"] for r in self.rows}
         rows, runs = [], {}
         for (mode, rate), res in self.runs.items():
-            new = BenchResult(res.records, summarize(res.records, res.summary.duration_s, slo),
-                              {**res.meta, "slo": slo.as_dict()})
+            new = BenchResult(
+                res.records, summarize(res.records, res.summary.duration_s, slo), {**res.meta, "slo": slo.as_dict()}
+            )
             runs[(mode, rate)] = new
             spec = replace(parse_mode(mode), devices=devices[mode])
             rows.append({"workload": cfg.workload_obj.name, **summary_row(spec, rate, new, cfg.price_per_device_hour)})
         return SweepResult(cfg, rows, runs, self.scaling_text)
 
-    def slo_from(self, mode: str = "mono", *, ttft_x: float = 3.0, tpot_x: float = 2.0,
-                 itl_x: float | None = None) -> SLO:
+    def slo_from(
+        self, mode: str = "mono", *, ttft_x: float = 3.0, tpot_x: float = 2.0, itl_x: float | None = None
+    ) -> SLO:
         """An SLO set from what `mode` delivers at the lowest swept rate: `ttft_x` times its p50 TTFT,
         `tpot_x` times its p50 TPOT and, when given, every gap within `itl_x` times that p50 TPOT."""
         low = min(self.config.rates_rps)
@@ -198,8 +201,11 @@ class SweepResult:
             raise ValueError(f"no completed {mode} run at {low:g} req/s to set an SLO from")
         sig = lambda x: float(f"{x:.3g}")
         tpot_s = row["tpot_p50_ms"] / 1000
-        return SLO(ttft_s=sig(row["ttft_p50_ms"] / 1000 * ttft_x), tpot_s=sig(tpot_s * tpot_x),
-                   itl_s=sig(tpot_s * itl_x) if itl_x else None)
+        return SLO(
+            ttft_s=sig(row["ttft_p50_ms"] / 1000 * ttft_x),
+            tpot_s=sig(tpot_s * tpot_x),
+            itl_s=sig(tpot_s * itl_x) if itl_x else None,
+        )
 
     def save(self, out_dir: str | Path, name: str = "sweep") -> list[Path]:
         """Writes `<name>.json` (config, scaling, rows) and `<name>_requests.csv` / `.parquet`."""
@@ -208,8 +214,20 @@ class SweepResult:
         cfg = asdict(self.config)
         cfg["workload"] = self.config.workload_obj.describe()
         js = out / f"{name}.json"
-        js.write_text(json.dumps(jsonable({"config": cfg, "scaling": self.scaling_text, "rows": self.rows,
-                                           "capacity_rps_at_90pct_slo": self.capacity_rps()}), indent=1, default=str))
+        js.write_text(
+            json.dumps(
+                jsonable(
+                    {
+                        "config": cfg,
+                        "scaling": self.scaling_text,
+                        "rows": self.rows,
+                        "capacity_rps_at_90pct_slo": self.capacity_rps(),
+                    }
+                ),
+                indent=1,
+                default=str,
+            )
+        )
         df = self.records_frame()
         csv, pq = out / f"{name}_requests.csv", out / f"{name}_requests.parquet"
         df.to_csv(csv, index=False)
@@ -223,15 +241,22 @@ def summary_row(mode: ModeSpec, rate_rps: float, res: BenchResult, price_per_dev
     row: dict[str, Any] = {"mode": mode.name, "rate_rps": rate_rps, "devices": mode.devices, **s.flat()}
     row["output_tps_per_device"] = s.output_throughput_tps / mode.devices
     row["goodput_rps_per_device"] = s.goodput_rps / mode.devices
-    row["cost_per_m_output_tokens"] = cost_per_million_tokens(price_per_device_hour, mode.devices,
-                                                              s.output_throughput_tps)
-    row["cost_per_m_total_tokens"] = cost_per_million_tokens(price_per_device_hour, mode.devices,
-                                                             s.total_token_throughput_tps)
+    row["cost_per_m_output_tokens"] = cost_per_million_tokens(
+        price_per_device_hour, mode.devices, s.output_throughput_tps
+    )
+    row["cost_per_m_total_tokens"] = cost_per_million_tokens(
+        price_per_device_hour, mode.devices, s.total_token_throughput_tps
+    )
     return row
 
 
-def run_sweep(cfg: SweepConfig, start_server: ServerFactory, *, model: str | None = None,
-              on_run: Callable[[dict[str, Any]], None] | None = None) -> SweepResult:
+def run_sweep(
+    cfg: SweepConfig,
+    start_server: ServerFactory,
+    *,
+    model: str | None = None,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> SweepResult:
     """Runs every mode at every rate; returns the SweepResult. `on_run` sees each row as it lands."""
     return run_sweeps([cfg], start_server, model=model, on_run=on_run)[0]
 
@@ -239,19 +264,35 @@ def run_sweep(cfg: SweepConfig, start_server: ServerFactory, *, model: str | Non
 def _samples(cfg: SweepConfig) -> tuple[list[SampledWorkload], SampledWorkload]:
     """Requests per rate and for the warm-up; every rate uses the first rate's length scaling."""
     w = cfg.workload_obj
-    first = sample_requests(w, cfg.n_requests, seed=cfg.seed * 1000, max_model_len=cfg.max_model_len,
-                            scale=cfg.scale, space=cfg.space)
+    first = sample_requests(
+        w, cfg.n_requests, seed=cfg.seed * 1000, max_model_len=cfg.max_model_len, scale=cfg.scale, space=cfg.space
+    )
     scale = first.scaling.factor
-    rest = [sample_requests(w, cfg.n_requests, seed=cfg.seed * 1000 + k, max_model_len=cfg.max_model_len,
-                            scale=scale, space=cfg.space) for k in range(1, len(cfg.rates_rps))]
-    warm = sample_requests(w, max(1, cfg.warmup_requests), seed=cfg.seed * 1000 + 999,
-                           max_model_len=cfg.max_model_len, scale=scale, space=cfg.space)
+    rest = [
+        sample_requests(
+            w, cfg.n_requests, seed=cfg.seed * 1000 + k, max_model_len=cfg.max_model_len, scale=scale, space=cfg.space
+        )
+        for k in range(1, len(cfg.rates_rps))
+    ]
+    warm = sample_requests(
+        w,
+        max(1, cfg.warmup_requests),
+        seed=cfg.seed * 1000 + 999,
+        max_model_len=cfg.max_model_len,
+        scale=scale,
+        space=cfg.space,
+    )
     return [first, *rest], warm
 
 
-def run_sweeps(cfgs: Sequence[SweepConfig], start_server: ServerFactory, *, model: str | None = None,
-               on_run: Callable[[dict[str, Any]], None] | None = None,
-               on_server: Callable[[ModeSpec, str], None] | None = None) -> list[SweepResult]:
+def run_sweeps(
+    cfgs: Sequence[SweepConfig],
+    start_server: ServerFactory,
+    *,
+    model: str | None = None,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+    on_server: Callable[[ModeSpec, str], None] | None = None,
+) -> list[SweepResult]:
     """Several sweeps (e.g. two workloads) through the same modes, starting each mode's server once.
 
     All configs must list the same modes. Returns one SweepResult per config, in order.
@@ -266,13 +307,23 @@ def run_sweeps(cfgs: Sequence[SweepConfig], start_server: ServerFactory, *, mode
         raise ValueError(f"every config must sweep the same modes; got {[c.modes for c in cfgs]}")
     plans = [_samples(c) for c in cfgs]
     results = [SweepResult(c, [], {}, p[0][0].scaling.describe()) for c, p in zip(cfgs, plans)]
-    bar = tqdm(total=len(modes) * sum(len(c.rates_rps) for c in cfgs), desc="sweep",
-               disable=not any(c.progress for c in cfgs))
+    bar = tqdm(
+        total=len(modes) * sum(len(c.rates_rps) for c in cfgs), desc="sweep", disable=not any(c.progress for c in cfgs)
+    )
     for mode_name in modes:
         spec = parse_mode(mode_name)
         with start_server(spec) as url:
-            bases = [LoadConfig(url, model=model, request_timeout_s=cfg.request_timeout_s, slo=cfg.slo,
-                                max_concurrency=cfg.max_concurrency, progress=False) for cfg in cfgs]
+            bases = [
+                LoadConfig(
+                    url,
+                    model=model,
+                    request_timeout_s=cfg.request_timeout_s,
+                    slo=cfg.slo,
+                    max_concurrency=cfg.max_concurrency,
+                    progress=False,
+                )
+                for cfg in cfgs
+            ]
             for cfg, (_, warm), base in zip(cfgs, plans, bases):
                 if cfg.warmup_requests:
                     # First requests pay for allocation and lazy init; they are not measured.
@@ -311,17 +362,34 @@ def url_server(url: str) -> Iterator[str]:
 
 def fixed_url_factory(urls: dict[str, str]) -> ServerFactory:
     """A factory that maps mode names to already-running servers (e.g. started by `labkit serve`)."""
+
     def factory(spec: ModeSpec) -> AbstractContextManager[str]:
         if spec.name not in urls:
             raise ValueError(f"no URL given for mode {spec.name!r}; have {sorted(urls)}")
         return url_server(urls[spec.name])
+
     return factory
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ("mode", "rate_rps", "ok", "errors",
-          "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "goodput_rps",
-          "slo_attainment", "output_tps_per_device")) -> str:
+def table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] = (
+        "mode",
+        "rate_rps",
+        "ok",
+        "errors",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "itl_p50_ms",
+        "itl_p99_ms",
+        "tpot_p50_ms",
+        "goodput_rps",
+        "slo_attainment",
+        "output_tps_per_device",
+    ),
+) -> str:
     """A fixed-width text table of the chosen columns (what the CLI and benchmarks print)."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return "nan" if math.isnan(v) else f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
@@ -334,11 +402,19 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ("mode", "rat
     return "\n".join(lines)
 
 
-def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None] | None = None,
-                       chunk_tokens: int = DEFAULT_CHUNK_TOKENS, max_num_batched_tokens: int = 2048, transfer: str = "shm",
-                       kv_cache_bytes: int | None = None, startup_timeout_s: float = 180.0,
-                       worker_args: Sequence[str] = (), step_log_dir: str | Path | None = None,
-                       gpus: Sequence[int] | None = None) -> ServerFactory:
+def lab_server_factory(
+    model: str = "tiny",
+    *,
+    cpus: dict[str, list[int] | None] | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    max_num_batched_tokens: int = 2048,
+    transfer: str = "shm",
+    kv_cache_bytes: int | None = None,
+    startup_timeout_s: float = 180.0,
+    worker_args: Sequence[str] = (),
+    step_log_dir: str | Path | None = None,
+    gpus: Sequence[int] | None = None,
+) -> ServerFactory:
     """Starts the lab's own server (`labkit.serve.launcher.launch`) for each mode.
 
     `cpus` maps roles to cores (default `default_cpu_split()`: on 2 cores prefill on core 0, decode
@@ -350,19 +426,35 @@ def lab_server_factory(model: str = "tiny", *, cpus: dict[str, list[int] | None]
     `step_log_dir`: every worker of a mode logs its steps to `<dir>/<mode name>.jsonl`. `gpus`: serve on
     these GPUs instead of cores (the launcher places the workers; `cpus` is then unused).
     """
+
     @contextlib.contextmanager
     def factory(spec: ModeSpec) -> Iterator[str]:
         from labkit.serve.launcher import default_cpu_split, launch
 
         split = cpus or default_cpu_split()
-        extra = [*worker_args, *(["--step-log", str(Path(step_log_dir) / f"{spec.name}.jsonl")] if step_log_dir else [])]
+        extra = [
+            *worker_args,
+            *(["--step-log", str(Path(step_log_dir) / f"{spec.name}.jsonl")] if step_log_dir else []),
+        ]
         budget = (spec.chunk_tokens or chunk_tokens) if spec.chunked_prefill else max_num_batched_tokens
-        srv = launch(spec.mode, model=model, mono=spec.replicas, prefill=max(1, spec.prefill),
-                     decode=max(1, spec.decode), chunked_prefill=spec.chunked_prefill,
-                     max_num_batched_tokens=budget, prefill_threshold=spec.prefill_threshold,
-                     transfer=transfer, mono_cpus=split.get("mono"), prefill_cpus=split.get("prefill"),
-                     decode_cpus=split.get("decode"), kv_cache_bytes=kv_cache_bytes, worker_args=extra,
-                     startup_timeout_s=startup_timeout_s, gpus=list(gpus) if gpus else None)
+        srv = launch(
+            spec.mode,
+            model=model,
+            mono=spec.replicas,
+            prefill=max(1, spec.prefill),
+            decode=max(1, spec.decode),
+            chunked_prefill=spec.chunked_prefill,
+            max_num_batched_tokens=budget,
+            prefill_threshold=spec.prefill_threshold,
+            transfer=transfer,
+            mono_cpus=split.get("mono"),
+            prefill_cpus=split.get("prefill"),
+            decode_cpus=split.get("decode"),
+            kv_cache_bytes=kv_cache_bytes,
+            worker_args=extra,
+            startup_timeout_s=startup_timeout_s,
+            gpus=list(gpus) if gpus else None,
+        )
         try:
             yield srv.url
         finally:
@@ -397,49 +489,90 @@ class Calibration:
         return SLO(ttft_s=float(f"{self.ttft_s * ttft_x:.3g}"), tpot_s=float(f"{self.tpot_s * tpot_x:.3g}"))
 
 
-def calibrate(start_server: ServerFactory, workloads: Sequence[Workload], *, mode: str = "mono", n: int = 4,
-              seed: int = 99, max_model_len: int | None = None, scale: float | None = None,
-              model: str | None = None) -> list[Calibration]:
+def calibrate(
+    start_server: ServerFactory,
+    workloads: Sequence[Workload],
+    *,
+    mode: str = "mono",
+    n: int = 4,
+    seed: int = 99,
+    max_model_len: int | None = None,
+    scale: float | None = None,
+    model: str | None = None,
+) -> list[Calibration]:
     """Median unloaded TTFT, TPOT and E2E of each workload on `mode`, from `n` requests sent one at a
     time after one warm-up request (one server start for all workloads)."""
     spec = parse_mode(mode)
     with start_server(spec) as url:
-        return calibrate_url(url, workloads, mode=spec.name, n=n, seed=seed, max_model_len=max_model_len,
-                             scale=scale, model=model)
+        return calibrate_url(
+            url, workloads, mode=spec.name, n=n, seed=seed, max_model_len=max_model_len, scale=scale, model=model
+        )
 
 
-def calibrate_url(url: str, workloads: Sequence[Workload], *, mode: str = "mono", n: int = 4, seed: int = 99,
-                  max_model_len: int | None = None, scale: float | None = None,
-                  model: str | None = None) -> list[Calibration]:
+def calibrate_url(
+    url: str,
+    workloads: Sequence[Workload],
+    *,
+    mode: str = "mono",
+    n: int = 4,
+    seed: int = 99,
+    max_model_len: int | None = None,
+    scale: float | None = None,
+    model: str | None = None,
+) -> list[Calibration]:
     """`calibrate` against a server that is already running at `url` (named `mode` in the result)."""
     import statistics
 
     out: list[Calibration] = []
     for w in workloads:
-        ok = sequential_records(url, w, n, mode=mode, seed=seed, max_model_len=max_model_len, scale=scale,
-                                model=model)
+        ok = sequential_records(url, w, n, mode=mode, seed=seed, max_model_len=max_model_len, scale=scale, model=model)
         tpots = [r.tpot_s for r in ok if r.output_tokens > 1] or [math.nan]
-        out.append(Calibration(w.name, mode, statistics.median(r.ttft_s for r in ok), statistics.median(tpots),
-                               statistics.median(r.e2e_s for r in ok)))
+        out.append(
+            Calibration(
+                w.name,
+                mode,
+                statistics.median(r.ttft_s for r in ok),
+                statistics.median(tpots),
+                statistics.median(r.e2e_s for r in ok),
+            )
+        )
     return out
 
 
-def sequential_records(url: str, workload: Workload, n: int = 4, *, mode: str = "mono", seed: int = 99,
-                       max_model_len: int | None = None, scale: float | None = None,
-                       model: str | None = None, concurrency: int = 1) -> list[RequestRecord]:
+def sequential_records(
+    url: str,
+    workload: Workload,
+    n: int = 4,
+    *,
+    mode: str = "mono",
+    seed: int = 99,
+    max_model_len: int | None = None,
+    scale: float | None = None,
+    model: str | None = None,
+    concurrency: int = 1,
+) -> list[RequestRecord]:
     """Records of `n` requests of `workload` sent `concurrency` at a time (1: its unloaded latencies;
     more: all sent together when concurrency >= n) to the server at `url`, after one unmeasured
     warm-up request. RuntimeError if none succeeded."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     s = sample_requests(workload, n + 1, seed=seed, max_model_len=max_model_len, scale=scale)
-    cfg = LoadConfig(url, Arrivals("burst"), max_concurrency=1, model=model, progress=False,
-                     request_timeout_s=600.0, label=f"warm-up {workload.name}")
+    cfg = LoadConfig(
+        url,
+        Arrivals("burst"),
+        max_concurrency=1,
+        model=model,
+        progress=False,
+        request_timeout_s=600.0,
+        label=f"warm-up {workload.name}",
+    )
     run_load(cfg, s.requests[:1])  # the first request warms the server up
-    res = run_load(_with(cfg, max_concurrency=concurrency, label=f"{concurrency} at a time: {workload.name}"),
-                   s.requests[1:])
+    res = run_load(
+        _with(cfg, max_concurrency=concurrency, label=f"{concurrency} at a time: {workload.name}"), s.requests[1:]
+    )
     ok = [r for r in res.records if r.ok]
     if not ok:
-        raise RuntimeError(f"run of {workload.name} on {mode} ({concurrency} at a time) failed: "
-                           f"{res.meta['first_errors']}")
+        raise RuntimeError(
+            f"run of {workload.name} on {mode} ({concurrency} at a time) failed: {res.meta['first_errors']}"
+        )
     return ok

@@ -9,6 +9,7 @@ rate. The full profile runs every fair baseline (`labkit.bench.sweep.DEFAULT_MOD
 model (`small`); the ci profile keeps mono, mono-dp and 1P1D on `tiny` (chunked prefill has its own
 section, "Interference"), about a minute and a half.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ class TourPlan:
     conv_scale: float
     slo_ttft_x: float = 3.0
     slo_tpot_x: float = 2.0
-    modes: tuple[str, ...] = DEFAULT_MODES   # mono first: the calibration runs on its server
+    modes: tuple[str, ...] = DEFAULT_MODES  # mono first: the calibration runs on its server
 
 
 PLANS = {
@@ -70,11 +71,20 @@ def tour_section(report: Any, profile: str) -> None:
     w = get_workload("azure-conv-2023").scaled(plan.conv_scale)
     max_model_len = get_preset(plan.model).max_position_embeddings
     factory = server_factory(plan.model)
-    cfg = SweepConfig(w, rates_rps=(1.0,), modes=plan.modes, n_requests=plan.n_requests, seed=11,
-                      warmup_requests=2, request_timeout_s=600.0, max_model_len=max_model_len, progress=False)
+    cfg = SweepConfig(
+        w,
+        rates_rps=(1.0,),
+        modes=plan.modes,
+        n_requests=plan.n_requests,
+        seed=11,
+        warmup_requests=2,
+        request_timeout_s=600.0,
+        max_model_len=max_model_len,
+        progress=False,
+    )
     # Calibrate on the mono server the comparison then uses: one server start fewer.
     with factory(parse_mode("mono")) as mono_url:
-        cal, = calibrate_url(mono_url, [w], n=3, max_model_len=max_model_len)
+        (cal,) = calibrate_url(mono_url, [w], n=3, max_model_len=max_model_len)
         rate = cal.rates((plan.rate_x,))[0]
         cfg = replace(cfg, rates_rps=(rate,))
         mono = run_sweep(replace(cfg, modes=("mono",)), fixed_url_factory({"mono": mono_url}))
@@ -91,45 +101,95 @@ def tour_section(report: Any, profile: str) -> None:
         f"{cal.ttft_s * 1000:,.0f} ms, TPOT {cal.tpot_s * 1000:,.1f} ms) through {', '.join(plan.modes)}, model "
         f"{plan.model}: mono is one engine on every core, mono-dp one engine per core behind the router (which "
         "sends each request to the least loaded), mono-chunked-N mono with N prompt tokens per step at most, and "
-        "1P1D a prefill worker and a decode worker on separate cores with the KV cache moved between them.")
+        "1P1D a prefill worker and a decode worker on separate cores with the KV cache moved between them."
+    )
     s.paragraphs.append(
         "In mono every prefill runs in the same steps as the running decodes, so each long prompt stalls "
         "every stream: the tail of the inter-token latency (ITL) grows. In 1P1D decode steps never wait "
-        "for a prefill; the price is half the cores per phase, a KV transfer, and a longer TTFT under load.")
-    cols = ["mode", "rate_rps", "ok", "errors", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-            "tpot_p50_ms", "goodput_rps", "slo_attainment", "output_tps_per_device"]
-    s.tables.append(((f"1P1D and the baselines at {rate:g} req/s (SLO: {slo.describe()}, from mono's p50 x{plan.slo_ttft_x:g} "
-                      f"TTFT and x{plan.slo_tpot_x:g} TPOT)"),
-                     [{c: r[c] for c in cols} for r in res.rows]))
-    report.add_figure(s, pb.plot_latency_cdf(res.runs, "itl"), "bench_itl_cdf",
-                      "Inter-token latency CDF: the mono tail is the prefill stalls")
-    report.add_figure(s, pb.plot_latency_cdf(res.runs, "ttft", slo_ms=slo.ttft_s * 1000 if slo.ttft_s else None),
-                      "bench_ttft_cdf", "Time to first token CDF")
-    report.add_figure(s, pb.plot_ttft_itl_plane(res.rows, slo_ttft_ms=slo.ttft_s * 1000 if slo.ttft_s else None),
-                      "bench_ttft_itl_plane", "Every mode on the TTFT vs p99-ITL plane (lower left is better)")
+        "for a prefill; the price is half the cores per phase, a KV transfer, and a longer TTFT under load."
+    )
+    cols = [
+        "mode",
+        "rate_rps",
+        "ok",
+        "errors",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "itl_p50_ms",
+        "itl_p99_ms",
+        "tpot_p50_ms",
+        "goodput_rps",
+        "slo_attainment",
+        "output_tps_per_device",
+    ]
+    s.tables.append(
+        (
+            (
+                f"1P1D and the baselines at {rate:g} req/s (SLO: {slo.describe()}, from mono's p50 x{plan.slo_ttft_x:g} "
+                f"TTFT and x{plan.slo_tpot_x:g} TPOT)"
+            ),
+            [{c: r[c] for c in cols} for r in res.rows],
+        )
+    )
+    report.add_figure(
+        s,
+        pb.plot_latency_cdf(res.runs, "itl"),
+        "bench_itl_cdf",
+        "Inter-token latency CDF: the mono tail is the prefill stalls",
+    )
+    report.add_figure(
+        s,
+        pb.plot_latency_cdf(res.runs, "ttft", slo_ms=slo.ttft_s * 1000 if slo.ttft_s else None),
+        "bench_ttft_cdf",
+        "Time to first token CDF",
+    )
+    report.add_figure(
+        s,
+        pb.plot_ttft_itl_plane(res.rows, slo_ttft_ms=slo.ttft_s * 1000 if slo.ttft_s else None),
+        "bench_ttft_itl_plane",
+        "Every mode on the TTFT vs p99-ITL plane (lower left is better)",
+    )
     from labkit.bench.waterfall import with_waterfall
     from labkit.plots.serving import plot_ttft_waterfall
 
     at_rate = {mode: res.runs[(mode, rate)] for mode in plan.modes}
-    if any(with_waterfall(run.records) for run in at_rate.values()):   # the lab's router times each request
-        report.add_figure(s, plot_ttft_waterfall(at_rate).figure, "bench_ttft_waterfall",
-                          "Where the TTFT went: median and p99 requests per mode")
+    if any(with_waterfall(run.records) for run in at_rate.values()):  # the lab's router times each request
+        report.add_figure(
+            s,
+            plot_ttft_waterfall(at_rate).figure,
+            "bench_ttft_waterfall",
+            "Where the TTFT went: median and p99 requests per mode",
+        )
     ratio = m["itl_p99_ms"] / d["itl_p99_ms"] if d["itl_p99_ms"] else math.nan
-    report.add_summary("p99 ITL mono vs 1P1D", f"{_fmt_ms(m['itl_p99_ms'])} vs {_fmt_ms(d['itl_p99_ms'])}",
-                       f"{ratio:.1f}x, {plan.model}, {rate:g} req/s")
+    report.add_summary(
+        "p99 ITL mono vs 1P1D",
+        f"{_fmt_ms(m['itl_p99_ms'])} vs {_fmt_ms(d['itl_p99_ms'])}",
+        f"{ratio:.1f}x, {plan.model}, {rate:g} req/s",
+    )
     report.add_summary("p50 TTFT mono vs 1P1D", f"{_fmt_ms(m['ttft_p50_ms'])} vs {_fmt_ms(d['ttft_p50_ms'])}")
-    report.add_summary("goodput mono vs 1P1D", f"{m['goodput_rps']:.2f} vs {d['goodput_rps']:.2f} req/s",
-                       slo.describe())
+    report.add_summary(
+        "goodput mono vs 1P1D", f"{m['goodput_rps']:.2f} vs {d['goodput_rps']:.2f} req/s", slo.describe()
+    )
     best = max(res.rows, key=lambda r: r["goodput_rps"])
-    report.add_summary("goodput per mode", ", ".join(f"{r['mode']} {r['goodput_rps']:.2f}" for r in res.rows),
-                       f"req/s within the SLO; most: {best['mode']}")
+    report.add_summary(
+        "goodput per mode",
+        ", ".join(f"{r['mode']} {r['goodput_rps']:.2f}" for r in res.rows),
+        f"req/s within the SLO; most: {best['mode']}",
+    )
     errors = sum(r["errors"] for r in res.rows)
     if errors:
-        s.paragraphs.append(f"{errors} request(s) failed; first errors: "
-                            + "; ".join(e for mode in plan.modes for e in res.runs[(mode, rate)].meta["first_errors"]))
-    report.data["mono_vs_1p1d"] = jsonable({"rows": res.rows, "scaling": res.scaling_text, "calibration": {
-        "ttft_s": cal.ttft_s, "tpot_s": cal.tpot_s, "e2e_s": cal.e2e_s}, "plan": {
-        "model": plan.model, "rate_rps": rate, "n_requests": plan.n_requests, "slo": slo.as_dict()}})
+        s.paragraphs.append(
+            f"{errors} request(s) failed; first errors: "
+            + "; ".join(e for mode in plan.modes for e in res.runs[(mode, rate)].meta["first_errors"])
+        )
+    report.data["mono_vs_1p1d"] = jsonable(
+        {
+            "rows": res.rows,
+            "scaling": res.scaling_text,
+            "calibration": {"ttft_s": cal.ttft_s, "tpot_s": cal.tpot_s, "e2e_s": cal.e2e_s},
+            "plan": {"model": plan.model, "rate_rps": rate, "n_requests": plan.n_requests, "slo": slo.as_dict()},
+        }
+    )
 
 
 def interference_section(report: Any, profile: str) -> None:
@@ -152,15 +212,26 @@ def interference_section(report: Any, profile: str) -> None:
         f"Four requests stream tokens from `{model}`; then one {long_tokens:,}-token prompt arrives. In one engine "
         "(mono) its prefill takes the step loop and every decode stalls for about as long as the prefill; chunked "
         "prefill cuts the stall into smaller ones; with the prefill on another worker (1P1D: prefill on core 0, "
-        "decode on core 1) the decode gaps stay flat. Times are what the client saw.")
+        "decode on core 1) the decode gaps stay flat. Times are what the client saw."
+    )
     s.tables.append(("Decode gaps around the long prefill (ms)", stats_table(results)))
-    report.add_figure(s, serving.stall_comparison(results).figure, "interference_stalls",
-                      "Mean decode gap outside the prefill vs the worst gap during it, per mode")
+    report.add_figure(
+        s,
+        serving.stall_comparison(results).figure,
+        "interference_stalls",
+        "Mean decode gap outside the prefill vs the worst gap during it, per mode",
+    )
     for mode in ("mono", "1p1d"):
-        report.add_figure(s, serving.interference_figure(by[mode]), f"interference_{mode}",
-                          f"{mode}: every request's tokens as the client received them; red: the long prefill")
+        report.add_figure(
+            s,
+            serving.interference_figure(by[mode]),
+            f"interference_{mode}",
+            f"{mode}: every request's tokens as the client received them; red: the long prefill",
+        )
     st = {m: r.stats() for m, r in by.items()}
-    report.add_summary("decode stall during a long prefill",
-                       " / ".join(f"{m} {st[m]['decode_stall_max_ms']:,.0f} ms" for m in by),
-                       f"{long_tokens:,}-token prompt, {model}")
+    report.add_summary(
+        "decode stall during a long prefill",
+        " / ".join(f"{m} {st[m]['decode_stall_max_ms']:,.0f} ms" for m in by),
+        f"{long_tokens:,}-token prompt, {model}",
+    )
     report.data["interference"] = [r.to_json() for r in results]

@@ -9,6 +9,7 @@
     >>> trace = load_azure_csv(shared_data_dir() / "azure-llm-2023" / "conv.csv")
     >>> sampled = trace.window(0, 60).to_requests(max_model_len=4096)
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,13 @@ class Trace:
         arr = self.arrival_s[idx]
         arr = arr - arr[0] if len(arr) else arr
         hashes = [self.hash_ids[i] for i in idx] if self.hash_ids is not None else None
-        return replace(self, arrival_s=arr, prompt_tokens=self.prompt_tokens[idx],
-                       output_tokens=self.output_tokens[idx], hash_ids=hashes)
+        return replace(
+            self,
+            arrival_s=arr,
+            prompt_tokens=self.prompt_tokens[idx],
+            output_tokens=self.output_tokens[idx],
+            hash_ids=hashes,
+        )
 
     def head(self, n: int) -> Trace:
         """The first `n` requests."""
@@ -81,8 +87,11 @@ class Trace:
     def stats(self) -> dict[str, float]:
         """Counts, rate and length percentiles (tokens), the figures a trace README quotes."""
         p, o = self.prompt_tokens, self.output_tokens
-        out: dict[str, float] = {"requests": float(len(self)), "duration_s": self.duration_s,
-                                 "mean_rate_rps": self.mean_rate_rps}
+        out: dict[str, float] = {
+            "requests": float(len(self)),
+            "duration_s": self.duration_s,
+            "mean_rate_rps": self.mean_rate_rps,
+        }
         for name, x in (("prompt", p), ("output", o)):
             if len(x):
                 out[f"{name}_mean"] = float(np.mean(x))
@@ -93,18 +102,29 @@ class Trace:
             out["prefix_block_reuse"] = prefix_block_reuse(self.hash_ids)
         return out
 
-    def to_requests(self, *, max_model_len: int | None = None, scale: float | None = None, seed: int = 0,
-                    space: TokenSpace | None = None) -> tuple[list[BenchRequest], LengthScaling]:
+    def to_requests(
+        self,
+        *,
+        max_model_len: int | None = None,
+        scale: float | None = None,
+        seed: int = 0,
+        space: TokenSpace | None = None,
+    ) -> tuple[list[BenchRequest], LengthScaling]:
         """Requests with the trace's arrival times and lengths fitted into `max_model_len`.
 
         Mooncake blocks scale with the lengths, so requests that shared blocks still share them.
         """
-        p, o, info = fit_to_context(self.prompt_tokens, self.output_tokens, max_model_len or 1 << 40,
-                                    scale=scale if (max_model_len or scale) else 1.0)
+        p, o, info = fit_to_context(
+            self.prompt_tokens,
+            self.output_tokens,
+            max_model_len or 1 << 40,
+            scale=scale if (max_model_len or scale) else 1.0,
+        )
         block = max(1, round(self.block_tokens * info.factor))
         space = space if space is not None else TokenSpace()
-        reqs = build_requests(p, o, seed=seed, arrivals_s=self.arrival_s, space=space,
-                              block_hashes=self.hash_ids, block_tokens=block)
+        reqs = build_requests(
+            p, o, seed=seed, arrivals_s=self.arrival_s, space=space, block_hashes=self.hash_ids, block_tokens=block
+        )
         return reqs, info
 
 
@@ -156,8 +176,9 @@ def load_azure_csv(path: str | Path, *, limit: int | None = None) -> Trace:
     return Trace(path.stem, arrival, np.maximum(prompt, 1), np.maximum(output, 1))
 
 
-def load_mooncake_jsonl(path: str | Path, *, limit: int | None = None,
-                        block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> Trace:
+def load_mooncake_jsonl(
+    path: str | Path, *, limit: int | None = None, block_tokens: int = MOONCAKE_BLOCK_TOKENS
+) -> Trace:
     """Reads a Mooncake trace (JSON lines, `timestamp` in ms); returns a Trace sorted by arrival."""
     path = Path(path)
     if not path.is_file():
@@ -182,17 +203,25 @@ def load_mooncake_jsonl(path: str | Path, *, limit: int | None = None,
                     raise TypeError(f"hash_ids is {type(h).__name__}, not a list")
                 hashes.append([int(x) for x in h])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise TraceFormatError(f"{path}: line {lineno}: {e.__class__.__name__}: {e}; expected "
-                                       "{{\"timestamp\": ms, \"input_length\": n, \"output_length\": n, "
-                                       "\"hash_ids\": [...]}}") from None
+                raise TraceFormatError(
+                    f"{path}: line {lineno}: {e.__class__.__name__}: {e}; expected "
+                    '{{"timestamp": ms, "input_length": n, "output_length": n, '
+                    '"hash_ids": [...]}}'
+                ) from None
             if p[-1] < 1 or o[-1] < 1:
                 raise TraceFormatError(f"{path}: line {lineno}: lengths must be >= 1, got {p[-1]}, {o[-1]}")
     if not ts:
         raise TraceFormatError(f"{path}: no requests")
     arrival = np.asarray(ts)
     order = np.argsort(arrival, kind="stable")
-    return Trace(path.stem, arrival[order] - arrival[order][0], np.asarray(p, dtype=np.int64)[order],
-                 np.asarray(o, dtype=np.int64)[order], [hashes[i] for i in order], block_tokens)
+    return Trace(
+        path.stem,
+        arrival[order] - arrival[order][0],
+        np.asarray(p, dtype=np.int64)[order],
+        np.asarray(o, dtype=np.int64)[order],
+        [hashes[i] for i in order],
+        block_tokens,
+    )
 
 
 def load_trace(path: str | Path, *, limit: int | None = None) -> Trace:

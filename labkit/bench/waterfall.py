@@ -10,6 +10,7 @@ TTFT of its band, which `ttft_ms` gives beside them.
     stacks = waterfall_stacks(result.records)        # {"p50": {...}, "p99": {...}}
     plot_ttft_waterfall({"1p1d": result})            # labkit.plots.serving
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,8 +29,9 @@ def with_waterfall(records: Sequence[Any]) -> list[Any]:
     return sorted((r for r in records if r.ok and r.waterfall), key=lambda r: r.ttft_s)
 
 
-def waterfall_stacks(records: Sequence[Any], bands: dict[str, tuple[float, float]] | None = None
-                     ) -> dict[str, dict[str, float]]:
+def waterfall_stacks(
+    records: Sequence[Any], bands: dict[str, tuple[float, float]] | None = None
+) -> dict[str, dict[str, float]]:
     """Per band ("p50", "p99"): the mean of each part over the band's requests, in ms (`<part>_ms`), with
     `ttft_ms` (the router's TTFT, what the parts add up to), `client_ttft_ms` (as the load generator saw
     it), `decode_admit_ms` (after the first token; 0 in mono), `kv_gb_per_s` and `requests` in the band.
@@ -40,7 +42,7 @@ def waterfall_stacks(records: Sequence[Any], bands: dict[str, tuple[float, float
         return out
     n = len(recs)
     for name, (lo, hi) in (bands or BANDS).items():
-        a = min(n - 1, int(lo * n + 1e-9))                      # 1e-9: 0.45 * 100 is 45.00000000000001
+        a = min(n - 1, int(lo * n + 1e-9))  # 1e-9: 0.45 * 100 is 45.00000000000001
         b = max(a + 1, min(n, int(np.ceil(hi * n - 1e-9))))
         band = recs[a:b]
         row = {f"{p.removesuffix('_s')}_ms": 1e3 * float(np.mean([r.waterfall[p] for r in band])) for p in PARTS}

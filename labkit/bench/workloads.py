@@ -18,6 +18,7 @@ Presets come from published figures (no trace is needed to use them):
     >>> w = get_workload("azure-conv-2023")
     >>> prompt_lens, output_lens = w.sample_lengths(1000, seed=0)
 """
+
 from __future__ import annotations
 
 import math
@@ -156,18 +157,33 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
-        Workload("azure-conv-2023", LengthDist.from_quantiles(1020, 2735, 4142, 1, 14050),
-                 LengthDist.from_quantiles(129, 424, 601, 1, 1000),
-                 source="Azure LLM inference trace 2023, conversation (Splitwise, ISCA'24): p50/p90/p99"),
-        Workload("azure-code-2023", LengthDist.from_quantiles(1469, 5188, 7436, 1, 7437),
-                 LengthDist.from_quantiles(13, 55, 252, 1, 1899),
-                 source="Azure LLM inference trace 2023, code (Splitwise, ISCA'24): p50/p90/p99"),
-        Workload("mooncake-conv", LengthDist.from_mean(12035, 0.6, 1, 128_000), LengthDist.from_mean(343, 0.6, 1, 4096),
-                 prefix_hit_rate=0.366, prefix_groups=8,
-                 source="Mooncake conversation trace (FAST'25): means 12,035 / 343, 36.6% prefix blocks reused; "
-                        "sigma 0.6 assumed"),
-        Workload("short-prompt", LengthDist.uniform(16, 64), LengthDist.uniform(128, 256),
-                 source="short chat turns: little prefill to offload (where disaggregation loses)"),
+        Workload(
+            "azure-conv-2023",
+            LengthDist.from_quantiles(1020, 2735, 4142, 1, 14050),
+            LengthDist.from_quantiles(129, 424, 601, 1, 1000),
+            source="Azure LLM inference trace 2023, conversation (Splitwise, ISCA'24): p50/p90/p99",
+        ),
+        Workload(
+            "azure-code-2023",
+            LengthDist.from_quantiles(1469, 5188, 7436, 1, 7437),
+            LengthDist.from_quantiles(13, 55, 252, 1, 1899),
+            source="Azure LLM inference trace 2023, code (Splitwise, ISCA'24): p50/p90/p99",
+        ),
+        Workload(
+            "mooncake-conv",
+            LengthDist.from_mean(12035, 0.6, 1, 128_000),
+            LengthDist.from_mean(343, 0.6, 1, 4096),
+            prefix_hit_rate=0.366,
+            prefix_groups=8,
+            source="Mooncake conversation trace (FAST'25): means 12,035 / 343, 36.6% prefix blocks reused; "
+            "sigma 0.6 assumed",
+        ),
+        Workload(
+            "short-prompt",
+            LengthDist.uniform(16, 64),
+            LengthDist.uniform(128, 256),
+            source="short chat turns: little prefill to offload (where disaggregation loses)",
+        ),
     ]
 }
 
@@ -180,10 +196,16 @@ def get_workload(name: str) -> Workload:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}") from None
 
 
-def synthetic(name: str, prompt_tokens: int | tuple[int, int] | LengthDist,
-              output_tokens: int | tuple[int, int] | LengthDist, *, prefix_hit_rate: float = 0.0,
-              prefix_groups: int = 1) -> Workload:
+def synthetic(
+    name: str,
+    prompt_tokens: int | tuple[int, int] | LengthDist,
+    output_tokens: int | tuple[int, int] | LengthDist,
+    *,
+    prefix_hit_rate: float = 0.0,
+    prefix_groups: int = 1,
+) -> Workload:
     """A workload from fixed lengths (int), uniform ranges ((low, high)) or any LengthDist."""
+
     def as_dist(x: int | tuple[int, int] | LengthDist) -> LengthDist:
         if isinstance(x, LengthDist):
             return x
@@ -191,8 +213,9 @@ def synthetic(name: str, prompt_tokens: int | tuple[int, int] | LengthDist,
             return LengthDist.uniform(*x)
         return LengthDist.fixed(int(x))
 
-    return Workload(name, as_dist(prompt_tokens), as_dist(output_tokens), prefix_hit_rate, prefix_groups,
-                    source="synthetic")
+    return Workload(
+        name, as_dist(prompt_tokens), as_dist(output_tokens), prefix_hit_rate, prefix_groups, source="synthetic"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,15 +232,22 @@ class LengthScaling:
 
     def describe(self) -> str:
         limit = f"to fit {self.max_model_len} positions" if self.max_model_len < 1 << 40 else "(no context limit)"
-        return (f"lengths x{self.factor:.3g} {limit} "
-                f"({self.clipped_requests} request(s) clipped): mean prompt {self.mean_prompt_before:,.0f} -> "
-                f"{self.mean_prompt_after:,.0f}, mean output {self.mean_output_before:,.0f} -> "
-                f"{self.mean_output_after:,.0f} tokens")
+        return (
+            f"lengths x{self.factor:.3g} {limit} "
+            f"({self.clipped_requests} request(s) clipped): mean prompt {self.mean_prompt_before:,.0f} -> "
+            f"{self.mean_prompt_after:,.0f}, mean output {self.mean_output_before:,.0f} -> "
+            f"{self.mean_output_after:,.0f} tokens"
+        )
 
 
-def fit_to_context(prompt_lens: Sequence[int] | np.ndarray, output_lens: Sequence[int] | np.ndarray,
-                   max_model_len: int, *, scale: float | None = None, quantile: float = 0.99
-                   ) -> tuple[np.ndarray, np.ndarray, LengthScaling]:
+def fit_to_context(
+    prompt_lens: Sequence[int] | np.ndarray,
+    output_lens: Sequence[int] | np.ndarray,
+    max_model_len: int,
+    *,
+    scale: float | None = None,
+    quantile: float = 0.99,
+) -> tuple[np.ndarray, np.ndarray, LengthScaling]:
     """Scales lengths into a `max_model_len` context; returns (prompts, outputs, LengthScaling).
 
     Without `scale`, one factor (<= 1) is chosen so that the `quantile` of prompt+output fits;
@@ -240,9 +270,15 @@ def fit_to_context(prompt_lens: Sequence[int] | np.ndarray, output_lens: Sequenc
     too_long = ps + os_ > max_model_len
     os_ = np.where(too_long, np.minimum(os_, max_model_len // 2), os_)
     ps = np.where(too_long, np.minimum(ps, max_model_len - os_), ps)
-    info = LengthScaling(max_model_len, float(scale), int(too_long.sum()),
-                         float(p.mean()) if len(p) else 0.0, float(ps.mean()) if len(p) else 0.0,
-                         float(o.mean()) if len(o) else 0.0, float(os_.mean()) if len(o) else 0.0)
+    info = LengthScaling(
+        max_model_len,
+        float(scale),
+        int(too_long.sum()),
+        float(p.mean()) if len(p) else 0.0,
+        float(ps.mean()) if len(p) else 0.0,
+        float(o.mean()) if len(o) else 0.0,
+        float(os_.mean()) if len(o) else 0.0,
+    )
     return ps, os_, info
 
 
@@ -280,11 +316,18 @@ def _block_tokens(key: Sequence[int], n: int, space: TokenSpace) -> np.ndarray:
     return np.random.default_rng([0x5EED, *key]).integers(space.low, space.high, size=n, dtype=np.int64)
 
 
-def build_requests(prompt_lens: Sequence[int] | np.ndarray, output_lens: Sequence[int] | np.ndarray, *,
-                   seed: int = 0, prefix_hit_rate: float = 0.0, prefix_groups: int = 1,
-                   arrivals_s: Sequence[float] | np.ndarray | None = None, space: TokenSpace = TokenSpace(),
-                   block_hashes: Sequence[Sequence[int]] | None = None, block_tokens: int = 512
-                   ) -> list[BenchRequest]:
+def build_requests(
+    prompt_lens: Sequence[int] | np.ndarray,
+    output_lens: Sequence[int] | np.ndarray,
+    *,
+    seed: int = 0,
+    prefix_hit_rate: float = 0.0,
+    prefix_groups: int = 1,
+    arrivals_s: Sequence[float] | np.ndarray | None = None,
+    space: TokenSpace = TokenSpace(),
+    block_hashes: Sequence[Sequence[int]] | None = None,
+    block_tokens: int = 512,
+) -> list[BenchRequest]:
     """Concrete requests with exact prompt lengths.
 
     Each prompt is a shared prefix then fresh tokens drawn from `seed` (a different seed gives
@@ -301,7 +344,9 @@ def build_requests(prompt_lens: Sequence[int] | np.ndarray, output_lens: Sequenc
     rng = np.random.default_rng([seed, 2])
     group_of = rng.integers(0, prefix_groups, size=n) if prefix_groups > 1 else np.zeros(n, dtype=np.int64)
     max_prompt = int(max(prompt_lens, default=0))
-    group_seqs = {g: _block_tokens((1, seed, g), max_prompt, space) for g in set(group_of.tolist())} if prefix_hit_rate else {}
+    group_seqs = (
+        {g: _block_tokens((1, seed, g), max_prompt, space) for g in set(group_of.tolist())} if prefix_hit_rate else {}
+    )
     out: list[BenchRequest] = []
     for i in range(n):
         plen, olen = int(prompt_lens[i]), int(output_lens[i])
@@ -318,8 +363,7 @@ def build_requests(prompt_lens: Sequence[int] | np.ndarray, output_lens: Sequenc
             shared = np.zeros(0, dtype=np.int64)
         fresh = rng.integers(space.low, space.high, size=plen - len(shared), dtype=np.int64)
         ids = tuple(int(t) for t in np.concatenate([shared, fresh]))
-        out.append(BenchRequest(i, ids, olen, None if arrivals_s is None else float(arrivals_s[i]),
-                                len(shared), group))
+        out.append(BenchRequest(i, ids, olen, None if arrivals_s is None else float(arrivals_s[i]), len(shared), group))
     return out
 
 
@@ -341,14 +385,22 @@ class SampledWorkload:
         return float(np.mean([r.output_tokens for r in self.requests])) if self.requests else 0.0
 
 
-def sample_requests(workload: Workload | str, n: int, *, seed: int = 0, max_model_len: int | None = None,
-                    scale: float | None = None, space: TokenSpace = TokenSpace()) -> SampledWorkload:
+def sample_requests(
+    workload: Workload | str,
+    n: int,
+    *,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    scale: float | None = None,
+    space: TokenSpace = TokenSpace(),
+) -> SampledWorkload:
     """`n` requests from a workload (or preset name), fitted into `max_model_len` when given."""
     w = get_workload(workload) if isinstance(workload, str) else workload
     if n < 1:
         raise ValueError(f"n must be >= 1 request, got {n}")
     p, o = w.sample_lengths(n, seed)
     p, o, info = fit_to_context(p, o, max_model_len or 1 << 40, scale=scale if max_model_len or scale else 1.0)
-    reqs = build_requests(p, o, seed=seed, prefix_hit_rate=w.prefix_hit_rate, prefix_groups=w.prefix_groups,
-                          space=space)
+    reqs = build_requests(
+        p, o, seed=seed, prefix_hit_rate=w.prefix_hit_rate, prefix_groups=w.prefix_groups, space=space
+    )
     return SampledWorkload(w, reqs, info, seed)

@@ -1,4 +1,5 @@
 """The engine's two configs: how the engine is built (`EngineConfig`) and how one request samples (`SamplingParams`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,30 +25,49 @@ class EngineConfig:
       tests check the padding with it.
     """
 
-    model: str = field(default="tiny", metadata=doc(
-        "a preset name or a Hugging Face model directory (labkit.models.ensure_model)"))
+    model: str = field(
+        default="tiny", metadata=doc("a preset name or a Hugging Face model directory (labkit.models.ensure_model)")
+    )
     dtype: str = field(default="float32", metadata=doc(f"weights and KV cache dtype, one of {DTYPES}"))
     device: str = field(default="cpu", metadata=doc("'cpu' or 'cuda[:N]'"))
     block_size: int = field(default=16, metadata=doc("tokens per KV block"))
-    num_blocks: int | None = field(default=None, metadata=doc("KV blocks in the pool; unset: sized from kv_cache_bytes"))
+    num_blocks: int | None = field(
+        default=None, metadata=doc("KV blocks in the pool; unset: sized from kv_cache_bytes")
+    )
     kv_cache_bytes: int = field(default=256 << 20, metadata=doc("bytes of KV cache, when num_blocks is unset"))
     max_num_seqs: int = field(default=64, metadata=doc("requests in one step, at most"))
-    max_num_batched_tokens: int = field(default=2048, metadata=doc(
-        "token budget of one step (a prompt chunk costs its length)"))
+    max_num_batched_tokens: int = field(
+        default=2048, metadata=doc("token budget of one step (a prompt chunk costs its length)")
+    )
     policy: Policy = field(default="prefill_first", metadata=doc(f"scheduling, one of {POLICIES} (see the class doc)"))
-    enable_prefix_caching: bool = field(default=True, metadata=doc(
-        "reuse the KV blocks of a prompt prefix computed before"))
-    max_model_len: int | None = field(default=None, metadata=doc(
-        "context length, prompt + output; unset: the model's positions"))
-    compile_decode: bool = field(default=False, metadata=doc(
-        "on a GPU, run the forward through torch.compile (ignored on a CPU)"))
-    cuda_graphs: bool = field(default=False, metadata=doc(
-        "on a GPU, replay decode-only steps as CUDA graphs, one per (batch, context) bucket (labkit.engine.cuda_graphs)"))
-    random_weights: bool = field(default=False, metadata=doc(
-        "build the preset's shape with random weights directly on the device, no files (tokens are meaningless)"))
-    native_kernels: bool = field(default=True, metadata=doc(
-        "on a CPU, run small-batch matmuls and decode attention in the lab's AVX2 kernels (labkit.engine.kernels); "
-        "where they cannot build or run, the engine says why once and uses its PyTorch paths"))
+    enable_prefix_caching: bool = field(
+        default=True, metadata=doc("reuse the KV blocks of a prompt prefix computed before")
+    )
+    max_model_len: int | None = field(
+        default=None, metadata=doc("context length, prompt + output; unset: the model's positions")
+    )
+    compile_decode: bool = field(
+        default=False, metadata=doc("on a GPU, run the forward through torch.compile (ignored on a CPU)")
+    )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata=doc(
+            "on a GPU, replay decode-only steps as CUDA graphs, one per (batch, context) bucket (labkit.engine.cuda_graphs)"
+        ),
+    )
+    random_weights: bool = field(
+        default=False,
+        metadata=doc(
+            "build the preset's shape with random weights directly on the device, no files (tokens are meaningless)"
+        ),
+    )
+    native_kernels: bool = field(
+        default=True,
+        metadata=doc(
+            "on a CPU, run small-batch matmuls and decode attention in the lab's AVX2 kernels (labkit.engine.kernels); "
+            "where they cannot build or run, the engine says why once and uses its PyTorch paths"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -81,9 +101,13 @@ def check_context(num_prompt: int, max_tokens: int, max_model_len: int) -> None:
     The one context-length rule: the router applies it at the edge, the engine as the last guard.
     """
     if num_prompt + max_tokens > max_model_len:
-        raise RequestError(f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = {num_prompt + max_tokens} "
-                           f"exceeds the model's context length (max_model_len {max_model_len}); shorten the prompt "
-                           "or lower max_tokens", "max_tokens", "context_length_exceeded")
+        raise RequestError(
+            f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = {num_prompt + max_tokens} "
+            f"exceeds the model's context length (max_model_len {max_model_len}); shorten the prompt "
+            "or lower max_tokens",
+            "max_tokens",
+            "context_length_exceeded",
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ Positions, cache slots and the mask are computed inside the graph from the conte
 
 On a CPU the same padded path runs without capture (`capture=False`): the tests check it there.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -45,26 +46,36 @@ def bucket(n: int, cap: int, *, per_octave: int = 1) -> int:
     """
     if not 1 <= n <= cap:
         raise ValueError(f"{n} is outside 1..{cap}")
-    top = 1 << (n - 1).bit_length()                       # the power of two at or above n
+    top = 1 << (n - 1).bit_length()  # the power of two at or above n
     step = max(1, top // (2 * per_octave)) if per_octave > 1 else top
     return min(-(-n // step) * step, cap)
 
 
 @dataclass
 class _Graph:
-    ids: torch.Tensor        # [B] int64 token ids
-    ctx: torch.Tensor        # [B] int64 context length including the new token
-    blocks: torch.Tensor     # [B, W] int64 block tables
+    ids: torch.Tensor  # [B] int64 token ids
+    ctx: torch.Tensor  # [B] int64 context length including the new token
+    blocks: torch.Tensor  # [B, W] int64 block tables
     host: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # pinned copies of the three (CPU: unused)
-    out: torch.Tensor | None = None               # [B, hidden]: the graph's output
+    out: torch.Tensor | None = None  # [B, hidden]: the graph's output
     graph: torch.cuda.CUDAGraph | None = None
 
 
 class DecodeGraphs:
     """Runs decode-only steps through per-bucket CUDA graphs (or, with capture=False, the same padded inputs eagerly)."""
 
-    def __init__(self, forward: Forward, cache: KVCache, block_size: int, scratch_block: int, max_batch: int,
-                 max_blocks: int, device: torch.device, *, capture: bool = True) -> None:
+    def __init__(
+        self,
+        forward: Forward,
+        cache: KVCache,
+        block_size: int,
+        scratch_block: int,
+        max_batch: int,
+        max_blocks: int,
+        device: torch.device,
+        *,
+        capture: bool = True,
+    ) -> None:
         if capture and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.forward, self.cache, self.bs = forward, cache, block_size
@@ -144,6 +155,6 @@ class DecodeGraphs:
         for i, s in enumerate(seqs):
             ids[i] = s.token_ids[-1]
             ctx[i] = len(s.token_ids)
-            blocks[i, :len(s.block_table)] = np.asarray(s.block_table, dtype=np.int64)
+            blocks[i, : len(s.block_table)] = np.asarray(s.block_table, dtype=np.int64)
         for dst, src in zip((g.ids, g.ctx, g.blocks), g.host):
             dst.copy_(src, non_blocking=self.capture)

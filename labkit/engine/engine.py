@@ -7,6 +7,7 @@ Each step asks the scheduler for a batch, flattens it into one row per token, ru
 once, samples a token for every sequence whose uncomputed tokens are all done, and reports
 what it did (`StepOutput`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,7 +46,11 @@ def model_fingerprint(model_dir, hf_config: dict) -> str:
     manifest = model_dir / MANIFEST
     if manifest.is_file():
         files = json.loads(manifest.read_text()).get("files", {})
-        h.update(json.dumps({k: v.get("sha256") for k, v in files.items() if k.endswith(".safetensors")}, sort_keys=True).encode())
+        h.update(
+            json.dumps(
+                {k: v.get("sha256") for k, v in files.items() if k.endswith(".safetensors")}, sort_keys=True
+            ).encode()
+        )
     else:
         for f in sorted(model_dir.glob("*.safetensors")):
             h.update(f"{f.name}:{f.stat().st_size}".encode())
@@ -71,23 +76,41 @@ class Engine:
             self.model_fingerprint = model_fingerprint(self.model_dir, hf)
         self.model_config = mc = ModelConfig.from_hf(hf)
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
-        self.model = CausalLM(mc, weights, self.dtype, self.device, self.max_model_len,
-                              rows_hint=cfg.max_num_batched_tokens, native=cfg.native_kernels)
+        self.model = CausalLM(
+            mc,
+            weights,
+            self.dtype,
+            self.device,
+            self.max_model_len,
+            rows_hint=cfg.max_num_batched_tokens,
+            native=cfg.native_kernels,
+        )
         if self.model.native_note:
-            warnings.warn(f"labkit engine: native CPU kernels not used ({self.model.native_note}); "
-                          "PyTorch paths instead (same results, slower small-batch decode)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"labkit engine: native CPU kernels not used ({self.model.native_note}); "
+                "PyTorch paths instead (same results, slower small-batch decode)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         elif self.model.native:
             kernels.pin_threads()
         del weights
         self.kv_bytes_per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.dtype)
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // (cfg.block_size * self.kv_bytes_per_token))
         # CUDA graphs pad batches with rows that write one block no sequence owns: the last one.
-        self.cache = KVCache(mc.num_layers, num_blocks + cfg.cuda_graphs, cfg.block_size, mc.num_kv_heads, mc.head_dim,
-                             self.dtype, self.device)
+        self.cache = KVCache(
+            mc.num_layers,
+            num_blocks + cfg.cuda_graphs,
+            cfg.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            self.dtype,
+            self.device,
+        )
         self.pool = BlockPool(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.pool)
         self._seqs: dict[str, Sequence] = {}
-        self._done: list[RequestOutput] = []             # finished outside step(): reported by the next step
+        self._done: list[RequestOutput] = []  # finished outside step(): reported by the next step
         self._late_tokens: list[tuple[Sequence, int]] = []  # on_token calls owed to imports that finished at once
         self._ids = itertools.count()
         self._generator = torch.Generator().manual_seed(0)  # for unseeded sampling
@@ -97,9 +120,16 @@ class Engine:
             self._forward = torch.compile(self.model.forward, dynamic=True)
         self._graphs: DecodeGraphs | None = None
         if cfg.cuda_graphs:
-            self._graphs = DecodeGraphs(self._forward, self.cache, cfg.block_size, num_blocks,
-                                        min(cfg.max_num_seqs, 512), -(-self.max_model_len // cfg.block_size),
-                                        self.device, capture=self.device.type == "cuda")
+            self._graphs = DecodeGraphs(
+                self._forward,
+                self.cache,
+                cfg.block_size,
+                num_blocks,
+                min(cfg.max_num_seqs, 512),
+                -(-self.max_model_len // cfg.block_size),
+                self.device,
+                capture=self.device.type == "cuda",
+            )
         self.num_preemptions = 0
         self.prefix_cache_hit_tokens = 0
         self.prompt_tokens = 0
@@ -126,16 +156,29 @@ class Engine:
     def _check_fits(self, num_prompt: int, sp: SamplingParams) -> None:
         """Raises RequestError (naming the field) unless the request fits the context and the KV pool."""
         if num_prompt >= self.max_model_len:
-            raise RequestError(f"prompt has {num_prompt} tokens; max_model_len is {self.max_model_len} (it must "
-                               "leave room for at least one output token)", "prompt_ids", "context_length_exceeded")
+            raise RequestError(
+                f"prompt has {num_prompt} tokens; max_model_len is {self.max_model_len} (it must "
+                "leave room for at least one output token)",
+                "prompt_ids",
+                "context_length_exceeded",
+            )
         check_context(num_prompt, sp.max_tokens, self.max_model_len)
         need = self.pool.blocks_for(num_prompt + sp.max_tokens)
         if need > self.num_total_blocks:
-            raise RequestError(f"prompt ({num_prompt}) + max_tokens ({sp.max_tokens}) needs {need} KV blocks; the pool "
-                               f"has {self.num_total_blocks}: lower max_tokens or raise kv_cache_bytes", "max_tokens")
+            raise RequestError(
+                f"prompt ({num_prompt}) + max_tokens ({sp.max_tokens}) needs {need} KV blocks; the pool "
+                f"has {self.num_total_blocks}: lower max_tokens or raise kv_cache_bytes",
+                "max_tokens",
+            )
 
-    def add_request(self, prompt_ids: Seq[int], sp: SamplingParams | None = None, request_id: str | None = None,
-                    on_token: TokenCallback | None = None, on_layer_kv: LayerKVCallback | None = None) -> str:
+    def add_request(
+        self,
+        prompt_ids: Seq[int],
+        sp: SamplingParams | None = None,
+        request_id: str | None = None,
+        on_token: TokenCallback | None = None,
+        on_layer_kv: LayerKVCallback | None = None,
+    ) -> str:
         """Queues a request; returns its id. Raises ValueError on bad input (empty prompt, id out of vocab, too long)."""
         if self.config.policy == "decode_only":
             raise ValueError("a decode_only engine takes requests through import_kv(), not add_request()")
@@ -145,8 +188,9 @@ class Engine:
             raise RequestError("prompt_ids is empty: a prompt needs at least one token (e.g. BOS)", "prompt_ids")
         bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
-            raise RequestError(f"prompt_ids holds {bad[0]}, outside the vocabulary [0, {self.model_config.vocab_size})",
-                               "prompt_ids")
+            raise RequestError(
+                f"prompt_ids holds {bad[0]}, outside the vocabulary [0, {self.model_config.vocab_size})", "prompt_ids"
+            )
         self._check_fits(len(ids), sp)
         rid = self._new_id(request_id)
         seq = Sequence(rid, ids, sp, on_token=on_token, on_layer_kv=on_layer_kv)
@@ -182,9 +226,15 @@ class Engine:
             seq.status = Status.FINISHED
             self.pool.release(seq)
             self._seqs.pop(seq.request_id, None)
-        out = RequestOutput(seq.request_id, list(seq.prompt_ids), seq.output_ids, reason,
-                            seq.num_cached_tokens, seq.num_preemptions,
-                            None if seq.first_token_s is None else seq.first_token_s - seq.arrival_s)
+        out = RequestOutput(
+            seq.request_id,
+            list(seq.prompt_ids),
+            seq.output_ids,
+            reason,
+            seq.num_cached_tokens,
+            seq.num_preemptions,
+            None if seq.first_token_s is None else seq.first_token_s - seq.arrival_s,
+        )
         if reason == "abort":
             self._done.append(out)
         return out
@@ -210,7 +260,7 @@ class Engine:
         context_tokens = sum(len(s.token_ids) for s in batch.decodes)
         started: dict[str, int] = {}
         for seq, _ in batch.chunks:
-            if seq.prefill_start_s is None:   # a recompute after preemption keeps its first start
+            if seq.prefill_start_s is None:  # a recompute after preemption keeps its first start
                 seq.prefill_start_s = t0
                 started[seq.request_id] = seq.num_cached_tokens
         self.num_preemptions += len(batch.preempted)
@@ -236,8 +286,16 @@ class Engine:
                     self.scheduler.prefill_done(seq)
                 if seq.on_token is not None:
                     seq.on_token(seq.request_id, tok, reason is not None)
-        return StepOutput(batch.phase, batch.num_prefill_tokens, len(batch.decodes), new_tokens, finished,
-                          time.perf_counter() - t0, context_tokens, started)
+        return StepOutput(
+            batch.phase,
+            batch.num_prefill_tokens,
+            len(batch.decodes),
+            new_tokens,
+            finished,
+            time.perf_counter() - t0,
+            context_tokens,
+            started,
+        )
 
     def _run(self, batch: Batch) -> list[tuple[Sequence, int]]:
         """Builds the flat batch, runs the model, samples; returns (sequence, token) for each sampled sequence."""
@@ -273,7 +331,7 @@ class Engine:
             ids.extend(s.token_ids[start:ctx_len])
             pos.extend(range(start, ctx_len))
             slots.append(self.cache.slots(s.block_table, start, ctx_len))
-            blocks = None if start == 0 else torch.tensor(s.block_table[:self.pool.blocks_for(ctx_len)], device=dev)
+            blocks = None if start == 0 else torch.tensor(s.block_table[: self.pool.blocks_for(ctx_len)], device=dev)
             chunks.append((row, n, ctx_len, blocks))
             if ctx_len == len(s.token_ids):
                 sample_rows.append(row + n - 1)
@@ -285,8 +343,9 @@ class Engine:
         hidden = fwd(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, self.cache, hook)
         return self._finish_run(batch, hidden, sample_seqs, sample_rows)
 
-    def _finish_run(self, batch: Batch, hidden: torch.Tensor, sample_seqs: list[Sequence],
-                    sample_rows: list[int] | None) -> list[tuple[Sequence, int]]:
+    def _finish_run(
+        self, batch: Batch, hidden: torch.Tensor, sample_seqs: list[Sequence], sample_rows: list[int] | None
+    ) -> list[tuple[Sequence, int]]:
         """Commits the step's tokens to the block pool, then samples from the hidden rows `sample_rows` (None: all)."""
         for s in batch.decodes:
             s.num_computed_tokens += 1
@@ -305,8 +364,11 @@ class Engine:
 
     def _layer_kv_hook(self, batch: Batch):
         """Calls on_layer_kv(request_id, layer, k, v) for prompts whose prefill completes in this batch."""
-        done = [(s, cb) for s, n in batch.chunks if (cb := s.on_layer_kv) is not None and not s.output_ids
-                and s.num_computed_tokens + n == len(s.token_ids)]
+        done = [
+            (s, cb)
+            for s, n in batch.chunks
+            if (cb := s.on_layer_kv) is not None and not s.output_ids and s.num_computed_tokens + n == len(s.token_ids)
+        ]
         if not done:
             return None
 
@@ -314,13 +376,18 @@ class Engine:
             for s, cb in done:
                 k, v = self.cache.read(s.block_table, len(s.prompt_ids), layer)
                 cb(s.request_id, layer, k, v)
+
         return hook
 
-    def generate(self, prompts: Seq[Seq[int]], sp: SamplingParams | Seq[SamplingParams] | None = None,
-                 progress: bool = False) -> list[RequestOutput]:
+    def generate(
+        self, prompts: Seq[Seq[int]], sp: SamplingParams | Seq[SamplingParams] | None = None, progress: bool = False
+    ) -> list[RequestOutput]:
         """Runs `prompts` to completion (with any requests already queued); returns their outputs in order."""
-        sps: list[SamplingParams] = (list(sp) if isinstance(sp, (list, tuple))
-                                     else [sp if isinstance(sp, SamplingParams) else SamplingParams()] * len(prompts))
+        sps: list[SamplingParams] = (
+            list(sp)
+            if isinstance(sp, (list, tuple))
+            else [sp if isinstance(sp, SamplingParams) else SamplingParams()] * len(prompts)
+        )
         if len(sps) != len(prompts):
             raise ValueError(f"{len(sps)} SamplingParams for {len(prompts)} prompts")
         rids = [self.add_request(p, s) for p, s in zip(prompts, sps)]
@@ -328,6 +395,7 @@ class Engine:
         bar = None
         if progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=len(rids), desc="generate", unit="req")
         while len(results) < len(rids):
             out = self.step()
@@ -351,8 +419,12 @@ class Engine:
             n = len(seq.token_ids)
             meta = AttentionMeta(self.cache.slots(seq.block_table, 0, n), 0, None, None, [(0, n, n, None)])
             with torch.inference_mode():
-                hidden = self.model.forward(torch.tensor(seq.token_ids, device=self.device),
-                                            torch.arange(n, device=self.device), meta, self.cache)
+                hidden = self.model.forward(
+                    torch.tensor(seq.token_ids, device=self.device),
+                    torch.arange(n, device=self.device),
+                    meta,
+                    self.cache,
+                )
                 return self.model.logits(hidden).cpu()
         finally:
             self.pool.release(seq)
@@ -364,18 +436,36 @@ class Engine:
         if seq is None:
             raise KeyError(f"no request {request_id!r} in this engine")
         if seq.status != Status.PREFILLED:
-            raise ValueError(f"request {request_id!r} is {seq.status.value}, not prefilled: export_kv needs "
-                             "policy='prefill_only' and a finished prefill")
+            raise ValueError(
+                f"request {request_id!r} is {seq.status.value}, not prefilled: export_kv needs "
+                "policy='prefill_only' and a finished prefill"
+            )
         k, v = self.cache.read(seq.block_table, len(seq.prompt_ids))
         mc = self.model_config
-        kv = KVExport(request_id, self.model_fingerprint, list(seq.prompt_ids), seq.output_ids[0], mc.num_layers,
-                      mc.num_kv_heads, mc.head_dim, self.config.dtype, self.config.block_size, k.cpu(), v.cpu(),
-                      extra={"sampling": asdict(seq.sp), "num_cached_tokens": seq.num_cached_tokens})
+        kv = KVExport(
+            request_id,
+            self.model_fingerprint,
+            list(seq.prompt_ids),
+            seq.output_ids[0],
+            mc.num_layers,
+            mc.num_kv_heads,
+            mc.head_dim,
+            self.config.dtype,
+            self.config.block_size,
+            k.cpu(),
+            v.cpu(),
+            extra={"sampling": asdict(seq.sp), "num_cached_tokens": seq.num_cached_tokens},
+        )
         self.release(request_id)
         return kv
 
-    def import_kv(self, kv: KVExport, sp: SamplingParams | None = None, request_id: str | None = None,
-                  on_token: TokenCallback | None = None) -> str:
+    def import_kv(
+        self,
+        kv: KVExport,
+        sp: SamplingParams | None = None,
+        request_id: str | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> str:
         """Adopts a prefilled request's KV and decodes on from kv.first_token_id; returns the request id.
 
         on_token is called for the tokens after the first (the prefill side reported that one),
@@ -385,8 +475,13 @@ class Engine:
         """
         kv.validate()
         mc = self.model_config
-        for name, mine in (("model_fingerprint", self.model_fingerprint), ("num_layers", mc.num_layers),
-                           ("num_kv_heads", mc.num_kv_heads), ("head_dim", mc.head_dim), ("dtype", self.config.dtype)):
+        for name, mine in (
+            ("model_fingerprint", self.model_fingerprint),
+            ("num_layers", mc.num_layers),
+            ("num_kv_heads", mc.num_kv_heads),
+            ("head_dim", mc.head_dim),
+            ("dtype", self.config.dtype),
+        ):
             if getattr(kv, name) != mine:
                 raise ValueError(f"kv.{name} is {getattr(kv, name)!r}, this engine has {mine!r}")
         if not 0 <= kv.first_token_id < mc.vocab_size:

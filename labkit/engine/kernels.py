@@ -19,6 +19,7 @@ uses its PyTorch paths: same results, slower decode.
     >>> from labkit.engine import kernels
     >>> kernels.available(), kernels.unavailable_reason()
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -36,8 +37,8 @@ from labkit.config import labkit_home
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"  # includes csrc/pool.h
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
-BLOCK = 64           # output columns per packed block (matches oneDNN's fp32 packing on AVX2)
-SMALL_M = 4          # rows up to which fp32 matmuls (and decode attention) take the native kernels
+BLOCK = 64  # output columns per packed block (matches oneDNN's fp32 packing on AVX2)
+SMALL_M = 4  # rows up to which fp32 matmuls (and decode attention) take the native kernels
 BUILD_TIMEOUT_S = 180
 
 _reason = ""
@@ -52,8 +53,9 @@ def _compiler() -> str | None:
 
 def _build(cxx: str) -> Path:
     """The compiled library's path, compiled now unless the cache already has this exact build."""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30,
-                             check=False).stdout.splitlines()[:1]
+    version = subprocess.run(
+        [cxx, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.splitlines()[:1]
     sources = b"".join(f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]*")))
     key = hashlib.sha256(sources + repr((FLAGS, version)).encode()).hexdigest()[:16]
     out = labkit_home() / "kernels" / f"cpu_kernels-{key}.so"
@@ -61,8 +63,9 @@ def _build(cxx: str) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.so")  # several processes may build at once
-    r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
-                       timeout=BUILD_TIMEOUT_S, check=False)  # the returncode is read below, with the error
+    r = subprocess.run(
+        [cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+    )  # the returncode is read below, with the error
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])
@@ -97,8 +100,24 @@ def _lib() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     c_int = ctypes.c_int
     lib.lk_gemm.argtypes = [i64, i64, i64, ptr, i64, c_int, ptr, c_int, ptr, ptr, i64, c_int, c_int, ptr, i64, c_int]
-    lib.lk_decode_attention.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float,
-                                        ptr, c_int, c_int]
+    lib.lk_decode_attention.argtypes = [
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        i64,
+        ptr,
+        i64,
+        ctypes.c_float,
+        ptr,
+        c_int,
+        c_int,
+    ]
     lib.lk_rms_norm.argtypes = [i64, i64, ptr, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
     lib.lk_rope_write.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.lk_stream_read.argtypes = [ptr, i64, c_int]
@@ -144,6 +163,7 @@ def pin_threads() -> int:
 
 
 # --- packed weights ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
@@ -198,12 +218,20 @@ def adopt_onednn(packed: torch.Tensor, dense: torch.Tensor) -> PackedWeight | No
 
 # --- the calls -----------------------------------------------------------------------------
 
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def gemm(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *, act: str = "none",
-         mul: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+def gemm(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    act: str = "none",
+    mul: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
     """act(x @ w.T + bias), then `* mul` or `+ add`: a new [rows, n] tensor in x's dtype (fp32 or bf16)."""
     lib = _need()
     if x.dim() != 2 or x.shape[1] != w.k or x.stride(1) != 1:
@@ -222,15 +250,37 @@ def gemm(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *, 
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     op = 1 if mul is not None else (2 if add is not None else 0)
-    rc = lib.lk_gemm(m, w.n, w.k, x.data_ptr(), x.stride(0), int(x.dtype == torch.bfloat16), w.ptr, int(w.bf16),
-                     _ptr(bias), _ptr(other), w.n, op, int(act == "silu"), y.data_ptr(), w.n, torch.get_num_threads())
+    rc = lib.lk_gemm(
+        m,
+        w.n,
+        w.k,
+        x.data_ptr(),
+        x.stride(0),
+        int(x.dtype == torch.bfloat16),
+        w.ptr,
+        int(w.bf16),
+        _ptr(bias),
+        _ptr(other),
+        w.n,
+        op,
+        int(act == "silu"),
+        y.data_ptr(),
+        w.n,
+        torch.get_num_threads(),
+    )
     if rc != 0:
         raise RuntimeError(f"lk_gemm failed ({rc}) for x {tuple(x.shape)} and w [{w.n}, {w.k}]")
     return y
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                     ctx_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
     """Softmax attention of one-token queries over their paged context; returns [seqs, heads, head_dim].
 
     q: [seqs, heads, head_dim] (rows may be strided); k_cache, v_cache: one layer, [slots, kv_heads,
@@ -246,10 +296,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("the cache layers must be contiguous and in q's dtype")
     blocks, ctx_lens = blocks.contiguous(), ctx_lens.to(torch.int64).contiguous()
     out = torch.empty(seqs, heads, dim, dtype=q.dtype)
-    rc = lib.lk_decode_attention(seqs, heads, kv_heads, dim, q.data_ptr(), q.stride(0), k_cache.data_ptr(),
-                                 v_cache.data_ptr(), blocks.data_ptr(), blocks.shape[1], ctx_lens.data_ptr(),
-                                 block_size, dim ** -0.5, out.data_ptr(), int(q.dtype == torch.bfloat16),
-                                 torch.get_num_threads())
+    rc = lib.lk_decode_attention(
+        seqs,
+        heads,
+        kv_heads,
+        dim,
+        q.data_ptr(),
+        q.stride(0),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        blocks.data_ptr(),
+        blocks.shape[1],
+        ctx_lens.data_ptr(),
+        block_size,
+        dim**-0.5,
+        out.data_ptr(),
+        int(q.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
     if rc != 0:
         raise RuntimeError(f"lk_decode_attention failed ({rc}): a context length outside its block table?")
     return out
@@ -259,33 +323,75 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dim, fp32 statistics, rounded as Hugging Face rounds; a new tensor."""
     lib = _need()
     if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],) or weight.dtype != x.dtype:
-        raise ValueError(f"rms_norm takes x [rows, dim] (unit column stride) and weight [dim] of x's dtype, got "
-                         f"{tuple(x.shape)} {x.stride()} and {tuple(weight.shape)} {weight.dtype}")
+        raise ValueError(
+            f"rms_norm takes x [rows, dim] (unit column stride) and weight [dim] of x's dtype, got "
+            f"{tuple(x.shape)} {x.stride()} and {tuple(weight.shape)} {weight.dtype}"
+        )
     out = torch.empty(x.shape, dtype=x.dtype)
-    if lib.lk_rms_norm(x.shape[0], x.shape[1], x.data_ptr(), x.stride(0), weight.contiguous().data_ptr(), eps,
-                       out.data_ptr(), int(x.dtype == torch.bfloat16)) != 0:
+    if (
+        lib.lk_rms_norm(
+            x.shape[0],
+            x.shape[1],
+            x.data_ptr(),
+            x.stride(0),
+            weight.contiguous().data_ptr(),
+            eps,
+            out.data_ptr(),
+            int(x.dtype == torch.bfloat16),
+        )
+        != 0
+    ):
         raise ValueError(f"rms_norm: dim {x.shape[1]} must be a multiple of 8")
     return out
 
 
-def rope_write(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
-               positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+def rope_write(
+    qkv: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
     """Rotates q and k of qkv [rows, (heads + 2 kv_heads) * head_dim] in place (tables cos, sin [positions,
     head_dim]), then writes each row's k and v at `slots` of one layer's k_cache, v_cache [slots, kv_heads, head_dim]."""
     lib = _need()
     rows, dim = qkv.shape[0], k_cache.shape[-1]
-    if qkv.stride(1) != 1 or qkv.shape[1] != (heads + 2 * kv_heads) * dim or not (
-            cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == qkv.dtype):
-        raise ValueError(f"rope_write: qkv {tuple(qkv.shape)} does not hold {heads} + 2 x {kv_heads} heads of {dim}, "
-                         "or the dtypes differ")
+    if (
+        qkv.stride(1) != 1
+        or qkv.shape[1] != (heads + 2 * kv_heads) * dim
+        or not (cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == qkv.dtype)
+    ):
+        raise ValueError(
+            f"rope_write: qkv {tuple(qkv.shape)} does not hold {heads} + 2 x {kv_heads} heads of {dim}, "
+            "or the dtypes differ"
+        )
     if not (cos.is_contiguous() and sin.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("rope_write: the tables and the cache layers must be contiguous")
     positions, slots = positions.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous()
     if positions.shape != (rows,) or slots.shape != (rows,):
         raise ValueError(f"rope_write: positions and slots must be [{rows}]")
-    if lib.lk_rope_write(rows, heads, kv_heads, dim, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
-                         positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-                         int(qkv.dtype == torch.bfloat16)) != 0:
+    if (
+        lib.lk_rope_write(
+            rows,
+            heads,
+            kv_heads,
+            dim,
+            qkv.data_ptr(),
+            qkv.stride(0),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            positions.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            slots.data_ptr(),
+            int(qkv.dtype == torch.bfloat16),
+        )
+        != 0
+    ):
         raise ValueError(f"rope_write: head_dim {dim} must be a multiple of 16 (at most 512)")
 
 

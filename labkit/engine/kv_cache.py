@@ -7,6 +7,7 @@ block is named by a hash chained over all tokens up to its end, so two prompts t
 prefix share its blocks (reference counted), and freed blocks keep their contents, in LRU
 order, until a new allocation needs the space.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,16 @@ if TYPE_CHECKING:
 class KVCache:
     """Keys and values of every layer, `[num_layers, num_blocks * block_size, kv_heads, head_dim]` each."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
         # Zeros, not empty: masked-out slots still enter the attention matmul, and a NaN
@@ -39,7 +48,7 @@ class KVCache:
     @property
     def block_bytes(self) -> int:
         """Bytes of one block's keys (or values) in one layer."""
-        return self.k[0, :self.block_size].numel() * self.k.element_size()
+        return self.k[0, : self.block_size].numel() * self.k.element_size()
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores rows k, v [rows, kv_heads, head_dim] at `slots` [rows].
@@ -66,9 +75,13 @@ class KVCache:
         """Slot ids [end - start] of positions start..end-1 of a sequence with `block_table`."""
         pos = np.arange(start, end)
         table = np.asarray(block_table, dtype=np.int64)
-        return torch.from_numpy(table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.k.device)
+        return torch.from_numpy(table[pos // self.block_size] * self.block_size + pos % self.block_size).to(
+            self.k.device
+        )
 
-    def read(self, block_table: list[int], num_tokens: int, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, block_table: list[int], num_tokens: int, layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of K and V of the first `num_tokens` positions: [num_layers, num_tokens, kv_heads, head_dim], or one layer's [num_tokens, ...]."""
         idx = self.slots(block_table, 0, num_tokens)
         if layer is not None:
@@ -96,7 +109,7 @@ class BlockPool:
         self.ref_count = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.by_hash: dict[bytes, int] = {}
-        self.free: deque[int] = deque(range(num_blocks))     # hold nothing reusable
+        self.free: deque[int] = deque(range(num_blocks))  # hold nothing reusable
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced but hashed: LRU first
 
     @property
@@ -129,7 +142,7 @@ class BlockPool:
             return 0
         h = b""
         for i in range(usable):
-            h = chain_hash(h, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = chain_hash(h, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             b = self.by_hash.get(h)
             if b is None:
                 break
@@ -158,7 +171,7 @@ class BlockPool:
         full = seq.num_computed_tokens // self.block_size
         for i in range(len(seq.block_hashes), full):
             parent = seq.block_hashes[-1] if seq.block_hashes else b""
-            h = chain_hash(parent, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = chain_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             seq.block_hashes.append(h)
             b = seq.block_table[i]
             # The first block with given content keeps the name; a duplicate stays anonymous.

@@ -11,6 +11,7 @@ bytes serve oneDNN (many rows: prefill, big decode batches) and the native kerne
 `kernels.SMALL_M` rows: small decode batches, at the bandwidth roof). bf16 weights are packed
 once for the native kernel, which serves every row count.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,17 +68,23 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         heads = int(cfg["num_attention_heads"])
-        return cls(model_type=str(cfg.get("model_type", "llama")), hidden_size=int(cfg["hidden_size"]),
-                   num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
-                   num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                   head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-                   intermediate_size=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
-                   max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                   rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-                   rope_scaling=dict(scaling) if scaling else None,
-                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                   qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
-                   eos_token_ids=eos_ids)
+        return cls(
+            model_type=str(cfg.get("model_type", "llama")),
+            hidden_size=int(cfg["hidden_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            intermediate_size=int(cfg["intermediate_size"]),
+            vocab_size=int(cfg["vocab_size"]),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=dict(scaling) if scaling else None,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
+            eos_token_ids=eos_ids,
+        )
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -112,12 +119,12 @@ class AttentionMeta:
     context_len, blocks)` each, whose queries sit at the last `num_rows` of `context_len` positions.
     """
 
-    slot_mapping: torch.Tensor                 # [rows] int64: the cache slot each new K/V goes to
+    slot_mapping: torch.Tensor  # [rows] int64: the cache slot each new K/V goes to
     num_decode: int
-    decode_blocks: torch.Tensor | None         # [num_decode, max_blocks] int64
-    decode_mask: torch.Tensor | None           # [num_decode, 1, 1, max_blocks * block_size] bool
+    decode_blocks: torch.Tensor | None  # [num_decode, max_blocks] int64
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool
     chunks: list[tuple[int, int, int, torch.Tensor | None]]
-    decode_ctx: torch.Tensor | None = None     # [num_decode] int64: tokens each decode row attends
+    decode_ctx: torch.Tensor | None = None  # [num_decode] int64: tokens each decode row attends
 
 
 Weight = torch.Tensor | PackedWeight  # dense, oneDNN-packed, or packed for the native kernels
@@ -126,11 +133,11 @@ Weight = torch.Tensor | PackedWeight  # dense, oneDNN-packed, or packed for the 
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: Weight                    # q, k, v projections stacked: one matmul instead of three
+    qkv: Weight  # q, k, v projections stacked: one matmul instead of three
     qkv_bias: torch.Tensor | None
     o: Weight
     post_norm: torch.Tensor
-    gate_up: torch.Tensor | None   # gate and up stacked (None when packed: see `mlp`)
+    gate_up: torch.Tensor | None  # gate and up stacked (None when packed: see `mlp`)
     down: Weight
     gate: Weight | None = None
     up: Weight | None = None
@@ -159,8 +166,12 @@ def onednn_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     1.7x MKL at M=1, 2.3x at M=4) and reach the compute roof at M=64 and up. They also fuse the
     SiLU, the gate*up product and the residual add into the matmul that produces them.
     """
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and os.environ.get("LABKIT_ONEDNN", "1") != "0")
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and os.environ.get("LABKIT_ONEDNN", "1") != "0"
+    )
 
 
 def pack(w: torch.Tensor, rows_hint: int) -> torch.Tensor:
@@ -168,8 +179,15 @@ def pack(w: torch.Tensor, rows_hint: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
 
 
-def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, *, act: str = "none",
-           mul: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    w: Weight,
+    b: torch.Tensor | None = None,
+    *,
+    act: str = "none",
+    mul: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
     """act(x @ w.T + b), then `* mul` or `+ add` if given: one native or oneDNN call when `w` is packed."""
     if isinstance(w, PackedWeight):
         if w.onednn is None or x.shape[0] <= kernels.SMALL_M:
@@ -218,7 +236,9 @@ def load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
     out: dict[str, torch.Tensor] = {}
     for f in files:
         out.update(load_file(str(model_dir / f)))
@@ -228,25 +248,40 @@ def load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
 class CausalLM:
     """Weights plus the forward pass. Holds no per-request state: the KV cache is passed in."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, max_model_len: int, rows_hint: int = 2048, native: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_model_len: int,
+        rows_hint: int = 2048,
+        native: bool = False,
+    ) -> None:
         """native: on a CPU, use `labkit.engine.kernels` where they can run (see `native_note`)."""
         self.cfg = cfg
         put = lambda name: weights[name].to(device=device, dtype=dtype).contiguous()
         self.embed = put("model.embed_tokens.weight")
-        self.lm_head: Weight = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in weights else put("lm_head.weight")
+        self.lm_head: Weight = (
+            self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in weights else put("lm_head.weight")
+        )
         self.norm = put("model.norm.weight")
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             a, m = p + "self_attn.", p + "mlp."
-            bias = (torch.cat([put(a + f"{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None)
-            self.layers.append(LayerWeights(
-                input_norm=put(p + "input_layernorm.weight"),
-                qkv=torch.cat([put(a + f"{n}_proj.weight") for n in "qkv"]), qkv_bias=bias,
-                o=put(a + "o_proj.weight"), post_norm=put(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([put(m + "gate_proj.weight"), put(m + "up_proj.weight")]),
-                down=put(m + "down_proj.weight")))
+            bias = torch.cat([put(a + f"{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None
+            self.layers.append(
+                LayerWeights(
+                    input_norm=put(p + "input_layernorm.weight"),
+                    qkv=torch.cat([put(a + f"{n}_proj.weight") for n in "qkv"]),
+                    qkv_bias=bias,
+                    o=put(a + "o_proj.weight"),
+                    post_norm=put(p + "post_attention_layernorm.weight"),
+                    gate_up=torch.cat([put(m + "gate_proj.weight"), put(m + "up_proj.weight")]),
+                    down=put(m + "down_proj.weight"),
+                )
+            )
         self.native_note = self._pack(device, dtype, rows_hint, native)
         # True where the native kernels run: small matmuls and decode attention, norms, RoPE + KV writes.
         self.native = native and not self.native_note and device.type == "cpu"
@@ -261,26 +296,43 @@ class CausalLM:
         why = "" if not want else kernels.unavailable_reason()
         use = want and not why
         if onednn_enabled(device, dtype):
+
             def p(w: torch.Tensor) -> Weight:
                 packed = pack(w, rows_hint)
                 return (kernels.adopt_onednn(packed, w) or packed) if use else packed
         elif use and dtype == torch.bfloat16:
             p = kernels.pack_bf16
         else:
-            return why or ("" if not want else f"the native kernels take oneDNN-packed fp32 or bf16 weights, not {dtype}"
-                           + (" (LABKIT_ONEDNN=0)" if dtype == torch.float32 else ""))
+            return why or (
+                ""
+                if not want
+                else f"the native kernels take oneDNN-packed fp32 or bf16 weights, not {dtype}"
+                + (" (LABKIT_ONEDNN=0)" if dtype == torch.float32 else "")
+            )
         self.lm_head = p(_dense(self.lm_head))  # a packed copy: the embedding lookup keeps the dense one
         for lw in self.layers:
             gate, up = _dense(lw.gate_up).chunk(2)
-            lw.qkv, lw.o, lw.down, lw.gate, lw.up, lw.gate_up = (p(_dense(lw.qkv)), p(_dense(lw.o)),
-                                                                 p(_dense(lw.down)), p(gate), p(up), None)
+            lw.qkv, lw.o, lw.down, lw.gate, lw.up, lw.gate_up = (
+                p(_dense(lw.qkv)),
+                p(_dense(lw.o)),
+                p(_dense(lw.down)),
+                p(gate),
+                p(up),
+                None,
+            )
         weights = [self.lm_head] + [w for lw in self.layers for w in (lw.qkv, lw.o, lw.down, lw.gate, lw.up)]
         if use and not all(isinstance(w, PackedWeight) for w in weights):
             return "oneDNN packed some weights in a layout the native kernel does not read"
         return why
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, cache: KVCache,
-                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMeta,
+        cache: KVCache,
+        layer_hook: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """Final hidden states [rows, hidden] after writing every row's K/V into `cache`."""
         c = self.cfg
         rows = input_ids.shape[0]
@@ -300,16 +352,31 @@ class CausalLM:
                 layer_hook(i)
         return norm(x, self.norm, c.rms_norm_eps)
 
-    def _rotate_and_store(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor,
-                          rope: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMeta,
-                          cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _rotate_and_store(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        meta: AttentionMeta,
+        cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q and k rotated, and v, each [rows, heads, head_dim], from one layer's projections; k and v written
         into the cache."""
         c = self.cfg
-        heads = qkv.unflatten(-1, (-1, c.head_dim))   # [rows, heads + 2 kv_heads, head_dim]
+        heads = qkv.unflatten(-1, (-1, c.head_dim))  # [rows, heads + 2 kv_heads, head_dim]
         if rope is None:  # native: rotated in place, stored in the same call
-            kernels.rope_write(qkv, c.num_heads, c.num_kv_heads, self.cos, self.sin, positions, cache.k[layer],
-                               cache.v[layer], meta.slot_mapping)
+            kernels.rope_write(
+                qkv,
+                c.num_heads,
+                c.num_kv_heads,
+                self.cos,
+                self.sin,
+                positions,
+                cache.k[layer],
+                cache.v[layer],
+                meta.slot_mapping,
+            )
             q, k, v = heads.split([c.num_heads, c.num_kv_heads, c.num_kv_heads], dim=1)
             return q, k, v
         qk, v = heads.split([c.num_heads + c.num_kv_heads, c.num_kv_heads], dim=1)
@@ -321,8 +388,9 @@ class CausalLM:
         """fp32 logits [rows, vocab] of the given final hidden rows."""
         return linear(hidden, self.lm_head).float()
 
-    def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
-                   cache: KVCache) -> torch.Tensor:
+    def _attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta, cache: KVCache
+    ) -> torch.Tensor:
         c = self.cfg
         group = c.num_heads // c.num_kv_heads
         nd = meta.num_decode
@@ -334,18 +402,18 @@ class CausalLM:
         if nd:
             out[:nd] = o
         for start, n, ctx, blocks in meta.chunks:
-            qs = q[start:start + n].transpose(0, 1).unsqueeze(0)   # [1, heads, n, dim]
+            qs = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, dim]
             if ctx == n:  # the whole context is in this chunk: causal attention over fresh K/V
-                ks = k[start:start + n].transpose(0, 1).unsqueeze(0)
-                vs = v[start:start + n].transpose(0, 1).unsqueeze(0)
+                ks = k[start : start + n].transpose(0, 1).unsqueeze(0)
+                vs = v[start : start + n].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=group > 1)
-            else:         # earlier tokens are in the cache (prefix hit, earlier chunk, recompute)
+            else:  # earlier tokens are in the cache (prefix hit, earlier chunk, recompute)
                 assert blocks is not None
                 ks, vs = cache.gather(layer, blocks.unsqueeze(0))
                 ks, vs = ks[:, :, :ctx], vs[:, :, :ctx]
                 mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=group > 1)
-            out[start:start + n] = o[0].transpose(0, 1)
+            out[start : start + n] = o[0].transpose(0, 1)
         return out
 
     def native_decode_attention(self, num_decode: int) -> bool:
@@ -359,8 +427,9 @@ class CausalLM:
         nd, group = q.shape[0], c.num_heads // c.num_kv_heads
         assert meta.decode_blocks is not None
         if self.native_decode_attention(nd) and meta.decode_ctx is not None:  # one pass over K and V, no copy
-            return kernels.decode_attention(q, cache.k[layer], cache.v[layer], meta.decode_blocks, meta.decode_ctx,
-                                            cache.block_size)
+            return kernels.decode_attention(
+                q, cache.k[layer], cache.v[layer], meta.decode_blocks, meta.decode_ctx, cache.block_size
+            )
         # Each kv head serves `group` query heads, so queries are laid out [seq, kv_head, group, dim]
         # and attend without repeating K/V. On a CPU the blocks are gathered a few sequences at a
         # time, so the copy is still in cache when SDPA reads it (one DRAM pass over the KV instead
@@ -370,8 +439,8 @@ class CausalLM:
         step = nd if q.device.type != "cpu" else max(1, min(nd, CPU_GATHER_BYTES // per_seq))
         parts = []
         for s in range(0, nd, step):
-            kb, vb = cache.gather(layer, meta.decode_blocks[s:s + step])   # [n, kv_heads, ctx, dim]
-            mask = meta.decode_mask[s:s + step] if meta.decode_mask is not None else None
-            parts.append(F.scaled_dot_product_attention(qd[s:s + step], kb, vb, attn_mask=mask))
+            kb, vb = cache.gather(layer, meta.decode_blocks[s : s + step])  # [n, kv_heads, ctx, dim]
+            mask = meta.decode_mask[s : s + step] if meta.decode_mask is not None else None
+            parts.append(F.scaled_dot_product_attention(qd[s : s + step], kb, vb, attn_mask=mask))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
         return o.reshape(nd, c.num_heads, c.head_dim)

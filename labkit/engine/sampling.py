@@ -1,4 +1,5 @@
 """Turning logits into tokens: greedy, temperature, top-k, top-p, seeded per position."""
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,9 @@ def filter_logits(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
     return x
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-           generator: torch.Generator) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], positions: list[int], generator: torch.Generator
+) -> list[int]:
     """One token id per row of `logits` [batch, vocab]; `positions[i]` is where row i's token will sit.
 
     Greedy rows take the argmax; the others draw from their filtered distribution with a

@@ -5,6 +5,7 @@ A decode costs one token of budget; a prompt chunk costs its length. When a deco
 block and none is free, the newest running sequence is preempted: its blocks are freed and
 it goes back to the front of the queue, to be recomputed (prompt + output so far) later.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -39,8 +40,8 @@ class Scheduler:
     def __init__(self, cfg: EngineConfig, pool: BlockPool) -> None:
         self.cfg = cfg
         self.pool = pool
-        self.waiting: deque[Sequence] = deque()   # FIFO; preempted sequences re-enter at the front
-        self.running: deque[Sequence] = deque()   # oldest first; the newest is preempted first
+        self.waiting: deque[Sequence] = deque()  # FIFO; preempted sequences re-enter at the front
+        self.running: deque[Sequence] = deque()  # oldest first; the newest is preempted first
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -92,7 +93,9 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             # prefill_first runs whole prompts; only the first of a step may be cut to the budget,
             # so a prompt longer than the budget still makes progress.
-            if (n < seq.num_uncomputed and not chunk_any and batch.chunks) or not self.pool.grow(seq, seq.num_computed_tokens + n):
+            if (n < seq.num_uncomputed and not chunk_any and batch.chunks) or not self.pool.grow(
+                seq, seq.num_computed_tokens + n
+            ):
                 if fresh:  # give back the prefix blocks it just adopted
                     self.pool.release(seq)
                     seq.num_computed_tokens = 0

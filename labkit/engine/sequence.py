@@ -1,4 +1,5 @@
 """One request inside the engine: its tokens, how far they are computed, and its blocks."""
+
 from __future__ import annotations
 
 import time
@@ -17,8 +18,8 @@ FinishReason = Literal["stop", "length", "abort", "prefilled"]
 
 
 class Status(Enum):
-    WAITING = "waiting"      # has tokens to prefill (new, partly prefilled, or preempted)
-    RUNNING = "running"      # decoding one token per step
+    WAITING = "waiting"  # has tokens to prefill (new, partly prefilled, or preempted)
+    RUNNING = "running"  # decoding one token per step
     PREFILLED = "prefilled"  # prefill_only: done, KV held until export_kv / release
     FINISHED = "finished"
 
@@ -31,15 +32,15 @@ class Sequence:
     on_token: TokenCallback | None = None
     on_layer_kv: LayerKVCallback | None = None
     token_ids: list[int] = field(default_factory=list)  # prompt + output
-    num_computed_tokens: int = 0                         # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
-    num_cached_tokens: int = 0                           # prompt tokens served by the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     arrival_s: float = field(default_factory=time.perf_counter)
-    prefill_start_s: float | None = None                 # perf_counter at the start of the step that ran its first chunk
+    prefill_start_s: float | None = None  # perf_counter at the start of the step that ran its first chunk
     first_token_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -48,7 +49,7 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids):]
+        return self.token_ids[len(self.prompt_ids) :]
 
     @property
     def num_uncomputed(self) -> int:
@@ -63,9 +64,9 @@ class RequestOutput:
     prompt_ids: list[int]
     output_token_ids: list[int]
     finish_reason: FinishReason
-    num_cached_tokens: int = 0    # prompt tokens served from the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
-    ttft_s: float | None = None   # from add_request to the first token
+    ttft_s: float | None = None  # from add_request to the first token
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,6 @@ class StepOutput:
     new_tokens: dict[str, int]
     finished: list[RequestOutput]
     elapsed_s: float
-    context_tokens: int = 0    # summed context of the step's decode sequences (what their attention reads)
+    context_tokens: int = 0  # summed context of the step's decode sequences (what their attention reads)
     prefill_started: dict[str, int] = field(default_factory=dict)  # request id -> prompt tokens the prefix
-                                                                    # cache served, for prompts first run this step
+    # cache served, for prompts first run this step

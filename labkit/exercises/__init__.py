@@ -35,18 +35,29 @@ How to write an exercise
    uses the answer. Put a notebook's first exercise early, before anything slow: the student-
    edition test runs each notebook until it stops there. `make student` builds the edition.
 """
+
 from __future__ import annotations
 
 from labkit.check import CheckResult, ExerciseIncomplete
 from labkit.exercises.core import (
-           KINDS,
-           Example,
-           Exercise,
-           all_exercises,
-           exercise,
-           student_edition,
+    KINDS,
+    Example,
+    Exercise,
+    all_exercises,
+    exercise,
+    student_edition,
 )
 from labkit.exercises.suite import Case, run_suite
 
-__all__ = ["KINDS", "Case", "CheckResult", "Example", "Exercise", "ExerciseIncomplete", "all_exercises", "exercise",
-           "run_suite", "student_edition"]
+__all__ = [
+    "KINDS",
+    "Case",
+    "CheckResult",
+    "Example",
+    "Exercise",
+    "ExerciseIncomplete",
+    "all_exercises",
+    "exercise",
+    "run_suite",
+    "student_edition",
+]

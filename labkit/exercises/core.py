@@ -7,6 +7,7 @@ names the exercise, so "Run All" stops there. Every exercise declares `examples`
 the reference answer and wrong answers the check must reject; `tests/test_exercises.py` walks
 the registry and holds every check to them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -43,8 +44,16 @@ class Example:
 class Exercise:
     """One exercise of one notebook: `exercise(answer, **context)` checks, prints, and stops in strict mode."""
 
-    def __init__(self, notebook: str, number: int, title: str, kind: Kind, hint: str, check: CheckFn,
-                 examples: Callable[[], Sequence[Example]]) -> None:
+    def __init__(
+        self,
+        notebook: str,
+        number: int,
+        title: str,
+        kind: Kind,
+        hint: str,
+        check: CheckFn,
+        examples: Callable[[], Sequence[Example]],
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r} not one of {KINDS}")
         if not (len(notebook) == 2 and notebook.isdigit()):
@@ -58,7 +67,7 @@ class Exercise:
 
     @property
     def name(self) -> str:
-        """"01 · Exercise 2 · predict a decode step": how messages and the notebook name it."""
+        """ "01 · Exercise 2 · predict a decode step": how messages and the notebook name it."""
         return f"{self.notebook} · Exercise {self.number} · {self.title}"
 
     def evaluate(self, answer: Any, **context: Any) -> CheckResult:
@@ -68,7 +77,9 @@ class Exercise:
         try:
             result = self.check(answer, **context)
         except NotImplementedError:  # a stub the check called, outside a suite
-            return missing(self.title, self.hint, todo="write the function's body (it still raises NotImplementedError)")
+            return missing(
+                self.title, self.hint, todo="write the function's body (it still raises NotImplementedError)"
+            )
         if not isinstance(result, CheckResult):
             raise TypeError(f"{self.name}: its check returned {type(result).__name__}, not a CheckResult")
         return result
@@ -94,9 +105,11 @@ class Exercise:
 _REGISTRY: dict[tuple[str, int], Exercise] = {}
 
 
-def exercise(notebook: str, number: int, title: str, *, kind: Kind, hint: str,
-             examples: Callable[[], Sequence[Example]]) -> Callable[[CheckFn], Exercise]:
+def exercise(
+    notebook: str, number: int, title: str, *, kind: Kind, hint: str, examples: Callable[[], Sequence[Example]]
+) -> Callable[[CheckFn], Exercise]:
     """Decorator: registers `check` as exercise `number` of `notebook`; returns the Exercise."""
+
     def wrap(check: CheckFn) -> Exercise:
         ex = Exercise(notebook, number, title, kind, hint, check, examples)
         key = (notebook, number)
@@ -104,6 +117,7 @@ def exercise(notebook: str, number: int, title: str, *, kind: Kind, hint: str,
             raise ValueError(f"{ex.name} is registered twice ({_REGISTRY[key].__name__} and {check.__name__})")
         _REGISTRY[key] = ex
         return ex
+
     return wrap
 
 

@@ -24,6 +24,7 @@ the answer away) is replaced by a one-line note. Outputs are stripped, and a fir
 turns strict checks on, so the edition stops "Run All" at the first unsolved exercise however it
 is launched. `labkit notebooks student OUT` (or `make student`) writes it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,11 @@ SOLUTION_TAG = "solution"
 STUB_TAG = "exercise"
 EDITION_TAG = "student-edition"
 TASK_PREFIX = "# TASK:"
-STRICT_CELL = ('# Student edition: each exercise\'s check stops "Run All" until you solve it.\n'
-               "from labkit.exercises import student_edition\n"
-               "student_edition()")
+STRICT_CELL = (
+    '# Student edition: each exercise\'s check stops "Run All" until you solve it.\n'
+    "from labkit.exercises import student_edition\n"
+    "student_edition()"
+)
 HIDDEN_TEXT = "*(The instructor edition explains the answer here: solve the exercise above first.)*"
 
 
@@ -63,13 +66,15 @@ def stub_source(src: str, where: str = "solution cell") -> str:
     """The student's stub for one solution cell's source; EditionError when the cell holds more than answers."""
     lines = src.splitlines()
     tasks = [ln for ln in lines if ln.startswith(TASK_PREFIX)]
-    if not tasks or not tasks[0][len(TASK_PREFIX):].strip():
+    if not tasks or not tasks[0][len(TASK_PREFIX) :].strip():
         raise EditionError(f"{where}: a solution cell states its task on a line of its own, '{TASK_PREFIX} ...'")
     try:
         tree = ast.parse(src)
     except SyntaxError as e:
-        raise EditionError(f"{where}: not plain Python ({e.msg}, line {e.lineno}); a solution cell holds only "
-                           "assignments and function definitions") from None
+        raise EditionError(
+            f"{where}: not plain Python ({e.msg}, line {e.lineno}); a solution cell holds only "
+            "assignments and function definitions"
+        ) from None
     if not tree.body:
         raise EditionError(f"{where}: a solution cell with a task but no answer")
     comments = _comments(src)
@@ -77,8 +82,10 @@ def stub_source(src: str, where: str = "solution cell") -> str:
     for node in tree.body:
         if isinstance(node, ast.Assign):
             if len(node.targets) != 1 or not isinstance(node.targets[0], ast.Name):
-                raise EditionError(f"{where}, line {node.lineno}: assign one name per statement "
-                                   f"(`{ast.unparse(node.targets[0])} = ...` cannot become a stub)")
+                raise EditionError(
+                    f"{where}, line {node.lineno}: assign one name per statement "
+                    f"(`{ast.unparse(node.targets[0])} = ...` cannot become a stub)"
+                )
             stub = f"{node.targets[0].id} = ..."
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
             stub = f"{node.target.id}: {ast.unparse(node.annotation)} = ..."
@@ -87,8 +94,10 @@ def stub_source(src: str, where: str = "solution cell") -> str:
             continue
         else:
             code = ast.unparse(node).splitlines()[0][:60]
-            raise EditionError(f"{where}, line {node.lineno}: a solution cell holds only assignments and function "
-                               f"definitions (the answers); move `{code}` to a cell of its own")
+            raise EditionError(
+                f"{where}, line {node.lineno}: a solution cell holds only assignments and function "
+                f"definitions (the answers); move `{code}` to a cell of its own"
+            )
         comment = comments.get(node.end_lineno or node.lineno, "")
         out.append(f"{stub}   {comment}" if comment else stub)
     return "\n".join(out)
@@ -99,13 +108,18 @@ def _function_stub(node: ast.FunctionDef, lines: list[str], where: str) -> list[
         raise EditionError(f"{where}, line {node.lineno}: {node.name} is decorated; the stub keeps only a plain def")
     doc = node.body[0]
     if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
-        raise EditionError(f"{where}, line {node.lineno}: {node.name} needs a docstring: it is the learner's "
-                           "specification (what it returns, with units)")
+        raise EditionError(
+            f"{where}, line {node.lineno}: {node.name} needs a docstring: it is the learner's "
+            "specification (what it returns, with units)"
+        )
     if doc.lineno == node.lineno:
         raise EditionError(f"{where}, line {node.lineno}: put {node.name}'s body on lines of its own")
     indent = " " * doc.col_offset
-    return (lines[node.lineno - 1: doc.lineno - 1] + lines[doc.lineno - 1: doc.end_lineno]
-            + [f'{indent}raise NotImplementedError("write {node.name}: see its docstring")'])
+    return (
+        lines[node.lineno - 1 : doc.lineno - 1]
+        + lines[doc.lineno - 1 : doc.end_lineno]
+        + [f'{indent}raise NotImplementedError("write {node.name}: see its docstring")']
+    )
 
 
 def _source(cell: Any) -> str:
@@ -135,8 +149,13 @@ def student_notebook(nb: dict[str, Any], name: str = "notebook") -> dict[str, An
                 raise EditionError(f"{where}: a {cell.get('cell_type')} cell cannot be a solution")
         cells.append(cell)
     first_code = next((i for i, c in enumerate(cells) if c.get("cell_type") == "code"), len(cells))
-    strict_cell: dict[str, Any] = {"cell_type": "code", "execution_count": None, "outputs": [],
-                                   "metadata": {"tags": [EDITION_TAG]}, "source": STRICT_CELL}
+    strict_cell: dict[str, Any] = {
+        "cell_type": "code",
+        "execution_count": None,
+        "outputs": [],
+        "metadata": {"tags": [EDITION_TAG]},
+        "source": STRICT_CELL,
+    }
     if any("id" in c for c in cells):
         strict_cell["id"] = "student-edition"
     cells.insert(first_code, strict_cell)
@@ -150,8 +169,9 @@ def has_solutions(nb: dict[str, Any]) -> bool:
     return any(SOLUTION_TAG in c.get("metadata", {}).get("tags", []) for c in nb.get("cells", []))
 
 
-def build_student_edition(out_dir: str | Path, src_dir: str | Path | None = None,
-                          names: list[str] | None = None) -> list[Path]:
+def build_student_edition(
+    out_dir: str | Path, src_dir: str | Path | None = None, names: list[str] | None = None
+) -> list[Path]:
     """Writes the student edition of every notebook in `src_dir` (default: the checkout's notebooks/)
     to `out_dir`; returns the paths written. Raises EditionError before writing anything if a
     solution cell cannot become a stub."""
@@ -176,6 +196,7 @@ def build_student_edition(out_dir: str | Path, src_dir: str | Path | None = None
 
 
 # --- the `labkit notebooks` command ---------------------------------------------------------
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -2,6 +2,7 @@
 an emulated link (predict, then measure), the link speed at which shipping a 70B model's KV beats
 recomputing it on two H100s (compute), and the time the whole KV takes to arrive when each layer
 leaves as soon as it is computed (build-it, against an event-by-event model and measured sends)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,16 +19,22 @@ MEMORY_UTILIZATION = 0.9
 
 # --- Exercise 1 · requests one GPU holds (compute) ------------------------------------------
 
-def kv_limited_requests(model: str = "llama-3.1-8b", device: str = "H100 SXM", context_tokens: int = 8192,
-                        memory_utilization: float = MEMORY_UTILIZATION) -> int:
+
+def kv_limited_requests(
+    model: str = "llama-3.1-8b",
+    device: str = "H100 SXM",
+    context_tokens: int = 8192,
+    memory_utilization: float = MEMORY_UTILIZATION,
+) -> int:
     """Requests of `context_tokens` whose bf16 KV fits beside the model's bf16 weights in a share of the
     device's memory, as the planner counts them (`labkit.plan.hetero.kv_limited_seqs`, datasheet memory)."""
     from labkit.plan.hetero import kv_limited_seqs
     from labkit.plan.scaling import ModelShape, datasheet_spec
 
     shape, spec = ModelShape.from_preset(model, "bfloat16"), datasheet_spec(device)
-    return kv_limited_seqs(spec.memory_bytes, shape.param_bytes, shape.kv_bytes_per_token, context_tokens,
-                           memory_utilization)
+    return kv_limited_seqs(
+        spec.memory_bytes, shape.param_bytes, shape.kv_bytes_per_token, context_tokens, memory_utilization
+    )
 
 
 def _capacity_examples() -> list[Example]:
@@ -35,23 +42,41 @@ def _capacity_examples() -> list[Example]:
 
     s = ModelShape.from_config("llama-3.1-8b")
     w, kv = s.parameter_bytes("bfloat16"), s.kv_bytes_per_token("bfloat16") * 8192
-    return [Example(right=int((0.9 * 80e9 - w) // kv),
-                    wrong=[int((80e9 - w) // kv), int(0.9 * 80e9 // kv), int((0.9 * 80e9 - w) // (2 * kv)),
-                           int((0.9 * 80e9 - w) // (s.kv_bytes_per_token("bfloat16") * 1024))],
-                    context={"model": "llama-3.1-8b", "device": "H100 SXM", "context_tokens": 8192})]
+    return [
+        Example(
+            right=int((0.9 * 80e9 - w) // kv),
+            wrong=[
+                int((80e9 - w) // kv),
+                int(0.9 * 80e9 // kv),
+                int((0.9 * 80e9 - w) // (2 * kv)),
+                int((0.9 * 80e9 - w) // (s.kv_bytes_per_token("bfloat16") * 1024)),
+            ],
+            context={"model": "llama-3.1-8b", "device": "H100 SXM", "context_tokens": 8192},
+        )
+    ]
 
 
-@exercise("02", 1, "long requests one GPU holds", kind="compute",
-          hint="memory x 0.9, less the weights, is what the KV cache gets; divide by one request's KV bytes "
-               "(bytes per token x tokens) and round down",
-          examples=_capacity_examples)
+@exercise(
+    "02",
+    1,
+    "long requests one GPU holds",
+    kind="compute",
+    hint="memory x 0.9, less the weights, is what the KV cache gets; divide by one request's KV bytes "
+    "(bytes per token x tokens) and round down",
+    examples=_capacity_examples,
+)
 def check_kv_capacity(answer: Any, *, model: str, device: str, context_tokens: int) -> CheckResult:
     """The learner's count of `context_tokens`-token requests whose KV fits on one `device` beside the
     model's weights, against the planner's own count (`labkit.plan.hetero.kv_limited_seqs`, used to cap
     a part's batch), within one request."""
     expected = kv_limited_requests(model, device, context_tokens)
-    return check_close(f"{context_tokens:,}-token requests of {model} on one {device}", answer, expected,
-                       rtol=1.01 / max(expected, 1), hint=check_kv_capacity.hint)
+    return check_close(
+        f"{context_tokens:,}-token requests of {model} on one {device}",
+        answer,
+        expected,
+        rtol=1.01 / max(expected, 1),
+        hint=check_kv_capacity.hint,
+    )
 
 
 # --- Exercise 2 · a transfer over an emulated link (predict, then measure) ------------------
@@ -73,24 +98,43 @@ def _emulated_examples() -> list[Example]:
         row = {"nbytes": 67108864, "seconds_median": 0.5569590509994669, "link": "1 Gbps"}
     gbps = float(str(row["link"]).split()[0])
     right = row["nbytes"] * 8 / (gbps * 1e9) * 1e3
-    return [Example(right=right, wrong=[right / 8, right * 8, right / 1e3],
-                    context={"measured_s": row["seconds_median"], "nbytes": row["nbytes"], "gbps": gbps},
-                    label=f"the committed 2-core CPU, {row['link']}")]
+    return [
+        Example(
+            right=right,
+            wrong=[right / 8, right * 8, right / 1e3],
+            context={"measured_s": row["seconds_median"], "nbytes": row["nbytes"], "gbps": gbps},
+            label=f"the committed 2-core CPU, {row['link']}",
+        )
+    ]
 
 
-@exercise("02", 2, "a KV transfer over an emulated link", kind="predict-then-measure",
-          hint="a line rate is in bits per second: bytes x 8 / (Gbit/s x 1e9) seconds, then x 1,000 for ms",
-          examples=_emulated_examples)
+@exercise(
+    "02",
+    2,
+    "a KV transfer over an emulated link",
+    kind="predict-then-measure",
+    hint="a line rate is in bits per second: bytes x 8 / (Gbit/s x 1e9) seconds, then x 1,000 for ms",
+    examples=_emulated_examples,
+)
 def check_emulated_transfer(answer_ms: Any, *, measured_s: float, nbytes: int, gbps: float) -> CheckResult:
     """The learner's prediction (ms, from the line rate) of sending `nbytes` over the emulated `gbps`
     link, against the median of the sends just measured through the token bucket (EMULATED_BAND:
     emulation only slows a link, and a busy machine adds to each send)."""
     lo, hi = EMULATED_BAND
-    return check_ratio(f"{nbytes / 1e6:,.1f} MB over an emulated {gbps:g} Gbit/s link", answer_ms, measured_s * 1e3,
-                       lo=lo, hi=hi, what="predicted / measured", unit="ms", hint=check_emulated_transfer.hint)
+    return check_ratio(
+        f"{nbytes / 1e6:,.1f} MB over an emulated {gbps:g} Gbit/s link",
+        answer_ms,
+        measured_s * 1e3,
+        lo=lo,
+        hi=hi,
+        what="predicted / measured",
+        unit="ms",
+        hint=check_emulated_transfer.hint,
+    )
 
 
 # --- Exercise 3 · 70B: ship the KV or recompute it (compute) --------------------------------
+
 
 def llama_70b_latency_model(*, mfu: float, gpus: int = 2, device: str = "H100 SXM") -> Any:
     """The planner's roofline model (`labkit.plan.scaling.roofline_latency_model`) of a Llama-3.1-70B-shaped
@@ -101,11 +145,22 @@ def llama_70b_latency_model(*, mfu: float, gpus: int = 2, device: str = "H100 SX
     from labkit.roofline import ModelShape as Shape
 
     s = Shape.from_config(LLAMA_70B_CONFIG)
-    shape = ModelShape("llama-3.1-70b", s.parameter_count, s.num_layers, s.num_heads * s.head_dim,
-                       s.kv_bytes_per_token("bfloat16"), "bfloat16")
+    shape = ModelShape(
+        "llama-3.1-70b",
+        s.parameter_count,
+        s.num_layers,
+        s.num_heads * s.head_dim,
+        s.kv_bytes_per_token("bfloat16"),
+        "bfloat16",
+    )
     one = datasheet_spec(device, "bfloat16")
-    group = HardwareSpec(f"{gpus}x {one.name}", gpus * one.flops_per_s, gpus * one.bandwidth_bytes_per_s,
-                         gpus * one.memory_bytes, one.source)
+    group = HardwareSpec(
+        f"{gpus}x {one.name}",
+        gpus * one.flops_per_s,
+        gpus * one.bandwidth_bytes_per_s,
+        gpus * one.memory_bytes,
+        one.source,
+    )
     return roofline_latency_model(shape, group, Efficiency(mfu_prefill=mfu))
 
 
@@ -125,20 +180,34 @@ def _break_even_examples() -> list[Example]:
     mfu = 0.47
     tok_s = lambda gpus, m=mfu: m * gpus * 989.4e12 / (2 * s.parameter_count)
     gbps = lambda t: t * s.kv_bytes_per_token("bfloat16") * 8 / 1e9
-    return [Example(right=gbps(tok_s(2)), wrong=[gbps(tok_s(1)), gbps(tok_s(2)) / 8, gbps(tok_s(2, 1.0)),
-                                                 gbps(tok_s(8))],
-                    context={"mfu": mfu, "gpus": 2, "prompt_tokens": 4096})]
+    return [
+        Example(
+            right=gbps(tok_s(2)),
+            wrong=[gbps(tok_s(1)), gbps(tok_s(2)) / 8, gbps(tok_s(2, 1.0)), gbps(tok_s(8))],
+            context={"mfu": mfu, "gpus": 2, "prompt_tokens": 4096},
+        )
+    ]
 
 
-@exercise("02", 3, "70B on two H100s: ship the KV or recompute it", kind="compute",
-          hint="tokens/s = MFU x GPUs x peak FLOP/s / (2 x parameters); Gbit/s = tokens/s x KV bytes per token x 8 / 1e9",
-          examples=_break_even_examples)
+@exercise(
+    "02",
+    3,
+    "70B on two H100s: ship the KV or recompute it",
+    kind="compute",
+    hint="tokens/s = MFU x GPUs x peak FLOP/s / (2 x parameters); Gbit/s = tokens/s x KV bytes per token x 8 / 1e9",
+    examples=_break_even_examples,
+)
 def check_break_even_gbps(answer: Any, *, mfu: float, gpus: int = 2, prompt_tokens: int = 4096) -> CheckResult:
     """The learner's break-even link speed against the planner's roofline prefill time (which also
     counts attention: 4% more work at this length), within 8%."""
-    return check_close(f"break-even link for a {prompt_tokens:,}-token 70B prompt on {gpus} H100s at MFU {mfu:.0%}",
-                       answer, break_even_gbps(mfu=mfu, gpus=gpus, prompt_tokens=prompt_tokens), rtol=0.08,
-                       unit="Gbit/s", hint=check_break_even_gbps.hint)
+    return check_close(
+        f"break-even link for a {prompt_tokens:,}-token 70B prompt on {gpus} H100s at MFU {mfu:.0%}",
+        answer,
+        break_even_gbps(mfu=mfu, gpus=gpus, prompt_tokens=prompt_tokens),
+        rtol=0.08,
+        unit="Gbit/s",
+        hint=check_break_even_gbps.hint,
+    )
 
 
 # --- Exercise 4 · when the last layer arrives (build-it) ------------------------------------
@@ -152,11 +221,13 @@ LAYERWISE_BAND = (0.93, 1.45)
 
 
 def _arrival_judge(expected_s: float, band: tuple[float, float]) -> Callable[[Any, Case], tuple[bool, str]]:
-    return band_judge(lambda got: expected_s / got, band,
-                      lambda got, r: f"predicted {fmt(got, 's')}, measured {fmt(expected_s, 's')} "
-                                     f"(measured / predicted {r:.2f})",
-                      below=", the whole KV cannot arrive sooner than your model allows",
-                      above=", the measurement took much longer: does the model overlap too much?")
+    return band_judge(
+        lambda got: expected_s / got,
+        band,
+        lambda got, r: f"predicted {fmt(got, 's')}, measured {fmt(expected_s, 's')} (measured / predicted {r:.2f})",
+        below=", the whole KV cannot arrive sooner than your model allows",
+        above=", the measurement took much longer: does the model overlap too much?",
+    )
 
 
 def _model_cases() -> Iterator[Case]:
@@ -165,17 +236,24 @@ def _model_cases() -> Iterator[Case]:
     # (prefill s, transfer s, layers): compute-bound, link-bound, balanced, one layer, the notebook's 70B
     for c, t, n in ((0.8, 0.6, 80), (0.2, 0.6, 8), (0.4, 0.4, 4), (0.3, 0.1, 1), (1.0, 2.5, 32)):
         arrived = layerwise_arrivals([c / n] * n, [t / n] * n)[-1][1]
-        yield Case(f"prefill {c * 1e3:,.0f} ms, transfer {t * 1e3:,.0f} ms, {n} layer{'s' if n > 1 else ''} (event by event)",
-                   (c, t, n),
-                   arrived, rtol=1e-6, unit="s")
+        yield Case(
+            f"prefill {c * 1e3:,.0f} ms, transfer {t * 1e3:,.0f} ms, {n} layer{'s' if n > 1 else ''} (event by event)",
+            (c, t, n),
+            arrived,
+            rtol=1e-6,
+            unit="s",
+        )
 
 
 def _measured_cases(rows: Sequence[Mapping[str, Any]], where: str, band: tuple[float, float]) -> Iterator[Case]:
     for r in rows:
         what = r.get("label") or f"{r['nbytes'] / 1e6:,.1f} MB, {r['layers']} layers over {r['link']}"
-        yield Case(f"{where}: {what}, prefill {r['compute_s'] * 1e3:,.0f} ms, transfer {r['transfer_s'] * 1e3:,.0f} ms",
-                   (r["compute_s"], r["transfer_s"], r["layers"]), r["layerwise_s"],
-                   judge=_arrival_judge(r["layerwise_s"], band))
+        yield Case(
+            f"{where}: {what}, prefill {r['compute_s'] * 1e3:,.0f} ms, transfer {r['transfer_s'] * 1e3:,.0f} ms",
+            (r["compute_s"], r["transfer_s"], r["layers"]),
+            r["layerwise_s"],
+            judge=_arrival_judge(r["layerwise_s"], band),
+        )
 
 
 def _reference_cases() -> Iterator[Case]:
@@ -197,22 +275,51 @@ def _arrival_examples() -> list[Example]:
     last_layer = lambda c, t, n: c + t / n
     per_layer = lambda c, t, n: (c + t) / n
     ms = lambda c, t, n: 1e3 * reference_layerwise_arrival_s(c, t, n)
-    measured = [{"nbytes": 4 << 20, "layers": 8, "link": "1 Gbps", "compute_s": 0.017, "transfer_s": 0.034,
-                 "layerwise_s": 0.037},
-                {"nbytes": 4 << 20, "layers": 8, "link": "1 Gbps", "compute_s": 0.068, "transfer_s": 0.034,
-                 "layerwise_s": 0.073}]
-    return [Example(right=reference_layerwise_arrival_s, wrong=[at_end, overlap_all, last_layer, per_layer, ms],
-                    label="the event model and the committed runs"),
-            Example(right=reference_layerwise_arrival_s, wrong=[at_end, ms], context={"measured": measured},
-                    label="sends measured on this box")]
+    measured = [
+        {
+            "nbytes": 4 << 20,
+            "layers": 8,
+            "link": "1 Gbps",
+            "compute_s": 0.017,
+            "transfer_s": 0.034,
+            "layerwise_s": 0.037,
+        },
+        {
+            "nbytes": 4 << 20,
+            "layers": 8,
+            "link": "1 Gbps",
+            "compute_s": 0.068,
+            "transfer_s": 0.034,
+            "layerwise_s": 0.073,
+        },
+    ]
+    return [
+        Example(
+            right=reference_layerwise_arrival_s,
+            wrong=[at_end, overlap_all, last_layer, per_layer, ms],
+            label="the event model and the committed runs",
+        ),
+        Example(
+            right=reference_layerwise_arrival_s,
+            wrong=[at_end, ms],
+            context={"measured": measured},
+            label="sends measured on this box",
+        ),
+    ]
 
 
-@exercise("02", 4, "when the last layer arrives", kind="build-it",
-          hint="layer i leaves once it is computed and the link is free; one of the two paths (prefill or link) is "
-               "the bottleneck and sets the pace; the other shows only for one layer: max + min / layers",
-          examples=_arrival_examples)
-def check_layerwise_arrival(fn: Callable[[float, float, int], float], *,
-                            measured: Sequence[Mapping[str, Any]] = ()) -> CheckResult:
+@exercise(
+    "02",
+    4,
+    "when the last layer arrives",
+    kind="build-it",
+    hint="layer i leaves once it is computed and the link is free; one of the two paths (prefill or link) is "
+    "the bottleneck and sets the pace; the other shows only for one layer: max + min / layers",
+    examples=_arrival_examples,
+)
+def check_layerwise_arrival(
+    fn: Callable[[float, float, int], float], *, measured: Sequence[Mapping[str, Any]] = ()
+) -> CheckResult:
     """Runs the learner's `layerwise_arrival_s(compute_s, transfer_s, num_layers)`.
 
     Without `measured`: against an event-by-event model of the stream (`labkit.transfer.sizing.

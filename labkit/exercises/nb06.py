@@ -2,6 +2,7 @@
 fit), which layout decodes most smoothly (predict, then simulate), the link speed at which the KV
 transfer costs as much as the prefill (compute, checked by the simulator), and the planner's
 verdict for short prompts on a small cluster (multiple choice)."""
+
 from __future__ import annotations
 
 import math
@@ -51,9 +52,11 @@ def coefficients(got: Any) -> tuple[float, float, float] | None:
 
 
 def _arrays(samples: Sequence[DecodeSample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (np.array([s.batch_size for s in samples], dtype=float),
-            np.array([s.context_tokens for s in samples], dtype=float),
-            np.array([s.elapsed_s for s in samples], dtype=float))
+    return (
+        np.array([s.batch_size for s in samples], dtype=float),
+        np.array([s.context_tokens for s in samples], dtype=float),
+        np.array([s.elapsed_s for s in samples], dtype=float),
+    )
 
 
 def _predict(coef: tuple[float, float, float], samples: Sequence[DecodeSample]) -> np.ndarray:
@@ -74,8 +77,10 @@ def _exact_judge(got: Any, case: Case) -> tuple[bool, str]:
     want = case.expected
     if all(math.isclose(g, w, rel_tol=1e-6) for g, w in zip(coef, want)):
         return True, text
-    return False, (text + f"; expected a {fmt(want[0] * 1e3)} ms, b {fmt(want[1] * 1e9)} ns/token, "
-                   f"c {fmt(want[2] * 1e6)} µs/seq (seconds, in that order)")
+    return False, (
+        text + f"; expected a {fmt(want[0] * 1e3)} ms, b {fmt(want[1] * 1e9)} ns/token, "
+        f"c {fmt(want[2] * 1e6)} µs/seq (seconds, in that order)"
+    )
 
 
 def _held_out_judge(held: Sequence[DecodeSample], rtol: float) -> Callable[[Any, Case], tuple[bool, str]]:
@@ -87,6 +92,7 @@ def _held_out_judge(held: Sequence[DecodeSample], rtol: float) -> Callable[[Any,
         worst = float(np.max(np.abs(pred - meas) / meas))
         pairs = ", ".join(f"{fmt(p, 's')} vs {fmt(m, 's')}" for p, m in zip(pred, meas))
         return worst <= rtol, f"predicted vs measured: {pairs} (worst miss {worst:.0%}, allowed {rtol:.0%})"
+
     return judge
 
 
@@ -98,9 +104,12 @@ def _machine_judge(held: Sequence[DecodeSample], lab_miss: float) -> Callable[[A
         if coef is None:
             return False, f"returned {got!r}, expected three numbers"
         miss = _median_miss(coef, held)
-        text = (f"median miss on {len(held)} held-out steps {miss:.0%} (the lab's fit: {lab_miss:.0%}; "
-                f"allowed {allowed:.0%})")
+        text = (
+            f"median miss on {len(held)} held-out steps {miss:.0%} (the lab's fit: {lab_miss:.0%}; "
+            f"allowed {allowed:.0%})"
+        )
         return miss <= allowed, text
+
     return judge
 
 
@@ -125,21 +134,29 @@ def _fit_cases(measured: Sequence[DecodeSample]) -> Iterator[Case]:
     from labkit.plan.calibrate import split_decode_samples
     from labkit.plan.latency_model import fit_decode_steps
 
-    for label, coef in KNOWN_DECODE_MODELS:     # cheap and exact first
+    for label, coef in KNOWN_DECODE_MODELS:  # cheap and exact first
         yield Case(f"exact steps of {label}", _synthetic_samples(coef), coef, judge=_exact_judge)
     h100 = h100_decode_samples()
     if h100:
         fit = [s for s in h100 if s.batch_size in H100_FIT_BATCHES]
         held = [s for s in h100 if s.batch_size not in H100_FIT_BATCHES]
-        yield Case(f"H100 (committed), 8B: fit on batches {', '.join(map(str, H100_FIT_BATCHES))}, "
-                   f"predict {', '.join(str(s.batch_size) for s in held)}", _arrays(fit), None,
-                   judge=_held_out_judge(held, H100_HELD_RTOL))
+        yield Case(
+            f"H100 (committed), 8B: fit on batches {', '.join(map(str, H100_FIT_BATCHES))}, "
+            f"predict {', '.join(str(s.batch_size) for s in held)}",
+            _arrays(fit),
+            None,
+            judge=_held_out_judge(held, H100_HELD_RTOL),
+        )
     if measured:
         fit, held = split_decode_samples(measured)
         lab, _ = fit_decode_steps(fit)
-        yield Case(f"this machine: fit on batches {sorted({s.batch_size for s in fit})}, "
-                   f"predict batches {sorted({s.batch_size for s in held})}", _arrays(fit), None,
-                   judge=_machine_judge(held, _median_miss(lab, held)))
+        yield Case(
+            f"this machine: fit on batches {sorted({s.batch_size for s in fit})}, "
+            f"predict batches {sorted({s.batch_size for s in held})}",
+            _arrays(fit),
+            None,
+            judge=_machine_judge(held, _median_miss(lab, held)),
+        )
 
 
 def reference_fit_decode_step(batch_sizes: Any, context_tokens: Any, step_s: Any) -> tuple[float, float, float]:
@@ -168,16 +185,30 @@ def _fit_examples() -> list[Example]:
     no_c = lambda b, s, y: (*np.linalg.lstsq(np.stack([np.ones_like(y), s], 1), y, rcond=None)[0], 0.0)
     swapped = lambda b, s, y: tuple(reference_fit_decode_step(b, s, y)[i] for i in (0, 2, 1))
     mean_only = lambda b, s, y: (float(np.mean(y)), 0.0, 0.0)
-    return [Example(right=reference_fit_decode_step, wrong=[ms, no_c, swapped, mean_only],
-                    label="known models and the committed H100 sweep"),
-            Example(right=reference_fit_decode_step, wrong=[ms, swapped], context={"measured": _noisy_samples()},
-                    label="with a noisy calibration as this machine's")]
+    return [
+        Example(
+            right=reference_fit_decode_step,
+            wrong=[ms, no_c, swapped, mean_only],
+            label="known models and the committed H100 sweep",
+        ),
+        Example(
+            right=reference_fit_decode_step,
+            wrong=[ms, swapped],
+            context={"measured": _noisy_samples()},
+            label="with a noisy calibration as this machine's",
+        ),
+    ]
 
 
-@exercise("06", 1, "fit the decode step model", kind="build-it",
-          hint="stack the columns [1, S, B] into a matrix X and solve X·(a, b, c) ≈ step_s with "
-               "numpy.linalg.lstsq; dividing each row and its target by step_s fits relative errors",
-          examples=_fit_examples)
+@exercise(
+    "06",
+    1,
+    "fit the decode step model",
+    kind="build-it",
+    hint="stack the columns [1, S, B] into a matrix X and solve X·(a, b, c) ≈ step_s with "
+    "numpy.linalg.lstsq; dividing each row and its target by step_s fits relative errors",
+    examples=_fit_examples,
+)
 def check_decode_fit(fn: Callable[..., Any], *, measured: Sequence[DecodeSample] = ()) -> CheckResult:
     """Runs the learner's `fit_decode_step(batch_sizes, context_tokens, step_s)` -> (a, b, c).
 
@@ -206,6 +237,7 @@ def model_with_decode(model: LatencyModel, coef: Any, who: str = "your fit") -> 
 
 # --- Exercise 2 · which layout decodes most smoothly (predict, then simulate) -----------------
 
+
 def lowest_itl_layout(results: Mapping[str, Any], q: float = 99.0) -> str:
     """The key of `results` (SimResults) with the lowest q-th percentile inter-token latency."""
     return min(results, key=lambda k: results[k].itl_percentile_s(q))
@@ -217,20 +249,29 @@ def _itl_examples() -> list[Example]:
 
     lat = LatencyModel(1e-3, 2e-4, 0.0, 5e-3, 0.0, 1e-4, kv_bytes_per_token=1024)
     req = sample_requests(WorkloadShape("toy", 512, 32), 60, 20.0, seed=0)
-    res = {"mono": simulate(req, lat, Layout.mono()),
-           "mono-chunked": simulate(req, lat, Layout.mono(policy="chunked"), limits=Limits(64, 128)),
-           "1P1D": simulate(req, lat, Layout.disagg(1, 1))}
+    res = {
+        "mono": simulate(req, lat, Layout.mono()),
+        "mono-chunked": simulate(req, lat, Layout.mono(policy="chunked"), limits=Limits(64, 128)),
+        "1P1D": simulate(req, lat, Layout.disagg(1, 1)),
+    }
     return [Example(right="1P1D", wrong=["mono", "mono-chunked"], context={"results": res}, label="a toy model")]
 
 
-@exercise("06", 2, "the layout with the smoothest decode", kind="predict-then-measure",
-          hint="which layout never runs a prompt between two decode steps of the same device?",
-          examples=_itl_examples)
+@exercise(
+    "06",
+    2,
+    "the layout with the smoothest decode",
+    kind="predict-then-measure",
+    hint="which layout never runs a prompt between two decode steps of the same device?",
+    examples=_itl_examples,
+)
 def check_lowest_itl(answer: Any, *, results: Mapping[str, Any]) -> CheckResult:
     """The learner's guess (a key of `results`, made before the simulation ran) against the layout
     whose simulated p99 inter-token latency is lowest."""
     if not is_missing(answer) and answer not in results:
-        return verdict(False, f"❌ {answer!r} is not one of the layouts {sorted(results)}. Hint: {check_lowest_itl.hint}")
+        return verdict(
+            False, f"❌ {answer!r} is not one of the layouts {sorted(results)}. Hint: {check_lowest_itl.hint}"
+        )
     best = lowest_itl_layout(results)
     shown = ", ".join(f"{k} {results[k].itl_percentile_s(99) * 1e3:,.1f} ms" for k in results)
     result = check_choice("layout with the lowest p99 ITL", answer, best, hint=check_lowest_itl.hint)
@@ -241,7 +282,10 @@ def check_lowest_itl(answer: Any, *, results: Mapping[str, Any]) -> CheckResult:
 
 # --- Exercise 3 · where the transfer costs as much as the prefill (compute) --------------------
 
-def simulated_transfer_and_prefill_s(latency: LatencyModel, link_gbps: float, prompt_tokens: int) -> tuple[float, float]:
+
+def simulated_transfer_and_prefill_s(
+    latency: LatencyModel, link_gbps: float, prompt_tokens: int
+) -> tuple[float, float]:
     """(KV transfer, prefill) seconds of one lone request of `prompt_tokens` tokens, from the
     simulator: prefill = its TTFT on one monolithic device; transfer = how much later the first
     token comes on 1P1D over a `link_gbps` link (no fixed cost)."""
@@ -258,16 +302,28 @@ def simulated_transfer_and_prefill_s(latency: LatencyModel, link_gbps: float, pr
 def _break_even_examples() -> list[Example]:
     from labkit.plan.scaling import Efficiency, ModelShape, datasheet_spec, roofline_latency_model
 
-    lat = roofline_latency_model(ModelShape.from_preset("llama-3.1-8b"), datasheet_spec("H100 SXM"),
-                                 Efficiency(0.46, 0.45))
+    lat = roofline_latency_model(
+        ModelShape.from_preset("llama-3.1-8b"), datasheet_spec("H100 SXM"), Efficiency(0.46, 0.45)
+    )
     right = 8 * lat.kv_bytes_per_token * 4096 / float(lat.prefill_s(4096)) / 1e9
-    return [Example(right=right, wrong=[right / 8, right * 1e9, right * 4096, right / 4096],
-                    context={"latency": lat, "prompt_tokens": 4096}, label="8B on an H100 (estimate)")]
+    return [
+        Example(
+            right=right,
+            wrong=[right / 8, right * 1e9, right * 4096, right / 4096],
+            context={"latency": lat, "prompt_tokens": 4096},
+            label="8B on an H100 (estimate)",
+        )
+    ]
 
 
-@exercise("06", 3, "the link that costs a prefill", kind="compute",
-          hint="KV bytes of the prompt (bytes per token x tokens) x 8 bits / prefill seconds, in Gbit/s (1e9 bit/s)",
-          examples=_break_even_examples)
+@exercise(
+    "06",
+    3,
+    "the link that costs a prefill",
+    kind="compute",
+    hint="KV bytes of the prompt (bytes per token x tokens) x 8 bits / prefill seconds, in Gbit/s (1e9 bit/s)",
+    examples=_break_even_examples,
+)
 def check_break_even_gbps(answer: Any, *, latency: LatencyModel, prompt_tokens: int = 4096) -> CheckResult:
     """The learner's link speed (Gbit/s) at which moving a `prompt_tokens` prompt's KV takes as long
     as prefilling it, checked by the simulator: at that speed one lone request's first token on
@@ -279,15 +335,19 @@ def check_break_even_gbps(answer: Any, *, latency: LatencyModel, prompt_tokens: 
         gbps = float(answer)
         transfer, prefill = simulated_transfer_and_prefill_s(latency, gbps, prompt_tokens)
     except (TypeError, ValueError) as e:
-        return verdict(False, f"❌ {name}: {answer!r} is not a link speed in Gbit/s ({e}). "
-                              f"Hint: {check_break_even_gbps.hint}")
+        return verdict(
+            False, f"❌ {name}: {answer!r} is not a link speed in Gbit/s ({e}). Hint: {check_break_even_gbps.hint}"
+        )
     ratio = transfer / prefill
-    head = (f"{name}: at {gbps:,.4g} Gbit/s the simulator moves the KV in {fmt(transfer, 's')} "
-            f"against a {fmt(prefill, 's')} prefill (ratio {ratio:.3g})")
+    head = (
+        f"{name}: at {gbps:,.4g} Gbit/s the simulator moves the KV in {fmt(transfer, 's')} "
+        f"against a {fmt(prefill, 's')} prefill (ratio {ratio:.3g})"
+    )
     if 0.97 <= ratio <= 1.03:
         return verdict(True, f"✅ {head}.")
-    return verdict(False, f"❌ {head}: {'too slow' if ratio > 1 else 'too fast'} a link. "
-                          f"Hint: {check_break_even_gbps.hint}")
+    return verdict(
+        False, f"❌ {head}: {'too slow' if ratio > 1 else 'too fast'} a link. Hint: {check_break_even_gbps.hint}"
+    )
 
 
 # --- Exercise 4 · short prompts on a small cluster (multiple choice) ---------------------------
@@ -304,17 +364,28 @@ def planner_verdict(gain: float) -> str:
 
 
 def _verdict_examples() -> list[Example]:
-    return [Example(right="stay monolithic", wrong=["disaggregate", "marginal"], context={"gain": 0.82}),
-            Example(right="disaggregate", wrong=["stay monolithic"], context={"gain": 1.4})]
+    return [
+        Example(right="stay monolithic", wrong=["disaggregate", "marginal"], context={"gain": 0.82}),
+        Example(right="disaggregate", wrong=["stay monolithic"], context={"gain": 1.4}),
+    ]
 
 
-@exercise("06", 4, "short prompts on a small cluster", kind="multiple-choice",
-          hint="is there any prefill worth taking off the decode devices, and what does a split cost on 4 devices?",
-          examples=_verdict_examples)
+@exercise(
+    "06",
+    4,
+    "short prompts on a small cluster",
+    kind="multiple-choice",
+    hint="is there any prefill worth taking off the decode devices, and what does a split cost on 4 devices?",
+    examples=_verdict_examples,
+)
 def check_short_prompt_verdict(answer: Any, *, gain: float) -> CheckResult:
     """The learner's choice among VERDICTS (made before the planner ran) against the verdict the
     planner's simulated `gain` (best disaggregated deployment over mono-dp) gives."""
     if isinstance(answer, str) and answer.strip().lower() not in VERDICTS:
         return verdict(False, f"❌ {answer!r} is not one of {VERDICTS}. Hint: {check_short_prompt_verdict.hint}")
-    return check_choice(f"the planner's verdict (simulated gain {gain:.2f}x)", answer, planner_verdict(gain),
-                        hint=check_short_prompt_verdict.hint)
+    return check_choice(
+        f"the planner's verdict (simulated gain {gain:.2f}x)",
+        answer,
+        planner_verdict(gain),
+        hint=check_short_prompt_verdict.hint,
+    )

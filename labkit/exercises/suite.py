@@ -10,6 +10,7 @@ of labkit). `run_suite` calls the learner's function on every case and prints on
 A generator is lazy: when the learner's stub still raises NotImplementedError, the suite stops
 at the first case, before computing the other cases' expected values (so put a cheap case first).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,12 +51,19 @@ def close(got: Any, case: Case) -> tuple[bool, str]:
     return False, f"{fmt(g, case.unit)}, expected {fmt(e, case.unit)}{ratio}"
 
 
-def band_judge(ratio: Callable[[float], float], band: tuple[float, float], describe: Callable[[float, float], str],
-               *, below: str, above: str) -> Judge:
+def band_judge(
+    ratio: Callable[[float], float],
+    band: tuple[float, float],
+    describe: Callable[[float, float], str],
+    *,
+    below: str,
+    above: str,
+) -> Judge:
     """A judge for a positive number (seconds, say) held to a measurement: `ratio(got)` must land in `band`.
 
     describe(got, r) writes the verdict's detail; `below`/`above` are added when r falls under or over the band.
     """
+
     def judge(got: Any, case: Case) -> tuple[bool, str]:
         if isinstance(got, bool) or not isinstance(got, (int, float)) or not got > 0:
             return False, f"returned {got!r}, expected seconds (a positive number)"
@@ -65,6 +73,7 @@ def band_judge(ratio: Callable[[float], float], band: tuple[float, float], descr
         if lo <= r <= hi:
             return True, text
         return False, text + (below if r < lo else above)
+
     return judge
 
 
@@ -99,5 +108,7 @@ def run_suite(fn_name: str, fn: Any, cases: Iterable[Case], *, hint: str = "") -
         raise ValueError(f"suite {fn_name!r} has no cases")
     if not failed:
         return verdict(True, f"✅ {fn_name}: all {total} cases pass.")
-    return verdict(False, f"❌ {fn_name}: {len(failed)} of {total} cases fail (first: {failed[0]})."
-                       + (f" Hint: {hint}" if hint else ""))
+    return verdict(
+        False,
+        f"❌ {fn_name}: {len(failed)} of {total} cases fail (first: {failed[0]})." + (f" Hint: {hint}" if hint else ""),
+    )

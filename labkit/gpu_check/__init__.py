@@ -20,6 +20,7 @@ notebook checks need fastapi/uvicorn/pydantic and nbmake/ipykernel, which the de
 To add a check: write `def check_x(ctx: Ctx) -> None` in a module here that puts its results in
 `ctx.results[...]` and charts through `ctx.save`, and append `Check("x", check_x, est_s)` to CHECKS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,25 +51,36 @@ CHECKS: list[Check] = [
 
 
 def _summary(ctx: Ctx) -> str:
-    lines = ["targets (issue 3, H100): 8B bf16 prefill of 2048 tokens at MFU >= 0.5; batch-1 decode at MBU >= 0.6",
-             f"{'model':<14}{'phase':<9}{'batch':>6}{'len':>6}{'ms':>9}{'MFU':>7}{'MBU':>7}  {'runner':<24}roofs"]
+    lines = [
+        "targets (issue 3, H100): 8B bf16 prefill of 2048 tokens at MFU >= 0.5; batch-1 decode at MBU >= 0.6",
+        f"{'model':<14}{'phase':<9}{'batch':>6}{'len':>6}{'ms':>9}{'MFU':>7}{'MBU':>7}  {'runner':<24}roofs",
+    ]
     p = ctx.peaks
-    roofs = (f"{p.peak_flops(ctx.dtype) / 1e9:,.0f} GFLOP/s {ctx.dtype}, {p.read_bytes_per_s / 1e9:,.1f} GB/s read"
-             if p else "peaks not measured")
+    roofs = (
+        f"{p.peak_flops(ctx.dtype) / 1e9:,.0f} GFLOP/s {ctx.dtype}, {p.read_bytes_per_s / 1e9:,.1f} GB/s read"
+        if p
+        else "peaks not measured"
+    )
     for key in ("8b", "1b", "small", "engine"):
         for r in (ctx.results.get(key) or {}).get("headline", []):
             n = r.get("prompt_len", r.get("context_len"))
-            lines.append(f"{r['model'][:13]:<14}{r['phase']:<9}{r['batch']:>6}{n:>6}{r['ms']:>9.2f}"
-                         f"{(r.get('mfu') or 0):>7.0%}{(r.get('mbu') or 0):>7.0%}  {r['runner']:<24}{roofs}")
+            lines.append(
+                f"{r['model'][:13]:<14}{r['phase']:<9}{r['batch']:>6}{n:>6}{r['ms']:>9.2f}"
+                f"{(r.get('mfu') or 0):>7.0%}{(r.get('mbu') or 0):>7.0%}  {r['runner']:<24}{roofs}"
+            )
     serving = ctx.results.get("serving") or {}
     if "greedy_equal" in serving:
         stall = serving.get("interference") or {}
         worst = {m: f"{v['decode_stall_max_ms']:,.0f} ms" for m, v in stall.items()}
-        lines.append(f"serving on one device: greedy mono == 1P1D {serving['greedy_equal']}; worst decode stall {worst}")
+        lines.append(
+            f"serving on one device: greedy mono == 1P1D {serving['greedy_equal']}; worst decode stall {worst}"
+        )
     nbs = ctx.results.get("notebooks") or {}
     if nbs:
-        lines.append("notebooks: " + ", ".join(f"{k} {'ok' if v['passed'] else 'FAILED'} {v['seconds']:.0f} s"
-                                                for k, v in nbs.items()))
+        lines.append(
+            "notebooks: "
+            + ", ".join(f"{k} {'ok' if v['passed'] else 'FAILED'} {v['seconds']:.0f} s" for k, v in nbs.items())
+        )
     return "\n".join(lines)
 
 
@@ -77,14 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script end to end")
     ap.add_argument("--budget-s", type=float, default=None, help="global time budget (default 450; smoke 240)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_out")
-    ap.add_argument("--only", nargs="*", help="run only checks whose name contains one of these words, "
-                                              "in the order of the words")
-    ap.add_argument("--engine-variants", nargs="*", default=[],
-                    help="model:form pairs for the engine check, form one of eager, graphs, compiled, compiled+graphs")
+    ap.add_argument(
+        "--only", nargs="*", help="run only checks whose name contains one of these words, in the order of the words"
+    )
+    ap.add_argument(
+        "--engine-variants",
+        nargs="*",
+        default=[],
+        help="model:form pairs for the engine check, form one of eager, graphs, compiled, compiled+graphs",
+    )
     ap.add_argument("--no-engine-sweep", action="store_true", help="skip the engine's decode batch sweep")
     ap.add_argument("--pytest-k", default=None, help="a pytest -k expression for the GPU tests")
-    ap.add_argument("--notebooks", nargs="*", default=[], help="notebook numbers for the notebooks check "
-                                                               "(default: 01 02 04)")
+    ap.add_argument(
+        "--notebooks", nargs="*", default=[], help="notebook numbers for the notebooks check (default: 01 02 04)"
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,9 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "float32" if device == "cpu" else "bfloat16"
     budget = args.budget_s or (240.0 if args.smoke else 450.0)
     with open(out / "gpu_check.log", "w") as log_file:
-        ctx = Ctx(out, device, dtype, args.smoke, time.monotonic() + budget, log_file,
-                  engine_variants=list(args.engine_variants), engine_sweep=not args.no_engine_sweep,
-                  pytest_k=args.pytest_k, notebooks=list(args.notebooks))
+        ctx = Ctx(
+            out,
+            device,
+            dtype,
+            args.smoke,
+            time.monotonic() + budget,
+            log_file,
+            engine_variants=list(args.engine_variants),
+            engine_sweep=not args.no_engine_sweep,
+            pytest_k=args.pytest_k,
+            notebooks=list(args.notebooks),
+        )
         ctx.log(f"gpu_check: device={device} dtype={dtype} smoke={args.smoke} budget={budget:.0f} s out={out}")
         if device == "cpu" and not args.smoke:
             ctx.log("no CUDA GPU found: running the CPU path (use --smoke for a quick check)")
@@ -125,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.results["status"] = status
         ctx.results["files"] = ctx.files
         (out / "results.json").write_text(json.dumps(ctx.results, indent=1, default=str))
-        ctx.log("summary (MFU vs measured matmul peak, MBU vs measured read bandwidth)\n"
-                + _summary(ctx))
+        ctx.log("summary (MFU vs measured matmul peak, MBU vs measured read bandwidth)\n" + _summary(ctx))
     return 0 if all(s.startswith("ok") for s in status.values()) else 1
 
 

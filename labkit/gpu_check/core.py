@@ -4,6 +4,7 @@ A check is `def check_x(ctx: Ctx) -> None` that puts its results in `ctx.results
 charts through `ctx.save` (at most `MAX_CHARTS` PNGs in all: the lab's device runner brings back
 eight files, and results.json and the log are two of them).
 """
+
 from __future__ import annotations
 
 import time
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MAX_CHARTS = 6   # + results.json + gpu_check.log = the device runner's 8 files
+MAX_CHARTS = 6  # + results.json + gpu_check.log = the device runner's 8 files
 
 
 @dataclass
@@ -28,10 +29,10 @@ class Ctx:
     results: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     peaks: Any = None
-    engine_variants: list[str] = field(default_factory=list)   # "model:form"; empty: the default four
+    engine_variants: list[str] = field(default_factory=list)  # "model:form"; empty: the default four
     engine_sweep: bool = True
     pytest_k: str | None = None
-    notebooks: list[str] = field(default_factory=list)          # notebook numbers for the notebooks check
+    notebooks: list[str] = field(default_factory=list)  # notebook numbers for the notebooks check
 
     @property
     def gpu(self) -> bool:
@@ -51,8 +52,10 @@ class Ctx:
         import matplotlib.pyplot as plt
 
         if len(self.files) >= MAX_CHARTS:
-            self.log(f"chart {name}.png not written: {MAX_CHARTS} charts already (the device runner brings "
-                     "back 8 files); its data is in results.json")
+            self.log(
+                f"chart {name}.png not written: {MAX_CHARTS} charts already (the device runner brings "
+                "back 8 files); its data is in results.json"
+            )
         else:
             path = self.out / f"{name}.png"
             fig.savefig(path)

@@ -8,6 +8,7 @@ Three measurements, each a real deployment started by `labkit.serve.launcher.lau
 3. a short sweep, mono vs 1P1D, at a few rates of the Azure conversation mix on the 1B shape.
 On the CPU (`--smoke`) the same code runs with `tiny` and no GPU.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,17 +31,32 @@ def _prompt(i: int, n: int) -> list[int]:
 def _greedy(url: str, model: str, prompt: list[int], max_tokens: int) -> list[int]:
     import httpx
 
-    r = httpx.post(url + "/v1/completions", timeout=300, json={
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-        "return_token_ids": True})
+    r = httpx.post(
+        url + "/v1/completions",
+        timeout=300,
+        json={
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+    )
     r.raise_for_status()
     return list(r.json()["choices"][0]["token_ids"])
 
 
 def _launch_kw(ctx: Ctx, model: str, dtype: str, *, random_weights: bool) -> dict[str, Any]:
     """What every deployment of this check shares: one GPU (or none), graphs on a GPU."""
-    return {"model": model, "dtype": dtype, "gpus": [0] if ctx.gpu else None, "cuda_graphs": ctx.gpu or None,
-            "settings": {"random_weights": True} if random_weights else None, "startup_timeout_s": 600.0}
+    return {
+        "model": model,
+        "dtype": dtype,
+        "gpus": [0] if ctx.gpu else None,
+        "cuda_graphs": ctx.gpu or None,
+        "settings": {"random_weights": True} if random_weights else None,
+        "startup_timeout_s": 600.0,
+    }
 
 
 def check_serving(ctx: Ctx) -> None:
@@ -59,17 +75,26 @@ def check_serving(ctx: Ctx) -> None:
             tokens[mode] = [_greedy(srv.url, eq_model, p, EQUALITY_MAX_TOKENS) for p in prompts]
             if srv.placement is not None:
                 out.setdefault("placement", {})[mode] = srv.placement.describe()
-        ctx.log(f"serving: {mode} {eq_model} fp32 up, {len(prompts)} greedy requests, stopped in "
-                f"{time.monotonic() - t0:.1f} s")
+        ctx.log(
+            f"serving: {mode} {eq_model} fp32 up, {len(prompts)} greedy requests, stopped in "
+            f"{time.monotonic() - t0:.1f} s"
+        )
     out["greedy_equal"] = tokens["mono"] == tokens["disagg"]
     out["greedy_tokens"] = tokens
-    ctx.log(f"serving: greedy tokens mono == 1P1D on one device: {out['greedy_equal']}\n"
-            f"{out.get('placement', {}).get('disagg', '')}")
+    ctx.log(
+        f"serving: greedy tokens mono == 1P1D on one device: {out['greedy_equal']}\n"
+        f"{out.get('placement', {}).get('disagg', '')}"
+    )
     # 2. interference and 3. the sweep, on the 1B shape
     model = "tiny" if ctx.smoke else "llama-3.2-1b"
     kw = _launch_kw(ctx, model, ctx.dtype, random_weights=ctx.gpu)
-    scenario = InterferenceScenario(num_decodes=4, long_prompt_tokens=1024 if ctx.smoke else 8192,
-                                    long_after_tokens=8, tail_tokens=16, timeout_s=300)
+    scenario = InterferenceScenario(
+        num_decodes=4,
+        long_prompt_tokens=1024 if ctx.smoke else 8192,
+        long_after_tokens=8,
+        tail_tokens=16,
+        timeout_s=300,
+    )
     stalls: dict[str, dict[str, Any]] = {}
     for k, mode in enumerate(("mono", "disagg")):
         with launch(mode, **kw) as srv:
@@ -94,12 +119,29 @@ def _sweep(ctx: Ctx, model: str, kw: dict[str, Any]) -> list[dict[str, Any]]:
             yield srv.url
 
     rates = (8.0,) if ctx.smoke else (4.0, 16.0, 48.0)
-    cfg = SweepConfig("azure-conv-2023", rates_rps=rates, modes=("mono", "1p1d"), n_requests=4 if ctx.smoke else 32,
-                      max_model_len=1024 if ctx.smoke else 8192, warmup_requests=1, request_timeout_s=300,
-                      progress=False)
+    cfg = SweepConfig(
+        "azure-conv-2023",
+        rates_rps=rates,
+        modes=("mono", "1p1d"),
+        n_requests=4 if ctx.smoke else 32,
+        max_model_len=1024 if ctx.smoke else 8192,
+        warmup_requests=1,
+        request_timeout_s=300,
+        progress=False,
+    )
     rows = run_sweep(cfg, factory, model=model).rows
-    keep = ("mode", "rate_rps", "ok", "errors", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-            "tpot_p50_ms", "output_throughput_tps")
+    keep = (
+        "mode",
+        "rate_rps",
+        "ok",
+        "errors",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "itl_p50_ms",
+        "itl_p99_ms",
+        "tpot_p50_ms",
+        "output_throughput_tps",
+    )
     rows = [{k: r.get(k) for k in keep} for r in rows]
     for r in rows:
         ctx.log(f"serving: sweep {r}")
@@ -111,16 +153,21 @@ def _chart(ctx: Ctx, model: str, stalls: dict[str, dict[str, Any]], rows: list[d
 
     fig, axes = new_figure(1, 2, figsize=(14, 5))
     modes = list(stalls)
-    axes[0].bar([m if m == "mono" else "1P1D" for m in modes], [stalls[m]["decode_stall_max_ms"] for m in modes],
-                color=["#d62728", "#2ca02c"][:len(modes)])
+    axes[0].bar(
+        [m if m == "mono" else "1P1D" for m in modes],
+        [stalls[m]["decode_stall_max_ms"] for m in modes],
+        color=["#d62728", "#2ca02c"][: len(modes)],
+    )
     axes[0].set_ylabel("worst decode stall (ms)")
     axes[0].set_title("A long prompt arrives while 4 decode")
     for mode, color in (("mono", "#d62728"), ("1p1d", "#2ca02c")):
         pts = [r for r in rows if r["mode"] == mode]
-        axes[1].plot([r["rate_rps"] for r in pts], [r["itl_p99_ms"] for r in pts], "o-", color=color,
-                     label=f"{mode} p99 ITL")
-        axes[1].plot([r["rate_rps"] for r in pts], [r["ttft_p50_ms"] for r in pts], "s--", color=color,
-                     label=f"{mode} p50 TTFT")
+        axes[1].plot(
+            [r["rate_rps"] for r in pts], [r["itl_p99_ms"] for r in pts], "o-", color=color, label=f"{mode} p99 ITL"
+        )
+        axes[1].plot(
+            [r["rate_rps"] for r in pts], [r["ttft_p50_ms"] for r in pts], "s--", color=color, label=f"{mode} p50 TTFT"
+        )
     axes[1].set_xlabel("request rate (req/s)")
     axes[1].set_ylabel("ms")
     axes[1].set_yscale("log")

@@ -5,6 +5,7 @@
 takes the median of a few repeats per point (other work shares the machine), fits
 `LatencyModel` by least squares and returns it with the samples (`Calibration.save` writes JSON).
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,14 @@ def _kv_bytes_per_token(model: str, dtype: str) -> int:
     return kv_bytes_per_token(c["num_hidden_layers"], c.get("num_key_value_heads", c["num_attention_heads"]), hd, dtype)
 
 
-def calibrate(model: Any = "tiny", profile: str | None = None, *, points: CalibrationPoints | None = None,
-              seed: int = 0, progress: bool = False) -> Calibration:
+def calibrate(
+    model: Any = "tiny",
+    profile: str | None = None,
+    *,
+    points: CalibrationPoints | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Calibration:
     """Times the engine and fits the model; returns the Calibration (model, samples, meta).
 
     `model` is a preset name / model dir, or a `labkit.engine.EngineConfig` (its policy and
@@ -85,10 +92,15 @@ def calibrate(model: Any = "tiny", profile: str | None = None, *, points: Calibr
     else:
         cfg = EngineConfig(model=str(model))
     need_kv = (biggest_batch + 1) * (longest + 32) * _kv_bytes_per_token(cfg.model, cfg.dtype)
-    cfg = replace(cfg, policy="prefill_first", enable_prefix_caching=False,
-                  max_num_seqs=max(cfg.max_num_seqs, biggest_batch),
-                  max_num_batched_tokens=max(cfg.max_num_batched_tokens, longest),
-                  kv_cache_bytes=max(cfg.kv_cache_bytes, int(need_kv * 1.25)), num_blocks=None)
+    cfg = replace(
+        cfg,
+        policy="prefill_first",
+        enable_prefix_caching=False,
+        max_num_seqs=max(cfg.max_num_seqs, biggest_batch),
+        max_num_batched_tokens=max(cfg.max_num_batched_tokens, longest),
+        kv_cache_bytes=max(cfg.kv_cache_bytes, int(need_kv * 1.25)),
+        num_blocks=None,
+    )
     eng = Engine(cfg)
     rng = np.random.default_rng(seed)
     prompt = lambda n: np.asarray(rng.integers(0, 256, size=int(n))).tolist()
@@ -114,14 +126,16 @@ def calibrate(model: Any = "tiny", profile: str | None = None, *, points: Calibr
     # minimum over repeats drops it, instead of inflating every repeat of one point.
     prefill_times: dict[int, list[float]] = {n: [] for n in pts.prompt_tokens}
     decode_times: dict[tuple[int, int], dict[int, list[float]]] = {
-        (ctx, b): {} for ctx in pts.decode_context_tokens for b in pts.decode_batches}
+        (ctx, b): {} for ctx in pts.decode_context_tokens for b in pts.decode_batches
+    }
     for rep in range(pts.repeats):
         for n in pts.prompt_tokens:
             eng.add_request(prompt(n), greedy(1))
             out = eng.step()
             if out.phase != "prefill" or out.num_prefill_tokens != n:
-                raise RuntimeError(f"calibrate: expected one prefill of {n} tokens, got {out.phase} "
-                                   f"of {out.num_prefill_tokens}")
+                raise RuntimeError(
+                    f"calibrate: expected one prefill of {n} tokens, got {out.phase} of {out.num_prefill_tokens}"
+                )
             prefill_times[n].append(out.elapsed_s)
             run_until_idle()
         for (ctx, b), by_step in decode_times.items():
@@ -148,11 +162,22 @@ def calibrate(model: Any = "tiny", profile: str | None = None, *, points: Calibr
 
     from labkit.hardware import device_name
 
-    fitted = fit_latency_model(prefill, decode, kv_bytes_per_token=_kv_bytes_per_token(cfg.model, cfg.dtype),
-                               model=str(cfg.model), device=device_name(cfg.device), note="measured")
-    meta = {"engine_config": {k: getattr(cfg, k) for k in cfg.__slots__},
-            "profile": prof, "points": _points_meta(pts), "repeats": pts.repeats, "seconds": time.perf_counter() - t0,
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    fitted = fit_latency_model(
+        prefill,
+        decode,
+        kv_bytes_per_token=_kv_bytes_per_token(cfg.model, cfg.dtype),
+        model=str(cfg.model),
+        device=device_name(cfg.device),
+        note="measured",
+    )
+    meta = {
+        "engine_config": {k: getattr(cfg, k) for k in cfg.__slots__},
+        "profile": prof,
+        "points": _points_meta(pts),
+        "repeats": pts.repeats,
+        "seconds": time.perf_counter() - t0,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     return Calibration(fitted, tuple(prefill), tuple(decode), meta)
 
 
@@ -163,9 +188,17 @@ def _points_meta(pts: CalibrationPoints) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(pts)))
 
 
-def serving_overhead(engine_model: Any, sequential: Any, concurrent: Any = (), *, layout: Any = None,
-                     link: Any = None, limits: Any = None, first_token_at: Literal["adopted", "landed"] = "adopted",
-                     delta_s: float = 1e-3) -> tuple[float, float, float]:
+def serving_overhead(
+    engine_model: Any,
+    sequential: Any,
+    concurrent: Any = (),
+    *,
+    layout: Any = None,
+    link: Any = None,
+    limits: Any = None,
+    first_token_at: Literal["adopted", "landed"] = "adopted",
+    delta_s: float = 1e-3,
+) -> tuple[float, float, float]:
     """What a server adds to its engine's steps: (per request, per decode step, per running
     sequence per decode step), in seconds, never below 0.
 
@@ -204,8 +237,14 @@ def serving_overhead(engine_model: Any, sequential: Any, concurrent: Any = (), *
 
         def sim_tpot(step_s: float, seq_s: float, trace: Any = trace, many: Any = many) -> float:
             """Median simulated TPOT of this probe with the given per-step costs."""
-            sim = simulate(trace, base.with_serving(request_s, step_s, seq_s), layout, link=link, limits=limits,
-                           first_token_at=first_token_at)
+            sim = simulate(
+                trace,
+                base.with_serving(request_s, step_s, seq_s),
+                layout,
+                link=link,
+                limits=limits,
+                first_token_at=first_token_at,
+            )
             return float(np.median(sim.tpot_s[many]))
 
         p0 = sim_tpot(0.0, 0.0)
@@ -229,8 +268,9 @@ def read_step_log(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def fit_server_steps(engine_model: Any, steps: Sequence[dict[str, Any]], *, max_gap_s: float = 0.02,
-                     min_decode_steps: int = 20) -> Any:
+def fit_server_steps(
+    engine_model: Any, steps: Sequence[dict[str, Any]], *, max_gap_s: float = 0.02, min_decode_steps: int = 20
+) -> Any:
     """The engine model, moved to the steps a server really ran (its `--step-log` lines).
 
     In a server, an engine step shares the machine with the HTTP loop in its own process (and its
@@ -267,8 +307,12 @@ def fit_server_steps(engine_model: Any, steps: Sequence[dict[str, Any]], *, max_
     out = base
     if pre_ratio:
         k = float(np.median(pre_ratio))
-        out = replace(out, prefill_a_s=out.prefill_a_s * k, prefill_b_s_per_token=out.prefill_b_s_per_token * k,
-                      prefill_c_s_per_token2=out.prefill_c_s_per_token2 * k)
+        out = replace(
+            out,
+            prefill_a_s=out.prefill_a_s * k,
+            prefill_b_s_per_token=out.prefill_b_s_per_token * k,
+            prefill_c_s_per_token2=out.prefill_c_s_per_token2 * k,
+        )
     if len(extra) >= min_decode_steps:
         out = replace(out, decode_a_s=max(0.0, out.decode_a_s + float(np.median(extra))))
     return replace(out, note=(out.note + "; " if out.note else "") + "moved to the server's steps")
@@ -304,8 +348,14 @@ def calibration_path(model: str, profile: str) -> Path:
     return labkit_home() / "plan" / f"calibration-{safe}-{profile}.json"
 
 
-def load_or_calibrate(model: Any = "tiny", profile: str | None = None, *, refresh: bool = False,
-                      points: CalibrationPoints | None = None, progress: bool = False) -> Calibration:
+def load_or_calibrate(
+    model: Any = "tiny",
+    profile: str | None = None,
+    *,
+    refresh: bool = False,
+    points: CalibrationPoints | None = None,
+    progress: bool = False,
+) -> Calibration:
     """The saved calibration of `model` (a preset name, or an EngineConfig: see `engine_for_profile`)
     on this machine, measuring (and saving) it when missing, or when `points` are given and the
     saved one was measured at others."""

@@ -8,6 +8,7 @@ comparisons of such simulators find 20-35% typical. Modes slot in as their runs 
 written before a figure was recorded (the 2026-11-27 validation has no p99s and no ITL) says
 which figures are missing.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,13 +18,24 @@ from dataclasses import dataclass
 from typing import Any
 
 METRICS = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s")
-NAMES = {"ttft_p50_ms": "TTFT p50", "ttft_p99_ms": "TTFT p99", "tpot_p50_ms": "TPOT p50", "tpot_p99_ms": "TPOT p99",
-         "itl_p50_ms": "ITL p50", "itl_p99_ms": "ITL p99", "output_tok_s": "output tok/s"}
+NAMES = {
+    "ttft_p50_ms": "TTFT p50",
+    "ttft_p99_ms": "TTFT p99",
+    "tpot_p50_ms": "TPOT p50",
+    "tpot_p99_ms": "TPOT p99",
+    "itl_p50_ms": "ITL p50",
+    "itl_p99_ms": "ITL p99",
+    "output_tok_s": "output tok/s",
+}
 TARGETS = {"p50": 0.10, "p99": 0.20, "throughput": 0.10}
 # The serving modes the card knows, in its order, with the names their benchmark runs carry.
-MODES = {"mono": "mono (one engine, all cores)", "mono-dp": "mono-dp (one engine per core, one router)",
-         "1p1d": "1P1D", "1p1d-selective": "selective 1P1D (short prompts prefilled on decode)",
-         "vllm-pd": "vLLM P/D (NixlConnector)"}
+MODES = {
+    "mono": "mono (one engine, all cores)",
+    "mono-dp": "mono-dp (one engine per core, one router)",
+    "1p1d": "1P1D",
+    "1p1d-selective": "selective 1P1D (short prompts prefilled on decode)",
+    "vllm-pd": "vLLM P/D (NixlConnector)",
+}
 
 
 def slot(mode: str) -> str:
@@ -64,8 +76,14 @@ class ValidationRow:
         return not math.isnan(self.error) and abs(self.error) <= self.target
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "rate_rps": self.rate_rps, "metric": self.metric, "predicted": self.predicted,
-                "measured": self.measured, "error": self.error}
+        return {
+            "mode": self.mode,
+            "rate_rps": self.rate_rps,
+            "metric": self.metric,
+            "predicted": self.predicted,
+            "measured": self.measured,
+            "error": self.error,
+        }
 
 
 @dataclass(frozen=True)
@@ -114,12 +132,17 @@ class ReportCard:
                 continue
             worst = max(rows, key=lambda r: abs(r.error))
             met = sum(r.met for r in rows)
-            lines.append(f"{what} within {TARGETS[kind]:.0%}: {met} of {len(rows)}"
-                         f"{'  (target met)' if met == len(rows) else '  (target not met)'}; worst: {worst.mode} "
-                         f"{NAMES[worst.metric]} at {worst.rate_rps:g} req/s, {worst.error:+.1%}")
+            lines.append(
+                f"{what} within {TARGETS[kind]:.0%}: {met} of {len(rows)}"
+                f"{'  (target met)' if met == len(rows) else '  (target not met)'}; worst: {worst.mode} "
+                f"{NAMES[worst.metric]} at {worst.rate_rps:g} req/s, {worst.error:+.1%}"
+            )
         if self.missing_metrics:
-            lines.append("missing from this file: " + ", ".join(NAMES[m] for m in self.missing_metrics)
-                         + " (written before the card recorded them)")
+            lines.append(
+                "missing from this file: "
+                + ", ".join(NAMES[m] for m in self.missing_metrics)
+                + " (written before the card recorded them)"
+            )
         if self.missing_modes:
             lines.append("no runs yet: " + ", ".join(self.missing_modes))
         return lines
@@ -134,22 +157,34 @@ class ReportCard:
             cells = []
             for m in cols:
                 r = self.cell(mode, rate, m)
-                cells.append(f"{'-':>13}" if r is None or math.isnan(r.error)
-                             else f"{r.error:+11.1%}{'  ' if r.met else ' x'}")
+                cells.append(
+                    f"{'-':>13}" if r is None or math.isnan(r.error) else f"{r.error:+11.1%}{'  ' if r.met else ' x'}"
+                )
             lines.append(f"{mode:>18} {rate:6.3g} " + " ".join(cells))
-        lines.append(f"targets: p50 within {TARGETS['p50']:.0%}, p99 within {TARGETS['p99']:.0%}, "
-                     f"throughput within {TARGETS['throughput']:.0%}; x: missed")
+        lines.append(
+            f"targets: p50 within {TARGETS['p50']:.0%}, p99 within {TARGETS['p99']:.0%}, "
+            f"throughput within {TARGETS['throughput']:.0%}; x: missed"
+        )
         return "\n".join(lines + self.summary())
 
     def to_dict(self) -> dict[str, Any]:
         """What the benchmark writes into its JSON."""
-        return {"targets": dict(TARGETS), "source": self.source,
-                "runs": [{"mode": m, "rate_rps": r,
-                          "errors": {c.metric: c.error for c in self.rows if (c.mode, c.rate_rps) == (m, r)}}
-                         for m, r in self.runs],
-                "met": {k: [sum(r.met for r in self.scored(k)), len(self.scored(k))] for k in TARGETS},
-                "missing_metrics": self.missing_metrics, "missing_modes": self.missing_modes,
-                "summary": self.summary()}
+        return {
+            "targets": dict(TARGETS),
+            "source": self.source,
+            "runs": [
+                {
+                    "mode": m,
+                    "rate_rps": r,
+                    "errors": {c.metric: c.error for c in self.rows if (c.mode, c.rate_rps) == (m, r)},
+                }
+                for m, r in self.runs
+            ],
+            "met": {k: [sum(r.met for r in self.scored(k)), len(self.scored(k))] for k in TARGETS},
+            "missing_metrics": self.missing_metrics,
+            "missing_modes": self.missing_modes,
+            "summary": self.summary(),
+        }
 
 
 def report_card(rows: Sequence[ValidationRow], source: str = "") -> ReportCard:

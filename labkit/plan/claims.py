@@ -10,6 +10,7 @@ and `article_verdict` says, per figure, whether the planner lands inside the cla
 `small_setup_scenarios` and `small_setup_verdict` do the same for short prompts on few devices. One identity links the article's two figures: on the same devices,
 cost per token scales as 1 / goodput, so a saving s is a gain 1 / (1 - s) (`gain_for_saving`).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,12 @@ def article_scenarios(devices: int = 32, link: Link = LINKS["400G"]) -> list[Sce
     longer (median 4,080 tokens), and the Azure 2023 code trace (median 1,469 prompt tokens for 13
     output tokens: prefill-heavy)."""
     conv = workload_shape("azure-conv-2023")
-    long_conv = conv.with_(name="azure-conv-2023, prompts x4", prompt_median_tokens=4 * conv.prompt_median_tokens,
-                           max_prompt_tokens=4 * conv.max_prompt_tokens, prefix_hit_rate=0.0)
+    long_conv = conv.with_(
+        name="azure-conv-2023, prompts x4",
+        prompt_median_tokens=4 * conv.prompt_median_tokens,
+        max_prompt_tokens=4 * conv.max_prompt_tokens,
+        prefix_hit_rate=0.0,
+    )
     code = workload_shape("azure-code-2023").with_(prefix_hit_rate=0.0)
     return [Scenario(long_conv.name, long_conv, devices, link), Scenario(code.name, code, devices, link)]
 
@@ -81,38 +86,79 @@ class ClaimRow:
     link: str
     disagg: str
     mono: str
-    gain: float                 # goodput, best disaggregated / mono-dp (x)
-    cost_saving: float          # 1 - cost per M output tokens disaggregated / mono-dp (fraction)
-    pays_from: int | None = None    # the device count from which the gain stays >= 1.10 up to `devices`
+    gain: float  # goodput, best disaggregated / mono-dp (x)
+    cost_saving: float  # 1 - cost per M output tokens disaggregated / mono-dp (fraction)
+    pays_from: int | None = None  # the device count from which the gain stays >= 1.10 up to `devices`
 
     def as_dict(self) -> dict[str, Any]:
-        return {"scenario": self.scenario, "devices": self.devices, "link": self.link, "disaggregated": self.disagg,
-                "monolithic": self.mono, "gain (x)": round(self.gain, 2),
-                "cost saving": f"{self.cost_saving:.0%}" if math.isfinite(self.cost_saving) else "n/a",
-                "pays from (devices)": self.pays_from if self.pays_from is not None else "never"}
+        return {
+            "scenario": self.scenario,
+            "devices": self.devices,
+            "link": self.link,
+            "disaggregated": self.disagg,
+            "monolithic": self.mono,
+            "gain (x)": round(self.gain, 2),
+            "cost saving": f"{self.cost_saving:.0%}" if math.isfinite(self.cost_saving) else "n/a",
+            "pays from (devices)": self.pays_from if self.pays_from is not None else "never",
+        }
 
 
-def plan_row(scenario: Scenario, latency: LatencyModel, *, num_requests: int = 400,
-             settings: SearchSettings | None = None, limits: Limits = DEFAULT_LIMITS, seed: int = 0) -> ClaimRow:
+def plan_row(
+    scenario: Scenario,
+    latency: LatencyModel,
+    *,
+    num_requests: int = 400,
+    settings: SearchSettings | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    seed: int = 0,
+) -> ClaimRow:
     """Plans `scenario` (the search over its devices and the gain curve up to them) and returns its row."""
     from labkit.plan.planner import plan
 
-    rep = plan(scenario.shape, latency, devices=scenario.devices, slo=scenario.slo, network=scenario.network,
-               rdma=scenario.rdma, limits=limits, num_requests=num_requests, settings=settings, curve_devices=None,
-               seed=seed)
+    rep = plan(
+        scenario.shape,
+        latency,
+        devices=scenario.devices,
+        slo=scenario.slo,
+        network=scenario.network,
+        rdma=scenario.rdma,
+        limits=limits,
+        num_requests=num_requests,
+        settings=settings,
+        curve_devices=None,
+        seed=seed,
+    )
     mono, dis = rep.search.mono, rep.search.disagg
-    saving = (1.0 - dis.cost_per_m_output_tokens / mono.cost_per_m_output_tokens
-              if dis is not None and math.isfinite(mono.cost_per_m_output_tokens) else math.nan)
-    return ClaimRow(scenario.name, scenario.devices, scenario.link.label, dis.label if dis else "-", mono.label,
-                    rep.search.disagg_gain, saving, rep.curve.pays_from())
+    saving = (
+        1.0 - dis.cost_per_m_output_tokens / mono.cost_per_m_output_tokens
+        if dis is not None and math.isfinite(mono.cost_per_m_output_tokens)
+        else math.nan
+    )
+    return ClaimRow(
+        scenario.name,
+        scenario.devices,
+        scenario.link.label,
+        dis.label if dis else "-",
+        mono.label,
+        rep.search.disagg_gain,
+        saving,
+        rep.curve.pays_from(),
+    )
 
 
-def plan_rows(scenarios: Sequence[Scenario], latency: LatencyModel, *, num_requests: int = 400,
-              settings: SearchSettings | None = None, progress: str = "") -> list[ClaimRow]:
+def plan_rows(
+    scenarios: Sequence[Scenario],
+    latency: LatencyModel,
+    *,
+    num_requests: int = 400,
+    settings: SearchSettings | None = None,
+    progress: str = "",
+) -> list[ClaimRow]:
     """One row per scenario; `progress`: a tqdm bar with that description ("" : none)."""
     todo: Any = list(scenarios)
     if progress:
         from tqdm.auto import tqdm
+
         todo = tqdm(todo, desc=progress)
     return [plan_row(s, latency, num_requests=num_requests, settings=settings) for s in todo]
 
@@ -120,8 +166,11 @@ def plan_rows(scenarios: Sequence[Scenario], latency: LatencyModel, *, num_reque
 def small_setup_scenarios(devices: Sequence[int] = (2, 4)) -> list[Scenario]:
     """Where the handbook says disaggregation loses: short prompts (16-64 tokens) and the Azure
     conversation trace, each on few devices joined by one 25 Gbps TCP network."""
-    return [Scenario(w.name, w, n, LINKS["25GbE"], rdma=False, one_network=True)
-            for w in (workload_shape("short-prompt"), workload_shape("azure-conv-2023")) for n in devices]
+    return [
+        Scenario(w.name, w, n, LINKS["25GbE"], rdma=False, one_network=True)
+        for w in (workload_shape("short-prompt"), workload_shape("azure-conv-2023"))
+        for n in devices
+    ]
 
 
 def within(value: float, low: float, high: float) -> bool:
@@ -141,15 +190,19 @@ def article_verdict(rows: Sequence[ClaimRow], claims: Any) -> str:
             continue
         g_ok = within(r.gain, g_lo, g_hi)
         s_ok = within(100 * r.cost_saving, s_lo, s_hi)
-        lines.append(f"- **{r.scenario}**, {r.devices} devices, {r.link}: {r.gain:.2f}x goodput "
-                     f"({'inside' if g_ok else 'below' if r.gain < g_lo else 'above'} the article's {g_lo:g}-{g_hi:g}x), "
-                     f"{r.cost_saving:.0%} lower cost per output token "
-                     f"({'inside' if s_ok else 'below' if 100 * r.cost_saving < s_lo else 'above'} its "
-                     f"{s_lo:g}-{s_hi:g}%).")
-    lines.append(f"- On the same devices a cost saving s is a goodput gain 1 / (1 - s): the article's "
-                 f"{s_lo:g}-{s_hi:g}% is {gain_for_saving(s_lo / 100):.2f}-{gain_for_saving(s_hi / 100):.2f}x, "
-                 f"and its {g_lo:g}-{g_hi:g}x would save {saving_for_gain(g_lo):.0%}-{saving_for_gain(g_hi):.0%}. "
-                 "The two figures cannot describe the same comparison on equal hardware.")
+        lines.append(
+            f"- **{r.scenario}**, {r.devices} devices, {r.link}: {r.gain:.2f}x goodput "
+            f"({'inside' if g_ok else 'below' if r.gain < g_lo else 'above'} the article's {g_lo:g}-{g_hi:g}x), "
+            f"{r.cost_saving:.0%} lower cost per output token "
+            f"({'inside' if s_ok else 'below' if 100 * r.cost_saving < s_lo else 'above'} its "
+            f"{s_lo:g}-{s_hi:g}%)."
+        )
+    lines.append(
+        f"- On the same devices a cost saving s is a goodput gain 1 / (1 - s): the article's "
+        f"{s_lo:g}-{s_hi:g}% is {gain_for_saving(s_lo / 100):.2f}-{gain_for_saving(s_hi / 100):.2f}x, "
+        f"and its {g_lo:g}-{g_hi:g}x would save {saving_for_gain(g_lo):.0%}-{saving_for_gain(g_hi):.0%}. "
+        "The two figures cannot describe the same comparison on equal hardware."
+    )
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ scaled to `--hardware` by datasheet ratios when `--measured-on` names the measur
 The search fills the device budget with units (idle devices count), draws the gain-vs-devices
 curve from 1 to 64 devices, and with `--decode-hardware` also prices decode on another part.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
     w = parser.add_argument_group("workload")
-    w.add_argument("--workload", default="azure-conv-2023", help="preset from labkit.bench.workloads (default azure-conv-2023)")
+    w.add_argument(
+        "--workload", default="azure-conv-2023", help="preset from labkit.bench.workloads (default azure-conv-2023)"
+    )
     w.add_argument("--prompt-tokens", type=float, default=None, help="override the median prompt length (tokens)")
     w.add_argument("--output-tokens", type=float, default=None, help="override the median output length (tokens)")
     w.add_argument("--prefix-hit-rate", type=float, default=None, help="override the prefix-cache hit rate (0..1)")
@@ -34,13 +37,19 @@ def register(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--devices", type=int, default=16, help="device budget (GPUs)")
     c.add_argument("--link-gbps", type=float, default=100.0, help="KV link between nodes, Gbit/s")
     c.add_argument("--link-latency-us", type=float, default=10.0, help="fixed cost of a transfer between nodes, µs")
-    c.add_argument("--intra-node-gbps", type=float, default=None,
-                   help="KV link inside a node, Gbit/s (default: NVLink 4, 3,600)")
+    c.add_argument(
+        "--intra-node-gbps", type=float, default=None, help="KV link inside a node, Gbit/s (default: NVLink 4, 3,600)"
+    )
     c.add_argument("--rdma", action=argparse.BooleanOptionalAction, default=True, help="the link is RDMA (default yes)")
     c.add_argument("--price-per-device-hour", type=float, default=2.5, help="price of one device for one hour")
-    c.add_argument("--devices-per-node", type=int, default=8, help="a unit larger than this pays the link between nodes")
-    c.add_argument("--decode-hardware", default=None,
-                   help="price decode on another part (data/datasheets.json): Splitwise's heterogeneous split")
+    c.add_argument(
+        "--devices-per-node", type=int, default=8, help="a unit larger than this pays the link between nodes"
+    )
+    c.add_argument(
+        "--decode-hardware",
+        default=None,
+        help="price decode on another part (data/datasheets.json): Splitwise's heterogeneous split",
+    )
     c.add_argument("--decode-price-per-device-hour", type=float, default=None, help="price of one decode-part device")
     c.add_argument("--nodes", default="", help="comma-separated node addresses for the multi-node commands")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size of each instance")
@@ -82,8 +91,9 @@ def _latency(args: argparse.Namespace):
         cal = Calibration.load(args.calibration)
         if args.measured or not args.measured_on:
             return cal.model
-        return scale_latency_model(cal.model, datasheet_spec(args.measured_on, args.dtype),
-                                   datasheet_spec(args.hardware, args.dtype))
+        return scale_latency_model(
+            cal.model, datasheet_spec(args.measured_on, args.dtype), datasheet_spec(args.hardware, args.dtype)
+        )
     shape = ModelShape.from_preset(args.model, args.dtype)
     eff = Efficiency(args.mfu, args.mbu, args.step_overhead_ms / 1e3)
     return roofline_latency_model(shape, datasheet_spec(args.hardware, args.dtype), eff)
@@ -98,9 +108,15 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         shape = workload_shape(args.workload)
-        changes = {k: v for k, v in (("prompt_median_tokens", args.prompt_tokens),
-                                     ("output_median_tokens", args.output_tokens),
-                                     ("prefix_hit_rate", args.prefix_hit_rate)) if v is not None}
+        changes = {
+            k: v
+            for k, v in (
+                ("prompt_median_tokens", args.prompt_tokens),
+                ("output_median_tokens", args.output_tokens),
+                ("prefix_hit_rate", args.prefix_hit_rate),
+            )
+            if v is not None
+        }
         shape = shape.with_(**changes) if changes else shape
         if args.devices < 1:
             raise ValueError(f"--devices must be >= 1, got {args.devices}")
@@ -111,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
         latency = _latency(args)
         slo = SLO(args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
         inter = Link.from_gbps(args.link_gbps, args.link_latency_us * 1e-6)
-        intra = (Link.from_gbps(args.intra_node_gbps, LINKS["nvlink"].fixed_s) if args.intra_node_gbps
-                 else LINKS["nvlink"])
+        intra = (
+            Link.from_gbps(args.intra_node_gbps, LINKS["nvlink"].fixed_s) if args.intra_node_gbps else LINKS["nvlink"]
+        )
         if args.tp < 1 or args.devices_per_node % args.tp:
             raise ValueError(f"--tp {args.tp} must divide --devices-per-node {args.devices_per_node}")
         # the planner counts instances (one device each, or one TP group): a node holds devices_per_node / tp
@@ -125,27 +142,61 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     if not args.json:
-        print(f"simulating deployments of 1 to {max(args.devices, args.curve_devices)} devices ...", file=sys.stderr,
-              flush=True)
-    rep = plan(shape, latency, devices=args.devices, slo=slo, network=network, rdma=args.rdma, limits=limits,
-               price_per_device_hour=args.price_per_device_hour, num_requests=args.requests, settings=settings,
-               model_id=args.served_model or args.model, tensor_parallel=args.tp,
-               node_hosts=tuple(h for h in args.nodes.split(",") if h), curve_devices=args.curve_devices)
+        print(
+            f"simulating deployments of 1 to {max(args.devices, args.curve_devices)} devices ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    rep = plan(
+        shape,
+        latency,
+        devices=args.devices,
+        slo=slo,
+        network=network,
+        rdma=args.rdma,
+        limits=limits,
+        price_per_device_hour=args.price_per_device_hour,
+        num_requests=args.requests,
+        settings=settings,
+        model_id=args.served_model or args.model,
+        tensor_parallel=args.tp,
+        node_hosts=tuple(h for h in args.nodes.split(",") if h),
+        curve_devices=args.curve_devices,
+    )
     hetero = None
     if mix is not None:
         from labkit.plan.hetero import compare_parts
         from labkit.plan.workload import sample_requests
 
-        hetero = compare_parts(sample_requests(shape, args.requests, 1.0), slo, *mix, network=network,
-                               prefix_hit_rate=shape.prefix_hit_rate, settings=settings)
+        hetero = compare_parts(
+            sample_requests(shape, args.requests, 1.0),
+            slo,
+            *mix,
+            network=network,
+            prefix_hit_rate=shape.prefix_hit_rate,
+            settings=settings,
+        )
     if args.json:
-        print(json.dumps({"workload": shape.name, "devices": args.devices, "gain": rep.search.disagg_gain,
-                          "verdict": rep.checklist.verdict, "best_layout": rep.search.best.label,
-                          "deployments": rep.deployment_rows(), "checklist": rep.checklist.rows(),
-                          "layouts": rep.table_rows(top=50), "curve": rep.curve.rows(),
-                          "heterogeneous": hetero.rows() if hetero is not None else None,
-                          "latency_model": rep.latency.to_dict(), "commands": rep.commands_one_node}, indent=1,
-                         default=str))
+        print(
+            json.dumps(
+                {
+                    "workload": shape.name,
+                    "devices": args.devices,
+                    "gain": rep.search.disagg_gain,
+                    "verdict": rep.checklist.verdict,
+                    "best_layout": rep.search.best.label,
+                    "deployments": rep.deployment_rows(),
+                    "checklist": rep.checklist.rows(),
+                    "layouts": rep.table_rows(top=50),
+                    "curve": rep.curve.rows(),
+                    "heterogeneous": hetero.rows() if hetero is not None else None,
+                    "latency_model": rep.latency.to_dict(),
+                    "commands": rep.commands_one_node,
+                },
+                indent=1,
+                default=str,
+            )
+        )
     else:
         print(rep.render())
         if hetero is not None:
@@ -162,7 +213,16 @@ def _parts(args: argparse.Namespace, shape: Any, limits: Any) -> tuple[Any, Any]
     model = ModelShape.from_preset(args.model, args.dtype)
     eff = Efficiency(args.mfu, args.mbu, args.step_overhead_ms / 1e3)
     context = shape.mean_prompt_tokens + shape.mean_output_tokens
-    return (part_from_datasheet(args.hardware, model, args.price_per_device_hour, efficiency=eff, limits=limits,
-                                context_tokens=context),
-            part_from_datasheet(args.decode_hardware, model, args.decode_price_per_device_hour, efficiency=eff,
-                                limits=limits, context_tokens=context))
+    return (
+        part_from_datasheet(
+            args.hardware, model, args.price_per_device_hour, efficiency=eff, limits=limits, context_tokens=context
+        ),
+        part_from_datasheet(
+            args.decode_hardware,
+            model,
+            args.decode_price_per_device_hour,
+            efficiency=eff,
+            limits=limits,
+            context_tokens=context,
+        ),
+    )

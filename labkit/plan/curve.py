@@ -6,6 +6,7 @@ workload: the rule of thumb ("16 or more devices") replaced by a result. The cur
 a budget one device past a multiple of the best unit pays for a remainder unit that serves less
 per device (or an idle device), so the gain dips and recovers.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ from labkit.plan.search import Deployment, Network, SearchSettings, UnitTable
 from labkit.plan.simulator import SLO, Limits
 from labkit.plan.workload import Requests
 
-PAYS = 1.10     # the planner's "disaggregate" threshold (labkit.plan.checklist.verdict_for_gain)
+PAYS = 1.10  # the planner's "disaggregate" threshold (labkit.plan.checklist.verdict_for_gain)
 
 
 @dataclass(frozen=True)
@@ -78,38 +79,73 @@ class GainCurve:
         d = self.disagg[top]
         peak = f"peak {g[top]:.2f}x at {self.devices[top]} devices ({d.label if d is not None else '-'})"
         upper = [x for n, x in zip(self.devices, g) if n >= hi / 2 and np.isfinite(x)]
-        if upper and hi >= 2 * lo:    # how it behaves on the larger half: the teeth or a plateau
+        if upper and hi >= 2 * lo:  # how it behaves on the larger half: the teeth or a plateau
             peak = f"{hi // 2}-{hi} devices: {min(upper):.2f}-{max(upper):.2f}x; {peak}"
         if n is None:
-            return (f"the gain does not stay at {threshold:.2f}x or more up to {hi} devices "
-                    f"({g[-1]:.2f}x at {hi}; {peak})")
+            return (
+                f"the gain does not stay at {threshold:.2f}x or more up to {hi} devices ({g[-1]:.2f}x at {hi}; {peak})"
+            )
         if n == lo:
             return f"disaggregation pays ({threshold:.2f}x or more) at every count from {lo} to {hi} devices ({peak})"
         return f"disaggregation pays ({threshold:.2f}x or more) from {n} devices on, up to {hi} ({peak})"
 
     def rows(self) -> list[dict[str, object]]:
         """One row per device count, for a table or JSON."""
-        return [{"devices": n, "best": b.label, "best goodput/device (req/s)": round(b.goodput_rps_per_device, 3),
-                 "mono-dp goodput/device (req/s)": round(m.goodput_rps_per_device, 3),
-                 "best disaggregated": d.label if d is not None else "",
-                 "gain (x)": round(float(g), 3) if math.isfinite(g) else None}
-                for n, b, m, d, g in zip(self.devices, self.best, self.mono, self.disagg, self.gain)]
+        return [
+            {
+                "devices": n,
+                "best": b.label,
+                "best goodput/device (req/s)": round(b.goodput_rps_per_device, 3),
+                "mono-dp goodput/device (req/s)": round(m.goodput_rps_per_device, 3),
+                "best disaggregated": d.label if d is not None else "",
+                "gain (x)": round(float(g), 3) if math.isfinite(g) else None,
+            }
+            for n, b, m, d, g in zip(self.devices, self.best, self.mono, self.disagg, self.gain)
+        ]
 
 
-def gain_curve(requests: Requests, latency: LatencyModel, slo: SLO, devices: Sequence[int] = range(1, 65), *,
-               network: Network | None = None, limits: Limits | None = None, prefix_hit_rate: float = 0.0,
-               price_per_device_hour: float = 2.0, settings: SearchSettings | None = None,
-               table: UnitTable | None = None, progress: bool = False) -> GainCurve:
+def gain_curve(
+    requests: Requests,
+    latency: LatencyModel,
+    slo: SLO,
+    devices: Sequence[int] = range(1, 65),
+    *,
+    network: Network | None = None,
+    limits: Limits | None = None,
+    prefix_hit_rate: float = 0.0,
+    price_per_device_hour: float = 2.0,
+    settings: SearchSettings | None = None,
+    table: UnitTable | None = None,
+    progress: bool = False,
+) -> GainCurve:
     """The curve over `devices` (default 1-64); `table` reuses units already simulated."""
-    t = table or UnitTable(requests, latency, slo, network=network, limits=limits, prefix_hit_rate=prefix_hit_rate,
-                           price_per_device_hour=price_per_device_hour, settings=settings)
+    t = table or UnitTable(
+        requests,
+        latency,
+        slo,
+        network=network,
+        limits=limits,
+        prefix_hit_rate=prefix_hit_rate,
+        price_per_device_hour=price_per_device_hour,
+        settings=settings,
+    )
     res = t.deployments(devices, progress=progress)
     ns = tuple(sorted(res))
     return GainCurve(ns, tuple(res[n][0] for n in ns), tuple(res[n][1] for n in ns), tuple(res[n][2] for n in ns))
 
 
-def gain_map(shape: Any, latency: LatencyModel, slo: SLO, prompt_tokens: Sequence[float], devices: Sequence[int], *,
-             num_requests: int = 400, seed: int = 0, progress: bool = False, **search: Any) -> np.ndarray:
+def gain_map(
+    shape: Any,
+    latency: LatencyModel,
+    slo: SLO,
+    prompt_tokens: Sequence[float],
+    devices: Sequence[int],
+    *,
+    num_requests: int = 400,
+    seed: int = 0,
+    progress: bool = False,
+    **search: Any,
+) -> np.ndarray:
     """The simulated gain (best disaggregated deployment over mono-dp) for each device count (rows)
     and median prompt length (columns) of `shape` (a WorkloadShape); `search` goes to UnitTable
     (network, limits, settings, ...). One table per prompt length serves every device count."""
@@ -119,6 +155,7 @@ def gain_map(shape: Any, latency: LatencyModel, slo: SLO, prompt_tokens: Sequenc
     cols = list(enumerate(prompt_tokens))
     if progress:
         from tqdm.auto import tqdm
+
         cols = tqdm(cols, desc="prompt lengths")
     for j, p in cols:
         w = shape.with_(prompt_median_tokens=float(p))

@@ -4,6 +4,7 @@ DistServe's (OSDI'24) definition: the highest arrival rate at which at least `at
 of requests meet every SLO, found by simulation and bisection, and never above the unit's fluid
 capacity (`capacity_rps`), which a short trace at a high rate could otherwise fake.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,8 @@ class SearchSettings:
 
     attainment: float = 0.9
     bisection_steps: int = 7
-    rate_tolerance: float = 0.02            # stop bisecting when the bracket is this narrow (relative)
-    max_unit_devices: int | None = None     # None: units up to two nodes (2 x devices_per_node)
+    rate_tolerance: float = 0.02  # stop bisecting when the bracket is this narrow (relative)
+    max_unit_devices: int | None = None  # None: units up to two nodes (2 x devices_per_node)
     policies: tuple[Policy, ...] = ("prefill_first", "chunked")
     # A short trace at a high rate is one burst a fast unit drains within the TTFT SLO, and would
     # look "sustainable". So each run lasts `horizon_factor` x the slowest SLO-meeting request
@@ -53,15 +54,23 @@ class SearchSettings:
         if self.horizon_factor <= 0 or self.min_requests < 1 or self.max_requests < self.min_requests:
             raise ValueError(f"need horizon_factor > 0 and 1 <= min_requests <= max_requests, got {self}")
         if self.bisection_steps < 1 or not 0 < self.rate_tolerance < 1 or not 0 <= self.packing_tolerance < 1:
-            raise ValueError(f"need bisection_steps >= 1, 0 < rate_tolerance < 1, 0 <= packing_tolerance < 1, "
-                             f"got {self}")
+            raise ValueError(
+                f"need bisection_steps >= 1, 0 < rate_tolerance < 1, 0 <= packing_tolerance < 1, got {self}"
+            )
         if self.max_unit_devices is not None and self.max_unit_devices < 1:
             raise ValueError(f"max_unit_devices must be >= 1 (or None), got {self.max_unit_devices}")
 
 
-def capacity_rps(latency: LatencyModel, requests: Requests, layout: Layout, *, limits: Limits | None = None,
-                 link: Link | None = None, prefix_hit_rate: float = 0.0,
-                 decode_latency: LatencyModel | None = None) -> float:
+def capacity_rps(
+    latency: LatencyModel,
+    requests: Requests,
+    layout: Layout,
+    *,
+    limits: Limits | None = None,
+    link: Link | None = None,
+    prefix_hit_rate: float = 0.0,
+    decode_latency: LatencyModel | None = None,
+) -> float:
     """Fluid upper bound on a unit's throughput (req/s): busy prefill, full decode batches, busy links.
 
     A finite trace at a rate above this is a burst, not a load the unit can sustain; the search
@@ -88,14 +97,26 @@ def capacity_rps(latency: LatencyModel, requests: Requests, layout: Layout, *, l
     w_decode = float(np.mean(np.maximum(o - 1, 0))) * float(dec.decode_step_s(b, b * ctx)) / b + w_local
     w_link = float(np.mean(np.where(local, 0.0, lk.fixed_s + p * latency.kv_bytes_per_token / lk.bytes_per_s)))
     # each transfer holds a link at the prefill end and one at the decode end
-    return min(layout.num_prefill / max(w_remote, 1e-12), layout.num_decode / max(w_decode, 1e-12),
-               min(layout.num_prefill, layout.num_decode) / max(w_link, 1e-12))
+    return min(
+        layout.num_prefill / max(w_remote, 1e-12),
+        layout.num_decode / max(w_decode, 1e-12),
+        min(layout.num_prefill, layout.num_decode) / max(w_link, 1e-12),
+    )
 
 
-def max_goodput_rate(requests: Requests, latency: LatencyModel, layout: Layout, slo: SLO, *,
-                     link: Link | None = None, limits: Limits | None = None, prefix_hit_rate: float = 0.0,
-                     settings: SearchSettings | None = None, decode_latency: LatencyModel | None = None,
-                     decode_limits: Limits | None = None) -> tuple[float, SimResult | None]:
+def max_goodput_rate(
+    requests: Requests,
+    latency: LatencyModel,
+    layout: Layout,
+    slo: SLO,
+    *,
+    link: Link | None = None,
+    limits: Limits | None = None,
+    prefix_hit_rate: float = 0.0,
+    settings: SearchSettings | None = None,
+    decode_latency: LatencyModel | None = None,
+    decode_limits: Limits | None = None,
+) -> tuple[float, SimResult | None]:
     """Highest arrival rate (req/s) at which >= attainment of requests meet the SLO; with its run.
 
     `requests` is a pool (arrival times are rescaled); each run takes as many requests as the
@@ -105,23 +126,38 @@ def max_goodput_rate(requests: Requests, latency: LatencyModel, layout: Layout, 
     """
     s = settings or SearchSettings()
     horizon_s = s.horizon_factor * (slo.ttft_s + float(requests.output_tokens.mean()) * slo.tpot_s)
-    cap = capacity_rps(latency, requests, layout, limits=decode_limits or limits, link=link,
-                       prefix_hit_rate=prefix_hit_rate, decode_latency=decode_latency)
+    cap = capacity_rps(
+        latency,
+        requests,
+        layout,
+        limits=decode_limits or limits,
+        link=link,
+        prefix_hit_rate=prefix_hit_rate,
+        decode_latency=decode_latency,
+    )
 
     def run(rate: float) -> tuple[bool, SimResult]:
         n = min(max(len(requests), s.max_requests), max(s.min_requests, math.ceil(rate * horizon_s)))
-        res = simulate(requests.repeat_to(n).at_rate(rate), latency, layout, link=link, limits=limits,
-                       prefix_hit_rate=prefix_hit_rate, decode_latency=decode_latency, decode_limits=decode_limits)
+        res = simulate(
+            requests.repeat_to(n).at_rate(rate),
+            latency,
+            layout,
+            link=link,
+            limits=limits,
+            prefix_hit_rate=prefix_hit_rate,
+            decode_latency=decode_latency,
+            decode_limits=decode_limits,
+        )
         return rate <= cap and float(res.slo_met(slo).mean()) >= s.attainment, res
 
     if not (cap > 0 and math.isfinite(cap)):
         return 0.0, None
-    ok, res = run(cap)                         # nothing above the capacity counts, so try it first
+    ok, res = run(cap)  # nothing above the capacity counts, so try it first
     if ok:
         return cap, res
     lo, lo_res, hi = 0.0, None, cap
     r = cap
-    for _ in range(12):                        # halve until the SLOs hold
+    for _ in range(12):  # halve until the SLOs hold
         r /= 2
         ok, res = run(r)
         if ok:
@@ -141,8 +177,9 @@ def max_goodput_rate(requests: Requests, latency: LatencyModel, layout: Layout, 
     return lo, lo_res
 
 
-def cost_per_m_output_tokens(price_per_device_hour: float, devices: float, rate_rps: float,
-                             mean_output_tokens: float) -> float:
+def cost_per_m_output_tokens(
+    price_per_device_hour: float, devices: float, rate_rps: float, mean_output_tokens: float
+) -> float:
     """Price per million output tokens when `devices` serve `rate_rps` requests/s (inf at rate 0)."""
     tok_s = rate_rps * mean_output_tokens
     if tok_s <= 0:

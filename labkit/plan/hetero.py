@@ -7,6 +7,7 @@ after the weights; `compare_parts` finds, for monolithic and xPyD units on eithe
 P on the first part with D on the second, the unit that serves a million output tokens for the
 least money at its goodput. The datasheets carry no prices: you give them.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,29 +47,48 @@ class Part:
             raise ValueError(f"{self.name}: price_per_device_hour must be > 0, got {self.price_per_device_hour}")
 
 
-def kv_limited_seqs(memory_bytes: float, weight_bytes: float, kv_bytes_per_token: int, context_tokens: float,
-                    memory_utilization: float = 0.9) -> int:
+def kv_limited_seqs(
+    memory_bytes: float,
+    weight_bytes: float,
+    kv_bytes_per_token: int,
+    context_tokens: float,
+    memory_utilization: float = 0.9,
+) -> int:
     """Sequences of `context_tokens` whose KV fits beside the weights in `memory_utilization` of the
     memory (0 when the weights alone do not fit)."""
     free = memory_bytes * memory_utilization - weight_bytes
     return max(0, int(free // (kv_bytes_per_token * max(context_tokens, 1.0))))
 
 
-def part_from_datasheet(name: str, model: ModelShape, price_per_device_hour: float, *,
-                        efficiency: Efficiency | None = None, limits: Limits | None = None,
-                        context_tokens: float, memory_utilization: float = 0.9) -> Part:
+def part_from_datasheet(
+    name: str,
+    model: ModelShape,
+    price_per_device_hour: float,
+    *,
+    efficiency: Efficiency | None = None,
+    limits: Limits | None = None,
+    context_tokens: float,
+    memory_utilization: float = 0.9,
+) -> Part:
     """A part from data/datasheets.json: the roofline model of `model` on it, and max_num_seqs cut to
     the sequences of `context_tokens` (prompt + output: the most a request holds) that its memory holds.
     ValueError when the weights do not fit."""
     spec = datasheet_spec(name, model.dtype)
     lim = limits or Limits()
-    seqs = kv_limited_seqs(spec.memory_bytes, model.param_bytes, model.kv_bytes_per_token, context_tokens,
-                           memory_utilization)
+    seqs = kv_limited_seqs(
+        spec.memory_bytes, model.param_bytes, model.kv_bytes_per_token, context_tokens, memory_utilization
+    )
     if seqs < 1:
-        raise ValueError(f"{model.name} ({model.param_bytes / 1e9:.0f} GB of weights) leaves no room for the KV cache "
-                         f"of one {context_tokens:.0f}-token request in {spec.name}'s {spec.memory_bytes / 1e9:.0f} GB")
-    return Part(spec.name, roofline_latency_model(model, spec, efficiency), price_per_device_hour,
-                replace(lim, max_num_seqs=min(lim.max_num_seqs, seqs)))
+        raise ValueError(
+            f"{model.name} ({model.param_bytes / 1e9:.0f} GB of weights) leaves no room for the KV cache "
+            f"of one {context_tokens:.0f}-token request in {spec.name}'s {spec.memory_bytes / 1e9:.0f} GB"
+        )
+    return Part(
+        spec.name,
+        roofline_latency_model(model, spec, efficiency),
+        price_per_device_hour,
+        replace(lim, max_num_seqs=min(lim.max_num_seqs, seqs)),
+    )
 
 
 @dataclass(frozen=True)
@@ -86,8 +106,10 @@ class MixScore:
     def price_per_hour(self) -> float:
         if self.unit.kind == "mono":
             return self.unit.num_replicas * self.prefill.price_per_device_hour
-        return (self.unit.num_prefill * self.prefill.price_per_device_hour
-                + self.unit.num_decode * self.decode.price_per_device_hour)
+        return (
+            self.unit.num_prefill * self.prefill.price_per_device_hour
+            + self.unit.num_decode * self.decode.price_per_device_hour
+        )
 
     @property
     def cost_per_m_output_tokens(self) -> float:
@@ -127,25 +149,42 @@ class PartsComparison:
             if s.group in seen:
                 continue
             seen.add(s.group)
-            out.append({"parts": s.group, "unit": s.unit.label, "goodput (req/s)": round(s.rate_rps, 2),
-                        "price / hour": round(s.price_per_hour, 2),
-                        "goodput per price-hour": round(s.rate_rps / s.price_per_hour, 3),
-                        "cost / M output tok": round(s.cost_per_m_output_tokens, 3)})
+            out.append(
+                {
+                    "parts": s.group,
+                    "unit": s.unit.label,
+                    "goodput (req/s)": round(s.rate_rps, 2),
+                    "price / hour": round(s.price_per_hour, 2),
+                    "goodput per price-hour": round(s.rate_rps / s.price_per_hour, 3),
+                    "cost / M output tok": round(s.cost_per_m_output_tokens, 3),
+                }
+            )
         return out
 
     def render(self) -> str:
         rows = self.rows()
         cols = list(rows[0]) if rows else []
         w = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-        lines = ["Prefill and decode on different parts (simulated; roofline estimates of each part):",
-                 "  ".join(c.rjust(w[i]) for i, c in enumerate(cols))]
+        lines = [
+            "Prefill and decode on different parts (simulated; roofline estimates of each part):",
+            "  ".join(c.rjust(w[i]) for i, c in enumerate(cols)),
+        ]
         lines += ["  ".join(str(r[c]).rjust(w[i]) for i, c in enumerate(cols)) for r in rows]
         return "\n".join(lines)
 
 
-def compare_parts(requests: Requests, slo: SLO, prefill: Part, decode: Part, *, network: Network | None = None,
-                  prefix_hit_rate: float = 0.0, settings: SearchSettings | None = None,
-                  max_unit_devices: int | None = None, tolerance: float = 0.05) -> PartsComparison:
+def compare_parts(
+    requests: Requests,
+    slo: SLO,
+    prefill: Part,
+    decode: Part,
+    *,
+    network: Network | None = None,
+    prefix_hit_rate: float = 0.0,
+    settings: SearchSettings | None = None,
+    max_unit_devices: int | None = None,
+    tolerance: float = 0.05,
+) -> PartsComparison:
     """Cheapest unit per million output tokens in each group: mono on either part, xPyD on either
     part (KV over the node's link), and P on `prefill` with D on `decode` (KV between nodes).
 
@@ -159,19 +198,34 @@ def compare_parts(requests: Requests, slo: SLO, prefill: Part, decode: Part, *, 
     monos = [Layout.mono(1, p) for p in st.policies]
     mean_out = float(requests.output_tokens.mean())
     groups: list[tuple[Sequence[Layout], Part, Part, Callable[[Layout], Any]]] = [
-        (monos, prefill, prefill, lambda u: None), (monos, decode, decode, lambda u: None),
-        (xpyd, prefill, prefill, net.link_for), (xpyd, decode, decode, net.link_for),
-        (xpyd, prefill, decode, lambda u: net.inter_node)]
+        (monos, prefill, prefill, lambda u: None),
+        (monos, decode, decode, lambda u: None),
+        (xpyd, prefill, prefill, net.link_for),
+        (xpyd, decode, decode, net.link_for),
+        (xpyd, prefill, decode, lambda u: net.inter_node),
+    ]
     scores: list[MixScore] = []
     for units, p_part, d_part, link_of in groups:
-        def price(u: Layout, p: Part = p_part, d: Part = d_part) -> float:
-            return (p.price_per_device_hour if u.kind == "mono"
-                    else u.num_prefill * p.price_per_device_hour + u.num_decode * d.price_per_device_hour)
 
-        def lower_bound(u: Layout, p: Part = p_part, d: Part = d_part,
-                        link_of: Callable[[Layout], Any] = link_of) -> float:
-            cap = capacity_rps(p.latency, requests, u, limits=d.limits if u.kind == "disagg" else p.limits,
-                               link=link_of(u), prefix_hit_rate=prefix_hit_rate, decode_latency=d.latency)
+        def price(u: Layout, p: Part = p_part, d: Part = d_part) -> float:
+            return (
+                p.price_per_device_hour
+                if u.kind == "mono"
+                else u.num_prefill * p.price_per_device_hour + u.num_decode * d.price_per_device_hour
+            )
+
+        def lower_bound(
+            u: Layout, p: Part = p_part, d: Part = d_part, link_of: Callable[[Layout], Any] = link_of
+        ) -> float:
+            cap = capacity_rps(
+                p.latency,
+                requests,
+                u,
+                limits=d.limits if u.kind == "disagg" else p.limits,
+                link=link_of(u),
+                prefix_hit_rate=prefix_hit_rate,
+                decode_latency=d.latency,
+            )
             return cost_per_m_output_tokens(price(u), 1, cap, mean_out)
 
         best = math.inf
@@ -179,10 +233,18 @@ def compare_parts(requests: Requests, slo: SLO, prefill: Part, decode: Part, *, 
             if lower_bound(u) >= best * (1 - tolerance):
                 break
             disagg = u.kind == "disagg"
-            rate, res = max_goodput_rate(requests, p_part.latency, u, slo, link=link_of(u), limits=p_part.limits,
-                                         prefix_hit_rate=prefix_hit_rate, settings=st,
-                                         decode_latency=d_part.latency if disagg else None,
-                                         decode_limits=d_part.limits if disagg else None)
+            rate, res = max_goodput_rate(
+                requests,
+                p_part.latency,
+                u,
+                slo,
+                link=link_of(u),
+                limits=p_part.limits,
+                prefix_hit_rate=prefix_hit_rate,
+                settings=st,
+                decode_latency=d_part.latency if disagg else None,
+                decode_limits=d_part.limits if disagg else None,
+            )
             s = MixScore(u, p_part, d_part, rate, res, mean_out)
             scores.append(s)
             best = min(best, s.cost_per_m_output_tokens)

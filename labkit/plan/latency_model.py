@@ -23,6 +23,7 @@ is an SSE event for the worker, the router and the client) hold them;
 `labkit.plan.calibrate.serving_overhead` measures them from a few requests sent through the real
 server one at a time and a few sent together. They are 0 in a model of the engine alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,9 @@ class DecodeSample:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.context_tokens < self.batch_size or not self.elapsed_s > 0:
-            raise ValueError(f"DecodeSample needs batch_size >= 1, context_tokens >= batch_size, "
-                             f"elapsed_s > 0, got {self}")
+            raise ValueError(
+                f"DecodeSample needs batch_size >= 1, context_tokens >= batch_size, elapsed_s > 0, got {self}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +78,23 @@ class LatencyModel:
     r2_decode: float = math.nan
     model: str = ""
     device: str = ""
-    note: str = ""          # where the numbers came from ("measured", "scaled to H100 SXM: estimate", ...)
-    serve_request_s: float = 0.0   # the server's cost per request, on top of the prefill (TTFT)
-    serve_token_s: float = 0.0     # the server's cost per decode step, on top of the engine's step
-    serve_seq_s: float = 0.0       # ... and per running sequence in that step (one streamed token each)
+    note: str = ""  # where the numbers came from ("measured", "scaled to H100 SXM: estimate", ...)
+    serve_request_s: float = 0.0  # the server's cost per request, on top of the prefill (TTFT)
+    serve_token_s: float = 0.0  # the server's cost per decode step, on top of the engine's step
+    serve_seq_s: float = 0.0  # ... and per running sequence in that step (one streamed token each)
 
     def __post_init__(self) -> None:
-        for name in ("prefill_a_s", "prefill_b_s_per_token", "prefill_c_s_per_token2",
-                     "decode_a_s", "decode_b_s_per_ctx_token", "decode_c_s_per_seq",
-                     "serve_request_s", "serve_token_s", "serve_seq_s"):
+        for name in (
+            "prefill_a_s",
+            "prefill_b_s_per_token",
+            "prefill_c_s_per_token2",
+            "decode_a_s",
+            "decode_b_s_per_ctx_token",
+            "decode_c_s_per_seq",
+            "serve_request_s",
+            "serve_token_s",
+            "serve_seq_s",
+        ):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"LatencyModel.{name} must be finite and >= 0, got {v!r}")
@@ -108,14 +118,19 @@ class LatencyModel:
         hit); the new tokens still attend to them, which the quadratic term accounts for.
         """
         end = offset_tokens + num_tokens
-        return (self.prefill_b_s_per_token * num_tokens
-                + self.prefill_c_s_per_token2 * (end * end - offset_tokens * offset_tokens))
+        return self.prefill_b_s_per_token * num_tokens + self.prefill_c_s_per_token2 * (
+            end * end - offset_tokens * offset_tokens
+        )
 
     def decode_step_s(self, batch_size: Any, context_tokens: Any) -> Any:
         """Seconds for one decode step of `batch_size` sequences holding `context_tokens` in total
         (the server's per-step cost included)."""
-        return (self.decode_a_s + self.serve_token_s + self.decode_b_s_per_ctx_token * context_tokens
-                + (self.decode_c_s_per_seq + self.serve_seq_s) * batch_size)
+        return (
+            self.decode_a_s
+            + self.serve_token_s
+            + self.decode_b_s_per_ctx_token * context_tokens
+            + (self.decode_c_s_per_seq + self.serve_seq_s) * batch_size
+        )
 
     @property
     def step_overhead_s(self) -> float:
@@ -152,13 +167,18 @@ class LatencyModel:
 
     def describe(self) -> str:
         """Both formulas with their coefficients (ms, µs, ns) and R²."""
-        return (f"prefill(T)        = {self.prefill_a_s*1e3:.3g} ms + {self.prefill_b_s_per_token*1e6:.3g} µs·T"
-                f" + {self.prefill_c_s_per_token2*1e9:.3g} ns·T²   (R² {self.r2_prefill:.3f})\n"
-                f"decode_step(B, S) = {self.decode_a_s*1e3:.3g} ms + {self.decode_b_s_per_ctx_token*1e9:.3g} ns·S"
-                f" + {self.decode_c_s_per_seq*1e6:.3g} µs·B   (R² {self.r2_decode:.3f})"
-                + (f"\nserver            = +{self.serve_request_s*1e3:.3g} ms per request (TTFT), "
-                   f"+{self.serve_token_s*1e3:.3g} ms per decode step + {self.serve_seq_s*1e3:.3g} ms·B"
-                   if self.serve_request_s or self.serve_token_s or self.serve_seq_s else ""))
+        return (
+            f"prefill(T)        = {self.prefill_a_s * 1e3:.3g} ms + {self.prefill_b_s_per_token * 1e6:.3g} µs·T"
+            f" + {self.prefill_c_s_per_token2 * 1e9:.3g} ns·T²   (R² {self.r2_prefill:.3f})\n"
+            f"decode_step(B, S) = {self.decode_a_s * 1e3:.3g} ms + {self.decode_b_s_per_ctx_token * 1e9:.3g} ns·S"
+            f" + {self.decode_c_s_per_seq * 1e6:.3g} µs·B   (R² {self.r2_decode:.3f})"
+            + (
+                f"\nserver            = +{self.serve_request_s * 1e3:.3g} ms per request (TTFT), "
+                f"+{self.serve_token_s * 1e3:.3g} ms per decode step + {self.serve_seq_s * 1e3:.3g} ms·B"
+                if self.serve_request_s or self.serve_token_s or self.serve_seq_s
+                else ""
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,10 +194,12 @@ class Calibration:
         """Writes JSON (parent created); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"model": self.model.to_dict(),
-               "prefill_samples": [asdict(s) for s in self.prefill_samples],
-               "decode_samples": [asdict(s) for s in self.decode_samples],
-               "meta": self.meta}
+        doc = {
+            "model": self.model.to_dict(),
+            "prefill_samples": [asdict(s) for s in self.prefill_samples],
+            "decode_samples": [asdict(s) for s in self.decode_samples],
+            "meta": self.meta,
+        }
         path.write_text(json.dumps(doc, indent=1))
         return path
 
@@ -185,10 +207,12 @@ class Calibration:
     def load(cls, path: str | Path) -> Calibration:
         doc = json.loads(Path(path).read_text())
         try:
-            return cls(LatencyModel.from_dict(doc["model"]),
-                       tuple(PrefillSample(**s) for s in doc["prefill_samples"]),
-                       tuple(DecodeSample(**s) for s in doc["decode_samples"]),
-                       dict(doc.get("meta", {})))
+            return cls(
+                LatencyModel.from_dict(doc["model"]),
+                tuple(PrefillSample(**s) for s in doc["prefill_samples"]),
+                tuple(DecodeSample(**s) for s in doc["decode_samples"]),
+                dict(doc.get("meta", {})),
+            )
         except KeyError as e:
             raise ValueError(f"{path}: not a calibration file (missing {e})") from None
 
@@ -215,16 +239,24 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
     return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
 
 
-def fit_latency_model(prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample], *,
-                      kv_bytes_per_token: int, model: str = "", device: str = "",
-                      note: str = "measured") -> LatencyModel:
+def fit_latency_model(
+    prefill: Sequence[PrefillSample],
+    decode: Sequence[DecodeSample],
+    *,
+    kv_bytes_per_token: int,
+    model: str = "",
+    device: str = "",
+    note: str = "measured",
+) -> LatencyModel:
     """Fits both formulas by non-negative least squares (decode on relative residuals); returns
     the model with R² per phase.
 
     Needs at least 3 distinct prompt lengths and 3 distinct (batch, context) points.
     """
     if len({s.num_tokens for s in prefill}) < 3:
-        raise ValueError(f"fit needs prefill samples at >= 3 distinct lengths, got {sorted({s.num_tokens for s in prefill})}")
+        raise ValueError(
+            f"fit needs prefill samples at >= 3 distinct lengths, got {sorted({s.num_tokens for s in prefill})}"
+        )
     if len({(s.batch_size, s.context_tokens) for s in decode}) < 3:
         raise ValueError("fit needs decode samples at >= 3 distinct (batch_size, context_tokens) points")
     t = np.array([s.num_tokens for s in prefill], dtype=float)
@@ -232,8 +264,18 @@ def fit_latency_model(prefill: Sequence[PrefillSample], decode: Sequence[DecodeS
     xp = np.stack([np.ones_like(t), t, t * t], axis=1)
     cp = _nonneg_lstsq(xp, yp)
     cd, r2_decode = fit_decode_steps(decode)
-    return LatencyModel(float(cp[0]), float(cp[1]), float(cp[2]), *cd, kv_bytes_per_token=int(kv_bytes_per_token),
-                        r2_prefill=_r2(yp, xp @ cp), r2_decode=r2_decode, model=model, device=device, note=note)
+    return LatencyModel(
+        float(cp[0]),
+        float(cp[1]),
+        float(cp[2]),
+        *cd,
+        kv_bytes_per_token=int(kv_bytes_per_token),
+        r2_prefill=_r2(yp, xp @ cp),
+        r2_decode=r2_decode,
+        model=model,
+        device=device,
+        note=note,
+    )
 
 
 def fit_decode_steps(decode: Sequence[DecodeSample]) -> tuple[tuple[float, float, float], float]:

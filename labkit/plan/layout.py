@@ -1,4 +1,5 @@
 """What the simulator serves with: a layout of instances and each instance's scheduler limits."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ class Layout:
     num_prefill: int = 0
     num_decode: int = 0
     policy: Policy = "prefill_first"
-    prefill_threshold: int = 0      # tokens; selective disaggregation when > 0
+    prefill_threshold: int = 0  # tokens; selective disaggregation when > 0
     dispatch: Dispatch = "least-loaded"
 
     def __post_init__(self) -> None:
@@ -31,8 +32,10 @@ class Layout:
                 raise ValueError("prefill_threshold is for disaggregated layouts (a mono engine prefills everything)")
         elif self.kind == "disagg":
             if self.num_prefill < 1 or self.num_decode < 1:
-                raise ValueError(f"disagg layout needs num_prefill >= 1 and num_decode >= 1, "
-                                 f"got {self.num_prefill}P{self.num_decode}D")
+                raise ValueError(
+                    f"disagg layout needs num_prefill >= 1 and num_decode >= 1, "
+                    f"got {self.num_prefill}P{self.num_decode}D"
+                )
             if self.prefill_threshold < 0:
                 raise ValueError(f"prefill_threshold must be >= 0 tokens, got {self.prefill_threshold}")
         else:
@@ -43,14 +46,16 @@ class Layout:
             raise ValueError(f"dispatch {self.dispatch!r} is not 'least-loaded' or 'round-robin'")
 
     @classmethod
-    def mono(cls, num_replicas: int = 1, policy: Policy = "prefill_first", dispatch: Dispatch = "least-loaded"
-             ) -> Layout:
+    def mono(
+        cls, num_replicas: int = 1, policy: Policy = "prefill_first", dispatch: Dispatch = "least-loaded"
+    ) -> Layout:
         """One engine doing both phases; with num_replicas > 1, that many behind one router (mono-dp)."""
         return cls("mono", num_replicas=num_replicas, policy=policy, dispatch=dispatch)
 
     @classmethod
-    def mono_dp(cls, num_replicas: int, policy: Policy = "prefill_first", dispatch: Dispatch = "least-loaded"
-                ) -> Layout:
+    def mono_dp(
+        cls, num_replicas: int, policy: Policy = "prefill_first", dispatch: Dispatch = "least-loaded"
+    ) -> Layout:
         """Data parallel: `num_replicas` one-device engines behind one router (each request to the least
         loaded replica, as the lab's router sends it; or round-robin)."""
         return cls.mono(num_replicas, policy, dispatch)

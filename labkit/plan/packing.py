@@ -15,6 +15,7 @@ network between them. Units of one node never straddle two: the N devices are cu
 (the last one may be partial), units larger than a node take devices from the first nodes on,
 and the rest of each node is packed on its own (an unbounded knapsack per node size).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,7 @@ class Packing:
     devices: int
     devices_used: int
     rate: float
-    placement: tuple[tuple[int, Hashable], ...] = ()    # (first device, unit) of every copy
+    placement: tuple[tuple[int, Hashable], ...] = ()  # (first device, unit) of every copy
 
     @property
     def idle_devices(self) -> int:
@@ -81,13 +82,13 @@ class _NodeTable:
             y[c], self.choice[c] = best, pick
         self.y = y
         m = mono.rate if mono is not None else NEG
-        self.value = [[0.0] * (size + 1), [NEG] * (size + 1)]     # [state][c]
+        self.value = [[0.0] * (size + 1), [NEG] * (size + 1)]  # [state][c]
         self.use_mono = [[False] * (size + 1), [False] * (size + 1)]
         for c in range(1, size + 1):
             if m > 0:
                 self.value[0][c], self.use_mono[0][c] = m, True
             with_mono = y[c - 1] + m if y[c - 1] > NEG and m > NEG else NEG
-            self.value[1][c], self.use_mono[1][c] = ((with_mono, True) if with_mono > y[c] + 1e-12 else (y[c], False))
+            self.value[1][c], self.use_mono[1][c] = (with_mono, True) if with_mono > y[c] + 1e-12 else (y[c], False)
 
     def units(self, c: int, state: int) -> Counter[Hashable]:
         """The units of the best packing of c devices in `state`."""
@@ -105,9 +106,10 @@ class _NodeTable:
                 continue
             out[self.items[i].key] += 1
             c -= self.items[i].devices
-            if not self.y[c] > 0:      # the rest of the node idles
+            if not self.y[c] > 0:  # the rest of the node idles
                 break
         return out
+
 
 def _free_starts(devices: int, devices_per_node: int, taken: int) -> list[int]:
     """First free device of each node that still has room once the first `taken` devices are used."""
@@ -131,8 +133,11 @@ def _exact_fill(items: Sequence[Item], top: int) -> tuple[list[float], list[int]
     return value, choice
 
 
-def best_packings(items: Sequence[Item], budgets: Sequence[int], devices_per_node: int = 8,
-                  ) -> dict[int, Packing | None]:
+def best_packings(
+    items: Sequence[Item],
+    budgets: Sequence[int],
+    devices_per_node: int = 8,
+) -> dict[int, Packing | None]:
     """For each budget N: the best disaggregated packing of N devices (xPyD units, at most one
     mono replica per node on a device no xPyD unit can use, the rest idle), or None when no xPyD
     unit fits. Monolithic items are the replicas' candidates (the fastest one is used)."""
@@ -152,7 +157,7 @@ def best_packings(items: Sequence[Item], budgets: Sequence[int], devices_per_nod
     for n in budgets:
         if n < 1:
             raise ValueError(f"a budget must be >= 1 device, got {n}")
-        best: tuple[float, int, list[int], list[int]] | None = None     # (rate, m, node caps, node states)
+        best: tuple[float, int, list[int], list[int]] | None = None  # (rate, m, node caps, node states)
         for m in range(n + 1):
             if multi[m] == NEG:
                 continue
@@ -164,7 +169,7 @@ def best_packings(items: Sequence[Item], budgets: Sequence[int], devices_per_nod
                     caps.append(size - used)
             states = [1 if table.value[1][c] > table.value[0][c] else 0 for c in caps]
             rate = multi[m] + sum(table.value[st][c] for st, c in zip(states, caps))
-            if m == 0 and not any(states):      # some node must hold an xPyD unit: the cheapest one to switch
+            if m == 0 and not any(states):  # some node must hold an xPyD unit: the cheapest one to switch
                 costs = [table.value[0][c] - table.value[1][c] for c in caps]
                 if not caps or min(costs) == math.inf:
                     continue

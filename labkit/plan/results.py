@@ -1,4 +1,5 @@
 """What a simulation returns: per-request times, the ITL distribution, percentiles, goodput under SLOs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ class SimResult:
     finish_s: np.ndarray
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
-    itl_values_s: np.ndarray        # inter-token latencies ...
-    itl_weights: np.ndarray         # ... each counted this many times (segments of equal steps)
+    itl_values_s: np.ndarray  # inter-token latencies ...
+    itl_weights: np.ndarray  # ... each counted this many times (segments of equal steps)
 
     @property
     def ttft_s(self) -> np.ndarray:
@@ -70,12 +71,17 @@ class SimResult:
     def summary(self, slo: SLO | None = None) -> dict[str, float | str]:
         """Headline numbers: percentiles in seconds, throughput in requests/s and output tokens/s."""
         d: dict[str, float | str] = {
-            "layout": self.layout.label, "devices": self.layout.num_devices, "requests": len(self.arrival_s),
-            "ttft_p50_s": float(np.percentile(self.ttft_s, 50)), "ttft_p90_s": float(np.percentile(self.ttft_s, 90)),
+            "layout": self.layout.label,
+            "devices": self.layout.num_devices,
+            "requests": len(self.arrival_s),
+            "ttft_p50_s": float(np.percentile(self.ttft_s, 50)),
+            "ttft_p90_s": float(np.percentile(self.ttft_s, 90)),
             "ttft_p99_s": float(np.percentile(self.ttft_s, 99)),
-            "tpot_p50_s": float(np.percentile(self.tpot_s, 50)), "tpot_p90_s": float(np.percentile(self.tpot_s, 90)),
+            "tpot_p50_s": float(np.percentile(self.tpot_s, 50)),
+            "tpot_p90_s": float(np.percentile(self.tpot_s, 90)),
             "tpot_p99_s": float(np.percentile(self.tpot_s, 99)),
-            "itl_p50_s": self.itl_percentile_s(50), "itl_p99_s": self.itl_percentile_s(99),
+            "itl_p50_s": self.itl_percentile_s(50),
+            "itl_p99_s": self.itl_percentile_s(99),
             "e2e_p50_s": float(np.percentile(self.e2e_s, 50)),
             "throughput_rps": len(self.arrival_s) / max(self.duration_s, 1e-12),
             "output_tok_s": float(self.output_tokens.sum()) / max(self.duration_s, 1e-12),

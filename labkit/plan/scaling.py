@@ -9,6 +9,7 @@ Two ways, both stated as estimates in the model's `note`:
   reads them off a fitted model).
 Datasheets come from `labkit.hardware` (data/datasheets.json); measured peaks from `labkit.hardware.peaks()`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -45,32 +46,43 @@ def datasheet_spec(name: str, dtype: str = "bfloat16") -> HardwareSpec:
     sheet = lookup_datasheet(name)
     if sheet is None:
         raise KeyError(f"unknown device {name!r}; datasheets have {sorted(datasheets())}")
-    return HardwareSpec(sheet.name, sheet.peak_flops(dtype), sheet.bandwidth_bytes_per_s, sheet.memory_bytes,
-                        sheet.source)
+    return HardwareSpec(
+        sheet.name, sheet.peak_flops(dtype), sheet.bandwidth_bytes_per_s, sheet.memory_bytes, sheet.source
+    )
 
 
 def measured_spec(peaks: Any, dtype: str = "float32") -> HardwareSpec:
     """This machine's measured roofs (`labkit.hardware.peaks()`): matmul FLOP/s and read bandwidth."""
-    return HardwareSpec(f"{peaks.device_name} (measured)", peaks.peak_flops(dtype), peaks.read_bytes_per_s,
-                        source=f"measured {peaks.measured_at}")
+    return HardwareSpec(
+        f"{peaks.device_name} (measured)",
+        peaks.peak_flops(dtype),
+        peaks.read_bytes_per_s,
+        source=f"measured {peaks.measured_at}",
+    )
 
 
 def scale_latency_model(model: LatencyModel, src: HardwareSpec, dst: HardwareSpec) -> LatencyModel:
     """The fitted model moved from `src` to `dst` by datasheet ratios (an estimate, says its note)."""
     compute = src.flops_per_s / dst.flops_per_s
     memory = src.bandwidth_bytes_per_s / dst.bandwidth_bytes_per_s
-    return replace(model,
-                   prefill_a_s=model.prefill_a_s * memory,
-                   prefill_b_s_per_token=model.prefill_b_s_per_token * compute,
-                   prefill_c_s_per_token2=model.prefill_c_s_per_token2 * compute,
-                   decode_a_s=model.decode_a_s * memory,
-                   decode_b_s_per_ctx_token=model.decode_b_s_per_ctx_token * memory,
-                   decode_c_s_per_seq=model.decode_c_s_per_seq * compute,
-                   # the lab server's own costs are this host's CPU time, not the device's: dropped
-                   serve_request_s=0.0, serve_token_s=0.0, serve_seq_s=0.0,
-                   device=dst.name,
-                   note=(f"estimate: fitted on {src.name}, scaled to {dst.name} by datasheet ratios "
-                         f"(compute x{1 / compute:.3g}, bandwidth x{1 / memory:.3g})"))
+    return replace(
+        model,
+        prefill_a_s=model.prefill_a_s * memory,
+        prefill_b_s_per_token=model.prefill_b_s_per_token * compute,
+        prefill_c_s_per_token2=model.prefill_c_s_per_token2 * compute,
+        decode_a_s=model.decode_a_s * memory,
+        decode_b_s_per_ctx_token=model.decode_b_s_per_ctx_token * memory,
+        decode_c_s_per_seq=model.decode_c_s_per_seq * compute,
+        # the lab server's own costs are this host's CPU time, not the device's: dropped
+        serve_request_s=0.0,
+        serve_token_s=0.0,
+        serve_seq_s=0.0,
+        device=dst.name,
+        note=(
+            f"estimate: fitted on {src.name}, scaled to {dst.name} by datasheet ratios "
+            f"(compute x{1 / compute:.3g}, bandwidth x{1 / memory:.3g})"
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +92,7 @@ class ModelShape:
     name: str
     num_params: int
     num_layers: int
-    attn_width: int               # num_attention_heads x head_dim
+    attn_width: int  # num_attention_heads x head_dim
     kv_bytes_per_token: int
     dtype: str = "bfloat16"
 
@@ -94,8 +106,14 @@ class ModelShape:
 
         p = get_preset(name)
         hd = p.resolved_head_dim
-        return cls(name, int(parameter_count(p)), p.num_hidden_layers, p.num_attention_heads * hd,
-                   kv_bytes_per_token(p.num_hidden_layers, p.num_key_value_heads, hd, dtype), dtype)
+        return cls(
+            name,
+            int(parameter_count(p)),
+            p.num_hidden_layers,
+            p.num_attention_heads * hd,
+            kv_bytes_per_token(p.num_hidden_layers, p.num_key_value_heads, hd, dtype),
+            dtype,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +131,9 @@ class Efficiency:
             raise ValueError("step_overhead_s must be >= 0")
 
 
-def roofline_latency_model(shape: ModelShape, hw: HardwareSpec, eff: Efficiency | None = None,
-                           note: str = "") -> LatencyModel:
+def roofline_latency_model(
+    shape: ModelShape, hw: HardwareSpec, eff: Efficiency | None = None, note: str = ""
+) -> LatencyModel:
     """Step times from FLOPs and bytes: prefill at MFU of peak FLOP/s, decode at MBU of bandwidth.
 
     prefill: 2·params FLOPs per token (b) and 2·layers·attn_width FLOPs per token pair (c, causal);
@@ -131,9 +150,15 @@ def roofline_latency_model(shape: ModelShape, hw: HardwareSpec, eff: Efficiency 
         decode_a_s=e.step_overhead_s + shape.param_bytes / bw,
         decode_b_s_per_ctx_token=shape.kv_bytes_per_token / bw,
         decode_c_s_per_seq=2 * shape.num_params / (hw.flops_per_s * e.mfu_prefill),
-        kv_bytes_per_token=shape.kv_bytes_per_token, model=shape.name, device=hw.name,
-        note=note or (f"estimate: roofline of {shape.name} on {hw.name} datasheet peaks at "
-                      f"MFU {e.mfu_prefill:.0%} (prefill), MBU {e.mbu_decode:.0%} (decode)"))
+        kv_bytes_per_token=shape.kv_bytes_per_token,
+        model=shape.name,
+        device=hw.name,
+        note=note
+        or (
+            f"estimate: roofline of {shape.name} on {hw.name} datasheet peaks at "
+            f"MFU {e.mfu_prefill:.0%} (prefill), MBU {e.mbu_decode:.0%} (decode)"
+        ),
+    )
 
 
 def efficiencies_from(model: LatencyModel, shape: ModelShape, hw: HardwareSpec) -> Efficiency:
@@ -155,8 +180,9 @@ def efficiency_of_steps(prefill: Any, decode: Any, read_bytes_per_s: float, hw: 
     return Efficiency(min(mfu, 1.0), min(mbu, 1.0), 0.0)
 
 
-def reference_efficiency(run: Any, hw: HardwareSpec, *, model: str = "llama-3.1-8b",
-                         runner: str = "engine graphs") -> Efficiency:
+def reference_efficiency(
+    run: Any, hw: HardwareSpec, *, model: str = "llama-3.1-8b", runner: str = "engine graphs"
+) -> Efficiency:
     """The efficiencies a committed GPU run (`labkit.reference.gpu_check()`) measured for `model`
     with `runner` (the lab engine with CUDA graphs: 2,048-token prefill, batch-1 decode at context
     2,048), as fractions of `hw`'s peaks. Raises KeyError naming what the run lacks."""

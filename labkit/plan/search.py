@@ -23,6 +23,7 @@ simulated, until the best packing of simulated units reaches `packing_tolerance`
 any packing could reach with the others at their bounds. So the answer is within 5% of the best
 deployment of every candidate unit; with packing_tolerance=0 it is the best.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,19 @@ from labkit.plan.packing import Item, best_packings
 from labkit.plan.simulator import SLO, Layout, Limits, SimResult
 from labkit.plan.workload import Requests
 
-__all__ = ["Deployment", "LayoutScore", "Network", "SearchResult", "SearchSettings", "UnitTable", "candidate_layouts",
-           "capacity_rps", "cost_per_m_output_tokens", "max_goodput_rate", "search_layouts"]
+__all__ = [
+    "Deployment",
+    "LayoutScore",
+    "Network",
+    "SearchResult",
+    "SearchSettings",
+    "UnitTable",
+    "candidate_layouts",
+    "capacity_rps",
+    "cost_per_m_output_tokens",
+    "max_goodput_rate",
+    "search_layouts",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +89,10 @@ class LayoutScore:
     """One unit: the layout, the link its KV crosses, and the highest rate it sustains."""
 
     unit: Layout
-    max_rate_rps_per_unit: float        # highest rate meeting the attainment target (0: never)
-    result: SimResult | None            # the simulation at that rate
-    cost_per_m_output_tokens: float     # price units (e.g. USD) per million output tokens; inf if 0 rate
-    link: Link | None = None            # None for a monolithic unit
+    max_rate_rps_per_unit: float  # highest rate meeting the attainment target (0: never)
+    result: SimResult | None  # the simulation at that rate
+    cost_per_m_output_tokens: float  # price units (e.g. USD) per million output tokens; inf if 0 rate
+    link: Link | None = None  # None for a monolithic unit
     spans_nodes: bool = False
 
     @property
@@ -100,7 +112,7 @@ class Deployment:
     devices: int
     price_per_device_hour: float
     mean_output_tokens: float
-    placement: tuple[tuple[int, Layout], ...] = ()     # (first device, unit) of every copy
+    placement: tuple[tuple[int, Layout], ...] = ()  # (first device, unit) of every copy
 
     @property
     def goodput_rps(self) -> float:
@@ -122,7 +134,7 @@ class Deployment:
 
     @property
     def kind(self) -> str:
-        """"disagg" if any unit is xPyD, else "mono"."""
+        """ "disagg" if any unit is xPyD, else "mono"."""
         return "disagg" if any(s.unit.kind == "disagg" for s, _ in self.parts) else "mono"
 
     @property
@@ -141,12 +153,13 @@ class Deployment:
     @property
     def cost_per_m_output_tokens(self) -> float:
         """Price of all N devices per million output tokens at the deployment's goodput (inf at 0)."""
-        return cost_per_m_output_tokens(self.price_per_device_hour, self.devices, self.goodput_rps,
-                                        self.mean_output_tokens)
+        return cost_per_m_output_tokens(
+            self.price_per_device_hour, self.devices, self.goodput_rps, self.mean_output_tokens
+        )
 
     @property
     def label(self) -> str:
-        """"2 x 4P1D", "7P1D + 1P1D", "mono-dp x10", "7P1D + 2 idle"."""
+        """ "2 x 4P1D", "7P1D + 1P1D", "mono-dp x10", "7P1D + 2 idle"."""
         bits = []
         for s, k in self.parts:
             if s.unit.kind == "mono" and len(self.parts) == 1 and k > 1:
@@ -200,8 +213,12 @@ def candidate_layouts(devices: int, settings: SearchSettings | None = None, devi
     s = settings or SearchSettings()
     out = [Layout.mono(1, p) for p in s.policies]
     top = min(devices, s.max_unit_devices or 2 * devices_per_node)
-    out += [Layout.disagg(p, total - p) for total in range(2, top + 1) for p in range(1, total)
-            if math.gcd(p, total - p) == 1]
+    out += [
+        Layout.disagg(p, total - p)
+        for total in range(2, top + 1)
+        for p in range(1, total)
+        if math.gcd(p, total - p) == 1
+    ]
     return out
 
 
@@ -210,9 +227,18 @@ class UnitTable:
     simulated rate when asked (then kept). One table serves a search for N devices, the
     gain-vs-devices curve and a map over device counts, so no unit is simulated twice."""
 
-    def __init__(self, requests: Requests, latency: LatencyModel, slo: SLO, *, network: Network | None = None,
-                 limits: Limits | None = None, prefix_hit_rate: float = 0.0, price_per_device_hour: float = 2.0,
-                 settings: SearchSettings | None = None) -> None:
+    def __init__(
+        self,
+        requests: Requests,
+        latency: LatencyModel,
+        slo: SLO,
+        *,
+        network: Network | None = None,
+        limits: Limits | None = None,
+        prefix_hit_rate: float = 0.0,
+        price_per_device_hour: float = 2.0,
+        settings: SearchSettings | None = None,
+    ) -> None:
         self.requests, self.latency, self.slo = requests, latency, slo
         self.network = network or Network()
         self.limits, self.prefix_hit_rate = limits, prefix_hit_rate
@@ -226,31 +252,44 @@ class UnitTable:
         """The unit's fluid capacity (req/s): no simulated rate exceeds it."""
         if unit not in self._bounds:
             link = self.network.link_for(unit) if unit.kind == "disagg" else None
-            self._bounds[unit] = capacity_rps(self.latency, self.requests, unit, limits=self.limits, link=link,
-                                              prefix_hit_rate=self.prefix_hit_rate)
+            self._bounds[unit] = capacity_rps(
+                self.latency, self.requests, unit, limits=self.limits, link=link, prefix_hit_rate=self.prefix_hit_rate
+            )
         return self._bounds[unit]
 
     def score(self, unit: Layout) -> LayoutScore:
         """Simulates the unit (once) and returns its score."""
         if unit not in self.scores:
             link = self.network.link_for(unit) if unit.kind == "disagg" else None
-            rate, res = max_goodput_rate(self.requests, self.latency, unit, self.slo, link=link, limits=self.limits,
-                                         prefix_hit_rate=self.prefix_hit_rate, settings=self.settings)
-            cost = cost_per_m_output_tokens(self.price_per_device_hour, unit.num_devices, rate,
-                                            self.mean_output_tokens)
-            self.scores[unit] = LayoutScore(unit, rate, res, cost, link,
-                                            unit.kind == "disagg" and self.network.spans_nodes(unit))
+            rate, res = max_goodput_rate(
+                self.requests,
+                self.latency,
+                unit,
+                self.slo,
+                link=link,
+                limits=self.limits,
+                prefix_hit_rate=self.prefix_hit_rate,
+                settings=self.settings,
+            )
+            cost = cost_per_m_output_tokens(self.price_per_device_hour, unit.num_devices, rate, self.mean_output_tokens)
+            self.scores[unit] = LayoutScore(
+                unit, rate, res, cost, link, unit.kind == "disagg" and self.network.spans_nodes(unit)
+            )
         return self.scores[unit]
 
-    def deployments(self, budgets: Iterable[int], layouts: Sequence[Layout] | None = None, *,
-                    progress: bool = False) -> dict[int, tuple[Deployment, Deployment, Deployment | None]]:
+    def deployments(
+        self, budgets: Iterable[int], layouts: Sequence[Layout] | None = None, *, progress: bool = False
+    ) -> dict[int, tuple[Deployment, Deployment, Deployment | None]]:
         """For each budget N: (best deployment, best monolithic, best with xPyD), simulating only
         the units the packings pick (see the module docstring); `progress` counts them in a bar."""
         budgets = sorted(set(budgets))
         if not budgets or budgets[0] < 1:
             raise ValueError(f"budgets must be >= 1 device, got {budgets}")
-        cands = (list(layouts) if layouts is not None
-                 else candidate_layouts(budgets[-1], self.settings, self.network.devices_per_node))
+        cands = (
+            list(layouts)
+            if layouts is not None
+            else candidate_layouts(budgets[-1], self.settings, self.network.devices_per_node)
+        )
         for lay in cands:
             if lay.kind == "mono":
                 if lay.num_replicas != 1:
@@ -260,17 +299,27 @@ class UnitTable:
         bar = None
         if progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(desc="units simulated", unit="unit")
         while True:
-            simulated = [Item(u, u.num_devices, self.scores[u].max_rate_rps_per_unit, u.kind == "disagg")
-                         for u in cands if u in self.scores]
-            optimistic = simulated + [Item(u, u.num_devices, self.bound(u), True) for u in cands if u not in self.scores]
+            simulated = [
+                Item(u, u.num_devices, self.scores[u].max_rate_rps_per_unit, u.kind == "disagg")
+                for u in cands
+                if u in self.scores
+            ]
+            optimistic = simulated + [
+                Item(u, u.num_devices, self.bound(u), True) for u in cands if u not in self.scores
+            ]
             packs = best_packings(simulated, budgets, self.network.devices_per_node)
             hopes = best_packings(optimistic, budgets, self.network.devices_per_node)
             # the packings' keys are the Layouts given as Item keys above
-            todo = {cast(Layout, key) for n, h in hopes.items() if h is not None
-                    and ((got := packs[n]) is None or got.rate < (1 - tol) * h.rate)
-                    for key, _ in h.counts if key not in self.scores}
+            todo = {
+                cast(Layout, key)
+                for n, h in hopes.items()
+                if h is not None and ((got := packs[n]) is None or got.rate < (1 - tol) * h.rate)
+                for key, _ in h.counts
+                if key not in self.scores
+            }
             if not todo:
                 break
             for unit in sorted(todo, key=lambda u: u.num_devices):
@@ -283,18 +332,28 @@ class UnitTable:
         best_mono = max(monos, key=lambda s: s.max_rate_rps_per_unit) if monos else None
         out = {}
         for n, p in packs.items():
-            mono = (self._deployment(((best_mono.unit, n),), n, tuple((i, best_mono.unit) for i in range(n)))
-                    if best_mono else self._deployment((), n))
+            mono = (
+                self._deployment(((best_mono.unit, n),), n, tuple((i, best_mono.unit) for i in range(n)))
+                if best_mono
+                else self._deployment((), n)
+            )
             # the packings' keys are the Layouts given as Item keys above
-            disagg = (self._deployment(cast("tuple[tuple[Layout, int], ...]", p.counts), n,
-                                       cast("tuple[tuple[int, Layout], ...]", p.placement))
-                      if p is not None else None)
+            disagg = (
+                self._deployment(
+                    cast("tuple[tuple[Layout, int], ...]", p.counts),
+                    n,
+                    cast("tuple[tuple[int, Layout], ...]", p.placement),
+                )
+                if p is not None
+                else None
+            )
             best = disagg if disagg is not None and disagg.goodput_rps > mono.goodput_rps else mono
             out[n] = (best, mono, disagg)
         return out
 
-    def _deployment(self, counts: Sequence[tuple[Layout, int]], devices: int,
-                    placement: tuple[tuple[int, Layout], ...] = ()) -> Deployment:
+    def _deployment(
+        self, counts: Sequence[tuple[Layout, int]], devices: int, placement: tuple[tuple[int, Layout], ...] = ()
+    ) -> Deployment:
         parts = tuple((self.scores[u], k) for u, k in counts)
         return Deployment(parts, devices, self.price_per_device_hour, self.mean_output_tokens, placement)
 
@@ -303,10 +362,20 @@ class UnitTable:
         return sorted(self.scores.values(), key=lambda x: (-x.goodput_rps_per_device, x.unit.num_devices))
 
 
-def search_layouts(requests: Requests, latency: LatencyModel, devices: int, slo: SLO, *,
-                   network: Network | None = None, limits: Limits | None = None, prefix_hit_rate: float = 0.0,
-                   price_per_device_hour: float = 2.0, settings: SearchSettings | None = None,
-                   layouts: list[Layout] | None = None, table: UnitTable | None = None) -> SearchResult:
+def search_layouts(
+    requests: Requests,
+    latency: LatencyModel,
+    devices: int,
+    slo: SLO,
+    *,
+    network: Network | None = None,
+    limits: Limits | None = None,
+    prefix_hit_rate: float = 0.0,
+    price_per_device_hour: float = 2.0,
+    settings: SearchSettings | None = None,
+    layouts: list[Layout] | None = None,
+    table: UnitTable | None = None,
+) -> SearchResult:
     """The best way to fill `devices` devices, the best monolithic one and the best with xPyD.
 
     `layouts` restricts the candidate units; `table` reuses units simulated before (same workload,
@@ -317,14 +386,26 @@ def search_layouts(requests: Requests, latency: LatencyModel, devices: int, slo:
     for lay in layouts or ():
         if lay.num_devices > devices:
             raise ValueError(f"layout {lay.label} needs {lay.num_devices} devices, budget is {devices}")
-    t = table or UnitTable(requests, latency, slo, network=network, limits=limits, prefix_hit_rate=prefix_hit_rate,
-                           price_per_device_hour=price_per_device_hour, settings=settings)
+    t = table or UnitTable(
+        requests,
+        latency,
+        slo,
+        network=network,
+        limits=limits,
+        prefix_hit_rate=prefix_hit_rate,
+        price_per_device_hour=price_per_device_hour,
+        settings=settings,
+    )
     best, mono, disagg = t.deployments([devices], layouts)[devices]
     notes = []
     if best.goodput_rps == 0:
-        notes.append("No layout meets the SLOs even at a trickle of requests: the SLO is tighter than one "
-                     "prefill or one decode step. Loosen it or use faster hardware.")
+        notes.append(
+            "No layout meets the SLOs even at a trickle of requests: the SLO is tighter than one "
+            "prefill or one decode step. Loosen it or use faster hardware."
+        )
     if best.idle_devices:
-        notes.append(f"{best.idle_devices} of {devices} devices stay idle in the best deployment: no unit adds goodput "
-                     "there. Their price is still counted.")
+        notes.append(
+            f"{best.idle_devices} of {devices} devices stay idle in the best deployment: no unit adds goodput "
+            "there. Their price is still counted."
+        )
     return SearchResult(t.sorted_scores(), devices, slo, best, mono, disagg, notes)

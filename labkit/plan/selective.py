@@ -6,6 +6,7 @@ decodes), the rest on the prefill pool. N = 0 is plain xPyD; N above every promp
 decode devices with the prefill pool idle. `best_prefill_threshold` sweeps N in the simulator and
 returns the goodput at each, best first.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,9 +39,9 @@ class ThresholdSweep:
     unit: Layout
     thresholds: tuple[int, ...]
     goodput_rps: tuple[float, ...]
-    share_on_decode: tuple[float, ...]      # share of prompts each threshold prefills on the decode side
+    share_on_decode: tuple[float, ...]  # share of prompts each threshold prefills on the decode side
     results: tuple[SimResult | None, ...]
-    rate_rps: float | None                  # None: each goodput is the highest rate the unit sustains
+    rate_rps: float | None  # None: each goodput is the highest rate the unit sustains
 
     @property
     def best_index(self) -> int:
@@ -58,16 +59,28 @@ class ThresholdSweep:
         return self.goodput_rps[self.best_index] / base if base else math.inf
 
     def rows(self) -> list[dict[str, Any]]:
-        return [{"threshold (tokens)": t, "prefilled on decode": round(s, 3), "goodput (req/s)": round(g, 3)}
-                for t, s, g in zip(self.thresholds, self.share_on_decode, self.goodput_rps)]
+        return [
+            {"threshold (tokens)": t, "prefilled on decode": round(s, 3), "goodput (req/s)": round(g, 3)}
+            for t, s, g in zip(self.thresholds, self.share_on_decode, self.goodput_rps)
+        ]
 
 
-def best_prefill_threshold(requests: Requests, latency: LatencyModel, slo: SLO, *, num_prefill: int = 1,
-                           num_decode: int = 1, thresholds: Sequence[int] | None = None,
-                           rate_rps: float | None = None, link: Link | None = None, limits: Limits | None = None,
-                           prefix_hit_rate: float = 0.0, settings: SearchSettings | None = None,
-                           decode_latency: LatencyModel | None = None,
-                           first_token_at: Literal["adopted", "landed"] = "adopted") -> ThresholdSweep:
+def best_prefill_threshold(
+    requests: Requests,
+    latency: LatencyModel,
+    slo: SLO,
+    *,
+    num_prefill: int = 1,
+    num_decode: int = 1,
+    thresholds: Sequence[int] | None = None,
+    rate_rps: float | None = None,
+    link: Link | None = None,
+    limits: Limits | None = None,
+    prefix_hit_rate: float = 0.0,
+    settings: SearchSettings | None = None,
+    decode_latency: LatencyModel | None = None,
+    first_token_at: Literal["adopted", "landed"] = "adopted",
+) -> ThresholdSweep:
     """Sweeps the threshold of a PxD unit. With `rate_rps`, each point is the goodput of `requests`
     replayed at that rate; without, the highest rate the unit sustains at >= the attainment target
     (`max_goodput_rate`, DistServe's goodput). Returns the sweep; `.best_threshold` is the answer."""
@@ -81,14 +94,31 @@ def best_prefill_threshold(requests: Requests, latency: LatencyModel, slo: SLO, 
         unit = Layout.disagg(num_prefill, num_decode, prefill_threshold=t)
         share.append(float(np.mean(p - cached < t)))
         if rate_rps is None:
-            g, res = max_goodput_rate(requests, latency, unit, slo, link=link, limits=limits,
-                                      prefix_hit_rate=prefix_hit_rate, settings=settings, decode_latency=decode_latency)
+            g, res = max_goodput_rate(
+                requests,
+                latency,
+                unit,
+                slo,
+                link=link,
+                limits=limits,
+                prefix_hit_rate=prefix_hit_rate,
+                settings=settings,
+                decode_latency=decode_latency,
+            )
         else:
-            res = simulate(requests.at_rate(rate_rps), latency, unit, link=link, limits=limits,
-                           prefix_hit_rate=prefix_hit_rate, decode_latency=decode_latency,
-                           first_token_at=first_token_at)
+            res = simulate(
+                requests.at_rate(rate_rps),
+                latency,
+                unit,
+                link=link,
+                limits=limits,
+                prefix_hit_rate=prefix_hit_rate,
+                decode_latency=decode_latency,
+                first_token_at=first_token_at,
+            )
             g = res.goodput_rps(slo)
         goodput.append(float(g))
         results.append(res)
-    return ThresholdSweep(Layout.disagg(num_prefill, num_decode), tuple(ts), tuple(goodput), tuple(share),
-                          tuple(results), rate_rps)
+    return ThresholdSweep(
+        Layout.disagg(num_prefill, num_decode), tuple(ts), tuple(goodput), tuple(share), tuple(results), rate_rps
+    )

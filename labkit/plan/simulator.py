@@ -29,6 +29,7 @@ A prefix-cache hit rate h means the first h of every prompt's tokens are already
 computes only the rest (attending to the cached part); the transfer still carries the whole KV.
 Prefill and decode instances may run on different parts (`decode_latency`, `decode_limits`).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,7 @@ from labkit.plan.workload import Requests
 
 __all__ = ["DEFAULT_LINK", "SLO", "Layout", "Limits", "Policy", "SimResult", "prefilled_on_decode", "simulate"]
 
-DEFAULT_LINK = LINKS["100G"]     # between a prefill and a decode instance when none is given
+DEFAULT_LINK = LINKS["100G"]  # between a prefill and a decode instance when none is given
 
 
 class _Trace:
@@ -80,15 +81,30 @@ def _steps_until(base: float, inc: float, dt: float) -> int:
     return max(k, 1)
 
 
-def _run_colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, policy: Policy,
-                   local: np.ndarray, first_at_adoption: bool = True) -> None:
+def _run_colocated(
+    idx: list[int],
+    tr: _Trace,
+    lat: LatencyModel,
+    lim: Limits,
+    policy: Policy,
+    local: np.ndarray,
+    first_at_adoption: bool = True,
+) -> None:
     """One instance's loop over requests `idx` (sorted by `tr.ready`), all known in advance."""
     for _ in _colocated(idx, tr, lat, lim, policy, local, first_at_adoption, [math.inf]):
         raise RuntimeError("simulator: an instance waited for a dispatch with none to come")  # pragma: no cover
 
 
-def _colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, policy: Policy,
-               local: np.ndarray, first_at_adoption: bool, horizon: list[float]) -> Iterator[None]:
+def _colocated(
+    idx: list[int],
+    tr: _Trace,
+    lat: LatencyModel,
+    lim: Limits,
+    policy: Policy,
+    local: np.ndarray,
+    first_at_adoption: bool,
+    horizon: list[float],
+) -> Iterator[None]:
     """One instance's loop over requests `idx` (sorted by `tr.ready`). `local[r]`: request r is
     prefilled here (mono, or a short prompt under selective disaggregation); otherwise its KV
     arrived from a prefill instance at `tr.ready[r]` and adopting it costs nothing.
@@ -107,14 +123,14 @@ def _colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, polic
     chunked = policy == "chunked"
     cap = lim.max_num_seqs
     ids = np.zeros(cap, dtype=np.int64)
-    rem = np.zeros(cap, dtype=np.int64)       # decode steps still to run
-    ctx = np.zeros(cap, dtype=np.int64)       # KV tokens each holds
-    last = np.zeros(cap)                      # time of its latest token
+    rem = np.zeros(cap, dtype=np.int64)  # decode steps still to run
+    ctx = np.zeros(cap, dtype=np.int64)  # KV tokens each holds
+    last = np.zeros(cap)  # time of its latest token
     nrun = 0
     i_next, t = 0, 0.0
-    waiting: deque[int] = deque()             # prompts to prefill here
-    landed: deque[int] = deque()              # KV from a prefill instance, waiting for a slot
-    done: dict[int, int] = {}                 # chunked: prompt tokens prefilled so far
+    waiting: deque[int] = deque()  # prompts to prefill here
+    landed: deque[int] = deque()  # KV from a prefill instance, waiting for a slot
+    done: dict[int, int] = {}  # chunked: prompt tokens prefilled so far
 
     def admit(r: int, at: float) -> None:
         nonlocal nrun
@@ -150,9 +166,9 @@ def _colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, polic
             ids[:kk], rem[:kk], ctx[:kk], last[:kk] = ids[:m][keep], rem[:m][keep], ctx[:m][keep], last[:m][keep]
             nrun = kk
 
-    run_start = [0.0]    # when the current run of steps began (advance reads it)
+    run_start = [0.0]  # when the current run of steps began (advance reads it)
     while True:
-        if t >= horizon[0]:   # a request not yet dispatched has arrived: it may come here
+        if t >= horizon[0]:  # a request not yet dispatched has arrived: it may come here
             yield
             continue
         n = len(idx)
@@ -170,7 +186,7 @@ def _colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, polic
         if waiting and free > 0:
             budget = lim.max_num_batched_tokens - (nrun if chunked else 0)
             if budget > 0:
-                batch: list[tuple[int, int, int]] = []       # (request, offset, tokens)
+                batch: list[tuple[int, int, int]] = []  # (request, offset, tokens)
                 for r in waiting:
                     if len(batch) >= free:
                         break
@@ -178,7 +194,7 @@ def _colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, polic
                     todo = int(prompt[r]) - off
                     if chunked:
                         take = min(todo, budget)
-                    elif batch and todo > budget:             # prefill-first: whole prompts only
+                    elif batch and todo > budget:  # prefill-first: whole prompts only
                         break
                     else:
                         take = todo
@@ -194,7 +210,7 @@ def _colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, polic
                     dur = lat.prefill_a_s + work
                 run_start[0] = t
                 t += dur
-                if B:                                         # the decodes that rode along
+                if B:  # the decodes that rode along
                     advance(1, dur, t)
                 for r, off, k in batch:
                     if off + k >= prompt[r]:
@@ -206,7 +222,7 @@ def _colocated(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Limits, polic
                         done[r] = off + k
                 continue
         if not nrun:
-            if i_next < n or horizon[0] < math.inf:   # idle until the next arrival, here or to be dispatched
+            if i_next < n or horizon[0] < math.inf:  # idle until the next arrival, here or to be dispatched
                 t = max(t, min(ready[idx[i_next]] if i_next < n else math.inf, horizon[0]))
                 continue
             if waiting or landed:  # cannot happen with max_num_seqs >= 1; guard against an endless loop
@@ -249,8 +265,9 @@ def _run_prefill_instance(idx: list[int], tr: _Trace, lat: LatencyModel, lim: Li
             tr.ready[r] = t
 
 
-def _run_links(remote: list[int], sender: dict[int, int], receiver: dict[int, int], tr: _Trace, link: Link,
-               kv_bytes_per_token: int) -> None:
+def _run_links(
+    remote: list[int], sender: dict[int, int], receiver: dict[int, int], tr: _Trace, link: Link, kv_bytes_per_token: int
+) -> None:
     """Every KV transfer, first ready first served: each one holds its prefill instance's link and its
     decode instance's link (one transfer at a time on each); sets `ready` (landed) = first token time."""
     free_tx: dict[int, float] = {}
@@ -265,8 +282,9 @@ def _run_links(remote: list[int], sender: dict[int, int], receiver: dict[int, in
             tr.finish[r] = end
 
 
-def _run_least_loaded(num_replicas: int, tr: _Trace, lat: LatencyModel, lim: Limits, policy: Policy,
-                      local: np.ndarray) -> None:
+def _run_least_loaded(
+    num_replicas: int, tr: _Trace, lat: LatencyModel, lim: Limits, policy: Policy, local: np.ndarray
+) -> None:
     """Replicas behind a router that sends each request, when it arrives, to the replica with the fewest
     requests in flight (dispatched, not finished; ties: the lowest index). The replicas run in step:
     each goes up to the next arrival, the router looks at their loads then, and the request joins one."""
@@ -277,12 +295,12 @@ def _run_least_loaded(num_replicas: int, tr: _Trace, lat: LatencyModel, lim: Lim
     for r in order:
         horizon[0] = tr.ready[r]
         for loop in loops:
-            next(loop, None)       # each replica runs up to the arrival (or past it, inside one step)
+            next(loop, None)  # each replica runs up to the arrival (or past it, inside one step)
         in_flight = [int(np.count_nonzero(~(tr.finish[mine] <= horizon[0]))) if mine else 0 for mine in idx]
         idx[int(np.argmin(in_flight))].append(r)
     horizon[0] = math.inf
     for loop in loops:
-        for _ in loop:             # nothing is left to dispatch: each replica runs to its end
+        for _ in loop:  # nothing is left to dispatch: each replica runs to its end
             raise RuntimeError("simulator: a replica waited for a dispatch with none to come")  # pragma: no cover
 
 
@@ -291,10 +309,18 @@ def prefilled_on_decode(prompt_tokens: np.ndarray, cached_tokens: np.ndarray, th
     return (np.asarray(prompt_tokens) - np.asarray(cached_tokens)) < threshold
 
 
-def simulate(requests: Requests, latency: LatencyModel, layout: Layout, *, link: Link | None = None,
-             limits: Limits | None = None, prefix_hit_rate: float = 0.0,
-             first_token_at: Literal["adopted", "landed"] = "adopted",
-             decode_latency: LatencyModel | None = None, decode_limits: Limits | None = None) -> SimResult:
+def simulate(
+    requests: Requests,
+    latency: LatencyModel,
+    layout: Layout,
+    *,
+    link: Link | None = None,
+    limits: Limits | None = None,
+    prefix_hit_rate: float = 0.0,
+    first_token_at: Literal["adopted", "landed"] = "adopted",
+    decode_latency: LatencyModel | None = None,
+    decode_limits: Limits | None = None,
+) -> SimResult:
     """Runs the trace through the layout; returns per-request times (requests round-robin over instances).
 
     Disaggregated, the client sees the first token when the decode instance adopts the KV
@@ -326,7 +352,7 @@ def simulate(requests: Requests, latency: LatencyModel, layout: Layout, *, link:
         remote = np.flatnonzero(~local).tolist()
         sender = {r: k % layout.num_prefill for k, r in enumerate(remote)}
         for p in range(layout.num_prefill):
-            _run_prefill_instance(remote[p::layout.num_prefill], tr, latency, lim)
+            _run_prefill_instance(remote[p :: layout.num_prefill], tr, latency, lim)
         _run_links(remote, sender, {r: r % layout.num_decode for r in remote}, tr, link, latency.kv_bytes_per_token)
         for d in range(layout.num_decode):
             mine = [r for r in range(d, n, layout.num_decode) if tr.out[r] > 1 or local[r]]
@@ -334,5 +360,13 @@ def simulate(requests: Requests, latency: LatencyModel, layout: Layout, *, link:
             _run_colocated(mine, tr, dec_lat, dec_lim, layout.policy, local, first_token_at == "adopted")
     if np.isnan(tr.finish).any():
         raise RuntimeError("simulator: some requests never finished (a bug)")
-    return SimResult(layout, requests.arrival_s.astype(float), tr.first, tr.finish,
-                     tr.prompt, tr.out, np.asarray(tr.itl_v), np.asarray(tr.itl_w))
+    return SimResult(
+        layout,
+        requests.arrival_s.astype(float),
+        tr.first,
+        tr.finish,
+        tr.prompt,
+        tr.out,
+        np.asarray(tr.itl_v),
+        np.asarray(tr.itl_w),
+    )

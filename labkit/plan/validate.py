@@ -7,6 +7,7 @@ a trace, the simulator replays it on the mode's layout with the fitted latency m
 measured, with the relative error. `report_card` scores them against the targets
 (`labkit.plan.card`: p50 within 10%, p99 within 20%).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,26 @@ from labkit.plan.card import report_card as _card
 from labkit.plan.simulator import SimResult
 from labkit.plan.workload import requests_from_records
 
-__all__ = ["METRICS", "MODES", "ReportCard", "ValidationRow", "compare", "latest_result", "load_rows",
-           "measure_and_compare", "measured_metrics", "mode_layout", "mode_limits", "predicted_metrics", "report_card",
-           "requests_from_records", "served_model", "server_mode", "table", "within"]
+__all__ = [
+    "METRICS",
+    "MODES",
+    "ReportCard",
+    "ValidationRow",
+    "compare",
+    "latest_result",
+    "load_rows",
+    "measure_and_compare",
+    "measured_metrics",
+    "mode_layout",
+    "mode_limits",
+    "predicted_metrics",
+    "report_card",
+    "requests_from_records",
+    "served_model",
+    "server_mode",
+    "table",
+    "within",
+]
 
 
 def measured_metrics(records: Sequence[Any]) -> dict[str, float]:
@@ -37,9 +55,13 @@ def measured_metrics(records: Sequence[Any]) -> dict[str, float]:
     end = max(r.start_s + r.e2e_s for r in ok)
     ttft = np.array([r.ttft_s for r in ok])
     tpot = np.array([(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0 for r in ok])
-    out = {"ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)), "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
-           "tpot_p50_ms": 1e3 * float(np.percentile(tpot, 50)), "tpot_p99_ms": 1e3 * float(np.percentile(tpot, 99)),
-           "output_tok_s": float(sum(r.output_tokens for r in ok)) / max(end - start, 1e-12)}
+    out = {
+        "ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)),
+        "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
+        "tpot_p50_ms": 1e3 * float(np.percentile(tpot, 50)),
+        "tpot_p99_ms": 1e3 * float(np.percentile(tpot, 99)),
+        "output_tok_s": float(sum(r.output_tokens for r in ok)) / max(end - start, 1e-12),
+    }
     gaps = [g for r in ok for g in (getattr(r, "itl_s", None) or [])]
     if gaps:
         out["itl_p50_ms"] = 1e3 * float(np.percentile(gaps, 50))
@@ -49,18 +71,22 @@ def measured_metrics(records: Sequence[Any]) -> dict[str, float]:
 
 def predicted_metrics(res: SimResult) -> dict[str, float]:
     """The same figures from a simulation."""
-    return {"ttft_p50_ms": 1e3 * float(np.percentile(res.ttft_s, 50)),
-            "ttft_p99_ms": 1e3 * float(np.percentile(res.ttft_s, 99)),
-            "tpot_p50_ms": 1e3 * float(np.percentile(res.tpot_s, 50)),
-            "tpot_p99_ms": 1e3 * float(np.percentile(res.tpot_s, 99)),
-            "itl_p50_ms": 1e3 * res.itl_percentile_s(50), "itl_p99_ms": 1e3 * res.itl_percentile_s(99),
-            "output_tok_s": float(res.output_tokens.sum()) / max(res.duration_s, 1e-12)}
+    return {
+        "ttft_p50_ms": 1e3 * float(np.percentile(res.ttft_s, 50)),
+        "ttft_p99_ms": 1e3 * float(np.percentile(res.ttft_s, 99)),
+        "tpot_p50_ms": 1e3 * float(np.percentile(res.tpot_s, 50)),
+        "tpot_p99_ms": 1e3 * float(np.percentile(res.tpot_s, 99)),
+        "itl_p50_ms": 1e3 * res.itl_percentile_s(50),
+        "itl_p99_ms": 1e3 * res.itl_percentile_s(99),
+        "output_tok_s": float(res.output_tokens.sum()) / max(res.duration_s, 1e-12),
+    }
 
 
 def compare(mode: str, rate_rps: float, predicted: dict[str, float], measured: dict[str, float]) -> list[ValidationRow]:
     """One row per metric both sides have, in METRICS order."""
-    return [ValidationRow(mode, rate_rps, m, predicted[m], measured[m]) for m in METRICS
-            if m in predicted and m in measured]
+    return [
+        ValidationRow(mode, rate_rps, m, predicted[m], measured[m]) for m in METRICS if m in predicted and m in measured
+    ]
 
 
 def within(rows: Sequence[ValidationRow], tolerance: float = 0.15) -> float:
@@ -74,16 +100,19 @@ def table(rows: Sequence[ValidationRow]) -> str:
     head = f"{'mode':>14} {'rate':>7} {'metric':>12} {'predicted':>11} {'measured':>11} {'error':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.mode:>14} {r.rate_rps:7.3g} {r.metric:>12} {r.predicted:11.4g} {r.measured:11.4g} "
-                     f"{r.error:+8.1%}")
+        lines.append(
+            f"{r.mode:>14} {r.rate_rps:7.3g} {r.metric:>12} {r.predicted:11.4g} {r.measured:11.4g} {r.error:+8.1%}"
+        )
     return "\n".join(lines)
 
 
 def load_rows(path: str | Path) -> list[ValidationRow]:
     """The rows of a validation JSON written by benchmarks/plan_validation.py."""
     doc = json.loads(Path(path).read_text())
-    return [ValidationRow(r["mode"], float(r["rate_rps"]), r["metric"], float(r["predicted"]), float(r["measured"]))
-            for r in doc["rows"]]
+    return [
+        ValidationRow(r["mode"], float(r["rate_rps"]), r["metric"], float(r["predicted"]), float(r["measured"]))
+        for r in doc["rows"]
+    ]
 
 
 def report_card(source: str | Path | Sequence[ValidationRow] | None = None) -> ReportCard:
@@ -115,22 +144,36 @@ def served_model(mode: str = "1p1d", model: str = "small", path: str | Path | No
     from labkit.config import repo_root
     from labkit.plan.latency_model import LatencyModel
 
-    files = [Path(path)] if path else sorted((p for p in (repo_root() / "docs" / "results").glob("plan_validation-*.json")
-                                              if not p.stem.endswith("-quick")), reverse=True)
+    files = (
+        [Path(path)]
+        if path
+        else sorted(
+            (
+                p
+                for p in (repo_root() / "docs" / "results").glob("plan_validation-*.json")
+                if not p.stem.endswith("-quick")
+            ),
+            reverse=True,
+        )
+    )
     for f in files:
         doc = json.loads(f.read_text())
         fitted, costs = doc.get("latency_model_in_server", {}), doc.get("serving_overhead_s", {})
         if doc.get("model") == model and mode in fitted and mode in costs:
             c = costs[mode]
-            lat = LatencyModel.from_dict(fitted[mode]).with_serving(c["per_request"], c["per_decode_step"],
-                                                                    c.get("per_sequence_per_step", 0.0))
+            lat = LatencyModel.from_dict(fitted[mode]).with_serving(
+                c["per_request"], c["per_decode_step"], c.get("per_sequence_per_step", 0.0)
+            )
             return lat, f
-    raise FileNotFoundError(f"no plan_validation JSON for {model} with a fitted {mode} server under docs/results/: "
-                            f"run benchmarks/plan_validation.py")
+    raise FileNotFoundError(
+        f"no plan_validation JSON for {model} with a fitted {mode} server under docs/results/: "
+        f"run benchmarks/plan_validation.py"
+    )
 
 
-def mode_layout(mode: str, *, link: Any = None, replicas: int = 2, prefill_threshold: int = 0
-                ) -> tuple[Any, Any, Literal["adopted", "landed"]]:
+def mode_layout(
+    mode: str, *, link: Any = None, replicas: int = 2, prefill_threshold: int = 0
+) -> tuple[Any, Any, Literal["adopted", "landed"]]:
     """How the simulator models a lab serving mode (`labkit.bench.sweep.parse_mode`'s names): (Layout,
     the KV link or None, when the client sees the first token). "mono" and "mono-chunked[-N]" (one
     engine), "mono-dp" (`replicas` engines behind one router, each request to the least loaded, as the
@@ -140,7 +183,7 @@ def mode_layout(mode: str, *, link: Any = None, replicas: int = 2, prefill_thres
     from labkit.bench.sweep import parse_mode
     from labkit.plan.simulator import Layout
 
-    m = server_mode(mode, prefill_threshold)   # "1p1d-selective": the threshold given apart
+    m = server_mode(mode, prefill_threshold)  # "1p1d-selective": the threshold given apart
     try:
         spec = parse_mode(m, devices=replicas if m == "mono-dp" else None)
     except ValueError as e:
@@ -172,12 +215,25 @@ def mode_limits(mode: str) -> Any:
     return Limits(max_num_seqs=64, max_num_batched_tokens=chunk or 2048)
 
 
-def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rates_rps: Sequence[float],
-                        n_requests: int, workload: str = "azure-conv-2023", scale: float = 0.25,
-                        link: Any = None, slo: Any = None, seed: int = 0, progress: bool = True,
-                        modes: Sequence[str] = ("mono", "1p1d"), probe_requests: int = 4,
-                        serving: dict[str, tuple[float, float, float]] | None = None,
-                        fitted: dict[str, Any] | None = None, prefill_threshold: int = 0) -> list[ValidationRow]:
+def measure_and_compare(
+    model: str,
+    mono_latency: Any,
+    role_latency: Any,
+    *,
+    rates_rps: Sequence[float],
+    n_requests: int,
+    workload: str = "azure-conv-2023",
+    scale: float = 0.25,
+    link: Any = None,
+    slo: Any = None,
+    seed: int = 0,
+    progress: bool = True,
+    modes: Sequence[str] = ("mono", "1p1d"),
+    probe_requests: int = 4,
+    serving: dict[str, tuple[float, float, float]] | None = None,
+    fitted: dict[str, Any] | None = None,
+    prefill_threshold: int = 0,
+) -> list[ValidationRow]:
     """Runs the lab's servers (each of `modes`, see `mode_layout`) at each rate with the benchmark
     client, replays every run's trace in the simulator, and returns predicted-vs-measured rows.
 
@@ -204,30 +260,49 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     from labkit.plan.calibrate import fit_server_steps, read_step_log, serving_overhead
     from labkit.plan.simulator import simulate
 
-    modes = tuple(server_mode(m, prefill_threshold) for m in modes)   # the rows carry these names
-    cfg = SweepConfig(workload, rates_rps=tuple(rates_rps), modes=modes, n_requests=n_requests,
-                      seed=seed, slo=slo or BenchSLO(), scale=scale, progress=progress)
+    modes = tuple(server_mode(m, prefill_threshold) for m in modes)  # the rows carry these names
+    cfg = SweepConfig(
+        workload,
+        rates_rps=tuple(rates_rps),
+        modes=modes,
+        n_requests=n_requests,
+        seed=seed,
+        slo=slo or BenchSLO(),
+        scale=scale,
+        progress=progress,
+    )
     lk = link or Link.from_gbps(20.0, 1e-3)
     layouts = {m: mode_layout(m, link=lk, prefill_threshold=prefill_threshold) for m in modes}
-    engine_model = {m: mono_latency if lay.kind == "mono" and lay.num_replicas == 1 else role_latency
-                    for m, (lay, _, _) in layouts.items()}
+    engine_model = {
+        m: mono_latency if lay.kind == "mono" and lay.num_replicas == 1 else role_latency
+        for m, (lay, _, _) in layouts.items()
+    }
     served: dict[str, Any] = dict(engine_model)
     overheads = serving if serving is not None else {}
     refits = fitted if fitted is not None else {}
     tmp = tempfile.TemporaryDirectory(prefix="plan-steps-")
     step_logs = Path(tmp.name)
 
-    limits = {m: mode_limits(m) for m in modes}   # the lab workers' (a chunked mode's step budget: its chunk)
+    limits = {m: mode_limits(m) for m in modes}  # the lab workers' (a chunked mode's step budget: its chunk)
 
     def probe(spec: Any, url: str) -> None:
         if probe_requests < 1:
             return
-        one = sequential_records(url, cfg.workload_obj, probe_requests, mode=spec.name, seed=seed + 77, scale=scale,
-                                 model=model, concurrency=1)
+        one = sequential_records(
+            url,
+            cfg.workload_obj,
+            probe_requests,
+            mode=spec.name,
+            seed=seed + 77,
+            scale=scale,
+            model=model,
+            concurrency=1,
+        )
         layout, link_, first = layouts[spec.name]
         refits[spec.name] = fit_server_steps(engine_model[spec.name], read_step_log(step_logs / f"{spec.name}.jsonl"))
-        overheads[spec.name] = serving_overhead(refits[spec.name], one, layout=layout, link=link_,
-                                                limits=limits[spec.name], first_token_at=first)
+        overheads[spec.name] = serving_overhead(
+            refits[spec.name], one, layout=layout, link=link_, limits=limits[spec.name], first_token_at=first
+        )
         served[spec.name] = refits[spec.name].with_serving(*overheads[spec.name])
 
     with tmp:  # the step logs are read by the probes, then dropped
@@ -236,7 +311,13 @@ def measure_and_compare(model: str, mono_latency: Any, role_latency: Any, *, rat
     rows: list[ValidationRow] = []
     for (mode, rate), run in sorted(res.runs.items(), key=lambda kv: (order.get(kv[0][0], 0), kv[0][1])):
         layout, link_, first = layouts[mode]
-        sim = simulate(requests_from_records(run.records), served[mode], layout, link=link_, limits=limits[mode],
-                       first_token_at=first)
+        sim = simulate(
+            requests_from_records(run.records),
+            served[mode],
+            layout,
+            link=link_,
+            limits=limits[mode],
+            first_token_at=first,
+        )
         rows += compare(mode, rate, predicted_metrics(sim), measured_metrics(run.records))
     return rows

@@ -7,6 +7,7 @@ and the best disaggregated unit at the chosen rate), `verdict_html` (the coloure
 (`continuous_update=False`): one run takes seconds, so redrawing while dragging would queue a
 run per pixel.
 """
+
 from __future__ import annotations
 
 import html
@@ -21,8 +22,8 @@ from labkit.plan.search import Network, SearchSettings
 from labkit.plan.simulator import SLO, Limits, SimResult, simulate
 from labkit.plan.workload import WorkloadShape, sample_requests
 
-LINK_FIXED_S = 10e-6       # per-transfer cost of the link between nodes (an RDMA round trip)
-RDMA_FROM_GBPS = 100.0     # the checklist counts a link this fast or faster as RDMA
+LINK_FIXED_S = 10e-6  # per-transfer cost of the link between nodes (an RDMA round trip)
+RDMA_FROM_GBPS = 100.0  # the checklist counts a link this fast or faster as RDMA
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +42,9 @@ class PlannerInputs:
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.output_tokens < 1:
-            raise ValueError(f"prompt_tokens and output_tokens must be >= 1, got {self.prompt_tokens}/{self.output_tokens}")
+            raise ValueError(
+                f"prompt_tokens and output_tokens must be >= 1, got {self.prompt_tokens}/{self.output_tokens}"
+            )
         if not self.rate_per_device > 0:
             raise ValueError(f"rate_per_device must be > 0 req/s, got {self.rate_per_device}")
         if not 0.0 <= self.prefix_hit < 1.0:
@@ -55,8 +58,11 @@ class PlannerInputs:
 
     def shape(self, base: WorkloadShape) -> WorkloadShape:
         """`base` with these median lengths and prefix hit rate (its spreads kept)."""
-        return base.with_(prompt_median_tokens=float(self.prompt_tokens), output_median_tokens=float(self.output_tokens),
-                          prefix_hit_rate=float(self.prefix_hit))
+        return base.with_(
+            prompt_median_tokens=float(self.prompt_tokens),
+            output_median_tokens=float(self.output_tokens),
+            prefix_hit_rate=float(self.prefix_hit),
+        )
 
     @property
     def slo(self) -> SLO:
@@ -82,18 +88,38 @@ class PlannerView:
     seconds: float = 0.0
 
 
-def run_planner(inputs: PlannerInputs, base: WorkloadShape, latency: LatencyModel, *, num_requests: int = 400,
-                settings: SearchSettings | None = None, limits: Limits | None = None,
-                price_per_device_hour: float = 2.5, model_id: str | None = None, seed: int = 1) -> PlannerView:
+def run_planner(
+    inputs: PlannerInputs,
+    base: WorkloadShape,
+    latency: LatencyModel,
+    *,
+    num_requests: int = 400,
+    settings: SearchSettings | None = None,
+    limits: Limits | None = None,
+    price_per_device_hour: float = 2.5,
+    model_id: str | None = None,
+    seed: int = 1,
+) -> PlannerView:
     """Plans `inputs` on `latency` (no gain curve: a redraw stays in seconds), then simulates the main
     unit of the best monolithic and the best disaggregated deployment at `rate_per_device` x its devices."""
     t0 = time.perf_counter()
     w = inputs.shape(base)
     lim = limits or Limits(256, 8192)
     net = inputs.network
-    rep = plan(w, latency, devices=inputs.devices, slo=inputs.slo, network=net, rdma=inputs.rdma, limits=lim,
-               num_requests=num_requests, settings=settings, price_per_device_hour=price_per_device_hour,
-               model_id=model_id, curve_devices=None)
+    rep = plan(
+        w,
+        latency,
+        devices=inputs.devices,
+        slo=inputs.slo,
+        network=net,
+        rdma=inputs.rdma,
+        limits=lim,
+        num_requests=num_requests,
+        settings=settings,
+        price_per_device_hour=price_per_device_hour,
+        model_id=model_id,
+        curve_devices=None,
+    )
     pool = sample_requests(w, num_requests, 1.0, seed=seed)
     sims: dict[str, SimResult] = {}
     for dep in (rep.search.mono, rep.search.disagg):
@@ -101,8 +127,14 @@ def run_planner(inputs: PlannerInputs, base: WorkloadShape, latency: LatencyMode
             continue
         unit = dep.unit
         link = net.link_for(unit) if unit.kind == "disagg" else None
-        sims[unit.label] = simulate(pool.at_rate(inputs.rate_per_device * unit.num_devices), latency, unit, link=link,
-                                    limits=lim, prefix_hit_rate=w.prefix_hit_rate)
+        sims[unit.label] = simulate(
+            pool.at_rate(inputs.rate_per_device * unit.num_devices),
+            latency,
+            unit,
+            link=link,
+            limits=lim,
+            prefix_hit_rate=w.prefix_hit_rate,
+        )
     return PlannerView(inputs, rep, sims, time.perf_counter() - t0)
 
 
@@ -120,11 +152,14 @@ def verdict_html(report: PlanReport) -> str:
     cl = report.checklist
     color = verdict_color(cl.verdict)
     esc = html.escape
-    rows = "".join(f"<tr><td>{esc(i.name)}</td><td>{esc(i.value)}</td><td><b>{esc(i.verdict)}</b></td></tr>"
-                   for i in cl.items)
-    return (f"<div style='border:3px solid {color};padding:8px;font-size:15px'><b style='color:{color}'>"
-            f"{esc(cl.verdict)}</b><br>best deployment: {esc(report.search.best.label)}"
-            f"<table>{rows}</table></div>")
+    rows = "".join(
+        f"<tr><td>{esc(i.name)}</td><td>{esc(i.value)}</td><td><b>{esc(i.verdict)}</b></td></tr>" for i in cl.items
+    )
+    return (
+        f"<div style='border:3px solid {color};padding:8px;font-size:15px'><b style='color:{color}'>"
+        f"{esc(cl.verdict)}</b><br>best deployment: {esc(report.search.best.label)}"
+        f"<table>{rows}</table></div>"
+    )
 
 
 def show_planner(view: PlannerView, *, model: str = "", hardware: str = "") -> None:
@@ -140,8 +175,9 @@ def show_planner(view: PlannerView, *, model: str = "", hardware: str = "") -> N
     plan_plots.plot_layouts(view.report.search, title=f"Goodput per device of each unit{where}")
     plt.show()
     if view.sims:
-        plan_plots.plot_sim_compare(view.sims, view.inputs.slo,
-                                    title=f"Best of each at {view.inputs.rate_per_device:g} req/s per device")
+        plan_plots.plot_sim_compare(
+            view.sims, view.inputs.slo, title=f"Best of each at {view.inputs.rate_per_device:g} req/s per device"
+        )
         plt.show()
     print(f"planned in {view.seconds:.1f} s")
 
@@ -168,13 +204,21 @@ def build_sliders(defaults: PlannerInputs | None = None) -> dict[str, Any]:
     out = {}
     for name, (kind, lo, hi, step, label) in SLIDERS.items():
         extra = {"base": 10} if kind == "log" else {}
-        out[name] = kinds[kind](value=getattr(d, name), min=lo, max=hi, step=step, description=label,
-                                continuous_update=False, **extra)
+        out[name] = kinds[kind](
+            value=getattr(d, name), min=lo, max=hi, step=step, description=label, continuous_update=False, **extra
+        )
     return out
 
 
-def planner_widget(base: WorkloadShape, latency: LatencyModel, *, defaults: PlannerInputs | None = None,
-                   model: str = "", hardware: str = "", **run_kw: Any) -> Any:
+def planner_widget(
+    base: WorkloadShape,
+    latency: LatencyModel,
+    *,
+    defaults: PlannerInputs | None = None,
+    model: str = "",
+    hardware: str = "",
+    **run_kw: Any,
+) -> Any:
     """The sliders and the output they redraw (an ipywidgets VBox to `display`); `run_kw` go to run_planner."""
     import ipywidgets as widgets
 

@@ -5,6 +5,7 @@ say "Azure conversation: median 1,020 prompt / 129 output tokens", and easy to m
 slider. The named presets are the benchmark's (`labkit.bench.workloads`: Azure 2023 traces,
 Mooncake, short prompts); `workload_shape(name)` adapts them.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,17 +23,19 @@ class WorkloadShape:
     name: str
     prompt_median_tokens: float
     output_median_tokens: float
-    prompt_sigma: float = 0.0          # 0: every prompt has the median length
+    prompt_sigma: float = 0.0  # 0: every prompt has the median length
     output_sigma: float = 0.0
     max_prompt_tokens: int = 32768
     max_output_tokens: int = 4096
-    prefix_hit_rate: float = 0.0       # fraction of prompt tokens found in a prefix cache
+    prefix_hit_rate: float = 0.0  # fraction of prompt tokens found in a prefix cache
     source: str = ""
 
     def __post_init__(self) -> None:
         if not (self.prompt_median_tokens >= 1 and self.output_median_tokens >= 1):
-            raise ValueError(f"{self.name}: median lengths must be >= 1 token, got "
-                             f"{self.prompt_median_tokens}/{self.output_median_tokens}")
+            raise ValueError(
+                f"{self.name}: median lengths must be >= 1 token, got "
+                f"{self.prompt_median_tokens}/{self.output_median_tokens}"
+            )
         if self.prompt_sigma < 0 or self.output_sigma < 0:
             raise ValueError(f"{self.name}: sigmas must be >= 0")
         if not 0.0 <= self.prefix_hit_rate < 1.0:
@@ -46,11 +49,11 @@ class WorkloadShape:
 
     @property
     def mean_prompt_tokens(self) -> float:
-        return min(self.prompt_median_tokens * math.exp(self.prompt_sigma ** 2 / 2), self.max_prompt_tokens)
+        return min(self.prompt_median_tokens * math.exp(self.prompt_sigma**2 / 2), self.max_prompt_tokens)
 
     @property
     def mean_output_tokens(self) -> float:
-        return min(self.output_median_tokens * math.exp(self.output_sigma ** 2 / 2), self.max_output_tokens)
+        return min(self.output_median_tokens * math.exp(self.output_sigma**2 / 2), self.max_output_tokens)
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,11 @@ def requests_from_records(records: Sequence[Any]) -> Requests:
         raise ValueError("no successful requests in the run: nothing to replay")
     t0 = ok[0].start_s
     out = [max(1, int(r.output_tokens or r.expected_output_tokens)) for r in ok]
-    return Requests(np.array([r.start_s - t0 for r in ok], dtype=float),
-                    np.array([int(r.prompt_tokens) for r in ok], dtype=np.int64), np.array(out, dtype=np.int64))
+    return Requests(
+        np.array([r.start_s - t0 for r in ok], dtype=float),
+        np.array([int(r.prompt_tokens) for r in ok], dtype=np.int64),
+        np.array(out, dtype=np.int64),
+    )
 
 
 def sample_requests(shape: WorkloadShape, num_requests: int, rate_rps: float, *, seed: int = 0) -> Requests:
@@ -159,5 +165,14 @@ def shape_from_workload(w: Any) -> WorkloadShape:
 
     pm, ps, ph = conv(w.prompt_len)
     om, os_, oh = conv(w.output_len)
-    return WorkloadShape(w.name, pm, om, ps, os_, ph, oh, prefix_hit_rate=float(w.prefix_hit_rate),
-                         source=getattr(w, "source", "") or "labkit.bench.workloads")
+    return WorkloadShape(
+        w.name,
+        pm,
+        om,
+        ps,
+        os_,
+        ph,
+        oh,
+        prefix_hit_rate=float(w.prefix_hit_rate),
+        source=getattr(w, "source", "") or "labkit.bench.workloads",
+    )

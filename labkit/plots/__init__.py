@@ -2,6 +2,7 @@
 
 All charts use `style.apply()`: large fonts for a projector, titles, units on axes.
 """
+
 from __future__ import annotations
 
 from labkit.plots.style import PHASE_COLORS, apply, new_figure, save

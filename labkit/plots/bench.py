@@ -4,6 +4,7 @@ throughput and cost. Every function takes sweep rows / runs and returns a matplo
 Rows are the dicts `labkit.bench.sweep.summary_row` builds (`mode`, `rate_rps`,
 `itl_p99_ms`, `goodput_rps`, ...); runs map (mode, rate) to a BenchResult.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -50,8 +51,15 @@ def latency_values_ms(res: Any, metric: str) -> np.ndarray:
     return np.asarray(vals, dtype=float) * 1000.0
 
 
-def plot_latency_cdf(runs: Mapping[tuple[str, float], Any], metric: str = "itl", *, rate_rps: float | None = None,
-                     slo_ms: float | None = None, log_x: bool = True, title: str | None = None):
+def plot_latency_cdf(
+    runs: Mapping[tuple[str, float], Any],
+    metric: str = "itl",
+    *,
+    rate_rps: float | None = None,
+    slo_ms: float | None = None,
+    log_x: bool = True,
+    title: str | None = None,
+):
     """CDF of `metric` per mode at one rate (default: the highest rate every mode ran)."""
     modes = list(dict.fromkeys(m for m, _ in runs))
     if rate_rps is None:
@@ -64,8 +72,13 @@ def plot_latency_cdf(runs: Mapping[tuple[str, float], Any], metric: str = "itl",
             continue
         v = np.sort(latency_values_ms(res, metric))
         if len(v):
-            ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", color=mode_color(mode, i),
-                    label=f"{mode} (p99 {np.percentile(v, 99):,.0f} ms)")
+            ax.step(
+                v,
+                np.arange(1, len(v) + 1) / len(v),
+                where="post",
+                color=mode_color(mode, i),
+                label=f"{mode} (p99 {np.percentile(v, 99):,.0f} ms)",
+            )
     if slo_ms:
         ax.axvline(slo_ms, color="black", ls="--", lw=1.5, label=f"SLO {slo_ms:g} ms")
     ax.axhline(0.99, color="grey", ls=":", lw=1)
@@ -79,16 +92,27 @@ def plot_latency_cdf(runs: Mapping[tuple[str, float], Any], metric: str = "itl",
     return fig
 
 
-def plot_percentiles_vs_rate(rows: Sequence[Mapping[str, Any]], metric: str = "itl",
-                             percentiles: Sequence[int] = (50, 99), *, slo_ms: float | None = None,
-                             title: str | None = None):
+def plot_percentiles_vs_rate(
+    rows: Sequence[Mapping[str, Any]],
+    metric: str = "itl",
+    percentiles: Sequence[int] = (50, 99),
+    *,
+    slo_ms: float | None = None,
+    title: str | None = None,
+):
     """`metric` p50 (dashed) and p99 (solid) against request rate, one colour per mode."""
     fig, ax = new_figure()
     for i, mode in enumerate(_modes(rows)):
         for q in percentiles:
             x, y = _series(rows, mode, f"{metric}_p{q}_ms")
-            ax.plot(x, y, marker="o", ls="-" if q == max(percentiles) else "--", color=mode_color(mode, i),
-                    label=f"{mode} p{q}")
+            ax.plot(
+                x,
+                y,
+                marker="o",
+                ls="-" if q == max(percentiles) else "--",
+                color=mode_color(mode, i),
+                label=f"{mode} p{q}",
+            )
     if slo_ms:
         ax.axhline(slo_ms, color="black", ls=":", lw=1.5, label=f"SLO {slo_ms:g} ms")
     ax.set_yscale("log")
@@ -99,15 +123,22 @@ def plot_percentiles_vs_rate(rows: Sequence[Mapping[str, Any]], metric: str = "i
     return fig
 
 
-def plot_goodput_vs_rate(rows: Sequence[Mapping[str, Any]], *, slo_text: str = "", min_attainment: float = 0.9,
-                         title: str | None = None):
+def plot_goodput_vs_rate(
+    rows: Sequence[Mapping[str, Any]], *, slo_text: str = "", min_attainment: float = 0.9, title: str | None = None
+):
     """Goodput (req/s meeting every SLO) against offered rate; the dotted line is `min_attainment`
     of the offered rate: a mode below it has left its SLO."""
     fig, ax = new_figure()
     rates = sorted({r["rate_rps"] for r in rows})
     ax.plot(rates, rates, color="grey", lw=1, label="offered rate (all good)")
-    ax.plot(rates, [min_attainment * r for r in rates], color="black", ls=":", lw=1.5,
-            label=f"{min_attainment:.0%} attainment")
+    ax.plot(
+        rates,
+        [min_attainment * r for r in rates],
+        color="black",
+        ls=":",
+        lw=1.5,
+        label=f"{min_attainment:.0%} attainment",
+    )
     for i, mode in enumerate(_modes(rows)):
         x, y = _series(rows, mode, "goodput_rps")
         ax.plot(x, y, marker="o", color=mode_color(mode, i), label=mode)
@@ -118,8 +149,13 @@ def plot_goodput_vs_rate(rows: Sequence[Mapping[str, Any]], *, slo_text: str = "
     return fig
 
 
-def plot_per_device(rows: Sequence[Mapping[str, Any]], key: str = "output_tps_per_device", *,
-                    ylabel: str = "output tokens/s per device", title: str | None = None):
+def plot_per_device(
+    rows: Sequence[Mapping[str, Any]],
+    key: str = "output_tps_per_device",
+    *,
+    ylabel: str = "output tokens/s per device",
+    title: str | None = None,
+):
     """A per-mode line of `key` against rate (throughput per device, cost per 1M tokens, ...)."""
     fig, ax = new_figure()
     for i, mode in enumerate(_modes(rows)):
@@ -134,8 +170,12 @@ def plot_per_device(rows: Sequence[Mapping[str, Any]], key: str = "output_tps_pe
 
 def plot_cost(rows: Sequence[Mapping[str, Any]], *, price_per_device_hour: float, unit: str = "$"):
     """Cost per million output tokens against rate, at `price_per_device_hour`."""
-    return plot_per_device(rows, "cost_per_m_output_tokens", ylabel=f"{unit} per 1M output tokens",
-                           title=f"Cost per million output tokens at {unit}{price_per_device_hour:g} per device-hour")
+    return plot_per_device(
+        rows,
+        "cost_per_m_output_tokens",
+        ylabel=f"{unit} per 1M output tokens",
+        title=f"Cost per million output tokens at {unit}{price_per_device_hour:g} per device-hour",
+    )
 
 
 def plot_ratio_bars(ratios: Mapping[str, float], *, ylabel: str, title: str, better: str = "higher"):
@@ -166,9 +206,16 @@ def _at_rate(rows: Sequence[Mapping[str, Any]], rate_rps: float | None) -> tuple
     return float(rate_rps), at
 
 
-def plot_ttft_itl_plane(rows: Sequence[Mapping[str, Any]], *, rate_rps: float | None = None,
-                        ttft_key: str = "ttft_p50_ms", itl_key: str = "itl_p99_ms", slo_ttft_ms: float | None = None,
-                        slo_itl_ms: float | None = None, title: str | None = None):
+def plot_ttft_itl_plane(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    rate_rps: float | None = None,
+    ttft_key: str = "ttft_p50_ms",
+    itl_key: str = "itl_p99_ms",
+    slo_ttft_ms: float | None = None,
+    slo_itl_ms: float | None = None,
+    title: str | None = None,
+):
     """Every mode as one point on the TTFT vs p99-ITL plane at one rate (default: the highest rate
     every mode ran); lower left is better. Chunked prefill's points (`mono-chunked-N`) are joined
     into its Pareto curve, ordered by chunk and ending at plain mono (no chunking), each labelled
@@ -177,23 +224,44 @@ def plot_ttft_itl_plane(rows: Sequence[Mapping[str, Any]], *, rate_rps: float | 
 
     rate, at = _at_rate(rows, rate_rps)
     fig, ax = new_figure()
-    chunked = sorted((r for r in at if parse_mode(r["mode"]).chunked_prefill),
-                     key=lambda r: parse_mode(r["mode"]).chunk_tokens or 0)
+    chunked = sorted(
+        (r for r in at if parse_mode(r["mode"]).chunked_prefill), key=lambda r: parse_mode(r["mode"]).chunk_tokens or 0
+    )
     mono = [r for r in at if r["mode"] == "mono"]
     curve = chunked + mono
     if chunked:
-        ax.plot([r[itl_key] for r in curve], [r[ttft_key] for r in curve], "-o", color=mode_color("mono-chunked"),
-                label="mono-chunked (Pareto curve over chunks)" + (" to mono" if mono else ""), zorder=2)
+        ax.plot(
+            [r[itl_key] for r in curve],
+            [r[ttft_key] for r in curve],
+            "-o",
+            color=mode_color("mono-chunked"),
+            label="mono-chunked (Pareto curve over chunks)" + (" to mono" if mono else ""),
+            zorder=2,
+        )
         for r in chunked:
             chunk = parse_mode(r["mode"]).chunk_tokens
-            ax.annotate(f"{chunk:,}" if chunk else "chunked", (r[itl_key], r[ttft_key]), textcoords="offset points",
-                        xytext=(6, 6), fontsize=12, color=mode_color("mono-chunked"))
+            ax.annotate(
+                f"{chunk:,}" if chunk else "chunked",
+                (r[itl_key], r[ttft_key]),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=12,
+                color=mode_color("mono-chunked"),
+            )
     singles = [r for r in at if r not in chunked]
     markers = {"mono": "s", "mono-dp": "D", "1p1d": "*"}
     for i, r in enumerate(singles):
         m = r["mode"]
-        ax.scatter([r[itl_key]], [r[ttft_key]], s=260 if m == "1p1d" else 130, marker=markers.get(m, "^"),
-                   color=mode_color(m, i), edgecolor="black", zorder=3, label=m)
+        ax.scatter(
+            [r[itl_key]],
+            [r[ttft_key]],
+            s=260 if m == "1p1d" else 130,
+            marker=markers.get(m, "^"),
+            color=mode_color(m, i),
+            edgecolor="black",
+            zorder=3,
+            label=m,
+        )
     if slo_itl_ms:
         ax.axvline(slo_itl_ms, color="black", ls="--", lw=1.5, label=f"SLO: every gap <= {slo_itl_ms:g} ms")
     if slo_ttft_ms:
@@ -207,9 +275,14 @@ def plot_ttft_itl_plane(rows: Sequence[Mapping[str, Any]], *, rate_rps: float | 
     return fig
 
 
-def plot_threshold_sweep(workloads: Mapping[str, Mapping[str, Any]], *, measured_key: str = "goodput_tpot_rps",
-                         predicted_key: str = "predicted_goodput_rps", slo_text: str = "TTFT <= 2 s, TPOT <= 200 ms",
-                         title: str | None = None):
+def plot_threshold_sweep(
+    workloads: Mapping[str, Mapping[str, Any]],
+    *,
+    measured_key: str = "goodput_tpot_rps",
+    predicted_key: str = "predicted_goodput_rps",
+    slo_text: str = "TTFT <= 2 s, TPOT <= 200 ms",
+    title: str | None = None,
+):
     """Goodput against the prefill threshold of selective 1P1D, one panel per workload: measured (solid)
     and the planner's prediction (dashed), the best of each marked (star: measured, triangle: predicted).
     `workloads`: name -> a dict with `rows` (each with `threshold` in tokens and the two goodput keys,
@@ -227,18 +300,35 @@ def plot_threshold_sweep(workloads: Mapping[str, Mapping[str, Any]], *, measured
         ax.plot(x, predicted, "--s", color="grey", label="planner")
         bm = max(range(len(rows)), key=lambda i: (measured[i], -x[i]))
         bp = max(range(len(rows)), key=lambda i: (predicted[i], -x[i]))
-        ax.scatter([x[bm]], [measured[bm]], marker="*", s=420, color=mode_color("1p1d"), edgecolor="black", zorder=3,
-                   label=f"best measured: {x[bm]:,}")
-        ax.scatter([x[bp]], [predicted[bp]], marker="^", s=200, color="grey", edgecolor="black", zorder=3,
-                   label=f"best predicted: {x[bp]:,}")
+        ax.scatter(
+            [x[bm]],
+            [measured[bm]],
+            marker="*",
+            s=420,
+            color=mode_color("1p1d"),
+            edgecolor="black",
+            zorder=3,
+            label=f"best measured: {x[bm]:,}",
+        )
+        ax.scatter(
+            [x[bp]],
+            [predicted[bp]],
+            marker="^",
+            s=200,
+            color="grey",
+            edgecolor="black",
+            zorder=3,
+            label=f"best predicted: {x[bp]:,}",
+        )
         ax.set_xlabel("prefill threshold (tokens; 0 = plain 1P1D)")
         ax.set_ylabel("goodput (req/s within SLO)")
         rate = workloads[name].get("rate_rps")
         ax.set_title(name + (f" at {rate:g} req/s" if rate else ""), fontsize=15)
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=10)
-    fig.suptitle(title or f"Selective 1P1D: goodput against the prefill threshold ({slo_text})", fontsize=16,
-                 fontweight="bold")
+    fig.suptitle(
+        title or f"Selective 1P1D: goodput against the prefill threshold ({slo_text})", fontsize=16, fontweight="bold"
+    )
     fig.tight_layout()
     return fig
 
@@ -249,8 +339,12 @@ def _short(key: str) -> str:
     return " ".join([parts[0].upper(), *parts[1:]])
 
 
-def plot_lengths(samples: Mapping[str, tuple[Sequence[int], Sequence[int]]], *, bins: int = 40,
-                 title: str = "Prompt and output lengths"):
+def plot_lengths(
+    samples: Mapping[str, tuple[Sequence[int], Sequence[int]]],
+    *,
+    bins: int = 40,
+    title: str = "Prompt and output lengths",
+):
     """Histograms (log-spaced bins) of prompt and output tokens, one step line per named (prompts, outputs)."""
     fig, axes = new_figure(1, 2)
     for j, (ax, what) in enumerate(zip(axes, ("prompt", "output"))):
@@ -259,8 +353,15 @@ def plot_lengths(samples: Mapping[str, tuple[Sequence[int], Sequence[int]]], *, 
         hi = max(a.max() for a in arrays if len(a))
         edges = np.logspace(np.log10(lo), np.log10(max(hi, lo * 1.01)), bins)
         for i, (name, a) in enumerate(zip(samples, arrays)):
-            ax.hist(a, bins=edges, histtype="step", lw=2.2, weights=np.full(len(a), 1.0 / max(1, len(a))), color=_EXTRA_COLORS[i % len(_EXTRA_COLORS)],
-                    label=f"{name} (median {np.median(a):,.0f})")
+            ax.hist(
+                a,
+                bins=edges,
+                histtype="step",
+                lw=2.2,
+                weights=np.full(len(a), 1.0 / max(1, len(a))),
+                color=_EXTRA_COLORS[i % len(_EXTRA_COLORS)],
+                label=f"{name} (median {np.median(a):,.0f})",
+            )
         ax.set_xscale("log")
         ax.set_xlabel(f"{what} length (tokens)")
         ax.set_ylabel("fraction of requests")
@@ -276,7 +377,9 @@ def plot_lengths(samples: Mapping[str, tuple[Sequence[int], Sequence[int]]], *, 
 _BOUNDS = (("error", "failed"), ("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "a gap (ITL)"), ("e2e", "E2E"))
 
 
-def reference_series(rows: Sequence[Any], stat: str, fractions: Sequence[float]) -> dict[str, tuple[list[float], list[float]]]:
+def reference_series(
+    rows: Sequence[Any], stat: str, fractions: Sequence[float]
+) -> dict[str, tuple[list[float], list[float]]]:
     """Per mode, (load, value) of a committed run's serving rows (`labkit.reference.ServingRow`s): its
     rates, in order, are the loads `fractions` (multiples of mono's one-at-a-time rate)."""
     rates = sorted({r.rate_rps for r in rows})
@@ -291,10 +394,20 @@ def reference_series(rows: Sequence[Any], stat: str, fractions: Sequence[float])
     return out
 
 
-def plot_intervals(points: Sequence[Mapping[str, Any]], stat: str, *, x: str = "rate_rps", xlabel: str | None = None,
-                   ylabel: str = "", title: str = "", slo_ms: float | None = None, log_y: bool = False,
-                   reference: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
-                   reference_label: str = "reference", ax: Any = None):
+def plot_intervals(
+    points: Sequence[Mapping[str, Any]],
+    stat: str,
+    *,
+    x: str = "rate_rps",
+    xlabel: str | None = None,
+    ylabel: str = "",
+    title: str = "",
+    slo_ms: float | None = None,
+    log_y: bool = False,
+    reference: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    reference_label: str = "reference",
+    ax: Any = None,
+):
     """`stat` per mode against `x` (`rate_rps` or `load_x`), from `RepeatedSweep.points` rows: the pooled
     value with its interval as an error bar, each repeat as a small dot; `reference`: a committed run's
     (x, y) per mode, dashed with hollow markers. Returns the Figure."""
@@ -310,14 +423,29 @@ def plot_intervals(points: Sequence[Mapping[str, Any]], stat: str, *, x: str = "
         hi = np.array([p.get(f"{stat}_hi", v) for p, v in zip(rows, val)], dtype=float)
         c = mode_color(mode, i)
         with_iv = any(f"{stat}_lo" in p for p in rows)
-        ax.errorbar(xs, val, yerr=[np.clip(val - lo, 0, None), np.clip(hi - val, 0, None)], marker="o", color=c,
-                    capsize=6, label=f"{mode} (every repeat pooled, 95% interval)" if with_iv else mode)
+        ax.errorbar(
+            xs,
+            val,
+            yerr=[np.clip(val - lo, 0, None), np.clip(hi - val, 0, None)],
+            marker="o",
+            color=c,
+            capsize=6,
+            label=f"{mode} (every repeat pooled, 95% interval)" if with_iv else mode,
+        )
         for p in rows:
             reps = p.get(f"{stat}_repeats") or ()
             ax.plot([p[x]] * len(reps), reps, linestyle="none", marker=".", markersize=9, alpha=0.45, color=c)
     for i, (mode, (rx, ry)) in enumerate((reference or {}).items()):
-        ax.plot(rx, ry, ls="--", marker="o", mfc="none", color=mode_color(mode, i), alpha=0.7,
-                label=f"{mode}: {reference_label}")
+        ax.plot(
+            rx,
+            ry,
+            ls="--",
+            marker="o",
+            mfc="none",
+            color=mode_color(mode, i),
+            alpha=0.7,
+            label=f"{mode}: {reference_label}",
+        )
     if slo_ms:
         ax.axhline(slo_ms, color="black", ls=":", lw=1.5, label=f"SLO {slo_ms:g} ms")
     if log_y:
@@ -343,8 +471,13 @@ def plot_slo_misses(misses_by_slo: Mapping[str, Mapping[str, Mapping[str, int]]]
         w = 0.8 / max(1, len(modes))
         for i, mode in enumerate(modes):
             n = max(1, by_mode[mode]["requests"])
-            ax.bar(xs + (i - (len(modes) - 1) / 2) * w, [by_mode[mode][k] / n for k, _ in bounds], w,
-                   color=mode_color(mode, i), label=mode)
+            ax.bar(
+                xs + (i - (len(modes) - 1) / 2) * w,
+                [by_mode[mode][k] / n for k, _ in bounds],
+                w,
+                color=mode_color(mode, i),
+                label=mode,
+            )
         ax.set_xticks(xs, [lbl for _, lbl in bounds])
         ax.set_ylim(0, 1.05)
         ax.set_title(name, fontsize=14)
@@ -356,20 +489,34 @@ def plot_slo_misses(misses_by_slo: Mapping[str, Mapping[str, Mapping[str, int]]]
     return fig
 
 
-def plot_versus_claims(rows: Sequence[Mapping[str, Any]], *, throughput_gain: tuple[float, float],
-                       cost_saving_pct: tuple[float, float], x: str = "rate_rps", xlabel: str | None = None,
-                       claim_label: str = "the article's claim", contender: str = "1p1d", baseline: str = "mono"):
+def plot_versus_claims(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    throughput_gain: tuple[float, float],
+    cost_saving_pct: tuple[float, float],
+    x: str = "rate_rps",
+    xlabel: str | None = None,
+    claim_label: str = "the article's claim",
+    contender: str = "1p1d",
+    baseline: str = "mono",
+):
     """Two panels from `labkit.bench.verdicts.versus` rows: the throughput and goodput ratios against the
     claimed gain (a shaded band, log axis; a goodput ratio with no baseline goodput is drawn at the top
     as ▲), and the cost saved per output token against the claimed saving."""
     fig, (a, b) = new_figure(1, 2, figsize=(15, 6))
     xs = [r[x] for r in rows]
-    series = [("throughput_ratio", "raw output throughput")] + [(k, f"goodput, {k.split(' ', 1)[1]}")
-                                                                for k in (rows[0] if rows else {}) if k.startswith("goodput_ratio")]
+    series = [("throughput_ratio", "raw output throughput")] + [
+        (k, f"goodput, {k.split(' ', 1)[1]}") for k in (rows[0] if rows else {}) if k.startswith("goodput_ratio")
+    ]
     finite = [r[k] for r in rows for k, _ in series if np.isfinite(r[k]) and r[k] > 0]
     top = max([throughput_gain[1] * 2, *finite]) * 1.5
     bottom = min([0.5, *finite]) / 1.5
-    a.axhspan(*throughput_gain, color="#bbbbbb", alpha=0.5, label=f"{claim_label}: {throughput_gain[0]:g}-{throughput_gain[1]:g}x")
+    a.axhspan(
+        *throughput_gain,
+        color="#bbbbbb",
+        alpha=0.5,
+        label=f"{claim_label}: {throughput_gain[0]:g}-{throughput_gain[1]:g}x",
+    )
     a.axhline(1.0, color="black", lw=1)
     for i, (k, label) in enumerate(series):
         ys = np.array([r[k] for r in rows], dtype=float)
@@ -385,7 +532,12 @@ def plot_versus_claims(rows: Sequence[Mapping[str, Any]], *, throughput_gain: tu
     a.set_title("Gain: ratios on the same devices")
     a.legend(fontsize=10)
     saved = [100 * (1 - r["cost_ratio"]) for r in rows]
-    b.axhspan(*cost_saving_pct, color="#bbbbbb", alpha=0.5, label=f"{claim_label}: {cost_saving_pct[0]:g}-{cost_saving_pct[1]:g}% saved")
+    b.axhspan(
+        *cost_saving_pct,
+        color="#bbbbbb",
+        alpha=0.5,
+        label=f"{claim_label}: {cost_saving_pct[0]:g}-{cost_saving_pct[1]:g}% saved",
+    )
     b.axhline(0, color="black", lw=1)
     b.plot(xs, saved, marker="o", color=mode_color(contender), label=f"{contender} against {baseline}")
     b.set_ylabel("cost per output token saved (%)")

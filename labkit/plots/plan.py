@@ -1,5 +1,6 @@
 """Charts of notebook 06 (the planner): the fit, the units, simulated latencies, the gain-vs-devices
 curve, the gain map, validation and the simulator's report card."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -18,8 +19,14 @@ def _mode_color(label: str) -> str:
     return MODE_COLORS["disagg"]
 
 
-def plot_fit(cal: Any, title: str = "The latency model, fitted on your measurements", *, other: Any = None,
-             other_label: str = "your fit", held_out: Sequence[Any] = ()) -> Any:
+def plot_fit(
+    cal: Any,
+    title: str = "The latency model, fitted on your measurements",
+    *,
+    other: Any = None,
+    other_label: str = "your fit",
+    held_out: Sequence[Any] = (),
+) -> Any:
     """Two panels: prefill time against prompt tokens, decode step time against context, fit and points.
 
     `other`: a second LatencyModel whose decode formula is drawn dashed beside the lab's fit;
@@ -31,7 +38,9 @@ def plot_fit(cal: Any, title: str = "The latency model, fitted on your measureme
     y = np.array([s.elapsed_s for s in cal.prefill_samples]) * 1e3
     grid = np.linspace(1, t.max() * 1.1, 200)
     ax1.plot(t, y, "o", color=PHASE_COLORS["prefill"], label="measured")
-    ax1.plot(grid, m.prefill_s(grid) * 1e3, "-", color="black", lw=1.6, label=f"a + b·T + c·T²  (R² {m.r2_prefill:.3f})")
+    ax1.plot(
+        grid, m.prefill_s(grid) * 1e3, "-", color="black", lw=1.6, label=f"a + b·T + c·T²  (R² {m.r2_prefill:.3f})"
+    )
     ax1.set(xlabel="prompt tokens T", ylabel="prefill time (ms)", title="Prefill: compute grows with T")
     ax1.legend()
     batches = sorted({s.batch_size for s in cal.decode_samples})
@@ -52,8 +61,11 @@ def plot_fit(cal: Any, title: str = "The latency model, fitted on your measureme
             ax2.plot(cg, other.decode_step_s(b, cg) * 1e3, "--", color=col, lw=1.6)
     if other is not None:
         ax2.plot([], [], "--", color="gray", label=other_label)
-    ax2.set(xlabel="KV tokens in the batch S", ylabel="decode step time (ms)",
-            title=f"Decode: a + b·S + c·B  (R² {m.r2_decode:.3f})")
+    ax2.set(
+        xlabel="KV tokens in the batch S",
+        ylabel="decode step time (ms)",
+        title=f"Decode: a + b·S + c·B  (R² {m.r2_decode:.3f})",
+    )
     ax2.legend(fontsize=10)
     fig.suptitle(title, fontsize=16, fontweight="bold")
     fig.tight_layout()
@@ -108,8 +120,9 @@ def plot_sim_compare(results: Mapping[str, Any], slo: Any, title: str = "Simulat
         col = _mode_color(label)
         for ax, vals in ((axes[0], r.ttft_s), (axes[1], r.tpot_s)):
             v = np.sort(vals) * 1e3
-            ax.plot(v, np.arange(1, len(v) + 1) / len(v), color=col, label=label,
-                    ls="--" if "chunked" in label else "-")
+            ax.plot(
+                v, np.arange(1, len(v) + 1) / len(v), color=col, label=label, ls="--" if "chunked" in label else "-"
+            )
     for ax, lim, name in ((axes[0], slo.ttft_s, "TTFT"), (axes[1], slo.tpot_s, "TPOT")):
         ax.axvline(lim * 1e3, color="black", ls=":", lw=1.5, label=f"SLO {lim * 1e3:g} ms")
         ax.set(xlabel=f"{name} (ms)", ylabel="share of requests", title=f"{name}, cumulative")
@@ -125,8 +138,9 @@ def plot_sim_compare(results: Mapping[str, Any], slo: Any, title: str = "Simulat
     return fig
 
 
-def plot_validation(rows: Sequence[Any], tolerance: float | None = None,
-                    title: str = "Simulator against measurement") -> Any:
+def plot_validation(
+    rows: Sequence[Any], tolerance: float | None = None, title: str = "Simulator against measurement"
+) -> Any:
     """Predicted against measured per metric (log-log), with the y = x line and the band of each
     metric's target (p50 10%, p99 20%, throughput 10%; or one `tolerance` for all). One panel per
     metric the rows hold."""
@@ -137,15 +151,21 @@ def plot_validation(rows: Sequence[Any], tolerance: float | None = None,
     nrows = -(-len(metrics) // cols) or 1
     fig, axes = new_figure(nrows, cols, figsize=(4.6 * cols, 4.4 * nrows), squeeze=False)
     flat = list(axes.ravel())
-    for ax in flat[len(metrics):]:
+    for ax in flat[len(metrics) :]:
         ax.set_visible(False)
     for ax, metric in zip(flat, metrics):
         pts = [r for r in rows if r.metric == metric]
         tol = target_for(metric) if tolerance is None else tolerance
         for mode in sorted({r.mode for r in pts}):
             sel = [r for r in pts if r.mode == mode]
-            ax.plot([r.measured for r in sel], [r.predicted for r in sel], "o", ms=10,
-                    color=MODE_COLORS.get(mode, "#333333"), label=mode)
+            ax.plot(
+                [r.measured for r in sel],
+                [r.predicted for r in sel],
+                "o",
+                ms=10,
+                color=MODE_COLORS.get(mode, "#333333"),
+                label=mode,
+            )
         lo = min(min(r.measured, r.predicted) for r in pts) * 0.7
         hi = max(max(r.measured, r.predicted) for r in pts) * 1.3
         g = np.geomspace(lo, hi, 50)
@@ -174,12 +194,20 @@ def plot_report_card(card: Any, title: str = "The simulator's report card") -> A
             r = card.cell(mode, rate, m)
             if r is not None and np.isfinite(r.error):
                 score[i, j] = min(abs(r.error) / r.target, 2.0)
-                ax.text(j, i, f"{r.error:+.1%}", ha="center", va="center", fontsize=12,
-                        fontweight="normal" if r.met else "bold")
+                ax.text(
+                    j,
+                    i,
+                    f"{r.error:+.1%}",
+                    ha="center",
+                    va="center",
+                    fontsize=12,
+                    fontweight="normal" if r.met else "bold",
+                )
             else:
                 ax.text(j, i, "missing", ha="center", va="center", fontsize=10, color="#555555")
     cmap = LinearSegmentedColormap.from_list("card", ["#2ca02c", "#c7e9c0", "#fdd0a2", "#d62728"]).with_extremes(
-        bad="#dddddd")
+        bad="#dddddd"
+    )
     im = ax.imshow(np.ma.masked_invalid(score), cmap=cmap, vmin=0, vmax=2, aspect="auto")
     ax.set_xticks(range(len(METRICS)), [NAMES[m] for m in METRICS], rotation=25, ha="right")
     ax.set_yticks(range(len(runs)), [f"{m} @ {r:g} req/s" for m, r in runs])
@@ -192,8 +220,14 @@ def plot_report_card(card: Any, title: str = "The simulator's report card") -> A
     return fig
 
 
-def plot_gain_map(xs: Sequence[float], ys: Sequence[float], gain: np.ndarray, xlabel: str, ylabel: str,
-                  title: str = "Where disaggregation pays (goodput per device, xPyD / mono)") -> Any:
+def plot_gain_map(
+    xs: Sequence[float],
+    ys: Sequence[float],
+    gain: np.ndarray,
+    xlabel: str,
+    ylabel: str,
+    title: str = "Where disaggregation pays (goodput per device, xPyD / mono)",
+) -> Any:
     """A heat map of the simulated gain over two knobs; > 1 (green) means disaggregation wins."""
     from matplotlib.colors import TwoSlopeNorm
 
@@ -213,9 +247,15 @@ def plot_gain_map(xs: Sequence[float], ys: Sequence[float], gain: np.ndarray, xl
     return fig
 
 
-def plot_transfer_vs_prefill(latency: Any, prompt_tokens: int, gbps: Sequence[float], *,
-                             mark_gbps: float | None = None, links: Mapping[str, float] | None = None,
-                             title: str = "KV transfer against the prefill it follows") -> Any:
+def plot_transfer_vs_prefill(
+    latency: Any,
+    prompt_tokens: int,
+    gbps: Sequence[float],
+    *,
+    mark_gbps: float | None = None,
+    links: Mapping[str, float] | None = None,
+    title: str = "KV transfer against the prefill it follows",
+) -> Any:
     """Transfer time of one prompt's KV against link speed (log-log), the prefill time as a line,
     `mark_gbps` (e.g. the learner's break-even) and named `links` (label -> Gbit/s) as dots."""
     from labkit.links import Link
@@ -223,8 +263,14 @@ def plot_transfer_vs_prefill(latency: Any, prompt_tokens: int, gbps: Sequence[fl
     fig, ax = new_figure(figsize=(10, 5))
     nbytes = prompt_tokens * latency.kv_bytes_per_token
     g = np.asarray(gbps, dtype=float)
-    ax.plot(g, [Link.from_gbps(x).seconds(nbytes) * 1e3 for x in g], "-", color=MODE_COLORS["disagg"], lw=2,
-            label=f"KV of {prompt_tokens:,} tokens ({nbytes / 1e6:,.0f} MB)")
+    ax.plot(
+        g,
+        [Link.from_gbps(x).seconds(nbytes) * 1e3 for x in g],
+        "-",
+        color=MODE_COLORS["disagg"],
+        lw=2,
+        label=f"KV of {prompt_tokens:,} tokens ({nbytes / 1e6:,.0f} MB)",
+    )
     pre_ms = float(latency.prefill_s(prompt_tokens)) * 1e3
     ax.axhline(pre_ms, color=PHASE_COLORS["prefill"], ls="--", lw=1.8, label=f"its prefill: {pre_ms:,.0f} ms")
     for name, x in (links or {}).items():
@@ -245,9 +291,9 @@ def plot_claims(rows: Sequence[Any], article: Any, title: str = "The article's f
     names = [r.scenario for r in rows]
     x = np.arange(len(rows))
     for ax, vals, (lo, hi), unit, label in (
-            (ax1, [r.gain for r in rows], article.throughput_gain, "x", "goodput, best disaggregated / mono-dp (x)"),
-            (ax2, [100 * r.cost_saving for r in rows], article.cost_saving_pct, "%",
-             "lower cost per output token (%)")):
+        (ax1, [r.gain for r in rows], article.throughput_gain, "x", "goodput, best disaggregated / mono-dp (x)"),
+        (ax2, [100 * r.cost_saving for r in rows], article.cost_saving_pct, "%", "lower cost per output token (%)"),
+    ):
         ax.axhspan(lo, hi, color="gray", alpha=0.25, label=f"the article: {lo:g}-{hi:g}{unit}")
         ax.bar(x, vals, color=MODE_COLORS["disagg"], width=0.5, label="the planner")
         for i, v in enumerate(vals):

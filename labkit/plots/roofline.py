@@ -3,6 +3,7 @@
 Every function takes measurement records (dicts from `labkit.measure`) and returns a
 matplotlib Figure in the lab's style; nothing here measures.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,9 +22,15 @@ def _label(r: dict[str, Any]) -> str:
     return f"decode b={r['batch']}"
 
 
-def roofline_chart(peaks: Peaks, records: Sequence[dict[str, Any]], *, dtype: str = "float32",
-                   datasheet: Datasheet | None = None, title: str | None = None,
-                   extra_intensities: Sequence[float] = ()):
+def roofline_chart(
+    peaks: Peaks,
+    records: Sequence[dict[str, Any]],
+    *,
+    dtype: str = "float32",
+    datasheet: Datasheet | None = None,
+    title: str | None = None,
+    extra_intensities: Sequence[float] = (),
+):
     """Log-log roofline: measured roofs, the ridge, and each record at (FLOP/byte, achieved FLOP/s).
 
     extra_intensities widen the x range (for points another function adds)."""
@@ -50,10 +57,15 @@ def roofline_chart(peaks: Peaks, records: Sequence[dict[str, Any]], *, dtype: st
         text = f"{r['model']}: {_label(r)}" if several_models else _label(r)
         if several_runners:
             text += f" ({r['runner']})"
-        ax.scatter(r["intensity_flop_per_byte"], r["achieved_flops_per_s"], s=90, color=c, zorder=3,
-                   edgecolor="white")
-        ax.annotate(text, (r["intensity_flop_per_byte"], r["achieved_flops_per_s"]),
-                    textcoords="offset points", xytext=(7, 5), fontsize=11, color=c)
+        ax.scatter(r["intensity_flop_per_byte"], r["achieved_flops_per_s"], s=90, color=c, zorder=3, edgecolor="white")
+        ax.annotate(
+            text,
+            (r["intensity_flop_per_byte"], r["achieved_flops_per_s"]),
+            textcoords="offset points",
+            xytext=(7, 5),
+            fontsize=11,
+            color=c,
+        )
     for ph in dict.fromkeys(r["phase"] for r in records):
         ax.scatter([], [], color=PHASE_COLORS.get(ph, "black"), label=ph)
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
@@ -68,16 +80,24 @@ def utilization_timeline(sampler: Sampler, metrics: Sequence[str] | None = None,
     fig, ax = new_figure()
     df = sampler.frame()
     if metrics is None:
-        gpu = [m for m in ("gpu_util_pct", "tensor_active_pct", "sm_active_pct", "dram_bw_util_pct", "mem_util_pct")
-               if m in df.columns]
+        gpu = [
+            m
+            for m in ("gpu_util_pct", "tensor_active_pct", "sm_active_pct", "dram_bw_util_pct", "mem_util_pct")
+            if m in df.columns
+        ]
         metrics = gpu or [c for c in df.columns if c.startswith("cpu") and c.endswith("_pct")]
     for m in metrics:
         if m in df.columns:
             ax.plot(df["t_s"], df[m], label=m.removesuffix("_pct"), lw=1.8 if m != "cpu_util_pct" else 3)
     seen: set[str] = set()
     for p in sampler.phases:
-        ax.axvspan(p.start_s, p.end_s, color=PHASE_COLORS.get(p.name, "gray"), alpha=0.15,
-                   label=None if p.name in seen else f"phase: {p.name}")
+        ax.axvspan(
+            p.start_s,
+            p.end_s,
+            color=PHASE_COLORS.get(p.name, "gray"),
+            alpha=0.15,
+            label=None if p.name in seen else f"phase: {p.name}",
+        )
         seen.add(p.name)
     ax.set_ylim(0, 105)
     ax.set_xlabel("time (s)")
@@ -108,8 +128,9 @@ def utilization_bars(records: Sequence[dict[str, Any]], title: str = "MFU and MB
     return fig
 
 
-def decode_batch_sweep(records: Sequence[dict[str, Any]], critical_batch: int | None = None,
-                       title: str = "Decode: batch size sweep"):
+def decode_batch_sweep(
+    records: Sequence[dict[str, Any]], critical_batch: int | None = None, title: str = "Decode: batch size sweep"
+):
     """Left: output tokens/s vs batch; right: MFU and MBU vs batch, with the critical batch marked."""
     fig, (a1, a2) = new_figure(1, 2)
     b = [r["batch"] for r in records]
@@ -125,8 +146,16 @@ def decode_batch_sweep(records: Sequence[dict[str, Any]], critical_batch: int | 
         for a in (a1, a2):
             a.axvline(critical_batch, color="gray", ls="--", lw=1.5)
         # x in data units, y in axes units: the label stays visible whatever the y range
-        a2.text(critical_batch, 0.96, f"critical batch ≈ {critical_batch} ", transform=a2.get_xaxis_transform(),
-                color="gray", fontsize=11, va="top", ha="right")
+        a2.text(
+            critical_batch,
+            0.96,
+            f"critical batch ≈ {critical_batch} ",
+            transform=a2.get_xaxis_transform(),
+            color="gray",
+            fontsize=11,
+            va="top",
+            ha="right",
+        )
     a2.set_xlabel("decode batch (sequences)")
     a2.set_ylabel("% of measured peak")
     a2.set_title("utilization")
@@ -135,8 +164,9 @@ def decode_batch_sweep(records: Sequence[dict[str, Any]], critical_batch: int | 
     return fig
 
 
-def prefill_length_sweep(records: Sequence[dict[str, Any]], title: str = "Prefill: prompt length sweep",
-                         reference: Sequence[Any] = ()):
+def prefill_length_sweep(
+    records: Sequence[dict[str, Any]], title: str = "Prefill: prompt length sweep", reference: Sequence[Any] = ()
+):
     """Left: prefill time (ms) vs prompt length; right: MFU (%) vs prompt length, with reference
     machines' prefill points (`labkit.reference.PhasePoint`) as dashed grey lines."""
     fig, (a1, a2) = new_figure(1, 2)
@@ -151,8 +181,13 @@ def prefill_length_sweep(records: Sequence[dict[str, Any]], title: str = "Prefil
         groups.setdefault(f"{p.machine.split(' (')[0]} (reference): {p.model} ({p.runner})", []).append(p)
     for i, (label, pts) in enumerate(groups.items()):
         pts = sorted(pts, key=lambda p: p.seq_len)
-        a2.plot([p.seq_len for p in pts], [100 * (p.mfu or 0) for p in pts], _REF_MARKERS[i % len(_REF_MARKERS)] + "--",
-                color=_REF_GREYS[i % len(_REF_GREYS)], label=label)
+        a2.plot(
+            [p.seq_len for p in pts],
+            [100 * (p.mfu or 0) for p in pts],
+            _REF_MARKERS[i % len(_REF_MARKERS)] + "--",
+            color=_REF_GREYS[i % len(_REF_GREYS)],
+            label=label,
+        )
     a2.set_xlabel("prompt length (tokens)")
     a2.set_ylabel("MFU (% of matmul peak)")
     a2.set_ylim(0, max([105.0] + [110 * (r.get("mfu") or 0) for r in records]))
@@ -165,8 +200,11 @@ def prefill_length_sweep(records: Sequence[dict[str, Any]], title: str = "Prefil
     return fig
 
 
-def util_vs_mfu(phase_means: dict[str, dict[str, float]], records: Sequence[dict[str, Any]],
-                title: str = "What 'GPU utilization' says vs what the hardware did"):
+def util_vs_mfu(
+    phase_means: dict[str, dict[str, float]],
+    records: Sequence[dict[str, Any]],
+    title: str = "What 'GPU utilization' says vs what the hardware did",
+):
     """Per phase: NVML GPU utilization, tensor-core activity (GPM), DRAM bandwidth util, MFU and MBU (%).
 
     On a CPU the first bar is the mean per-core utilization instead.
@@ -176,12 +214,18 @@ def util_vs_mfu(phase_means: dict[str, dict[str, float]], records: Sequence[dict
     fig, ax = new_figure()
     phases = [p for p in ("prefill", "decode") if p in phase_means]
     by_phase = {r["phase"]: r for r in records}
-    series = [("gpu_util_pct", "NVML GPU util"), ("cpu_util_pct", "CPU core util"),
-              ("tensor_active_pct", "tensor-core active (GPM)"), ("dram_bw_util_pct", "DRAM BW util (GPM)")]
+    series = [
+        ("gpu_util_pct", "NVML GPU util"),
+        ("cpu_util_pct", "CPU core util"),
+        ("tensor_active_pct", "tensor-core active (GPM)"),
+        ("dram_bw_util_pct", "DRAM BW util (GPM)"),
+    ]
     series = [(k, lab) for k, lab in series if any(k in phase_means[p] for p in phases)]
     bars = [(lab, [phase_means[p].get(k, 0.0) for p in phases]) for k, lab in series]
-    bars += [("MFU", [100 * (by_phase.get(p, {}).get("mfu") or 0) for p in phases]),
-             ("MBU", [100 * (by_phase.get(p, {}).get("mbu") or 0) for p in phases])]
+    bars += [
+        ("MFU", [100 * (by_phase.get(p, {}).get("mfu") or 0) for p in phases]),
+        ("MBU", [100 * (by_phase.get(p, {}).get("mbu") or 0) for p in phases]),
+    ]
     x = np.arange(len(phases))
     w = 0.8 / len(bars)
     for i, (lab, vals) in enumerate(bars):
@@ -212,19 +256,44 @@ def add_reference_roofs(ax: Any, references: Sequence[tuple[Any, Sequence[Any]]]
     x = np.logspace(np.log10(lo), np.log10(hi), 200)
     for i, (roofs, points) in enumerate(references):
         grey, marker = _REF_GREYS[i % len(_REF_GREYS)], _REF_MARKERS[i % len(_REF_MARKERS)]
-        ax.loglog(x, np.minimum(roofs.peak_flops, roofs.read_bytes_per_s * x), color=grey, ls="--", lw=1.5,
-                  label=f"{roofs.machine.split(' (')[0]} roof ({roofs.dtype}, measured)")
+        ax.loglog(
+            x,
+            np.minimum(roofs.peak_flops, roofs.read_bytes_per_s * x),
+            color=grey,
+            ls="--",
+            lw=1.5,
+            label=f"{roofs.machine.split(' (')[0]} roof ({roofs.dtype}, measured)",
+        )
         for p in points:
             c = PHASE_COLORS.get(p.phase, "black")
-            ax.scatter(p.intensity_flop_per_byte, p.achieved_flops_per_s, s=80, marker=marker, facecolor="white",
-                       edgecolor=c, linewidth=2, zorder=3)
-            ax.annotate(_ref_label(p), (p.intensity_flop_per_byte, p.achieved_flops_per_s), textcoords="offset points",
-                        xytext=(7, -12), fontsize=9, color=grey)
+            ax.scatter(
+                p.intensity_flop_per_byte,
+                p.achieved_flops_per_s,
+                s=80,
+                marker=marker,
+                facecolor="white",
+                edgecolor=c,
+                linewidth=2,
+                zorder=3,
+            )
+            ax.annotate(
+                _ref_label(p),
+                (p.intensity_flop_per_byte, p.achieved_flops_per_s),
+                textcoords="offset points",
+                xytext=(7, -12),
+                fontsize=9,
+                color=grey,
+            )
 
 
-def roofline_with_references(peaks: Peaks, records: Sequence[dict[str, Any]],
-                             references: Sequence[tuple[Any, Sequence[Any]]], *, dtype: str = "float32",
-                             title: str | None = None):
+def roofline_with_references(
+    peaks: Peaks,
+    records: Sequence[dict[str, Any]],
+    references: Sequence[tuple[Any, Sequence[Any]]],
+    *,
+    dtype: str = "float32",
+    title: str | None = None,
+):
     """The roofline of this machine with its measured points, and reference machines' roofs and points
     (pairs of `labkit.reference.Roofs` and `PhasePoint`s) on the same log-log axes."""
     ref_xs = [p.intensity_flop_per_byte for _, ps in references for p in ps]
@@ -236,20 +305,32 @@ def roofline_with_references(peaks: Peaks, records: Sequence[dict[str, Any]],
     return fig
 
 
-def mfu_mbu_with_references(records: Sequence[dict[str, Any]], references: Sequence[Any],
-                            title: str = "MFU in prefill, MBU in decode: this machine and reference machines"):
+def mfu_mbu_with_references(
+    records: Sequence[dict[str, Any]],
+    references: Sequence[Any],
+    title: str = "MFU in prefill, MBU in decode: this machine and reference machines",
+):
     """Two panels of bars: prefill MFU and decode MBU (%), this machine's records (solid) above the
     reference machines' points (hatched)."""
     fig, axes = new_figure(1, 2, figsize=(15, 5.5))
-    for ax, phase, key, what in ((axes[0], "prefill", "mfu", "MFU (% of matmul peak)"),
-                                 (axes[1], "decode", "mbu", "MBU (% of read bandwidth)")):
-        rows = [(f"this machine: {r['model']} ({r['runner']})", 100 * (r.get(key) or 0), False)
-                for r in records if r["phase"] == phase]
-        rows += [(_ref_label(p).replace(f" {phase} ", " "), 100 * (getattr(p, key) or 0), True)
-                 for p in references if p.phase == phase]
+    for ax, phase, key, what in (
+        (axes[0], "prefill", "mfu", "MFU (% of matmul peak)"),
+        (axes[1], "decode", "mbu", "MBU (% of read bandwidth)"),
+    ):
+        rows = [
+            (f"this machine: {r['model']} ({r['runner']})", 100 * (r.get(key) or 0), False)
+            for r in records
+            if r["phase"] == phase
+        ]
+        rows += [
+            (_ref_label(p).replace(f" {phase} ", " "), 100 * (getattr(p, key) or 0), True)
+            for p in references
+            if p.phase == phase
+        ]
         rows = rows[::-1]
-        bars = ax.barh([r[0] for r in rows], [r[1] for r in rows], color=PHASE_COLORS[phase],
-                       alpha=0.9, edgecolor="black")
+        bars = ax.barh(
+            [r[0] for r in rows], [r[1] for r in rows], color=PHASE_COLORS[phase], alpha=0.9, edgecolor="black"
+        )
         for b, r in zip(bars, rows):
             if r[2]:
                 b.set_alpha(0.35)
@@ -264,8 +345,15 @@ def mfu_mbu_with_references(records: Sequence[dict[str, Any]], references: Seque
     return fig
 
 
-def decode_intensity_vs_batch(shape: Any, contexts: Sequence[int], ridges: dict[str, float], *,
-                              dtype: str = "bfloat16", max_batch: int = 4096, title: str | None = None):
+def decode_intensity_vs_batch(
+    shape: Any,
+    contexts: Sequence[int],
+    ridges: dict[str, float],
+    *,
+    dtype: str = "bfloat16",
+    max_batch: int = 4096,
+    title: str | None = None,
+):
     """Decode FLOP/byte against the batch at several contexts (labkit.roofline), with ridge lines: a
     context whose curve levels off below a ridge never turns compute-bound on that machine."""
     import numpy as np
@@ -276,13 +364,24 @@ def decode_intensity_vs_batch(shape: Any, contexts: Sequence[int], ridges: dict[
     batches = np.unique(np.geomspace(1, max_batch, 60).astype(int))
     for i, ctx in enumerate(contexts):
         y = [decode_cost(shape, int(b), ctx, dtype).intensity_flop_per_byte for b in batches]
-        (line,) = ax.loglog(batches, y, lw=2.4, label=f"context {ctx:,}",
-                            color=__import__("matplotlib").colormaps["Blues"](0.35 + 0.65 * i / max(1, len(contexts) - 1)))
+        (line,) = ax.loglog(
+            batches,
+            y,
+            lw=2.4,
+            label=f"context {ctx:,}",
+            color=__import__("matplotlib").colormaps["Blues"](0.35 + 0.65 * i / max(1, len(contexts) - 1)),
+        )
         for name, ridge in ridges.items():
             b = critical_batch(shape, ridge, dtype, ctx, max_batch=max_batch)
             if b:
-                ax.scatter([b], [decode_cost(shape, b, ctx, dtype).intensity_flop_per_byte], color=line.get_color(),
-                           zorder=3, s=60, edgecolor="black")
+                ax.scatter(
+                    [b],
+                    [decode_cost(shape, b, ctx, dtype).intensity_flop_per_byte],
+                    color=line.get_color(),
+                    zorder=3,
+                    s=60,
+                    edgecolor="black",
+                )
     for j, (name, ridge) in enumerate(ridges.items()):
         ax.axhline(ridge, color="black", ls=("--", ":")[j % 2], lw=1.5, label=f"ridge: {name} ({ridge:.0f} FLOP/B)")
     ax.set_xlabel("decode batch (sequences)")
@@ -292,8 +391,9 @@ def decode_intensity_vs_batch(shape: Any, contexts: Sequence[int], ridges: dict[
     return fig
 
 
-def decode_steps_vs_prediction(panels: Sequence[dict[str, Any]],
-                               title: str = "Decode steps: measured, and the bytes / bandwidth lower bound"):
+def decode_steps_vs_prediction(
+    panels: Sequence[dict[str, Any]], title: str = "Decode steps: measured, and the bytes / bandwidth lower bound"
+):
     """One panel per dict {title, batch, measured_ms, predicted_ms}: both against the batch, with each
     point's MBU (predicted / measured) written beside it."""
     fig, axes = new_figure(1, len(panels), figsize=(7.5 * len(panels), 5.5))
@@ -314,18 +414,31 @@ def decode_steps_vs_prediction(panels: Sequence[dict[str, Any]],
     return fig
 
 
-def first_look(flops_per_s: float, bytes_per_s: float, references: Sequence[Any] = (), *,
-               title: str = "First look: this machine's two roofs"):
+def first_look(
+    flops_per_s: float,
+    bytes_per_s: float,
+    references: Sequence[Any] = (),
+    *,
+    title: str = "First look: this machine's two roofs",
+):
     """Two panels of bars (log scale): matmul GFLOP/s and read GB/s of this machine, beside the
     reference machines' measured roofs (`labkit.reference.Roofs`)."""
     fig, axes = new_figure(1, 2)
     names = ["this machine"] + [f"{r.machine.split(' (')[0]}\n(reference, {r.dtype})" for r in references]
     colors = [PHASE_COLORS["prefill"]] + ["#bbbbbb"] * len(references)
-    for ax, vals, unit, what in ((axes[0], [flops_per_s] + [r.peak_flops for r in references], 1e9, "GFLOP/s"),
-                                 (axes[1], [bytes_per_s] + [r.read_bytes_per_s for r in references], 1e9, "GB/s")):
-        bars = ax.bar(names, [v / unit for v in vals], color=colors if what == "GFLOP/s" else
-                      [PHASE_COLORS["decode"]] + colors[1:], edgecolor="black")
-        ax.bar_label(bars, labels=[f"{v / unit:,.0f}" if v / unit >= 10 else f"{v / unit:.2g}" for v in vals], fontsize=11)
+    for ax, vals, unit, what in (
+        (axes[0], [flops_per_s] + [r.peak_flops for r in references], 1e9, "GFLOP/s"),
+        (axes[1], [bytes_per_s] + [r.read_bytes_per_s for r in references], 1e9, "GB/s"),
+    ):
+        bars = ax.bar(
+            names,
+            [v / unit for v in vals],
+            color=colors if what == "GFLOP/s" else [PHASE_COLORS["decode"]] + colors[1:],
+            edgecolor="black",
+        )
+        ax.bar_label(
+            bars, labels=[f"{v / unit:,.0f}" if v / unit >= 10 else f"{v / unit:.2g}" for v in vals], fontsize=11
+        )
         ax.set_yscale("log")
         ax.set_ylabel(what + " (log scale)")
         ax.tick_params(axis="x", labelsize=10, rotation=10)

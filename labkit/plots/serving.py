@@ -3,6 +3,7 @@
 Each takes `labkit.bench.interference.InterferenceResult`s; the long prompt's prefill window
 (sent until its first token) is shaded in the prefill colour on every time axis.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -13,8 +14,14 @@ from labkit.plots.style import MODE_COLORS, PHASE_COLORS, new_figure
 
 def _shade_window(ax: Any, result: Any, label: bool = True) -> None:
     w0, w1 = result.prefill_window_s
-    ax.axvspan(w0, w1, color=PHASE_COLORS["prefill"], alpha=0.15, lw=0,
-               label="long prompt: sent → first token" if label else None)
+    ax.axvspan(
+        w0,
+        w1,
+        color=PHASE_COLORS["prefill"],
+        alpha=0.15,
+        lw=0,
+        label="long prompt: sent → first token" if label else None,
+    )
 
 
 def token_timeline(result: Any, ax: Any = None, title: str | None = None) -> Any:
@@ -24,8 +31,15 @@ def token_timeline(result: Any, ax: Any = None, title: str | None = None) -> Any
     traces = list(result.decodes) + [result.long]
     for row, t in enumerate(traces):
         color = PHASE_COLORS["prefill"] if t.kind == "long" else PHASE_COLORS["decode"]
-        ax.plot(t.token_s, [row] * len(t.token_s), linestyle="none", marker="|", markersize=14,
-                markeredgewidth=1.6, color=color)
+        ax.plot(
+            t.token_s,
+            [row] * len(t.token_s),
+            linestyle="none",
+            marker="|",
+            markersize=14,
+            markeredgewidth=1.6,
+            color=color,
+        )
         ax.plot([t.sent_s], [row], marker=">", color="black", markersize=7)
     _shade_window(ax, result)
     ax.set_yticks(range(len(traces)), [t.name for t in traces])
@@ -47,11 +61,18 @@ def itl_timeline(result: Any, ax: Any = None, title: str | None = None) -> Any:
     if out:
         ax.scatter(*zip(*out), s=14, color=PHASE_COLORS["decode"], label="decode gap")
     if ins:
-        ax.scatter(*zip(*ins), s=30, color=PHASE_COLORS["prefill"], marker="D", label="gap overlapping the long prefill")
+        ax.scatter(
+            *zip(*ins), s=30, color=PHASE_COLORS["prefill"], marker="D", label="gap overlapping the long prefill"
+        )
     _shade_window(ax, result, label=False)
     st = result.stats()
-    ax.axhline(st["decode_itl_mean_ms"], color="gray", ls="--", lw=1.5,
-               label=f"mean outside: {st['decode_itl_mean_ms']:.0f} ms")
+    ax.axhline(
+        st["decode_itl_mean_ms"],
+        color="gray",
+        ls="--",
+        lw=1.5,
+        label=f"mean outside: {st['decode_itl_mean_ms']:.0f} ms",
+    )
     ax.set_xlabel("time since the first request (s)")
     ax.set_ylabel("inter-token gap (ms)")
     ax.set_ylim(bottom=0)
@@ -84,14 +105,30 @@ def _stall_bars(ax: Any, labels: Sequence[str], stats: Sequence[Mapping[str, flo
 
     x = np.arange(len(labels))
     colors = [MODE_COLORS.get(lbl.split()[0], "#555555") for lbl in labels]
-    ax.bar(x - 0.2, [s["decode_itl_mean_ms"] for s in stats], 0.4, color=colors, alpha=0.45,
-           label="mean decode gap, outside the prefill")
-    bars = ax.bar(x + 0.2, [s["decode_stall_max_ms"] for s in stats], 0.4, color=colors,
-                  label="worst decode gap, during the prefill")
+    ax.bar(
+        x - 0.2,
+        [s["decode_itl_mean_ms"] for s in stats],
+        0.4,
+        color=colors,
+        alpha=0.45,
+        label="mean decode gap, outside the prefill",
+    )
+    bars = ax.bar(
+        x + 0.2,
+        [s["decode_stall_max_ms"] for s in stats],
+        0.4,
+        color=colors,
+        label="worst decode gap, during the prefill",
+    )
     for b, s in zip(bars, stats):
         ratio = s["decode_stall_max_ms"] / s["decode_itl_mean_ms"] if s["decode_itl_mean_ms"] else float("nan")
-        ax.annotate(f"{s['decode_stall_max_ms']:,.0f} ms\n({ratio:.0f}x)", (b.get_x() + b.get_width() / 2,
-                    b.get_height()), ha="center", va="bottom", fontsize=11)
+        ax.annotate(
+            f"{s['decode_stall_max_ms']:,.0f} ms\n({ratio:.0f}x)",
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=11,
+        )
     ax.set_xticks(x, labels)
     ax.set_ylabel("inter-token gap (ms)")
     ax.margins(y=0.2)
@@ -111,8 +148,11 @@ def stall_comparison_with_reference(results: Sequence[Any], reference: Any = Non
     a.set_title("this machine")
     modes = list(reference.stats)
     _stall_bars(b, modes, [reference.stats[m] for m in modes])
-    b.set_title(f"reference: {reference.model}, {reference.long_prompt_tokens:,}-token prompt,\n"
-                f"chunks of {reference.chunk_tokens} ({reference.file.tag}, {reference.file.date})", fontsize=14)
+    b.set_title(
+        f"reference: {reference.model}, {reference.long_prompt_tokens:,}-token prompt,\n"
+        f"chunks of {reference.chunk_tokens} ({reference.file.tag}, {reference.file.date})",
+        fontsize=14,
+    )
     fig.suptitle("A long prefill stalls the decodes that share its engine", fontsize=17, fontweight="bold")
     fig.tight_layout()
     return fig
@@ -126,19 +166,45 @@ def chunk_tradeoff(rows: Sequence[Mapping[str, Any]], ax: Any = None, title: str
         _, ax = new_figure(figsize=(11, 7))
     chunked = sorted((r for r in rows if r["mode"] == "mono-chunked"), key=lambda r: r["chunk_tokens"])
     if chunked:
-        ax.plot([r["long_ttft_ms"] for r in chunked], [r["itl_p99_ms"] for r in chunked], marker="o",
-                color=MODE_COLORS["mono-chunked"], label="mono, chunked prefill (chunk size beside each point)")
+        ax.plot(
+            [r["long_ttft_ms"] for r in chunked],
+            [r["itl_p99_ms"] for r in chunked],
+            marker="o",
+            color=MODE_COLORS["mono-chunked"],
+            label="mono, chunked prefill (chunk size beside each point)",
+        )
         for r in chunked:
-            ax.annotate(f"{r['chunk_tokens']}", (r["long_ttft_ms"], r["itl_p99_ms"]), xytext=(7, 5),
-                        textcoords="offset points", fontsize=12, color=MODE_COLORS["mono-chunked"])
+            ax.annotate(
+                f"{r['chunk_tokens']}",
+                (r["long_ttft_ms"], r["itl_p99_ms"]),
+                xytext=(7, 5),
+                textcoords="offset points",
+                fontsize=12,
+                color=MODE_COLORS["mono-chunked"],
+            )
     for mode, marker, text in (("mono", "s", "mono, one prefill step"), ("1p1d", "*", "1P1D (disaggregated)")):
         for r in (r for r in rows if r["mode"] == mode):
-            ax.plot([r["long_ttft_ms"]], [r["itl_p99_ms"]], marker=marker, markersize=16 if marker == "*" else 11,
-                    linestyle="none", color=MODE_COLORS[mode], label=text)
+            ax.plot(
+                [r["long_ttft_ms"]],
+                [r["itl_p99_ms"]],
+                marker=marker,
+                markersize=16 if marker == "*" else 11,
+                linestyle="none",
+                color=MODE_COLORS[mode],
+                label=text,
+            )
     front = [r for r in rows if r.get("pareto")]
-    ax.plot([r["long_ttft_ms"] for r in front], [r["itl_p99_ms"] for r in front], linestyle="none", marker="o",
-            markersize=24, markerfacecolor="none", markeredgecolor="#333333", markeredgewidth=1.2,
-            label="Pareto front (nothing beats it on both)")
+    ax.plot(
+        [r["long_ttft_ms"] for r in front],
+        [r["itl_p99_ms"] for r in front],
+        linestyle="none",
+        marker="o",
+        markersize=24,
+        markerfacecolor="none",
+        markeredgecolor="#333333",
+        markeredgewidth=1.2,
+        label="Pareto front (nothing beats it on both)",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("long prompt's TTFT: time to first token (ms, log)")
@@ -148,25 +214,46 @@ def chunk_tradeoff(rows: Sequence[Mapping[str, Any]], ax: Any = None, title: str
     return ax
 
 
-def chunk_plan_vs_log(predicted: Sequence[int], logged: Sequence[Mapping[str, Any]], decode_step_ms: float | None = None,
-                      title: str | None = None) -> Any:
+def chunk_plan_vs_log(
+    predicted: Sequence[int],
+    logged: Sequence[Mapping[str, Any]],
+    decode_step_ms: float | None = None,
+    title: str | None = None,
+) -> Any:
     """The long prompt's steps: prompt tokens per step as predicted (bars) and as the engine's step log
     recorded them (dots), above each logged step's time (ms) beside a decode-only step's; returns the Figure."""
     import numpy as np
 
     fig, (a, b) = new_figure(2, 1, figsize=(11, 7.5), sharex=True)
     n = max(len(predicted), len(logged))
-    a.bar(np.arange(1, len(predicted) + 1), predicted, color=PHASE_COLORS["prefill"], alpha=0.35,
-          label="your chunked_step, step after step")
-    a.plot(np.arange(1, len(logged) + 1), [s["prefill_tokens"] for s in logged], linestyle="none", marker="o",
-           color=PHASE_COLORS["prefill"], label="the engine's step log")
+    a.bar(
+        np.arange(1, len(predicted) + 1),
+        predicted,
+        color=PHASE_COLORS["prefill"],
+        alpha=0.35,
+        label="your chunked_step, step after step",
+    )
+    a.plot(
+        np.arange(1, len(logged) + 1),
+        [s["prefill_tokens"] for s in logged],
+        linestyle="none",
+        marker="o",
+        color=PHASE_COLORS["prefill"],
+        label="the engine's step log",
+    )
     a.set_ylabel("prompt tokens in the step")
     a.set_title(title or "The long prompt, step by step: predicted and logged")
     a.legend(fontsize=10, loc="lower left")
-    b.bar(np.arange(1, len(logged) + 1), [1e3 * s["seconds"] for s in logged], color=PHASE_COLORS["mixed"],
-          label="a step with a prompt chunk (logged)")
+    b.bar(
+        np.arange(1, len(logged) + 1),
+        [1e3 * s["seconds"] for s in logged],
+        color=PHASE_COLORS["mixed"],
+        label="a step with a prompt chunk (logged)",
+    )
     if decode_step_ms:
-        b.axhline(decode_step_ms, color=PHASE_COLORS["decode"], ls="--", label=f"a decode-only step: {decode_step_ms:,.0f} ms")
+        b.axhline(
+            decode_step_ms, color=PHASE_COLORS["decode"], ls="--", label=f"a decode-only step: {decode_step_ms:,.0f} ms"
+        )
     b.set_xlabel("step of the long prompt")
     b.set_ylabel("step time (ms)")
     b.set_xlim(0.4, n + 0.6)
@@ -202,20 +289,42 @@ def kv_stream_timeline(results: Mapping[str, Mapping[str, Any]], ax: Any = None,
         r = results[mode]
         pre, acked = 1e3 * r["prefill_s"], 1e3 * r["kv_acked_s"]
         ax.barh(row, pre, height=0.5, color=PHASE_COLORS["prefill"], label="prefill" if row == 0 else None)
-        ax.barh(row, acked - pre, left=pre, height=0.5, color=PHASE_COLORS["transfer"],
-                label="KV transfer after the prefill" if row == 0 else None)
+        ax.barh(
+            row,
+            acked - pre,
+            left=pre,
+            height=0.5,
+            color=PHASE_COLORS["transfer"],
+            label="KV transfer after the prefill" if row == 0 else None,
+        )
         sent = [1e3 * t for t in r.get("layer_sent_s") or []]
         if sent:
-            ax.plot(sent, [row + 0.38] * len(sent), linestyle="none", marker="v", markersize=9,
-                    color=PHASE_COLORS["transfer"], label="a layer's KV left")
-        ax.annotate(f"waited {acked - pre:,.1f} ms", (acked, row), xytext=(6, 0), textcoords="offset points",
-                    va="center", fontsize=11)
+            ax.plot(
+                sent,
+                [row + 0.38] * len(sent),
+                linestyle="none",
+                marker="v",
+                markersize=9,
+                color=PHASE_COLORS["transfer"],
+                label="a layer's KV left",
+            )
+        ax.annotate(
+            f"waited {acked - pre:,.1f} ms",
+            (acked, row),
+            xytext=(6, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=11,
+        )
     ax.set_yticks(range(len(modes)), [f"{m}-KV" if m == "whole" else "layer-wise" for m in modes])
     ax.set_ylim(-0.6, len(modes) - 0.2)
     ax.set_xlabel("time since the request arrived (ms)")
     r0 = next(iter(results.values()))
-    ax.set_title(title or f"One prefill, {r0['num_prompt_tokens']:,} tokens, {r0['kv_bytes'] / 1e6:.1f} MB of KV: "
-                          "sent after it, or layer by layer during it")
+    ax.set_title(
+        title
+        or f"One prefill, {r0['num_prompt_tokens']:,} tokens, {r0['kv_bytes'] / 1e6:.1f} MB of KV: "
+        "sent after it, or layer by layer during it"
+    )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=10)
     ax.margins(x=0.12)
     return ax
@@ -249,8 +358,16 @@ def prefix_routing_chart(runs: Sequence[Any]) -> Any:
         base = np.zeros(len(runs))
         for reason in reasons:
             vals = np.array([r.decisions.get(worker, {}).get(reason, 0.0) for r in runs])
-            b.bar(x + (j - (len(workers) - 1) / 2) * w, vals, w * 0.95, bottom=base, color=shades.get(reason, "#555555"),
-                  edgecolor="black", lw=0.6, label=f"chosen by {reason}" if j == 0 else None)
+            b.bar(
+                x + (j - (len(workers) - 1) / 2) * w,
+                vals,
+                w * 0.95,
+                bottom=base,
+                color=shades.get(reason, "#555555"),
+                edgecolor="black",
+                lw=0.6,
+                label=f"chosen by {reason}" if j == 0 else None,
+            )
             base += vals
         for i in range(len(runs)):
             b.annotate(worker, (i + (j - (len(workers) - 1) / 2) * w, base[i]), ha="center", va="bottom", fontsize=10)
@@ -264,10 +381,14 @@ def prefix_routing_chart(runs: Sequence[Any]) -> Any:
 
 
 # The TTFT's parts in the order they happen, with their colours (labkit.serve.waterfall.PARTS).
-WATERFALL_PARTS = (("router", "router", "#7f7f7f"), ("http", "control hops (http)", "#c7c7c7"),
-                   ("queue", "queue at the worker", "#ff7f0e"), ("prefill", "prefill", PHASE_COLORS["prefill"]),
-                   ("kv_transfer", "KV transfer", PHASE_COLORS["transfer"]),
-                   ("first_token_out", "first token out", "#9467bd"))
+WATERFALL_PARTS = (
+    ("router", "router", "#7f7f7f"),
+    ("http", "control hops (http)", "#c7c7c7"),
+    ("queue", "queue at the worker", "#ff7f0e"),
+    ("prefill", "prefill", PHASE_COLORS["prefill"]),
+    ("kv_transfer", "KV transfer", PHASE_COLORS["transfer"]),
+    ("first_token_out", "first token out", "#9467bd"),
+)
 
 
 def plot_ttft_waterfall(runs: Mapping[str, Any], ax: Any = None, title: str | None = None) -> Any:
@@ -286,8 +407,10 @@ def plot_ttft_waterfall(runs: Mapping[str, Any], ax: Any = None, title: str | No
         stacks = waterfall_stacks(getattr(run, "records", run))
         rows += [(f"{mode} {band}", st) for band, st in stacks.items()]
     if not rows:
-        raise ValueError("no record carries a waterfall: run the load generator against the lab's router "
-                         "(LoadConfig(waterfall=True), the default)")
+        raise ValueError(
+            "no record carries a waterfall: run the load generator against the lab's router "
+            "(LoadConfig(waterfall=True), the default)"
+        )
     for y, (_, st) in enumerate(rows):
         left = 0.0
         for key, label, color in WATERFALL_PARTS:
@@ -295,12 +418,21 @@ def plot_ttft_waterfall(runs: Mapping[str, Any], ax: Any = None, title: str | No
             ax.barh(y, w, left=left, height=0.6, color=color, label=label if y == 0 else None)
             left += w
         if st["decode_admit_ms"] > 0:
-            ax.barh(y, st["decode_admit_ms"], left=left, height=0.6, color="white", edgecolor=PHASE_COLORS["decode"],
-                    hatch="//", label="decode admission (after the first token)" if y == 0 else None)
+            ax.barh(
+                y,
+                st["decode_admit_ms"],
+                left=left,
+                height=0.6,
+                color="white",
+                edgecolor=PHASE_COLORS["decode"],
+                hatch="//",
+                label="decode admission (after the first token)" if y == 0 else None,
+            )
         gbps = st["kv_gb_per_s"]
         note = f"TTFT {st['ttft_ms']:,.0f} ms" + (f", KV {gbps:.2g} GB/s" if np.isfinite(gbps) else "")
-        ax.annotate(note, (left + st["decode_admit_ms"], y), xytext=(6, 0), textcoords="offset points", va="center",
-                    fontsize=11)
+        ax.annotate(
+            note, (left + st["decode_admit_ms"], y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=11
+        )
     ax.set_yticks(range(len(rows)), [r[0] for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("time since the router took the request (ms)")
@@ -321,8 +453,9 @@ def plot_router_policies(rows: Sequence[Mapping[str, Any]], title: str | None = 
     x = np.arange(len(rows))
     a.bar(x, [100 * r["prefix_hit_rate"] for r in rows], color=PHASE_COLORS["transfer"])
     for i, r in enumerate(rows):
-        a.annotate(f"{100 * r['prefix_hit_rate']:.0f}%", (i, 100 * r["prefix_hit_rate"]), ha="center", va="bottom",
-                   fontsize=11)
+        a.annotate(
+            f"{100 * r['prefix_hit_rate']:.0f}%", (i, 100 * r["prefix_hit_rate"]), ha="center", va="bottom", fontsize=11
+        )
     a.set_ylabel("prompt tokens from a cache (%)")
     a.margins(y=0.15)
     a.set_title("Prefix-cache hits")

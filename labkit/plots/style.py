@@ -1,12 +1,13 @@
 """One look for every chart: readable on a projector, phases in fixed colours."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, cast
 
 PHASE_COLORS = {
-    "prefill": "#d62728",   # red: compute-bound
-    "decode": "#1f77b4",    # blue: memory-bound
+    "prefill": "#d62728",  # red: compute-bound
+    "decode": "#1f77b4",  # blue: memory-bound
     "mixed": "#9467bd",
     "transfer": "#2ca02c",
     "idle": "#7f7f7f",
@@ -46,7 +47,7 @@ def apply() -> None:
     """Sets the lab's matplotlib style (idempotent)."""
     import matplotlib
 
-    cast(Any, matplotlib.rcParams).update(_RC)   # the stubs type its keys as literals; these are valid names
+    cast(Any, matplotlib.rcParams).update(_RC)  # the stubs type its keys as literals; these are valid names
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kw: Any):

@@ -1,5 +1,6 @@
 """Charts of notebook 07 (vLLM side by side with the lab): greedy near-ties, the four modes' bars
 beside the committed run, the KV transfer paths, and a KV's time over datacenter links."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -23,9 +24,16 @@ def greedy_gaps(greedy: Sequence[Any], rel_tol: float = 1e-4, title: str = "How 
     return fig
 
 
-def mode_bars(rows: Sequence[Mapping[str, Any]], reference: Sequence[Any] = (), *, reference_label: str = "",
-              keys: Sequence[tuple[str, str]] = (("tpot_p50_ms", "TPOT p50 (ms)"),
-                                                  ("output_tps_per_device", "output tokens/s per device"))):
+def mode_bars(
+    rows: Sequence[Mapping[str, Any]],
+    reference: Sequence[Any] = (),
+    *,
+    reference_label: str = "",
+    keys: Sequence[tuple[str, str]] = (
+        ("tpot_p50_ms", "TPOT p50 (ms)"),
+        ("output_tps_per_device", "output tokens/s per device"),
+    ),
+):
     """One panel per key: a bar per mode at the highest rate of `rows` (this machine), and hatched
     bars of the committed run's rows (`reference`: labkit.reference ServingRows) at the same rate
     (at its own highest when it never ran that one), when given."""
@@ -35,18 +43,29 @@ def mode_bars(rows: Sequence[Mapping[str, Any]], reference: Sequence[Any] = (), 
     top = max(r["rate_rps"] for r in rows)
     mine = {r["mode"]: r for r in rows if r["rate_rps"] == top}
     rates = {r.rate_rps for r in reference}
-    ref_top = top if top in rates else max(rates, default=None)     # the same rate as this machine's when it ran
+    ref_top = top if top in rates else max(rates, default=None)  # the same rate as this machine's when it ran
     ref = {r.mode: r.raw for r in reference if r.rate_rps == ref_top}
     modes = list(dict.fromkeys([*mine, *ref]))
     x = np.arange(len(modes))
     w = 0.4 if ref else 0.8
     for ax, (key, label) in zip(axes[0], keys):
-        ax.bar(x - (w / 2 if ref else 0), [mine.get(m, {}).get(key, np.nan) for m in modes], w,
-               color=[mode_color(m, i) for i, m in enumerate(modes)], label=f"this machine, {top:g} req/s")
+        ax.bar(
+            x - (w / 2 if ref else 0),
+            [mine.get(m, {}).get(key, np.nan) for m in modes],
+            w,
+            color=[mode_color(m, i) for i, m in enumerate(modes)],
+            label=f"this machine, {top:g} req/s",
+        )
         if ref:
-            ax.bar(x + w / 2, [ref.get(m, {}).get(key, np.nan) for m in modes], w, fill=False, hatch="//",
-                   edgecolor=[mode_color(m, i) for i, m in enumerate(modes)],
-                   label=f"{reference_label or 'reference'}, {ref_top:g} req/s")
+            ax.bar(
+                x + w / 2,
+                [ref.get(m, {}).get(key, np.nan) for m in modes],
+                w,
+                fill=False,
+                hatch="//",
+                edgecolor=[mode_color(m, i) for i, m in enumerate(modes)],
+                label=f"{reference_label or 'reference'}, {ref_top:g} req/s",
+            )
         ax.set_xticks(x, modes, rotation=20)
         ax.set(ylabel=label, xlabel="mode", title=label)
         ax.legend(fontsize=9)
@@ -58,9 +77,11 @@ def transfer_paths(rows: Sequence[Mapping[str, Any]], nbytes: int):
     """Horizontal bars of GB/s per path (log scale) for one request's KV of `nbytes` bytes."""
     fig, ax = new_figure(figsize=(10, 4))
     colors = ["#7f7f7f", "#2ca02c", "#17becf", "#9467bd"]
-    ax.barh([r["path"] for r in rows], [r["GB/s"] for r in rows], color=colors[:len(rows)])
+    ax.barh([r["path"] for r in rows], [r["GB/s"] for r in rows], color=colors[: len(rows)])
     ax.set_xscale("log")
-    ax.set(xlabel="GB/s (1e9 B/s), log scale", title=f"Moving one request's KV ({nbytes / 2**20:.2f} MiB) on this machine")
+    ax.set(
+        xlabel="GB/s (1e9 B/s), log scale", title=f"Moving one request's KV ({nbytes / 2**20:.2f} MiB) on this machine"
+    )
     fig.tight_layout()
     return fig
 
@@ -69,8 +90,11 @@ def link_times(kv_bytes: float, links: Mapping[str, Any], what: str):
     """Horizontal bars: ms to move `kv_bytes` over each named `labkit.links.Link` (computed from line rates)."""
     fig, ax = new_figure(figsize=(9, 3.5))
     names = list(links)
-    ax.barh(names, [links[n].seconds(kv_bytes) * 1e3 for n in names], color=["#2ca02c", "#17becf", "#d62728",
-                                                                              "#7f7f7f"][:len(names)])
+    ax.barh(
+        names,
+        [links[n].seconds(kv_bytes) * 1e3 for n in names],
+        color=["#2ca02c", "#17becf", "#d62728", "#7f7f7f"][: len(names)],
+    )
     ax.set(xlabel=f"ms to move {what}", title="Transfer time per link (computed from line rates)")
     fig.tight_layout()
     return fig

@@ -9,4 +9,5 @@ worker, by routing.py's policy; retries; error mapping) -> prefill.py (run the p
 -> labkit.transfer -> decode.py (receive, adopt, stream) -> back to the router. What travels
 between them is a class of messages.py; every setting is a field of config.py.
 """
+
 from __future__ import annotations

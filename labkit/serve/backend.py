@@ -24,6 +24,7 @@ prefilled there instead (`LabBackend.prefills_on_decode`). It times each request
 The router finds a backend by name (`router.BACKENDS`: "lab" here, "vllm" in
 labkit.vllm.pd_backend) or by `module:function`.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,10 +66,10 @@ class Piece:
     text: str
     num_tokens: int
     token_ids: tuple[int, ...] = ()
-    finish_reason: str | None = None          # set on the last piece: "stop" | "length" | "abort"
-    completion_tokens: int | None = None      # a backend that knows the exact total says so at the end
+    finish_reason: str | None = None  # set on the last piece: "stop" | "length" | "abort"
+    completion_tokens: int | None = None  # a backend that knows the exact total says so at the end
     prompt_tokens: int | None = None
-    timing: RequestTiming | None = None       # on the first piece: where the TTFT went (filled as it goes)
+    timing: RequestTiming | None = None  # on the first piece: where the TTFT went (filled as it goes)
 
 
 class DisaggBackend(Protocol):
@@ -82,8 +83,9 @@ class DisaggBackend(Protocol):
     def context_len(self) -> int | None:
         """The context its upstreams serve (tokens), when they say; None: unknown."""
 
-    def generate(self, req: CompletionRequest, prompt_ids: list[int] | None,
-                 request_id: str) -> AsyncGenerator[Piece, None]: ...
+    def generate(
+        self, req: CompletionRequest, prompt_ids: list[int] | None, request_id: str
+    ) -> AsyncGenerator[Piece, None]: ...
 
 
 CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
@@ -92,8 +94,12 @@ CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, h
 def upstream_error(u: Upstream, e: Exception) -> APIError:
     """The client-facing error when an upstream fails mid-request."""
     if isinstance(e, httpx.TimeoutException):
-        return APIError(504, f"{u.role} worker {u.name} did not answer in time ({e.__class__.__name__})",
-                        type="timeout_error", code="upstream_timeout")
+        return APIError(
+            504,
+            f"{u.role} worker {u.name} did not answer in time ({e.__class__.__name__})",
+            type="timeout_error",
+            code="upstream_timeout",
+        )
     return unavailable(f"{u.role} worker {u.name} failed: {e.__class__.__name__}; retry the request")
 
 
@@ -102,11 +108,19 @@ async def error_from_response(r: httpx.Response) -> APIError:
     try:
         raw = await r.aread()
         err = json.loads(raw).get("error", {})
-        return APIError(r.status_code, str(err.get("message", raw[:200])), type=err.get("type") or "server_error",
-                        param=err.get("param"), code=err.get("code"))
+        return APIError(
+            r.status_code,
+            str(err.get("message", raw[:200])),
+            type=err.get("type") or "server_error",
+            param=err.get("param"),
+            code=err.get("code"),
+        )
     except (ValueError, AttributeError, httpx.HTTPError):
-        return APIError(r.status_code if r.status_code >= 400 else 502, f"upstream answered HTTP {r.status_code}",
-                        type="server_error")
+        return APIError(
+            r.status_code if r.status_code >= 400 else 502,
+            f"upstream answered HTTP {r.status_code}",
+            type="server_error",
+        )
 
 
 class HttpBackend:
@@ -126,15 +140,18 @@ class HttpBackend:
         elif roles == {"prefill", "decode"}:
             self.mode = "disagg"
         else:
-            raise ValueError(f"a {type(self).__name__} needs only mono upstreams, or prefill and decode upstreams; "
-                             f"got roles {sorted(roles)}")
+            raise ValueError(
+                f"a {type(self).__name__} needs only mono upstreams, or prefill and decode upstreams; "
+                f"got roles {sorted(roles)}"
+            )
         self.pool = pool
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=10.0)
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self._timeout, limits=httpx.Limits(max_connections=1000),
-                                         transport=self.pool.transport)
+        self._client = httpx.AsyncClient(
+            timeout=self._timeout, limits=httpx.Limits(max_connections=1000), transport=self.pool.transport
+        )
         await self.pool.start()
 
     async def close(self) -> None:
@@ -164,17 +181,26 @@ class HttpBackend:
 class LabBackend(HttpBackend):
     """The lab's workers behind a KV-aware choice: mono, or prefill + decode."""
 
-    def __init__(self, pool: UpstreamPool, tokenizer: Any, metrics: RouterMetrics, *,
-                 policy: PrefillPolicy | None = None, connect_timeout_s: float = 2.0,
-                 read_timeout_s: float = 120.0, transfer_timeout_s: float = 30.0, prefill_threshold: int = 0) -> None:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        tokenizer: Any,
+        metrics: RouterMetrics,
+        *,
+        policy: PrefillPolicy | None = None,
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 120.0,
+        transfer_timeout_s: float = 30.0,
+        prefill_threshold: int = 0,
+    ) -> None:
         super().__init__(pool, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
         self.prefill_threshold = check_prefill_threshold(prefill_threshold, self.mode)
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.policy = policy or load_policy(DEFAULT_POLICY)
         self.index = PrefixIndex()
-        self.active = ActiveBlocks()         # blocks of the requests open on each worker (a policy's load)
-        self.block_size: int | None = None   # the workers' own, from their first /health
+        self.active = ActiveBlocks()  # blocks of the requests open on each worker (a policy's load)
+        self.block_size: int | None = None  # the workers' own, from their first /health
         self._flag_logged_s: dict[str, float] = {}
         self.transfer_timeout_s = transfer_timeout_s
         pool.on_down = self._forget
@@ -188,14 +214,20 @@ class LabBackend(HttpBackend):
         if u.health is None:
             return
         if self.prefill_threshold and u.role == "decode" and u.health.policy == "decode_only":
-            self.pool.mark_down(u, f"prefill_threshold is {self.prefill_threshold} tokens but this decode worker "
-                                   "cannot prefill (start it with local_prefill, as launch(prefill_threshold=...) does)")
+            self.pool.mark_down(
+                u,
+                f"prefill_threshold is {self.prefill_threshold} tokens but this decode worker "
+                "cannot prefill (start it with local_prefill, as launch(prefill_threshold=...) does)",
+            )
             return
         if self.block_size is None:
             self.block_size = u.health.block_size
         elif u.health.block_size != self.block_size:
-            self.pool.mark_down(u, f"block_size {u.health.block_size} differs from the other workers' "
-                                   f"{self.block_size}: its prefix chains would never match")
+            self.pool.mark_down(
+                u,
+                f"block_size {u.health.block_size} differs from the other workers' "
+                f"{self.block_size}: its prefix chains would never match",
+            )
             return
         self.index.set_capacity(u.name, u.health.kv_blocks_total)
 
@@ -204,22 +236,37 @@ class LabBackend(HttpBackend):
         return min(lens) if lens else None
 
     # --- routing -----------------------------------------------------------------------
-    def pick_by_prefix(self, role: str, hashes: list[bytes], exclude: set[str],
-                       prompt_tokens: int = 0) -> tuple[Upstream, int]:
+    def pick_by_prefix(
+        self, role: str, hashes: list[bytes], exclude: set[str], prompt_tokens: int = 0
+    ) -> tuple[Upstream, int]:
         """The up instance the prefill policy chooses; (it, its matched leading blocks)."""
         cands = [u for u in self.pool.by_role(role) if u.name not in exclude]
         if not cands:
             raise unavailable(f"no {role} worker is up; check `GET /health` on the router", code="no_upstream")
         matched = self.index.match(hashes, [u.name for u in cands])
-        views = [PrefillCandidate(u.name, matched[u.name], u.load, u.health.kv_blocks_free if u.health else 0,
-                                  u.health.kv_blocks_total if u.health else 0, active_blocks=self.active.count(u.name),
-                                  cached_blocks=self.index.num_blocks(u.name), prompt_tokens=prompt_tokens,
-                                  block_size=self.block_size or 0) for u in cands]
+        views = [
+            PrefillCandidate(
+                u.name,
+                matched[u.name],
+                u.load,
+                u.health.kv_blocks_free if u.health else 0,
+                u.health.kv_blocks_total if u.health else 0,
+                active_blocks=self.active.count(u.name),
+                cached_blocks=self.index.num_blocks(u.name),
+                prompt_tokens=prompt_tokens,
+                block_size=self.block_size or 0,
+            )
+            for u in cands
+        ]
         try:
             chosen = choose(self.policy, hashes, views)
         except Exception as e:  # noqa: BLE001 - a learner's policy may fail any way: say so, per request
-            raise APIError(500, f"the prefill policy failed: {e.__class__.__name__}: {e}", type="server_error",
-                           code="routing_policy_error") from None
+            raise APIError(
+                500,
+                f"the prefill policy failed: {e.__class__.__name__}: {e}",
+                type="server_error",
+                code="routing_policy_error",
+            ) from None
         best = next(u for u in cands if u.name == chosen.name)
         n = matched[best.name]
         reason = "only" if len(cands) == 1 else ("prefix" if n > 0 and n > min(matched.values()) else "load")
@@ -254,14 +301,17 @@ class LabBackend(HttpBackend):
         return best
 
     # --- generation ----------------------------------------------------------------------
-    async def generate(self, req: CompletionRequest, prompt_ids: list[int] | None,
-                       request_id: str) -> AsyncGenerator[Piece, None]:
+    async def generate(
+        self, req: CompletionRequest, prompt_ids: list[int] | None, request_id: str
+    ) -> AsyncGenerator[Piece, None]:
         assert prompt_ids is not None and self._client is not None
         text = TextStream(self.tokenizer, req.stop)
         hashes = block_hashes(prompt_ids, self.block_size) if self.block_size else []
         msg = GenerateRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=req.sampling())
         timing = RequestTiming(self.mode, prompt_tokens=len(prompt_ids))
-        lines = self._mono_lines(msg, hashes, timing) if self.mode == "mono" else self._disagg_lines(msg, hashes, timing)
+        lines = (
+            self._mono_lines(msg, hashes, timing) if self.mode == "mono" else self._disagg_lines(msg, hashes, timing)
+        )
         tm: RequestTiming | None = timing
         async with aclosing(lines):  # an early return (stop string) closes the upstream stream now
             async for token_id, finish in lines:
@@ -280,9 +330,13 @@ class LabBackend(HttpBackend):
                     return
         raise unavailable("the worker closed the stream before the request finished")
 
-    async def _stream_lines(self, u: Upstream, path: str, msg: GenerateRequest | DecodeRequest,
-                            on_timing: Callable[[StreamTiming, float, float], None] | None = None,
-                            ) -> AsyncGenerator[tuple[int | None, str | None], None]:
+    async def _stream_lines(
+        self,
+        u: Upstream,
+        path: str,
+        msg: GenerateRequest | DecodeRequest,
+        on_timing: Callable[[StreamTiming, float, float], None] | None = None,
+    ) -> AsyncGenerator[tuple[int | None, str | None], None]:
         """(token_id, finish_reason) from a worker's TokenEvent lines; APIError on any failure.
         `on_timing(timing, sent_at, got_at)`: the first line's StreamTiming, with when the request
         left and that line arrived (perf_counter)."""
@@ -298,19 +352,31 @@ class LabBackend(HttpBackend):
                     try:
                         ev = TokenEvent.model_validate_json(line)
                     except ValidationError:
-                        raise APIError(502, f"{u.role} worker {u.name} sent a bad line: {line[:200]!r}",
-                                       type="server_error", code="bad_upstream_reply") from None
+                        raise APIError(
+                            502,
+                            f"{u.role} worker {u.name} sent a bad line: {line[:200]!r}",
+                            type="server_error",
+                            code="bad_upstream_reply",
+                        ) from None
                     if ev.error is not None:
-                        raise APIError(500, f"{u.role} worker {u.name}: {ev.error.message}", type="server_error",
-                                       code=ev.error.code)
+                        raise APIError(
+                            500,
+                            f"{u.role} worker {u.name}: {ev.error.message}",
+                            type="server_error",
+                            code=ev.error.code,
+                        )
                     if ev.timing is not None and on_timing is not None:
                         on_timing(ev.timing, sent_at, time.perf_counter())
                     yield ev.token_id, ev.finish_reason
                     if ev.finish_reason is not None:
                         return
 
-    async def _mono_lines(self, msg: GenerateRequest, hashes: list[bytes], timing: RequestTiming,
-                          ) -> AsyncGenerator[tuple[int | None, str | None], None]:
+    async def _mono_lines(
+        self,
+        msg: GenerateRequest,
+        hashes: list[bytes],
+        timing: RequestTiming,
+    ) -> AsyncGenerator[tuple[int | None, str | None], None]:
         tried: set[str] = set()
         n = len(msg.prompt_ids)
         while True:
@@ -320,6 +386,7 @@ class LabBackend(HttpBackend):
 
             def first_line(t: StreamTiming, sent_at: float, got_at: float, name: str = u.name) -> None:
                 timing.mono_first_line(t, name, sent_at, got_at)
+
             try:
                 with self.opened(u, hashes, n):
                     async with aclosing(self._stream_lines(u, "/internal/generate", msg, first_line)) as items:
@@ -335,16 +402,22 @@ class LabBackend(HttpBackend):
                 if started or e.status != 503 or not self.pool.by_role("mono"):
                     raise
 
-    async def _disagg_lines(self, msg: GenerateRequest, hashes: list[bytes], timing: RequestTiming,
-                            ) -> AsyncGenerator[tuple[int | None, str | None], None]:
+    async def _disagg_lines(
+        self,
+        msg: GenerateRequest,
+        hashes: list[bytes],
+        timing: RequestTiming,
+    ) -> AsyncGenerator[tuple[int | None, str | None], None]:
         assert self._client is not None
         d = self.pick_by_load("decode", set())
         if self.prefills_on_decode(d, len(msg.prompt_ids), hashes):
+
             def local_first_line(t: StreamTiming, sent_at: float, got_at: float) -> None:
-                timing.mono_first_line(t, d.name, sent_at, got_at)   # prefilled where it decodes: no KV transfer
+                timing.mono_first_line(t, d.name, sent_at, got_at)  # prefilled where it decodes: no KV transfer
+
             async with aclosing(self._stream_lines(d, "/internal/generate", msg, local_first_line)) as items:
                 async for item in items:
-                    if item[0] is not None and hashes:   # the decode worker caches the prompt from now on
+                    if item[0] is not None and hashes:  # the decode worker caches the prompt from now on
                         self.index.insert(d.name, hashes)
                         hashes = []
                     yield item
@@ -377,8 +450,12 @@ class LabBackend(HttpBackend):
             try:
                 res = PrefillResult.model_validate_json(r.content)
             except ValidationError:
-                raise APIError(502, f"prefill worker {p.name} sent a bad reply: {r.text[:200]!r}",
-                               type="server_error", code="bad_upstream_reply") from None
+                raise APIError(
+                    502,
+                    f"prefill worker {p.name} sent a bad reply: {r.text[:200]!r}",
+                    type="server_error",
+                    code="bad_upstream_reply",
+                ) from None
             timing.prefill_reply(res, p.name, sent_at, reply_at)
             if res.kv_flag:
                 self._flagged(p, res.kv_flag)
@@ -391,9 +468,10 @@ class LabBackend(HttpBackend):
 
         def admitted(t: StreamTiming, sent_at: float, got_at: float) -> None:
             timing.decode_upstream, timing.decode_admit_s = d.name, t.ready_s
+
         async with aclosing(self._stream_lines(d, "/internal/decode", dec, admitted)) as items:
             async for item in items:
-                if hashes:   # it adopted the KV: its engine caches the prompt's blocks from now on
+                if hashes:  # it adopted the KV: its engine caches the prompt's blocks from now on
                     self.index.insert(d.name, hashes)
                     hashes = []
                 yield item
@@ -406,7 +484,7 @@ class LabBackend(HttpBackend):
         if self.prefill_threshold <= 0:
             return False
         cached = self.index.match(hashes, [d.name])[d.name] * (self.block_size or 0)
-        uncached = num_prompt - min(cached, num_prompt - 1)   # the engine recomputes the last token anyway
+        uncached = num_prompt - min(cached, num_prompt - 1)  # the engine recomputes the last token anyway
         if uncached >= self.prefill_threshold:
             return False
         self.metrics.prefills.labels("decode", d.name).inc()
@@ -415,6 +493,12 @@ class LabBackend(HttpBackend):
 
 def lab_backend(cfg: Any, pool: UpstreamPool, metrics: RouterMetrics, tokenizer: Any) -> LabBackend:
     """The "lab" backend for a RouterConfig `cfg` (its prefill policy checked now)."""
-    return LabBackend(pool, tokenizer, metrics, policy=load_policy(cfg.prefill_policy),
-                      read_timeout_s=cfg.read_timeout_s, transfer_timeout_s=cfg.transfer_timeout_s,
-                      prefill_threshold=cfg.prefill_threshold)
+    return LabBackend(
+        pool,
+        tokenizer,
+        metrics,
+        policy=load_policy(cfg.prefill_policy),
+        read_timeout_s=cfg.read_timeout_s,
+        transfer_timeout_s=cfg.transfer_timeout_s,
+        prefill_threshold=cfg.prefill_threshold,
+    )

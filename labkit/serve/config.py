@@ -9,6 +9,7 @@ one JSON document (validated on both sides), and flat keyword values (`worker_co
 launcher's arguments) land in the right nested config by name. The deployment's KV token is
 not part of it: it is a secret, passed in the environment (LABKIT_KV_TOKEN), never on argv.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,26 +31,38 @@ C = TypeVar("C")
 Role = Literal["mono", "prefill", "decode"]
 ROLES: tuple[str, ...] = ("mono", "prefill", "decode")
 KVStream = Literal["whole", "layers"]
-TRANSFERS = ("shm", "tcp", "nixl", "cuda-ipc")   # labkit.transfer.BACKENDS, without importing torch here
+TRANSFERS = ("shm", "tcp", "nixl", "cuda-ipc")  # labkit.transfer.BACKENDS, without importing torch here
 
 
 @dataclass(frozen=True, slots=True)
 class TransferConfig:
     """How a prefill worker sends a request's KV to a decode worker, and how long either waits."""
 
-    backend: str = field(default="shm", metadata=doc(
-        f"KV transport between prefill and decode, one of {TRANSFERS}", flag="transfer"))
-    timeout_s: float = field(default=30.0, metadata=doc(
-        "bound on one KV transfer (send, receive, a silent sender), s", flag="transfer-timeout-s"))
-    kv_stream: KVStream = field(default="whole", metadata=doc(
-        "'whole': the KV goes after the prefill; 'layers': each layer goes as soon as the engine computed it, "
-        "overlapping the transfer with the rest of the prefill"))
-    link_gbps: float | None = field(default=None, metadata=doc(
-        "tcp: emulate a link of this many Gbit/s (labkit.transfer.shaping)"))
+    backend: str = field(
+        default="shm", metadata=doc(f"KV transport between prefill and decode, one of {TRANSFERS}", flag="transfer")
+    )
+    timeout_s: float = field(
+        default=30.0,
+        metadata=doc("bound on one KV transfer (send, receive, a silent sender), s", flag="transfer-timeout-s"),
+    )
+    kv_stream: KVStream = field(
+        default="whole",
+        metadata=doc(
+            "'whole': the KV goes after the prefill; 'layers': each layer goes as soon as the engine computed it, "
+            "overlapping the transfer with the rest of the prefill"
+        ),
+    )
+    link_gbps: float | None = field(
+        default=None, metadata=doc("tcp: emulate a link of this many Gbit/s (labkit.transfer.shaping)")
+    )
     link_latency_ms: float = field(default=0.0, metadata=doc("tcp: one-way latency of the emulated link, ms"))
-    kv_flag_factor: float = field(default=10.0, metadata=doc(
-        "flag a KV transfer that took over this many times what labkit.transfer measured for its transport and "
-        "size on this host (labkit.transfer.reference: cached under LABKIT_HOME, measured once when missing); 0: off"))
+    kv_flag_factor: float = field(
+        default=10.0,
+        metadata=doc(
+            "flag a KV transfer that took over this many times what labkit.transfer measured for its transport and "
+            "size on this host (labkit.transfer.reference: cached under LABKIT_HOME, measured once when missing); 0: off"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.backend not in TRANSFERS:
@@ -61,8 +74,7 @@ class TransferConfig:
         if not self.kv_flag_factor >= 0:
             raise ValueError(f"kv_flag_factor must be >= 0 (0: off), got {self.kv_flag_factor}")
         if self.link_gbps is not None and self.backend != "tcp":
-            raise ValueError("link_gbps emulates a network link: it needs transfer 'tcp', not "
-                             f"{self.backend!r}")
+            raise ValueError(f"link_gbps emulates a network link: it needs transfer 'tcp', not {self.backend!r}")
 
     def link(self) -> Link | None:
         """The emulated link a sender paces to (`labkit.links.Link`), or None for the real one.
@@ -79,17 +91,30 @@ class WorkerConfig:
     role: Role = field(default="mono", metadata=doc(f"what the worker does, one of {ROLES}"))
     engine: EngineConfig = field(default_factory=EngineConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
-    name: str = field(default="", metadata=doc("the worker's name in /health and the router's metrics (default: ROLE-PORT)"))
-    host: str = field(default=LOOPBACK, metadata=doc("address the worker's HTTP API (and a tcp KV receiver) listens on"))
+    name: str = field(
+        default="", metadata=doc("the worker's name in /health and the router's metrics (default: ROLE-PORT)")
+    )
+    host: str = field(
+        default=LOOPBACK, metadata=doc("address the worker's HTTP API (and a tcp KV receiver) listens on")
+    )
     port: int = field(default=8101, metadata=doc("the worker's HTTP port"))
-    chunked_prefill: bool = field(default=False, metadata=doc("mono: mix prompt chunks into decode steps (policy 'chunked')"))
-    local_prefill: bool = field(default=False, metadata=doc(
-        "decode: also run whole requests (prompt and all) that the router sends it, prefilled before the running "
-        "decodes (policy 'prefill_first'): selective disaggregation, the router's --prefill-threshold"))
+    chunked_prefill: bool = field(
+        default=False, metadata=doc("mono: mix prompt chunks into decode steps (policy 'chunked')")
+    )
+    local_prefill: bool = field(
+        default=False,
+        metadata=doc(
+            "decode: also run whole requests (prompt and all) that the router sends it, prefilled before the running "
+            "decodes (policy 'prefill_first'): selective disaggregation, the router's --prefill-threshold"
+        ),
+    )
     token_timeout_s: float = field(default=120.0, metadata=doc("bound on every wait for the engine's next token, s"))
-    step_log: str | None = field(default=None, metadata=doc(
-        "append one JSON line per engine step to this file (time, phase, sizes, seconds)"))
-    threads: int | None = field(default=None, metadata=doc("torch threads; unset: as many as the CPUs this process may use"))
+    step_log: str | None = field(
+        default=None, metadata=doc("append one JSON line per engine step to this file (time, phase, sizes, seconds)")
+    )
+    threads: int | None = field(
+        default=None, metadata=doc("torch threads; unset: as many as the CPUs this process may use")
+    )
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -99,21 +124,29 @@ class WorkerConfig:
         if not self.token_timeout_s > 0:
             raise ValueError(f"token_timeout_s must be > 0, got {self.token_timeout_s}")
         if self.local_prefill and self.role != "decode":
-            raise ValueError(f"local_prefill is for decode workers (it lets them prefill short prompts); "
-                             f"a {self.role} worker prefills what it gets anyway")
+            raise ValueError(
+                f"local_prefill is for decode workers (it lets them prefill short prompts); "
+                f"a {self.role} worker prefills what it gets anyway"
+            )
         # A decode worker that prefills too schedules as a mono engine does (prompts before decodes),
         # as the simulator's selective layout assumes (labkit.plan.simulator).
         decode: Policy = "prefill_first" if self.local_prefill else "decode_only"
-        policy: Policy = ("prefill_only" if self.role == "prefill" else decode if self.role == "decode"
-                          else "chunked" if self.chunked_prefill else "prefill_first")
+        policy: Policy = (
+            "prefill_only"
+            if self.role == "prefill"
+            else decode
+            if self.role == "decode"
+            else "chunked"
+            if self.chunked_prefill
+            else "prefill_first"
+        )
         # The one place a role becomes an engine policy (frozen: set once, here).
         object.__setattr__(self, "engine", replace(self.engine, policy=policy))
 
 
 # Backends by name, each a `module:factory` imported only when a router is started with it, so
 # serve imports no backend it does not run (the vLLM one lives with the vLLM tier).
-BACKENDS: dict[str, str] = {"lab": "labkit.serve.backend:lab_backend",
-                            "vllm": "labkit.vllm.pd_backend:vllm_backend"}
+BACKENDS: dict[str, str] = {"lab": "labkit.serve.backend:lab_backend", "vllm": "labkit.vllm.pd_backend:vllm_backend"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,20 +160,36 @@ class RouterConfig:
     mono: tuple[str, ...] = field(default=(), metadata=doc("mono worker URLs"))
     prefill: tuple[str, ...] = field(default=(), metadata=doc("prefill worker URLs"))
     decode: tuple[str, ...] = field(default=(), metadata=doc("decode worker URLs"))
-    names: tuple[str, ...] = field(default=(), metadata=doc("upstream names, one per URL in mono, prefill, decode order"))
-    backend: str = field(default="lab", metadata=doc(f"what the upstreams are: one of {tuple(BACKENDS)} or module:factory"))
-    prefill_policy: str = field(default=DEFAULT_POLICY, metadata=doc(
-        "which prefill worker gets a request (labkit.serve.routing): a registered name, module:function or "
-        "path/to/file.py:function"))
-    prefill_threshold: int = field(default=0, metadata=doc(
-        "selective disaggregation (llm-d's decider): a prompt whose suffix not cached on the chosen decode worker "
-        "is shorter than this many tokens is prefilled on that decode worker (started with local_prefill); "
-        "0: every prompt goes to a prefill worker"))
-    max_model_len: int | None = field(default=None, metadata=doc(
-        "context length to enforce; unset: the workers' (their /health), else the model's positions"))
+    names: tuple[str, ...] = field(
+        default=(), metadata=doc("upstream names, one per URL in mono, prefill, decode order")
+    )
+    backend: str = field(
+        default="lab", metadata=doc(f"what the upstreams are: one of {tuple(BACKENDS)} or module:factory")
+    )
+    prefill_policy: str = field(
+        default=DEFAULT_POLICY,
+        metadata=doc(
+            "which prefill worker gets a request (labkit.serve.routing): a registered name, module:function or "
+            "path/to/file.py:function"
+        ),
+    )
+    prefill_threshold: int = field(
+        default=0,
+        metadata=doc(
+            "selective disaggregation (llm-d's decider): a prompt whose suffix not cached on the chosen decode worker "
+            "is shorter than this many tokens is prefilled on that decode worker (started with local_prefill); "
+            "0: every prompt goes to a prefill worker"
+        ),
+    )
+    max_model_len: int | None = field(
+        default=None,
+        metadata=doc("context length to enforce; unset: the workers' (their /health), else the model's positions"),
+    )
     health_interval_s: float = field(default=0.5, metadata=doc("seconds between two polls of every upstream's /health"))
     read_timeout_s: float = field(default=120.0, metadata=doc("bound on waiting for an upstream's next bytes, s"))
-    transfer_timeout_s: float = field(default=30.0, metadata=doc("how long a decode worker waits for a request's KV, s"))
+    transfer_timeout_s: float = field(
+        default=30.0, metadata=doc("how long a decode worker waits for a request's KV, s")
+    )
 
     def __post_init__(self) -> None:
         if bool(self.mono) == bool(self.prefill or self.decode):
@@ -151,8 +200,9 @@ class RouterConfig:
             raise ValueError("names must give one name per upstream")
         check_prefill_threshold(self.prefill_threshold, "mono" if self.mono else "disagg")
         if self.prefill_threshold and self.backend != "lab":
-            raise ValueError(f"prefill_threshold needs the lab backend (its decode workers can prefill); "
-                             f"backend is {self.backend!r}")
+            raise ValueError(
+                f"prefill_threshold needs the lab backend (its decode workers can prefill); backend is {self.backend!r}"
+            )
 
     @property
     def model_name(self) -> str:
@@ -176,8 +226,10 @@ def check_prefill_threshold(threshold: Any, mode: str) -> int:
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
         raise ValueError(f"prefill_threshold must be a whole number of tokens >= 0 (0: off), got {threshold!r}")
     if threshold and mode != "disagg":
-        raise ValueError(f"prefill_threshold={threshold} needs mode 'disagg' (prefill and decode workers); "
-                         f"a {mode} server prefills every prompt where it decodes")
+        raise ValueError(
+            f"prefill_threshold={threshold} needs mode 'disagg' (prefill and decode workers); "
+            f"a {mode} server prefills every prompt where it decodes"
+        )
     return threshold
 
 
@@ -197,8 +249,9 @@ def validate(cls: type[C], data: Mapping[str, Any]) -> C:
         raise ValueError(f"bad setting {where}: {err['msg']}") from None
 
 
-def worker_config(role: str, settings: Mapping[str, Any] | None = None,
-                  base: Mapping[str, Any] | None = None) -> WorkerConfig:
+def worker_config(
+    role: str, settings: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None
+) -> WorkerConfig:
     """A validated WorkerConfig from flat settings (field names, as the flags name them; None: default).
 
     `base`: a nested config dict the settings are laid over (a `--config` document).

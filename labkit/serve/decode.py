@@ -6,6 +6,7 @@
 
 A mono worker's request streams through `token_lines` too.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,11 +30,19 @@ async def receive(w: Worker, req: DecodeRequest) -> Any:
     try:
         kv = await asyncio.to_thread(w.receiver.recv, req.request_id, timeout_s)
     except TimeoutError:
-        raise APIError(504, f"no KV arrived for request {req.request_id!r} within {timeout_s:g} s",
-                       type="timeout_error", code="kv_timeout") from None
+        raise APIError(
+            504,
+            f"no KV arrived for request {req.request_id!r} within {timeout_s:g} s",
+            type="timeout_error",
+            code="kv_timeout",
+        ) from None
     except Exception as e:  # noqa: BLE001 - TransferError and kin: the KV is unusable
-        raise APIError(502, f"the KV of request {req.request_id!r} arrived broken: {e.__class__.__name__}: {e}",
-                       type="server_error", code="kv_transfer_failed") from None
+        raise APIError(
+            502,
+            f"the KV of request {req.request_id!r} arrived broken: {e.__class__.__name__}: {e}",
+            type="server_error",
+            code="kv_transfer_failed",
+        ) from None
     # Bytes only: the transfer time is the sender's to measure; this was the wait for it.
     w.metrics.transfer_bytes.labels("recv").inc(kv.nbytes)
     w.metrics.kv_wait_s.observe(time.perf_counter() - t0)
@@ -50,8 +59,9 @@ async def adopt(w: Worker, req: DecodeRequest, kv: Any) -> asyncio.Queue[EngineE
         raise bad_request(f"the KV does not fit this decode worker: {e}", None, "kv_mismatch") from None
 
 
-async def token_lines(w: Worker, q: asyncio.Queue[EngineEvent], request_id: str, t0: float,
-                      ready_s: float | None = None) -> AsyncIterator[bytes]:
+async def token_lines(
+    w: Worker, q: asyncio.Queue[EngineEvent], request_id: str, t0: float, ready_s: float | None = None
+) -> AsyncIterator[bytes]:
     """TokenEvent lines (NDJSON) until the request ends; aborts it in the engine if the client goes away.
 
     The first line carries StreamTiming, seconds from `t0` (when the worker took the request):
@@ -67,7 +77,7 @@ async def token_lines(w: Worker, q: asyncio.Queue[EngineEvent], request_id: str,
             if outcome is not None:
                 w.metrics.requests.labels(outcome).inc()
             error = None if ev.error is None else ErrorInfo(message=ev.error, code="engine_error")
-            reason = cast("FinishReason | None", ev.finish_reason)   # a streaming request never ends "prefilled"
+            reason = cast("FinishReason | None", ev.finish_reason)  # a streaming request never ends "prefilled"
             timing = None
             if first and ev.token_id is not None:
                 first = False
@@ -75,8 +85,12 @@ async def token_lines(w: Worker, q: asyncio.Queue[EngineEvent], request_id: str,
                     timing = StreamTiming(ready_s=ready_s, sent_s=time.perf_counter() - t0)
                 else:
                     start = ev.prefill_start_s if ev.prefill_start_s is not None else ev.t_s
-                    timing = StreamTiming(ready_s=start - t0, first_token_s=ev.t_s - t0, cached_tokens=ev.cached_tokens,
-                                          sent_s=time.perf_counter() - t0)
+                    timing = StreamTiming(
+                        ready_s=start - t0,
+                        first_token_s=ev.t_s - t0,
+                        cached_tokens=ev.cached_tokens,
+                        sent_s=time.perf_counter() - t0,
+                    )
             yield TokenEvent(token_id=ev.token_id, finish_reason=reason, error=error, timing=timing).line()
     finally:
         if not done:

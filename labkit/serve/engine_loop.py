@@ -5,6 +5,7 @@ engine thread runs them between steps, and pushes every new token into the reque
 `asyncio.Queue` with `loop.call_soon_threadsafe`. So a long prefill blocks no health check,
 and many streams share one batch (continuous batching).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,7 +38,7 @@ class EngineEvent:
     """
 
     token_id: int | None = None
-    finish_reason: str | None = None   # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
     error: str | None = None
     kv: Any = None
     t_s: float = field(default_factory=time.perf_counter)
@@ -49,8 +50,8 @@ class EngineEvent:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[EngineEvent]
-    after_prefill: KVAfterPrefill | None = None   # None: a streaming request
-    prefill_start_s: float | None = None          # handed out with the first token, then cleared
+    after_prefill: KVAfterPrefill | None = None  # None: a streaming request
+    prefill_start_s: float | None = None  # handed out with the first token, then cleared
     cached_tokens: int = 0
     sent_first: bool = False
 
@@ -69,8 +70,9 @@ class EngineLoop:
     that raised (its requests fail, the worker stays up).
     """
 
-    def __init__(self, engine: Any, *, on_step: Callable[[Any], None] | None = None,
-                 on_error: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, engine: Any, *, on_step: Callable[[Any], None] | None = None, on_error: Callable[[], None] | None = None
+    ) -> None:
         self.engine = engine
         self._on_step = on_step
         self._on_error = on_error
@@ -109,27 +111,41 @@ class EngineLoop:
                 fut.set_result(fn(self.engine))
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(e)
+
         self._cmds.put(run)
         return fut
 
-    async def submit(self, prompt_ids: list[int], sampling: Any, request_id: str, *,
-                     after_prefill: KVAfterPrefill | None = None,
-                     on_layer_kv: Callable[..., None] | None = None) -> asyncio.Queue[EngineEvent]:
+    async def submit(
+        self,
+        prompt_ids: list[int],
+        sampling: Any,
+        request_id: str,
+        *,
+        after_prefill: KVAfterPrefill | None = None,
+        on_layer_kv: Callable[..., None] | None = None,
+    ) -> asyncio.Queue[EngineEvent]:
         """Adds a request; returns its event queue. Raises what `add_request` raises (ValueError).
 
         `after_prefill`: the request is prefill-only (the engine's policy), and its KV is then
         exported or released. `on_layer_kv`: the engine's per-layer hook (on the engine thread).
         """
-        return await self._add(request_id, after_prefill, lambda eng, cb: eng.add_request(
-            list(prompt_ids), sampling, request_id=request_id, on_token=cb, on_layer_kv=on_layer_kv))
+        return await self._add(
+            request_id,
+            after_prefill,
+            lambda eng, cb: eng.add_request(
+                list(prompt_ids), sampling, request_id=request_id, on_token=cb, on_layer_kv=on_layer_kv
+            ),
+        )
 
     async def submit_kv(self, kv: Any, sampling: Any, request_id: str) -> asyncio.Queue[EngineEvent]:
         """Adopts a received KVExport and decodes from it; returns its event queue."""
-        return await self._add(request_id, None, lambda eng, cb: eng.import_kv(
-            kv, sampling, request_id=request_id, on_token=cb))
+        return await self._add(
+            request_id, None, lambda eng, cb: eng.import_kv(kv, sampling, request_id=request_id, on_token=cb)
+        )
 
-    async def _add(self, request_id: str, after_prefill: KVAfterPrefill | None,
-                   add: Callable[[Any, Any], Any]) -> asyncio.Queue[EngineEvent]:
+    async def _add(
+        self, request_id: str, after_prefill: KVAfterPrefill | None, add: Callable[[Any, Any], Any]
+    ) -> asyncio.Queue[EngineEvent]:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), after_prefill)
 
         def run(eng: Any) -> None:
@@ -141,6 +157,7 @@ class EngineLoop:
             except BaseException:
                 self._streams.pop(request_id, None)
                 raise
+
         await self._wait(self.call(run))
         return stream.queue
 
@@ -156,6 +173,7 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> None:
         """Stops a request (client gone); frees its KV blocks. Does not wait."""
+
         def ab(eng: Any) -> None:
             st = self._streams.pop(request_id, None)
             try:
@@ -164,6 +182,7 @@ class EngineLoop:
                 log.debug("abort %s: %s", request_id, e)
             if st is not None:
                 self._push(st, EngineEvent(finish_reason="abort"))
+
         self.call(ab)
 
     # --- engine-thread side -------------------------------------------------------------
@@ -214,8 +233,15 @@ class EngineLoop:
                 if ro is not None:
                     del finished[rid]
                     self._streams.pop(rid, None)
-                self._push(st, EngineEvent(token_id=tok, finish_reason=ro.finish_reason if ro is not None else None,
-                                           t_s=t_end, **st.first_marks()))
+                self._push(
+                    st,
+                    EngineEvent(
+                        token_id=tok,
+                        finish_reason=ro.finish_reason if ro is not None else None,
+                        t_s=t_end,
+                        **st.first_marks(),
+                    ),
+                )
             for ro in finished.values():
                 self._finish(ro, t_end)
             if self._on_step is not None:
@@ -236,7 +262,7 @@ class EngineLoop:
             self._push(st, EngineEvent(finish_reason=ro.finish_reason))
             return
         first = ro.output_token_ids[0] if ro.output_token_ids else None
-        if ro.finish_reason != "prefilled":   # the first token ended it (or an abort): no KV is held
+        if ro.finish_reason != "prefilled":  # the first token ended it (or an abort): no KV is held
             self._push(st, EngineEvent(token_id=first, finish_reason=ro.finish_reason, t_s=t_end, **st.first_marks()))
             return
         try:

@@ -11,6 +11,7 @@ Off unless the variable is set: only then does a worker wrap its KV senders in `
 
 Other faults need no hook: `kill -9` a process, `SIGSTOP` it for a slow worker (tests/test_faults.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,7 @@ class Fault:
             return cls()
         kind, _, n = text.partition(":")
         if not n.strip().isdigit():
-            raise ValueError(f"{ENV}={text!r}: expected KIND:N with N a layer count, e.g. "
-                             "transfer_cut_after_layers:1")
+            raise ValueError(f"{ENV}={text!r}: expected KIND:N with N a layer count, e.g. transfer_cut_after_layers:1")
         return cls(kind.strip(), int(n))
 
     @classmethod
@@ -85,7 +85,7 @@ class _FaultyStream:
         self.stream = stream
         self.fault = fault
         self.num_layers = num_layers
-        self.passed = min(fault.after_layers, num_layers - 1)   # at least one layer never arrives
+        self.passed = min(fault.after_layers, num_layers - 1)  # at least one layer never arrives
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
@@ -106,11 +106,13 @@ class _FaultyStream:
 
         what = f"after {self.passed} of {self.num_layers} layers"
         if self.fault.kind == "transfer_stall_after_layers":
-            while (left := self.stream.deadline - time.monotonic()) > 0:   # silent, the connection held open
+            while (left := self.stream.deadline - time.monotonic()) > 0:  # silent, the connection held open
                 time.sleep(min(0.05, left))
             self.stream.abort()
-            raise TransferTimeout(f"fault injected ({ENV}): stalled {what} for {self.stream.timeout_s:g} s",
-                                  request_id=self.stream.meta.request_id)
+            raise TransferTimeout(
+                f"fault injected ({ENV}): stalled {what} for {self.stream.timeout_s:g} s",
+                request_id=self.stream.meta.request_id,
+            )
         self.stream.abort()
         raise TransferError(f"fault injected ({ENV}): connection cut {what}", request_id=self.stream.meta.request_id)
 

@@ -8,6 +8,7 @@ the router in front of them. `stop()` stops the router, then the workers (SIGTER
 process group, SIGKILL after a timeout) and checks that no PID is left. The pieces can be
 started one by one too (`start_worker`, `start_router`), as notebook 04 does.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -44,7 +45,7 @@ _LIVE: dict[int, ServerProcess] = {}
 
 def _stop_live_at_exit() -> None:
     for p in list(_LIVE.values()):
-        with contextlib.suppress(Exception):   # exiting anyway: stop what can be stopped
+        with contextlib.suppress(Exception):  # exiting anyway: stop what can be stopped
             p.stop(timeout_s=3.0)
 
 
@@ -55,7 +56,7 @@ atexit.register(_stop_live_at_exit)
 class ServerProcess:
     """A started worker or router: its process, role, URL and name."""
 
-    role: str             # "mono" | "prefill" | "decode" | "router"
+    role: str  # "mono" | "prefill" | "decode" | "router"
     name: str
     url: str
     child: Child
@@ -101,16 +102,32 @@ def _cpu_env(cpus: Sequence[int] | None, gpus: Sequence[int] | None) -> dict[str
     return env
 
 
-def start_worker(role: str, *, model: str | None = None, port: int | None = None, name: str = "",
-                 cpus: Sequence[int] | None = None, gpu: int | None = None,
-                 visible_gpus: Sequence[int] | None = None, chunked_prefill: bool | None = None,
-                 max_num_batched_tokens: int | None = None, kv_cache_bytes: int | None = None,
-                 max_num_seqs: int | None = None, transfer: str | None = None, kv_token: str | None = None,
-                 dtype: str | None = None, device: str | None = None, max_model_len: int | None = None,
-                 enable_prefix_caching: bool | None = None, cuda_graphs: bool | None = None,
-                 kv_stream: str | None = None, settings: Mapping[str, Any] | None = None,
-                 extra_args: Sequence[str] = (), startup_timeout_s: float = 120.0,
-                 log_dir: Path | None = None) -> ServerProcess:
+def start_worker(
+    role: str,
+    *,
+    model: str | None = None,
+    port: int | None = None,
+    name: str = "",
+    cpus: Sequence[int] | None = None,
+    gpu: int | None = None,
+    visible_gpus: Sequence[int] | None = None,
+    chunked_prefill: bool | None = None,
+    max_num_batched_tokens: int | None = None,
+    kv_cache_bytes: int | None = None,
+    max_num_seqs: int | None = None,
+    transfer: str | None = None,
+    kv_token: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    max_model_len: int | None = None,
+    enable_prefix_caching: bool | None = None,
+    cuda_graphs: bool | None = None,
+    kv_stream: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    extra_args: Sequence[str] = (),
+    startup_timeout_s: float = 120.0,
+    log_dir: Path | None = None,
+) -> ServerProcess:
     """Starts one worker process (pinned to `cpus`, on GPU `gpu`); returns once its /health answers.
 
     `visible_gpus`: the GPUs the worker may see, in an order every worker of a deployment shares
@@ -125,8 +142,10 @@ def start_worker(role: str, *, model: str | None = None, port: int | None = None
     if role not in ROLES:
         raise ValueError(f"role {role!r} not one of {ROLES}")
     if role != "mono" and not kv_token:
-        raise ValueError(f"a {role} worker needs kv_token (the same for its prefill and decode peers); "
-                         "make one with labkit.serve.launcher.new_kv_token()")
+        raise ValueError(
+            f"a {role} worker needs kv_token (the same for its prefill and decode peers); "
+            "make one with labkit.serve.launcher.new_kv_token()"
+        )
     deployments.check_port_free(port or 0)
     port = port or free_port()
     name = name or f"{role}-{port}"
@@ -135,17 +154,28 @@ def start_worker(role: str, *, model: str | None = None, port: int | None = None
     visible = list(visible_gpus) if visible_gpus is not None else ([gpu] if gpu is not None else None)
     if device is None and gpu is not None:
         device = f"cuda:{visible.index(gpu)}" if visible else "cuda"
-    given = {"model": model, "port": port, "name": name, "device": device,
-             "dtype": dtype, "chunked_prefill": chunked_prefill, "max_num_batched_tokens": max_num_batched_tokens,
-             "kv_cache_bytes": kv_cache_bytes, "max_num_seqs": max_num_seqs, "transfer": transfer,
-             "max_model_len": max_model_len, "enable_prefix_caching": enable_prefix_caching,
-             "cuda_graphs": cuda_graphs, "kv_stream": kv_stream}
+    given = {
+        "model": model,
+        "port": port,
+        "name": name,
+        "device": device,
+        "dtype": dtype,
+        "chunked_prefill": chunked_prefill,
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "kv_cache_bytes": kv_cache_bytes,
+        "max_num_seqs": max_num_seqs,
+        "transfer": transfer,
+        "max_model_len": max_model_len,
+        "enable_prefix_caching": enable_prefix_caching,
+        "cuda_graphs": cuda_graphs,
+        "kv_stream": kv_stream,
+    }
     cfg = worker_config(role, {**(settings or {}), **{k: v for k, v in given.items() if v is not None}})
-    model = cfg.engine.model   # what the worker runs (None took the config's default)
+    model = cfg.engine.model  # what the worker runs (None took the config's default)
     argv = python_module_argv("labkit.serve.worker", "--config", to_json(cfg), *extra_args)
     env = _cpu_env(cpus, visible)
     if kv_token:
-        env["LABKIT_KV_TOKEN"] = kv_token   # the secret goes in the environment, never on argv
+        env["LABKIT_KV_TOKEN"] = kv_token  # the secret goes in the environment, never on argv
     log_path = (log_dir or _log_dir()) / f"{name}-{int(time.time())}.log"
     child = start_process(name, argv, env=env, log_path=log_path, cpus=cpus)
     url = f"http://{LOOPBACK}:{port}"
@@ -156,17 +186,30 @@ def start_worker(role: str, *, model: str | None = None, port: int | None = None
         raise
     proc = ServerProcess(role, name, url, child)
     _LIVE[proc.pid] = proc
-    deployments.track(name=name, role=role, pid=proc.pid, port=port, url=url, model=str(model),
-                      single_mode=f"{role} worker")
+    deployments.track(
+        name=name, role=role, pid=proc.pid, port=port, url=url, model=str(model), single_mode=f"{role} worker"
+    )
     return proc
 
 
-def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (),
-                 prefill: Sequence[ServerProcess | str] = (), decode: Sequence[ServerProcess | str] = (),
-                 port: int | None = None, host: str = LOOPBACK, backend: str = "lab",
-                 prefill_policy: str = DEFAULT_POLICY, prefill_threshold: int = 0, served_model_name: str | None = None,
-                 cpus: Sequence[int] | None = None, health_interval_s: float = 0.5, read_timeout_s: float = 120.0,
-                 startup_timeout_s: float = 60.0, log_dir: Path | None = None) -> ServerProcess:
+def start_router(
+    *,
+    model: str = "tiny",
+    mono: Sequence[ServerProcess | str] = (),
+    prefill: Sequence[ServerProcess | str] = (),
+    decode: Sequence[ServerProcess | str] = (),
+    port: int | None = None,
+    host: str = LOOPBACK,
+    backend: str = "lab",
+    prefill_policy: str = DEFAULT_POLICY,
+    prefill_threshold: int = 0,
+    served_model_name: str | None = None,
+    cpus: Sequence[int] | None = None,
+    health_interval_s: float = 0.5,
+    read_timeout_s: float = 120.0,
+    startup_timeout_s: float = 60.0,
+    log_dir: Path | None = None,
+) -> ServerProcess:
     """Starts the router in front of the given workers (ServerProcess or URL); returns once it is healthy.
 
     `backend`: "lab", "vllm" or module:factory; `prefill_policy`: which prefill worker gets a request
@@ -185,17 +228,32 @@ def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (
 
     policy = prefill_policy
     path, sep, fn = policy.rpartition(":")
-    if sep and path.endswith(".py"):   # the router may run elsewhere than this cwd
+    if sep and path.endswith(".py"):  # the router may run elsewhere than this cwd
         policy = f"{Path(path).expanduser().resolve()}:{fn}"
-    cfg = RouterConfig(model=str(model), served_model_name=served_model_name, host=host, port=port,
-                       mono=urls(mono), prefill=urls(prefill), decode=urls(decode), backend=backend,
-                       prefill_policy=policy, prefill_threshold=prefill_threshold,
-                       health_interval_s=health_interval_s, read_timeout_s=read_timeout_s,
-                       names=tuple(names(mono, "mono") + names(prefill, "prefill") + names(decode, "decode")))
+    cfg = RouterConfig(
+        model=str(model),
+        served_model_name=served_model_name,
+        host=host,
+        port=port,
+        mono=urls(mono),
+        prefill=urls(prefill),
+        decode=urls(decode),
+        backend=backend,
+        prefill_policy=policy,
+        prefill_threshold=prefill_threshold,
+        health_interval_s=health_interval_s,
+        read_timeout_s=read_timeout_s,
+        names=tuple(names(mono, "mono") + names(prefill, "prefill") + names(decode, "decode")),
+    )
     argv = python_module_argv("labkit.serve.router", "--config", to_json(cfg))
     name = f"router-{port}"
-    child = start_process(name, argv, env=_cpu_env(cpus, None), cpus=cpus,
-                          log_path=(log_dir or _log_dir()) / f"{name}-{int(time.time())}.log")
+    child = start_process(
+        name,
+        argv,
+        env=_cpu_env(cpus, None),
+        cpus=cpus,
+        log_path=(log_dir or _log_dir()) / f"{name}-{int(time.time())}.log",
+    )
     url = f"http://{LOOPBACK if host in ('0.0.0.0', '') else host}:{port}"
     try:
         wait_http_ok(url + "/health", timeout_s=startup_timeout_s, child=child)
@@ -204,8 +262,9 @@ def start_router(*, model: str = "tiny", mono: Sequence[ServerProcess | str] = (
         raise
     proc = ServerProcess("router", name, url, child)
     _LIVE[proc.pid] = proc
-    deployments.track(name=name, role="router", pid=proc.pid, port=port, url=url, model=str(model),
-                      single_mode="router")
+    deployments.track(
+        name=name, role="router", pid=proc.pid, port=port, url=url, model=str(model), single_mode="router"
+    )
     return proc
 
 
@@ -217,7 +276,7 @@ class Server:
     router: ServerProcess
     workers: list[ServerProcess] = field(default_factory=list)
     model: str = "tiny"
-    placement: Placement | None = None   # where each worker runs (labkit.devices), for describe()
+    placement: Placement | None = None  # where each worker runs (labkit.devices), for describe()
 
     @property
     def url(self) -> str:
@@ -250,15 +309,34 @@ def stop_all(procs: Sequence[ServerProcess], timeout_s: float = 10.0) -> None:
         raise RuntimeError(f"processes still alive after stop: {', '.join(left)}")
 
 
-def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode: int = 1, mono: int = 1,
-           chunked_prefill: bool | None = None, max_num_batched_tokens: int | None = None, transfer: str | None = None,
-           mono_cpus: Sequence[int] | None = None, prefill_cpus: Sequence[int] | None = None,
-           decode_cpus: Sequence[int] | None = None, router_cpus: Sequence[int] | None = None,
-           gpus: Sequence[int] | None = None, port: int | None = None, host: str = LOOPBACK,
-           kv_cache_bytes: int | None = None, dtype: str | None = None, served_model_name: str | None = None,
-           cuda_graphs: bool | None = None, kv_stream: str | None = None, settings: Mapping[str, Any] | None = None,
-           prefill_policy: str = DEFAULT_POLICY, prefill_threshold: int = 0, worker_args: Sequence[str] = (),
-           startup_timeout_s: float = 120.0) -> Server:
+def launch(
+    mode: str = "mono",
+    *,
+    model: str = "tiny",
+    prefill: int = 1,
+    decode: int = 1,
+    mono: int = 1,
+    chunked_prefill: bool | None = None,
+    max_num_batched_tokens: int | None = None,
+    transfer: str | None = None,
+    mono_cpus: Sequence[int] | None = None,
+    prefill_cpus: Sequence[int] | None = None,
+    decode_cpus: Sequence[int] | None = None,
+    router_cpus: Sequence[int] | None = None,
+    gpus: Sequence[int] | None = None,
+    port: int | None = None,
+    host: str = LOOPBACK,
+    kv_cache_bytes: int | None = None,
+    dtype: str | None = None,
+    served_model_name: str | None = None,
+    cuda_graphs: bool | None = None,
+    kv_stream: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    prefill_policy: str = DEFAULT_POLICY,
+    prefill_threshold: int = 0,
+    worker_args: Sequence[str] = (),
+    startup_timeout_s: float = 120.0,
+) -> Server:
     """Starts `mode` ("mono": `mono` engine processes; "disagg": `prefill` + `decode` processes) behind
     one router; returns the Server (a context manager that stops everything).
 
@@ -275,32 +353,60 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not one of {MODES}")
-    check_prefill_threshold(prefill_threshold, mode)   # before minutes of worker start-up
+    check_prefill_threshold(prefill_threshold, mode)  # before minutes of worker start-up
     local = {"local_prefill": True} if prefill_threshold else {}
-    chosen = transfer or (settings or {}).get("transfer")   # else the placement's: cuda-ipc on GPUs, shm on cores
-    placement = place_workers(mode, mono=mono, prefill=prefill, decode=decode, gpus=gpus, transfer=chosen,
-                              mono_cpus=mono_cpus, prefill_cpus=prefill_cpus, decode_cpus=decode_cpus)
+    chosen = transfer or (settings or {}).get("transfer")  # else the placement's: cuda-ipc on GPUs, shm on cores
+    placement = place_workers(
+        mode,
+        mono=mono,
+        prefill=prefill,
+        decode=decode,
+        gpus=gpus,
+        transfer=chosen,
+        mono_cpus=mono_cpus,
+        prefill_cpus=prefill_cpus,
+        decode_cpus=decode_cpus,
+    )
     deployments.check_port_free(port or 0, host)  # before minutes of worker start-up, not after
     token = new_kv_token() if mode == "disagg" else None
     started: list[ServerProcess] = []
     dep = deployments.begin(mode, str(model))  # the workers and the router below are one deployment
     try:
-        for slot in placement.slots:   # in start order: a GPU's sharers start one after another
-            started.append(start_worker(
-                slot.role, model=model, name=slot.name, cpus=slot.cpus, gpu=slot.gpu,
-                visible_gpus=placement.gpus_used or None,
-                chunked_prefill=chunked_prefill if slot.role == "mono" else None,
-                max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
-                transfer=placement.transfer if mode == "disagg" and (chosen or gpus) else None, kv_token=token,
-                dtype=dtype,
-                cuda_graphs=cuda_graphs, kv_stream=kv_stream,
-                settings={**(settings or {}), **local} if slot.role == "decode" else settings, extra_args=worker_args,
-                startup_timeout_s=startup_timeout_s))
+        for slot in placement.slots:  # in start order: a GPU's sharers start one after another
+            started.append(
+                start_worker(
+                    slot.role,
+                    model=model,
+                    name=slot.name,
+                    cpus=slot.cpus,
+                    gpu=slot.gpu,
+                    visible_gpus=placement.gpus_used or None,
+                    chunked_prefill=chunked_prefill if slot.role == "mono" else None,
+                    max_num_batched_tokens=max_num_batched_tokens,
+                    kv_cache_bytes=kv_cache_bytes,
+                    transfer=placement.transfer if mode == "disagg" and (chosen or gpus) else None,
+                    kv_token=token,
+                    dtype=dtype,
+                    cuda_graphs=cuda_graphs,
+                    kv_stream=kv_stream,
+                    settings={**(settings or {}), **local} if slot.role == "decode" else settings,
+                    extra_args=worker_args,
+                    startup_timeout_s=startup_timeout_s,
+                )
+            )
         by_role = {r: [w for w in started if w.role == r] for r in ("mono", "prefill", "decode")}
-        router = start_router(model=model, mono=by_role["mono"], prefill=by_role["prefill"],
-                              decode=by_role["decode"], port=port, host=host, cpus=router_cpus,
-                              served_model_name=served_model_name, prefill_policy=prefill_policy,
-                              prefill_threshold=prefill_threshold)
+        router = start_router(
+            model=model,
+            mono=by_role["mono"],
+            prefill=by_role["prefill"],
+            decode=by_role["decode"],
+            port=port,
+            host=host,
+            cpus=router_cpus,
+            served_model_name=served_model_name,
+            prefill_policy=prefill_policy,
+            prefill_threshold=prefill_threshold,
+        )
     except BaseException:
         stop_all(started)
         raise
@@ -309,9 +415,18 @@ def launch(mode: str = "mono", *, model: str = "tiny", prefill: int = 1, decode:
     return Server(mode, router, started, model=model, placement=placement)
 
 
-def place_workers(mode: str, *, mono: int = 1, prefill: int = 1, decode: int = 1, gpus: Sequence[int] | None = None,
-                  transfer: str | None = None, mono_cpus: Sequence[int] | None = None,
-                  prefill_cpus: Sequence[int] | None = None, decode_cpus: Sequence[int] | None = None) -> Placement:
+def place_workers(
+    mode: str,
+    *,
+    mono: int = 1,
+    prefill: int = 1,
+    decode: int = 1,
+    gpus: Sequence[int] | None = None,
+    transfer: str | None = None,
+    mono_cpus: Sequence[int] | None = None,
+    prefill_cpus: Sequence[int] | None = None,
+    decode_cpus: Sequence[int] | None = None,
+) -> Placement:
     """Where `launch` puts each worker: `labkit.devices.place` on `gpus` (the host's cores split between
     the GPU workers, KV by cuda-ipc) or on cores; cores given for a role win, except that `mono`
     replicas on the CPU split `mono_cpus` between them. The KV transport is `transfer` when given."""
@@ -319,9 +434,15 @@ def place_workers(mode: str, *, mono: int = 1, prefill: int = 1, decode: int = 1
         raise ValueError(f"mode {mode!r} not one of {MODES}")
     layout: Mode = "mono" if mode == "mono" else "disagg"
     on_gpus = bool(gpus)
-    placed = place(layout, mono=mono, prefill=prefill, decode=decode, gpus=gpus or (),
-                   cpus=sorted(os.sched_getaffinity(0)) if on_gpus else (mono_cpus if mode == "mono" else None),
-                   transfer=transfer)
+    placed = place(
+        layout,
+        mono=mono,
+        prefill=prefill,
+        decode=decode,
+        gpus=gpus or (),
+        cpus=sorted(os.sched_getaffinity(0)) if on_gpus else (mono_cpus if mode == "mono" else None),
+        transfer=transfer,
+    )
     explicit = {"mono": None if not on_gpus else mono_cpus, "prefill": prefill_cpus, "decode": decode_cpus}
     slots = tuple(replace(s, cpus=tuple(explicit[s.role] or ()) or s.cpus) for s in placed.slots)
     return replace(placed, slots=slots)

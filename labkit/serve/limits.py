@@ -5,6 +5,7 @@ Every HTTP body is read with a cap (413 over it) and decoded so that any malform
 becomes a 400 OpenAI-style error instead of a 500. Header bytes are capped too (431): the
 HTTP parser (httptools) has no limit of its own.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,18 @@ from labkit.serve.protocol import APIError, bad_request, error_body
 log = logging.getLogger("labkit.serve")
 
 M = TypeVar("M", bound=BaseModel)
-MAX_BODY_BYTES = 8 << 20     # a 128k-token prompt as a JSON list of ids is ~1 MB; 8 MiB leaves room
+MAX_BODY_BYTES = 8 << 20  # a 128k-token prompt as a JSON list of ids is ~1 MB; 8 MiB leaves room
 MAX_HEADER_BYTES = 64 << 10  # all header names and values together; browsers and proxies send < 8 KiB
 
 
 def too_large(what: str, limit: int, status: int = 413) -> APIError:
     """The error for a request over a size limit (413 body, 431 headers)."""
-    return APIError(status, f"the request {what} is larger than this server's limit of {limit} bytes",
-                    param=None, code="request_too_large")
+    return APIError(
+        status,
+        f"the request {what} is larger than this server's limit of {limit} bytes",
+        param=None,
+        code="request_too_large",
+    )
 
 
 def check_headers(request: Request, max_bytes: int = MAX_HEADER_BYTES) -> None:
@@ -63,8 +68,9 @@ def parse_json(raw: bytes) -> Any:
         raise bad_request("the request body is not valid JSON", None, "invalid_json") from None
 
 
-async def read_json(request: Request, max_body_bytes: int = MAX_BODY_BYTES,
-                    max_header_bytes: int = MAX_HEADER_BYTES) -> Any:
+async def read_json(
+    request: Request, max_body_bytes: int = MAX_BODY_BYTES, max_header_bytes: int = MAX_HEADER_BYTES
+) -> Any:
     """Header check, capped body read, safe decode: the request's JSON value, or APIError 4xx."""
     check_headers(request, max_header_bytes)
     return parse_json(await read_body(request, max_body_bytes))
@@ -81,8 +87,9 @@ async def read_message(request: Request, cls: type[M]) -> M:
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"]]
         kind = err["type"]
-        code = ("invalid_json" if kind == "json_invalid" else "invalid_type" if kind.endswith("_type")
-                else "invalid_value")
+        code = (
+            "invalid_json" if kind == "json_invalid" else "invalid_type" if kind.endswith("_type") else "invalid_value"
+        )
         where = f"'{'.'.join(loc)}': " if loc else "the request body: "
         raise bad_request(f"{where}{err['msg']}", loc[0] if loc else None, code) from None
 
@@ -90,6 +97,7 @@ async def read_message(request: Request, cls: type[M]) -> M:
 def install_error_handlers(app: FastAPI, where: str, hint: str = "") -> None:
     """Every error `app` answers is an OpenAI-style JSON body: APIError with its status, an unknown
     route 404, a wrong method 405, anything unforeseen 500 (logged). `where` names the server."""
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -101,15 +109,29 @@ def install_error_handlers(app: FastAPI, where: str, hint: str = "") -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error in the {where}: {e.__class__.__name__}: {e}",
-                                       type="server_error", code="internal_error"), status_code=500)
+        return JSONResponse(
+            error_body(
+                f"internal error in the {where}: {e.__class__.__name__}: {e}",
+                type="server_error",
+                code="internal_error",
+            ),
+            status_code=500,
+        )
 
     @app.exception_handler(404)
     async def _not_found(request: Request, e: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"no route {request.method} {request.url.path} on this {where}{hint}",
-                                       type="not_found_error", code="not_found"), status_code=404)
+        return JSONResponse(
+            error_body(
+                f"no route {request.method} {request.url.path} on this {where}{hint}",
+                type="not_found_error",
+                code="not_found",
+            ),
+            status_code=404,
+        )
 
     @app.exception_handler(405)
     async def _bad_method(request: Request, e: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}",
-                                       code="method_not_allowed"), status_code=405)
+        return JSONResponse(
+            error_body(f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"),
+            status_code=405,
+        )

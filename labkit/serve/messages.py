@@ -17,6 +17,7 @@ field is wrong, which is what a 400 answer needs; and it validates the engine's 
 `SamplingParams` dataclass in place, so sampling settings are defined once, in the engine.
 msgspec decodes faster, but these control messages are small next to the KV they announce.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -78,15 +79,15 @@ class PrefillResult(Message):
 
     request_id: RequestId
     first_token_id: TokenId
-    finish_reason: FinishReason | None     # None: the decode worker goes on from the first token
+    finish_reason: FinishReason | None  # None: the decode worker goes on from the first token
     num_prompt_tokens: int
-    cached_tokens: int = 0                 # prompt tokens the prefix cache served
+    cached_tokens: int = 0  # prompt tokens the prefix cache served
     kv_bytes: int = 0
     kv_stream: KVStream = "whole"
     kv_transport: str = ""
     prefill_start_s: float = 0.0
     prefill_s: float
-    transfer_s: float = 0.0                # the transport's clock: send start to the receiver's ack
+    transfer_s: float = 0.0  # the transport's clock: send start to the receiver's ack
     kv_acked_s: float = 0.0
     kv_window_s: float = 0.0
     kv_flag: str | None = None
@@ -132,7 +133,7 @@ class TokenEvent(Message):
     token_id: TokenId | None = None
     finish_reason: FinishReason | None = None
     error: ErrorInfo | None = None
-    timing: StreamTiming | None = None     # on the first line only
+    timing: StreamTiming | None = None  # on the first line only
 
     def line(self) -> bytes:
         return (self.model_dump_json(exclude_none=True) + "\n").encode()
@@ -145,7 +146,7 @@ class WorkerHealth(Message):
     (`max_model_len`) from this reply; totals come from the worker's Prometheus registry.
     """
 
-    status: str                     # "ok", or why not
+    status: str  # "ok", or why not
     role: Literal["mono", "prefill", "decode"]
     name: str
     model: str
@@ -156,15 +157,15 @@ class WorkerHealth(Message):
     policy: str
     transfer: str
     kv_stream: KVStream
-    kv_endpoint: str | None         # decode workers: where prefill workers send the KV
+    kv_endpoint: str | None  # decode workers: where prefill workers send the KV
     kv_blocks_total: int
     kv_blocks_used: int
     kv_blocks_free: int
     running_requests: int
     prefill_tokens_total: int
     decode_tokens_total: int
-    kv_transfer_bytes_total: int    # sent (prefill) or received (decode)
+    kv_transfer_bytes_total: int  # sent (prefill) or received (decode)
     kv_transfer_seconds_total: float
     engine_errors_total: int
     kv_slow_transfers_total: int = 0
-    kv_flag: str | None = None      # the last transfer flagged as far slower than this host's measured figure
+    kv_flag: str | None = None  # the last transfer flagged as far slower than this host's measured figure

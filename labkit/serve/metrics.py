@@ -6,6 +6,7 @@ and re-exports what it polls from each worker's
 /health (KV blocks in use, running requests, KV transfer bytes and seconds), labelled by
 upstream, so one scrape of the public URL shows the whole server.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -36,39 +37,68 @@ class RouterMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("labkit_router_requests", "Completion requests by outcome", ["outcome"], registry=r)
-        self.ttft_s = Histogram("labkit_router_ttft_seconds", "Time to first token seen by the router",
-                                buckets=TTFT_BUCKETS_S, registry=r)
-        self.itl_s = Histogram("labkit_router_itl_seconds", "Inter-token latency seen by the router",
-                               buckets=ITL_BUCKETS_S, registry=r)
-        self.e2e_s = Histogram("labkit_router_e2e_seconds", "Request latency, first byte in to last byte out",
-                               buckets=E2E_BUCKETS_S, registry=r)
+        self.ttft_s = Histogram(
+            "labkit_router_ttft_seconds", "Time to first token seen by the router", buckets=TTFT_BUCKETS_S, registry=r
+        )
+        self.itl_s = Histogram(
+            "labkit_router_itl_seconds", "Inter-token latency seen by the router", buckets=ITL_BUCKETS_S, registry=r
+        )
+        self.e2e_s = Histogram(
+            "labkit_router_e2e_seconds",
+            "Request latency, first byte in to last byte out",
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
         self.queue_depth = Gauge("labkit_router_queue_depth", "Requests inside the router now", registry=r)
         self.prompt_tokens = Counter("labkit_router_prompt_tokens", "Prompt tokens routed", registry=r)
         self.generation_tokens = Counter("labkit_router_generation_tokens", "Tokens sent to clients", registry=r)
-        self.decisions = Counter("labkit_router_decisions", "Routing decisions",
-                                 ["role", "upstream", "reason"], registry=r)
-        self.prefills = Counter("labkit_router_prefills",
-                                "Prompts by where they were prefilled: a mono worker, a prefill worker, or the "
-                                "decode worker itself (selective disaggregation)", ["where", "upstream"], registry=r)
-        self.prefix_hit_tokens = Counter("labkit_router_prefix_hit_tokens",
-                                         "Prompt tokens routed to an instance that already caches them",
-                                         ["upstream"], registry=r)
-        self.upstream_up = Gauge("labkit_router_upstream_up", "1 while an upstream answers /health",
-                                 ["upstream", "role"], registry=r)
+        self.decisions = Counter(
+            "labkit_router_decisions", "Routing decisions", ["role", "upstream", "reason"], registry=r
+        )
+        self.prefills = Counter(
+            "labkit_router_prefills",
+            "Prompts by where they were prefilled: a mono worker, a prefill worker, or the "
+            "decode worker itself (selective disaggregation)",
+            ["where", "upstream"],
+            registry=r,
+        )
+        self.prefix_hit_tokens = Counter(
+            "labkit_router_prefix_hit_tokens",
+            "Prompt tokens routed to an instance that already caches them",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "labkit_router_upstream_up", "1 while an upstream answers /health", ["upstream", "role"], registry=r
+        )
         # The per-request waterfall (labkit.serve.waterfall): the TTFT's parts, the KV's achieved speed.
-        self.ttft_part_s = Histogram("labkit_router_ttft_part_seconds",
-                                     "Time to first token by part: router, http, queue, prefill, kv_transfer, "
-                                     "first_token_out (they sum to the TTFT)", ["part"], buckets=PART_BUCKETS_S,
-                                     registry=r)
-        self.decode_admit_s = Histogram("labkit_router_decode_admit_seconds",
-                                        "Decode worker: request taken to its KV received and adopted",
-                                        buckets=PART_BUCKETS_S, registry=r)
-        self.kv_gb_per_s = Histogram("labkit_router_kv_transfer_gb_per_s",
-                                     "KV bytes over the transfer's window, per request (1e9 B/s)", ["transport"],
-                                     buckets=GB_PER_S_BUCKETS, registry=r)
-        self.kv_slow = Counter("labkit_router_kv_slow_transfers",
-                               "KV transfers a prefill worker flagged as far below this host's measured figure",
-                               ["upstream"], registry=r)
+        self.ttft_part_s = Histogram(
+            "labkit_router_ttft_part_seconds",
+            "Time to first token by part: router, http, queue, prefill, kv_transfer, "
+            "first_token_out (they sum to the TTFT)",
+            ["part"],
+            buckets=PART_BUCKETS_S,
+            registry=r,
+        )
+        self.decode_admit_s = Histogram(
+            "labkit_router_decode_admit_seconds",
+            "Decode worker: request taken to its KV received and adopted",
+            buckets=PART_BUCKETS_S,
+            registry=r,
+        )
+        self.kv_gb_per_s = Histogram(
+            "labkit_router_kv_transfer_gb_per_s",
+            "KV bytes over the transfer's window, per request (1e9 B/s)",
+            ["transport"],
+            buckets=GB_PER_S_BUCKETS,
+            registry=r,
+        )
+        self.kv_slow = Counter(
+            "labkit_router_kv_slow_transfers",
+            "KV transfers a prefill worker flagged as far below this host's measured figure",
+            ["upstream"],
+            registry=r,
+        )
         if workers is not None:
             r.register(_WorkerCollector(workers))
 
@@ -88,16 +118,22 @@ class RouterMetrics:
 
 
 # (series, help, WorkerHealth field): what the router re-exports of each worker's last /health.
-_GAUGES = (("kv_blocks_used", "KV blocks in use", "kv_blocks_used"),
-           ("kv_blocks_total", "KV blocks in the pool", "kv_blocks_total"),
-           ("running_requests", "Requests running or waiting in the engine", "running_requests"))
-_COUNTERS = (("kv_transfer_bytes", "KV bytes sent (prefill) or received (decode)", "kv_transfer_bytes_total"),
-             ("kv_transfer_seconds", "Seconds of KV transfers, send start to ack (prefill side)",
-              "kv_transfer_seconds_total"),
-             ("kv_slow_transfers", "KV transfers far below this host's measured figure (prefill side)",
-              "kv_slow_transfers_total"),
-             ("prefill_tokens", "Prompt tokens prefilled", "prefill_tokens_total"),
-             ("decode_tokens", "Tokens decoded", "decode_tokens_total"))
+_GAUGES = (
+    ("kv_blocks_used", "KV blocks in use", "kv_blocks_used"),
+    ("kv_blocks_total", "KV blocks in the pool", "kv_blocks_total"),
+    ("running_requests", "Requests running or waiting in the engine", "running_requests"),
+)
+_COUNTERS = (
+    ("kv_transfer_bytes", "KV bytes sent (prefill) or received (decode)", "kv_transfer_bytes_total"),
+    ("kv_transfer_seconds", "Seconds of KV transfers, send start to ack (prefill side)", "kv_transfer_seconds_total"),
+    (
+        "kv_slow_transfers",
+        "KV transfers far below this host's measured figure (prefill side)",
+        "kv_slow_transfers_total",
+    ),
+    ("prefill_tokens", "Prompt tokens prefilled", "prefill_tokens_total"),
+    ("decode_tokens", "Tokens decoded", "decode_tokens_total"),
+)
 
 
 class _WorkerCollector(Collector):
@@ -107,7 +143,8 @@ class _WorkerCollector(Collector):
     def collect(self) -> Iterable[Any]:
         fams: list[tuple[Any, str]] = [
             *((GaugeMetricFamily(f"labkit_worker_{k}", h, labels=["upstream", "role"]), f) for k, h, f in _GAUGES),
-            *((CounterMetricFamily(f"labkit_worker_{k}", h, labels=["upstream", "role"]), f) for k, h, f in _COUNTERS)]
+            *((CounterMetricFamily(f"labkit_worker_{k}", h, labels=["upstream", "role"]), f) for k, h, f in _COUNTERS),
+        ]
         for name, role, health in self.source():
             for fam, attr in fams:
                 fam.add_metric([name, role], float(getattr(health, attr)))
@@ -121,24 +158,36 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("labkit_worker_requests", "Requests by outcome", ["outcome"], registry=r)
-        self.step_s = Histogram("labkit_worker_step_seconds", "Engine step time by phase", ["phase"],
-                                buckets=ITL_BUCKETS_S, registry=r)
+        self.step_s = Histogram(
+            "labkit_worker_step_seconds", "Engine step time by phase", ["phase"], buckets=ITL_BUCKETS_S, registry=r
+        )
         self.tokens = Counter("labkit_worker_tokens", "Tokens processed by phase", ["phase"], registry=r)
         self.engine_errors = Counter("labkit_worker_engine_errors", "Engine steps that raised", registry=r)
         self.kv_blocks_used = Gauge("labkit_worker_kv_blocks_used", "KV blocks in use", registry=r)
         self.kv_blocks_total = Gauge("labkit_worker_kv_blocks_total", "KV blocks in the pool", registry=r)
         self.running = Gauge("labkit_worker_running_requests", "Requests in the engine", registry=r)
-        self.transfer_bytes = Counter("labkit_worker_kv_transfer_bytes", "KV bytes moved by this worker",
-                                      ["direction"], registry=r)
-        self.transfer_s = Histogram("labkit_worker_kv_transfer_seconds",
-                                    "One request's KV transfer, send start to the receiver's ack (sender side)",
-                                    ["direction"], buckets=TRANSFER_BUCKETS_S, registry=r)
-        self.kv_slow = Counter("labkit_worker_kv_slow_transfers",
-                               "KV transfers far slower than this host's measured figure for their transport",
-                               ["transport"], registry=r)
-        self.kv_wait_s = Histogram("labkit_worker_kv_wait_seconds",
-                                   "Decode side: how long a request waited for its KV to be there",
-                                   buckets=TRANSFER_BUCKETS_S, registry=r)
+        self.transfer_bytes = Counter(
+            "labkit_worker_kv_transfer_bytes", "KV bytes moved by this worker", ["direction"], registry=r
+        )
+        self.transfer_s = Histogram(
+            "labkit_worker_kv_transfer_seconds",
+            "One request's KV transfer, send start to the receiver's ack (sender side)",
+            ["direction"],
+            buckets=TRANSFER_BUCKETS_S,
+            registry=r,
+        )
+        self.kv_slow = Counter(
+            "labkit_worker_kv_slow_transfers",
+            "KV transfers far slower than this host's measured figure for their transport",
+            ["transport"],
+            registry=r,
+        )
+        self.kv_wait_s = Histogram(
+            "labkit_worker_kv_wait_seconds",
+            "Decode side: how long a request waited for its KV to be there",
+            buckets=TRANSFER_BUCKETS_S,
+            registry=r,
+        )
 
     def on_step(self, out: Any) -> None:
         """Called by the engine thread after each step (a StepOutput)."""
@@ -156,14 +205,18 @@ class WorkerMetrics:
 
     def totals(self) -> dict[str, Any]:
         """The counters /health reports, read from the registry."""
-        return {"prefill_tokens_total": int(self.value("labkit_worker_tokens_total", phase="prefill")),
-                "decode_tokens_total": int(self.value("labkit_worker_tokens_total", phase="decode")),
-                "kv_transfer_bytes_total": int(sum(self.value("labkit_worker_kv_transfer_bytes_total", direction=d)
-                                                   for d in ("send", "recv"))),
-                "kv_transfer_seconds_total": self.value("labkit_worker_kv_transfer_seconds_sum", direction="send"),
-                "engine_errors_total": int(self.value("labkit_worker_engine_errors_total")),
-                "kv_slow_transfers_total": int(sum(s.value for m in self.kv_slow.collect() for s in m.samples
-                                                   if s.name.endswith("_total")))}
+        return {
+            "prefill_tokens_total": int(self.value("labkit_worker_tokens_total", phase="prefill")),
+            "decode_tokens_total": int(self.value("labkit_worker_tokens_total", phase="decode")),
+            "kv_transfer_bytes_total": int(
+                sum(self.value("labkit_worker_kv_transfer_bytes_total", direction=d) for d in ("send", "recv"))
+            ),
+            "kv_transfer_seconds_total": self.value("labkit_worker_kv_transfer_seconds_sum", direction="send"),
+            "engine_errors_total": int(self.value("labkit_worker_engine_errors_total")),
+            "kv_slow_transfers_total": int(
+                sum(s.value for m in self.kv_slow.collect() for s in m.samples if s.name.endswith("_total"))
+            ),
+        }
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,7 @@ a stop token): then nothing goes to the decode worker (a started layer stream is
 router gets a PrefillResult, or an APIError: 400 for a bad request, 500 for an engine error,
 503 `kv_transfer_failed` when the transfer fails (the decode side's problem).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,11 +41,11 @@ async def prefill(w: Worker, req: PrefillRequest, t0: float | None = None) -> Pr
         if feed is not None:
             await asyncio.to_thread(feed.abort)
         raise
-    assert ev.token_id is not None   # submit() raised otherwise
+    assert ev.token_id is not None  # submit() raised otherwise
     stats = None
     acked = window = 0.0
     flag = None
-    if ev.finish_reason is not None or sender is None:   # the first token ended it, or nowhere to send
+    if ev.finish_reason is not None or sender is None:  # the first token ended it, or nowhere to send
         if feed is not None:
             await asyncio.to_thread(feed.abort)
     else:
@@ -58,14 +59,24 @@ async def prefill(w: Worker, req: PrefillRequest, t0: float | None = None) -> Pr
         flag = w.check_transfer(stats.nbytes, window) if feed is None else None
     w.metrics.requests.labels("prefilled").inc()
     start = ev.prefill_start_s if ev.prefill_start_s is not None else ev.t_s
-    return PrefillResult(request_id=req.request_id, first_token_id=ev.token_id, num_prompt_tokens=len(req.prompt_ids),
-                         finish_reason=cast("FinishReason | None", ev.finish_reason), cached_tokens=ev.cached_tokens,
-                         prefill_start_s=start - t0, prefill_s=ev.t_s - t0,
-                         kv_stream=kv_stream, kv_bytes=stats.nbytes if stats else 0,
-                         kv_transport=w.cfg.transfer.backend if stats else "",
-                         transfer_s=stats.seconds if stats else 0.0, kv_acked_s=acked, kv_window_s=window,
-                         kv_flag=flag, layer_sent_s=feed.sent_s(t0) if feed is not None and stats else [],
-                         reply_s=time.perf_counter() - t0)
+    return PrefillResult(
+        request_id=req.request_id,
+        first_token_id=ev.token_id,
+        num_prompt_tokens=len(req.prompt_ids),
+        finish_reason=cast("FinishReason | None", ev.finish_reason),
+        cached_tokens=ev.cached_tokens,
+        prefill_start_s=start - t0,
+        prefill_s=ev.t_s - t0,
+        kv_stream=kv_stream,
+        kv_bytes=stats.nbytes if stats else 0,
+        kv_transport=w.cfg.transfer.backend if stats else "",
+        transfer_s=stats.seconds if stats else 0.0,
+        kv_acked_s=acked,
+        kv_window_s=window,
+        kv_flag=flag,
+        layer_sent_s=feed.sent_s(t0) if feed is not None and stats else [],
+        reply_s=time.perf_counter() - t0,
+    )
 
 
 async def send(w: Worker, sender: Any, req: PrefillRequest, feed: LayerFeed | None, ev: EngineEvent) -> Any:
@@ -80,10 +91,14 @@ async def send(w: Worker, sender: Any, req: PrefillRequest, feed: LayerFeed | No
     except Exception as e:  # noqa: BLE001 - any transport failure is the decode side's problem
         w.drop_sender(req.kv_endpoint)
         w.metrics.requests.labels("transfer_error").inc()
-        raise APIError(503, f"KV transfer to {req.kv_endpoint} failed: {e.__class__.__name__}: {e}",
-                       type="service_unavailable_error", code="kv_transfer_failed") from None
+        raise APIError(
+            503,
+            f"KV transfer to {req.kv_endpoint} failed: {e.__class__.__name__}: {e}",
+            type="service_unavailable_error",
+            code="kv_transfer_failed",
+        ) from None
     w.metrics.transfer_bytes.labels("send").inc(stats.nbytes)
-    w.metrics.transfer_s.labels("send").observe(stats.seconds)   # the transport's clock: send start to ack
+    w.metrics.transfer_s.labels("send").observe(stats.seconds)  # the transport's clock: send start to ack
     return stats
 
 
@@ -91,7 +106,7 @@ def open_sender(w: Worker, endpoint: str) -> Any:
     """The Sender for `endpoint`; 400 when it names no known transport."""
     try:
         return w.sender(endpoint)
-    except ValueError as e:   # the caller's mistake, not a transfer failure
+    except ValueError as e:  # the caller's mistake, not a transfer failure
         raise bad_request(f"bad 'kv_endpoint': {e}", "kv_endpoint") from None
 
 
@@ -103,12 +118,16 @@ async def submit(w: Worker, req: PrefillRequest, feed: LayerFeed | None, after_p
         ev = await w.next_event(q, req.request_id)
         finished = True
     finally:
-        if not finished:   # the router hung up: stop the prefill, free its blocks
+        if not finished:  # the router hung up: stop the prefill, free its blocks
             w.loop.abort(req.request_id)
     if ev.error is not None or ev.token_id is None:
         w.metrics.requests.labels("error").inc()
-        raise APIError(500, ev.error or f"prefill ended with {ev.finish_reason!r} and no token", type="server_error",
-                       code="engine_error")
+        raise APIError(
+            500,
+            ev.error or f"prefill ended with {ev.finish_reason!r} and no token",
+            type="server_error",
+            code="engine_error",
+        )
     return ev
 
 
@@ -125,15 +144,22 @@ class LayerFeed:
         from labkit.transfer.wire import KVMeta
 
         mc, ec = w.engine.model_config, w.cfg.engine
-        self.meta = KVMeta(request_id=req.request_id, model_fingerprint=w.engine.model_fingerprint,
-                           prompt_ids=tuple(req.prompt_ids), num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads,
-                           head_dim=mc.head_dim, dtype=ec.dtype, block_size=ec.block_size)
+        self.meta = KVMeta(
+            request_id=req.request_id,
+            model_fingerprint=w.engine.model_fingerprint,
+            prompt_ids=tuple(req.prompt_ids),
+            num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            dtype=ec.dtype,
+            block_size=ec.block_size,
+        )
         self.sender = sender
         # The stream opens at layer 0 and ends after the last layer: its deadline covers the rest of the
         # prefill (bounded by the token timeout) plus the transfer's own bound.
         self.timeout_s = w.cfg.token_timeout_s + w.cfg.transfer.timeout_s
         self.stream: Any = None
-        self.began_s: float | None = None      # perf_counter when the engine handed over the first layer
+        self.began_s: float | None = None  # perf_counter when the engine handed over the first layer
         self.error: BaseException | None = None
         self._layers: queue.Queue[tuple[int, Any, Any] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -150,7 +176,7 @@ class LayerFeed:
             self.stream = self.sender.begin(self.meta, timeout_s=self.timeout_s)
             while (item := self._layers.get()) is not None:
                 layer, k, v = item
-                self.stream.send_layer(layer, k.cpu(), v.cpu())   # GPU layers leave through host memory
+                self.stream.send_layer(layer, k.cpu(), v.cpu())  # GPU layers leave through host memory
         except BaseException as e:  # noqa: BLE001 - raised by finish() in the caller's thread
             self.error = e
 

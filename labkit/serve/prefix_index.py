@@ -8,6 +8,7 @@ the instance that matches the most leading blocks. Each instance's record is LRU
 to roughly its KV capacity, since the real cache evicts too. Block size and capacity come
 from the workers' /health, so the chains match the blocks the engines really hash.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,7 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
     out: list[bytes] = []
     parent = b""
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = token_ids[start:start + block_size]
+        block = token_ids[start : start + block_size]
         h = hashlib.blake2b(parent + b"|" + ",".join(map(str, block)).encode(), digest_size=16).digest()
         out.append(h)
         parent = h

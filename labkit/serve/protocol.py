@@ -5,6 +5,7 @@ request raises `APIError`, which the server turns into an HTTP 4xx with the Open
 body `{"error": {"message", "type", "param", "code"}}`. Unknown fields are ignored, as
 vLLM does, so vLLM-style extras (`repetition_penalty=1`, `min_p=0`...) do not break clients.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ MAX_STOP_STRINGS = 4
 class APIError(Exception):
     """An error a client should see: HTTP `status` plus the OpenAI error fields."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -35,8 +43,9 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """The OpenAI error JSON."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -55,12 +64,12 @@ class CompletionRequest:
     """A validated `POST /v1/completions` body (one prompt, one choice)."""
 
     model: str | None
-    prompt_text: str | None            # the prompt as text, when it came as text
+    prompt_text: str | None  # the prompt as text, when it came as text
     prompt_ids: tuple[int, ...] | None  # the prompt as token ids, when it came as ids
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0                     # 0: off (vLLM's -1 is accepted and means off)
+    top_k: int = 0  # 0: off (vLLM's -1 is accepted and means off)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -68,8 +77,8 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     continuous_usage_stats: bool = False
-    return_token_ids: bool = False     # vLLM extra: choices[0].token_ids and prompt_token_ids
-    return_waterfall: bool = False     # lab extra: usage.waterfall, where the TTFT went (labkit.serve.waterfall)
+    return_token_ids: bool = False  # vLLM extra: choices[0].token_ids and prompt_token_ids
+    return_waterfall: bool = False  # lab extra: usage.waterfall, where the TTFT went (labkit.serve.waterfall)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -78,9 +87,15 @@ class CompletionRequest:
 
     def sampling(self) -> SamplingParams:
         """What a worker's engine needs of this request (stop strings are the router's: TextStream)."""
-        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, seed=self.seed, stop_token_ids=self.stop_token_ids,
-                              ignore_eos=self.ignore_eos)
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+        )
 
 
 def _is_int(x: Any) -> bool:
@@ -139,8 +154,12 @@ def _prompt(body: dict[str, Any], vocab_size: int) -> tuple[str | None, tuple[in
     # OpenAI allows a batch: a list of strings or a list of token lists. One prompt only here.
     if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
         if len(p) != 1:
-            raise bad_request(f"'prompt' holds {len(p)} prompts; this server takes one prompt per request "
-                              "(send them as separate requests)", "prompt", "unsupported_value")
+            raise bad_request(
+                f"'prompt' holds {len(p)} prompts; this server takes one prompt per request "
+                "(send them as separate requests)",
+                "prompt",
+                "unsupported_value",
+            )
         p = p[0]
     if isinstance(p, str):
         if not p:
@@ -150,18 +169,25 @@ def _prompt(body: dict[str, Any], vocab_size: int) -> tuple[str | None, tuple[in
         if not p:
             raise bad_request("'prompt' must not be empty", "prompt")
         return None, _token_ids(p, "prompt", vocab_size)
-    raise bad_request(f"'prompt' must be a string or a list of token ids, got {type(p).__name__}",
-                      "prompt", "invalid_type")
+    raise bad_request(
+        f"'prompt' must be a string or a list of token ids, got {type(p).__name__}", "prompt", "invalid_type"
+    )
 
 
 def _unsupported(body: dict[str, Any], name: str, allowed: tuple[Any, ...]) -> None:
     v = body.get(name)
     if v is not None and v not in allowed:
-        raise bad_request(f"'{name}'={json.dumps(v)} is not supported by this server "
-                          f"(allowed: {', '.join(json.dumps(a) for a in allowed)} or omit it)", name, "unsupported_value")
+        raise bad_request(
+            f"'{name}'={json.dumps(v)} is not supported by this server "
+            f"(allowed: {', '.join(json.dumps(a) for a in allowed)} or omit it)",
+            name,
+            "unsupported_value",
+        )
 
 
-def parse_completion_request(body: Any, *, vocab_size: int, served_model_names: tuple[str, ...] = ()) -> CompletionRequest:
+def parse_completion_request(
+    body: Any, *, vocab_size: int, served_model_names: tuple[str, ...] = ()
+) -> CompletionRequest:
     """Validates a decoded JSON body; returns the request or raises APIError (4xx)."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_type")
@@ -169,8 +195,13 @@ def parse_completion_request(body: Any, *, vocab_size: int, served_model_names: 
     if model is not None and not isinstance(model, str):
         raise bad_request("'model' must be a string", "model", "invalid_type")
     if model is not None and served_model_names and model not in served_model_names:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves {list(served_model_names)}",
-                       type="not_found_error", param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves {list(served_model_names)}",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
     prompt_text, prompt_ids = _prompt(body, vocab_size)
     max_tokens = _int(body, "max_tokens", 16, 1, 1 << 20)
     temperature = _num(body, "temperature", 1.0, 0.0, 2.0)
@@ -207,18 +238,31 @@ def parse_completion_request(body: Any, *, vocab_size: int, served_model_names: 
     _unsupported(body, "n", (1,))
     _unsupported(body, "best_of", (1,))
     _unsupported(body, "echo", (False,))
-    _unsupported(body, "logprobs", (0,))   # logprobs=null is fine; numbers other than 0 are not
+    _unsupported(body, "logprobs", (0,))  # logprobs=null is fine; numbers other than 0 are not
     _unsupported(body, "presence_penalty", (0, 0.0))
     _unsupported(body, "frequency_penalty", (0, 0.0))
     _unsupported(body, "repetition_penalty", (1, 1.0))
     _unsupported(body, "suffix", ("",))
     _unsupported(body, "logit_bias", ({},))
     return CompletionRequest(
-        model=model, prompt_text=prompt_text, prompt_ids=prompt_ids, max_tokens=int(max_tokens or 16),
-        temperature=temperature, top_p=top_p, top_k=max(0, int(top_k or 0)), seed=seed, stop=stop,
-        stop_token_ids=stop_token_ids, ignore_eos=_bool(body, "ignore_eos"), stream=stream,
-        include_usage=include_usage, continuous_usage_stats=continuous,
-        return_token_ids=_bool(body, "return_token_ids"), return_waterfall=_bool(body, "return_waterfall"), raw=body)
+        model=model,
+        prompt_text=prompt_text,
+        prompt_ids=prompt_ids,
+        max_tokens=int(max_tokens or 16),
+        temperature=temperature,
+        top_p=top_p,
+        top_k=max(0, int(top_k or 0)),
+        seed=seed,
+        stop=stop,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=_bool(body, "ignore_eos"),
+        stream=stream,
+        include_usage=include_usage,
+        continuous_usage_stats=continuous,
+        return_token_ids=_bool(body, "return_token_ids"),
+        return_waterfall=_bool(body, "return_waterfall"),
+        raw=body,
+    )
 
 
 def new_completion_id() -> str:
@@ -227,34 +271,65 @@ def new_completion_id() -> str:
 
 def usage(prompt_tokens: int, completion_tokens: int, waterfall: dict[str, Any] | None = None) -> dict[str, Any]:
     """The OpenAI usage block; `waterfall` (when asked for) rides in it as an extra field."""
-    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                           "total_tokens": prompt_tokens + completion_tokens}
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     if waterfall is not None:
         out["waterfall"] = waterfall
     return out
 
 
-def completion_response(cid: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
-                        completion_tokens: int, *, token_ids: list[int] | None = None,
-                        prompt_token_ids: list[int] | None = None, created: int | None = None,
-                        waterfall: dict[str, Any] | None = None) -> dict[str, Any]:
+def completion_response(
+    cid: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    *,
+    token_ids: list[int] | None = None,
+    prompt_token_ids: list[int] | None = None,
+    created: int | None = None,
+    waterfall: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The non-streaming `text_completion` body."""
     choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
         choice["prompt_token_ids"] = prompt_token_ids
-    return {"id": cid, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens, waterfall)}
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, completion_tokens, waterfall),
+    }
 
 
-def stream_chunk(cid: str, model: str, created: int, text: str, finish_reason: str | None = None, *,
-                 token_ids: list[int] | None = None, usage_: dict[str, Any] | None = None) -> dict[str, Any]:
+def stream_chunk(
+    cid: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: str | None = None,
+    *,
+    token_ids: list[int] | None = None,
+    usage_: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One SSE `text_completion` chunk with one choice."""
     choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
-    out: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [choice]}
+    out: dict[str, Any] = {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
     if usage_ is not None:
         out["usage"] = usage_
     return out
@@ -262,8 +337,7 @@ def stream_chunk(cid: str, model: str, created: int, text: str, finish_reason: s
 
 def usage_chunk(cid: str, model: str, created: int, usage_: dict[str, Any]) -> dict[str, Any]:
     """The last chunk when `stream_options.include_usage`: no choices, the usage."""
-    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-            "usage": usage_}
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage_}
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
@@ -278,6 +352,17 @@ SSE_DONE = sse("[DONE]")
 def models_response(names: tuple[str, ...], max_model_len: int, root: str | None = None) -> dict[str, Any]:
     """`GET /v1/models`."""
     created = int(time.time())
-    return {"object": "list", "data": [
-        {"id": n, "object": "model", "created": created, "owned_by": "labkit", "root": root or n,
-         "max_model_len": max_model_len} for n in names]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": n,
+                "object": "model",
+                "created": created,
+                "owned_by": "labkit",
+                "root": root or n,
+                "max_model_len": max_model_len,
+            }
+            for n in names
+        ],
+    }

@@ -17,6 +17,7 @@ request goes to is a policy (labkit.serve.routing, `--prefill-policy`).
 
 Run: `python -m labkit.serve.router --port 8000 --model tiny --prefill URL --decode URL`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,10 @@ from labkit.serve.waterfall import RequestTiming
 log = logging.getLogger("labkit.serve.router")
 __all__ = ["BACKENDS", "Router", "RouterConfig", "build_app", "create", "make_backend", "parse_args"]
 
-def make_backend(cfg: RouterConfig, metrics: RouterMetrics, tokenizer: Any,
-                 transport: httpx.AsyncBaseTransport | None = None) -> DisaggBackend:
+
+def make_backend(
+    cfg: RouterConfig, metrics: RouterMetrics, tokenizer: Any, transport: httpx.AsyncBaseTransport | None = None
+) -> DisaggBackend:
     """The backend `cfg.backend` names, over `cfg`'s upstreams; ValueError naming what is wrong."""
     factory = load_spec(cfg.backend, BACKENDS, "backend")
     pool = UpstreamPool(cfg.upstreams(), health_interval_s=cfg.health_interval_s, transport=transport)
@@ -71,8 +74,13 @@ def _error(e: APIError) -> JSONResponse:
 class Router:
     """Request handling, independent of FastAPI wiring (so tests can reach it)."""
 
-    def __init__(self, cfg: RouterConfig, backend: DisaggBackend | None = None,
-                 metrics: RouterMetrics | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RouterConfig,
+        backend: DisaggBackend | None = None,
+        metrics: RouterMetrics | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         from labkit.models import load_config, load_tokenizer
 
         self.cfg = cfg
@@ -98,11 +106,14 @@ class Router:
         try:
             body = await read_json(request)  # 413/431 over the size limits, 400 for any malformed JSON
             req = parse_completion_request(body, vocab_size=self.vocab_size, served_model_names=self.served)
-            prompt_ids = list(req.prompt_ids) if req.prompt_ids is not None else (
-                self.tokenizer.encode(req.prompt_text) if self.backend.uses_token_ids else None)
+            prompt_ids = (
+                list(req.prompt_ids)
+                if req.prompt_ids is not None
+                else (self.tokenizer.encode(req.prompt_text) if self.backend.uses_token_ids else None)
+            )
             if prompt_ids is not None:
                 try:
-                    check_context(len(prompt_ids), req.max_tokens, self.max_model_len)   # the engine's own rule
+                    check_context(len(prompt_ids), req.max_tokens, self.max_model_len)  # the engine's own rule
                 except RequestError as e:
                     raise bad_request(str(e), e.param, e.code) from None
         except APIError as e:
@@ -135,8 +146,11 @@ class Router:
         if not req.stream:
             return await self._collect(req, first, gen, timer, cid, name, n_prompt, prompt_ids)
         headers = {"x-request-id": client_rid, "cache-control": "no-cache"}
-        return StreamingResponse(self._sse(req, first, gen, timer, cid, created, name, n_prompt),
-                                 media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            self._sse(req, first, gen, timer, cid, created, name, n_prompt),
+            media_type="text/event-stream",
+            headers=headers,
+        )
 
     def _done(self, timer: _Timer, outcome: str) -> None:
         self.metrics.queue_depth.dec()
@@ -146,8 +160,17 @@ class Router:
         if report is not None:
             self.metrics.observe_waterfall(report)
 
-    async def _collect(self, req: Any, first: Piece, gen: AsyncGenerator[Piece, None], timer: _Timer, cid: str,
-                       name: str, n_prompt: int, prompt_ids: list[int] | None) -> Response:
+    async def _collect(
+        self,
+        req: Any,
+        first: Piece,
+        gen: AsyncGenerator[Piece, None],
+        timer: _Timer,
+        cid: str,
+        name: str,
+        n_prompt: int,
+        prompt_ids: list[int] | None,
+    ) -> Response:
         pieces = [first]
         timer.saw(first)
         outcome = "ok"
@@ -168,12 +191,31 @@ class Router:
         n_out = pieces[-1].completion_tokens or sum(p.num_tokens for p in pieces)
         self.metrics.generation_tokens.inc(n_out)
         token_ids = [t for p in pieces for t in p.token_ids] if req.return_token_ids else None
-        return JSONResponse(completion_response(cid, name, "".join(p.text for p in pieces), pieces[-1].finish_reason,
-                                                n_prompt, n_out, token_ids=token_ids, prompt_token_ids=prompt_ids,
-                                                waterfall=timer.waterfall() if req.return_waterfall else None))
+        return JSONResponse(
+            completion_response(
+                cid,
+                name,
+                "".join(p.text for p in pieces),
+                pieces[-1].finish_reason,
+                n_prompt,
+                n_out,
+                token_ids=token_ids,
+                prompt_token_ids=prompt_ids,
+                waterfall=timer.waterfall() if req.return_waterfall else None,
+            )
+        )
 
-    async def _sse(self, req: Any, first: Piece, gen: AsyncGenerator[Piece, None], timer: _Timer, cid: str,
-                   created: int, name: str, n_prompt: int) -> AsyncIterator[bytes]:
+    async def _sse(
+        self,
+        req: Any,
+        first: Piece,
+        gen: AsyncGenerator[Piece, None],
+        timer: _Timer,
+        cid: str,
+        created: int,
+        name: str,
+        n_prompt: int,
+    ) -> AsyncIterator[bytes]:
         n_out = 0
         outcome = "aborted"  # until it ends well or badly on its own
         p = first
@@ -185,14 +227,26 @@ class Router:
                     n_out = p.completion_tokens
                 if p.num_tokens or p.finish_reason is not None or p.text:
                     use = usage(n_prompt, n_out) if req.continuous_usage_stats else None
-                    yield sse(stream_chunk(cid, name, created, p.text, p.finish_reason,
-                                           token_ids=list(p.token_ids) if req.return_token_ids else None, usage_=use))
+                    yield sse(
+                        stream_chunk(
+                            cid,
+                            name,
+                            created,
+                            p.text,
+                            p.finish_reason,
+                            token_ids=list(p.token_ids) if req.return_token_ids else None,
+                            usage_=use,
+                        )
+                    )
                 if p.finish_reason is not None:
                     break
                 p = await anext(gen)
             if req.include_usage:
-                yield sse(usage_chunk(cid, name, created, usage(n_prompt, n_out, timer.waterfall()
-                                                                if req.return_waterfall else None)))
+                yield sse(
+                    usage_chunk(
+                        cid, name, created, usage(n_prompt, n_out, timer.waterfall() if req.return_waterfall else None)
+                    )
+                )
             yield SSE_DONE
             outcome = "ok"
         except APIError as e:
@@ -269,9 +323,17 @@ def build_app(router: Router) -> FastAPI:
         ok = all(pool.by_role(r) for r in roles)
         # A slow KV path is a warning, not an outage: the status stays "ok" and says it beside.
         kv_flags = {u.name: u.health.kv_flag for u in pool.upstreams if u.health is not None and u.health.kv_flag}
-        return JSONResponse({"status": "ok" if ok else "degraded", "mode": _mode(roles),
-                             "backend": router.cfg.backend, "model": router.cfg.model_name,
-                             "upstreams": pool.health(), "kv_flags": kv_flags}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "degraded",
+                "mode": _mode(roles),
+                "backend": router.cfg.backend,
+                "model": router.cfg.model_name,
+                "upstreams": pool.health(),
+                "kv_flags": kv_flags,
+            },
+            status_code=200 if ok else 503,
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -306,12 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         _, app = create(cfg)
-    except ValueError as e:   # a backend or policy spec that does not load: say it, exit 2
+    except ValueError as e:  # a backend or policy spec that does not load: say it, exit 2
         log.error("%s", e)
         return 2
     log.info("router on %s:%d (%s backend)", cfg.host, cfg.port, cfg.backend)
-    uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                  timeout_graceful_shutdown=3)).run()
+    uvicorn.Server(
+        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=3)
+    ).run()
     return 0
 
 

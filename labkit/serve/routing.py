@@ -29,6 +29,7 @@ the router starts and names what is wrong (an unknown name or parameter, a value
 
 benchmarks/router_policies.py runs them side by side on one prefix-heavy trace.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,14 +50,14 @@ class PrefillCandidate:
     """One prefill worker as a policy sees it (the request's own figures ride along: `prompt_tokens`)."""
 
     name: str
-    matched_blocks: int     # leading blocks of the prompt it caches (the router's prefix index)
-    in_flight: int          # requests open or running on it
+    matched_blocks: int  # leading blocks of the prompt it caches (the router's prefix index)
+    in_flight: int  # requests open or running on it
     free_kv_blocks: int
     total_kv_blocks: int
     active_blocks: int = 0  # KV blocks of the requests the router has open on it (shared prefix blocks once)
     cached_blocks: int = 0  # blocks the router's index believes it caches (its "tree size")
     prompt_tokens: int = 0  # this request's prompt length
-    block_size: int = 0     # tokens per KV block (0: not known yet)
+    block_size: int = 0  # tokens per KV block (0: not known yet)
 
     @property
     def cached_tokens(self) -> int:
@@ -201,7 +202,10 @@ class SGLangCacheAware:
     def imbalanced(self, candidates: Sequence[PrefillCandidate]) -> bool:
         """SGLang's test: both the absolute and the relative spread of in-flight requests exceed their thresholds."""
         loads = [c.in_flight for c in candidates]
-        return max(loads) - min(loads) > self.balance_abs_threshold and max(loads) > min(loads) * self.balance_rel_threshold
+        return (
+            max(loads) - min(loads) > self.balance_abs_threshold
+            and max(loads) > min(loads) * self.balance_rel_threshold
+        )
 
     def __call__(self, block_hashes: Sequence[bytes], candidates: Sequence[PrefillCandidate]) -> PrefillCandidate:
         if self.imbalanced(candidates):
@@ -221,11 +225,13 @@ class SGLangCacheAware:
 # Registered policies by name: "module:attr" specs, imported when named. A class is a policy with
 # parameters (its init fields, given after a colon: `dynamo-cost:overlap_weight=2`), built fresh
 # for each router; a function takes none.
-POLICIES: dict[str, str] = {"round-robin": "labkit.serve.routing:RoundRobin",
-                            "least-load": "labkit.serve.routing:least_load",
-                            "prefix-then-load": "labkit.serve.routing:prefix_then_load",
-                            "dynamo-cost": "labkit.serve.routing:DynamoCost",
-                            "sglang-cache-aware": "labkit.serve.routing:SGLangCacheAware"}
+POLICIES: dict[str, str] = {
+    "round-robin": "labkit.serve.routing:RoundRobin",
+    "least-load": "labkit.serve.routing:least_load",
+    "prefix-then-load": "labkit.serve.routing:prefix_then_load",
+    "dynamo-cost": "labkit.serve.routing:DynamoCost",
+    "sglang-cache-aware": "labkit.serve.routing:SGLangCacheAware",
+}
 DEFAULT_POLICY = "prefix-then-load"
 
 
@@ -237,8 +243,10 @@ def load_spec(spec: str, registry: dict[str, str], what: str) -> Any:
     target = registry.get(spec, spec)
     mod_name, sep, attr = target.rpartition(":")
     if not sep or not mod_name or not attr:
-        raise ValueError(f"{what} {spec!r}: not a registered name ({', '.join(registry)}), nor 'module:function' "
-                         "nor 'path/to/file.py:function'")
+        raise ValueError(
+            f"{what} {spec!r}: not a registered name ({', '.join(registry)}), nor 'module:function' "
+            "nor 'path/to/file.py:function'"
+        )
     if mod_name.endswith(".py"):
         path = Path(mod_name).expanduser().resolve()
         if not path.is_file():
@@ -274,7 +282,7 @@ def policy_params(cls: type, text: str) -> dict[str, Any]:
             raise ValueError(f"no parameter {key!r}; it takes {', '.join(sorted(fields)) or 'none'}")
         typ = hints[key]
         try:
-            if raw.lower() == "none" and typ != float and typ != int:   # an optional int (a seed)
+            if raw.lower() == "none" and typ != float and typ != int:  # an optional int (a seed)
                 out[key] = None
             elif typ is float:
                 out[key] = float(raw)
@@ -301,15 +309,17 @@ def load_policy(spec: str = DEFAULT_POLICY) -> PrefillPolicy:
     try:
         inspect.signature(fn).bind(None, None)
     except TypeError:
-        raise ValueError(f"prefill policy {spec!r} must be a callable taking (block_hashes, candidates); "
-                         f"got {fn!r}") from None
-    except ValueError:   # no signature to inspect (a builtin): trust it, the first request will tell
+        raise ValueError(
+            f"prefill policy {spec!r} must be a callable taking (block_hashes, candidates); got {fn!r}"
+        ) from None
+    except ValueError:  # no signature to inspect (a builtin): trust it, the first request will tell
         pass
     return fn
 
 
-def choose(policy: PrefillPolicy, block_hashes: Sequence[bytes],
-           candidates: Sequence[PrefillCandidate]) -> PrefillCandidate:
+def choose(
+    policy: PrefillPolicy, block_hashes: Sequence[bytes], candidates: Sequence[PrefillCandidate]
+) -> PrefillCandidate:
     """`policy`'s choice, checked to be one of `candidates` (TypeError naming the policy otherwise)."""
     chosen = policy(block_hashes, candidates)
     if not any(chosen is c or chosen == c for c in candidates):

@@ -5,6 +5,7 @@ byte, so "é" is two tokens), and a stop string may arrive split over several to
 text is held back while it ends in a broken UTF-8 sequence or in what could be the start
 of a stop string, and released once it cannot be either.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,7 +49,7 @@ class TextStream:
         hold = 0
         for s in self.stop:  # hold a tail that might grow into a stop string
             for k in range(min(len(s) - 1, safe - self.sent_chars), 0, -1):
-                if self._text[safe - k: safe] == s[:k]:
+                if self._text[safe - k : safe] == s[:k]:
                     hold = max(hold, k)
                     break
         safe -= hold
@@ -66,7 +67,7 @@ class TextStream:
                 self._text = self._text[:upto]
                 self.sent_chars = min(self.sent_chars, upto)
             return ""
-        out = self._text[self.sent_chars: upto]
+        out = self._text[self.sent_chars : upto]
         self.sent_chars = upto
         if self.stopped:
             self._text = self._text[:upto]

@@ -6,6 +6,7 @@ that fails to reach an upstream marks it down too, so the next request routes ar
 upstream that answers again is taken back; if its pid changed (a restart) its cache is gone,
 which `on_down` tells the prefix index; `on_up` hands the backend the worker's first /health.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,15 +30,15 @@ class Upstream:
 
     name: str
     url: str
-    role: str                          # "mono" | "prefill" | "decode"
+    role: str  # "mono" | "prefill" | "decode"
     up: bool = False
     health: WorkerHealth | None = None  # the last /health of a lab worker (None: another server, or none yet)
-    in_flight: int = 0                 # requests the router has open to it now
+    in_flight: int = 0  # requests the router has open to it now
     failures: int = 0
     last_error: str = ""
     last_ok_s: float = 0.0
-    ups: int = 0                       # times it came up (1 on first contact)
-    pid: int | None = None             # the process that answered the last /health, when it says
+    ups: int = 0  # times it came up (1 on first contact)
+    pid: int | None = None  # the process that answered the last /health, when it says
 
     @property
     def load(self) -> int:
@@ -52,11 +53,17 @@ class Upstream:
 class UpstreamPool:
     """All upstreams of one router plus the monitor that keeps their `up` flags true."""
 
-    def __init__(self, upstreams: list[Upstream], *, health_interval_s: float = 0.5,
-                 health_timeout_s: float = 2.0, max_failures: int = 3,
-                 on_down: Callable[[Upstream], None] | None = None,
-                 on_up: Callable[[Upstream], None] | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        upstreams: list[Upstream],
+        *,
+        health_interval_s: float = 0.5,
+        health_timeout_s: float = 2.0,
+        max_failures: int = 3,
+        on_down: Callable[[Upstream], None] | None = None,
+        on_up: Callable[[Upstream], None] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         names = [u.name for u in upstreams]
         if len(set(names)) != len(names):
             raise ValueError(f"upstream names must be unique, got {names}")
@@ -66,7 +73,7 @@ class UpstreamPool:
         self.max_failures = max_failures
         self.on_down = on_down
         self.on_up = on_up
-        self.transport = transport   # None: real sockets; tests pass an ASGI transport
+        self.transport = transport  # None: real sockets; tests pass an ASGI transport
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -115,7 +122,7 @@ class UpstreamPool:
             try:
                 health = WorkerHealth.model_validate_json(r.content)
             except ValidationError:
-                health = None   # not a lab worker (a vLLM server answers with an empty body)
+                health = None  # not a lab worker (a vLLM server answers with an empty body)
         restarted = u.pid is not None and health is not None and health.pid != u.pid
         u.health = health
         u.pid = health.pid if health is not None else u.pid
@@ -142,5 +149,14 @@ class UpstreamPool:
                 self.on_down(u)
 
     def health(self) -> dict[str, Any]:
-        return {u.name: {"role": u.role, "url": u.url, "up": u.up, "in_flight": u.in_flight,
-                         "last_error": u.last_error or None, "times_up": u.ups} for u in self.upstreams}
+        return {
+            u.name: {
+                "role": u.role,
+                "url": u.url,
+                "up": u.up,
+                "in_flight": u.in_flight,
+                "last_error": u.last_error or None,
+                "times_up": u.ups,
+            }
+            for u in self.upstreams
+        }

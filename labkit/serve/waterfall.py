@@ -27,6 +27,7 @@ How a client gets it: send `"return_waterfall": true` (an extra body field, as v
 client keeps it (`completion.usage.model_extra["waterfall"]`). `/metrics` has every part as
 `labkit_router_ttft_part_seconds{part=...}` for every request, asked or not.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,12 +43,12 @@ class RequestTiming:
     """What the backend saw of one request: its own marks (perf_counter, router process) and what the
     worker reported (seconds on the worker's clock). Filled as the request goes; `report` reads it."""
 
-    mode: str                       # "mono" | "disagg"
+    mode: str  # "mono" | "disagg"
     prompt_tokens: int = 0
-    upstream: str = ""              # the mono or prefill worker
-    sent_at: float = 0.0            # the prefill / generate request left the router
-    reply_at: float = 0.0           # its reply (mono: the first token line) arrived
-    worker_s: float = 0.0           # the worker's own time, took the request -> reply left
+    upstream: str = ""  # the mono or prefill worker
+    sent_at: float = 0.0  # the prefill / generate request left the router
+    reply_at: float = 0.0  # its reply (mono: the first token line) arrived
+    worker_s: float = 0.0  # the worker's own time, took the request -> reply left
     queue_s: float = 0.0
     prefill_s: float = 0.0
     kv_transfer_s: float = 0.0
@@ -86,19 +87,34 @@ class RequestTiming:
         """The TTFT's parts in seconds (PARTS order); `t_in`: the router took the request, `t_out`: it had
         the first token ready (both perf_counter in the router's process). They sum to t_out - t_in."""
         worker_marks = self.queue_s + self.prefill_s + self.kv_transfer_s
-        return {"router_s": self.sent_at - t_in,
-                "http_s": (self.reply_at - self.sent_at) - self.worker_s,
-                "queue_s": self.queue_s, "prefill_s": self.prefill_s, "kv_transfer_s": self.kv_transfer_s,
-                "first_token_out_s": (t_out - self.reply_at) + (self.worker_s - worker_marks)}
+        return {
+            "router_s": self.sent_at - t_in,
+            "http_s": (self.reply_at - self.sent_at) - self.worker_s,
+            "queue_s": self.queue_s,
+            "prefill_s": self.prefill_s,
+            "kv_transfer_s": self.kv_transfer_s,
+            "first_token_out_s": (t_out - self.reply_at) + (self.worker_s - worker_marks),
+        }
 
     def report(self, t_in: float, t_out: float) -> dict[str, Any]:
         """The waterfall as the usage block carries it: the parts, `ttft_s`, and the KV and cache figures."""
-        out: dict[str, Any] = {"mode": self.mode, **self.parts(t_in, t_out), "ttft_s": t_out - t_in,
-                               "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-                               "upstream": self.upstream}
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            **self.parts(t_in, t_out),
+            "ttft_s": t_out - t_in,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "upstream": self.upstream,
+        }
         if self.mode == "disagg":
-            out.update(kv_bytes=self.kv_bytes, kv_window_s=self.kv_window_s,
-                       kv_gb_per_s=self.kv_bytes / self.kv_window_s / 1e9 if self.kv_window_s > 0 else None,
-                       kv_transport=self.kv_transport, kv_stream=self.kv_stream, kv_flag=self.kv_flag,
-                       decode_upstream=self.decode_upstream, decode_admit_s=self.decode_admit_s)
+            out.update(
+                kv_bytes=self.kv_bytes,
+                kv_window_s=self.kv_window_s,
+                kv_gb_per_s=self.kv_bytes / self.kv_window_s / 1e9 if self.kv_window_s > 0 else None,
+                kv_transport=self.kv_transport,
+                kv_stream=self.kv_stream,
+                kv_flag=self.kv_flag,
+                decode_upstream=self.decode_upstream,
+                decode_admit_s=self.decode_admit_s,
+            )
         return out

@@ -15,6 +15,7 @@ local_prefill: GenerateRequest in, TokenEvent lines out), `POST /internal/prefil
 Run: `python -m labkit.serve.worker --role mono --model tiny --port 8101` (`--help` lists every
 setting, labkit.serve.config), or `--config JSON` with the whole WorkerConfig (the launcher's way).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,38 +67,55 @@ class Worker:
         # One Sender per decode endpoint, shared by concurrent requests without a lock: a Sender is
         # thread-safe (each transfer gets its own connection; tests/test_serve_units.py sends concurrently).
         self._senders: dict[str, Any] = {}
-        self._senders_lock = threading.Lock()   # guards the dict, not the sends
+        self._senders_lock = threading.Lock()  # guards the dict, not the sends
         self.receiver: Any = None
         # What the KV transfers are held against (prefill workers send): this host's measured figure.
         self.kv_reference: Any = None
-        self.kv_flag: str | None = None        # the last flagged transfer, for /health
+        self.kv_flag: str | None = None  # the last flagged transfer, for /health
         self._kv_flag_logged_s = -1e9
         if cfg.role == "prefill" and cfg.transfer.kv_flag_factor > 0:
             from labkit.transfer.reference import host_reference
 
-            self.kv_reference = host_reference(timeout_s=90.0)   # within the launcher's start-up wait
+            self.kv_reference = host_reference(timeout_s=90.0)  # within the launcher's start-up wait
         if cfg.role != "mono" and not self.kv_token:
-            raise ValueError(f"a {cfg.role} worker needs the deployment's KV token: set LABKIT_KV_TOKEN "
-                             "(labkit.serve.launcher sets it for you)")
+            raise ValueError(
+                f"a {cfg.role} worker needs the deployment's KV token: set LABKIT_KV_TOKEN "
+                "(labkit.serve.launcher sets it for you)"
+            )
         if cfg.role == "decode" and self.kv_token:
             from labkit.transfer import open_receiver
 
             pool_bytes = self.engine.num_total_blocks * cfg.engine.block_size * self.engine.kv_bytes_per_token
             # cuda-ipc lands the KV on the engine's own GPU (cuda:N, numbered as the prefill side numbers it)
             on_gpu: dict[str, Any] = {"device": cfg.engine.device} if cfg.transfer.backend == "cuda-ipc" else {}
-            self.receiver = open_receiver(cfg.transfer.backend, token=self.kv_token, host=cfg.host,
-                                          stall_timeout_s=cfg.transfer.timeout_s,
-                                          max_request_bytes=pool_bytes, **on_gpu)  # more could never be adopted
+            self.receiver = open_receiver(
+                cfg.transfer.backend,
+                token=self.kv_token,
+                host=cfg.host,
+                stall_timeout_s=cfg.transfer.timeout_s,
+                max_request_bytes=pool_bytes,
+                **on_gpu,
+            )  # more could never be adopted
 
     def _on_step(self, out: Any) -> None:
         """Engine thread, after each step: metrics, and the step log when asked for."""
         self.metrics.on_step(out)
         if self._step_log is not None and not self._step_log.closed and out.phase != "idle":
-            self._step_log.write(json.dumps({"t_end": time.time(), "role": self.cfg.role, "worker": self.name,
-                                             "phase": out.phase,
-                                             "prefill_tokens": out.num_prefill_tokens,
-                                             "decode_seqs": out.num_decode_seqs,
-                                             "context_tokens": out.context_tokens, "seconds": out.elapsed_s}) + "\n")
+            self._step_log.write(
+                json.dumps(
+                    {
+                        "t_end": time.time(),
+                        "role": self.cfg.role,
+                        "worker": self.name,
+                        "phase": out.phase,
+                        "prefill_tokens": out.num_prefill_tokens,
+                        "decode_seqs": out.num_decode_seqs,
+                        "context_tokens": out.context_tokens,
+                        "seconds": out.elapsed_s,
+                    }
+                )
+                + "\n"
+            )
 
     def start(self) -> None:
         self.loop.start()
@@ -116,12 +134,25 @@ class Worker:
     def health(self) -> WorkerHealth:
         total, free = self.engine.num_total_blocks, self.engine.num_free_blocks
         return WorkerHealth(
-            status="ok" if self.loop.alive else "engine thread stopped", role=self.cfg.role, name=self.name,
-            model=self.cfg.engine.model, pid=os.getpid(), model_fingerprint=self.engine.model_fingerprint,
-            block_size=self.cfg.engine.block_size, max_model_len=int(self.engine.max_model_len),
-            policy=self.cfg.engine.policy, transfer=self.cfg.transfer.backend, kv_stream=self.cfg.transfer.kv_stream,
-            kv_endpoint=getattr(self.receiver, "endpoint", None), kv_blocks_total=total, kv_blocks_used=total - free,
-            kv_blocks_free=free, running_requests=self.loop.num_running, kv_flag=self.kv_flag, **self.metrics.totals())
+            status="ok" if self.loop.alive else "engine thread stopped",
+            role=self.cfg.role,
+            name=self.name,
+            model=self.cfg.engine.model,
+            pid=os.getpid(),
+            model_fingerprint=self.engine.model_fingerprint,
+            block_size=self.cfg.engine.block_size,
+            max_model_len=int(self.engine.max_model_len),
+            policy=self.cfg.engine.policy,
+            transfer=self.cfg.transfer.backend,
+            kv_stream=self.cfg.transfer.kv_stream,
+            kv_endpoint=getattr(self.receiver, "endpoint", None),
+            kv_blocks_total=total,
+            kv_blocks_used=total - free,
+            kv_blocks_free=free,
+            running_requests=self.loop.num_running,
+            kv_flag=self.kv_flag,
+            **self.metrics.totals(),
+        )
 
     def check_transfer(self, nbytes: int, seconds: float) -> str | None:
         """A sentence when moving `nbytes` in `seconds` was far below this host's figure for the worker's
@@ -154,12 +185,14 @@ class Worker:
         if tx is not None:
             tx.close()
 
-    async def submit(self, req: GenerateRequest, *, after_prefill: KVAfterPrefill | None = None,
-                     on_layer_kv: Any = None) -> asyncio.Queue[EngineEvent]:
+    async def submit(
+        self, req: GenerateRequest, *, after_prefill: KVAfterPrefill | None = None, on_layer_kv: Any = None
+    ) -> asyncio.Queue[EngineEvent]:
         """Hands `req` to the engine; the engine's refusal becomes a 400 naming the field."""
         try:
-            return await self.loop.submit(req.prompt_ids, req.sampling, req.request_id, after_prefill=after_prefill,
-                                          on_layer_kv=on_layer_kv)
+            return await self.loop.submit(
+                req.prompt_ids, req.sampling, req.request_id, after_prefill=after_prefill, on_layer_kv=on_layer_kv
+            )
         except RequestError as e:
             raise bad_request(str(e), e.param, e.code) from None
         except ValueError as e:
@@ -189,7 +222,9 @@ def build_app(worker: Worker) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         h = worker.health()
-        return Response(h.model_dump_json(), media_type="application/json", status_code=200 if h.status == "ok" else 503)
+        return Response(
+            h.model_dump_json(), media_type="application/json", status_code=200 if h.status == "ok" else 503
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -199,7 +234,8 @@ def build_app(worker: Worker) -> FastAPI:
         worker.metrics.running.set(h.running_requests)
         return Response(worker.metrics.render(), media_type=CONTENT_TYPE)
 
-    if role == "mono" or worker.cfg.local_prefill:   # a decode worker with local_prefill runs short prompts whole
+    if role == "mono" or worker.cfg.local_prefill:  # a decode worker with local_prefill runs short prompts whole
+
         @app.post("/internal/generate")
         async def generate(request: Request) -> StreamingResponse:
             t0 = time.perf_counter()
@@ -208,6 +244,7 @@ def build_app(worker: Worker) -> FastAPI:
             return StreamingResponse(decode.token_lines(worker, q, req.request_id, t0), media_type=NDJSON)
 
     if role == "prefill":
+
         @app.post("/internal/prefill")
         async def prefill_(request: Request) -> Response:
             t0 = time.perf_counter()
@@ -215,13 +252,15 @@ def build_app(worker: Worker) -> FastAPI:
             return Response(res.model_dump_json(), media_type="application/json")
 
     if role == "decode":
+
         @app.post("/internal/decode")
         async def decode_(request: Request) -> StreamingResponse:
             t0 = time.perf_counter()
             req = await read_message(request, DecodeRequest)
             q = await decode.adopt(worker, req, await decode.receive(worker, req))
-            return StreamingResponse(decode.token_lines(worker, q, req.request_id, t0, time.perf_counter() - t0),
-                                     media_type=NDJSON)
+            return StreamingResponse(
+                decode.token_lines(worker, q, req.request_id, t0, time.perf_counter() - t0), media_type=NDJSON
+            )
 
     return app
 
@@ -235,10 +274,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     torch.set_num_threads(max(1, cfg.threads or len(os.sched_getaffinity(0))))
     worker = Worker(cfg)
-    log.info("worker %s: role=%s policy=%s model=%s kv_stream=%s on %s:%d", worker.name, cfg.role, cfg.engine.policy,
-             cfg.engine.model, cfg.transfer.kv_stream, cfg.host, cfg.port)
-    uvicorn.Server(uvicorn.Config(build_app(worker), host=cfg.host, port=cfg.port, log_level="warning",
-                                  timeout_graceful_shutdown=3)).run()
+    log.info(
+        "worker %s: role=%s policy=%s model=%s kv_stream=%s on %s:%d",
+        worker.name,
+        cfg.role,
+        cfg.engine.policy,
+        cfg.engine.model,
+        cfg.transfer.kv_stream,
+        cfg.host,
+        cfg.port,
+    )
+    uvicorn.Server(
+        uvicorn.Config(
+            build_app(worker), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=3
+        )
+    ).run()
     return 0
 
 

@@ -20,6 +20,7 @@ node). Receivers accept any number of senders; arrivals wait in an inbox until `
 them. Every header is validated (wire.py) and authenticated with the token before a byte
 is adopted; errors are TransferError subclasses that name the request and the field.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -68,8 +69,9 @@ def new_token() -> str:
     return secrets.token_hex(24)
 
 
-def open_receiver(backend: str, *, token: str, host: str = "127.0.0.1", port: int = 0,
-                  expect: KVSpec | None = None, **kw: Any) -> Receiver:
+def open_receiver(
+    backend: str, *, token: str, host: str = "127.0.0.1", port: int = 0, expect: KVSpec | None = None, **kw: Any
+) -> Receiver:
     """Starts a receiver; returns it (its `endpoint` is what senders connect to; `close()` it).
 
     backend: "shm" | "tcp" | "nixl" | "cuda-ipc". host/port: where tcp (and nixl's control
@@ -79,15 +81,19 @@ def open_receiver(backend: str, *, token: str, host: str = "127.0.0.1", port: in
     """
     if backend == "shm":
         from labkit.transfer.shm import ShmReceiver
+
         return ShmReceiver(token=token, expect=expect, **kw)
     if backend == "tcp":
         from labkit.transfer.tcp import TcpReceiver
+
         return TcpReceiver(token=token, host=host, port=port, expect=expect, **kw)
     if backend == "nixl":
         from labkit.transfer.nixl_backend import NixlReceiver
+
         return NixlReceiver(token=token, host=host, port=port, expect=expect, **kw)
     if backend == "cuda-ipc":
         from labkit.transfer.cuda_ipc import CudaIpcReceiver
+
         return CudaIpcReceiver(token=token, expect=expect, **kw)
     raise ValueError(f"unknown transfer backend {backend!r}; choose from {BACKENDS}")
 
@@ -100,18 +106,24 @@ def open_sender(endpoint: str, *, token: str, link: Link | None = None, **kw: An
     scheme = endpoint.split("://", 1)[0] if "://" in endpoint else ""
     if scheme == "shm":
         from labkit.transfer.shm import ShmSender
+
         return ShmSender(endpoint, token=token, link=link, **kw)
     if scheme == "tcp":
         from labkit.transfer.tcp import TcpSender
+
         return TcpSender(endpoint, token=token, link=link, **kw)
     if scheme == "nixl":
         from labkit.transfer.nixl_backend import NixlSender
+
         return NixlSender(endpoint, token=token, link=link, **kw)
     if scheme == "cuda-ipc":
         from labkit.transfer.cuda_ipc import CudaIpcSender
+
         return CudaIpcSender(endpoint, token=token, link=link, **kw)
-    raise ValueError(f"endpoint {endpoint!r} has no known scheme; expected one of "
-                     f"{', '.join(b + '://' for b in BACKENDS)} (take it from receiver.endpoint)")
+    raise ValueError(
+        f"endpoint {endpoint!r} has no known scheme; expected one of "
+        f"{', '.join(b + '://' for b in BACKENDS)} (take it from receiver.endpoint)"
+    )
 
 
 def available_backends() -> dict[str, str]:
@@ -119,11 +131,13 @@ def available_backends() -> dict[str, str]:
     out = {"shm": "", "tcp": ""}
     try:
         import nixl._api  # noqa: F401 - imported only to see that it loads
+
         out["nixl"] = ""
     except Exception as e:  # noqa: BLE001 - any import failure means "not here"
         out["nixl"] = f"nixl not importable ({e.__class__.__name__}); pip install nixl"
     try:
         import torch
+
         out["cuda-ipc"] = "" if torch.cuda.is_available() else "no CUDA GPU"
     except Exception as e:  # noqa: BLE001 - any failure means "not here", named in the reply
         out["cuda-ipc"] = f"torch.cuda unusable ({e.__class__.__name__})"

@@ -3,6 +3,7 @@
 The receiving side (inbox, connection loop, validation) is in receiver.py, the sending side
 (streams, connection pool) in sender.py; a backend supplies how frames and bytes move.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,6 @@ import torch
 from labkit.transfer import wire
 
 log = logging.getLogger("labkit.transfer")
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +49,10 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def check_token(token: str) -> str:
     if not isinstance(token, str) or len(token) < 8:
-        raise ValueError("token must be a string of at least 8 characters (one per deployment; "
-                         "labkit.transfer.new_token() makes one)")
+        raise ValueError(
+            "token must be a string of at least 8 characters (one per deployment; "
+            "labkit.transfer.new_token() makes one)"
+        )
     return token
 
 
@@ -73,7 +75,7 @@ def _still_open(conn: socket.socket) -> bool:
             conn.recv(1, socket.MSG_PEEK)
         finally:
             conn.setblocking(True)
-        return False   # EOF, or bytes nobody asked for: either way not reusable
+        return False  # EOF, or bytes nobody asked for: either way not reusable
     except BlockingIOError:
         return True
     except OSError:

@@ -1,9 +1,10 @@
 """`labkit transfer`: measure KV-cache transfer bandwidth per backend here; size a request's KV.
 
-    labkit transfer                              # shm, tcp (and nixl) at 1, 16, 64 MiB, next to memcpy
-    labkit transfer --backends tcp --sizes-mib 256 --repeats 5
-    labkit transfer --kv llama-3.1-70b --tokens 4096   # bytes, and time over each link (computed)
+labkit transfer                              # shm, tcp (and nixl) at 1, 16, 64 MiB, next to memcpy
+labkit transfer --backends tcp --sizes-mib 256 --repeats 5
+labkit transfer --kv llama-3.1-70b --tokens 4096   # bytes, and time over each link (computed)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         s = shapes[args.kv]
         nbytes = s.kv_bytes(args.tokens)
-        print(f"{s.name}: {s.num_layers} layers x {s.num_kv_heads} kv heads x head_dim {s.head_dim} x {s.dtype} "
-              f"= {s.kv_bytes_per_token:,} B/token; {args.tokens:,} tokens = {nbytes / 1e9:.3f} GB")
+        print(
+            f"{s.name}: {s.num_layers} layers x {s.num_kv_heads} kv heads x head_dim {s.head_dim} x {s.dtype} "
+            f"= {s.kv_bytes_per_token:,} B/token; {args.tokens:,} tokens = {nbytes / 1e9:.3f} GB"
+        )
         for link in datasheet_links():
             print(f"  {link.label:18s} {link.seconds(nbytes) * 1e3:10.2f} ms  (computed from line rate)")
         return 0
@@ -71,8 +74,10 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         med = r.get("gb_per_s_median")
         vs = r.get("vs_memcpy_median")
-        lines.append(f"{r['backend']:8s} {r['nbytes'] / (1 << 20):8.2f}MiB {r['gb_per_s']:10.2f} "
-                     f"{(f'{med:.2f}' if med else '-'):>12s} {(f'{vs:.0%}' if vs else '-'):>10s}")
+        lines.append(
+            f"{r['backend']:8s} {r['nbytes'] / (1 << 20):8.2f}MiB {r['gb_per_s']:10.2f} "
+            f"{(f'{med:.2f}' if med else '-'):>12s} {(f'{vs:.0%}' if vs else '-'):>10s}"
+        )
     return "\n".join(lines)
 
 
@@ -88,21 +93,43 @@ def tour_section(report: Any, profile: str) -> None:
     s.paragraphs.append(
         "A request's KV cache moved from a prefill process to a decode process on this machine: shm (a "
         "sealed shared-memory segment, one copy) and tcp (loopback sockets), each next to a memcpy of the "
-        "same size. Each receiver is its own process and checks every byte (xxh3) before it acks.")
-    s.tables.append(("Transfer bandwidth (GB/s)", [{k: r.get(k) for k in ("backend", "nbytes", "gb_per_s",
-                                                                          "gb_per_s_median", "vs_memcpy_median")}
-                                                   for r in rows]))
+        "same size. Each receiver is its own process and checks every byte (xxh3) before it acks."
+    )
+    s.tables.append(
+        (
+            "Transfer bandwidth (GB/s)",
+            [
+                {k: r.get(k) for k in ("backend", "nbytes", "gb_per_s", "gb_per_s_median", "vs_memcpy_median")}
+                for r in rows
+            ],
+        )
+    )
     report.add_figure(s, pt.bandwidth_vs_size(rows)[0], "transfer_bandwidth", "KV transfer bandwidth vs payload")
     links = measured_links(rows) + datasheet_links()
     shapes = [kv_shapes()[n] for n in ("llama-3.1-8b", "llama-3.1-70b")]
     table = request_table(shapes, [2048, 8192], links)
-    s.tables.append(("Time to move one request's KV (ms)", [{"model": r["model"], "tokens": r["prompt_tokens"],
-                                                             "KV MB": r["kv_bytes"] / 1e6, "link": r["link"],
-                                                             "how": r["how"], "ms": r["seconds"] * 1e3}
-                                                            for r in table]))
+    s.tables.append(
+        (
+            "Time to move one request's KV (ms)",
+            [
+                {
+                    "model": r["model"],
+                    "tokens": r["prompt_tokens"],
+                    "KV MB": r["kv_bytes"] / 1e6,
+                    "link": r["link"],
+                    "how": r["how"],
+                    "ms": r["seconds"] * 1e3,
+                }
+                for r in table
+            ],
+        )
+    )
     big = max((r for r in rows if r["backend"] == "shm"), key=lambda r: r["nbytes"])
-    report.add_summary("KV transfer shm", f"{big['gb_per_s']:.2f} GB/s",
-                       f"{big['nbytes'] >> 20} MiB, {big.get('vs_memcpy_median', 0):.0%} of memcpy beside it")
+    report.add_summary(
+        "KV transfer shm",
+        f"{big['gb_per_s']:.2f} GB/s",
+        f"{big['nbytes'] >> 20} MiB, {big.get('vs_memcpy_median', 0):.0%} of memcpy beside it",
+    )
     tcp = max((r for r in rows if r["backend"] == "tcp"), key=lambda r: r["nbytes"])
     report.add_summary("KV transfer tcp (loopback)", f"{tcp['gb_per_s']:.2f} GB/s", f"{tcp['nbytes'] >> 20} MiB")
     report.data["transfer"] = {"bandwidth": rows}

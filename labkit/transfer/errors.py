@@ -1,4 +1,5 @@
 """The errors a transfer can end with. Each names what went wrong and where to look."""
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ Used by benchmarks/transfer.py, notebook 02 and `labkit transfer`. The receiver 
 own process (`labkit.transfer.peer recv --sink`), as a decode worker would; a sender's time is
 from the first byte to the receiver's ack (so it includes the receiver's checksum check).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ def memcpy_gb_per_s(nbytes: int, repeats: int = 5, device: str = "cpu") -> float
         return _device_copy_gb_per_s(nbytes, repeats, device)
     src = torch.arange(max(1, nbytes // 4), dtype=torch.int32).view(torch.uint8)
     dst = torch.empty_like(src)
-    dst.copy_(src)                               # fault the pages in
+    dst.copy_(src)  # fault the pages in
     s_mv, d_mv = tensor_bytes(src), tensor_bytes(dst)
     best = float("inf")
     for _ in range(repeats):
@@ -88,8 +89,14 @@ class ReceiverProcess:
     endpoint: str
 
     @classmethod
-    def start(cls, backend: str, log_dir: str | Path | None = None, token: str | None = None,
-              timeout_s: float = 60.0, extra_args: Iterable[str] = ()) -> ReceiverProcess:
+    def start(
+        cls,
+        backend: str,
+        log_dir: str | Path | None = None,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        extra_args: Iterable[str] = (),
+    ) -> ReceiverProcess:
         """Starts it and waits (up to `timeout_s`) for its endpoint; RuntimeError with its log otherwise."""
         import tempfile
 
@@ -97,10 +104,12 @@ class ReceiverProcess:
         log_dir = log_dir or tempfile.mkdtemp(prefix="kv-receiver-")
         log = Path(log_dir) / f"kv-receiver-{backend}.log"
         log.unlink(missing_ok=True)
-        child = start_process(f"kv receiver ({backend})",
-                              [sys.executable, "-m", "labkit.transfer.peer", "recv", "--backend", backend,
-                               "--sink", *extra_args],
-                              env={"LABKIT_TRANSFER_TOKEN": token}, log_path=log)
+        child = start_process(
+            f"kv receiver ({backend})",
+            [sys.executable, "-m", "labkit.transfer.peer", "recv", "--backend", backend, "--sink", *extra_args],
+            env={"LABKIT_TRANSFER_TOKEN": token},
+            log_path=log,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for line in log.read_text().splitlines() if log.exists() else []:
@@ -116,16 +125,24 @@ class ReceiverProcess:
         self.child.stop(timeout_s=5)
 
 
-def time_sends(endpoint: str, token: str, nbytes: int, repeats: int = 3, link: Link | None = None,
-               layers: int = 32, paired_memcpy: bool = False) -> dict[str, Any]:
+def time_sends(
+    endpoint: str,
+    token: str,
+    nbytes: int,
+    repeats: int = 3,
+    link: Link | None = None,
+    layers: int = 32,
+    paired_memcpy: bool = False,
+) -> dict[str, Any]:
     """Sends a ~`nbytes` KV `repeats` times (after one warm-up); returns a row with best and median GB/s.
 
     shm: each timed send uses a pre-faulted segment (`reserve`), as a registered buffer would be.
     paired_memcpy: also time a memcpy of the same size right before each send, so the ratio
     send/memcpy compares the two under the same load (others share this machine's cores).
     """
-    kv = _bench_kv("bench", endpoint, nbytes, num_layers=layers if nbytes >= layers * 8192 else 1, num_kv_heads=8,
-                   head_dim=128)
+    kv = _bench_kv(
+        "bench", endpoint, nbytes, num_layers=layers if nbytes >= layers * 8192 else 1, num_kv_heads=8, head_dim=128
+    )
     src = dst = None
     if paired_memcpy:
         src = tensor_bytes(kv.k.reshape(-1).view(torch.uint8)), tensor_bytes(kv.v.reshape(-1).view(torch.uint8))
@@ -150,9 +167,14 @@ def time_sends(endpoint: str, token: str, nbytes: int, repeats: int = 3, link: L
             if i:
                 secs.append(st.seconds)
     best, med = min(secs), statistics.median(secs)
-    row: dict[str, Any] = {"nbytes": kv.nbytes, "seconds_best": best, "seconds_median": med,
-                           "gb_per_s_best": kv.nbytes / best / 1e9, "gb_per_s_median": kv.nbytes / med / 1e9,
-                           "link": link.label if link else "measured"}
+    row: dict[str, Any] = {
+        "nbytes": kv.nbytes,
+        "seconds_best": best,
+        "seconds_median": med,
+        "gb_per_s_best": kv.nbytes / best / 1e9,
+        "gb_per_s_median": kv.nbytes / med / 1e9,
+        "link": link.label if link else "measured",
+    }
     if copy_secs:
         row["memcpy_gb_per_s_best"] = kv.nbytes / min(copy_secs) / 1e9
         row["vs_memcpy_best"] = min(copy_secs) / best
@@ -160,8 +182,9 @@ def time_sends(endpoint: str, token: str, nbytes: int, repeats: int = 3, link: L
     return row
 
 
-def layerwise_vs_at_end(endpoint: str, token: str, nbytes: int, compute_s: float, layers: int = 32,
-                        link: Link | None = None) -> dict[str, Any]:
+def layerwise_vs_at_end(
+    endpoint: str, token: str, nbytes: int, compute_s: float, layers: int = 32, link: Link | None = None
+) -> dict[str, Any]:
     """Prefill of `layers` layers taking `compute_s` in all (simulated: the worker sleeps per layer),
     then the KV sent at the end, vs sent layer by layer as each finishes. Returns seconds of each
     (from prefill start to the receiver's ack) and of the transfer alone."""
@@ -190,13 +213,25 @@ def layerwise_vs_at_end(endpoint: str, token: str, nbytes: int, compute_s: float
                 s.send_layer(i, kv.k[i], kv.v[i])
             s.finish(first_token_id=kv.first_token_id)
         layerwise = time.perf_counter() - t0
-    return {"nbytes": kv.nbytes, "layers": kv.num_layers, "compute_s": compute_s, "transfer_s": transfer_only,
-            "at_end_s": at_end, "layerwise_s": layerwise, "link": link.label if link else "measured",
-            "ideal_layerwise_s": max(compute_s, transfer_only) + min(compute_s, transfer_only) / kv.num_layers}
+    return {
+        "nbytes": kv.nbytes,
+        "layers": kv.num_layers,
+        "compute_s": compute_s,
+        "transfer_s": transfer_only,
+        "at_end_s": at_end,
+        "layerwise_s": layerwise,
+        "link": link.label if link else "measured",
+        "ideal_layerwise_s": max(compute_s, transfer_only) + min(compute_s, transfer_only) / kv.num_layers,
+    }
 
 
-def bandwidth_sweep(backends: Iterable[str], sizes: Iterable[int], repeats: int = 3,
-                    log_dir: str | Path | None = None, progress: bool = False) -> list[dict[str, Any]]:
+def bandwidth_sweep(
+    backends: Iterable[str],
+    sizes: Iterable[int],
+    repeats: int = 3,
+    log_dir: str | Path | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
     """memcpy and each backend (receiver in its own process) at each payload size.
 
     Returns rows {backend, nbytes, gb_per_s (best), gb_per_s_median, seconds_median, ...};
@@ -207,15 +242,24 @@ def bandwidth_sweep(backends: Iterable[str], sizes: Iterable[int], repeats: int 
 
     sizes, backends = list(sizes), list(backends)
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kv-sweep-"))
-    rows: list[dict[str, Any]] = [{"backend": "memcpy", "nbytes": n, "gb_per_s": memcpy_gb_per_s(n),
-                                   "seconds_median": None} for n in sizes]
+    rows: list[dict[str, Any]] = [
+        {"backend": "memcpy", "nbytes": n, "gb_per_s": memcpy_gb_per_s(n), "seconds_median": None} for n in sizes
+    ]
     if "cuda-ipc" in backends:
-        rows += [{"backend": "memcpy (GPU)", "nbytes": n, "gb_per_s": memcpy_gb_per_s(n, device="cuda"),
-                  "seconds_median": None} for n in sizes]
+        rows += [
+            {
+                "backend": "memcpy (GPU)",
+                "nbytes": n,
+                "gb_per_s": memcpy_gb_per_s(n, device="cuda"),
+                "seconds_median": None,
+            }
+            for n in sizes
+        ]
     jobs = [(b, n) for b in backends for n in sizes]
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=len(jobs), desc="transfers")
     current: ReceiverProcess | None = None
     try:
@@ -247,7 +291,7 @@ def measured_links(rows: list[dict[str, Any]]) -> list[Link]:
         name = f"{b} (this machine)"
         try:
             links.append(fit_link([x for x, _ in pts], [y for _, y in pts], name, "measured"))
-        except ValueError:   # one size, or too noisy: the biggest transfer's plain rate
+        except ValueError:  # one size, or too noisy: the biggest transfer's plain rate
             big = max(pts)
             links.append(Link(big[0] / big[1], 0.0, name, "measured"))
     return links

@@ -8,6 +8,7 @@ own registered buffer and verifies the checksum. Agent metadata travels base64-e
 the JSON `begin` header and is loaded only after the token checked out; descriptors are
 plain (address, length, device) numbers, never NIXL's pickled descriptor lists.
 """
+
 from __future__ import annotations
 
 import base64
@@ -39,7 +40,7 @@ def _new_agent(role: str) -> Any:
     import os
 
     if not os.environ.get("NIXL_LOG_LEVEL"):
-        logging.getLogger("nixl").setLevel(logging.WARNING)     # its INFO lines drown notebook output
+        logging.getLogger("nixl").setLevel(logging.WARNING)  # its INFO lines drown notebook output
     cfg = nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"])
     return nixl_agent(f"labkit-{role}-{secrets.token_hex(6)}", cfg)
 
@@ -54,16 +55,25 @@ class NixlInbound(InboundStream):
             self.reg = receiver.agent.register_memory(self.buf)
         self.view = self.buf.numpy().data
 
-    def add_layer(self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket,
-                  deadline: float | None) -> None:
+    def add_layer(
+        self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket, deadline: float | None
+    ) -> None:
         m = self.meta
         n, half = m.layer_nbytes, m.nbytes // 2
         descs = header.get("descs")
-        if (not isinstance(descs, list) or len(descs) != 2 or
-                not all(isinstance(d, list) and len(d) == 3 and all(wire._is_int(x) and x >= 0 for x in d)
-                        for d in descs) or any(d[1] != n for d in descs)):
-            raise HeaderError(f"layer {layer}: descs must be two [address, {n}, device] triples (K, V)",
-                              field="descs", request_id=m.request_id)
+        if (
+            not isinstance(descs, list)
+            or len(descs) != 2
+            or not all(
+                isinstance(d, list) and len(d) == 3 and all(wire._is_int(x) and x >= 0 for x in d) for d in descs
+            )
+            or any(d[1] != n for d in descs)
+        ):
+            raise HeaderError(
+                f"layer {layer}: descs must be two [address, {n}, device] triples (K, V)",
+                field="descs",
+                request_id=m.request_id,
+            )
         base = self.buf.data_ptr()
         local = [(base + layer * n, n, 0), (base + half + layer * n, n, 0)]
         agent = self.rx.agent
@@ -74,8 +84,11 @@ class NixlInbound(InboundStream):
                 handle = agent.initialize_xfer("READ", ld, rd, self.remote)
                 state = agent.transfer(handle)
             except Exception as e:  # noqa: BLE001 - NIXL raises its own error types
-                raise PayloadError(f"layer {layer}: NIXL READ refused ({e.__class__.__name__}: {e})",
-                                   field="descs", request_id=m.request_id) from None
+                raise PayloadError(
+                    f"layer {layer}: NIXL READ refused ({e.__class__.__name__}: {e})",
+                    field="descs",
+                    request_id=m.request_id,
+                ) from None
         try:
             while state == "PROC":
                 if deadline is not None and time.monotonic() > deadline:
@@ -91,8 +104,13 @@ class NixlInbound(InboundStream):
                     handle.release()
                 except Exception as e:  # noqa: BLE001 - still in flight: NIXL keeps it and frees it later
                     log.debug("layer %d: NIXL handle not released now (%s); NIXL frees it when done", layer, e)
-        wire.verify_layer(self.view[layer * n:(layer + 1) * n], self.view[half + layer * n:half + (layer + 1) * n],
-                          checksum, m, layer)
+        wire.verify_layer(
+            self.view[layer * n : (layer + 1) * n],
+            self.view[half + layer * n : half + (layer + 1) * n],
+            checksum,
+            m,
+            layer,
+        )
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._deregister()
@@ -116,12 +134,13 @@ class NixlReceiver(TcpReceiver):
 
     def __init__(self, **kw: Any) -> None:
         self.agent = _new_agent("rx")
-        self._nixl_lock = threading.Lock()      # one agent, many connection threads
-        self._loaded: dict[str, str] = {}        # remote agent name -> digest of its loaded metadata
+        self._nixl_lock = threading.Lock()  # one agent, many connection threads
+        self._loaded: dict[str, str] = {}  # remote agent name -> digest of its loaded metadata
         super().__init__(**kw)
 
-    def _open_stream(self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int],
-                     conn: socket.socket) -> InboundStream:
+    def _open_stream(
+        self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int], conn: socket.socket
+    ) -> InboundStream:
         if fds:
             raise HeaderError("file descriptors on a nixl channel", field="fds", request_id=meta.request_id)
         info = header.get("nixl")
@@ -138,8 +157,11 @@ class NixlReceiver(TcpReceiver):
             try:
                 name = self.agent.add_remote_agent(md)
             except Exception as e:  # noqa: BLE001 - NIXL raises its own error types; re-raised as HeaderError
-                raise HeaderError(f"NIXL cannot load the sender's metadata ({e.__class__.__name__})", field="nixl",
-                                  request_id=meta.request_id) from None
+                raise HeaderError(
+                    f"NIXL cannot load the sender's metadata ({e.__class__.__name__})",
+                    field="nixl",
+                    request_id=meta.request_id,
+                ) from None
         name = name.decode() if isinstance(name, bytes) else str(name)
         self._loaded[name] = digest
         return NixlInbound(meta, self, name)
@@ -148,21 +170,35 @@ class NixlReceiver(TcpReceiver):
 class NixlOutbound(OutboundStream):
     sender: NixlSender
 
-    def __init__(self, sender: NixlSender, conn: socket.socket, meta: wire.KVMeta, timeout_s: float,
-                 layerwise: bool, staging: torch.Tensor) -> None:
+    def __init__(
+        self,
+        sender: NixlSender,
+        conn: socket.socket,
+        meta: wire.KVMeta,
+        timeout_s: float,
+        layerwise: bool,
+        staging: torch.Tensor,
+    ) -> None:
         super().__init__(sender, conn, meta, timeout_s, layerwise)
         self.staging = staging
         self.view = staging.numpy().data
 
     def _write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n, half = self.meta.layer_nbytes, self.meta.nbytes // 2
-        self.view[layer * n:(layer + 1) * n] = tensor_bytes(k)
-        self.view[half + layer * n:half + (layer + 1) * n] = tensor_bytes(v)
-        digest = wire.layer_checksum(self.view[layer * n:(layer + 1) * n],
-                                     self.view[half + layer * n:half + (layer + 1) * n])
+        self.view[layer * n : (layer + 1) * n] = tensor_bytes(k)
+        self.view[half + layer * n : half + (layer + 1) * n] = tensor_bytes(v)
+        digest = wire.layer_checksum(
+            self.view[layer * n : (layer + 1) * n], self.view[half + layer * n : half + (layer + 1) * n]
+        )
         base = self.staging.data_ptr()
-        frame = wire.encode_frame({"kind": "layer", "layer": layer, "checksum": digest,
-                                   "descs": [[base + layer * n, n, 0], [base + half + layer * n, n, 0]]})
+        frame = wire.encode_frame(
+            {
+                "kind": "layer",
+                "layer": layer,
+                "checksum": digest,
+                "descs": [[base + layer * n, n, 0], [base + half + layer * n, n, 0]],
+            }
+        )
         self.sender._send_or_explain(self.conn, frame, self.deadline, self.meta.request_id)
 
     def finish(self, first_token_id: int | None = None, extra: dict[str, Any] | None = None) -> TransferStats:
@@ -185,8 +221,8 @@ class NixlSender(TcpSender):
             raise ValueError("link shaping is a tcp feature; NIXL moves bytes at its own speed")
         super().__init__(endpoint, token=token, **kw)
         self.agent = _new_agent("tx")
-        self._pool: list[torch.Tensor] = []          # registered, free
-        self._regs: dict[int, Any] = {}              # data_ptr -> registration
+        self._pool: list[torch.Tensor] = []  # registered, free
+        self._regs: dict[int, Any] = {}  # data_ptr -> registration
         self._pool_lock = threading.Lock()
 
     def _take(self, nbytes: int) -> torch.Tensor:
@@ -195,7 +231,7 @@ class NixlSender(TcpSender):
                 if nbytes <= t.numel() <= 2 * nbytes + (1 << 20):
                     return self._pool.pop(i)
         t = torch.empty(nbytes, dtype=torch.uint8)
-        t.fill_(0)                                    # fault the pages in before registering
+        t.fill_(0)  # fault the pages in before registering
         with self._pool_lock:
             self._regs[t.data_ptr()] = self.agent.register_memory(t)
         return t
@@ -230,7 +266,7 @@ class NixlSender(TcpSender):
 def nixl_available() -> bool:
     try:
         import nixl._api  # noqa: F401 - imported only to see that it loads
+
         return True
     except Exception:  # noqa: BLE001 - any import failure means "not here"
         return False
-

@@ -7,6 +7,7 @@
 
 Token comes from --token or the LABKIT_TRANSFER_TOKEN environment variable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,15 @@ def run_recv(a: argparse.Namespace) -> int:
 
 
 def run_send(a: argparse.Namespace) -> int:
-    kv = make_kv(a.request_id, a.tokens, num_layers=a.layers, num_kv_heads=a.kv_heads, head_dim=a.head_dim,
-                 dtype=a.dtype, seed=a.seed)
+    kv = make_kv(
+        a.request_id,
+        a.tokens,
+        num_layers=a.layers,
+        num_kv_heads=a.kv_heads,
+        head_dim=a.head_dim,
+        dtype=a.dtype,
+        seed=a.seed,
+    )
     kv.k, kv.v = kv.k.to(a.device), kv.v.to(a.device)
     try:
         with open_sender(a.endpoint, token=a.token) as tx:
@@ -97,8 +105,16 @@ def run_send(a: argparse.Namespace) -> int:
     except TransferError as e:
         _emit({"error": type(e).__name__, "message": str(e), "request_id": e.request_id, "field": e.field})
         return 1
-    _emit({"request_id": st.request_id, "backend": st.backend, "nbytes": st.nbytes, "seconds": st.seconds,
-           "layerwise": st.layerwise, "digest": kv_digest(kv)})
+    _emit(
+        {
+            "request_id": st.request_id,
+            "backend": st.backend,
+            "nbytes": st.nbytes,
+            "seconds": st.seconds,
+            "layerwise": st.layerwise,
+            "digest": kv_digest(kv),
+        }
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ A backend supplies how frames (and, for shm, file descriptors) arrive on its con
 and where a layer's bytes land (an InboundStream); authentication, validation, timeouts and
 the inbox that `recv(request_id)` waits on live here once.
 """
+
 from __future__ import annotations
 
 import socket
@@ -28,8 +29,9 @@ class InboundStream(ABC):
         self.seen: set[int] = set()
 
     @abstractmethod
-    def add_layer(self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket,
-                  deadline: float | None) -> None:
+    def add_layer(
+        self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket, deadline: float | None
+    ) -> None:
         """Takes layer `layer` (reading its bytes from `conn` if the backend streams them) and verifies it."""
 
     @abstractmethod
@@ -42,14 +44,28 @@ class InboundStream(ABC):
     def finish(self, header: dict[str, Any]) -> KVExport:
         missing = sorted(set(range(self.meta.num_layers)) - self.seen)
         if missing:
-            raise PayloadError(f"end before layers {missing[:8]}{'...' if len(missing) > 8 else ''} arrived",
-                               field="layer", request_id=self.meta.request_id)
+            raise PayloadError(
+                f"end before layers {missing[:8]}{'...' if len(missing) > 8 else ''} arrived",
+                field="layer",
+                request_id=self.meta.request_id,
+            )
         first_token_id, extra = wire.end_fields(header, self.meta)
         k, v = self.tensors()
         m = self.meta
-        kv = KVExport(request_id=m.request_id, model_fingerprint=m.model_fingerprint, prompt_ids=list(m.prompt_ids),
-                      first_token_id=first_token_id, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
-                      head_dim=m.head_dim, dtype=m.dtype, block_size=m.block_size, k=k, v=v, extra=extra)
+        kv = KVExport(
+            request_id=m.request_id,
+            model_fingerprint=m.model_fingerprint,
+            prompt_ids=list(m.prompt_ids),
+            first_token_id=first_token_id,
+            num_layers=m.num_layers,
+            num_kv_heads=m.num_kv_heads,
+            head_dim=m.head_dim,
+            dtype=m.dtype,
+            block_size=m.block_size,
+            k=k,
+            v=v,
+            extra=extra,
+        )
         kv.validate()
         return kv
 
@@ -65,9 +81,15 @@ class Receiver(ABC):
     backend = ""
     checksum_algo = wire.CHECKSUM_ALGO
 
-    def __init__(self, *, token: str, expect: wire.KVSpec | None = None,
-                 max_request_bytes: int = wire.MAX_REQUEST_BYTES, stall_timeout_s: float = 30.0,
-                 unclaimed_ttl_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        *,
+        token: str,
+        expect: wire.KVSpec | None = None,
+        max_request_bytes: int = wire.MAX_REQUEST_BYTES,
+        stall_timeout_s: float = 30.0,
+        unclaimed_ttl_s: float = 600.0,
+    ) -> None:
         self._token = check_token(token)
         self.expect = expect
         if max_request_bytes < 1:
@@ -83,7 +105,7 @@ class Receiver(ABC):
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._closed = False
-        self.rejected = 0            # connections refused before a request was known (token, framing)
+        self.rejected = 0  # connections refused before a request was known (token, framing)
         self.completed = 0
         self._listener: socket.socket | None = None
 
@@ -117,8 +139,9 @@ class Receiver(ABC):
                 if left <= 0:
                     what = f"request {request_id!r}" if request_id is not None else "any request"
                     state = "still arriving" if request_id in self._in_flight else "never started arriving"
-                    raise TransferTimeout(f"{what}: no KV within {timeout_s:g} s on {self.endpoint} ({state})",
-                                          request_id=request_id)
+                    raise TransferTimeout(
+                        f"{what}: no KV within {timeout_s:g} s on {self.endpoint} ({state})", request_id=request_id
+                    )
                 self._cond.wait(min(left, 1.0))
 
     def discard(self, request_id: str) -> bool:
@@ -166,8 +189,9 @@ class Receiver(ABC):
         """One frame's header and any file descriptors that came with it."""
 
     @abstractmethod
-    def _open_stream(self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int],
-                     conn: socket.socket) -> InboundStream:
+    def _open_stream(
+        self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int], conn: socket.socket
+    ) -> InboundStream:
         """Prepares to receive a request (shm: maps the sender's segment; tcp: allocates the tensors)."""
 
     def _start(self, listener: socket.socket) -> None:
@@ -204,14 +228,18 @@ class Receiver(ABC):
                 try:
                     header, fds = self._read_message(conn, deadline)
                 except TransferTimeout:
-                    assert stream is not None          # only mid-transfer reads have a deadline
-                    raise TransferTimeout(f"sender stalled: no frame for {self.stall_timeout_s:g} s after "
-                                          f"{len(stream.seen)} of {stream.meta.num_layers} layers",
-                                          request_id=stream.meta.request_id) from None
+                    assert stream is not None  # only mid-transfer reads have a deadline
+                    raise TransferTimeout(
+                        f"sender stalled: no frame for {self.stall_timeout_s:g} s after "
+                        f"{len(stream.seen)} of {stream.meta.num_layers} layers",
+                        request_id=stream.meta.request_id,
+                    ) from None
                 except (ConnectionResetError, BrokenPipeError):
                     if stream is not None:
-                        raise PayloadError(f"sender closed the connection after {len(stream.seen)} of "
-                                           f"{stream.meta.num_layers} layers", request_id=stream.meta.request_id)
+                        raise PayloadError(
+                            f"sender closed the connection after {len(stream.seen)} of {stream.meta.num_layers} layers",
+                            request_id=stream.meta.request_id,
+                        )
                     return
                 try:
                     stream = self._dispatch(conn, header, fds, stream)
@@ -237,8 +265,10 @@ class Receiver(ABC):
             if not isinstance(e, OSError):
                 log.exception("kv receiver %s: unexpected error", self.endpoint)
             if stream is not None and not self._closed:
-                self._deliver(stream.meta.request_id, PayloadError(f"connection lost: {e.__class__.__name__}: {e}",
-                                                                   request_id=stream.meta.request_id))
+                self._deliver(
+                    stream.meta.request_id,
+                    PayloadError(f"connection lost: {e.__class__.__name__}: {e}", request_id=stream.meta.request_id),
+                )
         finally:
             if stream is not None:
                 stream.abort()
@@ -252,17 +282,23 @@ class Receiver(ABC):
     def _connection_closed(self, conn: socket.socket) -> None:
         """Backend hook: forget per-connection state (shm: the sender's segment mappings)."""
 
-    def _dispatch(self, conn: socket.socket, header: dict[str, Any], fds: list[int],
-                  stream: InboundStream | None) -> InboundStream | None:
+    def _dispatch(
+        self, conn: socket.socket, header: dict[str, Any], fds: list[int], stream: InboundStream | None
+    ) -> InboundStream | None:
         kind = header["kind"]
         if kind == "begin":
             if stream is not None:
                 raise HeaderError(f"begin while request {stream.meta.request_id!r} is still open", field="kind")
-            meta = wire.parse_begin(header, token=self._token, expect=self.expect,
-                                    max_request_bytes=self.max_request_bytes, checksum_algo=self.checksum_algo)
+            meta = wire.parse_begin(
+                header,
+                token=self._token,
+                expect=self.expect,
+                max_request_bytes=self.max_request_bytes,
+                checksum_algo=self.checksum_algo,
+            )
             with self._cond:
                 self._in_flight.add(meta.request_id)
-            return self._open_stream(meta, header, fds, conn)    # fds are closed after: dup to keep one
+            return self._open_stream(meta, header, fds, conn)  # fds are closed after: dup to keep one
         if stream is None:
             raise HeaderError(f"{kind!r} frame before begin", field="kind")
         if kind == "layer":

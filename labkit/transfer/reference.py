@@ -15,6 +15,7 @@ a child process spread over all of this host's cores (a few seconds, once; a loc
 concurrent workers wait for that one). `python -m labkit.transfer.reference` prints it;
 `--refresh` measures it again (do that on a quiet machine: others' work lowers the figure).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,11 @@ class HostReference:
         return nbytes / s / 1e9 if s else None
 
     def as_dict(self) -> dict[str, object]:
-        return {"version": REFERENCE_VERSION, "measured_at": self.measured_at,
-                "links": {b: {"bytes_per_s": ln.bytes_per_s, "fixed_s": ln.fixed_s} for b, ln in self.links.items()}}
+        return {
+            "version": REFERENCE_VERSION,
+            "measured_at": self.measured_at,
+            "links": {b: {"bytes_per_s": ln.bytes_per_s, "fixed_s": ln.fixed_s} for b, ln in self.links.items()},
+        }
 
 
 def load_reference(path: Path | None = None) -> HostReference | None:
@@ -83,8 +87,10 @@ def load_reference(path: Path | None = None) -> HostReference | None:
         d = json.loads(path.read_text())
         if d.get("version") != REFERENCE_VERSION:
             return None
-        links = {b: Link(float(v["bytes_per_s"]), float(v["fixed_s"]), f"{b} (this host)", "measured")
-                 for b, v in d["links"].items()}
+        links = {
+            b: Link(float(v["bytes_per_s"]), float(v["fixed_s"]), f"{b} (this host)", "measured")
+            for b, v in d["links"].items()
+        }
         return HostReference(links, str(d["measured_at"]), str(path)) if links else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -153,8 +159,13 @@ def host_reference(*, measure: bool = True, timeout_s: float = 180.0) -> HostRef
         return ref
     log.info("measuring this host's KV transfer speed (once; cached in %s)", reference_path())
     try:
-        out = subprocess.run([sys.executable, "-m", "labkit.transfer.reference", "--ensure"], capture_output=True,
-                             text=True, timeout=timeout_s, check=False)
+        out = subprocess.run(
+            [sys.executable, "-m", "labkit.transfer.reference", "--ensure"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         log.warning("measuring the KV transfer reference took over %.0f s; transfers go unchecked", timeout_s)
         return None
@@ -163,8 +174,9 @@ def host_reference(*, measure: bool = True, timeout_s: float = 180.0) -> HostRef
     return load_reference()
 
 
-def slow_transfer_flag(ref: HostReference | None, backend: str, nbytes: int, seconds: float,
-                       factor: float) -> str | None:
+def slow_transfer_flag(
+    ref: HostReference | None, backend: str, nbytes: int, seconds: float, factor: float
+) -> str | None:
     """A sentence when moving `nbytes` over `backend` in `seconds` was over `factor` times slower than
     this host's figure for that transport and size (and over MIN_EXCESS_S slower); else None."""
     if ref is None or factor <= 0 or nbytes <= 0 or seconds <= 0:
@@ -173,9 +185,11 @@ def slow_transfer_flag(ref: HostReference | None, backend: str, nbytes: int, sec
     if expected is None or seconds <= factor * expected or seconds - expected <= MIN_EXCESS_S:
         return None
     others = [f"{b} {ref.gb_per_s(b, nbytes):.2g} GB/s" for b in ref.links if b != backend]
-    return (f"KV moving at {nbytes / seconds / 1e9:.2g} GB/s over {backend} ({nbytes / 1e6:.3g} MB in "
-            f"{seconds:.3g} s); {backend} measured {ref.gb_per_s(backend, nbytes):.2g} GB/s here for this size"
-            + (f", {', '.join(others)}" if others else ""))
+    return (
+        f"KV moving at {nbytes / seconds / 1e9:.2g} GB/s over {backend} ({nbytes / 1e6:.3g} MB in "
+        f"{seconds:.3g} s); {backend} measured {ref.gb_per_s(backend, nbytes):.2g} GB/s here for this size"
+        + (f", {', '.join(others)}" if others else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     path = reference_path()
     if a.refresh or a.ensure:
         try:
-            os.sched_setaffinity(0, _host_cpus())   # a pinned worker started us: measure the host, not its core
+            os.sched_setaffinity(0, _host_cpus())  # a pinned worker started us: measure the host, not its core
         except OSError:
             pass
         with _locked(path.with_suffix(".lock"), timeout_s=300):
@@ -198,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{path} (measured {ref.measured_at})")
     for b, ln in ref.links.items():
-        print(f"  {b:5s} {ln.bytes_per_s / 1e9:7.2f} GB/s + {ln.fixed_s * 1e3:.3f} ms per transfer; "
-              + ", ".join(f"{n >> 10} KiB: {ref.gb_per_s(b, n):.2f} GB/s" for n in REFERENCE_SIZES))
+        print(
+            f"  {b:5s} {ln.bytes_per_s / 1e9:7.2f} GB/s + {ln.fixed_s * 1e3:.3f} ms per transfer; "
+            + ", ".join(f"{n >> 10} KiB: {ref.gb_per_s(b, n):.2f} GB/s" for n in REFERENCE_SIZES)
+        )
     return 0
 
 

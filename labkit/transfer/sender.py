@@ -1,4 +1,5 @@
 """The sending side every backend shares: layer streams, the connection pool, replies and timeouts."""
+
 from __future__ import annotations
 
 import queue
@@ -32,8 +33,9 @@ class OutboundStream(ABC):
     the stream cut and fails that request with PayloadError).
     """
 
-    def __init__(self, sender: Sender, conn: socket.socket, meta: wire.KVMeta, timeout_s: float,
-                 layerwise: bool) -> None:
+    def __init__(
+        self, sender: Sender, conn: socket.socket, meta: wire.KVMeta, timeout_s: float, layerwise: bool
+    ) -> None:
         self.sender = sender
         self.conn = conn
         self.meta = meta
@@ -42,7 +44,7 @@ class OutboundStream(ABC):
         self.t0 = time.perf_counter()
         self.deadline = time.monotonic() + timeout_s
         self.sent: set[int] = set()
-        self.layer_sent_s: dict[int, float] = {}   # layer -> perf_counter() when its bytes were written out
+        self.layer_sent_s: dict[int, float] = {}  # layer -> perf_counter() when its bytes were written out
         self._done = False
         self._dtype = getattr(torch, meta.dtype)
         self._queue: queue.Queue[tuple[int, torch.Tensor, torch.Tensor] | None] | None = None
@@ -58,8 +60,9 @@ class OutboundStream(ABC):
         want = self.meta.shape[1:]
         for name, t in (("k", k), ("v", v)):
             if tuple(t.shape) != want or t.dtype != self._dtype:
-                raise ValueError(f"{name} of layer {layer}: shape {tuple(t.shape)} {t.dtype}, "
-                                 f"expected {want} {self._dtype}")
+                raise ValueError(
+                    f"{name} of layer {layer}: shape {tuple(t.shape)} {t.dtype}, expected {want} {self._dtype}"
+                )
         k, v = k.detach().contiguous(), v.detach().contiguous()
         if self.layerwise:
             self._raise_writer_error()
@@ -86,7 +89,7 @@ class OutboundStream(ABC):
         assert self._queue is not None
         while (item := self._queue.get()) is not None:
             if self._error is not None or self._done:
-                continue                          # drain: the stream failed or was aborted
+                continue  # drain: the stream failed or was aborted
             try:
                 self._write(*item)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
@@ -101,7 +104,8 @@ class OutboundStream(ABC):
         if self._writer.is_alive():
             self._error = self._error or TransferTimeout(
                 f"request {self.meta.request_id!r}: layers not written within {self.timeout_s:g} s",
-                request_id=self.meta.request_id)
+                request_id=self.meta.request_id,
+            )
         self._writer = None
 
     def _raise_writer_error(self) -> None:
@@ -138,19 +142,24 @@ class OutboundStream(ABC):
             self.abort()
             raise
         if self.sender.link is not None:
-            time.sleep(self.sender.link.fixed_s / 2)          # the ack's trip back
+            time.sleep(self.sender.link.fixed_s / 2)  # the ack's trip back
         self._done = True
         self.sender._release(self.conn)
-        return TransferStats(request_id=self.meta.request_id, backend=self.sender.backend, nbytes=self.meta.nbytes,
-                             seconds=time.perf_counter() - self.t0, num_layers=self.meta.num_layers,
-                             layerwise=self.layerwise)
+        return TransferStats(
+            request_id=self.meta.request_id,
+            backend=self.sender.backend,
+            nbytes=self.meta.nbytes,
+            seconds=time.perf_counter() - self.t0,
+            num_layers=self.meta.num_layers,
+            layerwise=self.layerwise,
+        )
 
     def abort(self) -> None:
         """Cuts the transfer; the connection is closed (the receiver fails this request)."""
         if self._done:
             return
         self._done = True
-        self.sender._discard(self.conn)           # unblocks a writer stuck on the socket
+        self.sender._discard(self.conn)  # unblocks a writer stuck on the socket
         if self._writer is not None and self._writer is not threading.current_thread():
             assert self._queue is not None
             self._queue.put(None)
@@ -179,8 +188,7 @@ class Sender(ABC):
 
     backend = ""
 
-    def __init__(self, endpoint: str, *, token: str, link: Link | None = None,
-                 connect_timeout_s: float = 10.0) -> None:
+    def __init__(self, endpoint: str, *, token: str, link: Link | None = None, connect_timeout_s: float = 10.0) -> None:
         self.endpoint = endpoint
         self._token = check_token(token)
         self.link = link
@@ -225,12 +233,13 @@ class Sender(ABC):
         conn = self._acquire(timeout_s)
         try:
             if self.link is not None:
-                time.sleep(self.link.fixed_s / 2)             # the first byte's one-way trip
+                time.sleep(self.link.fixed_s / 2)  # the first byte's one-way trip
             return self._open(conn, meta, timeout_s, layerwise)
         except OSError as e:
             self._discard(conn)
-            raise TransferError(f"begin of {meta.request_id!r} to {self.endpoint} failed: {e}",
-                                request_id=meta.request_id) from None
+            raise TransferError(
+                f"begin of {meta.request_id!r} to {self.endpoint} failed: {e}", request_id=meta.request_id
+            ) from None
         except BaseException:
             self._discard(conn)
             raise
@@ -271,8 +280,9 @@ class Sender(ABC):
         except TransferTimeout as e:
             raise TransferTimeout(str(e), request_id=request_id) from None
         except (ConnectionResetError, BrokenPipeError):
-            raise TransferError(f"{self.endpoint} closed the connection before acking {request_id!r}",
-                                request_id=request_id) from None
+            raise TransferError(
+                f"{self.endpoint} closed the connection before acking {request_id!r}", request_id=request_id
+            ) from None
         wire.raise_if_error(reply)
         return reply
 
@@ -285,5 +295,6 @@ class Sender(ABC):
             raise TransferTimeout(f"send of {request_id!r} to {self.endpoint} stalled", request_id=request_id) from None
         except (BrokenPipeError, ConnectionResetError):
             self._read_reply(conn, min(deadline, time.monotonic() + 1.0), request_id)
-            raise TransferError(f"{self.endpoint} dropped the connection during {request_id!r}",
-                                request_id=request_id) from None
+            raise TransferError(
+                f"{self.endpoint} dropped the connection during {request_id!r}", request_id=request_id
+            ) from None

@@ -5,6 +5,7 @@ Used by the tcp sender for what-if runs ("this transfer over 10 or 25 Gbps"). Th
 Emulation can only slow a real link down: a link faster than what loopback measured here is
 computed with `Link.seconds(nbytes)` instead, and charts say so.
 """
+
 from __future__ import annotations
 
 import time

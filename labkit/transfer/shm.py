@@ -15,6 +15,7 @@ would SIGBUS the receiver) and carry a magic header; the sender only writes a se
 state byte says free. A buggy sender could still write into a segment a receiver holds: the
 checksum proves the bytes at arrival, not after.
 """
+
 from __future__ import annotations
 
 import array
@@ -45,10 +46,10 @@ from labkit.transfer.receiver import InboundStream, Receiver
 from labkit.transfer.sender import OutboundStream, Sender
 
 SEG_MAGIC = b"LKVSEG01"
-STATE_OFFSET = 8                  # one byte: 0 free (sender may write), 1 in use (receiver may hold it)
-DATA_OFFSET = 4096                # KV bytes start on their own page
+STATE_OFFSET = 8  # one byte: 0 free (sender may write), 1 in use (receiver may hold it)
+DATA_OFFSET = 4096  # KV bytes start on their own page
 MIN_CAPACITY = 1 << 20
-COPY_CHUNK_BYTES = 4 << 20        # copy, then checksum while the chunk is still in cache
+COPY_CHUNK_BYTES = 4 << 20  # copy, then checksum while the chunk is still in cache
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
@@ -56,7 +57,7 @@ def parse_endpoint(endpoint: str) -> str:
     """The abstract socket name from "shm://@name"; ValueError otherwise."""
     if not endpoint.startswith("shm://@") or len(endpoint) <= len("shm://@") or len(endpoint) > 100:
         raise ValueError(f"bad shm endpoint {endpoint!r} (expected shm://@name, from a shm receiver)")
-    return endpoint[len("shm://@"):]
+    return endpoint[len("shm://@") :]
 
 
 def capacity_for(nbytes: int) -> int:
@@ -79,7 +80,7 @@ class Segment:
 
     def __post_init__(self) -> None:
         self.mv = memoryview(self.mm)
-        anchor = ctypes.c_char.from_buffer(self.mm)   # only to learn where the mapping starts
+        anchor = ctypes.c_char.from_buffer(self.mm)  # only to learn where the mapping starts
         self.address = ctypes.addressof(anchor)
         del anchor
 
@@ -89,13 +90,13 @@ class Segment:
         size = DATA_OFFSET + capacity
         try:
             os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)       # allocate and zero the pages now, not during a copy
+            os.posix_fallocate(fd, 0, size)  # allocate and zero the pages now, not during a copy
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except OSError as e:
             os.close(fd)
             raise TransferError(f"cannot create a {size:,}-byte shared memory segment: {e}") from None
-        mm[:len(SEG_MAGIC)] = SEG_MAGIC
+        mm[: len(SEG_MAGIC)] = SEG_MAGIC
         mm[STATE_OFFSET] = 0
         return cls(seg_id, fd, capacity, mm)
 
@@ -119,7 +120,7 @@ def _release(mm: mmap.mmap) -> None:
     """Marks a receiver-held segment free again (its tensors are gone)."""
     try:
         mm[STATE_OFFSET] = 0
-    except ValueError:          # already unmapped: the sender is gone too
+    except ValueError:  # already unmapped: the sender is gone too
         pass
 
 
@@ -129,12 +130,13 @@ class ShmInbound(InboundStream):
         self.mm = mm
         self.handed_out = False
 
-    def add_layer(self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket,
-                  deadline: float | None) -> None:
+    def add_layer(
+        self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket, deadline: float | None
+    ) -> None:
         n, half = self.meta.layer_nbytes, self.meta.nbytes // 2
         k0, v0 = DATA_OFFSET + layer * n, DATA_OFFSET + half + layer * n
         with memoryview(self.mm) as mv:
-            wire.verify_layer(mv[k0:k0 + n], mv[v0:v0 + n], checksum, self.meta, layer)
+            wire.verify_layer(mv[k0 : k0 + n], mv[v0 : v0 + n], checksum, self.meta, layer)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         arr = np.frombuffer(self.mm, dtype=np.uint8, count=self.meta.nbytes, offset=DATA_OFFSET)
@@ -183,7 +185,7 @@ class ShmReceiver(Receiver):
             raise TransferTimeout("sender stalled between frames") from None
         for level, typ, payload in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         got = list(fds)
         try:
             if not data:
@@ -201,19 +203,25 @@ class ShmReceiver(Receiver):
             raise
         return header, got
 
-    def _open_stream(self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int],
-                     conn: socket.socket) -> InboundStream:
+    def _open_stream(
+        self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int], conn: socket.socket
+    ) -> InboundStream:
         rid = meta.request_id
         info = header.get("shm")
-        if (not isinstance(info, dict) or not wire._is_int(info.get("segment")) or
-                not wire._is_int(info.get("capacity")) or not isinstance(info.get("retire", []), list)):
-            raise HeaderError("begin needs shm: {segment: int, capacity: int, retire: [int]}", field="shm",
-                              request_id=rid)
+        if (
+            not isinstance(info, dict)
+            or not wire._is_int(info.get("segment"))
+            or not wire._is_int(info.get("capacity"))
+            or not isinstance(info.get("retire", []), list)
+        ):
+            raise HeaderError(
+                "begin needs shm: {segment: int, capacity: int, retire: [int]}", field="shm", request_id=rid
+            )
         seg_id, capacity = info["segment"], info["capacity"]
         with self._maps_lock:
             maps = self._maps.setdefault(conn, {})
             for old in info.get("retire", []):
-                maps.pop(old, None)          # unmapped once no tensor views it
+                maps.pop(old, None)  # unmapped once no tensor views it
         if len(fds) > 1:
             raise HeaderError(f"begin carries {len(fds)} descriptors, expected at most 1", field="fds", request_id=rid)
         if fds:
@@ -224,17 +232,22 @@ class ShmReceiver(Receiver):
             with self._maps_lock:
                 known = maps.get(seg_id)
             if known is None:
-                raise HeaderError(f"shm segment {seg_id} was never sent on this connection", field="shm",
-                                  request_id=rid)
+                raise HeaderError(
+                    f"shm segment {seg_id} was never sent on this connection", field="shm", request_id=rid
+                )
             mm = known
         if len(mm) - DATA_OFFSET < meta.nbytes:
-            raise PayloadError(f"shm segment {seg_id} holds {len(mm) - DATA_OFFSET:,} bytes, the request needs "
-                               f"{meta.nbytes:,} (truncated)", field="nbytes", request_id=rid)
+            raise PayloadError(
+                f"shm segment {seg_id} holds {len(mm) - DATA_OFFSET:,} bytes, the request needs "
+                f"{meta.nbytes:,} (truncated)",
+                field="nbytes",
+                request_id=rid,
+            )
         return ShmInbound(meta, mm)
 
     def _connection_closed(self, conn: socket.socket) -> None:
         with self._maps_lock:
-            self._maps.pop(conn, None)      # mappings still viewed by tensors live on until those go
+            self._maps.pop(conn, None)  # mappings still viewed by tensors live on until those go
 
 
 def _map_segment(fd: int, capacity: int, rid: str) -> mmap.mmap:
@@ -247,13 +260,17 @@ def _map_segment(fd: int, capacity: int, rid: str) -> mmap.mmap:
     except OSError:
         seals = 0
     if seals & _SEALS != _SEALS:
-        raise HeaderError("shm segment is not sealed against resizing (memfd F_SEAL_SHRINK|F_SEAL_GROW)",
-                          field="fd", request_id=rid)
+        raise HeaderError(
+            "shm segment is not sealed against resizing (memfd F_SEAL_SHRINK|F_SEAL_GROW)", field="fd", request_id=rid
+        )
     if capacity < 1 or st.st_size < DATA_OFFSET + capacity:
-        raise PayloadError(f"shm segment holds {max(0, st.st_size - DATA_OFFSET):,} bytes, header says "
-                           f"{capacity:,} (truncated)", field="nbytes", request_id=rid)
+        raise PayloadError(
+            f"shm segment holds {max(0, st.st_size - DATA_OFFSET):,} bytes, header says {capacity:,} (truncated)",
+            field="nbytes",
+            request_id=rid,
+        )
     mm = mmap.mmap(fd, DATA_OFFSET + capacity, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-    if mm[:len(SEG_MAGIC)] != SEG_MAGIC:
+    if mm[: len(SEG_MAGIC)] != SEG_MAGIC:
         mm.close()
         raise HeaderError("shm segment lacks the labkit magic header", field="fd", request_id=rid)
     return mm
@@ -262,11 +279,12 @@ def _map_segment(fd: int, capacity: int, rid: str) -> mmap.mmap:
 class ShmOutbound(OutboundStream):
     sender: ShmSender
 
-    def __init__(self, sender: ShmSender, conn: socket.socket, meta: wire.KVMeta, timeout_s: float,
-                 layerwise: bool, seg: Segment) -> None:
+    def __init__(
+        self, sender: ShmSender, conn: socket.socket, meta: wire.KVMeta, timeout_s: float, layerwise: bool, seg: Segment
+    ) -> None:
         super().__init__(sender, conn, meta, timeout_s, layerwise)
         self.seg = seg
-        self.begun = False            # once begin is out, only the receiver frees the segment
+        self.begun = False  # once begin is out, only the receiver frees the segment
 
     def _write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n, half = self.meta.layer_nbytes, self.meta.nbytes // 2
@@ -280,7 +298,7 @@ class ShmOutbound(OutboundStream):
             for a in range(0, n, COPY_CHUNK_BYTES):
                 b = min(a + COPY_CHUNK_BYTES, n)
                 ctypes.memmove(base + off + a, src_addr + a, b - a)
-                h.update(mv[off + a:off + b])
+                h.update(mv[off + a : off + b])
         frame = wire.encode_frame({"kind": "layer", "layer": layer, "checksum": h.intdigest()})
         self.sender._send_or_explain(self.conn, frame, self.deadline, self.meta.request_id)
 
@@ -298,8 +316,9 @@ class ShmSender(Sender):
 
     backend = "shm"
 
-    def __init__(self, endpoint: str, *, token: str, link: Link | None = None,
-                 pool_free_max_bytes: int = 2 << 30, **kw: Any) -> None:
+    def __init__(
+        self, endpoint: str, *, token: str, link: Link | None = None, pool_free_max_bytes: int = 2 << 30, **kw: Any
+    ) -> None:
         if link is not None:
             raise ValueError("link shaping emulates a network: use the tcp backend for it, not shm")
         self._name = parse_endpoint(endpoint)
@@ -328,7 +347,7 @@ class ShmSender(Sender):
         with self._pool_lock:
             segs, self._segments = self._segments, []
         for s in segs:
-            s.close()        # receivers' mappings keep held segments alive until their tensors go
+            s.close()  # receivers' mappings keep held segments alive until their tensors go
 
     def _take(self, nbytes: int) -> Segment:
         cap = capacity_for(nbytes)
@@ -345,7 +364,7 @@ class ShmSender(Sender):
     def _trim(self) -> None:
         free = [s for s in self._segments if s.free]
         total = sum(s.capacity for s in free)
-        for s in free:                      # oldest first
+        for s in free:  # oldest first
             if total <= self.pool_free_max_bytes:
                 break
             total -= s.capacity

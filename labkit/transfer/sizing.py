@@ -2,6 +2,7 @@
 
 Pure arithmetic (no I/O), shared by the notebook, the benchmark and the CLI.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -55,8 +56,9 @@ def kv_shapes(cache_dtype_for_presets: str | None = None) -> dict[str, KVShape]:
     out: dict[str, KVShape] = {}
     for name, p in PRESETS.items():
         head_dim = p.head_dim or p.hidden_size // p.num_attention_heads
-        out[name] = KVShape(name, p.num_hidden_layers, p.num_key_value_heads, head_dim,
-                            cache_dtype_for_presets or p.writable_dtype)
+        out[name] = KVShape(
+            name, p.num_hidden_layers, p.num_key_value_heads, head_dim, cache_dtype_for_presets or p.writable_dtype
+        )
     out[LLAMA_70B.name] = LLAMA_70B
     return out
 
@@ -79,8 +81,9 @@ def fit_link(nbytes: Sequence[int], seconds: Sequence[float], name: str = "", ho
     return Link(1.0 / slope, max(0.0, my - slope * mx), name, how)
 
 
-def break_even_tokens(recompute_s: Callable[[int], float], transfer_s: Callable[[int], float],
-                      max_tokens: int = 1 << 17) -> int | None:
+def break_even_tokens(
+    recompute_s: Callable[[int], float], transfer_s: Callable[[int], float], max_tokens: int = 1 << 17
+) -> int | None:
     """Smallest prompt length (tokens) from which transferring the KV is faster than recomputing it.
 
     `recompute_s(n)` and `transfer_s(n)` give seconds for an n-token prompt. Returns 1 if the
@@ -91,7 +94,7 @@ def break_even_tokens(recompute_s: Callable[[int], float], transfer_s: Callable[
         return 1
     if transfer_s(max_tokens) > recompute_s(max_tokens):
         return None
-    lo, hi = 1, max_tokens           # transfer loses at lo, wins at hi
+    lo, hi = 1, max_tokens  # transfer loses at lo, wins at hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if transfer_s(mid) <= recompute_s(mid):
@@ -113,12 +116,22 @@ def request_table(shapes: Sequence[KVShape], prompt_lens: Sequence[int], links: 
         for n in prompt_lens:
             nbytes = shape.kv_bytes(n)
             for link in links:
-                rows.append({"model": shape.name, "prompt_tokens": n, "kv_bytes": nbytes, "link": link.label,
-                             "how": link.how, "seconds": link.seconds(nbytes)})
+                rows.append(
+                    {
+                        "model": shape.name,
+                        "prompt_tokens": n,
+                        "kv_bytes": nbytes,
+                        "link": link.label,
+                        "how": link.how,
+                        "seconds": link.seconds(nbytes),
+                    }
+                )
     return rows
 
 
-def layerwise_arrivals(layer_compute_s: Sequence[float], layer_transfer_s: Sequence[float]) -> list[tuple[float, float]]:
+def layerwise_arrivals(
+    layer_compute_s: Sequence[float], layer_transfer_s: Sequence[float]
+) -> list[tuple[float, float]]:
     """Layer-wise streaming, event by event: layer i is computed after the layers before it, then
     crosses a link that carries one layer at a time. Returns (computed at, arrived at) per layer,
     in seconds from the prefill's start; the last arrival is when the decode side holds the whole KV."""
@@ -130,7 +143,7 @@ def layerwise_arrivals(layer_compute_s: Sequence[float], layer_transfer_s: Seque
     computed = link_free = 0.0
     for c, t in zip(layer_compute_s, layer_transfer_s):
         computed += c
-        link_free = max(computed, link_free) + t   # it leaves once computed and once the link is free
+        link_free = max(computed, link_free) + t  # it leaves once computed and once the link is free
         out.append((computed, link_free))
     return out
 
@@ -147,7 +160,7 @@ def fit_prefill_seconds(prompt_lens: Sequence[int], seconds: Sequence[float]) ->
     y = np.asarray(seconds, dtype=float)
     terms = [0, 1, 2] if len(set(prompt_lens)) > 2 else [0, 1]
     while True:
-        coef, *_ = np.linalg.lstsq(np.stack([n ** k for k in terms], axis=1), y, rcond=None)
+        coef, *_ = np.linalg.lstsq(np.stack([n**k for k in terms], axis=1), y, rcond=None)
         if (coef >= 0).all() or len(terms) == 1:
             break
         terms.pop(int(np.argmin(coef)))

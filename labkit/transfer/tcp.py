@@ -3,6 +3,7 @@
 The receiver reads each layer straight into the request's tensors (`recv_into`, no extra
 copy); the checksum runs on bytes just received, while they are still in cache.
 """
+
 from __future__ import annotations
 
 import socket
@@ -25,7 +26,7 @@ def parse_endpoint(endpoint: str, scheme: str = "tcp") -> tuple[str, int]:
     """("host", port) from "tcp://host:port"; ValueError naming the endpoint otherwise."""
     if not endpoint.startswith(f"{scheme}://"):
         raise ValueError(f"not a {scheme} endpoint: {endpoint!r} (expected {scheme}://host:port)")
-    host, _, port = endpoint[len(scheme) + 3:].rpartition(":")
+    host, _, port = endpoint[len(scheme) + 3 :].rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"bad {scheme} endpoint {endpoint!r} (expected {scheme}://host:port)")
     return host.strip("[]"), int(port)
@@ -37,18 +38,22 @@ class TcpInbound(InboundStream):
         self.buf = torch.empty(meta.nbytes, dtype=torch.uint8)
         self.view = self.buf.numpy().data
 
-    def add_layer(self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket,
-                  deadline: float | None) -> None:
+    def add_layer(
+        self, layer: int, checksum: int, header: dict[str, Any], conn: socket.socket, deadline: float | None
+    ) -> None:
         m = self.meta
         n = m.layer_nbytes
         if header.get("nbytes") != 2 * n:
-            raise HeaderError(f"layer {layer}: nbytes {header.get('nbytes')!r} != {2 * n} (K + V of one layer)",
-                              field="nbytes", request_id=m.request_id)
+            raise HeaderError(
+                f"layer {layer}: nbytes {header.get('nbytes')!r} != {2 * n} (K + V of one layer)",
+                field="nbytes",
+                request_id=m.request_id,
+            )
         k_off, v_off = layer * n, m.nbytes // 2 + layer * n
         what = f"request {m.request_id!r} layer {layer}"
-        wire.recv_exact_into(conn, self.view[k_off:k_off + n], deadline, what)
-        wire.recv_exact_into(conn, self.view[v_off:v_off + n], deadline, what)
-        wire.verify_layer(self.view[k_off:k_off + n], self.view[v_off:v_off + n], checksum, m, layer)
+        wire.recv_exact_into(conn, self.view[k_off : k_off + n], deadline, what)
+        wire.recv_exact_into(conn, self.view[v_off : v_off + n], deadline, what)
+        wire.verify_layer(self.view[k_off : k_off + n], self.view[v_off : v_off + n], checksum, m, layer)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         dt, half = getattr(torch, self.meta.dtype), self.meta.nbytes // 2
@@ -84,8 +89,9 @@ class TcpReceiver(Receiver):
     def _read_message(self, conn: socket.socket, deadline: float | None) -> tuple[dict[str, Any], list[int]]:
         return wire.read_frame(conn, deadline, what=f"frame from a sender to {self._endpoint}"), []
 
-    def _open_stream(self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int],
-                     conn: socket.socket) -> InboundStream:
+    def _open_stream(
+        self, meta: wire.KVMeta, header: dict[str, Any], fds: list[int], conn: socket.socket
+    ) -> InboundStream:
         if fds:
             raise HeaderError("file descriptors on a tcp channel", field="fds", request_id=meta.request_id)
         return TcpInbound(meta)
@@ -106,7 +112,7 @@ class TcpOutbound(OutboundStream):
         step = chunk_bytes(self.sender.link)
         for data in (kb, vb):
             for a in range(0, len(data), step):
-                piece = data[a:a + step]
+                piece = data[a : a + step]
                 if bucket is not None:
                     bucket.wait(len(piece))
                 self.sender._send_or_explain(self.conn, piece, self.deadline, rid)
@@ -131,6 +137,5 @@ class TcpSender(Sender):
 
     def _open(self, conn: socket.socket, meta: wire.KVMeta, timeout_s: float, layerwise: bool) -> OutboundStream:
         stream = TcpOutbound(self, conn, meta, timeout_s, layerwise)
-        self._send_or_explain(conn, wire.encode_frame(meta.begin_header(self._token)), stream.deadline,
-                              meta.request_id)
+        self._send_or_explain(conn, wire.encode_frame(meta.begin_header(self._token)), stream.deadline, meta.request_id)
         return stream

@@ -16,6 +16,7 @@ of the one copy that `shm` does; per layer, so the receiver verifies layer i whi
 writes layer i+1. It guards against bugs and truncation, not against an attacker, which is
 what the per-deployment token is for. No pickle, no torch.load: headers are JSON, payloads raw.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -35,8 +36,8 @@ from labkit.transfer.errors import AuthError, HeaderError, PayloadError, Transfe
 MAGIC = b"LKV1"
 PROTOCOL_VERSION = 1
 CHECKSUM_ALGO = "xxh3_64"
-MAX_HEADER_BYTES = 4 << 20          # prompt ids of a 128k-token prompt fit; a stray GB of JSON does not
-MAX_REQUEST_BYTES = 64 << 30        # default cap on one request's K+V; receivers may set less
+MAX_HEADER_BYTES = 4 << 20  # prompt ids of a 128k-token prompt fit; a stray GB of JSON does not
+MAX_REQUEST_BYTES = 64 << 30  # default cap on one request's K+V; receivers may set less
 MAX_ID_CHARS = 256
 PREFIX = struct.Struct("!4sI")
 KINDS = ("begin", "layer", "end", "ack", "error")
@@ -54,8 +55,9 @@ def decode_header(prefix: bytes, read_body: Any) -> dict[str, Any]:
     """Checks a frame prefix, reads the body with `read_body(n)`, returns the parsed header dict."""
     magic, n = PREFIX.unpack(prefix)
     if magic != MAGIC:
-        raise HeaderError(f"bad frame magic {magic!r} (expected {MAGIC!r}): not a labkit KV peer, or a corrupt stream",
-                          field="magic")
+        raise HeaderError(
+            f"bad frame magic {magic!r} (expected {MAGIC!r}): not a labkit KV peer, or a corrupt stream", field="magic"
+        )
     if n > MAX_HEADER_BYTES:
         raise HeaderError(f"header length {n:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit", field="header")
     body = read_body(n)
@@ -114,15 +116,23 @@ def read_frame(sock: socket.socket, deadline: float | None, what: str = "frame")
         raise TransferTimeout(f"{what}: no reply within the timeout") from None
     if not first:
         raise ConnectionResetError("peer closed the connection")
-    prefix = bytes(first) + (bytes(recv_exact(sock, PREFIX.size - len(first), deadline, what))
-                             if len(first) < PREFIX.size else b"")
+    prefix = bytes(first) + (
+        bytes(recv_exact(sock, PREFIX.size - len(first), deadline, what)) if len(first) < PREFIX.size else b""
+    )
     return decode_header(prefix, lambda n: bytes(recv_exact(sock, n, deadline, what)))
 
 
 def error_frame(err: TransferError) -> bytes:
     """The `error` reply that tells a sender why its transfer was refused."""
-    return encode_frame({"kind": "error", "type": type(err).__name__, "message": str(err),
-                         "field": err.field, "request_id": err.request_id})
+    return encode_frame(
+        {
+            "kind": "error",
+            "type": type(err).__name__,
+            "message": str(err),
+            "field": err.field,
+            "request_id": err.request_id,
+        }
+    )
 
 
 def raise_if_error(header: dict[str, Any]) -> None:
@@ -131,8 +141,11 @@ def raise_if_error(header: dict[str, Any]) -> None:
 
     if header.get("kind") == "error":
         cls = ERROR_TYPES.get(str(header.get("type")), TransferError)
-        raise cls(f"receiver refused: {header.get('message')}", request_id=_opt_str(header.get("request_id")),
-                  field=_opt_str(header.get("field")))
+        raise cls(
+            f"receiver refused: {header.get('message')}",
+            request_id=_opt_str(header.get("request_id")),
+            field=_opt_str(header.get("field")),
+        )
 
 
 def _opt_str(x: Any) -> str | None:
@@ -140,6 +153,7 @@ def _opt_str(x: Any) -> str | None:
 
 
 # --- metadata -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class KVMeta(KVShape):
@@ -165,10 +179,18 @@ class KVMeta(KVShape):
 
     @classmethod
     def from_export(cls, kv: KVExport) -> KVMeta:
-        return cls(request_id=kv.request_id, model_fingerprint=kv.model_fingerprint,
-                   prompt_ids=tuple(int(t) for t in kv.prompt_ids), num_layers=kv.num_layers,
-                   num_kv_heads=kv.num_kv_heads, head_dim=kv.head_dim, dtype=kv.dtype, block_size=kv.block_size,
-                   first_token_id=int(kv.first_token_id), extra=dict(kv.extra))
+        return cls(
+            request_id=kv.request_id,
+            model_fingerprint=kv.model_fingerprint,
+            prompt_ids=tuple(int(t) for t in kv.prompt_ids),
+            num_layers=kv.num_layers,
+            num_kv_heads=kv.num_kv_heads,
+            head_dim=kv.head_dim,
+            dtype=kv.dtype,
+            block_size=kv.block_size,
+            first_token_id=int(kv.first_token_id),
+            extra=dict(kv.extra),
+        )
 
     @property
     def layer_nbytes(self) -> int:
@@ -181,13 +203,26 @@ class KVMeta(KVShape):
         return 2 * self.num_layers * self.layer_nbytes
 
     def begin_header(self, token: str, checksum_algo: str = "") -> dict[str, Any]:
-        return {"kind": "begin", "version": PROTOCOL_VERSION, "token": token, "request_id": self.request_id,
-                "model_fingerprint": self.model_fingerprint, "prompt_ids": list(self.prompt_ids),
-                "num_tokens": self.num_tokens, "first_token_id": self.first_token_id,
-                "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "dtype": self.dtype, "block_size": self.block_size, "shape": list(self.shape),
-                "layout": "k_then_v", "nbytes": self.nbytes, "checksum_algo": checksum_algo or CHECKSUM_ALGO,
-                "extra": self.extra}
+        return {
+            "kind": "begin",
+            "version": PROTOCOL_VERSION,
+            "token": token,
+            "request_id": self.request_id,
+            "model_fingerprint": self.model_fingerprint,
+            "prompt_ids": list(self.prompt_ids),
+            "num_tokens": self.num_tokens,
+            "first_token_id": self.first_token_id,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "block_size": self.block_size,
+            "shape": list(self.shape),
+            "layout": "k_then_v",
+            "nbytes": self.nbytes,
+            "checksum_algo": checksum_algo or CHECKSUM_ALGO,
+            "extra": self.extra,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +253,11 @@ def _check_meta(m: KVMeta) -> None:
     for name in ("request_id", "model_fingerprint"):
         v = getattr(m, name)
         if not isinstance(v, str) or not (0 < len(v) <= MAX_ID_CHARS):
-            raise HeaderError(f"{name} must be a non-empty string of at most {MAX_ID_CHARS} chars, got {v!r:.80}",
-                              field=name, request_id=rid)
+            raise HeaderError(
+                f"{name} must be a non-empty string of at most {MAX_ID_CHARS} chars, got {v!r:.80}",
+                field=name,
+                request_id=rid,
+            )
     for name, (lo, hi) in _LIMITS.items():
         v = getattr(m, name)
         if not _is_int(v) or not lo <= v <= hi:
@@ -231,8 +269,11 @@ def _check_meta(m: KVMeta) -> None:
     if not all(_is_int(t) and 0 <= t < (1 << 31) for t in m.prompt_ids):
         raise HeaderError("prompt_ids must hold ints in [0, 2**31)", field="prompt_ids", request_id=rid)
     if m.first_token_id is not None and not (_is_int(m.first_token_id) and 0 <= m.first_token_id < (1 << 31)):
-        raise HeaderError(f"first_token_id must be an int in [0, 2**31) or null, got {m.first_token_id!r}",
-                          field="first_token_id", request_id=rid)
+        raise HeaderError(
+            f"first_token_id must be an int in [0, 2**31) or null, got {m.first_token_id!r}",
+            field="first_token_id",
+            request_id=rid,
+        )
     if not isinstance(m.extra, dict):
         raise HeaderError(f"extra must be a JSON object, got {type(m.extra).__name__}", field="extra", request_id=rid)
 
@@ -241,8 +282,14 @@ def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def parse_begin(header: dict[str, Any], *, token: str, expect: KVSpec | None,
-                max_request_bytes: int = MAX_REQUEST_BYTES, checksum_algo: str = CHECKSUM_ALGO) -> KVMeta:
+def parse_begin(
+    header: dict[str, Any],
+    *,
+    token: str,
+    expect: KVSpec | None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    checksum_algo: str = CHECKSUM_ALGO,
+) -> KVMeta:
     """Authenticates and validates a `begin` header; returns its KVMeta.
 
     Raises AuthError for a wrong or missing token (compared in constant time), HeaderError
@@ -253,19 +300,31 @@ def parse_begin(header: dict[str, Any], *, token: str, expect: KVSpec | None,
         raise AuthError("wrong or missing token: this receiver belongs to another deployment", field="token")
     rid = header.get("request_id") if isinstance(header.get("request_id"), str) else None
     if header.get("version") != PROTOCOL_VERSION:
-        raise HeaderError(f"protocol version {header.get('version')!r} != {PROTOCOL_VERSION}", field="version",
-                          request_id=rid)
+        raise HeaderError(
+            f"protocol version {header.get('version')!r} != {PROTOCOL_VERSION}", field="version", request_id=rid
+        )
     if header.get("checksum_algo") != checksum_algo:
-        raise HeaderError(f"checksum_algo {header.get('checksum_algo')!r} != {checksum_algo!r}",
-                          field="checksum_algo", request_id=rid)
+        raise HeaderError(
+            f"checksum_algo {header.get('checksum_algo')!r} != {checksum_algo!r}", field="checksum_algo", request_id=rid
+        )
     if header.get("layout") != "k_then_v":
         raise HeaderError(f"layout {header.get('layout')!r} != 'k_then_v'", field="layout", request_id=rid)
     ids = header.get("prompt_ids")
     try:
         # Untyped JSON values go in as they came: KVMeta.__post_init__ checks every field's type and range.
-        fields: dict[str, Any] = {k: header.get(k) for k in ("request_id", "model_fingerprint", "num_layers",
-                                                             "num_kv_heads", "head_dim", "dtype", "block_size",
-                                                             "first_token_id")}
+        fields: dict[str, Any] = {
+            k: header.get(k)
+            for k in (
+                "request_id",
+                "model_fingerprint",
+                "num_layers",
+                "num_kv_heads",
+                "head_dim",
+                "dtype",
+                "block_size",
+                "first_token_id",
+            )
+        }
         fields["prompt_ids"] = tuple(ids) if isinstance(ids, list) else ids
         meta = KVMeta(**fields, extra=header.get("extra", {}))
     except HeaderError:
@@ -274,17 +333,24 @@ def parse_begin(header: dict[str, Any], *, token: str, expect: KVSpec | None,
         raise HeaderError(f"malformed begin header: {e}", field="header", request_id=rid) from None
     for name, declared in (("num_tokens", meta.num_tokens), ("shape", list(meta.shape)), ("nbytes", meta.nbytes)):
         if header.get(name) != declared:
-            raise HeaderError(f"{name} {header.get(name)!r} does not match the metadata ({declared!r})",
-                              field=name, request_id=rid)
+            raise HeaderError(
+                f"{name} {header.get(name)!r} does not match the metadata ({declared!r})", field=name, request_id=rid
+            )
     if meta.nbytes > max_request_bytes:
-        raise HeaderError(f"nbytes {meta.nbytes:,} exceeds this receiver's limit of {max_request_bytes:,}",
-                          field="nbytes", request_id=rid)
+        raise HeaderError(
+            f"nbytes {meta.nbytes:,} exceeds this receiver's limit of {max_request_bytes:,}",
+            field="nbytes",
+            request_id=rid,
+        )
     if expect is not None:
         for name in ("model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "dtype"):
             want = getattr(expect, name)
             if want is not None and getattr(meta, name) != want:
-                raise HeaderError(f"{name}: got {getattr(meta, name)!r}, this receiver's model needs {want!r}",
-                                  field=name, request_id=rid)
+                raise HeaderError(
+                    f"{name}: got {getattr(meta, name)!r}, this receiver's model needs {want!r}",
+                    field=name,
+                    request_id=rid,
+                )
     return meta
 
 
@@ -304,8 +370,11 @@ def verify_layer(k_bytes: memoryview, v_bytes: memoryview, expected: int, meta: 
     """Raises PayloadError if xxh3-64(K bytes + V bytes) of `layer` differs from the sender's."""
     got = layer_checksum(k_bytes, v_bytes)
     if got != expected:
-        raise PayloadError(f"layer {layer}: checksum mismatch (got {got:#018x}, sender said {expected:#018x})",
-                           field="checksum", request_id=meta.request_id)
+        raise PayloadError(
+            f"layer {layer}: checksum mismatch (got {got:#018x}, sender said {expected:#018x})",
+            field="checksum",
+            request_id=meta.request_id,
+        )
 
 
 def layer_checksum(k_bytes: memoryview | bytes, v_bytes: memoryview | bytes) -> int:
@@ -320,11 +389,15 @@ def end_fields(header: dict[str, Any], meta: KVMeta) -> tuple[int, dict[str, Any
     """Validates an `end` header against its stream; returns (first_token_id, extra)."""
     ft = header.get("first_token_id", meta.first_token_id)
     if ft is None:
-        raise HeaderError("first_token_id missing at end (give it to finish())", field="first_token_id",
-                          request_id=meta.request_id)
+        raise HeaderError(
+            "first_token_id missing at end (give it to finish())", field="first_token_id", request_id=meta.request_id
+        )
     if not _is_int(ft) or not 0 <= ft < (1 << 31):
-        raise HeaderError(f"first_token_id must be an int in [0, 2**31), got {ft!r}", field="first_token_id",
-                          request_id=meta.request_id)
+        raise HeaderError(
+            f"first_token_id must be an int in [0, 2**31), got {ft!r}",
+            field="first_token_id",
+            request_id=meta.request_id,
+        )
     extra = dict(meta.extra)
     more = header.get("extra") or {}
     if not isinstance(more, dict):

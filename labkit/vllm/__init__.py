@@ -7,16 +7,17 @@ pd_backend (the router's vLLM backend, `--backend vllm`), metrics (NIXL counters
 (the sweep's vLLM factory and the four-way comparison), bench_serve (`vllm bench serve` against
 any URL), recipe (xPyD across machines), cli, tour.
 """
+
 from __future__ import annotations
 
 from labkit.vllm.launch import (
-                                VllmPD,
-                                VllmServer,
-                                VllmServerConfig,
-                                install_hint,
-                                launch_pd,
-                                vllm_available,
-                                vllm_version,
+    VllmPD,
+    VllmServer,
+    VllmServerConfig,
+    install_hint,
+    launch_pd,
+    vllm_available,
+    vllm_version,
 )
 
 __all__ = ["VllmPD", "VllmServer", "VllmServerConfig", "install_hint", "launch_pd", "vllm_available", "vllm_version"]

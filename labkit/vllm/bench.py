@@ -4,6 +4,7 @@ and the four-way comparison (lab mono, lab 1P1D, vLLM mono, vLLM P/D) on one wor
 The sweep (labkit.bench.sweep) draws the requests from the config alone (workload, seed,
 rates), so two sweeps with the same config, one per server family, send identical requests.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +28,15 @@ class NixlLog:
     by_mode: dict[str, NixlStats] = field(default_factory=dict)
 
 
-def vllm_server_factory(base: VllmServerConfig | None = None, *, nixl_log: NixlLog | None = None,
-                        router_cpus: tuple[int, ...] | None = None, gpus: Sequence[int] | None = None,
-                        running_pd: VllmPD | None = None, progress: bool = False) -> ServerFactory:
+def vllm_server_factory(
+    base: VllmServerConfig | None = None,
+    *,
+    nixl_log: NixlLog | None = None,
+    router_cpus: tuple[int, ...] | None = None,
+    gpus: Sequence[int] | None = None,
+    running_pd: VllmPD | None = None,
+    progress: bool = False,
+) -> ServerFactory:
     """Starts vLLM for a mode (mono: one server on all usable cores; 1p1d: prefill + decode on
     their halves) and the lab's router in front; yields the router's URL, stops all on exit.
     With `nixl_log`, the decode server's NIXL totals of the run are kept there.
@@ -44,25 +51,36 @@ def vllm_server_factory(base: VllmServerConfig | None = None, *, nixl_log: NixlL
         if spec.mode == "disagg" and running_pd is not None:
             return running_pd.servers
         if gpus is None:
-            return (launch_pd(cfg0).servers if spec.mode == "disagg"
-                    else [launch(replace(cfg0, role="mono", cpus=cfg0.cpus or usable_cpus()))])
+            return (
+                launch_pd(cfg0).servers
+                if spec.mode == "disagg"
+                else [launch(replace(cfg0, role="mono", cpus=cfg0.cpus or usable_cpus()))]
+            )
         from labkit.vllm.startup import start_mono, start_pd
 
-        return (start_pd(cfg0, gpus, progress=progress).servers if spec.mode == "disagg"
-                else [start_mono(cfg0, gpus, progress=progress)])
+        return (
+            start_pd(cfg0, gpus, progress=progress).servers
+            if spec.mode == "disagg"
+            else [start_mono(cfg0, gpus, progress=progress)]
+        )
 
     @contextlib.contextmanager
     def factory(spec: ModeSpec) -> Iterator[str]:
         from labkit.serve.launcher import start_router
 
         if spec.mode == "disagg" and (spec.prefill, spec.decode) != (1, 1):
-            raise ValueError(f"the vLLM factory starts 1P1D only on one machine, not {spec.name}; "
-                             "see labkit.vllm.recipe for xPyD across machines")
+            raise ValueError(
+                f"the vLLM factory starts 1P1D only on one machine, not {spec.name}; "
+                "see labkit.vllm.recipe for xPyD across machines"
+            )
         servers = start(spec)
         router = None
         try:
-            kw: dict[str, Any] = ({"prefill": [servers[0].url], "decode": [servers[1].url]} if spec.mode == "disagg"
-                                  else {"mono": [servers[0].url]})
+            kw: dict[str, Any] = (
+                {"prefill": [servers[0].url], "decode": [servers[1].url]}
+                if spec.mode == "disagg"
+                else {"mono": [servers[0].url]}
+            )
             router = start_router(model=cfg0.model, backend="vllm", cpus=router_cpus, **kw)
             before = read_nixl(servers[-1].url) if spec.mode == "disagg" else None
             yield router.url
@@ -92,10 +110,18 @@ class Comparison:
         return pd.DataFrame(self.rows)
 
 
-def compare_modes(cfg: SweepConfig, *, model: str = "tiny", vllm_base: VllmServerConfig | None = None,
-                  vllm_factory: ServerFactory | None = None, nixl_log: NixlLog | None = None,
-                  include_vllm: bool = True, include_lab: bool = True, gpus: Sequence[int] | None = None,
-                  running_pd: VllmPD | None = None) -> Comparison:
+def compare_modes(
+    cfg: SweepConfig,
+    *,
+    model: str = "tiny",
+    vllm_base: VllmServerConfig | None = None,
+    vllm_factory: ServerFactory | None = None,
+    nixl_log: NixlLog | None = None,
+    include_vllm: bool = True,
+    include_lab: bool = True,
+    gpus: Sequence[int] | None = None,
+    running_pd: VllmPD | None = None,
+) -> Comparison:
     """Lab mono and 1P1D, then vLLM mono and P/D, on `cfg`'s workload, seed and rates.
 
     `cfg.modes` is forced to ("mono", "1p1d"). On 2 cores: lab and vLLM 1P1D put prefill on
@@ -113,8 +139,9 @@ def compare_modes(cfg: SweepConfig, *, model: str = "tiny", vllm_base: VllmServe
     if include_vllm:
         base = vllm_base or VllmServerConfig(model=model, max_model_len=cfg.max_model_len or 1024)
         vcfg = replace(cfg, modes=("1p1d", "mono")) if running_pd is not None else cfg
-        factory = vllm_factory or vllm_server_factory(base, nixl_log=nixl, gpus=gpus, running_pd=running_pd,
-                                                      progress=cfg.progress)
+        factory = vllm_factory or vllm_server_factory(
+            base, nixl_log=nixl, gpus=gpus, running_pd=running_pd, progress=cfg.progress
+        )
         vl = run_sweep(vcfg, factory, model=base.name())
         for r in vl.rows:
             rows.append({**r, "mode": VLLM_LABELS.get(r["mode"], r["mode"])})
@@ -129,7 +156,9 @@ def relabel_runs(c: Comparison) -> dict[tuple[str, float], Any]:
     return runs
 
 
-def transfer_paths(nbytes: int, nixl: NixlStats | None = None, *, repeats: int = 3, layers: int = 4) -> list[dict[str, Any]]:
+def transfer_paths(
+    nbytes: int, nixl: NixlStats | None = None, *, repeats: int = 3, layers: int = 4
+) -> list[dict[str, Any]]:
     """GB/s (1e9 B/s) and ms of moving `nbytes` three ways on this machine: a memcpy in one process,
     the lab's shm transport between two processes (notebook 02), and, with `nixl` (a P/D run's
     decode-server counters), vLLM's NixlConnector as its own counters timed it."""

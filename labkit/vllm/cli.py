@@ -6,6 +6,7 @@ greedy equality with the lab's engine, print the multi-node recipe.
     labkit vllm greedy --model tiny                   # lab engine vs vLLM, token by token
     labkit vllm recipe --prefill-hosts p1 --decode-hosts d1 d2 --model /models/llama
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,13 @@ from typing import Any
 def _base(a: argparse.Namespace) -> Any:
     from labkit.vllm.launch import VllmServerConfig, default_device
 
-    return VllmServerConfig(model=a.model, device=a.device or default_device(), dtype=a.dtype,
-                            max_model_len=a.max_model_len, kv_cache_gib=a.kv_cache_gib)
+    return VllmServerConfig(
+        model=a.model,
+        device=a.device or default_device(),
+        dtype=a.dtype,
+        max_model_len=a.max_model_len,
+        kv_cache_gib=a.kv_cache_gib,
+    )
 
 
 def _serve(a: argparse.Namespace) -> int:
@@ -41,8 +47,14 @@ def _serve(a: argparse.Namespace) -> int:
         for s in servers:
             print(f"  vLLM {s.cfg.role:7s} {s.url}  pid {s.pid}  cores {s.cfg.cpus or 'all'}  log {s.log_path}")
         pd = a.mode == "pd"
-        router = start_router(model=a.model, backend="vllm", port=a.port or None, mono=[] if pd else [servers[0].url],
-                              prefill=[servers[0].url] if pd else [], decode=[servers[1].url] if pd else [])
+        router = start_router(
+            model=a.model,
+            backend="vllm",
+            port=a.port or None,
+            mono=[] if pd else [servers[0].url],
+            prefill=[servers[0].url] if pd else [],
+            decode=[servers[1].url] if pd else [],
+        )
         print(f"router (the URL to use): {router.url}  pid {router.pid}\nCtrl-C stops everything.", flush=True)
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -99,8 +111,19 @@ def _greedy(a: argparse.Namespace) -> int:
 def _recipe(a: argparse.Namespace) -> int:
     from labkit.vllm.recipe import XPyDPlan, recipe_text
 
-    print(recipe_text(XPyDPlan(a.model, tuple(a.prefill_hosts), tuple(a.decode_hosts), gpus_per_node=a.gpus_per_node,
-                               prefill_tp=a.prefill_tp, decode_tp=a.decode_tp, ucx_net_devices=a.ucx_net_devices)))
+    print(
+        recipe_text(
+            XPyDPlan(
+                a.model,
+                tuple(a.prefill_hosts),
+                tuple(a.decode_hosts),
+                gpus_per_node=a.gpus_per_node,
+                prefill_tp=a.prefill_tp,
+                decode_tp=a.decode_tp,
+                ucx_net_devices=a.ucx_net_devices,
+            )
+        )
+    )
     return 0
 
 

