@@ -493,7 +493,11 @@ def _plan_validation(f: ResultFile, d: dict[str, Any]) -> PlanValidationRun:
         ValidationRow(r["mode"], float(r["rate_rps"]), r["metric"], float(r["predicted"]), float(r["measured"]))
         for r in d["rows"]
     )
-    return PlanValidationRun(f, d["model"], int(d["requests_per_rate"]), rows, float(d["share_within_15pct"]))
+    # Runs written with the report card carry no share: it is the same count, made from the rows.
+    share = d.get("share_within_15pct")
+    if share is None:
+        share = sum(abs(r.error) <= 0.15 for r in rows) / len(rows) if rows else 0.0
+    return PlanValidationRun(f, d["model"], int(d["requests_per_rate"]), rows, float(share))
 
 
 # The loaders, typed for callers (the decorator builds them).

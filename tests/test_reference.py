@@ -102,3 +102,12 @@ def test_write_result_names_the_file_as_the_loaders_read_it(tmp_path: Path, monk
     assert (f.date, f.tag) == ("2026-01-02", "cpu-2core-quick")
     mine = reference.write_result("gains", "cpu-2core", {"y": 1}, out=tmp_path / "elsewhere" / "g.json")
     assert mine == tmp_path / "elsewhere" / "g.json" and json.loads(mine.read_text()) == {"y": 1}
+
+
+def test_a_plan_validation_run_with_a_report_card_gets_its_share_from_the_rows(tmp_path: Path) -> None:
+    rows = [{"mode": "mono", "rate_rps": 1.0, "metric": m, "predicted": p, "measured": 1.0}
+            for m, p in (("ttft_p50", 1.05), ("ttft_p99", 1.3), ("tpot_p50", 0.9), ("throughput", 1.0))]
+    doc = {"model": "small", "requests_per_rate": 24, "rows": rows, "report_card": {"met": {}}}
+    (tmp_path / "plan_validation-2026-11-30-cpu-2core.json").write_text(json.dumps(doc))
+    run = R.plan_validation(directory=tmp_path)
+    assert run is not None and run.share_within_15pct == pytest.approx(0.75)   # 1.3 is 30% off
