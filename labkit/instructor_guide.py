@@ -336,6 +336,37 @@ def _figs_gains(d: Path | None) -> list[Figure]:
     return out
 
 
+def _figs_baselines(d: Path | None) -> list[Figure]:
+    got = _newest_raw("baselines", d)
+    if got is None:
+        return []
+    path, b = got
+    out = []
+    for key, v in b["verdicts"].items():
+        goods = ", ".join(f"{fam} {g:.3f}" for fam, g in v["goodput_rps"].items())
+        out.append(
+            Figure(
+                "05",
+                f"fair baselines ({b['model']} model, {b['requests_per_mode']} requests per mode at {b['rate']['rate_rps']:g} "
+                f"req/s), SLO {b['slos'][key]}: winner {v['winner_mode']}; goodput (req/s) {goods}",
+                path,
+            )
+        )
+    return out
+
+
+def _figs_selective(d: Path | None) -> list[Figure]:
+    got = _newest_raw("selective", d)
+    if got is None:
+        return []
+    path, sel = got
+    parts = "; ".join(
+        f"{name}: measured best {w['best_threshold_measured']} tokens, the planner's {w['best_threshold_predicted_same_load']}"
+        for name, w in sel["workloads"].items()
+    )
+    return [Figure("05", f"selective 1P1D, the best prefill threshold ({sel['model']} model): {parts}", path)]
+
+
 def _figs_plan_validation(d: Path | None) -> list[Figure]:
     v = reference.plan_validation(directory=d)
     if v is None:
@@ -381,6 +412,8 @@ FIGURES: tuple[Callable[[Path | None], list[Figure]], ...] = (
     _figs_kv_stream,
     _figs_router,
     _figs_gains,
+    _figs_baselines,
+    _figs_selective,
     _figs_plan_validation,
     _figs_vllm,
 )
