@@ -19,6 +19,7 @@ from typing import Any
 from labkit.bench.metrics import jsonable
 from labkit.bench.sweep import (
     DEFAULT_MODES,
+    TABLE_COLUMNS,
     ServerFactory,
     SweepConfig,
     SweepResult,
@@ -108,20 +109,7 @@ def tour_section(report: Any, profile: str) -> None:
         "every stream: the tail of the inter-token latency (ITL) grows. In 1P1D decode steps never wait "
         "for a prefill; the price is half the cores per phase, a KV transfer, and a longer TTFT under load."
     )
-    cols = [
-        "mode",
-        "rate_rps",
-        "ok",
-        "errors",
-        "ttft_p50_ms",
-        "ttft_p99_ms",
-        "itl_p50_ms",
-        "itl_p99_ms",
-        "tpot_p50_ms",
-        "goodput_rps",
-        "slo_attainment",
-        "output_tps_per_device",
-    ]
+    cols = TABLE_COLUMNS
     s.tables.append(
         (
             (
