@@ -104,7 +104,9 @@ class PlanReport:
         ]
         marks = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, self.search.devices) if n in self.curve.devices})
         gain = self.curve.gain
-        curve = "  ".join(f"{n}: {gain[self.curve.devices.index(n)]:.2f}x" for n in marks)
+        at = {n: gain[self.curve.devices.index(n)] for n in marks}
+        # one device holds no prefill/decode pair: no gain to print there
+        curve = "  ".join(f"{n}: {g:.2f}x" if math.isfinite(g) else f"{n}: no pair fits" for n, g in at.items())
         return "\n".join(
             head
             + [
