@@ -77,8 +77,13 @@ def result_files(kind: str | None = None, directory: Path | None = None) -> list
 
 
 def newest_file(kind: str, *, variant: str | None = None, directory: Path | None = None) -> ResultFile | None:
-    """The newest file of `kind`; on one date the plain run (shortest tag), or the one whose tag ends in `variant`."""
-    files = [f for f in result_files(kind, directory) if variant is None or f.tag.endswith(f"-{variant}")]
+    """The newest file of `kind`; on one date the plain run (shortest tag), or the one whose tag ends in `variant`.
+    Without `variant`, smoke runs (`-quick`) are never the reference, however new."""
+    files = [
+        f
+        for f in result_files(kind, directory)
+        if (f.tag.endswith(f"-{variant}") if variant is not None else not f.tag.endswith("-quick"))
+    ]
     if not files:
         return None
     return max(files, key=lambda f: (f.date, -len(f.tag)))

@@ -111,3 +111,10 @@ def test_a_plan_validation_run_with_a_report_card_gets_its_share_from_the_rows(t
     (tmp_path / "plan_validation-2026-11-30-cpu-2core.json").write_text(json.dumps(doc))
     run = R.plan_validation(directory=tmp_path)
     assert run is not None and run.share_within_15pct == pytest.approx(0.75)   # 1.3 is 30% off
+
+
+def test_a_newer_smoke_run_is_never_the_reference(tmp_path: Path) -> None:
+    for name in ("gains-2026-11-26-cpu-2core.json", "gains-2026-11-30-cpu-2core-quick.json"):
+        (tmp_path / name).write_text("{}")
+    assert R.newest_file("gains", directory=tmp_path).tag == "cpu-2core"
+    assert R.newest_file("gains", variant="quick", directory=tmp_path).tag == "cpu-2core-quick"
