@@ -36,11 +36,17 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     assert {r["runner"] for r in res["engine"]["headline"]} == {"engine eager", "engine graphs", "engine compiled+graphs"}
     assert not res["engine"]["errors"] and res["engine"]["variants"]["tiny graphs"]["decode_sweep"]
     assert "engine_decode_sweep.png" in files
-    # the lab's server on one device: mono and 1P1D agree, the long prefill stalls mono's decodes more
+    # the lab's server on one device: mono and 1P1D agree; mono runs the long prompt's prefill as one
+    # step, so its decodes wait through most of that prompt's prefill window. Whether 1P1D stalls less
+    # on one device depends on how the two processes share it (on a busy 2-core CI box they fight for
+    # the cores: 21 ms quiet, 298 ms loaded), so that comparison is reported by the GPU run, not asserted.
     serving = res["serving"]
     assert serving["greedy_equal"] and serving["greedy_tokens"]["mono"]
     stall = serving["interference"]
-    assert stall["mono"]["decode_stall_max_ms"] > stall["disagg"]["decode_stall_max_ms"]
+    mono = stall["mono"]
+    assert mono["decode_stall_max_ms"] >= 0.5 * mono["prefill_window_ms"] > 0, mono
+    assert mono["stall_ratio"] > 3, mono
+    assert all(stall["disagg"][k] > 0 for k in ("decode_itl_mean_ms", "decode_stall_max_ms", "long_ttft_ms"))
     assert {r["mode"] for r in serving["sweep"]} == {"mono", "1p1d"} and all(r["ok"] == 4 for r in serving["sweep"])
     assert "serving.png" in files
     assert res["notebooks"]["00_welcome"]["passed"]
