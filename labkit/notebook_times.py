@@ -231,15 +231,6 @@ def time_notebooks(
         if old.get("machine") == machine.tag and old.get("profile") == profile:
             doc = old
     by_name = {n["notebook"]: n for n in doc.get("notebooks", [])}
-    bar = tqdm(list(paths), desc=f"notebooks ({profile})", unit="nb", disable=not progress)
-    for p in bar:
-        bar.set_postfix_str(p.name)
-        t = time_notebook(p, profile, cell_timeout_s=cell_timeout_s, slow_s=slow_s)
-        by_name[t.notebook] = t.as_dict()
-        bar.write(
-            f"{t.notebook}: {t.seconds:.1f} s, {'ok' if t.ok else 'FAILED at cell ' + str(t.failed_cell)}"
-            + (f" ({t.error})" if t.error else "")
-        )
     doc.update(
         {
             "benchmark": KIND,
@@ -255,11 +246,22 @@ def time_notebooks(
             "cell_timeout_s": cell_timeout_s,
             "slow_cell_s": slow_s,
             "load_note": "wall time includes kernel start; load averages per notebook say how busy the machine was",
-            "notebooks": [by_name[k] for k in sorted(by_name)],
         }
     )
+    doc["notebooks"] = [by_name[k] for k in sorted(by_name)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    bar = tqdm(list(paths), desc=f"notebooks ({profile})", unit="nb", disable=not progress)
+    for p in bar:
+        bar.set_postfix_str(p.name)
+        t = time_notebook(p, profile, cell_timeout_s=cell_timeout_s, slow_s=slow_s)
+        by_name[t.notebook] = t.as_dict()
+        bar.write(
+            f"{t.notebook}: {t.seconds:.1f} s, {'ok' if t.ok else 'FAILED at cell ' + str(t.failed_cell)}"
+            + (f" ({t.error})" if t.error else "")
+        )
+        # after every notebook: a run stopped part-way (a full profile takes an hour) keeps what it timed
+        doc["notebooks"] = [by_name[k] for k in sorted(by_name)]
+        out.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
 
 

@@ -48,6 +48,27 @@ def test_runner_records_a_failing_cell_and_writes_mergeable_json(tmp_path):
     assert len(saved["notebooks"][0]["loadavg_before"]) == 3
 
 
+def test_a_run_stopped_part_way_keeps_what_it_timed(tmp_path, monkeypatch):
+    """A full profile takes an hour: the JSON is written after every notebook, not only at the end."""
+    import labkit.notebook_times as nt
+
+    first = _notebook(tmp_path / "01_first.ipynb", ["y = 2"])
+    second = _notebook(tmp_path / "02_second.ipynb", ["z = 3"])
+    real = nt.time_notebook
+
+    def stop_at_the_second(path, *a, **kw):
+        if path == second:
+            raise KeyboardInterrupt           # the instructor's Ctrl-C, or a timeout's signal
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(nt, "time_notebook", stop_at_the_second)
+    out = tmp_path / "notebook_times-2026-01-01-cpu-2core-full.json"
+    with pytest.raises(KeyboardInterrupt):
+        time_notebooks([first, second], "full", out, machine=Machine(2, 2, "cpu"), progress=False, cell_timeout_s=60)
+    saved = json.loads(out.read_text())
+    assert saved["profile"] == "full" and [n["notebook"] for n in saved["notebooks"]] == ["01_first.ipynb"]
+
+
 def test_runner_rejects_an_unknown_profile(tmp_path):
     with pytest.raises(ValueError, match="bogus"):
         time_notebook(_notebook(tmp_path / "x.ipynb", ["1"]), "bogus")
