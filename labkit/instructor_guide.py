@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,9 +129,10 @@ def _md_code(text: str) -> str:
     return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
 
 
-def long_cells(notebook: str, runs: Sequence[TimingRun], top: int = 3) -> str:
+def long_cells(notebook: str, runs: Sequence[TimingRun], top: int = 3, sections: Sequence[str] = ()) -> str:
     """The `top` slowest cells of `notebook` (each cell once, at its longest over the newest run of every
-    machine and profile), or why there are none."""
+    machine and profile), or why there are none. `sections[i]` is the heading cell `i` sits under
+    (`cell_sections`), so the room can find it."""
     newest: dict[tuple[str, str], TimingRun] = {}
     for r in sorted(runs, key=lambda r: r.date):
         if notebook in r.notebooks:
@@ -144,7 +145,13 @@ def long_cells(notebook: str, runs: Sequence[TimingRun], top: int = 3) -> str:
     if not worst:
         return "none over the threshold" if newest else "not measured yet"
     ranked = sorted(worst.items(), key=lambda kv: -kv[1][0])[:top]
-    return "<br>".join(f"cell {i} {_md_code(line)}: {fmt_duration(s)} ({where})" for i, (s, line, where) in ranked)
+
+    def under(i: int) -> str:
+        return f' in "{sections[i].replace("|", "/")}"' if i < len(sections) and sections[i] else ""
+
+    return "<br>".join(
+        f"cell {i}{under(i)} {_md_code(line)}: {fmt_duration(s)} ({where})" for i, (s, line, where) in ranked
+    )
 
 
 # --- key figures -----------------------------------------------------------------------------
@@ -445,14 +452,37 @@ def notebook_titles(src: Path | None = None) -> list[tuple[str, str]]:
     return out
 
 
-def render_timing(notebooks: Sequence[tuple[str, str]], runs: Sequence[TimingRun], figures: Sequence[Figure]) -> str:
-    """The timing section: the table, how to fill its gaps, then the key figures per notebook."""
+def cell_sections(src: Path | None = None) -> dict[str, list[str]]:
+    """Per notebook file name, the heading each cell sits under (the last markdown heading above it,
+    `#`s stripped; "" before the first), indexed as `labkit notebooks time` counts cells."""
+    out: dict[str, list[str]] = {}
+    for p in sorted((src or repo_root() / "notebooks").glob("*.ipynb")):
+        heading, per_cell = "", []
+        for cell in json.loads(p.read_text()).get("cells", []):
+            per_cell.append(heading)
+            if cell.get("cell_type") == "markdown":
+                lines = [ln for ln in "".join(cell.get("source", "")).splitlines() if ln.startswith("#")]
+                heading = lines[-1].lstrip("# ").strip() if lines else heading
+        out[p.name] = per_cell
+    return out
+
+
+def render_timing(
+    notebooks: Sequence[tuple[str, str]],
+    runs: Sequence[TimingRun],
+    figures: Sequence[Figure],
+    sections: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """The timing section: the table, how to fill its gaps, then the key figures per notebook;
+    `sections` (`cell_sections()`) names the heading each long cell sits under."""
     head = "| notebook | " + " | ".join(c.header for c in CLASSES) + " | longest cells |"
     lines = [head, "|" + "---|" * (len(CLASSES) + 2)]
     for name, title in notebooks:
         cells = [_cell_text(name, c, runs) for c in CLASSES]
         lines.append(
-            f"| {name[:2]} {title.replace('|', '/')} | " + " | ".join(cells) + f" | {long_cells(name, runs)} |"
+            f"| {name[:2]} {title.replace('|', '/')} | "
+            + " | ".join(cells)
+            + f" | {long_cells(name, runs, sections=(sections or {}).get(name, ()))} |"
         )
     lines += [
         "",
@@ -561,7 +591,7 @@ def sections(directory: Path | None = None) -> dict[str, str]:
     """Marker name -> the generated text, from the committed results."""
     small, article, target = planner_claim_rows()
     return {
-        TIMING: render_timing(notebook_titles(), timing_runs(directory), key_figures(directory)),
+        TIMING: render_timing(notebook_titles(), timing_runs(directory), key_figures(directory), cell_sections()),
         COUNTER: render_counter_evidence(small, article, target, directory),
     }
 

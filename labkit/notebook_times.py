@@ -149,6 +149,21 @@ def first_line(source: str | list[str]) -> str:
     return line if len(line) <= 80 else line[:77] + "..."
 
 
+def cell_label(source: str | list[str]) -> str:
+    """What a cell does, for the guide's long-cell list: its first line that is not blank, a comment
+    or an import (a cell that opens with `import inspect` and then starts a server is the server),
+    or its first non-empty line when every line is one of those; at most 80 characters."""
+    import ast
+
+    text = "".join(source) if isinstance(source, list) else source
+    try:
+        body = ast.parse(text).body
+    except SyntaxError:  # IPython magics and shell lines: the first line is the best label there is
+        return first_line(text)
+    doing = [st for st in body if not isinstance(st, (ast.Import, ast.ImportFrom))]
+    return first_line(text.splitlines()[doing[0].lineno - 1]) if doing else first_line(text)
+
+
 def time_notebook(
     path: str | Path,
     profile: str,
@@ -177,7 +192,7 @@ def time_notebook(
     def on_done(cell: Any, cell_index: int, execute_reply: Any) -> None:
         seconds = time.perf_counter() - starts.get(cell_index, time.perf_counter())
         if seconds > slow_s:
-            slow.append(CellTime(cell_index, first_line(cell.source), round(seconds, 2)))
+            slow.append(CellTime(cell_index, cell_label(cell.source), round(seconds, 2)))
 
     client = NotebookClient(
         nb,

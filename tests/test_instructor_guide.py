@@ -9,7 +9,7 @@ import nbformat
 import pytest
 
 from labkit import instructor_guide as ig
-from labkit.notebook_times import Machine, NotebookTime, first_line, time_notebook, time_notebooks
+from labkit.notebook_times import Machine, NotebookTime, cell_label, first_line, time_notebook, time_notebooks
 
 
 def _notebook(path: Path, cells: list[str]) -> Path:
@@ -28,7 +28,7 @@ def test_runner_times_each_slow_cell_and_sets_the_profile(tmp_path):
     t = time_notebook(nb, "ci", slow_s=0.15, cell_timeout_s=60)
     assert t.ok, t.error
     assert t.cells == 3
-    assert [(c.index, c.first_line) for c in t.slow_cells] == [(2, "# sleep past the threshold")]
+    assert [(c.index, c.first_line) for c in t.slow_cells] == [(2, "time.sleep(0.25)")]   # labelled by what it does
     assert 0.25 <= t.slow_cells[0].seconds < 5
     assert t.seconds >= t.slow_cells[0].seconds      # wall time covers the cells and the kernel start
 
@@ -77,6 +77,11 @@ def test_runner_rejects_an_unknown_profile(tmp_path):
 def test_first_line_and_machine_tags():
     assert first_line(["\n", "  for x in range(3):\n", "    pass"]) == "for x in range(3):"
     assert len(first_line("x" * 200)) == 80
+    # a long cell is labelled by what it does, not by its imports
+    assert cell_label("import inspect\nfrom labkit.serve import (\n    launch,\n)\n# start it\nsrv = launch('disagg')") \
+        == "srv = launch('disagg')"
+    assert cell_label("import matplotlib.pyplot as plt\nimport numpy as np") == "import matplotlib.pyplot as plt"
+    assert cell_label("%time x = 1\ny = 2") == "%time x = 1"
     assert Machine(2, 2, "cpu").tag == "cpu-2core" and Machine(16, 64, "cpu").tag == "cpu-16core"
     assert Machine(16, 16, "cpu", gpu="NVIDIA H100 80GB HBM3").tag == "h100-sxm"
     assert [ig.machine_class(t) for t in ("cpu-2core", "cpu-7core", "cpu-8core", "h100-sxm")] == [
@@ -115,6 +120,26 @@ def test_renderer_reads_fake_results_and_never_invents_a_number(tmp_path):
     row04 = next(ln for ln in text.splitlines() if ln.startswith("| 04"))
     assert row04.count("not measured yet") == 4 and "**" not in row04
     assert "(`serve_interference-2026-01-01-cpu-2core.json`)" in text
+
+
+def test_long_cells_name_the_heading_they_sit_under(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# 03 · Title"), nbformat.v4.new_code_cell("a = 1"),
+                nbformat.v4.new_markdown_cell("Some text.\n\n## 2. The sweep | all of it"),
+                nbformat.v4.new_code_cell("run_sweep()"), nbformat.v4.new_markdown_cell("No heading here."),
+                nbformat.v4.new_code_cell("plot()")]
+    nbformat.write(nb, tmp_path / "03_x.ipynb")
+    sections = ig.cell_sections(tmp_path)["03_x.ipynb"]
+    assert sections == ["", "03 · Title", "03 · Title", "2. The sweep | all of it", "2. The sweep | all of it",
+                        "2. The sweep | all of it"]
+    slow = [{"index": 5, "first_line": "plot()", "seconds": 20.0}, {"index": 3, "first_line": "run_sweep()",
+                                                                    "seconds": 90.0}]
+    _times_file(tmp_path, "cpu-2core", "full", "2026-01-02",
+                [{"notebook": "03_x.ipynb", "seconds": 120.0, "ok": True, "cells": 6, "slow_cells": slow,
+                  "error": "", "failed_cell": None, "loadavg_before": [1.0, 1.0, 1.0]}])
+    text = ig.long_cells("03_x.ipynb", ig.timing_runs(tmp_path), sections=sections)
+    assert text.split("<br>") == ['cell 3 in "2. The sweep / all of it" `run_sweep()`: 1 min 30 s (cpu-2core full)',
+                                  'cell 5 in "2. The sweep / all of it" `plot()`: 20 s (cpu-2core full)']
 
 
 def test_replace_section_keeps_the_rest_and_needs_markers():
