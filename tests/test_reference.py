@@ -11,7 +11,9 @@ from labkit import reference as R
 
 
 def test_newest_file_per_kind_prefers_the_plain_run_over_variants() -> None:
-    assert R.newest_file("plan_validation").date == "2026-11-27"
+    assert R.newest_file("plan_validation").date == "2026-12-07"   # the small-model card with every mode
+    assert R.newest_file("plan_validation").tag == "cpu-2core"
+    assert R.newest_file("plan_validation", variant="quick").date == "2026-11-30"   # a smoke run, asked for by name
     assert R.newest_file("roofline").tag == "cpu-2core"
     assert R.newest_file("roofline", variant="1t").tag == "cpu-2core-1t"
     assert R.newest_file("gpu_check").path.name == "results.json"
@@ -57,8 +59,10 @@ def test_serving_loaders() -> None:
     assert inter.model == "small" and set(inter.stats) == {"mono", "mono-chunked", "1p1d"}
     assert inter.stats["1p1d"]["decode_stall_max_ms"] < inter.stats["mono"]["decode_stall_max_ms"]
     val = R.plan_validation()
-    assert val.share_within_15pct == 1.0 and len(val.rows) == 18 and val.requests_per_rate == 24
     raw = json.loads(val.file.path.read_text())["rows"]
+    # the 2026-12-07 card: small, mono, mono-dp, 1P1D and selective 1P1D, 3 rates, 7 metrics each
+    assert len(val.rows) == 84 and val.requests_per_rate == 16
+    assert val.share_within_15pct == pytest.approx(sum(abs(r["error"]) <= 0.15 for r in raw) / 84) == pytest.approx(33 / 84)
     assert [r.error for r in val.rows] == pytest.approx([r["error"] for r in raw])
     tr = R.transfer()
     assert {lk.how for lk in tr.links} == {"measured", "computed"} and tr.bandwidth
