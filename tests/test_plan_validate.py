@@ -210,3 +210,68 @@ def test_measured_itl_comes_from_every_gap() -> None:
     m = validate.measured_metrics(recs)
     assert m["itl_p50_ms"] == pytest.approx(100.0) and m["itl_p99_ms"] == pytest.approx(1e3 * np.percentile([.1] * 4 + [.5], 99))
     assert m["tpot_p50_ms"] == pytest.approx(100.0)
+
+
+def test_mode_layouts_and_limits_for_vllms_modes() -> None:
+    from labkit.links import Link
+
+    link = Link.from_gbps(20, 1e-3)
+    lay, lk, first = validate.mode_layout("vllm-pd", link=link)
+    assert lay == Layout.disagg(1, 1) and lk is link and first == "adopted"   # vLLM's proxy streams from decode
+    assert validate.mode_layout("vllm-mono") == (Layout.mono(policy="chunked"), None, "adopted")
+    assert validate.mode_limits("vllm-pd") == validate.mode_limits("1p1d")
+    cfg = validate.vllm_config("small")   # vLLM gets the lab workers' limits and the preset's context
+    assert (cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len) == (64, 2048, 4096)
+
+
+def test_a_server_seen_from_outside_is_fitted_from_its_requests() -> None:
+    """fit_from_requests recovers prefill (TTFT less the KV link) and batch-1 decode (TPOT) of a
+    server whose requests follow a known model."""
+    from labkit.links import Link
+    from labkit.plan.calibrate import fit_from_requests
+
+    class Timed(Rec):
+        @property
+        def tpot_s(self) -> float:
+            return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+    link = Link(2e9, 0.0)
+    recs = []
+    for k, (p, out) in enumerate([(40, 20), (300, 60), (900, 30), (1500, 80), (2000, 10)]):
+        ttft = float(LAT.prefill_s(p)) + link.seconds(p * LAT.kv_bytes_per_token)
+        step = float(LAT.decode_step_s(1, p + out // 2))
+        recs.append(Timed(k * 10.0, p, out, ttft, ttft + (out - 1) * step))
+    recs.append(Timed(99.0, 500, 10, 1.0, 2.0, ok=False))   # failed requests are left out
+    m = fit_from_requests(recs, kv_bytes_per_token=LAT.kv_bytes_per_token, link=link)
+    for p in (40, 700, 2000):
+        assert m.prefill_s(p) == pytest.approx(float(LAT.prefill_s(p)), rel=0.02)
+    for ctx in (50, 1000, 2000):   # batch 1: the per-sequence cost is folded into the intercept
+        assert m.decode_step_s(1, ctx) == pytest.approx(float(LAT.decode_step_s(1, ctx)), rel=0.02)
+    assert m.decode_c_s_per_seq == 0.0
+    # without the link, the transfer is part of the prefill it reports
+    assert fit_from_requests(recs, kv_bytes_per_token=LAT.kv_bytes_per_token).prefill_s(2000) > m.prefill_s(2000)
+    with pytest.raises(ValueError, match="3 distinct lengths"):
+        fit_from_requests(recs[:2], kv_bytes_per_token=1)
+
+
+def test_a_later_run_adds_its_modes_to_an_earlier_card() -> None:
+    same = {"model": "small", "machine": "cpu-2core", "workload": "azure-conv-2023", "length_scale": 0.25,
+            "rates_rps": [0.2], "requests_per_rate": 16}
+
+    def doc(modes: list[str], predicted: float, **kw: object) -> dict:
+        rows = [validate.ValidationRow(m, 0.2, "ttft_p50_ms", predicted, 100.0).as_dict() for m in modes]
+        return {**same, "modes": modes, "rows": rows, "date": "d", "seconds": 5.0,
+                "serving_overhead_s": {m: {"per_request": predicted} for m in modes}, **kw}
+
+    old = doc(["mono", "1p1d"], 150.0)
+    merged = validate.merge_results(old, doc(["1p1d", "vllm-pd"], 105.0))
+    assert merged["modes"] == ["mono", "1p1d", "vllm-pd"]
+    assert {(r["mode"], r["predicted"]) for r in merged["rows"]} == {("mono", 150.0), ("1p1d", 105.0),
+                                                                     ("vllm-pd", 105.0)}
+    assert merged["serving_overhead_s"]["1p1d"] == {"per_request": 105.0}    # the newer run replaces a mode
+    card = validate.rows_of(merged)
+    assert len(card) == 3 and merged["report_card"] == validate.report_card(card).to_dict()
+    assert merged["added"] == [{"modes": ["1p1d", "vllm-pd"], "date": "d", "seconds": 5.0}]
+    assert old["modes"] == ["mono", "1p1d"]      # the earlier document is left as it was
+    with pytest.raises(ValueError, match="requests_per_rate"):
+        validate.merge_results(old, {**doc(["vllm-pd"], 1.0), "requests_per_rate": 4})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
@@ -174,3 +175,31 @@ def test_greedy_equality_lab_engine_vs_vllm(stack: Stack) -> None:
     assert all(r.equal for r in results), [r.as_row() for r in results]
     # Random weights give flat logits, but not so flat that every position is a tie.
     assert sum(len(r.near_ties) for r in results) < sum(len(r.lab_tokens) for r in results) // 2
+
+
+def test_the_simulator_predicts_vllm_pd_from_a_probe(stack: Stack) -> None:
+    """The report card's vLLM P/D slot: a probe fits vLLM's model from outside (TTFT and TPOT of
+    requests, the link NIXL achieved), then measured runs are replayed against it."""
+    from labkit.bench.sweep import fixed_url_factory
+    from labkit.plan.card import METRICS
+    from labkit.plan.validate import measure_and_compare_vllm
+
+    fitted: dict[str, Any] = {}
+    links: dict[str, Any] = {}
+    serving: dict[str, Any] = {}
+    rows = measure_and_compare_vllm(
+        "tiny", rates_rps=(4.0,), n_requests=6, scale=0.05, progress=False, probe_requests=4,
+        fitted=fitted, links=links, serving=serving,
+        factory=fixed_url_factory({"1p1d": stack.pd_router.url}),
+        servers={"vllm-pd": [stack.pd.prefill, stack.pd.decode]},
+    )
+    assert {r.metric for r in rows} == set(METRICS) and {r.mode for r in rows} == {"vllm-pd"}
+    for r in rows:   # every figure predicted and measured
+        assert r.measured > 0 and r.predicted > 0 and math.isfinite(r.error), r
+    m = fitted["vllm-pd"]
+    assert m.prefill_s(64) > 0 and m.decode_step_s(1, 64) > 0 and m.decode_c_s_per_seq == 0.0
+    assert links["vllm-pd"].bytes_per_s > 0 and links["vllm-pd"].how == "measured"
+    assert len(serving["vllm-pd"]) == 3 and min(serving["vllm-pd"]) >= 0
+    # A mode the card does not hold for vLLM is refused before anything is sent.
+    with pytest.raises(ValueError, match="not a vLLM mode"):
+        measure_and_compare_vllm("tiny", rates_rps=(1.0,), n_requests=2, modes=("1p1d",))

@@ -57,7 +57,8 @@ class CalibrationPoints:
         return cls((32, 128, 256, 512, 1024, 1536, 2048), (1, 4, 8, 16, 32), (64, 512, 1024), repeats=3, decode_steps=4)
 
 
-def _kv_bytes_per_token(model: str, dtype: str) -> int:
+def model_kv_bytes_per_token(model: str, dtype: str) -> int:
+    """KV-cache bytes one token of `model` (a preset or a model dir) takes in `dtype`."""
     from labkit.models import load_config
 
     c = load_config(model)
@@ -91,7 +92,7 @@ def calibrate(
         cfg = model
     else:
         cfg = EngineConfig(model=str(model))
-    need_kv = (biggest_batch + 1) * (longest + 32) * _kv_bytes_per_token(cfg.model, cfg.dtype)
+    need_kv = (biggest_batch + 1) * (longest + 32) * model_kv_bytes_per_token(cfg.model, cfg.dtype)
     cfg = replace(
         cfg,
         policy="prefill_first",
@@ -165,7 +166,7 @@ def calibrate(
     fitted = fit_latency_model(
         prefill,
         decode,
-        kv_bytes_per_token=_kv_bytes_per_token(cfg.model, cfg.dtype),
+        kv_bytes_per_token=model_kv_bytes_per_token(cfg.model, cfg.dtype),
         model=str(cfg.model),
         device=device_name(cfg.device),
         note="measured",
@@ -258,6 +259,42 @@ def serving_overhead(
     # non-negative least squares; a probe the engine alone already explains gives 0
     coef = _nonneg_lstsq(x, y) if (y > 0).any() else np.zeros(2)
     return request_s, float(coef[0]), float(coef[1])
+
+
+def fit_from_requests(
+    sequential: Sequence[Any],
+    *,
+    kv_bytes_per_token: int,
+    link: Any = None,
+    model: str = "",
+    device: str = "",
+    note: str = "fitted from requests sent one at a time",
+) -> Any:
+    """The latency model of a server seen only from outside (vLLM writes no step log): its
+    `sequential` RequestRecords (sent one at a time: `labkit.bench.sweep.sequential_records`).
+
+    Each request gives a prefill sample (its prompt length, its TTFT less the KV transfer over
+    `link`: the server's per-request cost lands in the intercept) and a batch-1 decode sample (its
+    TPOT, at the context halfway through its output). Every sample is at batch 1, so the per-sequence
+    term cannot be told from the per-step one: it is folded into the intercept (0 per sequence);
+    `serving_overhead` on a probe of requests sent together fits how a step grows with the batch.
+    ValueError when the requests have fewer than 3 distinct prompt lengths.
+    """
+    from dataclasses import replace
+
+    ok = [r for r in sequential if getattr(r, "ok", True)]
+    prefill = []
+    for r in ok:
+        p = int(r.prompt_tokens)
+        kv_s = link.seconds(p * kv_bytes_per_token) if link is not None else 0.0
+        prefill.append(PrefillSample(p, max(float(r.ttft_s) - kv_s, 1e-6)))
+    decode = [
+        DecodeSample(1, int(r.prompt_tokens) + int(r.output_tokens) // 2, float(r.tpot_s))
+        for r in ok
+        if r.output_tokens > 1
+    ]
+    m = fit_latency_model(prefill, decode, kv_bytes_per_token=kv_bytes_per_token, model=model, device=device, note=note)
+    return replace(m, decode_a_s=m.decode_a_s + m.decode_c_s_per_seq, decode_c_s_per_seq=0.0)
 
 
 def read_step_log(path: str | Path) -> list[dict[str, Any]]:

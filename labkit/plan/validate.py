@@ -28,19 +28,25 @@ __all__ = [
     "MODES",
     "ReportCard",
     "ValidationRow",
+    "check_same_run",
     "compare",
     "latest_result",
     "load_rows",
     "measure_and_compare",
+    "measure_and_compare_vllm",
     "measured_metrics",
+    "merge_results",
     "mode_layout",
     "mode_limits",
     "predicted_metrics",
+    "replay_runs",
     "report_card",
     "requests_from_records",
+    "rows_of",
     "served_model",
     "server_mode",
     "table",
+    "vllm_config",
     "within",
 ]
 
@@ -108,11 +114,54 @@ def table(rows: Sequence[ValidationRow]) -> str:
 
 def load_rows(path: str | Path) -> list[ValidationRow]:
     """The rows of a validation JSON written by benchmarks/plan_validation.py."""
-    doc = json.loads(Path(path).read_text())
+    return rows_of(json.loads(Path(path).read_text()))
+
+
+def rows_of(doc: dict[str, Any]) -> list[ValidationRow]:
+    """The rows of a validation document (the JSON benchmarks/plan_validation.py writes, parsed)."""
     return [
         ValidationRow(r["mode"], float(r["rate_rps"]), r["metric"], float(r["predicted"]), float(r["measured"]))
         for r in doc["rows"]
     ]
+
+
+# What must agree for two validation runs to share one card: the same requests on the same model.
+SAME_RUN_KEYS = ("model", "machine", "workload", "length_scale", "rates_rps", "requests_per_rate")
+# The fields kept per mode ({mode: ...}), merged mode by mode.
+PER_MODE_KEYS = (
+    "latency_model",
+    "calibration",
+    "latency_model_in_server",
+    "serving_overhead_s",
+    "kv_link_measured",
+)
+
+
+def check_same_run(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """ValueError naming what differs when two validation documents (or `new`'s keys alone, before
+    its run) did not send the same requests to the same model (`SAME_RUN_KEYS`)."""
+    differ = [k for k in SAME_RUN_KEYS if old.get(k) != new.get(k)]
+    if differ:
+        raise ValueError(
+            "these runs cannot share a card, they differ in "
+            + ", ".join(f"{k} ({old.get(k)!r} vs {new.get(k)!r})" for k in differ)
+        )
+
+
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old`'s validation document with `new`'s modes added (a mode in both: `new`'s run replaces
+    `old`'s), the card recomputed from every row, and `new`'s date and seconds listed under "added".
+    ValueError when the two did not send the same requests to the same model (`SAME_RUN_KEYS`)."""
+    check_same_run(old, new)
+    added = list(new["modes"])
+    out = dict(old)
+    out["modes"] = [m for m in old["modes"] if m not in added] + added
+    for k in PER_MODE_KEYS:
+        out[k] = {**{m: v for m, v in old.get(k, {}).items() if m not in added}, **new.get(k, {})}
+    out["rows"] = [r for r in old["rows"] if r["mode"] not in added] + list(new["rows"])
+    out["report_card"] = _card(rows_of(out)).to_dict()
+    out["added"] = [*old.get("added", []), {"modes": added, "date": new.get("date"), "seconds": new.get("seconds")}]
+    return out
 
 
 def report_card(source: str | Path | Sequence[ValidationRow] | None = None) -> ReportCard:
@@ -179,11 +228,17 @@ def mode_layout(
     engine), "mono-dp" (`replicas` engines behind one router, each request to the least loaded, as the
     lab's router sends it), "XpYd" (e.g. "1p1d": the lab's router forwards the prefill worker's first
     token, so TTFT ends when the KV has left), "XpYd-selective-N" (threshold N tokens) or
-    "1p1d-selective" with `prefill_threshold`."""
+    "1p1d-selective" with `prefill_threshold`. vLLM's servers behind the lab's router: "vllm-mono"
+    (its V1 engine always chunks prefills) and "vllm-pd" (1P1D over NIXL; its proxy streams every
+    token from the decode server, so TTFT ends when the decode server adopts the KV)."""
     from labkit.bench.sweep import parse_mode
     from labkit.plan.simulator import Layout
 
     m = server_mode(mode, prefill_threshold)  # "1p1d-selective": the threshold given apart
+    if m == "vllm-mono":
+        return Layout.mono(1, "chunked"), None, "adopted"
+    if m == "vllm-pd":
+        return Layout.disagg(1, 1), link, "adopted"
     try:
         spec = parse_mode(m, devices=replicas if m == "mono-dp" else None)
     except ValueError as e:
@@ -204,13 +259,18 @@ def server_mode(mode: str, prefill_threshold: int = 0) -> str:
     return f"{m}-{prefill_threshold}"
 
 
+# vLLM's modes on the card, and the names the sweep runs them under (`labkit.vllm.bench.VLLM_LABELS`)
+VLLM_SWEEP_NAMES = {"vllm-mono": "mono", "vllm-pd": "1p1d"}
+
+
 def mode_limits(mode: str) -> Any:
     """The scheduler limits the lab's workers run a mode with (`lab_server_factory`'s): 64 sequences, and
-    2,048 tokens a step, or the chunk of a chunked mode."""
+    2,048 tokens a step, or the chunk of a chunked mode. vLLM's servers are started with the same
+    two (`vllm_config`)."""
     from labkit.bench.sweep import DEFAULT_CHUNK_TOKENS, parse_mode
     from labkit.plan.simulator import Limits
 
-    spec = parse_mode(mode)
+    spec = parse_mode(VLLM_SWEEP_NAMES.get(mode, mode))
     chunk = (spec.chunk_tokens or DEFAULT_CHUNK_TOKENS) if spec.chunked_prefill else None
     return Limits(max_num_seqs=64, max_num_batched_tokens=chunk or 2048)
 
@@ -258,7 +318,6 @@ def measure_and_compare(
     )
     from labkit.links import Link
     from labkit.plan.calibrate import fit_server_steps, read_step_log, serving_overhead
-    from labkit.plan.simulator import simulate
 
     modes = tuple(server_mode(m, prefill_threshold) for m in modes)  # the rows carry these names
     cfg = SweepConfig(
@@ -307,9 +366,23 @@ def measure_and_compare(
 
     with tmp:  # the step logs are read by the probes, then dropped
         [res] = run_sweeps([cfg], lab_server_factory(model, step_log_dir=step_logs), model=model, on_server=probe)
+    return replay_runs(res.runs, modes, served, layouts, limits)
+
+
+def replay_runs(
+    runs: dict[tuple[str, float], Any],
+    modes: Sequence[str],
+    served: dict[str, Any],
+    layouts: dict[str, tuple[Any, Any, Literal["adopted", "landed"]]],
+    limits: dict[str, Any],
+) -> list[ValidationRow]:
+    """Every measured run (keyed by (mode, rate)) replayed in the simulator with its mode's model,
+    layout and limits: predicted-vs-measured rows, in the order of `modes`, then by rate."""
+    from labkit.plan.simulator import simulate
+
     order = {m: i for i, m in enumerate(modes)}
     rows: list[ValidationRow] = []
-    for (mode, rate), run in sorted(res.runs.items(), key=lambda kv: (order.get(kv[0][0], 0), kv[0][1])):
+    for (mode, rate), run in sorted(runs.items(), key=lambda kv: (order.get(kv[0][0], 0), kv[0][1])):
         layout, link_, first = layouts[mode]
         sim = simulate(
             requests_from_records(run.records),
@@ -321,3 +394,122 @@ def measure_and_compare(
         )
         rows += compare(mode, rate, predicted_metrics(sim), measured_metrics(run.records))
     return rows
+
+
+def vllm_config(model: str, mode: str = "vllm-pd") -> Any:
+    """The vLLM server a validation starts for `model`: the lab workers' scheduler limits
+    (`mode_limits`), the preset's whole context, float32 on the CPU like the lab's engine."""
+    from labkit.models import get_preset
+    from labkit.vllm.launch import VllmServerConfig
+
+    lim = mode_limits(mode)
+    return VllmServerConfig(
+        model=model,
+        max_model_len=get_preset(model).max_position_embeddings,
+        max_num_seqs=lim.max_num_seqs,
+        max_num_batched_tokens=lim.max_num_batched_tokens,
+    )
+
+
+def measure_and_compare_vllm(
+    model: str,
+    *,
+    rates_rps: Sequence[float],
+    n_requests: int,
+    workload: str = "azure-conv-2023",
+    scale: float = 0.25,
+    slo: Any = None,
+    seed: int = 0,
+    progress: bool = True,
+    modes: Sequence[str] = ("vllm-pd",),
+    probe_requests: int = 8,
+    fitted: dict[str, Any] | None = None,
+    serving: dict[str, tuple[float, float, float]] | None = None,
+    links: dict[str, Any] | None = None,
+    factory: Any = None,
+    servers: dict[str, list[Any]] | None = None,
+) -> list[ValidationRow]:
+    """vLLM's servers ("vllm-mono", "vllm-pd": NixlConnector) behind the lab's router, run at each
+    rate with the benchmark client and replayed in the simulator, like `measure_and_compare`.
+
+    vLLM writes no step log, so its model comes from outside. Before the measured runs,
+    `probe_requests` requests go through the server one at a time and as many again all together.
+    For P/D, the KV link is the one NIXL achieved in the first probe (bytes over transfer seconds
+    on the decode server). The prefill and batch-1 decode formulas are fitted to the one-at-a-time
+    requests (`fit_from_requests`), how a decode step grows with the batch to the requests sent
+    together (`serving_overhead`). Nothing from the measured runs enters the model.
+    `fitted` receives each mode's fitted model, `serving` its costs per request, per step and per
+    sequence (as `measure_and_compare`'s), `links` each P/D mode's link. `factory`: a ServerFactory for
+    servers already running ("mono", "1p1d"), with `servers` naming them by mode (the NIXL totals come
+    from the last, the decode server); default: start them here (`vllm_config`) and stop them after.
+    """
+    from labkit.bench import SLO as BenchSLO
+    from labkit.bench.sweep import SweepConfig, run_sweeps, sequential_records
+    from labkit.links import Link
+    from labkit.plan.calibrate import fit_from_requests, model_kv_bytes_per_token, serving_overhead
+    from labkit.vllm.bench import vllm_server_factory
+    from labkit.vllm.metrics import read_nixl
+
+    modes = tuple(m.strip().lower() for m in modes)
+    bad = [m for m in modes if m not in VLLM_SWEEP_NAMES]
+    if bad:
+        raise ValueError(f"not a vLLM mode: {bad}; the card's vLLM modes are {sorted(VLLM_SWEEP_NAMES)}")
+    if probe_requests < 3:
+        raise ValueError(f"probe_requests must be >= 3 (3 prompt lengths fit the prefill), got {probe_requests}")
+    cfg = SweepConfig(
+        workload,
+        rates_rps=tuple(rates_rps),
+        modes=tuple(VLLM_SWEEP_NAMES[m] for m in modes),
+        n_requests=n_requests,
+        seed=seed,
+        slo=slo or BenchSLO(),
+        scale=scale,
+        progress=progress,
+    )
+    base = vllm_config(model, modes[0])
+    running = servers if servers is not None else {}
+    start = factory or vllm_server_factory(base, progress=progress, started=running)
+    layouts: dict[str, tuple[Any, Any, Literal["adopted", "landed"]]] = {}
+    limits = {m: mode_limits(m) for m in modes}
+    served: dict[str, Any] = {}
+    refits = fitted if fitted is not None else {}
+    overheads = serving if serving is not None else {}
+    achieved = links if links is not None else {}
+    kv_per_token = model_kv_bytes_per_token(model, base.dtype)
+    label = {VLLM_SWEEP_NAMES[m]: m for m in modes}
+
+    def probe(spec: Any, url: str) -> None:
+        mode = label[spec.name]
+        pd = mode == "vllm-pd"
+        decode_url = running[mode][-1].url if pd else None
+        before = read_nixl(decode_url) if decode_url else None
+        kw = {"mode": mode, "seed": seed + 77, "scale": scale, "model": base.name()}
+        one = sequential_records(url, cfg.workload_obj, probe_requests, concurrency=1, **kw)
+        link = None
+        if decode_url and before is not None:
+            moved = read_nixl(decode_url) - before
+            if not (moved.transfers > 0 and moved.xfer_time_s > 0 and moved.bytes_transferred > 0):
+                raise RuntimeError(f"{mode}: the probe's requests moved no KV over NIXL ({moved})")
+            link = Link(moved.bytes_transferred / moved.xfer_time_s, 0.0, "NIXL (measured)", "measured")
+            achieved[mode] = link
+        lay = mode_layout(mode, link=link or Link.unshaped())
+        layouts[mode] = lay
+        together = sequential_records(
+            url, cfg.workload_obj, probe_requests, concurrency=probe_requests, **{**kw, "seed": seed + 78}
+        )
+        refits[mode] = fit_from_requests(
+            one,
+            kv_bytes_per_token=kv_per_token,
+            link=link,
+            model=model,
+            device="cpu",
+            note=f"{mode}: fitted from {len(one)} requests sent one at a time",
+        )
+        overheads[mode] = serving_overhead(
+            refits[mode], one, together, layout=lay[0], link=lay[1], limits=limits[mode], first_token_at=lay[2]
+        )
+        served[mode] = refits[mode].with_serving(*overheads[mode])
+
+    [res] = run_sweeps([cfg], start, model=base.name(), on_server=probe)
+    runs = {(label[m], rate): run for (m, rate), run in res.runs.items()}
+    return replay_runs(runs, modes, served, layouts, limits)

@@ -36,6 +36,7 @@ def vllm_server_factory(
     gpus: Sequence[int] | None = None,
     running_pd: VllmPD | None = None,
     progress: bool = False,
+    started: dict[str, list[VllmServer]] | None = None,
 ) -> ServerFactory:
     """Starts vLLM for a mode (mono: one server on all usable cores; 1p1d: prefill + decode on
     their halves) and the lab's router in front; yields the router's URL, stops all on exit.
@@ -44,6 +45,7 @@ def vllm_server_factory(
     `gpus` (a list, maybe empty): place the servers with `labkit.vllm.startup` instead (no GPU, one
     shared GPU, or one each); `running_pd`: a pair already up, used for 1p1d and stopped after its
     run, so a mono started next has the device(s) to itself; `progress`: a bar while vLLM loads.
+    `started`: filled with each mode's servers (by row label, "vllm-pd": [prefill, decode]) while they run.
     """
     cfg0 = base or VllmServerConfig()
 
@@ -74,6 +76,9 @@ def vllm_server_factory(
                 "see labkit.vllm.recipe for xPyD across machines"
             )
         servers = start(spec)
+        label = VLLM_LABELS.get(spec.name, spec.name)
+        if started is not None:
+            started[label] = servers
         router = None
         try:
             kw: dict[str, Any] = (
@@ -85,8 +90,10 @@ def vllm_server_factory(
             before = read_nixl(servers[-1].url) if spec.mode == "disagg" else None
             yield router.url
             if nixl_log is not None and before is not None:
-                nixl_log.by_mode[VLLM_LABELS.get(spec.name, spec.name)] = read_nixl(servers[-1].url) - before
+                nixl_log.by_mode[label] = read_nixl(servers[-1].url) - before
         finally:
+            if started is not None:
+                started.pop(label, None)
             if router is not None:
                 router.stop()
             for s in servers:
