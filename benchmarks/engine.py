@@ -141,6 +141,10 @@ def run_transformers(a: argparse.Namespace) -> dict[str, Any]:
 
 def run_vllm(a: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache
+    if a.device == "cpu":  # every usable core, as the lab engine gets: vLLM's "auto" binding keeps one core
+        from labkit.vllm.procinfo import cpu_list_str, usable_cpus  # for its scheduler (1 thread on 2 cores)
+
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_list_str(usable_cpus()))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -149,7 +153,8 @@ def run_vllm(a: argparse.Namespace) -> dict[str, Any]:
     longest = max(a.prompt_len + a.output_len, a.b1_prompt_len + a.b1_tokens + 1) + 16
     llm = LLM(model=str(ensure_model(a.model, quiet=True)), dtype=a.dtype, max_model_len=longest,
               max_num_seqs=max(a.requests, 1), seed=0, enforce_eager=False)
-    res: dict[str, Any] = {"vllm_version": __import__("vllm").__version__}
+    res: dict[str, Any] = {"vllm_version": __import__("vllm").__version__,
+                           "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
 
     def generate(ps: list[list[int]], n: int) -> None:
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps],

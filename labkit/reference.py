@@ -16,6 +16,7 @@ learner's numbers alone), never raises.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -193,12 +194,68 @@ class RooflineRun:
     mbu_range: Mapping[str, tuple[float, float]]
 
 
+def _runner_label(runner: str, dtype: str) -> str:
+    """A runner's name on the chart: float32 (the CPU default) bare, any other dtype named."""
+    return runner if dtype == "float32" else f"{runner} {dtype}"
+
+
+def _roofline_one_roof(f: ResultFile, d: dict[str, Any], machine: str) -> RooflineRun:
+    """The format with one roof for every runner (`labkit.hardware.Roof`, since 2026-12): per runner and
+    dtype, prefill MFU and batch-1 decode MBU (median of rounds), and the records of every round."""
+    from labkit.roofline import ModelShape, decode_cost, prefill_cost
+
+    roof, shape = d["roof"], ModelShape.from_config(d["model"])
+    points: list[PhasePoint] = []
+    mfu_r: dict[str, tuple[float, float]] = {}
+    mbu_r: dict[str, tuple[float, float]] = {}
+    for r in d["results"]:
+        label, dtype = _runner_label(r["runner"], r["dtype"]), r["dtype"]
+        costs = (
+            (prefill_cost(shape, d["prompt_len"], 1, dtype), r["prefill_ms"], r["mfu"], None),
+            (decode_cost(shape, 1, d["context_len"], dtype), r["decode_b1_ms"], None, r["mbu_b1"]),
+        )
+        for cost, ms, mfu, mbu in costs:
+            flops = cost.flops / (ms / 1e3)
+            points.append(
+                PhasePoint(
+                    machine,
+                    label,
+                    d["model"],
+                    dtype,
+                    cost.phase,
+                    1,
+                    cost.seq_len,
+                    ms,
+                    cost.intensity_flop_per_byte,
+                    flops,
+                    mfu,
+                    mbu,
+                )
+            )
+        mine = [x for x in d["records"] if (x["runner"], x["dtype"], x["batch"]) == (r["runner"], dtype, 1)]
+        for key, phase, into in (("mfu", "prefill", mfu_r), ("mbu", "decode", mbu_r)):
+            vals = [float(x[key]) for x in mine if x["phase"] == phase]
+            into[label] = (min(vals), max(vals)) if vals else (math.nan, math.nan)
+    return RooflineRun(
+        f,
+        machine,
+        d["model"],
+        int(d["threads"]),
+        Roofs(machine, "float32", float(roof["peak_flops"]["float32"]), float(roof["read_bytes_per_s"])),
+        tuple(points),
+        mfu_r,
+        mbu_r,
+    )
+
+
 @_guard
 def _roofline(f: ResultFile, d: dict[str, Any]) -> RooflineRun:
-    """The newest CPU roofline benchmark (small model, both runners), or None."""
+    """The newest CPU roofline benchmark (small model, every runner), or None."""
     from labkit.roofline import ModelShape, decode_cost, prefill_cost
 
     machine = f"{d.get('device_name', 'CPU')} ({f.tag}, {d['threads']} threads)"
+    if "roof" in d:
+        return _roofline_one_roof(f, d, machine)
     shape, dtype = ModelShape.from_config(d["model"]), d["dtype"]
     pre_c, dec_c = prefill_cost(shape, d["prompt_len"], 1, dtype), decode_cost(shape, 1, d["context_len"], dtype)
     points, mfu_r, mbu_r = [], {}, {}
@@ -331,7 +388,9 @@ def _engine(f: ResultFile, d: dict[str, Any]) -> EngineRun:
         int(d["requests"]),
         int(d["prompt_len"]),
         int(d["output_len"]),
-        {r["engine"]: float(r["output_tok_per_s"]) for r in d["rows"]},
+        {
+            r["engine"]: float(r["output_tok_per_s"]) for r in d["offline" if "offline" in d else "rows"]
+        },  # "rows": older
         dict(d.get("labkit_efficiency", {})),
     )
 
