@@ -194,6 +194,26 @@ class RooflineRun:
     mbu_range: Mapping[str, tuple[float, float]]
 
 
+def _cost_point(
+    machine: str, runner: str, model: str, dtype: str, cost: Any, ms: float, mfu: float | None, mbu: float | None
+) -> PhasePoint:
+    """A batch-1 step of `cost` (labkit.roofline's prefill or decode cost) measured at `ms` milliseconds."""
+    return PhasePoint(
+        machine,
+        runner,
+        model,
+        dtype,
+        cost.phase,
+        1,
+        cost.seq_len,
+        ms,
+        cost.intensity_flop_per_byte,
+        cost.flops / (ms / 1e3),
+        mfu,
+        mbu,
+    )
+
+
 def _runner_label(runner: str, dtype: str) -> str:
     """A runner's name on the chart: float32 (the CPU default) bare, any other dtype named."""
     return runner if dtype == "float32" else f"{runner} {dtype}"
@@ -215,23 +235,7 @@ def _roofline_one_roof(f: ResultFile, d: dict[str, Any], machine: str) -> Roofli
             (decode_cost(shape, 1, d["context_len"], dtype), r["decode_b1_ms"], None, r["mbu_b1"]),
         )
         for cost, ms, mfu, mbu in costs:
-            flops = cost.flops / (ms / 1e3)
-            points.append(
-                PhasePoint(
-                    machine,
-                    label,
-                    d["model"],
-                    dtype,
-                    cost.phase,
-                    1,
-                    cost.seq_len,
-                    ms,
-                    cost.intensity_flop_per_byte,
-                    flops,
-                    mfu,
-                    mbu,
-                )
-            )
+            points.append(_cost_point(machine, label, d["model"], dtype, cost, ms, mfu, mbu))
         mine = [x for x in d["records"] if (x["runner"], x["dtype"], x["batch"]) == (r["runner"], dtype, 1)]
         for key, phase, into in (("mfu", "prefill", mfu_r), ("mbu", "decode", mbu_r)):
             vals = [float(x[key]) for x in mine if x["phase"] == phase]
@@ -261,22 +265,9 @@ def _roofline(f: ResultFile, d: dict[str, Any]) -> RooflineRun:
     points, mfu_r, mbu_r = [], {}, {}
     for r in d["results"]:
         for cost, ms, key in ((pre_c, r["prefill_ms"], "mfu"), (dec_c, r["decode_ms"], "mbu")):
-            points.append(
-                PhasePoint(
-                    machine,
-                    r["runner"],
-                    d["model"],
-                    dtype,
-                    cost.phase,
-                    1,
-                    cost.seq_len,
-                    ms,
-                    cost.intensity_flop_per_byte,
-                    cost.flops / (ms / 1e3),
-                    r["mfu"] if key == "mfu" else cost.mfu(ms / 1e3, r["peak_flops"]),
-                    r["mbu"] if key == "mbu" else cost.mbu(ms / 1e3, r["read_bytes_per_s"]),
-                )
-            )
+            mfu = r["mfu"] if key == "mfu" else cost.mfu(ms / 1e3, r["peak_flops"])
+            mbu = r["mbu"] if key == "mbu" else cost.mbu(ms / 1e3, r["read_bytes_per_s"])
+            points.append(_cost_point(machine, r["runner"], d["model"], dtype, cost, ms, mfu, mbu))
         mfu_r[r["runner"]], mbu_r[r["runner"]] = tuple(r["mfu_range"]), tuple(r["mbu_range"])
     med = lambda k: sorted(r[k] for r in d["results"])[len(d["results"]) // 2]
     return RooflineRun(
