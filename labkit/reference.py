@@ -373,15 +373,14 @@ class EngineRun:
 @_guard
 def _engine(f: ResultFile, d: dict[str, Any]) -> EngineRun:
     """The newest engine throughput benchmark, or None."""
+    offline = d["offline"] if "offline" in d else d["rows"]  # "rows": files written before 2026-12
     return EngineRun(
         f,
         d["model"],
         int(d["requests"]),
         int(d["prompt_len"]),
         int(d["output_len"]),
-        {
-            r["engine"]: float(r["output_tok_per_s"]) for r in d["offline" if "offline" in d else "rows"]
-        },  # "rows": older
+        {r["engine"]: float(r["output_tok_per_s"]) for r in offline},
         dict(d.get("labkit_efficiency", {})),
     )
 

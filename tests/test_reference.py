@@ -143,3 +143,10 @@ def test_a_newer_smoke_run_is_never_the_reference(tmp_path: Path) -> None:
         (tmp_path / name).write_text("{}")
     assert R.newest_file("gains", directory=tmp_path).tag == "cpu-2core"
     assert R.newest_file("gains", variant="quick", directory=tmp_path).tag == "cpu-2core-quick"
+
+
+def test_engine_still_reads_a_file_from_before_the_one_roof(tmp_path) -> None:
+    old = R.results_dir() / "engine-2026-11-26-cpu-2core.json"
+    (tmp_path / "engine-2026-11-26-cpu-2core.json").write_text(old.read_text())
+    eng = R.engine(directory=tmp_path)
+    assert eng.output_tok_per_s == {r["engine"]: r["output_tok_per_s"] for r in json.loads(old.read_text())["rows"]}
