@@ -112,12 +112,14 @@ def main() -> int:
     machine = f"cpu-{len(cores)}core"
     same_run = {"model": prof["model"], "machine": machine, "workload": "azure-conv-2023",
                 "length_scale": prof["scale"], "rates_rps": list(rates), "requests_per_rate": n}
+    earlier: dict[str, Any] = {}   # the --add-to card, read once
     try:   # the names the servers run under ("1p1d-selective" takes the threshold into its name)
         modes = [server_mode(m, a.prefill_threshold) for m in a.modes.split(",") if m]
         for m in modes:
             mode_layout(m)
         if a.add_to:   # before the run, not after it: these requests must be the ones already on that card
-            check_same_run(json.loads(Path(a.add_to).read_text()), same_run)
+            earlier = json.loads(Path(a.add_to).read_text())
+            check_same_run(earlier, same_run)
     except (ValueError, OSError) as e:
         print(f"plan_validation: {e}", file=sys.stderr)
         return 2
@@ -179,7 +181,7 @@ def main() -> int:
            "seconds": time.perf_counter() - t0}
     if a.add_to:
         try:
-            doc = merge_results(json.loads(Path(a.add_to).read_text()), doc)
+            doc = merge_results(earlier, doc)
         except ValueError as e:
             print(f"plan_validation: {e}", file=sys.stderr)
             return 2

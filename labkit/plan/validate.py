@@ -480,13 +480,12 @@ def measure_and_compare_vllm(
 
     def probe(spec: Any, url: str) -> None:
         mode = label[spec.name]
-        pd = mode == "vllm-pd"
-        decode_url = running[mode][-1].url if pd else None
+        decode_url = running[mode][-1].url if mode == "vllm-pd" else None
         before = read_nixl(decode_url) if decode_url else None
         kw = {"mode": mode, "seed": seed + 77, "scale": scale, "model": base.name()}
         one = sequential_records(url, cfg.workload_obj, probe_requests, concurrency=1, **kw)
         link = None
-        if decode_url and before is not None:
+        if decode_url and before is not None:  # P/D: the link NIXL achieved in this probe
             moved = read_nixl(decode_url) - before
             if not (moved.transfers > 0 and moved.xfer_time_s > 0 and moved.bytes_transferred > 0):
                 raise RuntimeError(f"{mode}: the probe's requests moved no KV over NIXL ({moved})")
