@@ -143,6 +143,46 @@ def _step_logits(eng: Engine, prompts: list[list[int]]) -> tuple[list[torch.Tens
 
 
 @needs_kernels
+@pytest.mark.parametrize("model", ["tiny", "tiny-qwen2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_call_decode_step_equals_the_per_op_path_bit_for_bit(model: str, dtype: str, monkeypatch) -> None:
+    """A small decode step runs every layer in one native call (lk_decode_layers): the same kernels in the same
+    order as the per-op loop, so batch 1-4 decode logits are equal, not just close (qwen2: with the qkv bias)."""
+    calls: list[int] = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    for rows in (1, 2, 4):
+        prompts = [[256] + [(13 * i + 5 * s) % 256 for i in range(n)] for s, n in enumerate((7, 20, 33, 48)[:rows])]
+        fused = Engine(EngineConfig(model=model, dtype=dtype, kv_cache_bytes=8 << 20))
+        loop = Engine(EngineConfig(model=model, dtype=dtype, kv_cache_bytes=8 << 20))
+        assert fused.model.decode_table is not None
+        loop.model.decode_table = None
+        (pre_f, dec_f), first_f = _step_logits(fused, prompts)
+        (pre_l, dec_l), first_l = _step_logits(loop, prompts)
+        assert torch.equal(pre_f, pre_l) and first_f == first_l  # prefill takes the loop in both
+        assert torch.equal(dec_f, dec_l), f"{rows} rows: max diff {float((dec_f - dec_l).abs().max())}"
+        assert fused.num_free_blocks == fused.num_total_blocks
+    assert calls == [1, 2, 4]  # one call per decode step, from the fused engines only
+
+
+@needs_kernels
+def test_one_call_decode_refuses_what_it_cannot_run() -> None:
+    eng = Engine(EngineConfig(model="tiny", kv_cache_bytes=8 << 20))
+    table, cache = eng.model.decode_table, eng.cache
+    assert table is not None
+    one = torch.zeros(1, dtype=torch.int64)
+    args = (eng.model.cos, eng.model.sin, one, cache.k, cache.v, one, one[None], one + 1, cache.block_size)
+    with pytest.raises(ValueError, match=r"x \[1..4, \d+\]"):
+        kernels.decode_layers(torch.zeros(5, table.hidden), table, *args)
+    with pytest.raises(ValueError, match="activation dtype"):
+        kernels.decode_layers(torch.zeros(1, table.hidden), table, eng.model.cos, eng.model.sin, one,
+                              cache.k.bfloat16(), cache.v.bfloat16(), one, one[None], one + 1, cache.block_size)
+    with pytest.raises(RuntimeError, match="context length outside its block table"):
+        kernels.decode_layers(torch.zeros(1, table.hidden), table, eng.model.cos, eng.model.sin, one, cache.k,
+                              cache.v, one, one[None], one + cache.block_size + 1, cache.block_size)
+
+
+@needs_kernels
 def test_bf16_on_cpu_equals_fp32_within_bf16_tolerance() -> None:
     """bf16 is a CPU dtype of the engine: first-step logits equal fp32's within bf16 rounding, and so does
     the first decode step (native kernels) over the same tokens.

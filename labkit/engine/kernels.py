@@ -30,6 +30,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -120,6 +121,8 @@ def _lib() -> ctypes.CDLL | None:
     ]
     lib.lk_rms_norm.argtypes = [i64, i64, ptr, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
     lib.lk_rope_write.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.lk_decode_layers.argtypes = [i64, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr]
+    lib.lk_decode_layers.argtypes += [ptr, ptr, i64, ptr, ptr, i64, ptr, i64, ctypes.c_float, c_int, c_int, c_int]
     lib.lk_stream_read.argtypes = [ptr, i64, c_int]
     lib.lk_pin_threads.argtypes = [c_int]
     lib.lk_stream_read.restype = ctypes.c_double
@@ -393,6 +396,111 @@ def rope_write(
         != 0
     ):
         raise ValueError(f"rope_write: head_dim {dim} must be a multiple of 16 (at most 512)")
+
+
+class _LkLayer(ctypes.Structure):
+    """csrc's LkLayer: one layer's weight pointers, in the order lk_decode_layers reads them."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p) for name in ("in_norm", "qkv", "qkv_bias", "o", "post_norm", "gate", "up", "down")
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLayers:
+    """A model's layers as lk_decode_layers reads them: built once, with the tensors it points into kept alive."""
+
+    table: ctypes.Array  # of _LkLayer, one per layer
+    keep: tuple[torch.Tensor, ...]  # norms and biases in the activation dtype (pointed to by `table`)
+    hidden: int
+    heads: int
+    kv_heads: int
+    dim: int
+    inter: int
+    eps: float
+    bf16: bool  # activations (and norms, biases, cache) in bf16
+    w_bf16: bool  # weights packed as bf16
+
+
+def decode_layers_table(layers: list[Any], *, heads: int, kv_heads: int, dim: int, eps: float) -> DecodeLayers:
+    """The table of `layers` (LayerWeights whose matmul weights are all PackedWeight) for `decode_layers`."""
+    first = layers[0]
+    act = first.input_norm.dtype
+    keep: list[torch.Tensor] = []
+
+    def ptr(t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        t = t.to(act).contiguous()
+        keep.append(t)
+        return t.data_ptr()
+
+    rows = []
+    for lw in layers:
+        ws = (lw.qkv, lw.o, lw.gate, lw.up, lw.down)
+        if not all(isinstance(w, PackedWeight) for w in ws):
+            raise ValueError("decode_layers takes layers whose matmul weights are packed for the native kernels")
+        rows.append(
+            _LkLayer(
+                ptr(lw.input_norm),
+                lw.qkv.ptr,
+                ptr(lw.qkv_bias),
+                lw.o.ptr,
+                ptr(lw.post_norm),
+                lw.gate.ptr,
+                lw.up.ptr,
+                lw.down.ptr,
+            )
+        )
+    table = (_LkLayer * len(rows))(*rows)
+    return DecodeLayers(
+        table, tuple(keep), first.o.n, heads, kv_heads, dim, first.gate.n, eps, act == torch.bfloat16, first.qkv.bf16
+    )
+
+
+def decode_layers(
+    x: torch.Tensor,
+    model: DecodeLayers,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    blocks: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    block_size: int,
+) -> None:
+    """Runs every layer of a decode step of up to SMALL_M rows on x [rows, hidden] in place: one native call,
+    the same kernels in the same order as the per-op path (same result), without a return to Python between them.
+
+    k_cache, v_cache: every layer's, [layers, slots, kv_heads, head_dim]; the rest as in `rope_write` and
+    `decode_attention`.
+    """
+    lib = _need()
+    rows = x.shape[0]
+    act = torch.bfloat16 if model.bf16 else torch.float32
+    if not (1 <= rows <= SMALL_M) or x.shape[1] != model.hidden or not x.is_contiguous() or x.dtype != act:
+        raise ValueError(f"decode_layers takes x [1..{SMALL_M}, {model.hidden}] contiguous {act}, got {tuple(x.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == act):
+        raise ValueError("decode_layers: the caches must be contiguous and in the activation dtype")
+    if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == sin.dtype == act):
+        raise ValueError("decode_layers: the rope tables must be contiguous and in the activation dtype")
+    if k_cache.shape[0] != len(model.table) or k_cache.shape[2:] != (model.kv_heads, model.dim):
+        raise ValueError(f"decode_layers: cache {tuple(k_cache.shape)} does not fit the model's layers and heads")
+    positions, slots = positions.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous()
+    blocks, ctx_lens = blocks.to(torch.int64).contiguous(), ctx_lens.to(torch.int64).contiguous()
+    if positions.shape != (rows,) or slots.shape != (rows,) or ctx_lens.shape != (rows,) or blocks.shape[0] != rows:
+        raise ValueError(f"decode_layers: positions, slots, blocks and ctx_lens must have {rows} rows")
+    rc = lib.lk_decode_layers(
+        rows, len(model.table), ctypes.addressof(model.table), model.hidden, model.heads, model.kv_heads, model.dim,
+        model.inter, model.eps, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], slots.data_ptr(), blocks.data_ptr(),
+        blocks.shape[1], ctx_lens.data_ptr(), block_size, model.dim**-0.5, int(model.bf16), int(model.w_bf16),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"lk_decode_layers failed ({rc}): a context length outside its block table, or bad shapes")
 
 
 def stream_read(buf: torch.Tensor) -> float:

@@ -289,6 +289,14 @@ class CausalLM:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
         self.sin = emb.sin().to(device=device, dtype=dtype)
+        # Small decode steps run every layer in one native call (see `forward`).
+        self.decode_table = (
+            kernels.decode_layers_table(
+                self.layers, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, dim=cfg.head_dim, eps=cfg.rms_norm_eps
+            )
+            if self.native
+            else None
+        )
 
     def _pack(self, device: torch.device, dtype: torch.dtype, rows_hint: int, native: bool) -> str:
         """Packs the matmul weights once for this device; returns why the native kernels are not used ("": used)."""
@@ -338,6 +346,19 @@ class CausalLM:
         rows = input_ids.shape[0]
         q_dim = c.num_heads * c.head_dim
         x = F.embedding(input_ids, self.embed)
+        if (
+            self.decode_table is not None
+            and layer_hook is None
+            and not meta.chunks
+            and self.native_decode_attention(rows)
+            and meta.decode_blocks is not None
+            and meta.decode_ctx is not None
+        ):  # a small decode step: the same kernels as the loop below, all layers in one call
+            kernels.decode_layers(
+                x, self.decode_table, self.cos, self.sin, positions, cache.k, cache.v, meta.slot_mapping,
+                meta.decode_blocks, meta.decode_ctx, cache.block_size,
+            )  # fmt: skip
+            return kernels.rms_norm(x, self.norm, c.rms_norm_eps)
         # The native path rotates and stores q/k/v in one call per layer and norms in one call:
         # at batch 1 every small op left costs a visible share of a step at the bandwidth roof.
         norm = kernels.rms_norm if self.native else rms_norm
