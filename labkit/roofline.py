@@ -265,6 +265,33 @@ def decode_cost(
     return PhaseCost("decode", mm + attn, float(nbytes), batch, batch, context_len, mm, attn)
 
 
+def offline_bound_s(
+    shape: ModelShape,
+    requests: int,
+    prompt_len: int,
+    output_len: int,
+    dtype: str,
+    peak_flops: float,
+    peak_bytes_per_s: float,
+) -> dict[str, float]:
+    """The fastest any engine can serve an offline batch on a device with these roofs: `requests` prompts of
+    prompt_len tokens prefilled (one token each), then decoded together to output_len tokens, every step at
+    its roofline time. Returns {"prefill_s", "decode_s", "total_s"}.
+
+    A lower bound for every engine alike: an engine that takes wall seconds is at total_s / wall of it,
+    and no engine can be more than wall_B / total_s times as fast as an engine B that was measured.
+    """
+    _check(requests, prompt_len, "prompt_len")
+    if output_len < 1:
+        raise ValueError(f"output_len must be >= 1, got {output_len}")
+    pre = prefill_cost(shape, prompt_len, requests, dtype).roofline_time_s(peak_flops, peak_bytes_per_s)
+    dec = sum(
+        decode_cost(shape, requests, prompt_len + k, dtype).roofline_time_s(peak_flops, peak_bytes_per_s)
+        for k in range(1, output_len)
+    )
+    return {"prefill_s": pre, "decode_s": dec, "total_s": pre + dec}
+
+
 def critical_batch(
     shape: ModelShape,
     ridge_flop_per_byte: float,

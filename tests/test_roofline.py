@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from labkit.hardware import lookup_datasheet
 from labkit.models import PRESETS, parameter_count, random_hf_model
-from labkit.roofline import ModelShape, critical_batch, decode_cost, forward_flops, prefill_cost
+from labkit.roofline import ModelShape, critical_batch, decode_cost, forward_flops, offline_bound_s, prefill_cost
 
 
 def _counted(model, *args, **kw) -> tuple[int, object]:
@@ -113,3 +113,20 @@ def test_bad_input_names_the_value():
         ModelShape(2, 64, 6, 4, 16, 128, 300)
     with pytest.raises(ValueError, match="gpt2"):
         ModelShape.from_config({"model_type": "gpt2"})
+
+
+def test_offline_bound_adds_the_roofline_time_of_every_step():
+    """The prefill of all prompts, then output_len - 1 decode steps of the whole batch, each at its roof."""
+    shape = ModelShape.from_config("small")
+    peak, bw = 100e9, 20e9
+    got = offline_bound_s(shape, 64, 256, 64, "float32", peak, bw)
+    pre = prefill_cost(shape, 256, 64, "float32")
+    assert got["prefill_s"] == pytest.approx(pre.flops / peak)  # 16k tokens of prefill: compute-bound
+    steps = [decode_cost(shape, 64, 256 + k, "float32") for k in range(1, 64)]
+    assert got["decode_s"] == pytest.approx(sum(max(d.flops / peak, d.bytes / bw) for d in steps))
+    assert got["total_s"] == pytest.approx(got["prefill_s"] + got["decode_s"])
+    one = offline_bound_s(shape, 1, 64, 2, "float32", peak, bw)  # batch 1: the one decode step reads the weights
+    assert one["decode_s"] == pytest.approx(decode_cost(shape, 1, 65, "float32").bytes / bw)
+    with pytest.raises(ValueError, match="output_len"):
+        offline_bound_s(shape, 1, 64, 0, "float32", peak, bw)
+
