@@ -38,6 +38,9 @@ from labkit.runners import make_runner  # noqa: E402
 from labkit.engine.kernels import cpu_has_bf16_matmul as cpu_bf16_matmul  # noqa: E402
 
 TARGET_MFU, TARGET_MBU, TARGET_B1_VS_VLLM = 0.8, 0.8, 1.25
+# Decode steps timed per runner and round (their median is the round's figure): a batch-1 step is ~20 ms
+# here, and the other tenants of a shared VM come and go over seconds, so 7 steps were one burst's mercy.
+DECODE_STEPS = 25
 
 
 def engine_benchmark() -> Any:
@@ -100,7 +103,7 @@ def main() -> int:
         for r in runners:
             recs.append({**measure.measure_prefill(r, 1, args.prompt_len, warmup=1, repeats=3, peaks=roof), "round": i})
             for b in (1, 4):
-                recs.append({**measure.measure_decode(r, b, args.context_len, warmup=2, repeats=7, peaks=roof),
+                recs.append({**measure.measure_decode(r, b, args.context_len, warmup=3, repeats=DECODE_STEPS, peaks=roof),
                              "round": i})
         print(f"  round {i}: read roof {roof.read_samples[-1] / 1e9:.1f} GB/s", flush=True)
     details = {(r.name, r.dtype): r.detail for r in runners}
