@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from labkit import hardware, measure  # noqa: E402
 from labkit.runners import make_runner  # noqa: E402
-from labkit.engine.kernels import cpu_has_bf16_matmul as cpu_bf16_matmul  # noqa: E402
+from labkit.engine.kernels import cpu_has_bf16_matmul  # noqa: E402
 
 TARGET_MFU, TARGET_MBU, TARGET_B1_VS_VLLM = 0.8, 0.8, 1.25
 # Decode steps timed per runner and round (their median is the round's figure): a batch-1 step is ~20 ms
@@ -103,8 +103,8 @@ def main() -> int:
         for r in runners:
             recs.append({**measure.measure_prefill(r, 1, args.prompt_len, warmup=1, repeats=3, peaks=roof), "round": i})
             for b in (1, 4):
-                recs.append({**measure.measure_decode(r, b, args.context_len, warmup=3, repeats=DECODE_STEPS, peaks=roof),
-                             "round": i})
+                rec = measure.measure_decode(r, b, args.context_len, warmup=3, repeats=DECODE_STEPS, peaks=roof)
+                recs.append({**rec, "round": i})
         print(f"  round {i}: read roof {roof.read_samples[-1] / 1e9:.1f} GB/s", flush=True)
     details = {(r.name, r.dtype): r.detail for r in runners}
     for r in runners:
@@ -134,9 +134,10 @@ def main() -> int:
         mfu = f"{res['mfu']:.2f}" if res["mfu"] is not None else "-"
         print(f"{name:<15}{dtype:<10}{mfu:>12}{res['mbu_b1']:>9.2f}{res['mbu_b4']:>9.2f}{res['decode_b1_ms']:>8.1f}"
               f"   {detail}{flag}")
-    bf16_native = device == "cpu" and cpu_bf16_matmul()
+    bf16_native = device == "cpu" and cpu_has_bf16_matmul()
     print(f"targets: prefill MFU >= {TARGET_MFU}, lab engine decode MBU >= {TARGET_MBU} (batch 1 and 4, fp32; bf16 "
-          f"where the CPU multiplies bf16 natively, avx512_bf16 or AMX: {'this one does' if bf16_native else 'not this one'})")
+          "where the CPU multiplies bf16 natively, avx512_bf16 or AMX: "
+          f"{'this one does' if bf16_native else 'not this one'})")
     if b1:
         print(f"\nbatch-1 decode side by side, {args.context_len}-token prompt, {args.b1_tokens} tokens, "
               f"median of {args.vllm_rounds} rounds, each in its own process:")
@@ -160,7 +161,8 @@ def main() -> int:
                                "device_name": hardware.device_name(device), "threads": torch.get_num_threads(),
                                "prompt_len": args.prompt_len, "context_len": args.context_len, "rounds": args.rounds,
                                "targets": {"mfu": TARGET_MFU, "mbu": TARGET_MBU, "b1_vs_vllm": TARGET_B1_VS_VLLM},
-                               "cpu_bf16_matmul": bf16_native, "roof": roof.as_dict(), "results": results, "batch1_vs_vllm": b1, "records": recs,
+                               "cpu_bf16_matmul": bf16_native, "roof": roof.as_dict(), "results": results,
+                               "batch1_vs_vllm": b1, "records": recs,
                                "load_average": [load_before, load_after], "wall_s": wall}, indent=1))
     print(f"wrote {out}")
     return 0

@@ -8,7 +8,9 @@ weight once with AVX2 FMAs, straight from the layout oneDNN packs for prefill, s
 the weights serves both paths; bf16 weights (half the bytes) use the same blocking. Decode
 attention reads K and V once through the block table (no gathered copy). Decode-time calls run
 on the kernels' own pinned threads (csrc/pool.h), whose caller waits for the work, not for every
-thread: on a shared machine a descheduled thread then costs one block, not the whole call.
+thread: on a shared machine a descheduled thread then costs one block, not the whole call. A
+decode step of up to SMALL_M rows runs all its layers in one call (`decode_layers`): the same
+kernels in the same order, without a return to Python between them.
 
 The source is compiled at first use with the system C++ compiler (g++ or clang++, OpenMP) into
 LABKIT_HOME/kernels/, keyed by the source, the flags and the compiler, and loaded with ctypes
