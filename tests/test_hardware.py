@@ -136,6 +136,15 @@ def test_roof_samples_read_and_matmul_on_this_machine():
         roof.peak_flops("bfloat16")
 
 
+def test_roof_samples_one_dtype_matmul_when_named():
+    roof = hardware.Roof("cpu", ("float32", "bfloat16"), buffer_bytes=32 << 20, matmul_size=128, repeats=2)
+    roof.sample(dtype="bfloat16")
+    assert {d: len(v) for d, v in roof.flops_samples.items()} == {"float32": 0, "bfloat16": 1}
+    roof.sample(dtype="float16")  # not one of the roof's dtypes: all of them
+    assert {d: len(v) for d, v in roof.flops_samples.items()} == {"float32": 1, "bfloat16": 2}
+    roof.close()
+
+
 def test_read_roof_is_read_the_way_decode_reads():
     """On a CPU with the native kernels, the roof is their streaming loop (threads pinned), not torch.sum."""
     from labkit.engine import kernels

@@ -219,8 +219,10 @@ def test_one_roof_for_every_runner_sampled_before_each_measurement(runner):
 
     roof = Roof("cpu", ("float32",), buffer_bytes=32 << 20, matmul_size=128, repeats=2)
     recs = [measure.measure_prefill(runner, 1, 32, repeats=2, peaks=roof),
-            measure.measure_decode(runner, 1, 32, repeats=2, peaks=roof)]
-    assert len(roof.read_samples) == 2 and len(roof.flops_samples["float32"]) == 1  # matmul once per dtype
+            measure.measure_decode(runner, 1, 32, repeats=2, peaks=roof),
+            measure.measure_prefill(runner, 1, 32, repeats=2, peaks=roof)]
+    # the read roof before every measurement, the matmul roof before every prefill (the MFU's roof)
+    assert len(roof.read_samples) == 3 and len(roof.flops_samples["float32"]) == 2
     roof.read_samples = [10e9, 10e9, 30e9]   # a later sample moves the median: rescore follows it
     roof.rescore(recs)
     assert {r["roof"] for r in recs} == {roof.id} and all(r["peak_bytes_per_s"] == 10e9 for r in recs)
