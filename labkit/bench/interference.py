@@ -24,6 +24,7 @@ from typing import Any, Literal
 import httpx
 
 from labkit.bench.client import StreamedCompletion, run_sync, stream_completion
+from labkit.proc import gc_frozen
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,27 +215,28 @@ async def run_interference_async(
         common["model"] = model
     traces: list[RequestTrace] = []
     limits = httpx.Limits(max_connections=sc.num_decodes + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(sc.timeout_s, connect=10.0), limits=limits) as client:
-        events = [asyncio.Event() for _ in range(sc.num_decodes)]
-        long_done = asyncio.Event()
-        tasks = []
-        for i in range(sc.num_decodes):
-            tr = RequestTrace(f"decode {i}", "decode", time.perf_counter() - t0)
-            traces.append(tr)
-            body = {**common, "prompt": sc.prompt_ids("decode", i), "max_tokens": sc.decode_max_tokens}
-            tasks.append(
-                asyncio.create_task(
-                    _stream(client, url, body, tr, t0, events[i], sc.long_after_tokens, long_done, sc.tail_tokens)
+    with gc_frozen():  # this process's GC pauses stay out of the timings (labkit.proc.gc_frozen)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(sc.timeout_s, connect=10.0), limits=limits) as client:
+            events = [asyncio.Event() for _ in range(sc.num_decodes)]
+            long_done = asyncio.Event()
+            tasks = []
+            for i in range(sc.num_decodes):
+                tr = RequestTrace(f"decode {i}", "decode", time.perf_counter() - t0)
+                traces.append(tr)
+                body = {**common, "prompt": sc.prompt_ids("decode", i), "max_tokens": sc.decode_max_tokens}
+                tasks.append(
+                    asyncio.create_task(
+                        _stream(client, url, body, tr, t0, events[i], sc.long_after_tokens, long_done, sc.tail_tokens)
+                    )
                 )
-            )
-        if sc.long_after_tokens:
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=sc.timeout_s)
-        long_tr = RequestTrace("long prompt", "long", time.perf_counter() - t0)
-        traces.append(long_tr)
-        body = {**common, "prompt": sc.prompt_ids("long"), "max_tokens": sc.long_max_tokens}
-        long_task = asyncio.create_task(_stream(client, url, body, long_tr, t0, finished=long_done))
-        long_task.add_done_callback(lambda _: long_done.set())  # also when it failed
-        await asyncio.wait_for(asyncio.gather(*tasks, long_task), timeout=sc.timeout_s)
+            if sc.long_after_tokens:
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=sc.timeout_s)
+            long_tr = RequestTrace("long prompt", "long", time.perf_counter() - t0)
+            traces.append(long_tr)
+            body = {**common, "prompt": sc.prompt_ids("long"), "max_tokens": sc.long_max_tokens}
+            long_task = asyncio.create_task(_stream(client, url, body, long_tr, t0, finished=long_done))
+            long_task.add_done_callback(lambda _: long_done.set())  # also when it failed
+            await asyncio.wait_for(asyncio.gather(*tasks, long_task), timeout=sc.timeout_s)
     bad = [f"{t.name}: {t.error}" for t in traces if t.error]
     if bad:
         raise RuntimeError("the interference run had failed requests: " + "; ".join(bad))

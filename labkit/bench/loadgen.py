@@ -28,6 +28,7 @@ from labkit.bench.arrivals import Arrivals
 from labkit.bench.client import StreamedCompletion, run_sync, stream_completion
 from labkit.bench.metrics import SLO, RequestRecord, Summary, jsonable, save_records, summarize
 from labkit.bench.workloads import BenchRequest, LengthScaling
+from labkit.proc import gc_frozen
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,21 +182,26 @@ async def arun_load(
     sem = asyncio.Semaphore(limit)
     bar = tqdm(total=len(requests), desc=config.label or "requests", disable=not config.progress, leave=False)
     timeout = httpx.Timeout(config.request_timeout_s, connect=min(10.0, config.request_timeout_s))
-    async with httpx.AsyncClient(
-        timeout=timeout, trust_env=False, limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
-    ) as client:
-        t0 = time.perf_counter()
+    with gc_frozen():  # this process's GC pauses stay out of the timings (labkit.proc.gc_frozen)
+        async with httpx.AsyncClient(
+            timeout=timeout,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+        ) as client:
+            t0 = time.perf_counter()
 
-        async def task(i: int) -> None:
-            delay = t0 + float(times[i]) - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            async with sem:
-                await _send_one(client, config.completions_url, payloads[i], records[i], t0, config.request_timeout_s)
-            bar.update(1)
+            async def task(i: int) -> None:
+                delay = t0 + float(times[i]) - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                async with sem:
+                    await _send_one(
+                        client, config.completions_url, payloads[i], records[i], t0, config.request_timeout_s
+                    )
+                bar.update(1)
 
-        await asyncio.gather(*(task(i) for i in range(len(requests))))
-        duration_s = time.perf_counter() - t0
+            await asyncio.gather(*(task(i) for i in range(len(requests))))
+            duration_s = time.perf_counter() - t0
     bar.close()
     summary = summarize(records, duration_s, config.slo)
     assert summary.sent == summary.ok + summary.errors == len(requests)
