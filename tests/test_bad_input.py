@@ -5,6 +5,7 @@ their KV pools go back to full, and the next valid request succeeds. One server 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -272,6 +273,41 @@ def test_client_sends_half_a_body_and_hangs_up(topo: Topology, healthy_after: No
     host, port = topo.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"prompt\": \"hi")
+
+
+def _get_on(s: socket.socket, path: str) -> bytes:
+    """One GET on an open connection (keep-alive, HTTP/1.1's default); returns the status line."""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return b"closed"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            return b"closed"
+        body += chunk
+    return head.split(b"\r\n", 1)[0]
+
+
+def test_an_idle_keep_alive_connection_outlives_a_clients_pool_expiry(topo: Topology, healthy_after: None) -> None:
+    """A server must not close an idle connection while its client may still reuse it: uvicorn's default
+    (5 s) equals httpx's pool expiry, and a request sent as the server closes fails (labkit.serve.limits)."""
+    socks = []
+    try:
+        for p in topo.procs:  # the router and both workers
+            host, port = p.url.removeprefix("http://").split(":")
+            socks.append(socket.create_connection((host, int(port)), timeout=5))
+        assert [_get_on(s, "/health") for s in socks] == [b"HTTP/1.1 200 OK"] * len(socks)
+        time.sleep(6.0)  # idle past 5 s, the pool expiry of httpx's (and so the load generator's) clients
+        assert [_get_on(s, "/health") for s in socks] == [b"HTTP/1.1 200 OK"] * len(socks)
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_garbage_instead_of_http(topo: Topology, healthy_after: None) -> None:

@@ -39,6 +39,7 @@ import httpx
 from pydantic import ValidationError
 
 from labkit.serve.config import check_prefill_threshold
+from labkit.serve.limits import CLIENT_KEEP_ALIVE_S
 from labkit.serve.messages import (
     DecodeRequest,
     GenerateRequest,
@@ -150,7 +151,9 @@ class HttpBackend:
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(
-            timeout=self._timeout, limits=httpx.Limits(max_connections=1000), transport=self.pool.transport
+            timeout=self._timeout,
+            limits=httpx.Limits(max_connections=1000, keepalive_expiry=CLIENT_KEEP_ALIVE_S),
+            transport=self.pool.transport,
         )
         await self.pool.start()
 

@@ -25,6 +25,13 @@ log = logging.getLogger("labkit.serve")
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY_BYTES = 8 << 20  # a 128k-token prompt as a JSON list of ids is ~1 MB; 8 MiB leaves room
 MAX_HEADER_BYTES = 64 << 10  # all header names and values together; browsers and proxies send < 8 KiB
+# Idle keep-alive connections, on both sides of every hop. A server that closes an idle connection just
+# as its client reuses it fails that request (httpx.ReadError, which the router answers with a 503):
+# uvicorn and httpx both default to 5 s, so with the defaults they race. The lab's servers keep an idle
+# connection longer than any client's pool does (75 s, nginx's default), and the router, as a client,
+# drops its idle ones sooner than any server it calls closes them (vLLM's API server: uvicorn's 5 s).
+SERVER_KEEP_ALIVE_S = 75
+CLIENT_KEEP_ALIVE_S = 2.0
 
 
 def too_large(what: str, limit: int, status: int = 413) -> APIError:

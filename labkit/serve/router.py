@@ -32,9 +32,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from labkit.engine.config import RequestError, check_context
+from labkit.proc import gc_frozen
 from labkit.serve.backend import DisaggBackend, Piece
 from labkit.serve.config import BACKENDS, RouterConfig, parse_config
-from labkit.serve.limits import install_error_handlers, read_json
+from labkit.serve.limits import SERVER_KEEP_ALIVE_S, install_error_handlers, read_json
 from labkit.serve.metrics import CONTENT_TYPE, RouterMetrics
 from labkit.serve.protocol import (
     SSE_DONE,
@@ -302,7 +303,8 @@ def build_app(router: Router) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.backend.start()
-        yield
+        with gc_frozen():  # no long GC pause between a first token and its client (labkit.proc.gc_frozen)
+            yield
         await router.backend.close()
 
     app = FastAPI(title="labkit router", lifespan=lifespan)
@@ -373,7 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("router on %s:%d (%s backend)", cfg.host, cfg.port, cfg.backend)
     uvicorn.Server(
-        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=3)
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level="warning",
+            timeout_graceful_shutdown=3,
+            timeout_keep_alive=SERVER_KEEP_ALIVE_S,
+        )
     ).run()
     return 0
 

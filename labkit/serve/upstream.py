@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from labkit.serve.limits import CLIENT_KEEP_ALIVE_S
 from labkit.serve.messages import WorkerHealth
 
 log = logging.getLogger("labkit.serve.upstream")
@@ -84,7 +85,11 @@ class UpstreamPool:
         return {u.role for u in self.upstreams}
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.health_timeout_s), transport=self.transport)
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.health_timeout_s),
+            limits=httpx.Limits(keepalive_expiry=CLIENT_KEEP_ALIVE_S),
+            transport=self.transport,
+        )
         await asyncio.gather(*(self.poll(u) for u in self.upstreams))
         self._task = asyncio.create_task(self._monitor(), name="upstream-monitor")
 

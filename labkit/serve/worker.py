@@ -33,11 +33,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from labkit.engine.config import RequestError
+from labkit.proc import gc_frozen
 from labkit.serve import decode, prefill
 from labkit.serve.config import WorkerConfig, parse_config
 from labkit.serve.engine_loop import EngineEvent, KVAfterPrefill
 from labkit.serve.faults import Fault, wrap_sender
-from labkit.serve.limits import install_error_handlers, read_message
+from labkit.serve.limits import SERVER_KEEP_ALIVE_S, install_error_handlers, read_message
 from labkit.serve.messages import DecodeRequest, GenerateRequest, PrefillRequest, WorkerHealth
 from labkit.serve.metrics import CONTENT_TYPE, WorkerMetrics
 from labkit.serve.protocol import bad_request
@@ -213,7 +214,8 @@ def build_app(worker: Worker) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker.start()
-        yield
+        with gc_frozen():  # no long GC pause between two engine steps (labkit.proc.gc_frozen)
+            yield
         worker.close()
 
     app = FastAPI(title=f"labkit worker ({role})", lifespan=lifespan)
@@ -286,7 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     uvicorn.Server(
         uvicorn.Config(
-            build_app(worker), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=3
+            build_app(worker),
+            host=cfg.host,
+            port=cfg.port,
+            log_level="warning",
+            timeout_graceful_shutdown=3,
+            timeout_keep_alive=SERVER_KEEP_ALIVE_S,
         )
     ).run()
     return 0
