@@ -19,6 +19,9 @@ signal, SIGKILL included, which no `atexit` hook survives:
    owner's pipe close (or its parent PID change) and stops every registered process group:
    SIGTERM, SIGKILL 2 s later. It covers what the signal misses: children started from other
    threads, grandchildren (vLLM's engine core), platforms without prctl (macOS).
+
+Also here, for the processes themselves: `gc_frozen`, held by the lab's servers for their lifetime
+and by its timing clients while they measure, so that a garbage-collector pass does not stall them.
 """
 
 from __future__ import annotations
