@@ -142,3 +142,20 @@ def install_error_handlers(app: FastAPI, where: str, hint: str = "") -> None:
             error_body(f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"),
             status_code=405,
         )
+
+
+def run_server(app: FastAPI, host: str, port: int) -> None:
+    """Serves `app` until SIGTERM/SIGINT, as the router and every worker do: quiet access log, 3 s to
+    finish in-flight requests, idle connections kept SERVER_KEEP_ALIVE_S."""
+    import uvicorn
+
+    uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=3,
+            timeout_keep_alive=SERVER_KEEP_ALIVE_S,
+        )
+    ).run()

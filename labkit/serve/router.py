@@ -35,7 +35,7 @@ from labkit.engine.config import RequestError, check_context
 from labkit.proc import gc_frozen
 from labkit.serve.backend import DisaggBackend, Piece
 from labkit.serve.config import BACKENDS, RouterConfig, parse_config
-from labkit.serve.limits import SERVER_KEEP_ALIVE_S, install_error_handlers, read_json
+from labkit.serve.limits import install_error_handlers, read_json, run_server
 from labkit.serve.metrics import CONTENT_TYPE, RouterMetrics
 from labkit.serve.protocol import (
     SSE_DONE,
@@ -363,8 +363,6 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per health poll
     cfg = parse_args(argv)
@@ -374,16 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     log.info("router on %s:%d (%s backend)", cfg.host, cfg.port, cfg.backend)
-    uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=cfg.host,
-            port=cfg.port,
-            log_level="warning",
-            timeout_graceful_shutdown=3,
-            timeout_keep_alive=SERVER_KEEP_ALIVE_S,
-        )
-    ).run()
+    run_server(app, cfg.host, cfg.port)
     return 0
 
 

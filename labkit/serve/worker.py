@@ -38,7 +38,7 @@ from labkit.serve import decode, prefill
 from labkit.serve.config import WorkerConfig, parse_config
 from labkit.serve.engine_loop import EngineEvent, KVAfterPrefill
 from labkit.serve.faults import Fault, wrap_sender
-from labkit.serve.limits import SERVER_KEEP_ALIVE_S, install_error_handlers, read_message
+from labkit.serve.limits import install_error_handlers, read_message, run_server
 from labkit.serve.messages import DecodeRequest, GenerateRequest, PrefillRequest, WorkerHealth
 from labkit.serve.metrics import CONTENT_TYPE, WorkerMetrics
 from labkit.serve.protocol import bad_request
@@ -269,7 +269,6 @@ def build_app(worker: Worker) -> FastAPI:
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per health poll
@@ -286,16 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.host,
         cfg.port,
     )
-    uvicorn.Server(
-        uvicorn.Config(
-            build_app(worker),
-            host=cfg.host,
-            port=cfg.port,
-            log_level="warning",
-            timeout_graceful_shutdown=3,
-            timeout_keep_alive=SERVER_KEEP_ALIVE_S,
-        )
-    ).run()
+    run_server(build_app(worker), cfg.host, cfg.port)
     return 0
 
 
