@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "pool.h"
@@ -471,16 +472,30 @@ void attend(const AttnArgs& a, int64_t s, int64_t h0, int64_t h1) {
   const int64_t* table = a.tables + s * a.max_blocks;
   const int64_t slot_bytes = kv_heads * dim * esz;
   // Token t's slot (every kv head's row, contiguous), walked block by block: reading whole slots in
-  // order keeps the reads sequential, and a division per token cost more than the math.
-  auto for_slots = [&](const char* base, auto&& body) {
+  // order keeps the reads sequential, and a division per token cost more than the math. With `ahead`,
+  // the slot that many tokens on is prefetched as each is read, across block edges (blocks lie anywhere
+  // in the cache): 8 tokens on for K made batch-64 attention 5-8% faster in pairs; V gained nothing.
+  const int64_t slot_lines = (nh * dim * esz + 63) / 64;
+  auto for_slots = [&](const char* base, int64_t ahead, auto&& body) {
+    int64_t pb = 0, pi = 0, pt = 0;  // the slot prefetched next: block pb, row pi, token pt
+    auto prefetch_next = [&] {
+      const char* r = base + (table[pb] * bs + pi) * slot_bytes + h0 * dim * esz;
+      for (int64_t l = 0; l < slot_lines; ++l) _mm_prefetch(r + 64 * l, _MM_HINT_T0);
+      if (++pi == bs) pi = 0, ++pb;
+      ++pt;
+    };
+    while (pt < std::min(ahead, n)) prefetch_next();
     for (int64_t b = 0, t = 0; t < n; ++b) {
       const char* r = base + table[b] * bs * slot_bytes + h0 * dim * esz;
-      for (int64_t i = 0; i < bs && t < n; ++i, ++t) body(t, r + i * slot_bytes);
+      for (int64_t i = 0; i < bs && t < n; ++i, ++t) {
+        if (ahead && pt < n) prefetch_next();
+        body(t, r + i * slot_bytes);
+      }
     }
   };
   // Pass 1 over K: scores, and each query's maximum.
   std::vector<float> mx(static_cast<size_t>(nh * g4), -INFINITY);
-  for_slots(a.Kc, [&](int64_t t, const char* slot) {
+  for_slots(a.Kc, 8, [&](int64_t t, const char* slot) {
     for (int64_t hh = 0; hh < nh; ++hh) {
       __m256 kv[DV ? DV : 32];
       for (int64_t c = 0; c < dv; ++c) kv[c] = load8(slot + (hh * dim + 8 * c) * esz, bf16);
@@ -504,36 +519,47 @@ void attend(const AttnArgs& a, int64_t s, int64_t h0, int64_t h1) {
     __m128 sum = _mm_setzero_ps();
     for (int64_t t = 0; t < n; ++t) {
       float* pt = &p[t * nh * g4 + q0];
-      const __m128 e = _mm256_castps256_ps128(exp8(_mm256_castps128_ps256(_mm_sub_ps(_mm_loadu_ps(pt), m))));
+      const __m128 e = _mm256_castps256_ps128(exp8(_mm256_zextps128_ps256(_mm_sub_ps(_mm_loadu_ps(pt), m))));
       _mm_storeu_ps(pt, e);
       sum = _mm_add_ps(sum, e);
     }
     _mm_storeu_ps(&inv[q0], _mm_div_ps(_mm_set1_ps(1.0f), sum));
   }
-  // Pass 2 over V, 32 tokens at a time: for each 8-wide slice of the tile's rows (in L1 after the
-  // first slice), up to 8 queries' sums stay in registers.
-  std::vector<float> out(static_cast<size_t>(nh * group * dim), 0.0f);
+  // Pass 2 over V, 32 tokens at a time: for each 16-wide slice of the tile's rows (in L1 after the
+  // first slice), 4 queries' sums stay in 8 registers, 8 independent FMA chains.
+  std::vector<float> out(static_cast<size_t>(nh * g4 * dim), 0.0f);
   const char* tile[32];
   int64_t t0 = 0, nt = 0;
+  auto slice = [&](int64_t hh, int64_t g0, int64_t c, auto width) {
+    constexpr int W = decltype(width)::value;
+    float* o = &out[(hh * g4 + g0) * dim + 8 * c];
+    __m256 sum[4][W];
+    for (int u = 0; u < 4; ++u)
+      for (int w = 0; w < W; ++w) sum[u][w] = _mm256_loadu_ps(o + u * dim + 8 * w);
+    for (int64_t i = 0; i < nt; ++i) {
+      const char* vr = tile[i] + (hh * dim + 8 * c) * esz;
+      __m256 vv[W];
+      for (int w = 0; w < W; ++w) vv[w] = load8(vr + 8 * w * esz, bf16);
+      const float* pw = &p[((t0 + i) * nh + hh) * g4 + g0];
+      for (int u = 0; u < 4; ++u) {
+        const __m256 b = _mm256_broadcast_ss(pw + u);
+        for (int w = 0; w < W; ++w) sum[u][w] = _mm256_fmadd_ps(b, vv[w], sum[u][w]);
+      }
+    }
+    for (int u = 0; u < 4; ++u)
+      for (int w = 0; w < W; ++w) _mm256_storeu_ps(o + u * dim + 8 * w, sum[u][w]);
+  };
   auto flush = [&] {
     for (int64_t hh = 0; hh < nh; ++hh)
-      for (int64_t c = 0; c < dv; ++c)
-        for (int64_t g0 = 0; g0 < group; g0 += 8) {
-          const int64_t gm = std::min<int64_t>(8, group - g0);
-          float* o = &out[(hh * group + g0) * dim + 8 * c];
-          __m256 sum[8];
-          for (int64_t u = 0; u < gm; ++u) sum[u] = _mm256_loadu_ps(o + u * dim);
-          for (int64_t i = 0; i < nt; ++i) {
-            const __m256 vv = load8(tile[i] + (hh * dim + 8 * c) * esz, bf16);
-            const float* pw = &p[((t0 + i) * nh + hh) * g4 + g0];
-            for (int64_t u = 0; u < gm; ++u) sum[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(pw + u), vv, sum[u]);
-          }
-          for (int64_t u = 0; u < gm; ++u) _mm256_storeu_ps(o + u * dim, sum[u]);
-        }
+      for (int64_t g0 = 0; g0 < g4; g0 += 4) {  // padded queries (zero q) are summed too, never stored
+        int64_t c = 0;
+        for (; c + 2 <= dv; c += 2) slice(hh, g0, c, std::integral_constant<int, 2>{});
+        if (c < dv) slice(hh, g0, c, std::integral_constant<int, 1>{});
+      }
     t0 += nt;
     nt = 0;
   };
-  for_slots(a.Vc, [&](int64_t, const char* slot) {
+  for_slots(a.Vc, 0, [&](int64_t, const char* slot) {
     tile[nt++] = slot;
     if (nt == 32) flush();
   });
@@ -542,7 +568,7 @@ void attend(const AttnArgs& a, int64_t s, int64_t h0, int64_t h1) {
     for (int64_t g = 0; g < group; ++g)
       for (int64_t c = 0; c < dv; ++c)
         store8(a.O + ((s * heads + (h0 + hh) * group + g) * dim + 8 * c) * esz,
-               _mm256_mul_ps(_mm256_loadu_ps(&out[(hh * group + g) * dim + 8 * c]), _mm256_set1_ps(inv[hh * g4 + g])),
+               _mm256_mul_ps(_mm256_loadu_ps(&out[(hh * g4 + g) * dim + 8 * c]), _mm256_set1_ps(inv[hh * g4 + g])),
                bf16);
 }
 
