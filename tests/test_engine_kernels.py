@@ -88,9 +88,18 @@ def _paged(seqs: int, ctx: list[int], kv_heads: int, dim: int, bs: int, dtype: t
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_equals_sdpa_over_gathered_blocks(dtype: torch.dtype) -> None:
-    seqs, heads, kv_heads, dim, bs = 3, 8, 2, 64, 16
-    ctx = [1, 17, 45]
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,ctx",
+    [
+        (8, 2, 64, [1, 17, 45]),  # few sequences: the kernels' pool
+        (6, 2, 40, [1, 17, 45, 3, 64, 16, 33, 8, 100]),  # more: OpenMP's team; 3 queries per kv head, dim 5 x 8
+        (4, 4, 128, [5, 70, 31, 2, 9]),  # one query per kv head
+    ],
+)
+def test_decode_attention_equals_sdpa_over_gathered_blocks(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, ctx: list[int]
+) -> None:
+    seqs, bs = len(ctx), 16
     k, v, tables = _paged(seqs, ctx, kv_heads, dim, bs, dtype)
     wide = torch.randn(seqs, heads + kv_heads, dim).to(dtype)   # q is a strided view, as in the engine
     q = wide[:, :heads]
@@ -117,8 +126,9 @@ def test_stream_read_sums_the_buffer() -> None:
 
 
 @needs_kernels
-def test_native_and_reference_engines_agree_on_small_batches() -> None:
-    """Batch 1-4 decode through the kernels gives the reference path's tokens, and its logits within fp32 rounding."""
+def test_native_and_reference_engines_agree_on_small_and_big_batches() -> None:
+    """Batch 1, 4 and 9 decode through the kernels gives the reference path's tokens (9: the matmuls in oneDNN,
+    attention still native)."""
     prompts = [[256] + [(29 * i + 7 * s) % 256 for i in range(n)] for s, n in enumerate((5, 16, 33, 60))]
     sp = SamplingParams(max_tokens=12, ignore_eos=True)
     outs = {}
@@ -127,8 +137,9 @@ def test_native_and_reference_engines_agree_on_small_batches() -> None:
         assert eng.model.native == native
         outs[native] = [o.output_token_ids for o in eng.generate(prompts, sp)]
         outs[native, 1] = [o.output_token_ids for o in eng.generate(prompts[:1], sp)]
+        outs[native, 9] = [o.output_token_ids for o in eng.generate(prompts + prompts + prompts[:1], sp)]
         assert eng.num_free_blocks == eng.num_total_blocks
-    assert outs[True] == outs[False] and outs[True, 1] == outs[False, 1]
+    assert outs[True] == outs[False] and outs[True, 1] == outs[False, 1] and outs[True, 9] == outs[False, 9]
 
 
 def _step_logits(eng: Engine, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[int]]:

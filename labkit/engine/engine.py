@@ -314,7 +314,7 @@ class Engine:
             tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.decodes]
             decode_blocks = torch.tensor(tables, dtype=torch.int64, device=dev)
             decode_ctx = ctx = torch.tensor([len(s.token_ids) for s in batch.decodes], device=dev)
-            if not self.model.native_decode_attention(nd):  # the native kernel reads the context lengths instead
+            if not self.model.native:  # the native kernel reads the context lengths instead
                 decode_mask = (torch.arange(width * bs, device=dev)[None, :] < ctx[:, None]).view(nd, 1, 1, -1)
             for i, s in enumerate(batch.decodes):
                 p = len(s.token_ids) - 1

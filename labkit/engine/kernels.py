@@ -41,7 +41,7 @@ from labkit.config import labkit_home
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"  # includes csrc/pool.h
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 BLOCK = 64  # output columns per packed block (matches oneDNN's fp32 packing on AVX2)
-SMALL_M = 4  # rows up to which fp32 matmuls (and decode attention) take the native kernels
+SMALL_M = 4  # rows up to which fp32 matmuls take the native kernels (and run on the pool; more on OpenMP's team)
 BUILD_TIMEOUT_S = 180
 
 _reason = ""

@@ -13,8 +13,9 @@
 //   lk_stream_read       sum of a buffer: the read-bandwidth roof, measured the way lk_gemm reads
 //   lk_pin_threads       starts the pool's workers (pool.h), each pinned to one CPU
 //
-// Threads: decode-time work (M <= 4, attention, the roof) runs on the pool of pool.h, whose caller
-// waits for the work rather than for every thread; prefill-size work uses OpenMP (torch's team).
+// Threads: small decode-time work (up to 4 rows or sequences, and the roof) runs on the pool of pool.h,
+// whose caller waits for the work rather than for every thread; bigger work (prefill, the attention of
+// a big decode batch) uses OpenMP (torch's team), like the matmuls beside it.
 //
 // Layouts. Packed weight: block j holds output columns [64j, 64j+64) for every k, row k of the
 // block at offset (j*K + k)*64 elements. fp32: column c of the block at c. bf16: in each group
@@ -37,6 +38,7 @@
 namespace {
 
 constexpr int kBlock = 64;  // output columns per packed block (oneDNN's choice for fp32 on AVX2)
+constexpr int64_t kSmallM = 4;  // rows (sequences) up to which calls run on the pool: kernels.SMALL_M
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -409,7 +411,7 @@ int lk_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx, int act
   const Epilogue e{bias, other, ldo, op, act, act_bf16 != 0};
   const int64_t nblocks = (N + kBlock - 1) / kBlock;
   const char* wp = static_cast<const char*>(w);
-  if (M <= 4) {  // decode: reading the weights is the work
+  if (M <= kSmallM) {  // decode: reading the weights is the work
     // Blocks handed out one at a time by the pool: a thread the OS takes away for a while (a
     // shared machine) then delays the call by one block, not by half the matrix.
     parallel(threads, nblocks, [&](int64_t j) {
@@ -594,12 +596,22 @@ int lk_decode_attention(int64_t nseq, int64_t heads, int64_t kv_heads, int64_t d
   // Work items: whole sequences when there are enough to share (each reads its slots in order), else
   // one kv head of one sequence each (batch 1 still uses every thread).
   const bool whole = nseq >= 2 * threads;
-  parallel(threads, whole ? nseq : nseq * kv_heads, [&](int64_t item) {
-    const int64_t s = whole ? item : item / kv_heads, h0 = whole ? 0 : item % kv_heads, h1 = whole ? kv_heads : h0 + 1;
+  const int64_t items = whole ? nseq : nseq * kv_heads;
+  auto item = [&](int64_t it) {
+    const int64_t s = whole ? it : it / kv_heads, h0 = whole ? 0 : it % kv_heads, h1 = whole ? kv_heads : h0 + 1;
     if (dim == 64) attend<8>(a, s, h0, h1);
     else if (dim == 128) attend<16>(a, s, h0, h1);
     else attend<0>(a, s, h0, h1);
-  });
+  };
+  // Few sequences run on the pool, as lk_gemm's few rows do (a step that small runs whole in it); more
+  // run on OpenMP's team, as that step's matmuls do: on the pool, its pinned threads waited for
+  // OpenMP's still-spinning ones, and a batch-64 step was 1.04-1.14x slower (paired, 2 cores).
+  if (nseq <= kSmallM) {
+    parallel(threads, items, [&](int64_t it) { item(it); });
+  } else {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t it = 0; it < items; ++it) item(it);
+  }
   return 0;
 }
 
@@ -716,7 +728,7 @@ int lk_decode_layers(int64_t M, int64_t layers, const LkLayer* L, int64_t hidden
                      const int64_t* pos, void* k_cache, void* v_cache, int64_t cache_slots, const int64_t* slots,
                      const int64_t* tables, int64_t max_blocks, const int64_t* ctx, int64_t block_size, float scale,
                      int bf16, int w_bf16, int threads) {
-  if (M < 1 || M > 4 || layers < 1 || !L || !x || !k_cache || !v_cache) return -1;
+  if (M < 1 || M > kSmallM || layers < 1 || !L || !x || !k_cache || !v_cache) return -1;
   const int64_t esz = bf16 ? 2 : 4, qkv_n = (heads + 2 * kv_heads) * dim, q_n = heads * dim;
   const int64_t cache_layer = cache_slots * kv_heads * dim * esz;
   std::vector<char> ws(static_cast<size_t>(M * (2 * hidden + qkv_n + q_n + inter) * esz));
