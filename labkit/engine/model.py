@@ -440,7 +440,7 @@ class CausalLM:
         nd, group = q.shape[0], c.num_heads // c.num_kv_heads
         assert meta.decode_blocks is not None
         # Native: one pass over K and V, no gathered copy. Paired on `small`'s attention shapes (batch 16 to 64,
-        # contexts 128 to 1024) the gather + SDPA path took 1.2-3.5x as long, and whole batch-16 to 64 decode
+        # contexts 128 to 1024) the gather + SDPA path took 1.2-3.6x as long, and whole batch-16 to 64 decode
         # steps 1.12-1.33x as long (fp32 and bf16, 2-core EPYC).
         if self.native and meta.decode_ctx is not None:
             return kernels.decode_attention(
