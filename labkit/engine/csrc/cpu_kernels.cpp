@@ -268,7 +268,7 @@ void one_row_block(const float* A, const char* w, int64_t j, int64_t K, int64_t 
 }
 
 // acc[s][i][64] += A[i, kk] * W[kk, :] for the k-rows kk of each sub-stream s in [t0, t1), one at a time
-// (the odd k-row that rows_pair_of_k leaves).
+// (the k-rows rows_pair_of_k leaves: an odd last one per sub-stream, and the last K % 4).
 template <int MR, bool WBF16>
 inline void few_rows_tile(const float* A, int64_t lda, const void* blk, int64_t per, int64_t t0, int64_t t1,
                           int streams, float* acc) {
@@ -363,7 +363,8 @@ void few_rows(int64_t M, const float* A, int64_t lda, const char* w, int64_t j, 
 // Runs body(i) for i in [0, items) on `threads` threads of the pool (see pool.h).
 template <class Body>
 void parallel(int threads, int64_t items, Body&& body) {
-  lk::Pool::get().run(threads, items, [](void* ctx, int64_t i) { (*static_cast<Body*>(ctx))(i); }, &body);
+  using B = std::remove_reference_t<Body>;  // a named lambda (an lvalue) as well as a temporary one
+  lk::Pool::get().run(threads, items, [](void* ctx, int64_t i) { (*static_cast<B*>(ctx))(i); }, &body);
 }
 
 }  // namespace
@@ -607,7 +608,7 @@ int lk_decode_attention(int64_t nseq, int64_t heads, int64_t kv_heads, int64_t d
   // run on OpenMP's team, as that step's matmuls do: on the pool, its pinned threads waited for
   // OpenMP's still-spinning ones, and a batch-64 step was 1.04-1.14x slower (paired, 2 cores).
   if (nseq <= kSmallM) {
-    parallel(threads, items, [&](int64_t it) { item(it); });
+    parallel(threads, items, item);
   } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t it = 0; it < items; ++it) item(it);
