@@ -71,7 +71,7 @@ def main() -> int:
     token = new_kv_token()
     runs: list[dict[str, Any]] = []
     load_before = os.getloadavg()
-    decode = start_worker("decode", model=model, cpus=cpus["decode"], kv_token=token, transfer="tcp", settings=common,
+    decode = start_worker("decode", model=model, cpus=cpus["decode"], kv_token=token, transfer="tcp", **common,
                           startup_timeout_s=600)
     procs = [decode]
     try:
@@ -79,7 +79,7 @@ def main() -> int:
         with httpx.Client(timeout=1800) as client:
             for gbps in links:
                 prefill = start_worker("prefill", model=model, cpus=cpus["prefill"], kv_token=token, transfer="tcp",
-                                       settings={**common, "link_gbps": gbps}, startup_timeout_s=600)
+                                       link_gbps=gbps, startup_timeout_s=600, **common)
                 procs.append(prefill)
 
                 for mode in ("whole", "layers"):   # warm-up: connections, first-call allocations

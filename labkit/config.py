@@ -115,16 +115,26 @@ def _key(f: Field[Any]) -> str:
     return str(f.metadata.get("flag") or f.name).replace("-", "_")
 
 
-def add_flags(parser: argparse._ActionsContainer, cls: type, *, skip: Iterable[str] = ()) -> None:
-    """Adds one flag per leaf field of dataclass `cls` (help from the field's `doc`, the default
-    shown from the dataclass). Flags left out are absent from the parsed namespace, so `flag_values`
-    returns only what was given."""
+def add_flags(
+    parser: argparse._ActionsContainer,
+    cls: type,
+    *,
+    skip: Iterable[str] = (),
+    only: Iterable[str] | None = None,
+    keep_defaults: bool = False,
+) -> None:
+    """Adds one flag per leaf field of dataclass `cls` (or the `only` ones; help from the field's `doc`,
+    the default shown from the dataclass). Flags left out are absent from the parsed namespace, so
+    `flag_values` returns only what was given; `keep_defaults`: they take the dataclass's default."""
+    wanted = None if only is None else set(only)
     for _, f, tp in _flat_fields(cls, skip):
+        if wanted is not None and f.name not in wanted:
+            continue
         default = f.default_factory() if f.default is MISSING and callable(f.default_factory) else f.default
         shown = "" if default is None else f" (default: {default})"
         kw: dict[str, Any] = {
             "dest": _key(f),
-            "default": argparse.SUPPRESS,
+            "default": default if keep_defaults else argparse.SUPPRESS,
             "help": f"{f.metadata.get('help', '')}{shown}".strip(),
         }
         args = get_args(tp)
@@ -141,10 +151,10 @@ def add_flags(parser: argparse._ActionsContainer, cls: type, *, skip: Iterable[s
         parser.add_argument("--" + _key(f).replace("_", "-"), metavar=f.name.upper(), **kw)
 
 
-def flag_values(ns: argparse.Namespace, cls: type, *, nested: bool = True) -> dict[str, Any]:
-    """The flags of `cls` given on a command line (added by `add_flags`): a nested dict of field values,
-    or flat (by setting name) with `nested=False`."""
-    keys = {_key(f) for _, f, _ in _flat_fields(cls)}
+def flag_values(ns: argparse.Namespace, cls: type, *, nested: bool = True, skip: Iterable[str] = ()) -> dict[str, Any]:
+    """The flags of `cls` given on a command line (added by `add_flags`, with the same `skip`): a nested
+    dict of field values, or flat (by setting name) with `nested=False`."""
+    keys = {_key(f) for _, f, _ in _flat_fields(cls, skip)}
     flat = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(ns).items() if k in keys}
     return nest(cls, flat) if nested else flat
 

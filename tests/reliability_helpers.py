@@ -68,7 +68,7 @@ class Topology:
         try:
             return start_worker(role, model=self.model, port=port, name=f"{role}0", cpus=cpus,
                                 kv_token=self.kv_token, kv_cache_bytes=32 << 20, transfer=self.transfer,
-                                extra_args=["--transfer-timeout-s", str(self.transfer_timeout_s)])
+                                transfer_timeout_s=self.transfer_timeout_s)
         finally:
             for k, v in saved.items():
                 if v is None:

@@ -80,7 +80,7 @@ def test_03_gpu_profile_places_the_servers_on_the_gpus(monkeypatch: pytest.Monke
         spec.launch("mono-chunked", chunk_tokens=p["CHUNK_TOKENS"])
         spec.launch("1p1d")
     gpu_mono, gpu_1p1d, cpu_mono, cpu_1p1d = seen
-    assert gpu_mono["gpus"] == [0] and gpu_mono["mono_cpus"] is None and gpu_mono["settings"] == {"random_weights": True}
+    assert gpu_mono["gpus"] == [0] and gpu_mono["mono_cpus"] is None and gpu_mono["random_weights"] is True
     assert gpu_1p1d["mode"] == "disagg" and gpu_1p1d["gpus"] == [0]
     assert cpu_mono["gpus"] is None and cpu_mono["chunked_prefill"] and cpu_mono["max_num_batched_tokens"] == 256
     assert cpu_1p1d["gpus"] is None and cpu_1p1d["mode"] == "disagg"
@@ -117,7 +117,7 @@ def test_05_parameters_per_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (ci["MODEL"], full["MODEL"], gpu["MODEL"]) == ("tiny", "small", "llama-3.2-1b")
     assert full["REPEATS"] >= 3 and full["REPEATS"] * full["N_REQUESTS"] >= 50, "issue 15: >= 50 requests per point"
     assert ci["REPEATS"] >= 2, "CI runs the repeat path too"
-    assert gpu["GPUS"] == [0] and "--random-weights" in gpu["WORKER_ARGS"] and gpu["CONV_SCALE"] == 1.0
+    assert gpu["GPUS"] == [0] and gpu["WORKER_SETTINGS"]["random_weights"] is True and gpu["CONV_SCALE"] == 1.0
     for ns in (ci, full, gpu):
         assert set(ns["MODES"]) >= {"mono", "1p1d"}
         assert ns["SLOS"] == {"the TTFT SLO": ns["SLO_TTFT"], "the ITL SLO": ns["SLO_ITL"]}

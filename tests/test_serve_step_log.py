@@ -12,7 +12,7 @@ from labkit.serve.launcher import launch
 
 def test_mono_worker_logs_its_steps(tmp_path: Path) -> None:
     log = tmp_path / "steps.jsonl"
-    with launch("mono", model="tiny", kv_cache_bytes=32 << 20, worker_args=["--step-log", str(log)]) as srv:
+    with launch("mono", model="tiny", kv_cache_bytes=32 << 20, step_log=str(log)) as srv:
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hello there", "max_tokens": 5,
                                                            "ignore_eos": True}, timeout=60)
         assert r.status_code == 200, r.text

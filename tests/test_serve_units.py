@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -228,12 +229,15 @@ def test_worker_flags_come_from_the_config_fields_and_the_json_document_round_tr
     assert parse("--config", to_json(cfg), "--port", "9").port == 9      # a flag on top wins
     assert parse().engine == EngineConfig()                              # defaults: the engine's, written once
     assert worker_config("decode", {"transfer_timeout_s": 2}).transfer.timeout_s == 2.0
-    # every default shown in --help is the dataclass's; the launcher repeats none of them
+    # every default shown in --help is the dataclass's; the launcher repeats no setting (bar the worker's role, name
+    # and port, which start_worker assigns, and in launch the router's host and port): they pass as **settings
     p = argparse.ArgumentParser()
     add_flags(p, WorkerConfig)
     assert f"(default: {EngineConfig().kv_cache_bytes})" in " ".join(p.format_help().split())
+    flags = {f.replace("-", "_") for f in re.findall(r"^  --([a-z][a-z0-9-]*)", p.format_help(), re.M)}
+    assert {"kv_cache_bytes", "dtype", "transfer", "kv_stream", "step_log"} <= flags
     for fn in (start_worker, launch):
-        assert inspect.signature(fn).parameters["kv_cache_bytes"].default is None
+        assert set(inspect.signature(fn).parameters) & flags <= {"role", "name", "port", "host"}, fn.__name__
     for bad, message in [({"kv_cache_bytes": 0}, "kv_cache_bytes must be >= 1"), ({"kv_stream": "bits"}, "kv_stream"),
                          ({"transfer": "pigeon"}, "pigeon"), ({"kv_bytes": 1}, "'kv_bytes' is not a setting")]:
         with pytest.raises(ValueError, match=message):
@@ -256,9 +260,9 @@ def test_kv_stream_timeline_draws_both_modes_in_ms() -> None:
     assert len(marks) == 1 and list(marks[0].get_xdata()) == pytest.approx([100, 200, 300, 405])
 
 
-def test_launcher_settings_and_arguments_meet_in_one_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What start_worker hands the worker: `settings` by flag name, explicit arguments on top, None
-    never hiding a setting (a worker started with settings={"max_model_len": 8200} gets 8200)."""
+def test_launcher_settings_meet_in_one_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What start_worker hands the worker: every setting by its flag name in one config, None taking the
+    default; a name that is no setting is refused before anything starts."""
     import json
 
     from labkit.serve import launcher
@@ -270,10 +274,16 @@ def test_launcher_settings_and_arguments_meet_in_one_config(monkeypatch: pytest.
         raise launcher.StartupError("not starting anything in this test")
     monkeypatch.setattr(launcher, "start_process", fake_start)
     with pytest.raises(launcher.StartupError):
-        launcher.start_worker("prefill", kv_token="t" * 16, kv_stream="layers", transfer="tcp",
-                              settings={"max_model_len": 8200, "link_gbps": 10, "kv_cache_bytes": 1 << 20})
+        launcher.start_worker("prefill", kv_token="t" * 16, kv_stream="layers", transfer="tcp", max_model_len=8200,
+                              link_gbps=10, kv_cache_bytes=1 << 20, dtype=None)
     doc = json.loads(argvs[0][argvs[0].index("--config") + 1])
     assert doc["engine"]["max_model_len"] == 8200 and doc["engine"]["kv_cache_bytes"] == 1 << 20
+    assert doc["engine"]["dtype"] == "float32"    # None: EngineConfig's default
     assert doc["transfer"] == {"backend": "tcp", "timeout_s": 30.0, "kv_stream": "layers", "link_gbps": 10.0,
                                "link_latency_ms": 0.0, "kv_flag_factor": 10.0}
     assert "t" * 16 not in " ".join(argvs[0])     # the KV token travels in the environment only
+    with pytest.raises(ValueError, match="'kv_cache_byte' is not a setting of WorkerConfig"):
+        launcher.start_worker("mono", kv_cache_byte=1 << 20)
+    with pytest.raises(ValueError, match="'bogus' is not a setting of WorkerConfig"):
+        launcher.launch("disagg", bogus=1)
+    assert len(argvs) == 1                        # neither started a process

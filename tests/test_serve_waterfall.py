@@ -160,7 +160,7 @@ def test_kv_over_a_slow_link_is_flagged_everywhere(tiny_model_dir) -> None:
     from labkit.bench.workloads import build_requests
 
     gbps = 0.01   # 1.25 MB/s: a 300-token KV (1.2 MB) takes about 1 s; loopback tcp here, some ms
-    with launch("disagg", model="tiny", transfer="tcp", settings={"link_gbps": gbps}, prefill_cpus=[0],
+    with launch("disagg", model="tiny", transfer="tcp", link_gbps=gbps, prefill_cpus=[0],
                 decode_cpus=[1], kv_cache_bytes=32 << 20) as srv:
         reqs = build_requests([300, 300], [3, 3], seed=3)
         res = run_load(LoadConfig(srv.url, arrivals=Arrivals("burst"), max_concurrency=1, progress=False), reqs)

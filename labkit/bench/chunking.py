@@ -62,8 +62,8 @@ class ServerSpec:
             "dtype": self.dtype,
             "gpus": gpus,
             "kv_cache_bytes": self.kv_cache_bytes,
-            "settings": dict(self.settings),
-            "worker_args": ["--step-log", str(step_log)] if step_log else [],
+            "step_log": str(step_log) if step_log else None,
+            **self.settings,
         }
         if mode == "1p1d":
             return launch("disagg", prefill_cpus=cpus["prefill"], decode_cpus=cpus["decode"], **common)

@@ -83,9 +83,7 @@ def shared_1p1d(
     placed: dict[str, dict[str, float]] = {}
     try:
         workers.append(start_worker("prefill", name="prefill0", cpus=split.get("prefill"), **common))
-        workers.append(
-            start_worker("decode", name="decode0", cpus=split.get("decode"), settings={"local_prefill": True}, **common)
-        )
+        workers.append(start_worker("decode", name="decode0", cpus=split.get("decode"), local_prefill=True, **common))
 
         @contextlib.contextmanager
         def factory(spec: ModeSpec) -> Iterator[str]:

@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -412,7 +412,7 @@ def lab_server_factory(
     transfer: str = "shm",
     kv_cache_bytes: int | None = None,
     startup_timeout_s: float = 180.0,
-    worker_args: Sequence[str] = (),
+    settings: Mapping[str, Any] | None = None,
     step_log_dir: str | Path | None = None,
     gpus: Sequence[int] | None = None,
 ) -> ServerFactory:
@@ -423,7 +423,7 @@ def lab_server_factory(
     prefill uses the mode's chunk (`mono-chunked-N`) or `chunk_tokens` as the step's token budget,
     so no step holds more than that many prompt tokens. Selective modes (`1p1d-selective-N`) start
     the router with that prefill threshold. `kv_cache_bytes`: None keeps the workers' default
-    (EngineConfig's). `worker_args`: more worker flags.
+    (EngineConfig's). `settings`: more worker settings by name (WorkerConfig's, e.g. `dtype`).
     `step_log_dir`: every worker of a mode logs its steps to `<dir>/<mode name>.jsonl`. `gpus`: serve on
     these GPUs instead of cores (the launcher places the workers; `cpus` is then unused).
     """
@@ -433,28 +433,28 @@ def lab_server_factory(
         from labkit.serve.launcher import default_cpu_split, launch
 
         split = cpus or default_cpu_split()
-        extra = [
-            *worker_args,
-            *(["--step-log", str(Path(step_log_dir) / f"{spec.name}.jsonl")] if step_log_dir else []),
-        ]
         budget = (spec.chunk_tokens or chunk_tokens) if spec.chunked_prefill else max_num_batched_tokens
+        worker = {  # every worker's settings (WorkerConfig's, by name): the mode's, then the caller's
+            "model": model,
+            "chunked_prefill": spec.chunked_prefill,
+            "max_num_batched_tokens": budget,
+            "transfer": transfer,
+            "kv_cache_bytes": kv_cache_bytes,
+            **(settings or {}),
+            "step_log": str(Path(step_log_dir) / f"{spec.name}.jsonl") if step_log_dir else None,
+        }
         srv = launch(
             spec.mode,
-            model=model,
             mono=spec.replicas,
             prefill=max(1, spec.prefill),
             decode=max(1, spec.decode),
-            chunked_prefill=spec.chunked_prefill,
-            max_num_batched_tokens=budget,
             prefill_threshold=spec.prefill_threshold,
-            transfer=transfer,
             mono_cpus=split.get("mono"),
             prefill_cpus=split.get("prefill"),
             decode_cpus=split.get("decode"),
-            kv_cache_bytes=kv_cache_bytes,
-            worker_args=extra,
             startup_timeout_s=startup_timeout_s,
             gpus=list(gpus) if gpus else None,
+            **worker,
         )
         try:
             yield srv.url

@@ -54,7 +54,7 @@ def _launch_kw(ctx: Ctx, model: str, dtype: str, *, random_weights: bool) -> dic
         "dtype": dtype,
         "gpus": [0] if ctx.gpu else None,
         "cuda_graphs": ctx.gpu or None,
-        "settings": {"random_weights": True} if random_weights else None,
+        "random_weights": random_weights,
         "startup_timeout_s": 600.0,
     }
 

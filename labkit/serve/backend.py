@@ -2,17 +2,7 @@
 
 The router (router.py) speaks OpenAI to clients: it validates, counts, times, and formats
 SSE. A backend turns one validated `CompletionRequest` into a stream of `Piece`s (text plus
-how many tokens it carries). Any server fits behind the router by implementing it:
-
-    class DisaggBackend(Protocol):
-        pool: UpstreamPool                       # its upstreams: health, load, /health, /metrics
-        uses_token_ids: bool                     # True: the router tokenizes and passes prompt_ids
-        async def start(self) -> None: ...       # open clients, first health poll
-        async def close(self) -> None: ...
-        def generate(self, req, prompt_ids, request_id) -> AsyncIterator[Piece]: ...
-
-`generate` raises `APIError` (503 when no upstream is up or one died) before its first piece,
-or while streaming; the router turns it into an HTTP error or an SSE error event.
+how many tokens it carries). Any server fits behind the router by implementing `DisaggBackend`.
 
 `LabBackend` fronts the lab's own workers: `mono` workers, or `prefill` + `decode` workers
 (the KV moves worker to worker over the transport; the router carries only the control
@@ -38,7 +28,7 @@ from typing import Any, Protocol
 import httpx
 from pydantic import ValidationError
 
-from labkit.serve.config import check_prefill_threshold
+from labkit.serve.config import RouterConfig, check_prefill_threshold
 from labkit.serve.limits import CLIENT_KEEP_ALIVE_S
 from labkit.serve.messages import (
     DecodeRequest,
@@ -51,7 +41,7 @@ from labkit.serve.messages import (
 from labkit.serve.metrics import RouterMetrics
 from labkit.serve.prefix_index import ActiveBlocks, PrefixIndex, block_hashes
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
-from labkit.serve.routing import DEFAULT_POLICY, PrefillCandidate, PrefillPolicy, choose, load_policy
+from labkit.serve.routing import PrefillCandidate, PrefillPolicy, choose, load_policy
 from labkit.serve.textstream import TextStream
 from labkit.serve.upstream import Upstream, UpstreamPool
 from labkit.serve.waterfall import RequestTiming
@@ -74,10 +64,14 @@ class Piece:
 
 
 class DisaggBackend(Protocol):
-    pool: UpstreamPool
-    uses_token_ids: bool
+    """What the router needs of a backend. `generate` raises `APIError` (503 when no upstream is up or one
+    died) before its first piece, or while streaming; the router turns it into an HTTP error or an SSE
+    error event."""
 
-    async def start(self) -> None: ...
+    pool: UpstreamPool  # its upstreams: health, load, /health, /metrics
+    uses_token_ids: bool  # True: the router tokenizes and passes prompt_ids
+
+    async def start(self) -> None: ...  # open clients, first health poll
 
     async def close(self) -> None: ...
 
@@ -89,6 +83,7 @@ class DisaggBackend(Protocol):
     ) -> AsyncGenerator[Piece, None]: ...
 
 
+CONNECT_TIMEOUT_S = 2.0  # an upstream on loopback or a LAN accepts a connection in far less
 CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
@@ -133,8 +128,9 @@ class HttpBackend:
 
     uses_token_ids = True
 
-    def __init__(self, pool: UpstreamPool, *, connect_timeout_s: float, read_timeout_s: float) -> None:
-        """The HTTP client uses the pool's `transport` too (tests: in-process ASGI apps)."""
+    def __init__(self, cfg: RouterConfig, pool: UpstreamPool) -> None:
+        """The HTTP client waits `cfg.read_timeout_s` for an upstream's next bytes and uses the pool's
+        `transport` (tests: in-process ASGI apps)."""
         roles = pool.roles()
         if roles == {"mono"}:
             self.mode = "mono"
@@ -146,7 +142,7 @@ class HttpBackend:
                 f"got roles {sorted(roles)}"
             )
         self.pool = pool
-        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=10.0)
+        self._timeout = httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=cfg.read_timeout_s, write=10.0, pool=10.0)
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
@@ -174,7 +170,7 @@ class HttpBackend:
             yield
         except CONN_ERRORS as e:
             self.pool.mark_down(u, f"{path}: {e.__class__.__name__}")
-            raise upstream_error(u, e) from None
+            raise upstream_error(u, e) from e  # the cause tells a caller whether a retry is safe
         except httpx.TimeoutException as e:
             raise upstream_error(u, e) from None
         finally:
@@ -182,30 +178,20 @@ class HttpBackend:
 
 
 class LabBackend(HttpBackend):
-    """The lab's workers behind a KV-aware choice: mono, or prefill + decode."""
+    """The lab's workers behind a KV-aware choice: mono, or prefill + decode (the router's "lab" backend,
+    built from its RouterConfig; the prefill policy is loaded now, so a bad spec stops the router at start)."""
 
-    def __init__(
-        self,
-        pool: UpstreamPool,
-        tokenizer: Any,
-        metrics: RouterMetrics,
-        *,
-        policy: PrefillPolicy | None = None,
-        connect_timeout_s: float = 2.0,
-        read_timeout_s: float = 120.0,
-        transfer_timeout_s: float = 30.0,
-        prefill_threshold: int = 0,
-    ) -> None:
-        super().__init__(pool, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
-        self.prefill_threshold = check_prefill_threshold(prefill_threshold, self.mode)
+    def __init__(self, cfg: RouterConfig, pool: UpstreamPool, metrics: RouterMetrics, tokenizer: Any) -> None:
+        super().__init__(cfg, pool)
+        self.prefill_threshold = check_prefill_threshold(cfg.prefill_threshold, self.mode)
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.policy = policy or load_policy(DEFAULT_POLICY)
+        self.policy: PrefillPolicy = load_policy(cfg.prefill_policy)
         self.index = PrefixIndex()
         self.active = ActiveBlocks()  # blocks of the requests open on each worker (a policy's load)
         self.block_size: int | None = None  # the workers' own, from their first /health
         self._flag_logged_s: dict[str, float] = {}
-        self.transfer_timeout_s = transfer_timeout_s
+        self.transfer_timeout_s = cfg.transfer_timeout_s
         pool.on_down = self._forget
         pool.on_up = self._sized
 
@@ -339,10 +325,13 @@ class LabBackend(HttpBackend):
         path: str,
         msg: GenerateRequest | DecodeRequest,
         on_timing: Callable[[StreamTiming, float, float], None] | None = None,
+        caches: list[bytes] | None = None,
     ) -> AsyncGenerator[tuple[int | None, str | None], None]:
         """(token_id, finish_reason) from a worker's TokenEvent lines; APIError on any failure.
         `on_timing(timing, sent_at, got_at)`: the first line's StreamTiming, with when the request
-        left and that line arrived (perf_counter)."""
+        left and that line arrived (perf_counter). `caches`: the prompt's block hashes, which the
+        prefix index records as cached on `u` once its first line arrived (its engine holds the
+        prompt's KV from then on: prefilled, or adopted)."""
         assert self._client is not None
         with self.calling(u, path):
             sent_at = time.perf_counter()
@@ -370,6 +359,9 @@ class LabBackend(HttpBackend):
                         )
                     if ev.timing is not None and on_timing is not None:
                         on_timing(ev.timing, sent_at, time.perf_counter())
+                    if caches:
+                        self.index.insert(u.name, caches)
+                        caches = None
                     yield ev.token_id, ev.finish_reason
                     if ev.finish_reason is not None:
                         return
@@ -392,11 +384,11 @@ class LabBackend(HttpBackend):
 
             try:
                 with self.opened(u, hashes, n):
-                    async with aclosing(self._stream_lines(u, "/internal/generate", msg, first_line)) as items:
+                    lines = self._stream_lines(u, "/internal/generate", msg, first_line, hashes)
+                    async with aclosing(lines) as items:
                         async for item in items:
                             if not started:
                                 started = True
-                                self.index.insert(u.name, hashes)
                                 self.metrics.prefills.labels("mono", u.name).inc()
                             yield item
                 return
@@ -418,11 +410,8 @@ class LabBackend(HttpBackend):
             def local_first_line(t: StreamTiming, sent_at: float, got_at: float) -> None:
                 timing.mono_first_line(t, d.name, sent_at, got_at)  # prefilled where it decodes: no KV transfer
 
-            async with aclosing(self._stream_lines(d, "/internal/generate", msg, local_first_line)) as items:
+            async with aclosing(self._stream_lines(d, "/internal/generate", msg, local_first_line, hashes)) as items:
                 async for item in items:
-                    if item[0] is not None and hashes:  # the decode worker caches the prompt from now on
-                        self.index.insert(d.name, hashes)
-                        hashes = []
                     yield item
             return
         tried: set[str] = set()
@@ -433,20 +422,17 @@ class LabBackend(HttpBackend):
                 raise unavailable(f"decode worker {d.name} announced no KV endpoint (is it a lab decode worker?)")
             tried.add(p.name)
             pre = PrefillRequest(**dict(msg), kv_endpoint=d.health.kv_endpoint)
-            p.in_flight += 1
             sent_at = time.perf_counter()
             try:
-                with self.opened(p, hashes, n):
+                with self.calling(p, "/internal/prefill"), self.opened(p, hashes, n):
                     r = await self._client.post(p.url + "/internal/prefill", json=pre.model_dump(mode="json"))
-            except CONN_ERRORS as e:
-                self.pool.mark_down(p, f"/internal/prefill: {e.__class__.__name__}")
-                if self.pool.by_role("prefill") and not isinstance(e, httpx.ReadError):
+            except APIError as e:
+                # Refused or cut before the worker read it: another prefill worker may take the request.
+                # Not after a ReadError: that worker may have it, and its KV may be on the way.
+                unsent = isinstance(e.__cause__, CONN_ERRORS) and not isinstance(e.__cause__, httpx.ReadError)
+                if unsent and self.pool.by_role("prefill"):
                     continue
-                raise upstream_error(p, e) from None
-            except httpx.TimeoutException as e:
-                raise upstream_error(p, e) from None
-            finally:
-                p.in_flight -= 1
+                raise
             reply_at = time.perf_counter()
             if r.status_code != 200:
                 raise await error_from_response(r)
@@ -472,11 +458,8 @@ class LabBackend(HttpBackend):
         def admitted(t: StreamTiming, sent_at: float, got_at: float) -> None:
             timing.decode_upstream, timing.decode_admit_s = d.name, t.ready_s
 
-        async with aclosing(self._stream_lines(d, "/internal/decode", dec, admitted)) as items:
+        async with aclosing(self._stream_lines(d, "/internal/decode", dec, admitted, hashes)) as items:
             async for item in items:
-                if hashes:  # it adopted the KV: its engine caches the prompt's blocks from now on
-                    self.index.insert(d.name, hashes)
-                    hashes = []
                 yield item
 
     def prefills_on_decode(self, d: Upstream, num_prompt: int, hashes: list[bytes]) -> bool:
@@ -492,16 +475,3 @@ class LabBackend(HttpBackend):
             return False
         self.metrics.prefills.labels("decode", d.name).inc()
         return True
-
-
-def lab_backend(cfg: Any, pool: UpstreamPool, metrics: RouterMetrics, tokenizer: Any) -> LabBackend:
-    """The "lab" backend for a RouterConfig `cfg` (its prefill policy checked now)."""
-    return LabBackend(
-        pool,
-        tokenizer,
-        metrics,
-        policy=load_policy(cfg.prefill_policy),
-        read_timeout_s=cfg.read_timeout_s,
-        transfer_timeout_s=cfg.transfer_timeout_s,
-        prefill_threshold=cfg.prefill_threshold,
-    )

@@ -8,7 +8,11 @@ import sys
 import time
 from typing import Any
 
-from labkit.proc import LOOPBACK
+# What `labkit serve` takes of the router's settings (the rest follow from the workers it starts).
+ROUTER_FLAGS = ("served_model_name", "host", "port", "prefill_policy", "prefill_threshold")
+# What no worker flag sets: the launcher names and places each worker; local_prefill follows from
+# --prefill-threshold (the launcher sets it on the decode workers).
+WORKER_SKIP = ("role", "name", "host", "port", "policy", "local_prefill")
 
 
 def _ints(s: str | None) -> list[int] | None:
@@ -27,30 +31,12 @@ def _ints(s: str | None) -> list[int] | None:
 
 def register(parser: argparse.ArgumentParser) -> None:
     from labkit.config import add_flags
-    from labkit.serve.config import WorkerConfig
-    from labkit.serve.routing import DEFAULT_POLICY, POLICIES
+    from labkit.serve.config import RouterConfig, WorkerConfig
 
     parser.add_argument("--mode", choices=["mono", "disagg"], default="mono")
-    parser.add_argument("--model", default="tiny", help="preset name or model directory (default: tiny)")
-    parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--mono", type=int, default=1, help="mono engine processes (mode mono)")
     parser.add_argument("--prefill", type=int, default=1, help="prefill worker processes (mode disagg)")
     parser.add_argument("--decode", type=int, default=1, help="decode worker processes (mode disagg)")
-    parser.add_argument(
-        "--prefill-policy",
-        default=DEFAULT_POLICY,
-        help=f"which prefill worker gets a request: one of {', '.join(POLICIES)} (parameters after a "
-        "colon, e.g. dynamo-cost:overlap_weight=2,temperature=0.5), module:function or "
-        "file.py:function",
-    )
-    parser.add_argument(
-        "--prefill-threshold",
-        type=int,
-        default=0,
-        metavar="TOKENS",
-        help="mode disagg: prompts whose uncached suffix is shorter than this are prefilled on the "
-        "decode worker itself (selective disaggregation, llm-d's decider); 0: off (default)",
-    )
     parser.add_argument("--mono-cpus", default=None, help="cores for mono workers, e.g. 0,1 or 0-3")
     parser.add_argument("--prefill-cpus", default=None, help="cores for prefill workers, e.g. 0")
     parser.add_argument("--decode-cpus", default=None, help="cores for decode workers, e.g. 1")
@@ -60,12 +46,11 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="GPUs to use, e.g. 0 or 0,1: one per worker when enough, else shared (disagg on one GPU: "
         "prefill and decode share it, KV by cuda-ipc); see labkit.devices.place",
     )
-    parser.add_argument("--host", default=LOOPBACK, help="router address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
     parser.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    router = parser.add_argument_group("the router's settings (labkit.serve.config.RouterConfig)")
+    add_flags(router, RouterConfig, only=ROUTER_FLAGS, keep_defaults=True)
     group = parser.add_argument_group("every worker's settings (labkit.serve.config.WorkerConfig)")
-    # local_prefill follows from --prefill-threshold (the launcher sets it on the decode workers)
-    add_flags(group, WorkerConfig, skip=("role", "name", "host", "port", "model", "policy", "local_prefill"))
+    add_flags(group, WorkerConfig, skip=WORKER_SKIP)
     parser.set_defaults(func=run)
 
 
@@ -73,7 +58,7 @@ def run(args: Any) -> int:
     from labkit.config import flag_values
     from labkit.deployments import check_port_free, id_of
     from labkit.proc import PortInUseError
-    from labkit.serve.config import WorkerConfig, check_prefill_threshold
+    from labkit.serve.config import WorkerConfig, check_prefill_threshold, worker_config
     from labkit.serve.launcher import launch
     from labkit.serve.routing import load_policy
 
@@ -81,6 +66,8 @@ def run(args: Any) -> int:
         check_port_free(args.port, args.host)
         check_prefill_threshold(args.prefill_threshold, args.mode)
         load_policy(args.prefill_policy)
+        settings = flag_values(args, WorkerConfig, nested=False, skip=WORKER_SKIP)
+        model = worker_config("mono", settings).engine.model
     except PortInUseError as e:
         print(f"labkit serve: {e}", file=sys.stderr)
         return 1
@@ -88,10 +75,9 @@ def run(args: Any) -> int:
         print(f"labkit serve: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    print(f"labkit serve: starting {args.mode} on {args.model} ...", flush=True)
+    print(f"labkit serve: starting {args.mode} on {model} ...", flush=True)
     srv = launch(
         args.mode,
-        model=args.model,
         mono=args.mono,
         prefill=args.prefill,
         decode=args.decode,
@@ -99,12 +85,8 @@ def run(args: Any) -> int:
         prefill_cpus=_ints(args.prefill_cpus),
         decode_cpus=_ints(args.decode_cpus),
         gpus=_ints(args.gpus),
-        port=args.port,
-        host=args.host,
-        served_model_name=args.served_model_name,
-        prefill_policy=args.prefill_policy,
-        prefill_threshold=args.prefill_threshold,
-        settings=flag_values(args, WorkerConfig, nested=False),
+        **{k: getattr(args, k) for k in ROUTER_FLAGS},
+        **settings,
     )
     stop = {"now": False}
 
@@ -121,7 +103,7 @@ def run(args: Any) -> int:
             print(srv.placement.describe())
         dep_id = id_of(srv.router.pid)
         print(f"deployment {dep_id}: `labkit ps` lists it, `labkit stop {dep_id}` stops it from another shell")
-        name = args.served_model_name or args.model
+        name = args.served_model_name or srv.model
         print(
             f"try: curl {srv.url}/v1/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{name}", "prompt": "Hello", "max_tokens": 16}}\''

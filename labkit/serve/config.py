@@ -24,7 +24,7 @@ from labkit.config import add_flags, check_keys, doc, flag_values, merge, nest
 from labkit.engine.config import EngineConfig, Policy
 from labkit.links import Link
 from labkit.proc import LOOPBACK
-from labkit.serve.routing import DEFAULT_POLICY
+from labkit.serve.routing import DEFAULT_POLICY, POLICIES
 
 C = TypeVar("C")
 
@@ -146,7 +146,10 @@ class WorkerConfig:
 
 # Backends by name, each a `module:factory` imported only when a router is started with it, so
 # serve imports no backend it does not run (the vLLM one lives with the vLLM tier).
-BACKENDS: dict[str, str] = {"lab": "labkit.serve.backend:lab_backend", "vllm": "labkit.vllm.pd_backend:vllm_backend"}
+BACKENDS: dict[str, str] = {
+    "lab": "labkit.serve.backend:LabBackend",
+    "vllm": "labkit.vllm.pd_backend:VllmDisaggBackend",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +172,8 @@ class RouterConfig:
     prefill_policy: str = field(
         default=DEFAULT_POLICY,
         metadata=doc(
-            "which prefill worker gets a request (labkit.serve.routing): a registered name, module:function or "
-            "path/to/file.py:function"
+            f"which prefill worker gets a request (labkit.serve.routing): one of {', '.join(POLICIES)} (parameters "
+            "after a colon, e.g. dynamo-cost:overlap_weight=2,temperature=0.5), module:function or file.py:function"
         ),
     )
     prefill_threshold: int = field(

@@ -15,7 +15,7 @@ import atexit
 import contextlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
@@ -33,7 +33,7 @@ from labkit.proc import (
     start_process,
     wait_http_ok,
 )
-from labkit.serve.config import ROLES, RouterConfig, check_prefill_threshold, to_json, worker_config
+from labkit.serve.config import ROLES, RouterConfig, check_prefill_threshold, to_json, validate, worker_config
 from labkit.serve.routing import DEFAULT_POLICY
 
 MODES = ("mono", "disagg")
@@ -105,39 +105,25 @@ def _cpu_env(cpus: Sequence[int] | None, gpus: Sequence[int] | None) -> dict[str
 def start_worker(
     role: str,
     *,
-    model: str | None = None,
-    port: int | None = None,
     name: str = "",
+    port: int | None = None,
     cpus: Sequence[int] | None = None,
     gpu: int | None = None,
     visible_gpus: Sequence[int] | None = None,
-    chunked_prefill: bool | None = None,
-    max_num_batched_tokens: int | None = None,
-    kv_cache_bytes: int | None = None,
-    max_num_seqs: int | None = None,
-    transfer: str | None = None,
     kv_token: str | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    max_model_len: int | None = None,
-    enable_prefix_caching: bool | None = None,
-    cuda_graphs: bool | None = None,
-    kv_stream: str | None = None,
-    settings: Mapping[str, Any] | None = None,
-    extra_args: Sequence[str] = (),
     startup_timeout_s: float = 120.0,
     log_dir: Path | None = None,
+    **settings: Any,
 ) -> ServerProcess:
     """Starts one worker process (pinned to `cpus`, on GPU `gpu`); returns once its /health answers.
 
+    `settings`: any WorkerConfig setting by its flag name (`model`, `dtype`, `kv_cache_bytes`,
+    `transfer`, `kv_stream`, `link_gbps`, `step_log`, ...); one left out or None takes its default,
+    written once, in labkit.serve.config. The worker gets its whole config as one JSON document,
+    validated here first (ValueError naming an unknown or bad setting).
     `visible_gpus`: the GPUs the worker may see, in an order every worker of a deployment shares
     (cuda-ipc names a GPU by its index there, so prefill and decode must agree); default: `gpu` only.
-
-    Settings left None take WorkerConfig's defaults (labkit.serve.config: written there once);
-    `settings` gives any other WorkerConfig setting by its flag name (e.g. `{"link_gbps": 10}`).
-    The worker gets its whole config as one JSON document, validated here first (ValueError
-    naming a bad setting); `extra_args`: more worker flags on top. Raises StartupError with the
-    worker's log tail if it dies or is not healthy in time.
+    Raises StartupError with the worker's log tail if it dies or is not healthy in time.
     """
     if role not in ROLES:
         raise ValueError(f"role {role!r} not one of {ROLES}")
@@ -152,33 +138,83 @@ def start_worker(
     if visible_gpus is not None and gpu not in visible_gpus:
         raise ValueError(f"gpu {gpu} is not among visible_gpus {list(visible_gpus)}")
     visible = list(visible_gpus) if visible_gpus is not None else ([gpu] if gpu is not None else None)
-    if device is None and gpu is not None:
-        device = f"cuda:{visible.index(gpu)}" if visible else "cuda"
-    given = {
-        "model": model,
-        "port": port,
-        "name": name,
-        "device": device,
-        "dtype": dtype,
-        "chunked_prefill": chunked_prefill,
-        "max_num_batched_tokens": max_num_batched_tokens,
-        "kv_cache_bytes": kv_cache_bytes,
-        "max_num_seqs": max_num_seqs,
-        "transfer": transfer,
-        "max_model_len": max_model_len,
-        "enable_prefix_caching": enable_prefix_caching,
-        "cuda_graphs": cuda_graphs,
-        "kv_stream": kv_stream,
-    }
-    cfg = worker_config(role, {**(settings or {}), **{k: v for k, v in given.items() if v is not None}})
-    model = cfg.engine.model  # what the worker runs (None took the config's default)
-    argv = python_module_argv("labkit.serve.worker", "--config", to_json(cfg), *extra_args)
+    if settings.get("device") is None and gpu is not None:
+        settings["device"] = f"cuda:{visible.index(gpu)}" if visible else "cuda"
+    cfg = worker_config(role, {**settings, "port": port, "name": name})
     env = _cpu_env(cpus, visible)
     if kv_token:
         env["LABKIT_KV_TOKEN"] = kv_token  # the secret goes in the environment, never on argv
+    argv = python_module_argv("labkit.serve.worker", "--config", to_json(cfg))
+    return _start(
+        role, name, argv, env, cpus, port, f"http://{LOOPBACK}:{port}", cfg.engine.model, startup_timeout_s, log_dir
+    )
+
+
+def start_router(
+    *,
+    mono: Sequence[ServerProcess | str] = (),
+    prefill: Sequence[ServerProcess | str] = (),
+    decode: Sequence[ServerProcess | str] = (),
+    port: int | None = None,
+    cpus: Sequence[int] | None = None,
+    startup_timeout_s: float = 60.0,
+    log_dir: Path | None = None,
+    **settings: Any,
+) -> ServerProcess:
+    """Starts the router in front of the given workers (ServerProcess or URL); returns once it is healthy.
+
+    `settings`: any RouterConfig setting (`model`, `backend`, `prefill_policy`, `prefill_threshold`,
+    `host`, `health_interval_s`, ...; left out or None: its default, labkit.serve.config); `port`
+    left out: a free one. A `prefill_policy` that does not load stops the router at start:
+    StartupError with its log tail naming the problem.
+    """
+
+    def urls(xs: Sequence[ServerProcess | str]) -> list[str]:
+        return [x.url if isinstance(x, ServerProcess) else str(x) for x in xs]
+
+    def names(xs: Sequence[ServerProcess | str], role: str) -> list[str]:
+        return [x.name if isinstance(x, ServerProcess) else f"{role}{i}" for i, x in enumerate(xs)]
+
+    given = {k: v for k, v in settings.items() if v is not None}
+    path, sep, fn = str(given.get("prefill_policy", "")).rpartition(":")
+    if sep and path.endswith(".py"):  # the router may run elsewhere than this cwd
+        given["prefill_policy"] = f"{Path(path).expanduser().resolve()}:{fn}"
+    roles = {"mono": urls(mono), "prefill": urls(prefill), "decode": urls(decode)}
+    cfg = validate(
+        RouterConfig,
+        {
+            **given,
+            **roles,
+            "port": port or 0,
+            "names": names(mono, "mono") + names(prefill, "prefill") + names(decode, "decode"),
+        },
+    )
+    deployments.check_port_free(port or 0, cfg.host)
+    cfg = replace(cfg, port=port or free_port())
+    name = f"router-{cfg.port}"
+    argv = python_module_argv("labkit.serve.router", "--config", to_json(cfg))
+    url = f"http://{LOOPBACK if cfg.host in ('0.0.0.0', '') else cfg.host}:{cfg.port}"
+    return _start(
+        "router", name, argv, _cpu_env(cpus, None), cpus, cfg.port, url, cfg.model, startup_timeout_s, log_dir
+    )
+
+
+def _start(
+    role: str,
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    cpus: Sequence[int] | None,
+    port: int,
+    url: str,
+    model: str,
+    startup_timeout_s: float,
+    log_dir: Path | None,
+) -> ServerProcess:
+    """Starts one server process, waits for its /health (stopping it if that fails), and registers it
+    (stopped at exit, listed by `labkit ps`)."""
     log_path = (log_dir or _log_dir()) / f"{name}-{int(time.time())}.log"
     child = start_process(name, argv, env=env, log_path=log_path, cpus=cpus)
-    url = f"http://{LOOPBACK}:{port}"
     try:
         wait_http_ok(url + "/health", timeout_s=startup_timeout_s, child=child)
     except StartupError:
@@ -186,85 +222,8 @@ def start_worker(
         raise
     proc = ServerProcess(role, name, url, child)
     _LIVE[proc.pid] = proc
-    deployments.track(
-        name=name, role=role, pid=proc.pid, port=port, url=url, model=str(model), single_mode=f"{role} worker"
-    )
-    return proc
-
-
-def start_router(
-    *,
-    model: str = "tiny",
-    mono: Sequence[ServerProcess | str] = (),
-    prefill: Sequence[ServerProcess | str] = (),
-    decode: Sequence[ServerProcess | str] = (),
-    port: int | None = None,
-    host: str = LOOPBACK,
-    backend: str = "lab",
-    prefill_policy: str = DEFAULT_POLICY,
-    prefill_threshold: int = 0,
-    served_model_name: str | None = None,
-    cpus: Sequence[int] | None = None,
-    health_interval_s: float = 0.5,
-    read_timeout_s: float = 120.0,
-    startup_timeout_s: float = 60.0,
-    log_dir: Path | None = None,
-) -> ServerProcess:
-    """Starts the router in front of the given workers (ServerProcess or URL); returns once it is healthy.
-
-    `backend`: "lab", "vllm" or module:factory; `prefill_policy`: which prefill worker gets a request
-    (labkit.serve.routing: a registered name, module:function or path/to/file.py:function). A spec
-    that does not load stops the router at start: StartupError with its log tail naming the problem.
-    `prefill_threshold`: selective disaggregation (RouterConfig's doc); its decode workers need local_prefill.
-    """
-    deployments.check_port_free(port or 0, host)
-    port = port or free_port()
-
-    def urls(xs: Sequence[ServerProcess | str]) -> tuple[str, ...]:
-        return tuple(x.url if isinstance(x, ServerProcess) else str(x) for x in xs)
-
-    def names(xs: Sequence[ServerProcess | str], role: str) -> list[str]:
-        return [x.name if isinstance(x, ServerProcess) else f"{role}{i}" for i, x in enumerate(xs)]
-
-    policy = prefill_policy
-    path, sep, fn = policy.rpartition(":")
-    if sep and path.endswith(".py"):  # the router may run elsewhere than this cwd
-        policy = f"{Path(path).expanduser().resolve()}:{fn}"
-    cfg = RouterConfig(
-        model=str(model),
-        served_model_name=served_model_name,
-        host=host,
-        port=port,
-        mono=urls(mono),
-        prefill=urls(prefill),
-        decode=urls(decode),
-        backend=backend,
-        prefill_policy=policy,
-        prefill_threshold=prefill_threshold,
-        health_interval_s=health_interval_s,
-        read_timeout_s=read_timeout_s,
-        names=tuple(names(mono, "mono") + names(prefill, "prefill") + names(decode, "decode")),
-    )
-    argv = python_module_argv("labkit.serve.router", "--config", to_json(cfg))
-    name = f"router-{port}"
-    child = start_process(
-        name,
-        argv,
-        env=_cpu_env(cpus, None),
-        cpus=cpus,
-        log_path=(log_dir or _log_dir()) / f"{name}-{int(time.time())}.log",
-    )
-    url = f"http://{LOOPBACK if host in ('0.0.0.0', '') else host}:{port}"
-    try:
-        wait_http_ok(url + "/health", timeout_s=startup_timeout_s, child=child)
-    except StartupError:
-        child.stop()
-        raise
-    proc = ServerProcess("router", name, url, child)
-    _LIVE[proc.pid] = proc
-    deployments.track(
-        name=name, role="router", pid=proc.pid, port=port, url=url, model=str(model), single_mode="router"
-    )
+    single = "router" if role == "router" else f"{role} worker"
+    deployments.track(name=name, role=role, pid=proc.pid, port=port, url=url, model=model, single_mode=single)
     return proc
 
 
@@ -312,13 +271,9 @@ def stop_all(procs: Sequence[ServerProcess], timeout_s: float = 10.0) -> None:
 def launch(
     mode: str = "mono",
     *,
-    model: str = "tiny",
     prefill: int = 1,
     decode: int = 1,
     mono: int = 1,
-    chunked_prefill: bool | None = None,
-    max_num_batched_tokens: int | None = None,
-    transfer: str | None = None,
     mono_cpus: Sequence[int] | None = None,
     prefill_cpus: Sequence[int] | None = None,
     decode_cpus: Sequence[int] | None = None,
@@ -326,36 +281,32 @@ def launch(
     gpus: Sequence[int] | None = None,
     port: int | None = None,
     host: str = LOOPBACK,
-    kv_cache_bytes: int | None = None,
-    dtype: str | None = None,
     served_model_name: str | None = None,
-    cuda_graphs: bool | None = None,
-    kv_stream: str | None = None,
-    settings: Mapping[str, Any] | None = None,
     prefill_policy: str = DEFAULT_POLICY,
     prefill_threshold: int = 0,
-    worker_args: Sequence[str] = (),
     startup_timeout_s: float = 120.0,
+    **settings: Any,
 ) -> Server:
     """Starts `mode` ("mono": `mono` engine processes; "disagg": `prefill` + `decode` processes) behind
     one router; returns the Server (a context manager that stops everything).
 
-    Where the workers run is `labkit.devices.place`'s decision. `gpus` (e.g. `[0]`, `[0, 1]`): one
-    GPU each when there are enough, else shared (1P1D on `[0]`: both on GPU 0, started one after
-    the other); the KV goes by cuda-ipc unless `transfer` says otherwise, and the host's cores are
-    split between the GPU workers. On the CPU every process of a role gets that role's cores
-    (`mono` replicas split `mono_cpus`). `cuda_graphs`: GPU engines replay decode steps as CUDA
-    graphs. Settings left None take WorkerConfig's defaults; `settings`: any other worker setting by
-    its flag name; `worker_args`: more `labkit.serve.worker` flags for every worker (e.g.
-    `--step-log PATH`). `prefill_threshold` (disagg; tokens, 0: off): selective disaggregation, a
-    prompt whose uncached suffix is shorter is prefilled on its decode worker (started with
-    local_prefill), the rest on the prefill workers. Anything that fails to start is stopped.
+    `settings`: every worker's settings by flag name (`model`, `dtype`, `kv_cache_bytes`, `transfer`,
+    `chunked_prefill`, `step_log`, ...: WorkerConfig's; left out or None: its default). Where the
+    workers run is `labkit.devices.place`'s decision. `gpus` (e.g. `[0]`, `[0, 1]`): one GPU each
+    when there are enough, else shared (1P1D on `[0]`: both on GPU 0, started one after the other);
+    the KV goes by cuda-ipc unless `transfer` says otherwise, and the host's cores are split between
+    the GPU workers. On the CPU every process of a role gets that role's cores (`mono` replicas
+    split `mono_cpus`). `port`, `host`, `served_model_name`, `prefill_policy`: the router's.
+    `prefill_threshold` (disagg; tokens, 0: off): selective disaggregation, a prompt whose uncached
+    suffix is shorter is prefilled on its decode worker (started with local_prefill), the rest on
+    the prefill workers. Anything that fails to start is stopped.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not one of {MODES}")
     check_prefill_threshold(prefill_threshold, mode)  # before minutes of worker start-up
-    local = {"local_prefill": True} if prefill_threshold else {}
-    chosen = transfer or (settings or {}).get("transfer")  # else the placement's: cuda-ipc on GPUs, shm on cores
+    settings = {k: v for k, v in settings.items() if v is not None}
+    model = worker_config("mono", settings).engine.model  # every setting checked now, not after minutes
+    chosen = settings.get("transfer")  # else the placement's: cuda-ipc on GPUs, shm on cores
     placement = place_workers(
         mode,
         mono=mono,
@@ -367,31 +318,25 @@ def launch(
         prefill_cpus=prefill_cpus,
         decode_cpus=decode_cpus,
     )
+    if mode == "disagg" and (chosen or gpus):
+        settings["transfer"] = placement.transfer
     deployments.check_port_free(port or 0, host)  # before minutes of worker start-up, not after
     token = new_kv_token() if mode == "disagg" else None
+    local = {"local_prefill": True} if prefill_threshold else {}
     started: list[ServerProcess] = []
-    dep = deployments.begin(mode, str(model))  # the workers and the router below are one deployment
+    dep = deployments.begin(mode, model)  # the workers and the router below are one deployment
     try:
         for slot in placement.slots:  # in start order: a GPU's sharers start one after another
             started.append(
                 start_worker(
                     slot.role,
-                    model=model,
                     name=slot.name,
                     cpus=slot.cpus,
                     gpu=slot.gpu,
                     visible_gpus=placement.gpus_used or None,
-                    chunked_prefill=chunked_prefill if slot.role == "mono" else None,
-                    max_num_batched_tokens=max_num_batched_tokens,
-                    kv_cache_bytes=kv_cache_bytes,
-                    transfer=placement.transfer if mode == "disagg" and (chosen or gpus) else None,
                     kv_token=token,
-                    dtype=dtype,
-                    cuda_graphs=cuda_graphs,
-                    kv_stream=kv_stream,
-                    settings={**(settings or {}), **local} if slot.role == "decode" else settings,
-                    extra_args=worker_args,
                     startup_timeout_s=startup_timeout_s,
+                    **(settings | local if slot.role == "decode" else settings),
                 )
             )
         by_role = {r: [w for w in started if w.role == r] for r in ("mono", "prefill", "decode")}

@@ -3,7 +3,7 @@
 Clients (the `openai` package, `vllm bench serve`, curl) only ever see this URL, in every
 mode, so every benchmark hits one URL. The router validates the request (4xx OpenAI errors),
 tokenizes it when the backend routes on token ids, hands it to the backend (backend.py: the
-lab's mono or prefill+decode workers; vllm_backend.py: vLLM's prefill and decode servers),
+lab's mono or prefill+decode workers; labkit.vllm.pd_backend: vLLM's prefill and decode servers),
 and turns the backend's pieces into a JSON response or SSE chunks, timing TTFT and ITL as a
 client would, and the TTFT's parts (labkit.serve.waterfall: in the usage block when the request
 says `"return_waterfall": true`, and in /metrics). `/health` says which upstream is up and which
@@ -11,7 +11,8 @@ prefill worker flagged a slow KV transfer; `/metrics` is Prometheus text.
 
 Plugging another server in: implement `labkit.serve.backend.DisaggBackend` (a pool of
 upstreams, `start`, `close`, `context_len`, and `generate(req, prompt_ids, request_id)`
-yielding `Piece`s) and a factory `(cfg, pool, metrics, tokenizer) -> backend`, and start the
+yielding `Piece`s) and a factory `(cfg, pool, metrics, tokenizer) -> backend` (a class taking
+those, as LabBackend does), and start the
 router with `--backend module:factory` (or add its name to `BACKENDS`). Which prefill worker a
 request goes to is a policy (labkit.serve.routing, `--prefill-policy`).
 

@@ -58,7 +58,7 @@ class UpstreamPool:
         self,
         upstreams: list[Upstream],
         *,
-        health_interval_s: float = 0.5,
+        health_interval_s: float,
         health_timeout_s: float = 2.0,
         max_failures: int = 3,
         on_down: Callable[[Upstream], None] | None = None,

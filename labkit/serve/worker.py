@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerConfig:
-    """The worker's settings from a command line (labkit.serve.config.parse_worker_args)."""
+    """The worker's settings from a command line (labkit.serve.config.parse_config)."""
     return parse_config(WorkerConfig, argv, "python -m labkit.serve.worker", (__doc__ or "").splitlines()[0])
 
 

@@ -13,8 +13,8 @@ vLLM's disaggregation protocol lives in one request field, `kv_transfer_params`:
 
 The router (labkit/serve/router.py) validates, tokenizes and times; this backend turns one
 request into `Piece`s streamed from vLLM. With only `mono` upstreams it forwards to one vLLM.
-The router finds it by the name "vllm" (`labkit.serve.router.BACKENDS` names `vllm_backend`
-below), so serve imports this module only when a router runs `--backend vllm`.
+The router finds it by the name "vllm" (`labkit.serve.config.BACKENDS` names `VllmDisaggBackend`),
+so serve imports this module only when a router runs `--backend vllm`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from labkit.serve.backend import HttpBackend, Piece, error_from_response
+from labkit.serve.config import RouterConfig
 from labkit.serve.protocol import APIError, CompletionRequest, unavailable
 from labkit.serve.upstream import Upstream, UpstreamPool
 from labkit.sse import aiter_sse_json
@@ -92,24 +93,16 @@ class VllmDisaggBackend(HttpBackend):
     counts requests that went through both, `prefill_s_total` the time spent in step 1.
     """
 
-    def __init__(
-        self,
-        pool: UpstreamPool,
-        *,
-        connect_timeout_s: float = 2.0,
-        read_timeout_s: float = 120.0,
-        served_model_name: str | None = None,
-    ) -> None:
-        super().__init__(pool, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
-        self.served_model_name = served_model_name
+    def __init__(self, cfg: RouterConfig, pool: UpstreamPool, metrics: Any = None, tokenizer: Any = None) -> None:
+        """The router's "vllm" backend for its RouterConfig `cfg` (metrics and tokenizer: the router's own,
+        unused: vLLM's servers tokenize and measure themselves)."""
+        super().__init__(cfg, pool)
         self._models: dict[str, str] = {}  # upstream name -> the model name it serves
         self.handoffs = 0
         self.prefill_s_total = 0.0
 
     async def _model_of(self, u: Upstream) -> str:
         """The name `u` serves (its /v1/models), asked once."""
-        if self.served_model_name:
-            return self.served_model_name
         if u.name not in self._models:
             assert self._client is not None
             try:
@@ -208,8 +201,3 @@ class VllmDisaggBackend(HttpBackend):
         if held is None:
             raise unavailable(f"vLLM {u.role} server {u.name} closed the stream before the request finished")
         yield held
-
-
-def vllm_backend(cfg: Any, pool: UpstreamPool, metrics: Any, tokenizer: Any) -> VllmDisaggBackend:
-    """The router's "vllm" backend for a RouterConfig `cfg` (metrics and tokenizer: the router's own)."""
-    return VllmDisaggBackend(pool, read_timeout_s=cfg.read_timeout_s)
