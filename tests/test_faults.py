@@ -5,7 +5,7 @@ fault being detectable (kill: at once; a stalled transfer: at the transfer deadl
 ok + errors; the surviving workers' KV pools go back to full; and once the broken piece is
 back, new requests succeed. Kills are real `kill -9`s of process groups; a slow worker is a
 real SIGSTOP/SIGCONT duty cycle; a cut or stalled KV transfer uses the worker's documented
-`LABKIT_FAULT` setting (labkit.serve.faults).
+`LABKIT_FAULT` setting (labkit.transfer.faults).
 """
 from __future__ import annotations
 

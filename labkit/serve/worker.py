@@ -37,11 +37,11 @@ from labkit.proc import gc_frozen
 from labkit.serve import decode, prefill
 from labkit.serve.config import WorkerConfig, parse_config
 from labkit.serve.engine_loop import EngineEvent, KVAfterPrefill
-from labkit.serve.faults import Fault, wrap_sender
 from labkit.serve.limits import install_error_handlers, read_message, run_server
 from labkit.serve.messages import DecodeRequest, GenerateRequest, PrefillRequest, WorkerHealth
 from labkit.serve.metrics import CONTENT_TYPE, WorkerMetrics
 from labkit.serve.protocol import bad_request
+from labkit.transfer.faults import Fault, wrap_sender
 
 log = logging.getLogger("labkit.serve.worker")
 NDJSON = "application/x-ndjson"
@@ -62,7 +62,7 @@ class Worker:
         self.metrics = WorkerMetrics()
         self._step_log = open(cfg.step_log, "a", buffering=1) if cfg.step_log else None  # noqa: SIM115 - worker-long
         self.loop = EngineLoop(self.engine, on_step=self._on_step, on_error=self.metrics.engine_errors.inc)
-        self.fault = Fault.from_env()  # LABKIT_FAULT: tests only (labkit.serve.faults)
+        self.fault = Fault.from_env()  # LABKIT_FAULT: tests only (labkit.transfer.faults)
         if self.fault:
             log.warning("fault injection on: %s", self.fault)
         # One Sender per decode endpoint, shared by concurrent requests without a lock: a Sender is

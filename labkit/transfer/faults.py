@@ -1,7 +1,8 @@
-"""Fault injection for the reliability tests: `LABKIT_FAULT`, read once when a worker starts.
+"""Fault injection for the reliability tests: a Sender that breaks the link, set by `LABKIT_FAULT`.
 
-Off unless the variable is set: only then does a worker wrap its KV senders in `FaultySender`
-(and log a warning at start); without it the real sender is used as it is. Settings:
+Off unless the variable is set: only then does a prefill worker (labkit.serve.worker, which reads it
+once at start and logs a warning) wrap its KV senders in `FaultySender`; without it the real sender
+is used as it is. Settings:
 
     LABKIT_FAULT=transfer_cut_after_layers:N    the prefill worker sends N layers of every KV
                                                 transfer, then drops the connection (a cable cut)
@@ -102,7 +103,7 @@ class _FaultyStream:
             self.stream.send_layer(layer, k, v)
 
     def finish(self, first_token_id: int | None = None, extra: Any = None) -> Any:
-        from labkit.transfer import TransferError, TransferTimeout
+        from labkit.transfer.errors import TransferError, TransferTimeout
 
         what = f"after {self.passed} of {self.num_layers} layers"
         if self.fault.kind == "transfer_stall_after_layers":
