@@ -82,14 +82,9 @@ def _log_dir() -> Path:
 
 def new_kv_token() -> str:
     """A per-deployment secret the transport checks (prefill and decode workers share it)."""
-    try:
-        from labkit.transfer import new_token
+    from labkit.transfer import new_token
 
-        return str(new_token())
-    except ImportError:
-        import secrets
-
-        return secrets.token_hex(16)
+    return new_token()
 
 
 def _cpu_env(cpus: Sequence[int] | None, gpus: Sequence[int] | None) -> dict[str, str]:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from labkit.serve.protocol import APIError, bad_request, error_body
+from labkit.serve.protocol import APIError, bad_request, error_body, invalid
 
 log = logging.getLogger("labkit.serve")
 
@@ -91,14 +91,7 @@ async def read_message(request: Request, cls: type[M]) -> M:
     try:
         return cls.model_validate_json(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(x) for x in err["loc"]]
-        kind = err["type"]
-        code = (
-            "invalid_json" if kind == "json_invalid" else "invalid_type" if kind.endswith("_type") else "invalid_value"
-        )
-        where = f"'{'.'.join(loc)}': " if loc else "the request body: "
-        raise bad_request(f"{where}{err['msg']}", loc[0] if loc else None, code) from None
+        raise invalid(e, leaf=False) from None
 
 
 def install_error_handlers(app: FastAPI, where: str, hint: str = "") -> None:

@@ -9,11 +9,12 @@ vLLM does, so vLLM-style extras (`repetition_penalty=1`, `min_p=0`...) do not br
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from labkit.engine.config import SamplingParams
 
@@ -98,53 +99,64 @@ class CompletionRequest:
         )
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+class _Body(BaseModel):
+    """The body's scalar fields by JSON type (strictly: a bool is no number, 1.5 and "5" are no integer) and
+    range; a null takes the default. The prompt, `stop` and token ids are checked below, against the vocabulary."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    model: str | None = None
+    max_tokens: int = Field(16, ge=1, le=1 << 20)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # at most the vocabulary
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    return_token_ids: bool = False
+    return_waterfall: bool = False
 
 
-def _num(body: dict[str, Any], name: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_num(v) or math.isnan(v):
-        raise bad_request(f"'{name}' must be a number, got {json.dumps(v)}", name, "invalid_type")
-    if v < lo or v > hi or (lo_open and v == lo):
-        lo_s = f"> {lo}" if lo_open else f">= {lo}"
-        raise bad_request(f"'{name}' must be {lo_s} and <= {hi}, got {v}", name)
-    return float(v)
+# Options this server does not implement: a value other than these (or null) is refused, not ignored.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (0,),  # logprobs=null is fine; numbers other than 0 are not
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "suffix": ("",),
+    "logit_bias": ({},),
+}
 
 
-def _int(body: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_int(v):
-        raise bad_request(f"'{name}' must be an integer, got {json.dumps(v)}", name, "invalid_type")
-    if v < lo or v > hi:
-        raise bad_request(f"'{name}' must be between {lo} and {hi}, got {v}", name)
-    return int(v)
-
-
-def _bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad_request(f"'{name}' must be true or false, got {json.dumps(v)}", name, "invalid_type")
-    return v
+def invalid(e: ValidationError, *, leaf: bool = True) -> APIError:
+    """A pydantic validation error as the 400 naming the first bad field: `param` is that field's own name
+    (`leaf`) or its top-level one; `code` says a malformed body, a wrong JSON type or a bad value."""
+    err = e.errors()[0]
+    loc = [str(x) for x in err["loc"]]
+    kind = err["type"]
+    bad_type = kind.endswith("_type") or kind == "finite_number"
+    code = "invalid_json" if kind == "json_invalid" else "invalid_type" if bad_type else "invalid_value"
+    where = f"'{'.'.join(loc)}': " if loc else "the request body: "
+    got = "" if kind in ("missing", "json_invalid") else f", got {json.dumps(err.get('input'), default=str)[:80]}"
+    return bad_request(f"{where}{err['msg']}{got}", (loc[-1] if leaf else loc[0]) if loc else None, code)
 
 
 def _token_ids(v: Any, name: str, vocab_size: int) -> tuple[int, ...]:
-    if not all(_is_int(t) for t in v):
-        raise bad_request(f"'{name}' must be a string or a list of integer token ids", name, "invalid_type")
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        raise bad_request(f"'{name}' must be a list of integer token ids", name, "invalid_type")
     bad = [t for t in v if t < 0 or t >= vocab_size]
     if bad:
         raise bad_request(f"'{name}' holds token id {bad[0]} outside the vocabulary [0, {vocab_size})", name)
-    return tuple(int(t) for t in v)
+    return tuple(v)
 
 
 def _prompt(body: dict[str, Any], vocab_size: int) -> tuple[str | None, tuple[int, ...] | None]:
@@ -161,28 +173,28 @@ def _prompt(body: dict[str, Any], vocab_size: int) -> tuple[str | None, tuple[in
                 "unsupported_value",
             )
         p = p[0]
+    if isinstance(p, (str, list)) and not p:
+        raise bad_request("'prompt' must not be empty", "prompt")
     if isinstance(p, str):
-        if not p:
-            raise bad_request("'prompt' must not be empty", "prompt")
         return p, None
     if isinstance(p, list):
-        if not p:
-            raise bad_request("'prompt' must not be empty", "prompt")
         return None, _token_ids(p, "prompt", vocab_size)
     raise bad_request(
         f"'prompt' must be a string or a list of token ids, got {type(p).__name__}", "prompt", "invalid_type"
     )
 
 
-def _unsupported(body: dict[str, Any], name: str, allowed: tuple[Any, ...]) -> None:
-    v = body.get(name)
-    if v is not None and v not in allowed:
-        raise bad_request(
-            f"'{name}'={json.dumps(v)} is not supported by this server "
-            f"(allowed: {', '.join(json.dumps(a) for a in allowed)} or omit it)",
-            name,
-            "unsupported_value",
-        )
+def _stop(v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    stop = (v,) if isinstance(v, str) else tuple(v) if isinstance(v, list) else None
+    if stop is None or not all(isinstance(s, str) for s in stop):
+        raise bad_request("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS}", "stop")
+    if not all(stop):
+        raise bad_request("'stop' strings must not be empty", "stop")
+    return stop
 
 
 def parse_completion_request(
@@ -191,76 +203,49 @@ def parse_completion_request(
     """Validates a decoded JSON body; returns the request or raises APIError (4xx)."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_type")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("'model' must be a string", "model", "invalid_type")
-    if model is not None and served_model_names and model not in served_model_names:
+    try:
+        b = _Body.model_validate({k: v for k, v in body.items() if v is not None})
+    except ValidationError as e:
+        raise invalid(e) from None
+    if b.model is not None and served_model_names and b.model not in served_model_names:
         raise APIError(
             404,
-            f"The model '{model}' does not exist; this server serves {list(served_model_names)}",
+            f"The model '{b.model}' does not exist; this server serves {list(served_model_names)}",
             type="not_found_error",
             param="model",
             code="model_not_found",
         )
     prompt_text, prompt_ids = _prompt(body, vocab_size)
-    max_tokens = _int(body, "max_tokens", 16, 1, 1 << 20)
-    temperature = _num(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    top_k = _int(body, "top_k", 0, -1, vocab_size)
-    seed = _int(body, "seed", None, -(1 << 63), (1 << 63) - 1)
-    stop_raw = body.get("stop")
-    if stop_raw is None:
-        stop: tuple[str, ...] = ()
-    elif isinstance(stop_raw, str):
-        stop = (stop_raw,)
-    elif isinstance(stop_raw, list) and all(isinstance(s, str) for s in stop_raw):
-        stop = tuple(stop_raw)
-    else:
-        raise bad_request("'stop' must be a string or a list of strings", "stop", "invalid_type")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise bad_request(f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS}", "stop")
-    if any(not s for s in stop):
-        raise bad_request("'stop' strings must not be empty", "stop")
-    stop_ids_raw = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids_raw, list):
-        raise bad_request("'stop_token_ids' must be a list of token ids", "stop_token_ids", "invalid_type")
-    stop_token_ids = _token_ids(stop_ids_raw, "stop_token_ids", vocab_size)
-    stream = _bool(body, "stream")
-    opts = body.get("stream_options")
-    include_usage = continuous = False
-    if opts is not None:
-        if not stream:
-            raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        if not isinstance(opts, dict):
-            raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
-        include_usage = _bool(opts, "include_usage")
-        continuous = _bool(opts, "continuous_usage_stats")
-    _unsupported(body, "n", (1,))
-    _unsupported(body, "best_of", (1,))
-    _unsupported(body, "echo", (False,))
-    _unsupported(body, "logprobs", (0,))  # logprobs=null is fine; numbers other than 0 are not
-    _unsupported(body, "presence_penalty", (0, 0.0))
-    _unsupported(body, "frequency_penalty", (0, 0.0))
-    _unsupported(body, "repetition_penalty", (1, 1.0))
-    _unsupported(body, "suffix", ("",))
-    _unsupported(body, "logit_bias", ({},))
+    if b.top_k > vocab_size:
+        raise bad_request(f"'top_k' must be at most the vocabulary size {vocab_size}, got {b.top_k}", "top_k")
+    if b.stream_options is not None and not b.stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    for name, allowed in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in allowed:
+            raise bad_request(
+                f"'{name}'={json.dumps(body[name])} is not supported by this server "
+                f"(allowed: {', '.join(json.dumps(a) for a in allowed)} or omit it)",
+                name,
+                "unsupported_value",
+            )
+    opts = b.stream_options or _StreamOptions()
     return CompletionRequest(
-        model=model,
+        model=b.model,
         prompt_text=prompt_text,
         prompt_ids=prompt_ids,
-        max_tokens=int(max_tokens or 16),
-        temperature=temperature,
-        top_p=top_p,
-        top_k=max(0, int(top_k or 0)),
-        seed=seed,
-        stop=stop,
-        stop_token_ids=stop_token_ids,
-        ignore_eos=_bool(body, "ignore_eos"),
-        stream=stream,
-        include_usage=include_usage,
-        continuous_usage_stats=continuous,
-        return_token_ids=_bool(body, "return_token_ids"),
-        return_waterfall=_bool(body, "return_waterfall"),
+        max_tokens=b.max_tokens,
+        temperature=b.temperature,
+        top_p=b.top_p,
+        top_k=max(0, b.top_k),
+        seed=b.seed,
+        stop=_stop(body.get("stop")),
+        stop_token_ids=_token_ids(body.get("stop_token_ids") or [], "stop_token_ids", vocab_size),
+        ignore_eos=b.ignore_eos,
+        stream=b.stream,
+        include_usage=opts.include_usage,
+        continuous_usage_stats=opts.continuous_usage_stats,
+        return_token_ids=b.return_token_ids,
+        return_waterfall=b.return_waterfall,
         raw=body,
     )
 
