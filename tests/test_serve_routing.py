@@ -251,6 +251,40 @@ def test_a_garbled_worker_line_is_a_502() -> None:
     assert out[0].status_code == 502 and out[0].json()["error"]["code"] == "bad_upstream_reply"
 
 
+def test_a_backend_that_ends_before_finishing_is_a_502_in_both_modes() -> None:
+    """The router's own guard, whatever the backend: pieces that stop before one finishes are a 502 (JSON,
+    or an SSE error event after what was streamed), counted by outcome."""
+    from labkit.serve.backend import Piece
+    from labkit.serve.router import Router, build_app
+    from labkit.serve.upstream import UpstreamPool
+
+    class Truncated:
+        uses_token_ids = True
+        pool = UpstreamPool([], health_interval_s=3600)
+
+        def context_len(self) -> None:
+            return None
+
+        async def generate(self, req: Any, prompt_ids: Any, request_id: str) -> Any:
+            yield Piece("H", 1, (72,))
+
+    router = Router(RouterConfig(model="tiny", mono=("http://unused",)), backend=Truncated())  # type: ignore[arg-type]
+
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=build_app(router))
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as c:
+            return [await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "stream": s})
+                    for s in (False, True)]
+
+    whole, streamed = asyncio.run(go())
+    assert whole.status_code == 502 and whole.json()["error"]["message"] == "the backend ended before finishing"
+    data = [x[6:] for x in streamed.text.splitlines() if x.startswith("data: ")]
+    assert json.loads(data[0])["choices"][0]["text"] == "H" and data[-1] == "[DONE]"
+    assert json.loads(data[-2])["error"]["message"] == "the backend ended before finishing"
+    outcomes = {o: router.metrics.requests.labels(o)._value.get() for o in ("http_502", "stream_error_502", "ok")}
+    assert outcomes == {"http_502": 1, "stream_error_502": 1, "ok": 0}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_when_the_first_token_ends_the_request_decode_is_never_called(stream: bool) -> None:
     p, d = FakeWorker("prefill", "p"), FakeWorker("decode", "d")

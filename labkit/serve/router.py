@@ -43,7 +43,6 @@ from labkit.serve.protocol import (
     APIError,
     bad_request,
     completion_response,
-    error_body,
     models_response,
     new_completion_id,
     parse_completion_request,
@@ -173,20 +172,12 @@ class Router:
         n_prompt: int,
         prompt_ids: list[int] | None,
     ) -> Response:
-        pieces = [first]
-        timer.saw(first)
         outcome = "ok"
         try:
-            while pieces[-1].finish_reason is None:
-                p = await anext(gen)
-                timer.saw(p)
-                pieces.append(p)
+            pieces = [p async for p in _pieces(first, gen, timer)]
         except APIError as e:
             outcome = f"http_{e.status}"
             return _error(e)
-        except StopAsyncIteration:
-            outcome = "http_502"
-            return _error(APIError(502, "the backend ended before finishing", type="server_error"))
         finally:
             await gen.aclose()
             self._done(timer, outcome)
@@ -220,13 +211,9 @@ class Router:
     ) -> AsyncIterator[bytes]:
         n_out = 0
         outcome = "aborted"  # until it ends well or badly on its own
-        p = first
         try:
-            while True:
-                timer.saw(p)
-                n_out += p.num_tokens
-                if p.completion_tokens is not None:
-                    n_out = p.completion_tokens
+            async for p in _pieces(first, gen, timer):
+                n_out = p.completion_tokens if p.completion_tokens is not None else n_out + p.num_tokens
                 if p.num_tokens or p.finish_reason is not None or p.text:
                     use = usage(n_prompt, n_out) if req.continuous_usage_stats else None
                     yield sse(
@@ -240,9 +227,6 @@ class Router:
                             usage_=use,
                         )
                     )
-                if p.finish_reason is not None:
-                    break
-                p = await anext(gen)
             if req.include_usage:
                 yield sse(
                     usage_chunk(
@@ -255,14 +239,25 @@ class Router:
             outcome = f"stream_error_{e.status}"
             yield sse(e.body())
             yield SSE_DONE
-        except StopAsyncIteration:
-            outcome = "stream_error_502"
-            yield sse(error_body("the backend ended before finishing", type="server_error"))
-            yield SSE_DONE
         finally:
             self.metrics.generation_tokens.inc(n_out)
             await gen.aclose()
             self._done(timer, outcome)
+
+
+async def _pieces(first: Piece, gen: AsyncGenerator[Piece, None], timer: _Timer) -> AsyncIterator[Piece]:
+    """`first`, then the backend's next pieces up to the one that finishes, each timed; APIError 502 when
+    the backend ends before that."""
+    p = first
+    while True:
+        timer.saw(p)
+        yield p
+        if p.finish_reason is not None:
+            return
+        try:
+            p = await anext(gen)
+        except StopAsyncIteration:
+            raise APIError(502, "the backend ended before finishing", type="server_error") from None
 
 
 class _Timer:
