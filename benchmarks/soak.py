@@ -58,7 +58,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="1 minute")
     p.add_argument("--rate", type=float, default=1.0, help="requests per second (Poisson)")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--transfer", default="shm")
+    p.add_argument("--transfer", default=None, help="KV transport (default: the workers', WorkerConfig's)")
     p.add_argument("--sample-s", type=float, default=2.0, help="RSS / KV pool sampling interval")
     p.add_argument("--machine", default=f"cpu-{os.cpu_count()}core")
     p.add_argument("--out", default=None)
@@ -80,10 +80,11 @@ def main() -> int:
     reqs = mixed_requests(n, seed=11, max_model_len=max_len)
     cpus = default_cpu_split()
     load_before = os.getloadavg()
-    print(f"soak: {minutes:g} min, {n} requests at {a.rate:g}/s, model {a.model}, 1P1D over {a.transfer} ...",
-          flush=True)
     srv = launch("disagg", model=a.model, transfer=a.transfer, prefill_cpus=cpus["prefill"],
                  decode_cpus=cpus["decode"])
+    transfer = httpx.get(srv.workers[0].url + "/health", timeout=10).json()["transfer"]  # what the workers use
+    print(f"soak: {minutes:g} min, {n} requests at {a.rate:g}/s, model {a.model}, 1P1D over {transfer} ...",
+          flush=True)
     procs = [srv.router, *srv.workers]
     samples: list[dict[str, Any]] = []
     n_warm = max(1, n // 4)
@@ -170,7 +171,7 @@ def main() -> int:
     suffix = "-quick" if a.quick else ""
     out = Path(a.out) if a.out else ROOT / "docs" / "results" / f"soak-{date}-{a.machine}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "soak", "date": date, "machine": a.machine, "model": a.model, "transfer": a.transfer,
+    report = {"benchmark": "soak", "date": date, "machine": a.machine, "model": a.model, "transfer": transfer,
               "minutes": minutes, "rate_rps": a.rate, "requests": n, "loadavg_before": load_before,
               "loadavg_after": os.getloadavg(), "summary": flat, "first_errors": result.meta["first_errors"],
               "warmup_requests": n_warm, "warmup_summary": warm.summary.flat(), "totals": {"sent": sent, "ok": ok,

@@ -259,7 +259,7 @@ def run_modes(
     modes: tuple[str, ...] = INTERFERENCE_MODES,
     *,
     chunk_tokens: int = 256,
-    transfer: str = "shm",
+    transfer: str | None = None,
     progress: bool = False,
 ) -> list[InterferenceResult]:
     """The experiment on each mode, one server at a time, pinned as the lessons pin them
@@ -291,7 +291,7 @@ def run_modes(
                 model=model,
                 mono_cpus=cpus["mono"],
                 chunked_prefill=chunked,
-                max_num_batched_tokens=chunk_tokens if chunked else 2048,
+                max_num_batched_tokens=chunk_tokens if chunked else None,
             )
         try:
             out.append(

@@ -57,7 +57,7 @@ def shared_1p1d(
     model: str,
     *,
     cpus: dict[str, list[int] | None] | None = None,
-    transfer: str = "shm",
+    transfer: str | None = None,
     kv_cache_bytes: int | None = None,
     startup_timeout_s: float = 180.0,
 ) -> Iterator[tuple[ServerFactory, dict[str, dict[str, float]]]]:

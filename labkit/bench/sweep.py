@@ -408,8 +408,8 @@ def lab_server_factory(
     *,
     cpus: dict[str, list[int] | None] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    max_num_batched_tokens: int = 2048,
-    transfer: str = "shm",
+    max_num_batched_tokens: int | None = None,
+    transfer: str | None = None,
     kv_cache_bytes: int | None = None,
     startup_timeout_s: float = 180.0,
     settings: Mapping[str, Any] | None = None,
@@ -422,8 +422,8 @@ def lab_server_factory(
     on core 1, mono on both; mono-dp's replicas split the mono cores, one each). Mono with chunked
     prefill uses the mode's chunk (`mono-chunked-N`) or `chunk_tokens` as the step's token budget,
     so no step holds more than that many prompt tokens. Selective modes (`1p1d-selective-N`) start
-    the router with that prefill threshold. `kv_cache_bytes`: None keeps the workers' default
-    (EngineConfig's). `settings`: more worker settings by name (WorkerConfig's, e.g. `dtype`).
+    the router with that prefill threshold. `max_num_batched_tokens` (other modes), `transfer`,
+    `kv_cache_bytes`: None keeps the workers' default (WorkerConfig's). `settings`: more worker settings by name (WorkerConfig's, e.g. `dtype`).
     `step_log_dir`: every worker of a mode logs its steps to `<dir>/<mode name>.jsonl`. `gpus`: serve on
     these GPUs instead of cores (the launcher places the workers; `cpus` is then unused).
     """

@@ -268,11 +268,13 @@ def mode_limits(mode: str) -> Any:
     2,048 tokens a step, or the chunk of a chunked mode. vLLM's servers are started with the same
     two (`vllm_config`)."""
     from labkit.bench.sweep import DEFAULT_CHUNK_TOKENS, parse_mode
+    from labkit.engine.config import EngineConfig
     from labkit.plan.simulator import Limits
 
     spec = parse_mode(VLLM_SWEEP_NAMES.get(mode, mode))
     chunk = (spec.chunk_tokens or DEFAULT_CHUNK_TOKENS) if spec.chunked_prefill else None
-    return Limits(max_num_seqs=64, max_num_batched_tokens=chunk or 2048)
+    engine = EngineConfig()  # the workers' defaults
+    return Limits(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=chunk or engine.max_num_batched_tokens)
 
 
 def measure_and_compare(

@@ -225,13 +225,15 @@ class LabBackend(HttpBackend):
         return min(lens) if lens else None
 
     # --- routing -----------------------------------------------------------------------
-    def pick_by_prefix(
-        self, role: str, hashes: list[bytes], exclude: set[str], prompt_tokens: int = 0
-    ) -> tuple[Upstream, int]:
-        """The up instance the prefill policy chooses; (it, its matched leading blocks)."""
-        cands = [u for u in self.pool.by_role(role) if u.name not in exclude]
+    def _up(self, role: str, exclude: set[str] | None = None) -> list[Upstream]:
+        cands = [u for u in self.pool.by_role(role) if u.name not in (exclude or ())]
         if not cands:
             raise unavailable(f"no {role} worker is up; check `GET /health` on the router", code="no_upstream")
+        return cands
+
+    def pick_by_prefix(self, role: str, hashes: list[bytes], exclude: set[str], prompt_tokens: int) -> Upstream:
+        """The up instance (not in `exclude`) the prefill policy chooses."""
+        cands = self._up(role, exclude)
         matched = self.index.match(hashes, [u.name for u in cands])
         views = [
             PrefillCandidate(
@@ -262,7 +264,7 @@ class LabBackend(HttpBackend):
         self.metrics.decisions.labels(role, best.name, reason).inc()
         if n and self.block_size:
             self.metrics.prefix_hit_tokens.labels(best.name).inc(n * self.block_size)
-        return best, n
+        return best
 
     @contextmanager
     def opened(self, u: Upstream, hashes: list[bytes], prompt_tokens: int) -> Iterator[None]:
@@ -281,10 +283,9 @@ class LabBackend(HttpBackend):
             self._flag_logged_s[u.name] = time.monotonic()
             log.warning("%s: %s", u.name, flag)
 
-    def pick_by_load(self, role: str, exclude: set[str]) -> Upstream:
-        cands = [u for u in self.pool.by_role(role) if u.name not in exclude]
-        if not cands:
-            raise unavailable(f"no {role} worker is up; check `GET /health` on the router", code="no_upstream")
+    def pick_by_load(self, role: str) -> Upstream:
+        """The up instance with the fewest requests open or running (then the most free KV blocks)."""
+        cands = self._up(role)
         best = min(cands, key=lambda u: u.load_key())
         self.metrics.decisions.labels(role, best.name, "only" if len(cands) == 1 else "load").inc()
         return best
@@ -375,7 +376,7 @@ class LabBackend(HttpBackend):
         tried: set[str] = set()
         n = len(msg.prompt_ids)
         while True:
-            u, _ = self.pick_by_prefix("mono", hashes, tried, n)
+            u = self.pick_by_prefix("mono", hashes, tried, n)
             tried.add(u.name)
             started = False
 
@@ -404,7 +405,7 @@ class LabBackend(HttpBackend):
         timing: RequestTiming,
     ) -> AsyncGenerator[tuple[int | None, str | None], None]:
         assert self._client is not None
-        d = self.pick_by_load("decode", set())
+        d = self.pick_by_load("decode")
         if self.prefills_on_decode(d, len(msg.prompt_ids), hashes):
 
             def local_first_line(t: StreamTiming, sent_at: float, got_at: float) -> None:
@@ -417,7 +418,7 @@ class LabBackend(HttpBackend):
         tried: set[str] = set()
         n = len(msg.prompt_ids)
         while True:  # the prefill step is retried on another prefill worker if one is down
-            p, _ = self.pick_by_prefix("prefill", hashes, tried, n)
+            p = self.pick_by_prefix("prefill", hashes, tried, n)
             if d.health is None or d.health.kv_endpoint is None:
                 raise unavailable(f"decode worker {d.name} announced no KV endpoint (is it a lab decode worker?)")
             tried.add(p.name)
