@@ -230,22 +230,14 @@ def parse_completion_request(
             )
     opts = b.stream_options or _StreamOptions()
     return CompletionRequest(
-        model=b.model,
+        **b.model_dump(exclude={"stream_options", "top_k"}),
+        top_k=max(0, b.top_k),  # vLLM's -1 means off, as 0 does here
         prompt_text=prompt_text,
         prompt_ids=prompt_ids,
-        max_tokens=b.max_tokens,
-        temperature=b.temperature,
-        top_p=b.top_p,
-        top_k=max(0, b.top_k),
-        seed=b.seed,
         stop=_stop(body.get("stop")),
         stop_token_ids=_token_ids(body.get("stop_token_ids") or [], "stop_token_ids", vocab_size),
-        ignore_eos=b.ignore_eos,
-        stream=b.stream,
         include_usage=opts.include_usage,
         continuous_usage_stats=opts.continuous_usage_stats,
-        return_token_ids=b.return_token_ids,
-        return_waterfall=b.return_waterfall,
         raw=body,
     )
 
